@@ -1,0 +1,106 @@
+"""Connections and the mapping of database errors onto typed errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import psycopg.errors
+from psycopg import conninfo
+
+from edm_sched import errors
+
+DSN_ENV = "EDM_SCHED_DSN"
+
+# SQLSTATEs raised by our SQL functions (class ED) and the standard ones we map.
+_SQLSTATE_ERRORS: dict[str, type[errors.EdmSchedError]] = {
+    "ED001": errors.NotFound,
+    "ED002": errors.QuotaExceeded,
+    "ED003": errors.InvalidTransition,
+    "ED004": errors.LeaseLost,
+    "ED005": errors.InvalidInput,
+    "ED006": errors.ConfigRejected,
+    "22023": errors.InvalidInput,  # invalid_parameter_value
+    "22P02": errors.InvalidInput,  # invalid_text_representation
+    "22003": errors.InvalidInput,  # numeric_value_out_of_range
+    "22001": errors.InvalidInput,  # string_data_right_truncation
+    "22021": errors.InvalidInput,  # character_not_in_repertoire (NUL bytes)
+    "22007": errors.InvalidInput,  # invalid_datetime_format
+    "22008": errors.InvalidInput,  # datetime_field_overflow
+    "23514": errors.InvalidInput,  # check_violation
+    "23502": errors.InvalidInput,  # not_null_violation
+    "23503": errors.NotFound,  # foreign_key_violation: a referenced id does not exist
+    "42501": errors.PermissionDenied,  # insufficient_privilege
+}
+
+_PASSWORD = re.compile(r"(password\s*=\s*)(\S+)|(://[^:/@]*:)([^@]*)(@)", re.IGNORECASE)
+
+
+def redact(dsn: str) -> str:
+    """The DSN with any password replaced by ``***``, safe for messages and logs."""
+    return _PASSWORD.sub(
+        lambda m: f"{m.group(1)}***" if m.group(1) else f"{m.group(3)}***{m.group(5)}", dsn
+    )
+
+
+def resolve_dsn(dsn: str | None) -> str | None:
+    """The explicit DSN, else ``$EDM_SCHED_DSN``, else None (embedded server)."""
+    return dsn or os.environ.get(DSN_ENV) or None
+
+
+def check_dsn(dsn: str) -> str:
+    """Raise ConfigurationError when ``dsn`` is not a valid libpq connection string."""
+    try:
+        conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise errors.ConfigurationError(
+            f"malformed DSN {redact(dsn)!r}: {_first_line(exc)}"
+        ) from None
+    return dsn
+
+
+def connect(dsn: str, *, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection[Any]:
+    """Open a connection, turning libpq failures into typed errors."""
+    check_dsn(dsn)
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit, **kwargs)
+    except psycopg.OperationalError as exc:
+        text = _first_line(exc)
+        if "permission denied" in text or "authentication failed" in text:
+            raise errors.PermissionDenied(f"{redact(dsn)}: {text}") from None
+        raise errors.DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {text}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def to_typed(exc: psycopg.Error) -> errors.EdmSchedError | None:
+    """The typed error for a database error, or None when it is not one we map."""
+    state = exc.sqlstate or ""
+    cls = _SQLSTATE_ERRORS.get(state)
+    if cls is None:
+        if isinstance(exc, psycopg.OperationalError):
+            return errors.DatabaseUnavailable(_first_line(exc))
+        return None
+    diag = exc.diag
+    message = diag.message_primary or _first_line(exc)
+    if state == "23514" and diag.constraint_name:
+        message = f"{message} (constraint {diag.constraint_name})"
+    return cls(message, detail=diag.message_detail)
+
+
+@contextlib.contextmanager
+def translate() -> Iterator[None]:
+    """Re-raise database errors that have a typed counterpart as that type."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        typed = to_typed(exc)
+        if typed is None:
+            raise
+        raise typed from exc
