@@ -47,3 +47,125 @@ SELECT CASE WHEN to_regclass('edm.schema_migrations') IS NOT NULL
             THEN (xpath('/row/v/text()',
                   query_to_xml('SELECT max(version) AS v FROM edm.schema_migrations', false, true, '')))[1]::text::int
        END
+
+-- stage_recipients_create --
+-- Session-temporary staging table for an explicit recipient list (filled by COPY).
+CREATE TEMP TABLE IF NOT EXISTS edm_stage_recipients (ord bigint, email text, vars jsonb) ON COMMIT DROP
+
+-- stage_recipients_copy --
+-- COPY target of explicit recipient lists.
+COPY edm_stage_recipients (ord, email, vars) FROM STDIN
+
+-- stage_recipients_report --
+-- Per-address report of invalid recipients in the staged list.
+SELECT ord, email, edm.email_problem(email) FROM edm_stage_recipients
+WHERE edm.email_problem(email) IS NOT NULL ORDER BY ord
+
+-- create_task_from_staged --
+-- Create a task from the staged list (dedupe, suppressions, quota) in one transaction.
+SELECT task_id, recipients, invalid, duplicates, suppressed
+FROM edm.create_task_from_staged(%(user_id)s, %(name)s, %(templates)s, %(priority)s,
+                                 %(scheduled_at)s, %(skip_invalid)s)
+
+-- create_task_from_rule --
+-- Create an expanding task from a tag rule and reserve quota for its matches.
+SELECT task_id, recipients
+FROM edm.create_task_from_rule(%(user_id)s, %(name)s, %(templates)s, %(rule)s, %(priority)s,
+                               %(scheduled_at)s)
+
+-- expand_task --
+-- Expand the next chunk of a tag-rule task (own transaction per call).
+SELECT added, done FROM edm.expand_task(%s, %s)
+
+-- stage_contacts_create --
+-- Session-temporary staging table for contact upserts (filled by COPY).
+CREATE TEMP TABLE IF NOT EXISTS edm_stage_contacts
+  (ord bigint, email text, attributes jsonb, tags text[], unsubscribed boolean) ON COMMIT DROP
+
+-- stage_contacts_copy --
+-- COPY target of contact upserts.
+COPY edm_stage_contacts (ord, email, attributes, tags, unsubscribed) FROM STDIN
+
+-- merge_staged_contacts --
+-- Merge the staged contacts into edm.contacts.
+SELECT inserted, updated FROM edm.merge_staged_contacts(%s)
+
+-- upsert_user --
+-- Create a user or update its display name.
+SELECT edm.upsert_user(%s, %s, %s)
+
+-- set_user_quota --
+-- Change a user's quota.
+SELECT edm.set_user_quota(%s, %s)
+
+-- get_user --
+-- A user's quota state.
+SELECT user_id, display_name, quota_limit, quota_used, created_at FROM edm.users WHERE user_id = %s
+
+-- create_service --
+-- Add a sending account.
+SELECT edm.create_service(%(name)s, %(from_addresses)s, %(interval_ms)s, %(daily_quota)s,
+                          %(transport)s, %(settings)s, %(credential_ref)s, %(quota_tz)s, %(enabled)s)
+
+-- update_service --
+-- Change some fields of a sending account.
+SELECT edm.update_service(%(service_id)s, %(name)s, %(from_addresses)s, %(interval_ms)s,
+                          %(daily_quota)s, %(settings)s, %(credential_ref)s, %(quota_tz)s,
+                          %(enabled)s)
+
+-- get_service --
+-- One sending account as the host sees it.
+SELECT service_id, name, transport, settings, credential_ref, from_addresses, interval_ms,
+       daily_quota, quota_tz, enabled, health, next_available_at, sent_today, quota_day,
+       total_sent, total_failed, success_rate, avg_response_ms
+FROM edm.services WHERE service_id = %s
+
+-- grant_service --
+-- Let a user send through a service.
+SELECT edm.grant_service(%s, %s, %s)
+
+-- revoke_service --
+-- Take a service away from a user.
+SELECT edm.revoke_service(%s, %s)
+
+-- set_contact_tags --
+-- Add and remove tags on contacts.
+SELECT edm.set_contact_tags(%s, %s, %s, %s)
+
+-- delete_tag --
+-- Delete a tag everywhere for a user.
+SELECT edm.delete_tag(%s, %s)
+
+-- add_suppression --
+-- Suppress an address.
+SELECT edm.add_suppression(%s, %s, %s)
+
+-- remove_suppression --
+-- Lift a suppression.
+SELECT edm.remove_suppression(%s, %s)
+
+-- pause_task --
+-- Pause a task.
+SELECT edm.pause_task(%s, %s)
+
+-- resume_task --
+-- Resume a paused task.
+SELECT edm.resume_task(%s, %s)
+
+-- cancel_task --
+-- Cancel a task, refunding unsent quota.
+SELECT edm.cancel_task(%s, %s)
+
+-- get_task --
+-- A task's status and counters, scoped to a user when one is given.
+SELECT task_id, user_id, name, status, priority, scheduled_at, total_count, pending_count,
+       leased_count, sent_count, failed_count, cancelled_count, first_claimed_at,
+       last_activity_at, started_at, finished_at, created_at, error
+FROM edm.tasks WHERE task_id = %(task_id)s AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s)
+
+-- list_tasks --
+-- A user's tasks, newest first.
+SELECT task_id, user_id, name, status, priority, scheduled_at, total_count, pending_count,
+       leased_count, sent_count, failed_count, cancelled_count, first_claimed_at,
+       last_activity_at, started_at, finished_at, created_at, error
+FROM edm.tasks WHERE user_id = %s ORDER BY task_id DESC LIMIT %s

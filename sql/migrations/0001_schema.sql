@@ -344,6 +344,8 @@ CREATE TABLE edm.tasks (
   failed_count     integer NOT NULL DEFAULT 0 CHECK (failed_count >= 0),
   cancelled_count  integer NOT NULL DEFAULT 0 CHECK (cancelled_count >= 0),
   quota_reserved   bigint NOT NULL DEFAULT 0 CHECK (quota_reserved >= 0),
+  template_count   smallint NOT NULL DEFAULT 1 CHECK (template_count BETWEEN 1 AND 100),
+  expansion_cursor bigint,
   last_served_seq  bigint NOT NULL DEFAULT 0,
   claimable        boolean NOT NULL GENERATED ALWAYS AS (status = 'sending' AND pending_count > 0) STORED,
   first_claimed_at timestamptz,
@@ -375,6 +377,8 @@ COMMENT ON COLUMN edm.tasks.sent_count IS 'Subtasks sent.';
 COMMENT ON COLUMN edm.tasks.failed_count IS 'Subtasks failed permanently.';
 COMMENT ON COLUMN edm.tasks.cancelled_count IS 'Subtasks cancelled before being sent.';
 COMMENT ON COLUMN edm.tasks.quota_reserved IS 'User quota reserved by this task and not yet refunded.';
+COMMENT ON COLUMN edm.tasks.template_count IS 'Number of templates of the task; recipients are assigned templates in rotation.';
+COMMENT ON COLUMN edm.tasks.expansion_cursor IS 'While expanding a tag rule: the last contact_id expanded (expansion runs in chunks, each its own transaction). NULL otherwise.';
 COMMENT ON COLUMN edm.tasks.last_served_seq IS 'edm.serve_seq at this task''s latest claim; rotation among a user''s tasks serves the lowest first.';
 COMMENT ON COLUMN edm.tasks.claimable IS 'Generated: status = sending and pending_count > 0. A trigger keeps edm.users.claimable_tasks in step.';
 COMMENT ON COLUMN edm.tasks.first_claimed_at IS 'When the first subtask was claimed (first-send wait = this - scheduled_at).';
@@ -448,7 +452,7 @@ COMMENT ON COLUMN edm.subtasks.template_idx IS 'Template of the task used for th
 COMMENT ON COLUMN edm.subtasks.vars IS 'Per-recipient rendering variables (explicit lists), merged over contact attributes.';
 COMMENT ON COLUMN edm.subtasks.status IS 'pending, leased, sent, failed or cancelled.';
 COMMENT ON COLUMN edm.subtasks.attempts IS 'Send attempts started (claims), less those returned by service-level failures.';
-COMMENT ON COLUMN edm.subtasks.not_before IS 'Not claimable before this time (retry back-off); -infinity for fresh recipients.';
+COMMENT ON COLUMN edm.subtasks.not_before IS 'Not claimable before this time (retry back-off of a transient failure); -infinity for fresh recipients and for those returned unsent (released, service failure, expired lease), which keep their place in line.';
 COMMENT ON COLUMN edm.subtasks.lease_owner IS 'Dispatcher holding the lease while status = leased.';
 COMMENT ON COLUMN edm.subtasks.leased_at IS 'Start of the current or latest lease (the send start).';
 COMMENT ON COLUMN edm.subtasks.lease_expires_at IS 'Lease expiry; afterwards the sweep returns the subtask to pending and records an uncertain outcome.';

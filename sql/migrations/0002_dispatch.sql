@@ -474,7 +474,8 @@ BEGIN
           WHEN p.new_status = 'pending' AND p.outcome = 'transient'
             THEN v_now + make_interval(secs => least(v_retry_max::double precision,
                                                      v_retry_base * power(2, least(st.attempts - 1, 30))))
-          WHEN p.new_status = 'pending' THEN v_now
+          -- not sent (service failure, release): back to its place in line
+          WHEN p.new_status = 'pending' THEN '-infinity'
           ELSE st.not_before END,
         outcome_code = coalesce(p.code, st.outcome_code),
         outcome_detail = CASE WHEN p.new_status = 'failed' AND p.outcome = 'transient'
@@ -578,7 +579,7 @@ BEGIN
     UPDATE edm.subtasks st
     SET status = p.new_status, lease_owner = NULL, lease_expires_at = NULL,
         lease_expiries = st.lease_expiries + 1,
-        not_before = CASE WHEN p.new_status = 'pending' THEN v_now ELSE st.not_before END,
+        not_before = CASE WHEN p.new_status = 'pending' THEN '-infinity' ELSE st.not_before END,
         outcome_detail = CASE WHEN p.new_status = 'failed'
                               THEN 'lease expired on the last allowed attempt (outcome unknown)'
                               ELSE st.outcome_detail END,

@@ -1,0 +1,234 @@
+"""Pydantic models at the boundary: what the host passes in and gets back.
+
+Input models validate shape and ranges before anything reaches the database;
+the SQL functions check again (they are the authority, reachable from plain
+SQL too). Output models are built from named columns, never ``SELECT *``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+_CTRL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control(value: str) -> str:
+    if _CTRL.search(value):
+        raise ValueError("must not contain control characters (CR, LF, NUL...)")
+    return value
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {value!r}") from exc
+    return value
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise ValueError("datetimes must be timezone-aware")
+    return value
+
+
+_SingleLine = AfterValidator(_no_control)
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=128), _SingleLine]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200), _SingleLine]
+TaskName = Annotated[str, StringConstraints(min_length=1, max_length=300), _SingleLine]
+DisplayName = Annotated[str, StringConstraints(max_length=200), _SingleLine]
+Email = Annotated[str, StringConstraints(min_length=3, max_length=254), _SingleLine]
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=100), _SingleLine]
+TimeZone = Annotated[str, AfterValidator(_timezone)]
+AwareDatetime = Annotated[dt.datetime | None, AfterValidator(_aware)]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# --------------------------------------------------------------------- services
+
+
+class ServiceSpec(_In):
+    name: Name
+    from_addresses: list[Email] = Field(min_length=1, max_length=100)
+    interval_seconds: float = Field(ge=0, le=86400, description="least time between send starts")
+    daily_quota: int = Field(ge=0, le=2_000_000_000)
+    transport: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")] = "smtp"
+    settings: dict[str, Any] = Field(default_factory=dict)
+    credential_ref: Annotated[str, StringConstraints(max_length=500)] | None = None
+    quota_tz: TimeZone = "UTC"
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> ServiceSpec:
+        secret = {"password", "secret", "api_key", "token", "passwd"} & set(self.settings)
+        if secret:
+            raise ValueError(
+                f"settings must not hold secrets ({', '.join(sorted(secret))}); "
+                "set credential_ref and resolve the secret in the host"
+            )
+        return self
+
+
+class ServiceUpdate(_In):
+    name: Name | None = None
+    from_addresses: list[Email] | None = Field(default=None, min_length=1, max_length=100)
+    interval_seconds: float | None = Field(default=None, ge=0, le=86400)
+    daily_quota: int | None = Field(default=None, ge=0, le=2_000_000_000)
+    settings: dict[str, Any] | None = None
+    credential_ref: Annotated[str, StringConstraints(max_length=500)] | None = None
+    quota_tz: TimeZone | None = None
+    enabled: bool | None = None
+
+
+class Service(_Out):
+    service_id: int
+    name: str
+    transport: str
+    settings: dict[str, Any]
+    credential_ref: str | None
+    from_addresses: list[str]
+    interval_ms: int
+    daily_quota: int
+    quota_tz: str
+    enabled: bool
+    health: str
+    next_available_at: dt.datetime
+    sent_today: int
+    quota_day: dt.date | None
+    total_sent: int
+    total_failed: int
+    success_rate: float
+    avg_response_ms: float | None
+
+
+# --------------------------------------------------------------------- contacts
+
+
+class Contact(_In):
+    email: Email
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    tags: list[Tag] = Field(default_factory=list, max_length=1000)
+    unsubscribed: bool = False
+
+
+class ContactImport(_Out):
+    inserted: int
+    updated: int
+
+
+# --------------------------------------------------------------------- tasks
+
+
+class Template(_In):
+    subject: Annotated[str, StringConstraints(max_length=998)]
+    body_text: Annotated[str, StringConstraints(max_length=5_000_000)] | None = None
+    body_html: Annotated[str, StringConstraints(max_length=5_000_000)] | None = None
+    from_name: DisplayName | None = None
+    reply_to: Email | None = None
+
+    @model_validator(mode="after")
+    def _has_body(self) -> Template:
+        if self.body_text is None and self.body_html is None:
+            raise ValueError("a template needs body_text or body_html")
+        return self
+
+
+class Recipient(_In):
+    email: Annotated[str, StringConstraints(max_length=1000)]
+    vars: dict[str, Any] | None = None
+
+
+class TagRule(_In):
+    include_any: list[Tag] = Field(default_factory=list, max_length=100)
+    include_all: list[Tag] = Field(default_factory=list, max_length=100)
+    exclude: list[Tag] = Field(default_factory=list, max_length=100)
+
+    @model_validator(mode="after")
+    def _includes(self) -> TagRule:
+        if not self.include_any and not self.include_all:
+            raise ValueError("a tag rule needs include_any or include_all")
+        return self
+
+
+class TaskSpec(_In):
+    user_id: UserId
+    name: TaskName
+    templates: list[Template] = Field(min_length=1, max_length=100)
+    recipients: list[Recipient] | None = Field(default=None, max_length=10_000_000)
+    rule: TagRule | None = None
+    priority: int = Field(default=0, ge=-100, le=100)
+    scheduled_at: AwareDatetime = None
+    on_invalid: Literal["reject", "skip"] = "reject"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSpec:
+        if (self.recipients is None) == (self.rule is None):
+            raise ValueError("give exactly one of recipients (an explicit list) or rule (tags)")
+        return self
+
+
+class InvalidAddress(_Out):
+    position: int
+    email: str
+    reason: str
+
+
+class CreatedTask(_Out):
+    task_id: int
+    recipients: int
+    invalid: list[InvalidAddress] = Field(default_factory=list)
+    duplicates: int = 0
+    suppressed: int = 0
+
+
+TaskStatusName = Literal[
+    "draft", "expanding", "scheduled", "sending", "paused", "completed", "cancelled", "failed"
+]
+
+
+class TaskStatus(_Out):
+    task_id: int
+    user_id: str
+    name: str
+    status: TaskStatusName
+    priority: int
+    scheduled_at: dt.datetime
+    total_count: int
+    pending_count: int
+    leased_count: int
+    sent_count: int
+    failed_count: int
+    cancelled_count: int
+    first_claimed_at: dt.datetime | None
+    last_activity_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    created_at: dt.datetime
+    error: str | None
+
+
+class UserInfo(_Out):
+    user_id: str
+    display_name: str | None
+    quota_limit: int | None
+    quota_used: int
+    created_at: dt.datetime
