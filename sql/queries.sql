@@ -169,3 +169,60 @@ SELECT task_id, user_id, name, status, priority, scheduled_at, total_count, pend
        leased_count, sent_count, failed_count, cancelled_count, first_claimed_at,
        last_activity_at, started_at, finished_at, created_at, error
 FROM edm.tasks WHERE user_id = %s ORDER BY task_id DESC LIMIT %s
+
+-- claim --
+-- Claim a batch: at most one subtask per ready service (the rules are in edm.claim).
+SELECT subtask_id, task_id, user_id, service_id, email, contact_id, template_idx, vars, attempt,
+       leased_at, lease_expires_at
+FROM edm.claim(%s, %s, %s, %s)
+
+-- complete --
+-- Record a batch of outcomes, fenced by the lease.
+SELECT subtask_id, accepted, status, reason FROM edm.complete(%s, %s, %s, %s, %s, %s, %s, %s)
+
+-- next_wakeup --
+-- Seconds until the earliest moment a claim or lease expiry could have work (NULL: none).
+SELECT extract(epoch FROM edm.next_wakeup(%s) - coalesce(%s, now()))::float8
+
+-- dispatch_templates --
+-- Templates of some tasks, for rendering.
+SELECT task_id, template_idx, subject, body_text, body_html, from_name, reply_to
+FROM edm.templates WHERE task_id = ANY(%s)
+
+-- dispatch_contacts --
+-- Attributes of some contacts, for rendering.
+SELECT contact_id, attributes FROM edm.contacts WHERE contact_id = ANY(%s)
+
+-- dispatch_services --
+-- Transport settings of some services (no secrets are stored).
+SELECT service_id, name, transport, settings, credential_ref, from_addresses
+FROM edm.services WHERE service_id = ANY(%s)
+
+-- dispatcher_register --
+-- Record this dispatcher process.
+INSERT INTO edm.dispatchers (dispatcher_id, hostname, pid) VALUES (%s, %s, %s)
+ON CONFLICT (dispatcher_id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL
+
+-- dispatcher_heartbeat --
+-- This dispatcher is alive.
+UPDATE edm.dispatchers SET heartbeat_at = now() WHERE dispatcher_id = %s
+
+-- dispatcher_stopped --
+-- This dispatcher stopped cleanly.
+UPDATE edm.dispatchers SET stopped_at = now(), heartbeat_at = now() WHERE dispatcher_id = %s
+
+-- listen --
+-- Wake-ups (new or resumed work, services) and config reloads.
+LISTEN edm_wakeup; LISTEN edm_config
+
+-- sweep_try_lead --
+-- Become the sweep leader if nobody is (session advisory lock, released if the session dies).
+SELECT pg_try_advisory_lock(%s)
+
+-- sweep_expire_leases --
+-- Return expired leases to pending (recording the uncertain outcomes).
+SELECT edm.expire_leases(%s)
+
+-- config_all --
+-- Every config value.
+SELECT key, value FROM edm.config

@@ -1,0 +1,568 @@
+"""The dispatcher: ``run_dispatcher()`` claims, sends and completes.
+
+One asyncio loop per process:
+
+* **claim** — ``edm.claim`` hands out at most one subtask per ready service;
+  every rule (readiness, quotas, fairness, leases) is in that SQL function.
+* **send** — outside any transaction, up to ``concurrency`` in flight, through
+  the transport registered for the service's ``transport`` name, with a
+  deterministic Message-ID.
+* **complete** — outcomes are batched into ``edm.complete`` calls; the lease
+  fences late or foreign completions.
+* **sleep** — never a fixed poll: until ``edm.next_wakeup()`` (a service with
+  work becomes ready, a scheduled task starts, a lease expires) or a NOTIFY
+  on ``edm_wakeup`` (new or resumed tasks, services changed).
+* **sweeps** — one elected dispatcher (session advisory lock) runs
+  :mod:`edm_sched.sweeps` every ``sweep.interval`` seconds.
+
+SIGTERM / SIGINT stop claiming, let in-flight sends finish, flush
+completions and release what was never sent. A lost database connection is
+re-established with back-off; outcomes wait in memory meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from edm_sched import db, errors, sweeps
+from edm_sched.logfmt import log_event
+from edm_sched.rendering import (
+    RenderContext,
+    Renderer,
+    RenderError,
+    TemplateRow,
+    build_message,
+    default_renderer,
+)
+from edm_sched.sqlfiles import query
+from edm_sched.transports.base import (
+    CredentialResolver,
+    Message,
+    Outcome,
+    SendResult,
+    ServiceConfig,
+    Transport,
+)
+
+log = logging.getLogger("edm_sched.dispatcher")
+
+MAX_IDLE = 5.0  # upper bound on one sleep; NOTIFY and next_wakeup normally end it sooner
+COMPLETE_BATCH = 500
+SERVICE_CACHE_SECONDS = 30.0
+
+
+@dataclass
+class DispatcherStats:
+    dispatcher_id: str
+    claimed: int = 0
+    sent: int = 0
+    failed: int = 0
+    retried: int = 0
+    service_failures: int = 0
+    rejected: int = 0
+    claim_calls: int = 0
+    reconnects: int = 0
+    claim_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    subtask_id: int
+    task_id: int
+    user_id: str
+    service_id: int
+    email: str
+    contact_id: int | None
+    template_idx: int
+    vars: dict[str, Any] | None
+    attempt: int
+
+
+def default_dispatcher_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def default_transports(resolver: CredentialResolver | None) -> dict[str, Transport]:
+    from edm_sched.transports.null import NullTransport
+    from edm_sched.transports.smtp import SmtpTransport
+
+    return {"smtp": SmtpTransport(resolver), "null": NullTransport()}
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        dsn: str,
+        transports: Mapping[str, Transport] | Transport,
+        *,
+        renderer: Renderer = default_renderer,
+        dispatcher_id: str | None = None,
+        concurrency: int | None = None,
+        batch_size: int | None = None,
+        lease_seconds: int | None = None,
+        run_sweeps: bool = True,
+        on_alert: Callable[[dict[str, Any]], None] | None = None,
+        observer: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        if concurrency is not None and not 1 <= concurrency <= 100_000:
+            raise errors.InvalidInput(f"concurrency must be 1..100000, got {concurrency}")
+        if batch_size is not None and not 1 <= batch_size <= 1000:
+            raise errors.InvalidInput(f"batch_size must be 1..1000, got {batch_size}")
+        if lease_seconds is not None and not 1 <= lease_seconds <= 86400:
+            raise errors.InvalidInput(f"lease_seconds must be 1..86400, got {lease_seconds}")
+        self.dsn = db.check_dsn(dsn)
+        # One transport for every service, or one per service ``transport`` name.
+        self.transports: dict[str, Transport] | Transport = (
+            dict(transports) if isinstance(transports, Mapping) else transports)
+        self.renderer = renderer
+        self.id = dispatcher_id or default_dispatcher_id()
+        self._concurrency_arg = concurrency
+        self._batch_arg = batch_size
+        self.lease_seconds = lease_seconds
+        self.run_sweeps = run_sweeps
+        self.on_alert = on_alert
+        self.observer = observer
+        self.config: dict[str, Any] = {}
+        self.stats = DispatcherStats(self.id)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._results: asyncio.Queue[tuple[Claimed, SendResult]] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._templates: dict[int, dict[int, TemplateRow]] = {}
+        self._services: dict[int, tuple[float, ServiceConfig]] = {}
+        self._claim_conn: psycopg.AsyncConnection[Any] | None = None
+        self._complete_conn: psycopg.AsyncConnection[Any] | None = None
+
+    # ----------------------------------------------------------------- config
+
+    @property
+    def concurrency(self) -> int:
+        return self._concurrency_arg or int(self.config.get("queue.concurrent_workers", 10))
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_arg or int(self.config.get("queue.central_batch_size", 50))
+
+    async def _load_config(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = await conn.execute(query("config_all"))
+        self.config = {k: v for k, v in await cur.fetchall()}
+
+    # ------------------------------------------------------------ connections
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise errors.DatabaseUnavailable(f"cannot connect to {db.redact(self.dsn)}: "
+                                             f"{str(exc).strip().splitlines()[0]}") from None
+
+    async def _conn(self, which: str) -> psycopg.AsyncConnection[Any]:
+        conn: psycopg.AsyncConnection[Any] | None = getattr(self, which)
+        if conn is None or conn.closed or conn.broken:
+            delay = 0.2
+            while True:
+                try:
+                    conn = await self._connect()
+                    break
+                except errors.DatabaseUnavailable as exc:
+                    if self._stop.is_set() and which == "_claim_conn":
+                        raise
+                    log_event(log, logging.WARNING, "db_unavailable", error=exc, retry_in=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            self.stats.reconnects += 1
+            setattr(self, which, conn)
+        return conn
+
+    # ------------------------------------------------------------------- main
+
+    async def run(self) -> DispatcherStats:
+        conn = await self._conn("_claim_conn")
+        self.stats.reconnects = 0
+        await self._load_config(conn)
+        await conn.execute(query("dispatcher_register"),
+                           (self.id, socket.gethostname(), os.getpid()))
+        # Startup recovery: leases left by crashed dispatchers become claimable
+        # now rather than at the next leader's sweep.
+        await sweeps.expire_leases_async(conn)
+        log_event(log, logging.INFO, "dispatcher_started", dispatcher=self.id,
+                  concurrency=self.concurrency, batch=self.batch_size)
+        background = [
+            asyncio.create_task(self._listen(), name="listen"),
+            asyncio.create_task(self._completer(), name="completer"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+        ]
+        if self.run_sweeps:
+            background.append(asyncio.create_task(self._sweeper(), name="sweeper"))
+        for task in background:
+            task.add_done_callback(self._background_done)
+        try:
+            await self._loop()
+        finally:
+            await self._drain()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            with contextlib.suppress(psycopg.Error, errors.EdmSchedError):
+                c = await self._conn("_claim_conn")
+                await c.execute(query("dispatcher_stopped"), (self.id,))
+            for name in ("_claim_conn", "_complete_conn"):
+                c2: psycopg.AsyncConnection[Any] | None = getattr(self, name)
+                if c2 is not None:
+                    await c2.close()
+            all_transports = (self.transports.values() if isinstance(self.transports, dict)
+                              else [self.transports])
+            for t in all_transports:
+                with contextlib.suppress(Exception):
+                    await t.aclose()
+            log_event(log, logging.INFO, "dispatcher_stopped", dispatcher=self.id,
+                      claimed=self.stats.claimed, sent=self.stats.sent)
+        return self.stats
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed; stopping", task.get_name(),
+                      exc_info=task.exception())
+            self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        idle_backoff = 0.01
+        while not self._stop.is_set():
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._wait(self._slot_freed, MAX_IDLE)
+                continue
+            want = min(free, self.batch_size)
+            try:
+                rows = await self._claim(want)
+            except psycopg.OperationalError as exc:
+                log_event(log, logging.WARNING, "claim_failed", error=str(exc).strip()[:200])
+                await asyncio.sleep(0.5)
+                continue
+            if rows:
+                idle_backoff = 0.01
+                await self._start_sends(rows)
+                if len(rows) == want:
+                    continue  # there may be more ready services right now
+            delay = await self._next_wakeup()
+            if delay is None or delay > MAX_IDLE:
+                delay = MAX_IDLE
+            if delay <= 0:
+                # Work exists but none was claimable this instant (rows locked
+                # by a completion, retries in back-off): back off briefly.
+                delay = 0.0 if rows else idle_backoff
+                idle_backoff = min(idle_backoff * 2, 0.5)
+            else:
+                idle_backoff = 0.01
+            self._wake.clear()
+            if delay > 0:
+                await self._wait(self._wake, delay)
+
+    async def _wait(self, event: asyncio.Event, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    async def _claim(self, n: int) -> list[Claimed]:
+        conn = await self._conn("_claim_conn")
+        t0 = time.perf_counter()
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(query("claim"), (self.id, n, self.lease_seconds, None))
+        rows = await cur.fetchall()
+        elapsed = time.perf_counter() - t0
+        self.stats.claim_calls += 1
+        if len(self.stats.claim_seconds) < 100_000:
+            self.stats.claim_seconds.append(elapsed)
+        if self.observer:
+            self.observer("claim", {"n": len(rows), "seconds": elapsed})
+        self.stats.claimed += len(rows)
+        return [Claimed(subtask_id=r["subtask_id"], task_id=r["task_id"], user_id=r["user_id"],
+                        service_id=r["service_id"], email=r["email"], contact_id=r["contact_id"],
+                        template_idx=r["template_idx"], vars=r["vars"], attempt=r["attempt"])
+                for r in rows]
+
+    async def _next_wakeup(self) -> float | None:
+        try:
+            conn = await self._conn("_claim_conn")
+            cur = await conn.execute(query("next_wakeup"), (None, None))
+            row = await cur.fetchone()
+        except psycopg.OperationalError:
+            return 0.5
+        return None if row is None or row[0] is None else float(row[0])
+
+    # ------------------------------------------------------------------ sends
+
+    async def _start_sends(self, rows: list[Claimed]) -> None:
+        conn = await self._conn("_claim_conn")
+        services = await self._service_configs(conn, {r.service_id for r in rows})
+        await self._load_templates(conn, {r.task_id for r in rows})
+        contacts = await self._contact_attributes(conn, {r.contact_id for r in rows
+                                                         if r.contact_id is not None})
+        for row in rows:
+            service = services[row.service_id]
+            outcome_now: SendResult | None = None
+            message: Message | None = None
+            try:
+                template = self._templates[row.task_id][row.template_idx]
+                variables = {**contacts.get(row.contact_id or 0, {}), **(row.vars or {})}
+                ctx = RenderContext(row.subtask_id, row.task_id, row.user_id, row.email,
+                                    variables, template)
+                message = build_message(service, ctx, self.renderer(ctx))
+            except (RenderError, KeyError) as exc:
+                outcome_now = SendResult(Outcome.PERMANENT, detail=f"rendering failed: {exc}")
+            except Exception as exc:  # a host renderer's bug fails that recipient only
+                outcome_now = SendResult(Outcome.PERMANENT,
+                                         detail=f"renderer raised {type(exc).__name__}: {exc}")
+            if outcome_now is not None or message is None:
+                self._results.put_nowait((row, outcome_now or SendResult(Outcome.PERMANENT)))
+                continue
+            task = asyncio.create_task(self._send(row, service, message))
+            self._inflight.add(task)
+            task.add_done_callback(self._send_done)
+
+    def _send_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slot_freed.set()
+
+    async def _send(self, row: Claimed, service: ServiceConfig, message: Message) -> None:
+        transport = (self.transports.get(service.transport)
+                     if isinstance(self.transports, dict) else self.transports)
+        started = time.perf_counter()
+        if transport is None:
+            result = SendResult(Outcome.SERVICE,
+                                detail=f"no transport registered for {service.transport!r}")
+        else:
+            try:
+                result = await transport.send(service, message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a transport must not raise; if it does, retry later
+                result = SendResult(Outcome.TRANSIENT,
+                                    detail=f"transport raised {type(exc).__name__}: {exc}"[:500])
+        if result.response_ms is None:
+            result = SendResult(result.outcome, result.code, result.detail, result.provider_id,
+                                int((time.perf_counter() - started) * 1000))
+        if self.observer:
+            self.observer("sent", {"outcome": result.outcome.value,
+                                   "seconds": time.perf_counter() - started})
+        self._results.put_nowait((row, result))
+
+    async def _service_configs(self, conn: psycopg.AsyncConnection[Any],
+                               ids: set[int]) -> dict[int, ServiceConfig]:
+        now = time.monotonic()
+        missing = [i for i in ids if i not in self._services
+                   or now - self._services[i][0] > SERVICE_CACHE_SECONDS]
+        if missing:
+            cur = await conn.execute(query("dispatch_services"), (missing,))
+            for sid, name, transport, settings, cref, froms in await cur.fetchall():
+                self._services[sid] = (now, ServiceConfig(sid, name, transport, settings or {},
+                                                          cref, tuple(froms)))
+        return {i: self._services[i][1] for i in ids}
+
+    async def _load_templates(self, conn: psycopg.AsyncConnection[Any], task_ids: set[int]) -> None:
+        missing = [t for t in task_ids if t not in self._templates]
+        if not missing:
+            return
+        cur = await conn.execute(query("dispatch_templates"), (missing,))
+        for task_id, idx, subject, text, html, from_name, reply_to in await cur.fetchall():
+            self._templates.setdefault(task_id, {})[idx] = TemplateRow(subject, text, html,
+                                                                       from_name, reply_to)
+        if len(self._templates) > 10_000:
+            self._templates.clear()
+
+    async def _contact_attributes(self, conn: psycopg.AsyncConnection[Any],
+                                  ids: set[int]) -> dict[int, dict[str, Any]]:
+        if not ids:
+            return {}
+        cur = await conn.execute(query("dispatch_contacts"), (list(ids),))
+        return {cid: attrs for cid, attrs in await cur.fetchall()}
+
+    # ------------------------------------------------------------- completion
+
+    async def _completer(self) -> None:
+        while True:
+            first = await self._results.get()
+            batch = [first]
+            while len(batch) < COMPLETE_BATCH and not self._results.empty():
+                batch.append(self._results.get_nowait())
+            await self._complete(batch)
+
+    async def _complete(self, batch: list[tuple[Claimed, SendResult]]) -> None:
+        params = (
+            self.id,
+            [c.subtask_id for c, _ in batch],
+            [r.outcome.value if isinstance(r.outcome, Outcome) else str(r.outcome)
+             for _, r in batch],
+            [r.code for _, r in batch],
+            [None if r.detail is None else r.detail[:2000] for _, r in batch],
+            [r.response_ms for _, r in batch],
+            [r.provider_id for _, r in batch],
+            None,
+        )
+        delay = 0.2
+        while True:
+            try:
+                conn = await self._conn("_complete_conn")
+                cur = await conn.execute(query("complete"), params)
+                rows = await cur.fetchall()
+                break
+            except psycopg.OperationalError as exc:
+                log_event(log, logging.WARNING, "complete_failed", n=len(batch),
+                          error=str(exc).strip()[:200], retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for subtask_id, accepted, status, reason in rows:
+            if not accepted:
+                self.stats.rejected += 1
+                log_event(log, logging.WARNING, "completion_rejected", subtask=subtask_id,
+                          reason=reason)
+            elif status == "sent":
+                self.stats.sent += 1
+            elif status == "failed":
+                self.stats.failed += 1
+        for _, r in batch:
+            if r.outcome == Outcome.SERVICE:
+                self.stats.service_failures += 1
+            elif r.outcome == Outcome.TRANSIENT:
+                self.stats.retried += 1
+
+    async def _drain(self) -> None:
+        """Shutdown: let in-flight sends finish (within the lease), then flush outcomes."""
+        grace = float(self.lease_seconds
+                      or self.config.get("queue.service_reservation_timeout", 30))
+        if self._inflight:
+            log_event(log, logging.INFO, "draining", in_flight=len(self._inflight))
+            _done, pending = await asyncio.wait(set(self._inflight), timeout=max(grace - 1, 0.1))
+            for t in pending:  # outcome unknown: leave the lease to expire (recorded)
+                t.cancel()
+        batch: list[tuple[Claimed, SendResult]] = []
+        while not self._results.empty():
+            batch.append(self._results.get_nowait())
+        for i in range(0, len(batch), COMPLETE_BATCH):
+            await self._complete(batch[i:i + COMPLETE_BATCH])
+
+    # ------------------------------------------------------------- background
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                conn = await self._connect()
+                async with conn:
+                    await conn.execute(query("listen"))
+                    async for note in conn.notifies():
+                        if note.channel == "edm_config":
+                            await self._load_config(conn)
+                            log_event(log, logging.INFO, "config_reloaded", key=note.payload)
+                        elif note.payload.startswith("service:"):
+                            self._services.pop(int(note.payload.split(":")[1]), None)
+                        self._wake.set()
+            except (psycopg.OperationalError, errors.DatabaseUnavailable):
+                await asyncio.sleep(1.0)
+                self._wake.set()  # we may have missed notifications
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            with contextlib.suppress(psycopg.Error, errors.EdmSchedError):
+                conn = await self._conn("_complete_conn")
+                await conn.execute(query("dispatcher_heartbeat"), (self.id,))
+
+    async def _sweeper(self) -> None:
+        leader: psycopg.AsyncConnection[Any] | None = None
+        while True:
+            interval = float(self.config.get("sweep.interval", 5))
+            try:
+                if leader is None or leader.closed or leader.broken:
+                    leader = await self._connect()
+                    cur = await leader.execute(query("sweep_try_lead"), (sweeps.SWEEP_LOCK_KEY,))
+                    row = await cur.fetchone()
+                    if not (row and row[0]):
+                        await leader.close()
+                        leader = None
+                if leader is not None:
+                    report = await sweeps.run_async(leader)
+                    if report.get("leases_expired"):
+                        self._wake.set()
+                    for alert in report.get("alerts", []):
+                        if self.on_alert:
+                            self.on_alert(alert)
+            except (psycopg.OperationalError, errors.DatabaseUnavailable) as exc:
+                log_event(log, logging.WARNING, "sweep_failed", error=str(exc)[:200])
+                leader = None
+            await asyncio.sleep(interval)
+
+
+def run_dispatcher(
+    dsn: str | None = None,
+    transport: Transport | Mapping[str, Transport] | None = None,
+    *,
+    concurrency: int | None = None,
+    batch_size: int | None = None,
+    lease_seconds: int | None = None,
+    resolver: CredentialResolver | None = None,
+    renderer: Renderer = default_renderer,
+    dispatcher_id: str | None = None,
+    run_sweeps: bool = True,
+    on_alert: Callable[[dict[str, Any]], None] | None = None,
+    stop_event: threading.Event | None = None,
+    handle_signals: bool = True,
+    extra_tasks: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] | None = None,
+) -> DispatcherStats:
+    """Run a dispatcher until SIGTERM/SIGINT (or ``stop_event``); returns its statistics.
+
+    ``transport`` is one transport for every service, or a mapping from a
+    service's ``transport`` name ("smtp", "null", or your own) to a transport.
+    By default: SMTP (credentials from ``resolver``) and the null transport.
+    """
+    resolved = db.resolve_dsn(dsn)
+    if not resolved:
+        raise errors.ConfigurationError("no DSN given and EDM_SCHED_DSN is not set")
+    dispatcher = Dispatcher(resolved, transport or default_transports(resolver),
+                            renderer=renderer, dispatcher_id=dispatcher_id,
+                            concurrency=concurrency, batch_size=batch_size,
+                            lease_seconds=lease_seconds, run_sweeps=run_sweeps, on_alert=on_alert)
+
+    async def main() -> DispatcherStats:
+        loop = asyncio.get_running_loop()
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, dispatcher.stop)
+        watchers: list[asyncio.Task[None]] = []
+        if stop_event is not None:
+            async def watch() -> None:
+                while not stop_event.is_set():
+                    await asyncio.sleep(0.05)
+                dispatcher.stop()
+            watchers.append(asyncio.create_task(watch()))
+        for extra in extra_tasks or []:
+            watchers.append(asyncio.create_task(extra(dispatcher._stop)))
+        try:
+            return await dispatcher.run()
+        finally:
+            for w in watchers:
+                w.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+__all__ = ["Dispatcher", "DispatcherStats", "run_dispatcher"]
