@@ -226,3 +226,48 @@ SELECT edm.expire_leases(%s)
 -- config_all --
 -- Every config value.
 SELECT key, value FROM edm.config
+
+-- demo_tasks --
+-- Demo progress: its tasks.
+SELECT task_id, user_id, name, status, total_count, sent_count, failed_count
+FROM edm.tasks WHERE task_id = ANY(%s) ORDER BY task_id
+
+-- demo_services --
+-- Demo progress: its services and their readiness.
+SELECT s.service_id, s.name, s.interval_ms, s.daily_quota, edm.service_sent_today(s),
+       CASE WHEN NOT s.enabled THEN 'disabled'
+            WHEN s.quota_exhausted_until > now() THEN 'quota exhausted'
+            WHEN s.backoff_until > now() THEN 'backing off'
+            WHEN edm.service_is_ready(s) THEN 'ready' ELSE 'waiting interval' END
+FROM edm.services s WHERE s.service_id = ANY(%s) ORDER BY s.service_id
+
+-- demo_task_owners --
+-- Owner of each demo task.
+SELECT task_id, user_id FROM edm.tasks WHERE task_id = ANY(%s)
+
+-- demo_interval_violations --
+-- Send starts on one service closer together than its interval (I2), from the history.
+SELECT count(*) FROM (
+  SELECT e.started_at - lag(e.started_at) OVER (PARTITION BY e.service_id ORDER BY e.started_at)
+           AS gap, s.interval_ms
+  FROM edm.send_events e JOIN edm.services s ON s.service_id = e.service_id
+  WHERE e.service_id = ANY(%s) AND e.kind <> 'late_completion') x
+WHERE x.gap < x.interval_ms * interval '1 millisecond'
+
+-- demo_quota_violations --
+-- Service quota days with more send starts than the daily quota (I3), from the history.
+SELECT count(*) FROM (
+  SELECT e.service_id, (e.started_at AT TIME ZONE s.quota_tz)::date, s.daily_quota, count(*) AS n
+  FROM edm.send_events e JOIN edm.services s ON s.service_id = e.service_id
+  WHERE e.service_id = ANY(%s) AND e.kind IN ('sent', 'retry', 'failed', 'lease_expired')
+  GROUP BY 1, 2, 3) x
+WHERE x.n > x.daily_quota
+
+-- demo_first_waits --
+-- First-send wait of each demo task, in seconds.
+SELECT user_id, name, extract(epoch FROM first_claimed_at - scheduled_at)::float8
+FROM edm.tasks WHERE task_id = ANY(%s) ORDER BY task_id
+
+-- demo_sent --
+-- Subtasks the database records as sent for the demo's tasks.
+SELECT coalesce(sum(sent_count), 0) FROM edm.tasks WHERE task_id = ANY(%s)

@@ -1,0 +1,81 @@
+"""The transport protocol: how a dispatcher hands one message to a provider.
+
+A transport is async (a dispatcher keeps hundreds of sends in flight on one
+event loop). It never raises for a provider's answer: it returns a
+:class:`SendResult` whose ``outcome`` says how the scheduler must react:
+
+* ``SENT``      — accepted; ``provider_id`` is the provider's id if any.
+* ``TRANSIENT`` — this message failed for now (SMTP 4xx for the recipient,
+  a timeout after DATA): retried later with back-off, counts an attempt.
+* ``PERMANENT`` — this message will never go (SMTP 5xx): failed; for 550, 551
+  and 553 the address is suppressed (decided in SQL, edm.smtp_code_suppresses).
+* ``SERVICE``   — the *account* is unusable right now (connection refused,
+  authentication failure, 421, throttling): the service backs off and the
+  subtask returns to pending without using an attempt.
+
+An exception escaping ``send`` is treated by the dispatcher as ``TRANSIENT``
+with the exception text as detail, so a buggy transport never leaves a
+subtask leased forever.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+class Outcome(enum.StrEnum):
+    SENT = "sent"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    SERVICE = "service"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    outcome: Outcome
+    code: int | None = None
+    detail: str | None = None
+    provider_id: str | None = None
+    response_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What a transport needs to know about one sending account (no secrets)."""
+
+    service_id: int
+    name: str
+    transport: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    credential_ref: str | None = None
+    from_addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Message:
+    """One rendered email, ready for the wire."""
+
+    subtask_id: int
+    task_id: int
+    message_id: str  # deterministic, derived from the subtask: "<edm.{subtask}.{task}@{domain}>"
+    sender: str  # envelope sender
+    recipient: str  # envelope recipient
+    data: bytes  # the whole RFC 5322 message, headers and body, CRLF line ends
+
+
+CredentialResolver = Callable[[str], str | None]
+"""Maps a service's ``credential_ref`` to its secret (env var, vault...); None if unknown."""
+
+
+@runtime_checkable
+class Transport(Protocol):
+    async def send(self, service: ServiceConfig, message: Message) -> SendResult:
+        """Send one message through ``service``; return, never raise, the provider's verdict."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close every connection this transport holds."""
+        ...
