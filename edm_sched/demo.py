@@ -149,7 +149,8 @@ def _progress(dsn: str, world: dict[str, Any], out: Any) -> bool:
 
 def _summary(dsn: str, world: dict[str, Any], received: list[Any]) -> dict[str, Any]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        owner = dict(conn.execute(query("demo_task_owners"), (world["tasks"],)).fetchall())
+        owner: dict[int, str] = dict(
+            conn.execute(query("demo_task_owners"), (world["tasks"],)).fetchall())
         interval_violations = conn.execute(
             query("demo_interval_violations"), (list(world["services"]),)).fetchone()
         quota_violations = conn.execute(
