@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import psycopg
+
 from edm_sched import db, errors
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -90,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions() -> list[Callable[[Any, argparse.ArgumentParser], None]]:
     """Subcommands contributed by other modules (one module per concept)."""
-    return []
+    from edm_sched import cli_ops
+    from edm_sched.jobs import cli as jobs_cli
+
+    return [cli_ops.register, jobs_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNAVAILABLE
     except errors.EdmSchedError as exc:
         _fail(args, exc)
+        return EXIT_ERROR
+    except psycopg.Error as exc:
+        typed = db.to_typed(exc) or errors.EdmSchedError(
+            str(exc.diag.message_primary or exc).strip())
+        _fail(args, typed)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

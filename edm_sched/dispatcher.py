@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import signal
@@ -40,6 +41,7 @@ from psycopg.rows import dict_row
 
 from edm_sched import db, errors, sweeps
 from edm_sched.logfmt import log_event
+from edm_sched.metrics import DispatcherMetrics
 from edm_sched.rendering import (
     RenderContext,
     Renderer,
@@ -117,6 +119,7 @@ class Dispatcher:
         run_sweeps: bool = True,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
         observer: Callable[[str, dict[str, Any]], None] | None = None,
+        metrics: DispatcherMetrics | None = None,
     ) -> None:
         if concurrency is not None and not 1 <= concurrency <= 100_000:
             raise errors.InvalidInput(f"concurrency must be 1..100000, got {concurrency}")
@@ -135,7 +138,8 @@ class Dispatcher:
         self.lease_seconds = lease_seconds
         self.run_sweeps = run_sweeps
         self.on_alert = on_alert
-        self.observer = observer
+        self.metrics = metrics
+        self.observer = observer or (metrics.observe if metrics else None)
         self.config: dict[str, Any] = {}
         self.stats = DispatcherStats(self.id)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -333,6 +337,8 @@ class Dispatcher:
                 outcome_now = SendResult(Outcome.PERMANENT,
                                          detail=f"renderer raised {type(exc).__name__}: {exc}")
             if outcome_now is not None or message is None:
+                if self.observer:
+                    self.observer("sent", {"outcome": Outcome.PERMANENT.value, "seconds": 0.0})
                 self._results.put_nowait((row, outcome_now or SendResult(Outcome.PERMANENT)))
                 continue
             task = asyncio.create_task(self._send(row, service, message))
@@ -488,9 +494,17 @@ class Dispatcher:
 
     async def _sweeper(self) -> None:
         leader: psycopg.AsyncConnection[Any] | None = None
+        last_wait_check = time.time()
         while True:
             interval = float(self.config.get("sweep.interval", 5))
             try:
+                if self.metrics is not None:
+                    conn = await self._conn("_complete_conn")
+                    hcur = conn.cursor(row_factory=dict_row)
+                    await hcur.execute(query("system_health"))
+                    health = await hcur.fetchone()
+                    if health:
+                        self.metrics.set_health(health)
                 if leader is None or leader.closed or leader.broken:
                     leader = await self._connect()
                     cur = await leader.execute(query("sweep_try_lead"), (sweeps.SWEEP_LOCK_KEY,))
@@ -499,12 +513,25 @@ class Dispatcher:
                         await leader.close()
                         leader = None
                 if leader is not None:
+                    if self.metrics is not None:  # the leader alone, so waits count once
+                        now = time.time()
+                        wcur = await leader.execute(query("first_waits_since"), (
+                            dt.datetime.fromtimestamp(last_wait_check, dt.UTC),
+                            dt.datetime.fromtimestamp(now, dt.UTC)))
+                        for (wait,) in await wcur.fetchall():
+                            self.metrics.observe("first_send", {"seconds": wait})
+                        last_wait_check = now
                     report = await sweeps.run_async(leader)
                     if report.get("leases_expired"):
                         self._wake.set()
                     for alert in report.get("alerts", []):
+                        log_event(log, logging.WARNING, "alert", **{
+                            k: alert[k] for k in ("kind", "severity", "message")})
                         if self.on_alert:
-                            self.on_alert(alert)
+                            try:
+                                self.on_alert(alert)
+                            except Exception:
+                                log.exception("alert callback failed")
             except (psycopg.OperationalError, errors.DatabaseUnavailable) as exc:
                 log_event(log, logging.WARNING, "sweep_failed", error=str(exc)[:200])
                 leader = None
@@ -526,20 +553,27 @@ def run_dispatcher(
     stop_event: threading.Event | None = None,
     handle_signals: bool = True,
     extra_tasks: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] | None = None,
+    metrics_port: int | None = None,
 ) -> DispatcherStats:
     """Run a dispatcher until SIGTERM/SIGINT (or ``stop_event``); returns its statistics.
 
     ``transport`` is one transport for every service, or a mapping from a
     service's ``transport`` name ("smtp", "null", or your own) to a transport.
     By default: SMTP (credentials from ``resolver``) and the null transport.
+    With ``metrics_port``, Prometheus metrics are served on ``/metrics`` there.
     """
     resolved = db.resolve_dsn(dsn)
     if not resolved:
         raise errors.ConfigurationError("no DSN given and EDM_SCHED_DSN is not set")
+    metrics: DispatcherMetrics | None = None
+    if metrics_port is not None:
+        metrics = DispatcherMetrics()
+        metrics.serve(metrics_port)
     dispatcher = Dispatcher(resolved, transport or default_transports(resolver),
                             renderer=renderer, dispatcher_id=dispatcher_id,
                             concurrency=concurrency, batch_size=batch_size,
-                            lease_seconds=lease_seconds, run_sweeps=run_sweeps, on_alert=on_alert)
+                            lease_seconds=lease_seconds, run_sweeps=run_sweeps, on_alert=on_alert,
+                            metrics=metrics)
 
     async def main() -> DispatcherStats:
         loop = asyncio.get_running_loop()

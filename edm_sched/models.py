@@ -111,7 +111,7 @@ class Service(_Out):
     quota_tz: str
     enabled: bool
     health: str
-    next_available_at: dt.datetime
+    next_available_at: dt.datetime | None
     sent_today: int
     quota_day: dt.date | None
     total_sent: int

@@ -116,7 +116,7 @@ SELECT edm.update_service(%(service_id)s, %(name)s, %(from_addresses)s, %(interv
 -- get_service --
 -- One sending account as the host sees it.
 SELECT service_id, name, transport, settings, credential_ref, from_addresses, interval_ms,
-       daily_quota, quota_tz, enabled, health, next_available_at, sent_today, quota_day,
+       daily_quota, quota_tz, enabled, health, nullif(next_available_at, '-infinity') AS next_available_at, sent_today, quota_day,
        total_sent, total_failed, success_rate, avg_response_ms
 FROM edm.services WHERE service_id = %s
 
@@ -223,6 +223,15 @@ SELECT pg_try_advisory_lock(%s)
 -- Return expired leases to pending (recording the uncertain outcomes).
 SELECT edm.expire_leases(%s)
 
+-- sweep_run --
+-- One round of every sweep; returns a JSON report.
+SELECT edm.run_sweeps(%s)
+
+-- sweep_take_alerts --
+-- Alerts not yet handed to the host callback (marked as handed over).
+SELECT alert_id, raised_at, kind, severity, task_id, service_id, user_id, message
+FROM edm.take_alerts(100)
+
 -- config_all --
 -- Every config value.
 SELECT key, value FROM edm.config
@@ -271,3 +280,58 @@ FROM edm.tasks WHERE task_id = ANY(%s) ORDER BY task_id
 -- demo_sent --
 -- Subtasks the database records as sent for the demo's tasks.
 SELECT coalesce(sum(sent_count), 0) FROM edm.tasks WHERE task_id = ANY(%s)
+
+-- config_get --
+-- One config entry.
+SELECT key, value, default_value, category, value_type, min_value, max_value, allowed_values,
+       unit, description, updated_at, updated_by
+FROM edm.config WHERE key = %s
+
+-- config_list --
+-- Every config entry.
+SELECT key, value, default_value, category, value_type, min_value, max_value, allowed_values,
+       unit, description, updated_at, updated_by
+FROM edm.config ORDER BY key
+
+-- config_set --
+-- Change a config value (checked in SQL, dispatchers notified).
+SELECT edm.config_set(%s, %s, %s)
+
+-- system_health --
+-- The one-row system health view.
+SELECT services_total, services_enabled, services_available, services_active_last_minute,
+       pending_subtasks, leased_subtasks, active_tasks, sent_last_minute, error_rate_last_hour,
+       open_alerts, dispatchers_alive
+FROM edm.system_health
+
+-- task_progress --
+-- Progress of live and recent tasks.
+SELECT task_id, user_id, name, status, priority, scheduled_at, total, sent, pending, leased, failed,
+       cancelled, progress_pct, first_send_wait_s, sends_per_s, eta_s, last_activity_at,
+       stuck_since
+FROM edm.task_progress
+WHERE status IN ('expanding', 'scheduled', 'sending', 'paused')
+   OR last_activity_at > now() - interval '1 hour'
+ORDER BY task_id DESC LIMIT %s
+
+-- service_status --
+-- State of every service.
+SELECT service_id, name, transport, enabled, state, next_available_at, interval_ms, daily_quota,
+       sent_today, quota_used_pct, sent_last_hour, success_rate, avg_response_ms, health,
+       consecutive_failures, backoff_until, last_error, total_sent, total_failed
+FROM edm.service_status ORDER BY service_id LIMIT %s
+
+-- task_wait_reasons --
+-- Why waiting tasks wait.
+SELECT task_id, user_id, name, status, reason, until FROM edm.task_wait_reasons
+ORDER BY task_id LIMIT %s
+
+-- open_alerts --
+-- Alerts not resolved.
+SELECT alert_id, raised_at, kind, severity, task_id, service_id, user_id, message
+FROM edm.alerts WHERE resolved_at IS NULL ORDER BY alert_id DESC LIMIT %s
+
+-- first_waits_since --
+-- First-send waits (seconds) of tasks first claimed in a time window, for the metrics histogram.
+SELECT extract(epoch FROM first_claimed_at - scheduled_at)::float8
+FROM edm.tasks WHERE first_claimed_at > %s AND first_claimed_at <= %s

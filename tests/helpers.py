@@ -10,7 +10,8 @@ import psycopg
 from edm_sched.api import Scheduler
 
 T0 = dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC)
-TEMPLATE = {"subject": "Hello {{ first_name }}", "body_text": "Hi {{ first_name }}!"}
+TEMPLATE = {"subject": "Hello {{ first_name | default('there') }}",
+            "body_text": "Hi {{ first_name | default('there') }}!"}
 
 
 def at(seconds: float) -> dt.datetime:
