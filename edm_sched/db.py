@@ -13,6 +13,7 @@ import psycopg.errors
 from psycopg import conninfo
 
 from edm_sched import errors
+from edm_sched.jobs import errors as job_errors
 
 DSN_ENV = "EDM_SCHED_DSN"
 
@@ -24,6 +25,13 @@ _SQLSTATE_ERRORS: dict[str, type[errors.EdmSchedError]] = {
     "ED004": errors.LeaseLost,
     "ED005": errors.InvalidInput,
     "ED006": errors.ConfigRejected,
+    # Recurring jobs (sql/migrations/0005_jobs.sql).
+    "ED010": job_errors.JobNotFound,
+    "ED011": job_errors.JobAlreadyRunning,
+    "ED012": job_errors.InvalidJobConfig,
+    "ED013": job_errors.LockAcquisitionFailed,
+    "ED014": job_errors.JobQuotaExceeded,
+    "ED015": job_errors.ExecutionNotFound,
     "22023": errors.InvalidInput,  # invalid_parameter_value
     "22P02": errors.InvalidInput,  # invalid_text_representation
     "22003": errors.InvalidInput,  # numeric_value_out_of_range
@@ -82,6 +90,9 @@ def _first_line(exc: BaseException) -> str:
 def to_typed(exc: psycopg.Error) -> errors.EdmSchedError | None:
     """The typed error for a database error, or None when it is not one we map."""
     state = exc.sqlstate or ""
+    if not state and isinstance(exc, psycopg.DataError):
+        # raised by psycopg before sending, e.g. a NUL byte in a text value
+        return errors.InvalidInput(_first_line(exc))
     cls = _SQLSTATE_ERRORS.get(state)
     if cls is None:
         if isinstance(exc, psycopg.OperationalError):
@@ -104,3 +115,5 @@ def translate() -> Iterator[None]:
         if typed is None:
             raise
         raise typed from exc
+    except UnicodeEncodeError as exc:  # lone surrogates cannot be sent as UTF-8
+        raise errors.InvalidInput(f"text is not valid Unicode: {exc.reason}") from None

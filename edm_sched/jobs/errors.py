@@ -1,0 +1,69 @@
+"""Typed errors of recurring jobs, carrying the codes of the task-scheduling service.
+
+SQL functions of ``sql/migrations/0005_jobs.sql`` raise SQLSTATEs ED010..ED015,
+mapped onto these classes by :mod:`edm_sched.db`. Each class also derives from
+the generic edm-sched error of the same family (``InvalidInput``, ``NotFound``,
+``QuotaExceeded``), so callers may catch either.
+"""
+
+from __future__ import annotations
+
+from edm_sched import errors
+
+
+class InvalidCronExpression(errors.InvalidInput):
+    """A cron expression cronsim rejects, or one that never fires."""
+
+    code = "INVALID_CRON_EXPRESSION"
+
+
+class JobNotFound(errors.NotFound):
+    """No job with this id (or none of this tenant)."""
+
+    code = "JOB_NOT_FOUND"
+
+
+class ExecutionNotFound(errors.NotFound):
+    """No execution with this id (or none of this tenant)."""
+
+    code = "EXECUTION_NOT_FOUND"
+
+
+class JobAlreadyRunning(errors.EdmSchedError):
+    """The job already has ``max_concurrent`` executions pending or running."""
+
+    code = "JOB_ALREADY_RUNNING"
+
+
+class InvalidJobConfig(errors.InvalidInput):
+    """A job definition the library or the database refuses; nothing was written."""
+
+    code = "INVALID_JOB_CONFIG"
+
+
+class LockAcquisitionFailed(errors.EdmSchedError):
+    """A job or execution stayed locked by another session past the lock timeout."""
+
+    code = "LOCK_ACQUISITION_FAILED"
+
+
+class JobQuotaExceeded(errors.QuotaExceeded):
+    """The tenant already owns ``jobs.max_jobs_per_tenant`` jobs."""
+
+    code = "QUOTA_EXCEEDED"
+
+
+class PermanentJobError(Exception):
+    """Raise from a job function to fail the execution without any retry."""
+
+
+__all__ = [
+    "ExecutionNotFound",
+    "InvalidCronExpression",
+    "InvalidJobConfig",
+    "JobAlreadyRunning",
+    "JobNotFound",
+    "JobQuotaExceeded",
+    "LockAcquisitionFailed",
+    "PermanentJobError",
+]

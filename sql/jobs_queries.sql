@@ -1,0 +1,249 @@
+-- Named statements issued by edm_sched.jobs (recurring jobs). Each block starts
+-- with "-- name --" and a one-line description; edm_sched/jobs/sql.py loads
+-- them. The rules that must hold across runners (firing once, claiming,
+-- max_concurrent, retries, lease recovery) are the SQL functions of
+-- sql/migrations/0005_jobs.sql; these statements call them or read and write
+-- single rows.
+
+-- jobs_lock_timeout --
+-- Bound how long the rest of this transaction waits for a row lock (text such as '5000ms').
+SELECT set_config('lock_timeout', %(timeout)s, true)
+
+-- jobs_db_now --
+-- The time the caller's decisions use: the injected clock, else the transaction time.
+SELECT coalesce(%(now)s::timestamptz, now())
+
+-- job_insert --
+-- Create a job (next_run_at computed by the caller with cronsim).
+INSERT INTO edm.jobs (tenant_id, name, description, kind, target, cron_expr, timezone, start_at,
+                      end_at, max_executions, status, priority, max_concurrent, timeout_seconds,
+                      max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds,
+                      retry_on, misfire_policy, misfire_grace_seconds, tags, next_run_at,
+                      created_at, updated_at)
+VALUES (%(tenant_id)s, %(name)s, %(description)s, %(kind)s, %(target)s, %(cron_expr)s, %(timezone)s,
+        %(start_at)s, %(end_at)s, %(max_executions)s, %(status)s, %(priority)s, %(max_concurrent)s,
+        %(timeout_seconds)s, %(max_retries)s, %(retry_delay_seconds)s, %(retry_backoff)s,
+        %(retry_max_delay_seconds)s, %(retry_on)s, %(misfire_policy)s, %(misfire_grace_seconds)s,
+        %(tags)s, %(next_run_at)s, %(now)s, %(now)s)
+RETURNING job_id, tenant_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
+          max_executions, status, inactive_reason, priority, max_concurrent, timeout_seconds,
+          max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds, retry_on,
+          misfire_policy, misfire_grace_seconds, tags, next_run_at, last_scheduled_for,
+          last_fired_at, last_finished_at, last_status, run_count, running_count, success_count,
+          failure_count, misfire_count, created_at, updated_at
+
+-- job_get --
+-- One job, optionally only if it belongs to the given tenant.
+SELECT job_id, tenant_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
+       max_executions, status, inactive_reason, priority, max_concurrent, timeout_seconds,
+       max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds, retry_on,
+       misfire_policy, misfire_grace_seconds, tags, next_run_at, last_scheduled_for,
+       last_fired_at, last_finished_at, last_status, run_count, running_count, success_count,
+       failure_count, misfire_count, created_at, updated_at
+FROM edm.jobs
+WHERE job_id = %(job_id)s AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+
+-- job_get_for_update --
+-- One job, locked for a change whose next run the caller computes (waits up to lock_timeout).
+SELECT job_id, tenant_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
+       max_executions, status, inactive_reason, priority, max_concurrent, timeout_seconds,
+       max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds, retry_on,
+       misfire_policy, misfire_grace_seconds, tags, next_run_at, last_scheduled_for,
+       last_fired_at, last_finished_at, last_status, run_count, running_count, success_count,
+       failure_count, misfire_count, created_at, updated_at
+FROM edm.jobs
+WHERE job_id = %(job_id)s AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+FOR NO KEY UPDATE
+
+-- job_update --
+-- Replace a job's settings and schedule state (the row is locked by job_get_for_update).
+UPDATE edm.jobs
+SET name = %(name)s, description = %(description)s, kind = %(kind)s, target = %(target)s,
+    cron_expr = %(cron_expr)s, timezone = %(timezone)s, start_at = %(start_at)s,
+    end_at = %(end_at)s, max_executions = %(max_executions)s, status = %(status)s,
+    inactive_reason = %(inactive_reason)s, priority = %(priority)s,
+    max_concurrent = %(max_concurrent)s, timeout_seconds = %(timeout_seconds)s,
+    max_retries = %(max_retries)s, retry_delay_seconds = %(retry_delay_seconds)s,
+    retry_backoff = %(retry_backoff)s, retry_max_delay_seconds = %(retry_max_delay_seconds)s,
+    retry_on = %(retry_on)s, misfire_policy = %(misfire_policy)s,
+    misfire_grace_seconds = %(misfire_grace_seconds)s, tags = %(tags)s,
+    next_run_at = %(next_run_at)s, updated_at = %(now)s
+WHERE job_id = %(job_id)s
+RETURNING job_id, tenant_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
+          max_executions, status, inactive_reason, priority, max_concurrent, timeout_seconds,
+          max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds, retry_on,
+          misfire_policy, misfire_grace_seconds, tags, next_run_at, last_scheduled_for,
+          last_fired_at, last_finished_at, last_status, run_count, running_count, success_count,
+          failure_count, misfire_count, created_at, updated_at
+
+-- job_set_state --
+-- Set a locked job's status and next run (resume; end of schedule on update).
+UPDATE edm.jobs
+SET status = %(status)s, inactive_reason = %(inactive_reason)s, next_run_at = %(next_run_at)s,
+    updated_at = %(now)s
+WHERE job_id = %(job_id)s
+
+-- jobs_list --
+-- Jobs by id, filtered by tenant, status and tag, one page after after_id.
+SELECT job_id, tenant_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
+       max_executions, status, inactive_reason, priority, max_concurrent, timeout_seconds,
+       max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds, retry_on,
+       misfire_policy, misfire_grace_seconds, tags, next_run_at, last_scheduled_for,
+       last_fired_at, last_finished_at, last_status, run_count, running_count, success_count,
+       failure_count, misfire_count, created_at, updated_at
+FROM edm.jobs
+WHERE (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+  AND (%(status)s::text IS NULL OR status = %(status)s)
+  AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
+  AND job_id > %(after_id)s
+ORDER BY job_id
+LIMIT %(limit)s
+
+-- job_pause --
+-- Pause a job (edm.job_pause); returns its previous status.
+SELECT edm.job_pause(%(job_id)s, %(tenant_id)s)
+
+-- job_stop --
+-- Stop a job (edm.job_stop); returns how many executions were cancelled.
+SELECT cancelled_pending, cancelled_running
+FROM edm.job_stop(%(job_id)s, %(tenant_id)s, %(cancel_running)s, %(now)s)
+
+-- job_delete --
+-- Delete a job and its history (edm.job_delete).
+SELECT edm.job_delete(%(job_id)s, %(tenant_id)s, %(force)s)
+
+-- job_trigger --
+-- Queue a manual run now (edm.job_trigger); returns the execution id.
+SELECT edm.job_trigger(%(job_id)s, %(tenant_id)s, %(now)s)
+
+-- job_cancel_execution --
+-- Cancel a pending or running execution (edm.job_cancel_execution); returns its former status.
+SELECT edm.job_cancel_execution(%(execution_id)s, %(tenant_id)s, %(now)s)
+
+-- execution_get --
+-- One execution, optionally only if it belongs to the given tenant.
+SELECT execution_id, job_id, tenant_id, trigger, status, scheduled_for, run_after, created_at,
+       started_at, finished_at, duration_ms, progress, progress_message, result, error, error_kind,
+       error_type, error_code, error_stack, retry_count, retry_of, worker_id, lease_expires_at,
+       cancel_requested_at
+FROM edm.job_executions
+WHERE execution_id = %(execution_id)s AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+
+-- executions_list --
+-- Executions newest first, filtered by job, tenant and status, one page before before_id.
+SELECT execution_id, job_id, tenant_id, trigger, status, scheduled_for, run_after, created_at,
+       started_at, finished_at, duration_ms, progress, progress_message, result, error, error_kind,
+       error_type, error_code, error_stack, retry_count, retry_of, worker_id, lease_expires_at,
+       cancel_requested_at
+FROM edm.job_executions
+WHERE (%(job_id)s::bigint IS NULL OR job_id = %(job_id)s)
+  AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+  AND (%(status)s::text IS NULL OR status = %(status)s)
+  AND execution_id < %(before_id)s
+ORDER BY execution_id DESC
+LIMIT %(limit)s
+
+-- jobs_stats_jobs --
+-- Jobs by status, with the executions running and pending now.
+SELECT j.status, count(*)::bigint, coalesce(sum(j.running_count), 0)::bigint,
+       (SELECT count(*) FROM edm.job_executions e
+        WHERE e.status = 'pending' AND (%(tenant_id)s::text IS NULL OR e.tenant_id = %(tenant_id)s))
+FROM edm.jobs j
+WHERE %(tenant_id)s::text IS NULL OR j.tenant_id = %(tenant_id)s
+GROUP BY j.status
+
+-- jobs_stats_executions --
+-- Executions finished since a time: counts by status and trigger, durations, firing delays.
+SELECT e.status, e.trigger, count(*)::bigint,
+       avg(e.duration_ms)::double precision,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY e.duration_ms),
+       percentile_cont(0.5) WITHIN GROUP (
+         ORDER BY extract(epoch FROM e.started_at - e.scheduled_for) * 1000)
+         FILTER (WHERE e.trigger = 'scheduled'),
+       percentile_cont(0.99) WITHIN GROUP (
+         ORDER BY extract(epoch FROM e.started_at - e.scheduled_for) * 1000)
+         FILTER (WHERE e.trigger = 'scheduled'),
+       coalesce(sum(CASE WHEN e.error_code = 'MISFIRE'
+                         THEN coalesce(substring(e.error FROM '^([0-9]+) ')::bigint, 1)
+                         ELSE 0 END), 0)::bigint
+FROM edm.job_executions e
+WHERE e.finished_at >= %(since)s
+  AND (%(tenant_id)s::text IS NULL OR e.tenant_id = %(tenant_id)s)
+GROUP BY GROUPING SETS ((e.status, e.trigger), ())
+
+-- jobs_config --
+-- The jobs.* settings runners read.
+SELECT key, value #>> '{}' FROM edm.config WHERE left(key, 5) = 'jobs.'
+
+-- jobs_listen --
+-- Subscribe the listener connection to job changes and cancellations.
+LISTEN edm_jobs;
+LISTEN edm_jobs_cancel
+
+-- jobs_notify_pending --
+-- Tell other runners that claimable executions are waiting.
+SELECT pg_notify('edm_jobs', 'pending')
+
+-- jobs_due --
+-- Lock up to limit due active jobs for firing; SKIP LOCKED leaves jobs another runner is firing.
+SELECT job_id, cron_expr, timezone, next_run_at, end_at, max_executions, run_count,
+       misfire_policy, misfire_grace_seconds, coalesce(%(now)s::timestamptz, now()) AS fire_now
+FROM edm.jobs
+WHERE status = 'active' AND next_run_at <= coalesce(%(now)s::timestamptz, now())
+ORDER BY next_run_at
+LIMIT %(limit)s
+FOR NO KEY UPDATE SKIP LOCKED
+
+-- job_fire --
+-- Fire one due job exactly once (edm.job_fire); no rows when another runner fired it first.
+SELECT execution_id, scheduled_for, status
+FROM edm.job_fire(%(job_id)s, %(due)s, %(run_times)s::timestamptz[], %(next_run_at)s,
+                  %(end_reason)s, %(queue_all)s, %(missed)s, %(missed_first)s, %(missed_last)s,
+                  %(worker)s, %(now)s)
+
+-- job_mark_invalid --
+-- Deactivate a due job whose stored schedule can no longer be computed (edited outside the API).
+UPDATE edm.jobs
+SET status = 'inactive', next_run_at = NULL, inactive_reason = left(%(reason)s, 500),
+    updated_at = now()
+WHERE job_id = %(job_id)s AND status = 'active' AND next_run_at = %(due)s
+
+-- job_claim --
+-- Claim due pending executions for this runner (edm.job_claim).
+SELECT execution_id, job_id, tenant_id, job_name, kind, target, trigger, scheduled_for,
+       retry_count, timeout_seconds, started_at, lease_expires_at
+FROM edm.job_claim(%(worker)s, %(limit)s, %(now)s)
+
+-- job_finish --
+-- Record the outcome of a run held by this runner (edm.job_finish).
+SELECT accepted, retry_execution_id, retry_at
+FROM edm.job_finish(%(execution_id)s, %(worker)s, %(status)s, %(result)s, %(error)s,
+                    %(error_kind)s, %(error_type)s, %(error_stack)s, %(now)s)
+
+-- job_finish_many --
+-- Record the outcomes of several runs held by this runner in one transaction (edm.job_finish_many).
+SELECT execution_id, accepted, retry_execution_id, retry_at
+FROM edm.job_finish_many(%(worker)s, %(execution_ids)s, %(statuses)s, %(results)s, %(errors)s,
+                         %(error_kinds)s, %(error_types)s, %(error_stacks)s, %(now)s)
+
+-- job_progress --
+-- Record progress of a running execution; false when it is no longer running for this runner.
+SELECT edm.job_progress(%(execution_id)s, %(worker)s, %(progress)s::real, %(message)s)
+
+-- job_expire_runs --
+-- Recover runs whose lease expired (edm.job_expire_runs).
+SELECT edm.job_expire_runs(%(now)s)
+
+-- job_purge --
+-- Delete execution history past its retention (edm.job_purge_executions).
+SELECT edm.job_purge_executions(%(now)s)
+
+-- job_wakeup --
+-- The database clock, the next job due, the earliest time anything may be claimable, and whether a lease expired.
+-- statement_timestamp() rather than clock_timestamp(): a stable value lets the lease test use its index.
+SELECT coalesce(%(now)s::timestamptz, statement_timestamp()),
+       (SELECT min(j.next_run_at) FROM edm.jobs j WHERE j.status = 'active'),
+       edm.job_next_wakeup(%(now)s),
+       EXISTS (SELECT 1 FROM edm.job_executions e
+               WHERE e.status = 'running'
+                 AND e.lease_expires_at <= coalesce(%(now)s::timestamptz, statement_timestamp()))
