@@ -55,6 +55,20 @@ def validate(model: type[M], value: M | Mapping[str, Any]) -> M:
         raise errors.InvalidInput(f"invalid {model.__name__}: {problems}") from None
 
 
+def check_id(value: Any, what: str) -> int:
+    """A database id: a positive 64-bit integer, else :class:`errors.InvalidInput`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+        raise errors.InvalidInput(f"{what} must be a positive 64-bit integer, got {value!r}")
+    return value
+
+
+def check_scope(user_id: str | None) -> str | None:
+    """An optional tenant scope, validated like a user id."""
+    if user_id is not None:
+        validate(_UserArgs, {"user_id": user_id})
+    return user_id
+
+
 class InvalidRecipients(errors.InvalidInput):
     """An explicit recipient list holds invalid addresses; ``report`` lists each one."""
 
@@ -73,7 +87,8 @@ class Scheduler:
     """Host API over a connection pool. Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, dsn: str | None = None, *, pool: ConnectionPool | None = None,
-                 min_size: int = 1, max_size: int = 4) -> None:
+                 min_size: int = 1, max_size: int = 4, actor: str | None = None) -> None:
+        self.actor = actor  # recorded in edm.audit_log for administrative changes
         if pool is None:
             resolved = db.resolve_dsn(dsn)
             if not resolved:
@@ -106,6 +121,8 @@ class Scheduler:
     def _tx(self) -> Iterator[psycopg.Connection[Any]]:
         """One transaction on a pooled connection, errors translated."""
         with self.pool.connection() as conn, db.translate(), conn.transaction():
+            if self.actor:
+                conn.execute(query("set_actor"), (self.actor,))
             yield conn
 
     def _one(self, name: str, params: Any) -> Any:
@@ -151,7 +168,8 @@ class Scheduler:
         """Change some fields of a service (None = unchanged)."""
         c = validate(ServiceUpdate, changes)
         self._one("update_service", {
-            "service_id": service_id, "name": c.name, "from_addresses": c.from_addresses,
+            "service_id": check_id(service_id, "service_id"), "name": c.name,
+            "from_addresses": c.from_addresses,
             "interval_ms": None if c.interval_seconds is None else round(c.interval_seconds * 1000),
             "daily_quota": c.daily_quota,
             "settings": None if c.settings is None else Jsonb(c.settings),
@@ -167,7 +185,7 @@ class Scheduler:
     def get_service(self, service_id: int) -> Service:
         with self.pool.connection() as conn, db.translate():
             row = conn.cursor(row_factory=dict_row).execute(
-                query("get_service"), (service_id,)).fetchone()
+                query("get_service"), (check_id(service_id, "service_id"),)).fetchone()
         if row is None:
             raise errors.NotFound(f"unknown service {service_id}")
         return Service.model_validate(row)
@@ -178,6 +196,7 @@ class Scheduler:
         self._one("grant_service", (service_id, user_id, priority))
 
     def revoke(self, service_id: int, user_id: str) -> bool:
+        validate(_GrantArgs, {"service_id": service_id, "user_id": user_id, "priority": 0})
         return bool(self._one("revoke_service", (service_id, user_id)))
 
     # --------------------------------------------------------------- contacts
@@ -188,6 +207,7 @@ class Scheduler:
         validate(_UserArgs, {"user_id": user_id})
         with self._tx() as conn:
             conn.execute(query("stage_contacts_create"))
+            conn.execute(query("stage_share"), ("edm_stage_contacts",))
             with conn.cursor().copy(query("stage_contacts_copy")) as copy:
                 for i, raw in enumerate(contacts):
                     c = validate(Contact, raw)
@@ -228,6 +248,7 @@ class Scheduler:
         assert t.recipients is not None
         with self._tx() as conn:
             conn.execute(query("stage_recipients_create"))
+            conn.execute(query("stage_share"), ("edm_stage_recipients",))
             with conn.cursor().copy(query("stage_recipients_copy")) as copy:
                 for i, r in enumerate(t.recipients):
                     copy.write_row((i, r.email, None if r.vars is None else Jsonb(r.vars)))
@@ -259,6 +280,7 @@ class Scheduler:
 
     def expand(self, task_id: int, *, chunk: int = EXPANSION_CHUNK) -> int:
         """Run (or resume) the expansion of a tag-rule task; returns subtasks created."""
+        check_id(task_id, "task_id")
         total = 0
         while True:
             with self._tx() as conn:
@@ -270,21 +292,25 @@ class Scheduler:
 
     def pause(self, task_id: int, *, user_id: str | None = None) -> str:
         """Stop new claims for the task at once (in-flight sends complete)."""
-        return str(self._one("pause_task", (task_id, user_id)))
+        return str(self._one("pause_task", (check_id(task_id, "task_id"),
+                                              check_scope(user_id))))
 
     def resume(self, task_id: int, *, user_id: str | None = None) -> str:
         """Continue a paused task where it stopped."""
-        return str(self._one("resume_task", (task_id, user_id)))
+        return str(self._one("resume_task", (check_id(task_id, "task_id"),
+                                              check_scope(user_id))))
 
     def cancel(self, task_id: int, *, user_id: str | None = None) -> int:
         """End the task; unsent recipients are cancelled and their quota refunded."""
-        return int(self._one("cancel_task", (task_id, user_id)))
+        return int(self._one("cancel_task", (check_id(task_id, "task_id"),
+                                              check_scope(user_id))))
 
     def task(self, task_id: int, *, user_id: str | None = None) -> TaskStatus:
         """Status and counters of a task (scoped to ``user_id`` when given)."""
         with self.pool.connection() as conn, db.translate():
             row = conn.cursor(row_factory=dict_row).execute(
-                query("get_task"), {"task_id": task_id, "user_id": user_id}).fetchone()
+                query("get_task"), {"task_id": check_id(task_id, "task_id"),
+                                    "user_id": check_scope(user_id)}).fetchone()
         if row is None:
             raise errors.NotFound(f"unknown task {task_id}")
         return TaskStatus.model_validate(row)

@@ -52,6 +52,14 @@ SELECT CASE WHEN to_regclass('edm.schema_migrations') IS NOT NULL
 -- Session-temporary staging table for an explicit recipient list (filled by COPY).
 CREATE TEMP TABLE IF NOT EXISTS edm_stage_recipients (ord bigint, email text, vars jsonb) ON COMMIT DROP
 
+-- stage_share --
+-- Let the SECURITY DEFINER functions read this session's staging table.
+SELECT edm.share_staged(%s)
+
+-- set_actor --
+-- Name the application user behind this transaction's changes (edm.audit_log.actor).
+SELECT set_config('edm.actor', %s, true)
+
 -- stage_recipients_copy --
 -- COPY target of explicit recipient lists.
 COPY edm_stage_recipients (ord, email, vars) FROM STDIN

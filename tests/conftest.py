@@ -77,8 +77,10 @@ def _load_schema(host: str, port: int, user: str, dbname: str, password: str | N
                                    password=password or None))
 
 
+# One name per pytest process: two suites sharing a server never touch each
+# other's template or test databases.
 edm_noproc = factories.postgresql_noproc(
-    depends_on="edm_pg_server", dbname="edm_test", load=[_load_schema]
+    depends_on="edm_pg_server", dbname=f"edm_test_{os.getpid()}", load=[_load_schema]
 )
 edm_db = factories.postgresql("edm_noproc")
 

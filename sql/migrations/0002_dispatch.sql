@@ -366,6 +366,13 @@ BEGIN
   WHERE t.task_id IN (SELECT st.task_id FROM edm.subtasks st
                       WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased')
   ORDER BY t.task_id FOR NO KEY UPDATE;
+  -- Owners of cancelled tasks get the quota of subtasks that end cancelled
+  -- back (refund_users below): lock them last, in id order.
+  PERFORM 1 FROM edm.users u
+  WHERE u.user_id IN (SELECT t.user_id FROM edm.subtasks st JOIN edm.tasks t ON t.task_id = st.task_id
+                      WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased'
+                        AND t.status = 'cancelled')
+  ORDER BY u.user_id FOR NO KEY UPDATE;
 
   RETURN QUERY
   WITH input AS (
@@ -447,7 +454,7 @@ BEGIN
         failed_count = t.failed_count + a.n_failed,
         pending_count = t.pending_count + a.n_pending,
         cancelled_count = t.cancelled_count + a.n_cancelled,
-        quota_reserved = greatest(t.quota_reserved - a.n_sent - a.n_failed, 0),
+        quota_reserved = greatest(t.quota_reserved - a.n_sent - a.n_failed - a.n_cancelled, 0),
         last_activity_at = v_now,
         stuck_since = NULL,
         status = CASE WHEN t.status = 'sending' AND t.pending_count + a.n_pending = 0
@@ -462,6 +469,15 @@ BEGIN
       FROM plan p WHERE p.ok GROUP BY p.task_id
     ) a
     WHERE t.task_id = a.task_id
+  ),
+  -- A subtask that ends cancelled (its task was cancelled while it was
+  -- leased) was never sent: its quota goes back to the user, as cancel_task
+  -- does for the pending ones.
+  refund_users AS (
+    UPDATE edm.users u SET quota_used = u.quota_used - a.n
+    FROM (SELECT p.user_id, count(*) AS n FROM plan p
+          WHERE p.ok AND p.new_status = 'cancelled' GROUP BY p.user_id) a
+    WHERE u.user_id = a.user_id
   ),
   upd_subtasks AS (
     UPDATE edm.subtasks st
@@ -515,7 +531,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION edm.complete(text, bigint[], text[], integer[], text[], integer[], text[], timestamptz) IS
-  'Records the outcomes of claimed subtasks in one transaction, fenced by the lease: only p_owner, before the lease expires, may complete. Outcomes: sent; transient (retry with back-off, failed after queue.max_attempts); permanent (failed; address suppressed for 550/551/553); service (the service backs off, the subtask returns to pending without using an attempt); released (unsent, e.g. shutdown). Task counters, service statistics and send_events change together; rejected completions are returned with a reason and recorded as late_completion.';
+  'Records the outcomes of claimed subtasks in one transaction, fenced by the lease: only p_owner, before the lease expires, may complete. Outcomes: sent; transient (retry with back-off, failed after queue.max_attempts); permanent (failed; address suppressed for 550/551/553); service (the service backs off, the subtask returns to pending without using an attempt); released (unsent, e.g. shutdown). Task counters, service statistics, send_events and (for subtasks of a cancelled task, which end cancelled) the refund of the owner''s quota change together; rejected completions are returned with a reason and recorded as late_completion.';
 
 -- ---------------------------------------------------------------------------
 -- Lease expiry (the recovery sweep of I1 / I7)
@@ -548,6 +564,10 @@ BEGIN
   PERFORM 1 FROM edm.tasks t
   WHERE t.task_id IN (SELECT st.task_id FROM edm.subtasks st WHERE st.subtask_id = ANY (v_ids))
   ORDER BY t.task_id FOR NO KEY UPDATE;
+  PERFORM 1 FROM edm.users u
+  WHERE u.user_id IN (SELECT t.user_id FROM edm.subtasks st JOIN edm.tasks t ON t.task_id = st.task_id
+                      WHERE st.subtask_id = ANY (v_ids) AND t.status = 'cancelled')
+  ORDER BY u.user_id FOR NO KEY UPDATE;
 
   WITH plan AS (
     SELECT st.subtask_id, st.task_id, st.service_id, st.attempts, st.leased_at, st.lease_owner,
@@ -564,7 +584,7 @@ BEGIN
         pending_count = t.pending_count + a.n_pending,
         failed_count = t.failed_count + a.n_failed,
         cancelled_count = t.cancelled_count + a.n_cancelled,
-        quota_reserved = greatest(t.quota_reserved - a.n_failed, 0),
+        quota_reserved = greatest(t.quota_reserved - a.n_failed - a.n_cancelled, 0),
         status = CASE WHEN t.status = 'sending' AND t.pending_count + a.n_pending = 0
                            AND t.leased_count - a.n = 0 THEN 'completed'
                       ELSE t.status END
@@ -585,6 +605,13 @@ BEGIN
                               ELSE st.outcome_detail END,
         finished_at = CASE WHEN p.new_status <> 'pending' THEN v_now END
     FROM plan p WHERE st.subtask_id = p.subtask_id
+  ),
+  -- cancelled, never sent: refund the owner's quota (as in edm.complete)
+  refund_users AS (
+    UPDATE edm.users u SET quota_used = u.quota_used - a.n
+    FROM (SELECT p.user_id, count(*) AS n FROM plan p
+          WHERE p.new_status = 'cancelled' GROUP BY p.user_id) a
+    WHERE u.user_id = a.user_id
   )
   INSERT INTO edm.send_events (occurred_at, subtask_id, task_id, user_id, service_id, kind,
                                attempt, started_at, dispatcher, detail)
@@ -597,7 +624,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION edm.expire_leases(timestamptz, integer) IS
-  'Returns subtasks whose lease expired to pending (or failed after queue.max_attempts, or cancelled when their task was), counting lease_expiries and recording a lease_expired event: the uncertain outcomes of I1. Returns how many it handled.';
+  'Returns subtasks whose lease expired to pending (or failed after queue.max_attempts, or cancelled when their task was, refunding the owner''s quota), counting lease_expiries and recording a lease_expired event: the uncertain outcomes of I1. Returns how many it handled.';
 
 -- ---------------------------------------------------------------------------
 -- When to wake up
@@ -605,13 +632,24 @@ COMMENT ON FUNCTION edm.expire_leases(timestamptz, integer) IS
 
 CREATE FUNCTION edm.next_wakeup(p_now timestamptz DEFAULT NULL)
 RETURNS timestamptz
-LANGUAGE sql STABLE
-RETURN least(
-  (SELECT min(s.next_available_at) FROM edm.services s
-   WHERE s.enabled AND s.daily_quota > 0
-     AND EXISTS (SELECT 1 FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
-                 WHERE g.service_id = s.service_id AND u.claimable_tasks > 0)),
-  (SELECT min(t.scheduled_at) FROM edm.tasks t WHERE t.status = 'scheduled'),
-  (SELECT min(st.lease_expires_at) FROM edm.subtasks st WHERE st.status = 'leased'));
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  v_at timestamptz;
+BEGIN
+  v_at := least(
+    (SELECT min(s.next_available_at) FROM edm.services s
+     WHERE s.enabled AND s.daily_quota > 0
+       AND EXISTS (SELECT 1 FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
+                   WHERE g.service_id = s.service_id AND u.claimable_tasks > 0)),
+    (SELECT min(t.scheduled_at) FROM edm.tasks t WHERE t.status = 'scheduled'),
+    (SELECT min(st.lease_expires_at) FROM edm.subtasks st WHERE st.status = 'leased'));
+  IF v_at IS NULL THEN
+    RETURN NULL;  -- nothing is waiting
+  END IF;
+  -- A time already past (including -infinity: a service never used) is "now".
+  RETURN greatest(v_at, coalesce(p_now, now()));
+END;
+$$;
 COMMENT ON FUNCTION edm.next_wakeup(timestamptz) IS
   'The earliest time a claim or a lease expiry could next have work: a service with work becoming ready, a scheduled task starting, or a lease expiring. NULL when nothing is waiting. Dispatchers sleep until then (or a NOTIFY).';

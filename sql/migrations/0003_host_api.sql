@@ -17,11 +17,16 @@ RETURN CASE
   WHEN p_email IS NULL OR btrim(p_email) = '' THEN 'empty address'
   WHEN length(p_email) > 254 THEN 'longer than 254 characters'
   WHEN p_email ~ '[[:cntrl:]]' THEN 'contains control characters (CR, LF, NUL...)'
+  -- Non-breaking and zero-width spaces, soft hyphens, bidi controls, BOM:
+  -- invisible, not trimmed by normalize_email, so 'a@b.com' followed by a
+  -- pasted U+00A0 would be a second recipient for the same mailbox.
+  WHEN p_email ~ '[\u00a0\u00ad\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff]'
+    THEN 'contains invisible or non-breaking space characters'
   WHEN position('@' IN p_email) = 0 THEN 'missing @'
   WHEN NOT edm.is_valid_email(edm.normalize_email(p_email)) THEN 'not a valid address'
 END;
 COMMENT ON FUNCTION edm.email_problem(text) IS
-  'Why p_email is not acceptable as a recipient, or NULL when it is. Used for the per-address report of task creation and contact import.';
+  'Why p_email is not acceptable as a recipient, or NULL when it is: empty, too long, control characters, invisible or non-breaking space characters, no @, or not a valid address (edm.is_valid_email after normalisation). Letters outside ASCII are accepted (SMTPUTF8 addresses). Used for the per-address report of task creation and contact import.';
 
 CREATE FUNCTION edm.require_user(p_user_id text)
 RETURNS void
@@ -505,7 +510,7 @@ BEGIN
     RAISE EXCEPTION 'chunk must be between 1 and 10000000' USING ERRCODE = 'ED005';
   END IF;
   SELECT tk.task_id, tk.user_id, tk.status, tk.recipient_rule, tk.expansion_cursor, tk.template_count,
-         tk.total_count
+         tk.total_count, tk.quota_reserved
   INTO t FROM edm.tasks tk WHERE tk.task_id = p_task_id FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'ED001';
@@ -518,6 +523,9 @@ BEGIN
   v_all := ARRAY(SELECT jsonb_array_elements_text(t.recipient_rule -> 'include_all'));
   v_exc := ARRAY(SELECT jsonb_array_elements_text(t.recipient_rule -> 'exclude'));
 
+  -- Never more recipients than reserved at creation: contacts that came to
+  -- match since then are left out rather than pushing the user past the
+  -- quota (and the expansion into a CHECK violation it could never finish).
   WITH chunk AS (
     SELECT c.contact_id, c.email
     FROM edm.contacts c
@@ -527,7 +535,7 @@ BEGIN
       AND NOT c.tags && v_exc
       AND NOT edm.is_suppressed(t.user_id, c.email)
     ORDER BY c.contact_id
-    LIMIT p_chunk
+    LIMIT least(p_chunk, greatest(t.quota_reserved - t.total_count, 0))
   ),
   ins AS (
     INSERT INTO edm.subtasks (task_id, email, contact_id, template_idx)
@@ -563,7 +571,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION edm.expand_task(bigint, integer) IS
-  'Creates the next chunk (at most p_chunk) of subtasks of an expanding tag-rule task, in contact order; progress is visible in total_count. The last chunk refunds unused quota and moves the task to scheduled. Safe to call again after a crash: it resumes from expansion_cursor.';
+  'Creates the next chunk (at most p_chunk) of subtasks of an expanding tag-rule task, in contact order; progress is visible in total_count. Never creates more subtasks than the task reserved at creation (contacts matching only since then are left out). The last chunk refunds unused quota and moves the task to scheduled. Safe to call again after a crash: it resumes from expansion_cursor.';
 
 -- ---------------------------------------------------------------------------
 -- Lifecycle: pause, resume, cancel
