@@ -96,7 +96,7 @@ def test_each_role_can_do_its_job_and_nothing_more(roles: dict[str, str]) -> Non
         th.join(30)
     with psycopg.connect(roles["dispatcher"], autocommit=True) as c:
         assert c.execute("SELECT edm.run_sweeps()").fetchone() is not None
-    for statement in (f"SELECT edm.create_service('x', ARRAY['a@b.example'], 0, 1)",
+    for statement in ("SELECT edm.create_service('x', ARRAY['a@b.example'], 0, 1)",
                       f"SELECT edm.pause_task({task})",
                       "SELECT edm.config_set('sweep.interval', '2')",
                       "UPDATE edm.services SET enabled = false",
@@ -176,11 +176,10 @@ def test_audit_trail_records_administrative_changes(dsn: str,
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 def test_secrets_never_stored_or_shown(dsn: str, conn: psycopg.Connection[Any],
                                        caplog: pytest.LogCaptureFixture) -> None:
-    with Scheduler(dsn) as s:
-        with pytest.raises(errors.InvalidInput, match="must not hold secrets"):
-            s.create_service({"name": "x", "from_addresses": ["a@b.example"],
-                              "interval_seconds": 0, "daily_quota": 1,
-                              "settings": {"host": "h", "password": SECRET}})
+    with Scheduler(dsn) as s, pytest.raises(errors.InvalidInput, match="must not hold secrets"):
+        s.create_service({"name": "x", "from_addresses": ["a@b.example"],
+                          "interval_seconds": 0, "daily_quota": 1,
+                          "settings": {"host": "h", "password": SECRET}})
     with pytest.raises(psycopg.errors.CheckViolation):
         conn.execute("SELECT edm.create_service('x', ARRAY['a@b.example'], 0, 1, 'smtp', "
                      "%s::jsonb)", (f'{{"password": "{SECRET}"}}',))
