@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import psycopg
 import pydantic
@@ -25,11 +25,13 @@ from edm_sched.models import (
     Contact,
     ContactImport,
     CreatedTask,
+    Email,
     InvalidAddress,
     Name,
     Service,
     ServiceSpec,
     ServiceUpdate,
+    Tag,
     TaskSpec,
     TaskStatus,
     UserId,
@@ -218,17 +220,24 @@ class Scheduler:
 
     def tag_contacts(self, user_id: str, emails: list[str], *, add: list[str] | None = None,
                      remove: list[str] | None = None) -> int:
-        return int(self._one("set_contact_tags", (user_id, emails, add or [], remove or [])))
+        """Add and remove tags on some of the user's contacts; returns contacts changed."""
+        a = validate(_TagArgs, {"user_id": user_id, "emails": emails, "add": add or [],
+                                "remove": remove or []})
+        return int(self._one("set_contact_tags", (a.user_id, a.emails, a.add, a.remove)))
 
     def delete_tag(self, user_id: str, tag: str) -> int:
-        return int(self._one("delete_tag", (user_id, tag)))
+        """Delete a tag of the user everywhere; returns how many contacts had it."""
+        a = validate(_TagArgs, {"user_id": user_id, "add": [tag]})
+        return int(self._one("delete_tag", (a.user_id, tag)))
 
     def suppress(self, email: str, *, reason: str = "manual", user_id: str | None = None) -> None:
         """Never send to ``email`` (for ``user_id``, or for everyone)."""
-        self._one("add_suppression", (email, reason, user_id))
+        a = validate(_SuppressionArgs, {"email": email, "reason": reason, "user_id": user_id})
+        self._one("add_suppression", (a.email, a.reason, a.user_id))
 
     def unsuppress(self, email: str, *, user_id: str | None = None) -> bool:
-        return bool(self._one("remove_suppression", (email, user_id)))
+        a = validate(_SuppressionArgs, {"email": email, "user_id": user_id})
+        return bool(self._one("remove_suppression", (a.email, a.user_id)))
 
     # ------------------------------------------------------------------ tasks
 
@@ -316,6 +325,10 @@ class Scheduler:
         return TaskStatus.model_validate(row)
 
     def tasks(self, user_id: str, *, limit: int = 100) -> list[TaskStatus]:
+        """The user's tasks, newest first (at most ``limit``, 1..10000)."""
+        check_scope(user_id)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise errors.InvalidInput(f"limit must be an integer in 1..10000, got {limit!r}")
         with self.pool.connection() as conn, db.translate():
             rows = conn.cursor(row_factory=dict_row).execute(
                 query("list_tasks"), (user_id, limit)).fetchall()
@@ -334,3 +347,18 @@ class _GrantArgs(pydantic.BaseModel):
     service_id: int = pydantic.Field(ge=1, le=2**62)
     user_id: UserId
     priority: int = pydantic.Field(ge=-1000, le=1000)
+
+
+class _TagArgs(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True)
+    user_id: UserId
+    emails: list[Email] = pydantic.Field(default_factory=list, max_length=1_000_000)
+    add: list[Tag] = pydantic.Field(default_factory=list, max_length=1000)
+    remove: list[Tag] = pydantic.Field(default_factory=list, max_length=1000)
+
+
+class _SuppressionArgs(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True)
+    email: Email
+    reason: Literal["hard_bounce", "complaint", "unsubscribe", "manual"] = "manual"
+    user_id: UserId | None = None

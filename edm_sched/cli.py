@@ -53,7 +53,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         status = migrate(dsn)
     emit(
         args,
-        {"applied": status.applied, "newly_applied": status.newly_applied},
+        {"ok": True, "applied": status.applied, "newly_applied": status.newly_applied},
         f"schema edm at version {max(status.applied)}; "
         + (f"applied {status.newly_applied}" if status.newly_applied else "nothing to do"),
     )
@@ -64,7 +64,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edm_sched.demo import run_demo
 
     with database(args, dbname="edm_demo") as dsn:
-        summary = run_demo(dsn, seconds=args.seconds, fresh=args.dsn is None, json_out=args.json)
+        summary = run_demo(dsn, seconds=args.seconds, json_out=args.json)
     if args.json:
         print(json.dumps(summary, default=str))
     return EXIT_OK if summary.get("ok", True) else EXIT_ERROR

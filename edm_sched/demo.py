@@ -48,8 +48,7 @@ TASKS: list[tuple[str, str, int, float]] = [
 LATE_TASK = ("initech", "password-reset", 3, 8.0)  # a small user arriving mid-run
 
 
-def run_demo(dsn: str, *, seconds: float = 60.0, fresh: bool = True,
-             json_out: bool = False) -> dict[str, Any]:
+def run_demo(dsn: str, *, seconds: float = 60.0, json_out: bool = False) -> dict[str, Any]:
     migrate(dsn)
     run = uuid.uuid4().hex[:6]
     workdir = Path(tempfile.mkdtemp(prefix="edm-demo-"))

@@ -535,6 +535,8 @@ class Dispatcher:
             except (psycopg.OperationalError, errors.DatabaseUnavailable) as exc:
                 log_event(log, logging.WARNING, "sweep_failed", error=str(exc)[:200])
                 leader = None
+            except psycopg.Error as exc:  # e.g. a privilege missing: report, keep sending
+                log_event(log, logging.ERROR, "sweep_failed", error=str(exc)[:200])
             await asyncio.sleep(interval)
 
 

@@ -114,5 +114,8 @@ def _check_schema_owner(conn: psycopg.Connection[Any]) -> None:
 def current_version(dsn: str) -> int | None:
     """Highest applied migration, or None when the schema is not installed."""
     with db.connect(dsn) as conn, db.translate():
+        exists = conn.execute(query("migration_table_exists")).fetchone()
+        if not (exists and exists[0]):
+            return None
         row = conn.execute(query("migration_current")).fetchone()
         return None if row is None or row[0] is None else int(row[0])

@@ -41,12 +41,13 @@ SELECT version, checksum FROM edm.schema_migrations ORDER BY version
 -- Record one applied migration.
 INSERT INTO edm.schema_migrations (version, name, checksum) VALUES (%s, %s, %s)
 
+-- migration_table_exists --
+-- Whether the table of applied migrations exists.
+SELECT to_regclass('edm.schema_migrations') IS NOT NULL
+
 -- migration_current --
--- Highest applied migration, NULL when the schema is absent.
-SELECT CASE WHEN to_regclass('edm.schema_migrations') IS NOT NULL
-            THEN (xpath('/row/v/text()',
-                  query_to_xml('SELECT max(version) AS v FROM edm.schema_migrations', false, true, '')))[1]::text::int
-       END
+-- Highest applied migration.
+SELECT max(version) FROM edm.schema_migrations
 
 -- stage_recipients_create --
 -- Session-temporary staging table for an explicit recipient list (filled by COPY).

@@ -231,3 +231,13 @@ def test_prometheus_metrics_endpoint(sched: Scheduler, dsn: str) -> None:
     assert 'edm_sends_total{outcome="sent"} 5.0' in text
     assert "edm_claim_latency_seconds_bucket" in text
     assert "edm_queue_depth" in text
+
+
+def test_new_tasks_wake_idle_dispatchers(sched: Scheduler, dsn: str) -> None:
+    sched.upsert_user("a")
+    make_service(sched, "svc", users=["a"])
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN edm_wakeup")
+        task = make_task(sched, "a", 2, scheduled_at=at(10**7))  # far in the future
+        notes = [n.payload for n in listener.notifies(timeout=2, stop_after=1)]
+    assert notes == [f"task:{task}"]

@@ -73,6 +73,12 @@ def test_each_role_can_do_its_job_and_nothing_more(roles: dict[str, str]) -> Non
         assert app.task(task).total_count == 5
         app.pause(task)
         app.resume(task)
+    from edm_sched.jobs.api import JobScheduler
+
+    job = JobScheduler(roles["app"]).create_job(
+        {"name": "nightly", "cron": "0 3 * * *", "target": {"kind": "function",
+                                                           "function": "cleanup"}})
+    assert job.job_id > 0
     for statement in ("UPDATE edm.tasks SET status = 'completed'",
                       "DELETE FROM edm.subtasks",
                       "SELECT * FROM edm.claim('x', 1)",

@@ -32,6 +32,9 @@ BEGIN
               THEN ' among ' || array_to_string(c.allowed_values, ', ') ELSE '' END
       USING ERRCODE = 'ED006';
   END IF;
+  IF p_actor IS NOT NULL THEN  -- the audit log's actor for this transaction
+    PERFORM set_config('edm.actor', p_actor, true);
+  END IF;
   UPDATE edm.config SET value = p_value, updated_at = now(), updated_by = p_actor
   WHERE key = p_key;
   PERFORM pg_notify('edm_config', p_key);
@@ -40,6 +43,30 @@ END;
 $$;
 COMMENT ON FUNCTION edm.config_set(text, jsonb, text) IS
   'Sets config p_key after checking type and range (ED006 with the allowed range when refused, ED001 for an unknown key) and notifies running dispatchers (NOTIFY edm_config) so they reload.';
+
+INSERT INTO edm.config (key, value, default_value, category, value_type, min_value, max_value, unit, description) VALUES
+  ('retention.finished_task_days', '30', '30', 'retention', 'integer', 1, 3650, 'days',
+   'Completed, cancelled and failed tasks (with their subtasks) are deleted this long after they finished.'),
+  ('retention.finished_tasks_per_sweep', '20', '20', 'retention', 'integer', 1, 10000, 'tasks',
+   'Most finished tasks one sweep deletes, so a sweep stays short.');
+
+-- ---------------------------------------------------------------------------
+-- Wake dispatchers when a task is scheduled
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION edm.tasks_notify_scheduled()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  PERFORM pg_notify('edm_wakeup', 'task:' || NEW.task_id);
+  RETURN NULL;
+END;
+$$;
+COMMENT ON FUNCTION edm.tasks_notify_scheduled() IS
+  'Trigger: NOTIFY edm_wakeup when a task becomes scheduled, so idle dispatchers re-compute their wake-up time (and start it at once when it is due).';
+CREATE TRIGGER tasks_notify_scheduled AFTER INSERT OR UPDATE OF status ON edm.tasks
+  FOR EACH ROW WHEN (NEW.status = 'scheduled') EXECUTE FUNCTION edm.tasks_notify_scheduled();
 
 -- ---------------------------------------------------------------------------
 -- Sweep state, metric roll-ups
@@ -331,13 +358,28 @@ BEGIN
   END LOOP;
   DELETE FROM edm.send_events_default e WHERE e.occurred_at < v_cut;
   GET DIAGNOSTICS v_m = ROW_COUNT;
+  v_n := v_n + v_m;
   DELETE FROM edm.metrics_hourly m WHERE m.hour < v_cut;
   DELETE FROM edm.alerts a WHERE a.resolved_at < v_cut;
-  RETURN v_n + v_m;
+  -- Finished tasks leave the hot tables (subtasks and templates cascade),
+  -- a few per sweep so that one sweep stays short.
+  DELETE FROM edm.tasks t
+  WHERE t.task_id IN (
+    SELECT x.task_id FROM edm.tasks x
+    WHERE x.status IN ('completed', 'cancelled', 'failed')
+      AND x.finished_at < coalesce(p_now, now())
+                          - make_interval(days => edm.config_int('retention.finished_task_days'))
+    ORDER BY x.finished_at
+    LIMIT edm.config_int('retention.finished_tasks_per_sweep')
+    FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_m = ROW_COUNT;
+  v_n := v_n + v_m;
+  DELETE FROM edm.dispatchers d WHERE d.heartbeat_at < coalesce(p_now, now()) - interval '1 day';
+  RETURN v_n;
 END;
 $$;
 COMMENT ON FUNCTION edm.apply_retention(timestamptz) IS
-  'Drops send_events partitions and deletes events, roll-ups and resolved alerts older than monitoring.metrics_retention_days. Returns partitions dropped plus default-partition rows deleted.';
+  'Drops send_events partitions and deletes events, roll-ups and resolved alerts older than monitoring.metrics_retention_days; deletes up to retention.finished_tasks_per_sweep tasks finished more than retention.finished_task_days ago (their subtasks cascade) and dispatcher rows silent for a day. Returns partitions dropped plus rows deleted (events of the default partition, tasks).';
 
 CREATE FUNCTION edm.run_sweeps(p_now timestamptz DEFAULT NULL)
 RETURNS jsonb

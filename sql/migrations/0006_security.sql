@@ -213,7 +213,7 @@ DECLARE
   -- What each role may EXECUTE (every overload of these names).
   v_dispatcher_fns text[] := ARRAY[
     'claim', 'complete', 'expire_leases', 'next_wakeup', 'run_sweeps', 'take_alerts',
-    'start_due_tasks', 'task_wait_reason',
+    'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
     'job_claim', 'job_fire', 'job_finish', 'job_progress', 'job_schedule_retry',
     'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run'];
   v_app_fns text[] := ARRAY[
