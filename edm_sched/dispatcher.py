@@ -149,6 +149,8 @@ class Dispatcher:
         self._stop = asyncio.Event()
         self._templates: dict[int, dict[int, TemplateRow]] = {}
         self._services: dict[int, tuple[float, ServiceConfig]] = {}
+        self._intervals: dict[int, float] = {}  # service_id -> interval in seconds
+        self._next_start: dict[int, float] = {}  # service_id -> earliest local send start
         self._claim_conn: psycopg.AsyncConnection[Any] | None = None
         self._complete_conn: psycopg.AsyncConnection[Any] | None = None
 
@@ -265,7 +267,15 @@ class Dispatcher:
                 continue
             if rows:
                 idle_backoff = 0.01
-                await self._start_sends(rows)
+                try:
+                    await self._start_sends(rows)
+                except psycopg.OperationalError as exc:
+                    # Lost the database between the claim and the sends' lookups: nothing
+                    # was sent; the leases expire and are recorded (I1, I7). Keep going.
+                    log_event(log, logging.WARNING, "start_failed", n=len(rows),
+                              error=str(exc).strip()[:200])
+                    await asyncio.sleep(0.5)
+                    continue
                 if len(rows) == want:
                     continue  # there may be more ready services right now
             delay = await self._next_wakeup()
@@ -349,9 +359,25 @@ class Dispatcher:
         self._inflight.discard(task)
         self._slot_freed.set()
 
+    async def _pace(self, service_id: int) -> None:
+        """Keep this process's sends on one service an interval apart on the wire too.
+
+        Claims are spaced by the SQL claim (I2); a send queued behind a slow one
+        on the same connection must not follow it back to back.
+        """
+        interval = self._intervals.get(service_id, 0.0)
+        if interval <= 0:
+            return
+        now = time.monotonic()
+        start = max(now, self._next_start.get(service_id, now))
+        self._next_start[service_id] = start + interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
     async def _send(self, row: Claimed, service: ServiceConfig, message: Message) -> None:
         transport = (self.transports.get(service.transport)
                      if isinstance(self.transports, dict) else self.transports)
+        await self._pace(service.service_id)
         started = time.perf_counter()
         if transport is None:
             result = SendResult(Outcome.SERVICE,
@@ -379,9 +405,10 @@ class Dispatcher:
                    or now - self._services[i][0] > SERVICE_CACHE_SECONDS]
         if missing:
             cur = await conn.execute(query("dispatch_services"), (missing,))
-            for sid, name, transport, settings, cref, froms in await cur.fetchall():
+            for sid, name, transport, settings, cref, froms, interval_ms in await cur.fetchall():
                 self._services[sid] = (now, ServiceConfig(sid, name, transport, settings or {},
                                                           cref, tuple(froms)))
+                self._intervals[sid] = interval_ms / 1000
         return {i: self._services[i][1] for i in ids}
 
     async def _load_templates(self, conn: psycopg.AsyncConnection[Any], task_ids: set[int]) -> None:
@@ -493,51 +520,60 @@ class Dispatcher:
                 await conn.execute(query("dispatcher_heartbeat"), (self.id,))
 
     async def _sweeper(self) -> None:
+        # One connection kept for the election: a follower retries the lock on it
+        # each tick; the leader holds the lock as long as the connection lives.
+        sweep_conn: psycopg.AsyncConnection[Any] | None = None
         leader: psycopg.AsyncConnection[Any] | None = None
         last_wait_check = time.time()
-        while True:
-            interval = float(self.config.get("sweep.interval", 5))
-            try:
-                if self.metrics is not None:
-                    conn = await self._conn("_complete_conn")
-                    hcur = conn.cursor(row_factory=dict_row)
-                    await hcur.execute(query("system_health"))
-                    health = await hcur.fetchone()
-                    if health:
-                        self.metrics.set_health(health)
-                if leader is None or leader.closed or leader.broken:
-                    leader = await self._connect()
-                    cur = await leader.execute(query("sweep_try_lead"), (sweeps.SWEEP_LOCK_KEY,))
-                    row = await cur.fetchone()
-                    if not (row and row[0]):
-                        await leader.close()
-                        leader = None
-                if leader is not None:
-                    if self.metrics is not None:  # the leader alone, so waits count once
-                        now = time.time()
-                        wcur = await leader.execute(query("first_waits_since"), (
-                            dt.datetime.fromtimestamp(last_wait_check, dt.UTC),
-                            dt.datetime.fromtimestamp(now, dt.UTC)))
-                        for (wait,) in await wcur.fetchall():
-                            self.metrics.observe("first_send", {"seconds": wait})
-                        last_wait_check = now
-                    report = await sweeps.run_async(leader)
-                    if report.get("leases_expired"):
-                        self._wake.set()
-                    for alert in report.get("alerts", []):
-                        log_event(log, logging.WARNING, "alert", **{
-                            k: alert[k] for k in ("kind", "severity", "message")})
-                        if self.on_alert:
-                            try:
-                                self.on_alert(alert)
-                            except Exception:
-                                log.exception("alert callback failed")
-            except (psycopg.OperationalError, errors.DatabaseUnavailable) as exc:
-                log_event(log, logging.WARNING, "sweep_failed", error=str(exc)[:200])
-                leader = None
-            except psycopg.Error as exc:  # e.g. a privilege missing: report, keep sending
-                log_event(log, logging.ERROR, "sweep_failed", error=str(exc)[:200])
-            await asyncio.sleep(interval)
+        try:
+            while True:
+                interval = float(self.config.get("sweep.interval", 5))
+                try:
+                    if self.metrics is not None:
+                        conn = await self._conn("_complete_conn")
+                        hcur = conn.cursor(row_factory=dict_row)
+                        await hcur.execute(query("system_health"))
+                        health = await hcur.fetchone()
+                        if health:
+                            self.metrics.set_health(health)
+                    if sweep_conn is None or sweep_conn.closed or sweep_conn.broken:
+                        sweep_conn, leader = await self._connect(), None
+                    if leader is None:
+                        cur = await sweep_conn.execute(query("sweep_try_lead"),
+                                                       (sweeps.SWEEP_LOCK_KEY,))
+                        row = await cur.fetchone()
+                        leader = sweep_conn if row and row[0] else None
+                    if leader is not None:
+                        if self.metrics is not None:  # the leader alone, so waits count once
+                            now = time.time()
+                            wcur = await leader.execute(query("first_waits_since"), (
+                                dt.datetime.fromtimestamp(last_wait_check, dt.UTC),
+                                dt.datetime.fromtimestamp(now, dt.UTC)))
+                            for (wait,) in await wcur.fetchall():
+                                self.metrics.observe("first_send", {"seconds": wait})
+                            last_wait_check = now
+                        report = await sweeps.run_async(leader)
+                        for error in report.get("errors") or []:
+                            log_event(log, logging.ERROR, "sweep_step_failed", error=error)
+                        if report.get("leases_expired"):
+                            self._wake.set()
+                        for alert in report.get("alerts", []):
+                            log_event(log, logging.WARNING, "alert", **{
+                                k: alert[k] for k in ("kind", "severity", "message")})
+                            if self.on_alert:
+                                try:
+                                    self.on_alert(alert)
+                                except Exception:
+                                    log.exception("alert callback failed")
+                except (psycopg.OperationalError, errors.DatabaseUnavailable) as exc:
+                    log_event(log, logging.WARNING, "sweep_failed", error=str(exc)[:200])
+                    sweep_conn = leader = None
+                except psycopg.Error as exc:  # e.g. a privilege missing: report, keep sending
+                    log_event(log, logging.ERROR, "sweep_failed", error=str(exc)[:200])
+                await asyncio.sleep(interval)
+        finally:
+            if sweep_conn is not None:
+                await sweep_conn.close()
 
 
 def run_dispatcher(

@@ -204,7 +204,7 @@ SELECT contact_id, attributes FROM edm.contacts WHERE contact_id = ANY(%s)
 
 -- dispatch_services --
 -- Transport settings of some services (no secrets are stored).
-SELECT service_id, name, transport, settings, credential_ref, from_addresses
+SELECT service_id, name, transport, settings, credential_ref, from_addresses, interval_ms
 FROM edm.services WHERE service_id = ANY(%s)
 
 -- dispatcher_register --

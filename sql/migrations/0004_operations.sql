@@ -189,7 +189,7 @@ BEGIN
     SELECT s.service_id, s.name, edm.service_sent_today(s, v_now) AS used, s.daily_quota
     FROM edm.services s
     WHERE s.enabled AND s.daily_quota > 0
-      AND edm.service_sent_today(s, v_now) * 100 >= v_quota * s.daily_quota
+      AND edm.service_sent_today(s, v_now)::bigint * 100 >= v_quota::bigint * s.daily_quota
   LOOP
     IF edm.raise_alert('quota', 'warning',
          format('service %s (%s) used %s of its daily quota of %s', r.service_id, r.name,
@@ -201,7 +201,7 @@ BEGIN
   UPDATE edm.alerts a SET resolved_at = v_now
   FROM edm.services s
   WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND s.service_id = a.service_id
-    AND edm.service_sent_today(s, v_now) * 100 < v_quota * s.daily_quota;
+    AND edm.service_sent_today(s, v_now)::bigint * 100 < v_quota::bigint * s.daily_quota;
   RETURN v_n;
 END;
 $$;
@@ -387,21 +387,39 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
   v_report jsonb;
+  v_step text;
+  v_value bigint;
 BEGIN
-  v_report := jsonb_build_object(
-    'leases_expired', edm.expire_leases(p_now),
-    'quota_days_rolled', edm.roll_quota_days(p_now),
-    'tasks_started', edm.start_due_tasks(p_now),
-    'tasks_completed', edm.finish_tasks(p_now),
-    'alerts_raised', edm.sweep_alerts(p_now),
-    'metrics_rows', edm.roll_up_metrics(p_now),
-    'partitions_created', edm.ensure_partitions(p_now),
-    'retention_removed', edm.apply_retention(p_now));
+  -- Recovery first, and outside the guarded steps below: nothing that goes
+  -- wrong in maintenance may keep expired leases from coming back (I7).
+  v_report := jsonb_build_object('leases_expired', edm.expire_leases(p_now));
+  -- Each maintenance step runs in its own subtransaction: a failing step is
+  -- reported (and logged by the dispatcher) without undoing the others.
+  FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'tasks_started', 'tasks_completed',
+                                'alerts_raised', 'metrics_rows', 'partitions_created',
+                                'retention_removed'] LOOP
+    BEGIN
+      v_value := CASE v_step
+        WHEN 'quota_days_rolled' THEN edm.roll_quota_days(p_now)
+        WHEN 'tasks_started' THEN edm.start_due_tasks(p_now)
+        WHEN 'tasks_completed' THEN edm.finish_tasks(p_now)
+        WHEN 'alerts_raised' THEN edm.sweep_alerts(p_now)
+        WHEN 'metrics_rows' THEN edm.roll_up_metrics(p_now)
+        WHEN 'partitions_created' THEN edm.ensure_partitions(p_now)
+        WHEN 'retention_removed' THEN edm.apply_retention(p_now)
+      END;
+      v_report := v_report || jsonb_build_object(v_step, v_value);
+    EXCEPTION WHEN OTHERS THEN
+      v_report := v_report || jsonb_build_object(v_step, NULL)
+                  || jsonb_build_object('errors', coalesce(v_report -> 'errors', '[]'::jsonb)
+                                                  || to_jsonb(v_step || ': ' || SQLERRM));
+    END;
+  END LOOP;
   RETURN v_report;
 END;
 $$;
 COMMENT ON FUNCTION edm.run_sweeps(timestamptz) IS
-  'One round of every sweep: expired leases, quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions, retention. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report.';
+  'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report.';
 
 CREATE FUNCTION edm.take_alerts(p_limit integer DEFAULT 100)
 RETURNS TABLE (alert_id bigint, raised_at timestamptz, kind text, severity text, task_id bigint,
