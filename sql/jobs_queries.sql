@@ -2,8 +2,9 @@
 -- with "-- name --" and a one-line description; edm_sched/jobs/sql.py loads
 -- them. The rules that must hold across runners (firing once, claiming,
 -- max_concurrent, retries, lease recovery) are the SQL functions of
--- sql/migrations/0005_jobs.sql; these statements call them or read and write
--- single rows.
+-- sql/migrations/0005_jobs.sql. Every write goes through one of those
+-- functions (so the restricted roles of 0006_security need no table rights
+-- beyond SELECT); the statements here call them or read.
 
 -- jobs_lock_timeout --
 -- Bound how long the rest of this transaction waits for a row lock (text such as '5000ms').
@@ -13,24 +14,9 @@ SELECT set_config('lock_timeout', %(timeout)s, true)
 -- The time the caller's decisions use: the injected clock, else the transaction time.
 SELECT coalesce(%(now)s::timestamptz, now())
 
--- job_insert --
--- Create a job (next_run_at computed by the caller with cronsim).
-INSERT INTO edm.jobs (tenant_id, name, description, kind, target, cron_expr, timezone, start_at,
-                      end_at, max_executions, status, priority, max_concurrent, timeout_seconds,
-                      max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds,
-                      retry_on, misfire_policy, misfire_grace_seconds, tags, next_run_at,
-                      created_at, updated_at)
-VALUES (%(tenant_id)s, %(name)s, %(description)s, %(kind)s, %(target)s, %(cron_expr)s, %(timezone)s,
-        %(start_at)s, %(end_at)s, %(max_executions)s, %(status)s, %(priority)s, %(max_concurrent)s,
-        %(timeout_seconds)s, %(max_retries)s, %(retry_delay_seconds)s, %(retry_backoff)s,
-        %(retry_max_delay_seconds)s, %(retry_on)s, %(misfire_policy)s, %(misfire_grace_seconds)s,
-        %(tags)s, %(next_run_at)s, %(now)s, %(now)s)
-RETURNING job_id, tenant_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
-          max_executions, status, inactive_reason, priority, max_concurrent, timeout_seconds,
-          max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds, retry_on,
-          misfire_policy, misfire_grace_seconds, tags, next_run_at, last_scheduled_for,
-          last_fired_at, last_finished_at, last_status, run_count, running_count, success_count,
-          failure_count, misfire_count, created_at, updated_at
+-- job_create --
+-- Create a job from its settings as JSON (edm.job_create); next_run_at computed by the caller with cronsim.
+SELECT edm.job_create(%(job)s, %(next_run_at)s, %(now)s)
 
 -- job_get --
 -- One job, optionally only if it belongs to the given tenant.
@@ -43,45 +29,14 @@ SELECT job_id, tenant_id, name, description, kind, target, cron_expr, timezone, 
 FROM edm.jobs
 WHERE job_id = %(job_id)s AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
 
--- job_get_for_update --
--- One job, locked for a change whose next run the caller computes (waits up to lock_timeout).
-SELECT job_id, tenant_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
-       max_executions, status, inactive_reason, priority, max_concurrent, timeout_seconds,
-       max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds, retry_on,
-       misfire_policy, misfire_grace_seconds, tags, next_run_at, last_scheduled_for,
-       last_fired_at, last_finished_at, last_status, run_count, running_count, success_count,
-       failure_count, misfire_count, created_at, updated_at
-FROM edm.jobs
-WHERE job_id = %(job_id)s AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
-FOR NO KEY UPDATE
-
 -- job_update --
--- Replace a job's settings and schedule state (the row is locked by job_get_for_update).
-UPDATE edm.jobs
-SET name = %(name)s, description = %(description)s, kind = %(kind)s, target = %(target)s,
-    cron_expr = %(cron_expr)s, timezone = %(timezone)s, start_at = %(start_at)s,
-    end_at = %(end_at)s, max_executions = %(max_executions)s, status = %(status)s,
-    inactive_reason = %(inactive_reason)s, priority = %(priority)s,
-    max_concurrent = %(max_concurrent)s, timeout_seconds = %(timeout_seconds)s,
-    max_retries = %(max_retries)s, retry_delay_seconds = %(retry_delay_seconds)s,
-    retry_backoff = %(retry_backoff)s, retry_max_delay_seconds = %(retry_max_delay_seconds)s,
-    retry_on = %(retry_on)s, misfire_policy = %(misfire_policy)s,
-    misfire_grace_seconds = %(misfire_grace_seconds)s, tags = %(tags)s,
-    next_run_at = %(next_run_at)s, updated_at = %(now)s
-WHERE job_id = %(job_id)s
-RETURNING job_id, tenant_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
-          max_executions, status, inactive_reason, priority, max_concurrent, timeout_seconds,
-          max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds, retry_on,
-          misfire_policy, misfire_grace_seconds, tags, next_run_at, last_scheduled_for,
-          last_fired_at, last_finished_at, last_status, run_count, running_count, success_count,
-          failure_count, misfire_count, created_at, updated_at
+-- Replace a job's settings if it did not change since it was read (edm.job_update); false: read again.
+SELECT edm.job_update(%(job_id)s, %(job)s, %(reschedule)s, %(next_run_at)s, %(expected_updated_at)s,
+                      %(tenant_id)s, %(now)s)
 
--- job_set_state --
--- Set a locked job's status and next run (resume; end of schedule on update).
-UPDATE edm.jobs
-SET status = %(status)s, inactive_reason = %(inactive_reason)s, next_run_at = %(next_run_at)s,
-    updated_at = %(now)s
-WHERE job_id = %(job_id)s
+-- job_resume --
+-- Activate a paused or inactive job from its next occurrence (edm.job_resume); false: read again.
+SELECT edm.job_resume(%(job_id)s, %(next_run_at)s, %(expected_updated_at)s, %(tenant_id)s, %(now)s)
 
 -- jobs_list --
 -- Jobs by id, filtered by tenant, status and tag, one page after after_id.
@@ -185,14 +140,10 @@ LISTEN edm_jobs_cancel
 SELECT pg_notify('edm_jobs', 'pending')
 
 -- jobs_due --
--- Lock up to limit due active jobs for firing; SKIP LOCKED leaves jobs another runner is firing.
+-- Lock up to limit due active jobs for firing (edm.job_due, SKIP LOCKED) until this transaction ends.
 SELECT job_id, cron_expr, timezone, next_run_at, end_at, max_executions, run_count,
-       misfire_policy, misfire_grace_seconds, coalesce(%(now)s::timestamptz, now()) AS fire_now
-FROM edm.jobs
-WHERE status = 'active' AND next_run_at <= coalesce(%(now)s::timestamptz, now())
-ORDER BY next_run_at
-LIMIT %(limit)s
-FOR NO KEY UPDATE SKIP LOCKED
+       misfire_policy, misfire_grace_seconds, fire_now
+FROM edm.job_due(%(limit)s, %(now)s)
 
 -- job_fire --
 -- Fire one due job exactly once (edm.job_fire); no rows when another runner fired it first.
@@ -202,11 +153,8 @@ FROM edm.job_fire(%(job_id)s, %(due)s, %(run_times)s::timestamptz[], %(next_run_
                   %(worker)s, %(now)s)
 
 -- job_mark_invalid --
--- Deactivate a due job whose stored schedule can no longer be computed (edited outside the API).
-UPDATE edm.jobs
-SET status = 'inactive', next_run_at = NULL, inactive_reason = left(%(reason)s, 500),
-    updated_at = now()
-WHERE job_id = %(job_id)s AND status = 'active' AND next_run_at = %(due)s
+-- Deactivate a due job whose stored schedule can no longer be computed (edm.job_set_next_run).
+SELECT edm.job_set_next_run(%(job_id)s, %(due)s, NULL, %(reason)s)
 
 -- job_claim --
 -- Claim due pending executions for this runner (edm.job_claim).
@@ -221,10 +169,11 @@ FROM edm.job_finish(%(execution_id)s, %(worker)s, %(status)s, %(result)s, %(erro
                     %(error_kind)s, %(error_type)s, %(error_stack)s, %(now)s)
 
 -- job_finish_many --
--- Record the outcomes of several runs held by this runner in one transaction (edm.job_finish_many).
+-- Record the outcomes of several runs held by this runner in one transaction (batch edm.job_finish).
 SELECT execution_id, accepted, retry_execution_id, retry_at
-FROM edm.job_finish_many(%(worker)s, %(execution_ids)s, %(statuses)s, %(results)s, %(errors)s,
-                         %(error_kinds)s, %(error_types)s, %(error_stacks)s, %(now)s)
+FROM edm.job_finish(%(worker)s::text, %(execution_ids)s::bigint[], %(statuses)s::text[],
+                    %(results)s::jsonb, %(errors)s::text[], %(error_kinds)s::text[],
+                    %(error_types)s::text[], %(error_stacks)s::text[], %(now)s)
 
 -- job_progress --
 -- Record progress of a running execution; false when it is no longer running for this runner.

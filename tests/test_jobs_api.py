@@ -242,3 +242,51 @@ def test_sqlstates_map_to_job_errors(conn: psycopg.Connection[Any]) -> None:
             conn.execute(f"DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '{state}'; END $$")
         typed = db.to_typed(info.value)
         assert type(typed) is cls
+
+
+def test_jobs_work_with_the_least_privilege_roles(conn: psycopg.Connection[Any], dsn: str) -> None:
+    """Every write goes through a SQL function, so the host role (edm_app) and the runner
+    role (edm_dispatcher) of edm.install_roles() need no table rights beyond SELECT."""
+    import uuid
+
+    from psycopg import conninfo, sql
+
+    from edm_sched.jobs import JobRunner
+
+    if conn.execute("SELECT to_regproc('edm.install_roles')").fetchone() == (None,):
+        pytest.skip("no edm.install_roles() in this schema")
+    conn.execute("SELECT edm.install_roles()")
+    tag = uuid.uuid4().hex[:8]
+    logins = {"app": f"t_jobs_app_{tag}", "dispatcher": f"t_jobs_disp_{tag}"}
+    for group, login in logins.items():
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+            sql.Identifier(login), sql.Identifier(f"edm_{group}")))
+    try:
+        app_dsn = conninfo.make_conninfo(dsn, user=logins["app"])
+        clock = Clock(T0)
+        host = JobScheduler(app_dsn, now=clock)
+        job = host.create_job(fn_job(tenant_id="t1", max_concurrent=2))
+        host.update_job(job.job_id, {"priority": 2, "cron": "*/5 * * * *"})
+        host.pause_job(job.job_id)
+        host.resume_job(job.job_id)
+        host.trigger_job(job.job_id)
+        runs: list[int] = []
+        runner = JobRunner(conninfo.make_conninfo(dsn, user=logins["dispatcher"]),
+                           {"noop": lambda ctx: runs.append(ctx.execution_id)}, now=clock)
+        try:
+            clock.t = T0 + dt.timedelta(minutes=5)
+            runner.step()
+            assert runner.step().claimed == [] and len(runs) == 2  # manual + scheduled
+        finally:
+            runner.close()
+        assert host.stats(since=T0 - dt.timedelta(days=1)).executions_by_status == {
+            "succeeded": 2}
+        with psycopg.connect(app_dsn, autocommit=True) as c, pytest.raises(
+                psycopg.errors.InsufficientPrivilege):
+            c.execute("UPDATE edm.jobs SET priority = 9")
+        host.stop_job(job.job_id)
+        host.delete_job(job.job_id)
+    finally:
+        for login in logins.values():
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(login)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))

@@ -227,3 +227,18 @@ def test_secrets_never_stored_or_shown(dsn: str, conn: psycopg.Connection[Any],
     assert "535" in dump[0]  # the authentication failure is recorded...
     assert SECRET not in dump[0]  # ...without the password
     assert SECRET not in caplog.text
+
+
+def test_job_runs_are_not_audited_but_job_changes_are(dsn: str,
+                                                      conn: psycopg.Connection[Any]) -> None:
+    from edm_sched.jobs.api import JobScheduler
+
+    jobs = JobScheduler(dsn)
+    job = jobs.create_job({"name": "j", "cron": "* * * * *",
+                           "target": {"kind": "function", "function": "f"}})
+    jobs.trigger_job(job.job_id)
+    conn.execute("UPDATE edm.jobs SET run_count = run_count + 5, next_run_at = now()")
+    jobs.pause_job(job.job_id)
+    actions = conn.execute("SELECT action, after ->> 'status' FROM edm.audit_log "
+                           "WHERE object_type = 'job' ORDER BY audit_id").fetchall()
+    assert actions == [("insert", "active"), ("update", "paused")]

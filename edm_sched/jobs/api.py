@@ -92,18 +92,20 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
     return Job.model_validate(data)
 
 
-def _spec_params(spec: JobSpec) -> dict[str, Any]:
+def _job_json(spec: JobSpec, *, status: str | None = None) -> Jsonb:
+    """The settings of ``spec`` as the JSON object edm.job_create / edm.job_update take
+    (keys are column names of edm.jobs)."""
     target = spec.target.model_dump(mode="json")
-    return {
+    data: dict[str, Any] = {
         "tenant_id": spec.tenant_id,
         "name": spec.name,
         "description": spec.description,
         "kind": target["kind"],
-        "target": Jsonb(target),
+        "target": target,
         "cron_expr": " ".join(spec.cron.split()),
         "timezone": spec.timezone,
-        "start_at": spec.start_at,
-        "end_at": spec.end_at,
+        "start_at": spec.start_at.isoformat() if spec.start_at else None,
+        "end_at": spec.end_at.isoformat() if spec.end_at else None,
         "max_executions": spec.max_executions,
         "priority": spec.priority,
         "max_concurrent": spec.max_concurrent,
@@ -117,6 +119,12 @@ def _spec_params(spec: JobSpec) -> dict[str, Any]:
         "misfire_grace_seconds": spec.misfire_grace_seconds,
         "tags": list(spec.tags),
     }
+    if status is not None:
+        data["status"] = status
+    return Jsonb(data)
+
+
+_OPTIMISTIC_ATTEMPTS = 5
 
 
 class JobScheduler:
@@ -152,10 +160,9 @@ class JobScheduler:
         assert row is not None
         return next(iter(row.values()))  # type: ignore[no-any-return]
 
-    def _locked_job(self, conn: psycopg.Connection[dict[str, Any]], job_id: int,
-                    tenant_id: str | None) -> Job:
-        row = conn.execute(query("job_get_for_update"),
-                           {"job_id": job_id, "tenant_id": tenant_id}).fetchone()
+    def _read_job(self, conn: psycopg.Connection[dict[str, Any]], job_id: int,
+                  tenant_id: str | None) -> Job:
+        row = conn.execute(query("job_get"), {"job_id": job_id, "tenant_id": tenant_id}).fetchone()
         if row is None:
             raise JobNotFound(f"job {job_id} not found")
         return job_from_row(row)
@@ -201,43 +208,45 @@ class JobScheduler:
                         raise InvalidJobConfig(
                             f"job {spec.name!r}: the schedule {spec.cron!r} has no occurrence "
                             "between now (or start_at) and end_at")
-                row = conn.execute(query("job_insert"), {
-                    **_spec_params(spec), "status": spec.status, "next_run_at": nxt, "now": now,
+                row = conn.execute(query("job_create"), {
+                    "job": _job_json(spec, status=spec.status), "next_run_at": nxt, "now": now,
                 }).fetchone()
                 assert row is not None
-                created.append(job_from_row(row))
+                created.append(self._read_job(conn, int(next(iter(row.values()))), None))
         return created
 
     def update_job(self, job_id: int, changes: JobUpdate | Mapping[str, Any], *,
                    tenant_id: str | None = None) -> Job:
-        """Change the fields given in ``changes``; a new schedule recomputes the next run."""
+        """Change the fields given in ``changes``; a new schedule recomputes the next run.
+
+        Optimistic: the job is read, changed and written back only if nobody changed
+        it meanwhile (else read again, up to 5 times; then LOCK_ACQUISITION_FAILED).
+        """
         update = validate_model(JobUpdate, changes)
         given = update.model_fields_set
-        with self._tx() as conn:
-            job = self._locked_job(conn, job_id, tenant_id)
-            merged = job.spec().model_dump()
-            for field in given:
-                value = getattr(update, field)
-                merged[field] = value.model_dump() if isinstance(value, pydantic.BaseModel) \
-                    else value
-            spec = validate_model(JobSpec, merged)
-            sched = schedule.parse(spec.cron, spec.timezone)
-            now = self._db_now(conn)
-            status, reason, nxt = job.status, job.inactive_reason, job.next_run_at
-            if status == "active":
-                if given & _SCHEDULE_FIELDS:
-                    nxt = schedule.first_run(sched, now=now, start_at=spec.start_at,
-                                             end_at=spec.end_at)
-                    if nxt is None:
-                        status, reason = "inactive", "end_at reached"
-                if spec.max_executions is not None and job.run_count >= spec.max_executions:
-                    status, reason, nxt = "inactive", "max_executions reached", None
-            row = conn.execute(query("job_update"), {
-                **_spec_params(spec), "job_id": job_id, "status": status,
-                "inactive_reason": reason, "next_run_at": nxt, "now": now,
-            }).fetchone()
-        assert row is not None
-        return job_from_row(row)
+        for _ in range(_OPTIMISTIC_ATTEMPTS):
+            with self._tx() as conn:
+                job = self._read_job(conn, job_id, tenant_id)
+                merged = job.spec().model_dump()
+                for field in given:
+                    value = getattr(update, field)
+                    merged[field] = value.model_dump() if isinstance(value, pydantic.BaseModel) \
+                        else value
+                spec = validate_model(JobSpec, merged)
+                sched = schedule.parse(spec.cron, spec.timezone)
+                now = self._db_now(conn)
+                reschedule = job.status == "active" and bool(given & _SCHEDULE_FIELDS)
+                nxt = schedule.first_run(sched, now=now, start_at=spec.start_at,
+                                         end_at=spec.end_at) if reschedule else None
+                row = conn.execute(query("job_update"), {
+                    "job_id": job_id, "job": _job_json(spec), "reschedule": reschedule,
+                    "next_run_at": nxt, "expected_updated_at": job.updated_at,
+                    "tenant_id": tenant_id, "now": now,
+                }).fetchone()
+                if row is not None and next(iter(row.values())):
+                    return self._read_job(conn, job_id, tenant_id)
+        raise LockAcquisitionFailed(
+            f"job {job_id} kept changing while being updated; try again")
 
     def get_job(self, job_id: int, *, tenant_id: str | None = None) -> Job:
         with db.connect(self.dsn, row_factory=dict_row) as conn, translate():
@@ -279,25 +288,22 @@ class JobScheduler:
         downtime). INVALID_TRANSITION when no occurrence is left (end_at or
         max_executions reached: change them first).
         """
-        with self._tx() as conn:
-            job = self._locked_job(conn, job_id, tenant_id)
-            if job.status == "active":
-                return job
-            if job.max_executions is not None and job.run_count >= job.max_executions:
-                raise errors.InvalidTransition(
-                    f"job {job_id} reached max_executions ({job.max_executions}); "
-                    "raise it with update_job before resuming")
-            sched = schedule.parse(job.cron, job.timezone)
-            now = self._db_now(conn)
-            nxt = schedule.first_run(sched, now=now, start_at=job.start_at, end_at=job.end_at)
-            if nxt is None:
-                raise errors.InvalidTransition(
-                    f"job {job_id} has no occurrence left before its end_at; change end_at first")
-            conn.execute(query("job_set_state"), {
-                "job_id": job_id, "status": "active", "inactive_reason": None,
-                "next_run_at": nxt, "now": now,
-            })
-        return self.get_job(job_id)
+        for _ in range(_OPTIMISTIC_ATTEMPTS):
+            with self._tx() as conn:
+                job = self._read_job(conn, job_id, tenant_id)
+                nxt = None
+                if job.status != "active":
+                    sched = schedule.parse(job.cron, job.timezone)
+                    now = self._db_now(conn)
+                    nxt = schedule.first_run(sched, now=now, start_at=job.start_at,
+                                             end_at=job.end_at)
+                row = conn.execute(query("job_resume"), {
+                    "job_id": job_id, "next_run_at": nxt, "expected_updated_at": job.updated_at,
+                    "tenant_id": tenant_id, "now": self._clock(),
+                }).fetchone()
+                if row is not None and next(iter(row.values())):
+                    return self._read_job(conn, job_id, tenant_id)
+        raise LockAcquisitionFailed(f"job {job_id} kept changing while being resumed; try again")
 
     def stop_job(self, job_id: int, *, tenant_id: str | None = None,
                  cancel_running: bool = False) -> Job:

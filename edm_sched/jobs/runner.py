@@ -124,7 +124,7 @@ class JobRunner:
     def __init__(self, dsn: str, registry: Registry | None = None, *,
                  worker_id: str | None = None, concurrency: int = 4, allow_shell: bool = False,
                  now: Clock | None = None, stop_event: StopSignal | None = None,
-                 fire_batch: int = 100, max_sleep: float = 300.0, shutdown_grace: float = 10.0,
+                 fire_batch: int = 32, max_sleep: float = 300.0, shutdown_grace: float = 10.0,
                  kill_grace: float = 5.0,
                  http_opener: urllib.request.OpenerDirector | None = None) -> None:
         if not 1 <= concurrency <= 1000:
@@ -356,7 +356,7 @@ class JobRunner:
         return self._finish_many([(handle, outcome)])[handle.execution_id]
 
     def _finish_many(self, items: list[tuple[_Handle, Outcome]]) -> dict[int, str]:
-        """Record outcomes with ``edm.job_finish_many``: one statement, one commit."""
+        """Record outcomes with the batch form of ``edm.job_finish``: one statement, one commit."""
         done: dict[int, str] = {}
         if not items:
             return done

@@ -15,6 +15,9 @@
 --   * completion decides retries from the job's retry policy;
 --   * runs whose worker vanished are recovered by edm.job_expire_runs().
 --
+-- Every write goes through a function of this file, so the host role and the
+-- runner role need no table privilege beyond SELECT (see 0006_security).
+--
 -- Errors use SQLSTATE class ED (mapped by edm_sched/db.py):
 --   ED010 job not found, ED011 job already running (max_concurrent reached),
 --   ED012 invalid job config, ED013 lock acquisition failed, ED014 job quota
@@ -311,6 +314,54 @@ COMMENT ON INDEX edm.job_executions_retry_once_idx IS 'At most one retry per fai
 -- ---------------------------------------------------------------------------
 -- Firing: a due occurrence becomes executions, exactly once
 -- ---------------------------------------------------------------------------
+
+CREATE FUNCTION edm.job_due(p_limit integer DEFAULT 32, p_now timestamptz DEFAULT NULL)
+RETURNS TABLE (job_id bigint, cron_expr text, timezone text, next_run_at timestamptz,
+               end_at timestamptz, max_executions bigint, run_count bigint, misfire_policy text,
+               misfire_grace_seconds integer, fire_now timestamptz)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+BEGIN
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 1000 THEN
+    RAISE EXCEPTION 'job_due: limit must be between 1 and 1000, got %', p_limit
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- The row locks last until the caller's transaction ends: the caller plans
+  -- each job with cronsim and calls edm.job_fire in the same transaction.
+  -- SKIP LOCKED: a job another runner is firing (or a host is editing) is
+  -- left to them.
+  RETURN QUERY
+  SELECT j.job_id, j.cron_expr, j.timezone, j.next_run_at, j.end_at, j.max_executions,
+         j.run_count, j.misfire_policy, j.misfire_grace_seconds, coalesce(p_now, now())
+  FROM edm.jobs j
+  WHERE j.status = 'active' AND j.next_run_at <= coalesce(p_now, now())
+  ORDER BY j.next_run_at
+  LIMIT p_limit
+  FOR NO KEY UPDATE OF j SKIP LOCKED;
+END;
+$$;
+COMMENT ON FUNCTION edm.job_due(integer, timestamptz) IS
+  'Locks (until the end of the caller''s transaction, SKIP LOCKED) and returns up to p_limit active jobs whose next run has come, earliest first, with what the caller needs to plan the firing with cronsim, and the time it must plan for (fire_now).';
+
+CREATE FUNCTION edm.job_set_next_run(p_job_id bigint, p_due timestamptz, p_next_run_at timestamptz,
+                                     p_reason text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql
+AS $$
+  WITH upd AS (
+    UPDATE edm.jobs j
+    SET next_run_at = p_next_run_at,
+        status = CASE WHEN p_next_run_at IS NULL THEN 'inactive' ELSE 'active' END,
+        inactive_reason = CASE WHEN p_next_run_at IS NULL
+                               THEN left(coalesce(p_reason, 'deactivated by a runner'), 500) END,
+        updated_at = now()
+    WHERE j.job_id = p_job_id AND j.status = 'active' AND j.next_run_at = p_due
+    RETURNING 1)
+  SELECT EXISTS (SELECT 1 FROM upd);
+$$;
+COMMENT ON FUNCTION edm.job_set_next_run(bigint, timestamptz, timestamptz, text) IS
+  'Moves the next run of an active job from p_due to p_next_run_at without firing (compare-and-set, like edm.job_fire); NULL deactivates the job with p_reason. Runners use it for a job whose stored schedule can no longer be computed. Returns whether the job was changed.';
 
 CREATE FUNCTION edm.job_fire(
   p_job_id bigint,
@@ -623,7 +674,7 @@ $$;
 COMMENT ON FUNCTION edm.job_finish(bigint, text, text, jsonb, text, text, text, text, timestamptz) IS
   'Records the outcome of a running execution held by p_worker (succeeded, failed or timed_out), frees its max_concurrent slot, updates the job''s counters and queues a retry per the job''s policy. Returns accepted = false (and changes nothing) when the execution is no longer this worker''s running one (cancelled, lost, deleted).';
 
-CREATE FUNCTION edm.job_finish_many(
+CREATE FUNCTION edm.job_finish(
   p_worker text,
   p_execution_ids bigint[],
   p_statuses text[],
@@ -653,7 +704,7 @@ BEGIN
      OR (p_error_types IS NOT NULL AND cardinality(p_error_types) <> v_n)
      OR (p_error_stacks IS NOT NULL AND cardinality(p_error_stacks) <> v_n)
      OR (SELECT count(DISTINCT i) FROM unnest(p_execution_ids) i) <> v_n THEN
-    RAISE EXCEPTION 'job_finish_many: at most 1000 distinct executions, and one entry per execution in every array'
+    RAISE EXCEPTION 'job_finish: at most 1000 distinct executions, and one entry per execution in every array'
       USING ERRCODE = 'ED005';
   END IF;
   -- Lock order: every execution (id order), then every job (id order), before
@@ -677,8 +728,8 @@ BEGIN
   END LOOP;
 END;
 $$;
-COMMENT ON FUNCTION edm.job_finish_many(text, bigint[], text[], jsonb, text[], text[], text[], text[], timestamptz) IS
-  'edm.job_finish for a batch of executions of one runner in one transaction (one commit): element i of each array (and of the JSON array p_results) belongs to p_execution_ids[i]. Locks all executions, then all jobs, each in id order, so it cannot deadlock with the lease sweep or host operations.';
+COMMENT ON FUNCTION edm.job_finish(text, bigint[], text[], jsonb, text[], text[], text[], text[], timestamptz) IS
+  'edm.job_finish for a batch of executions held by one runner, in one transaction (one commit): element i of each array (and of the JSON array p_results) belongs to p_execution_ids[i]. Locks all executions, then all jobs, each in id order, so it cannot deadlock with the lease sweep or host operations.';
 
 CREATE FUNCTION edm.job_progress(p_execution_id bigint, p_worker text, p_progress real,
                                  p_message text DEFAULT NULL)
@@ -790,6 +841,146 @@ COMMENT ON FUNCTION edm.job_expire_runs(timestamptz, integer) IS
 -- ---------------------------------------------------------------------------
 -- Host operations that need no schedule computation
 -- ---------------------------------------------------------------------------
+
+CREATE FUNCTION edm.job_create(p_job jsonb, p_next_run_at timestamptz,
+                               p_now timestamptz DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_id  bigint;
+BEGIN
+  IF p_job IS NULL OR jsonb_typeof(p_job) <> 'object' THEN
+    RAISE EXCEPTION 'job_create: the job must be a JSON object' USING ERRCODE = 'ED012';
+  END IF;
+  -- Every setting comes from p_job (keys named like the columns); the
+  -- column defaults apply to the keys left out.
+  INSERT INTO edm.jobs (tenant_id, name, description, kind, target, cron_expr, timezone, start_at,
+                        end_at, max_executions, status, priority, max_concurrent, timeout_seconds,
+                        max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds,
+                        retry_on, misfire_policy, misfire_grace_seconds, tags, next_run_at,
+                        created_at, updated_at)
+  SELECT r.tenant_id, r.name, r.description, r.kind, r.target, r.cron_expr,
+         coalesce(r.timezone, 'UTC'), r.start_at, r.end_at, r.max_executions,
+         coalesce(r.status, 'active'), coalesce(r.priority, 0), coalesce(r.max_concurrent, 1),
+         coalesce(r.timeout_seconds, 300), coalesce(r.max_retries, 0),
+         coalesce(r.retry_delay_seconds, 60), coalesce(r.retry_backoff, 2),
+         coalesce(r.retry_max_delay_seconds, 3600),
+         coalesce(r.retry_on, '{timeout,connection,http_status,exception,exit_status,lost}'),
+         coalesce(r.misfire_policy, 'run_once'), coalesce(r.misfire_grace_seconds, 60),
+         coalesce(r.tags, '{}'), p_next_run_at, v_now, v_now
+  FROM jsonb_populate_record(NULL::edm.jobs, p_job) r
+  RETURNING job_id INTO v_id;
+  RETURN v_id;
+END;
+$$;
+COMMENT ON FUNCTION edm.job_create(jsonb, timestamptz, timestamptz) IS
+  'Creates a job from p_job (a JSON object whose keys are column names of edm.jobs) with its first run p_next_run_at, computed by the caller with cronsim (NULL for a paused job). The CHECK constraints and the jobs_check_write trigger validate it (ED012 shell disabled, ED014 tenant quota). Returns the job id.';
+
+CREATE FUNCTION edm.job_update(p_job_id bigint, p_job jsonb, p_reschedule boolean,
+                               p_next_run_at timestamptz, p_expected_updated_at timestamptz,
+                               p_tenant_id text DEFAULT NULL, p_now timestamptz DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_job record;
+BEGIN
+  IF p_job IS NULL OR jsonb_typeof(p_job) <> 'object' THEN
+    RAISE EXCEPTION 'job_update: the job must be a JSON object' USING ERRCODE = 'ED012';
+  END IF;
+  BEGIN
+    SELECT j.status, j.updated_at, j.run_count INTO v_job FROM edm.jobs j
+    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  IF v_job.updated_at IS DISTINCT FROM p_expected_updated_at THEN
+    RETURN false;  -- changed since the caller read it: read again and retry
+  END IF;
+  UPDATE edm.jobs j
+  SET name = r.name, description = r.description, kind = r.kind, target = r.target,
+      cron_expr = r.cron_expr, timezone = r.timezone, start_at = r.start_at, end_at = r.end_at,
+      max_executions = r.max_executions, priority = r.priority,
+      max_concurrent = r.max_concurrent, timeout_seconds = r.timeout_seconds,
+      max_retries = r.max_retries, retry_delay_seconds = r.retry_delay_seconds,
+      retry_backoff = r.retry_backoff, retry_max_delay_seconds = r.retry_max_delay_seconds,
+      retry_on = r.retry_on, misfire_policy = r.misfire_policy,
+      misfire_grace_seconds = r.misfire_grace_seconds, tags = r.tags,
+      status = CASE
+        WHEN j.status <> 'active' THEN j.status
+        WHEN r.max_executions IS NOT NULL AND j.run_count >= r.max_executions THEN 'inactive'
+        WHEN p_reschedule AND p_next_run_at IS NULL THEN 'inactive'
+        ELSE 'active' END,
+      inactive_reason = CASE
+        WHEN j.status <> 'active' THEN j.inactive_reason
+        WHEN r.max_executions IS NOT NULL AND j.run_count >= r.max_executions
+          THEN 'max_executions reached'
+        WHEN p_reschedule AND p_next_run_at IS NULL THEN 'end_at reached'
+        END,
+      next_run_at = CASE
+        WHEN j.status <> 'active' THEN j.next_run_at
+        WHEN r.max_executions IS NOT NULL AND j.run_count >= r.max_executions THEN NULL
+        WHEN p_reschedule THEN p_next_run_at
+        ELSE j.next_run_at END,
+      updated_at = greatest(v_now, j.updated_at + interval '1 microsecond')
+  FROM jsonb_populate_record(NULL::edm.jobs, p_job) r
+  WHERE j.job_id = p_job_id;
+  RETURN true;
+END;
+$$;
+COMMENT ON FUNCTION edm.job_update(bigint, jsonb, boolean, timestamptz, timestamptz, text, timestamptz) IS
+  'Replaces the settings of a job with those of p_job (JSON keyed by column names; every setting must be given). With p_reschedule, an active job''s next run becomes p_next_run_at (computed by the caller with cronsim; NULL ends it: end_at reached); a job that already fired max_executions times becomes inactive. Optimistic: returns false, changing nothing, when updated_at is no longer p_expected_updated_at (the caller reads again and retries). ED010 unknown job, ED013 lock timeout.';
+
+CREATE FUNCTION edm.job_resume(p_job_id bigint, p_next_run_at timestamptz,
+                               p_expected_updated_at timestamptz, p_tenant_id text DEFAULT NULL,
+                               p_now timestamptz DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_job record;
+BEGIN
+  BEGIN
+    SELECT j.status, j.updated_at, j.run_count, j.max_executions INTO v_job FROM edm.jobs j
+    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  IF v_job.status = 'active' THEN
+    RETURN true;
+  END IF;
+  IF v_job.updated_at IS DISTINCT FROM p_expected_updated_at THEN
+    RETURN false;
+  END IF;
+  IF v_job.max_executions IS NOT NULL AND v_job.run_count >= v_job.max_executions THEN
+    RAISE EXCEPTION 'job % reached max_executions (%); raise it before resuming',
+      p_job_id, v_job.max_executions USING ERRCODE = 'ED003';
+  END IF;
+  IF p_next_run_at IS NULL THEN
+    RAISE EXCEPTION 'job % has no occurrence left before its end_at; change end_at first', p_job_id
+      USING ERRCODE = 'ED003';
+  END IF;
+  UPDATE edm.jobs j
+  SET status = 'active', inactive_reason = NULL, next_run_at = p_next_run_at,
+      updated_at = greatest(v_now, j.updated_at + interval '1 microsecond')
+  WHERE j.job_id = p_job_id;
+  RETURN true;
+END;
+$$;
+COMMENT ON FUNCTION edm.job_resume(bigint, timestamptz, timestamptz, text, timestamptz) IS
+  'Activates a paused or inactive job with next run p_next_run_at (the first occurrence after now, computed by the caller with cronsim; occurrences during the pause are not caught up). No-op on an active job. Returns false when the job changed since the caller read it (p_expected_updated_at). ED003 when max_executions is reached or no occurrence is left.';
 
 CREATE FUNCTION edm.job_trigger(p_job_id bigint, p_tenant_id text DEFAULT NULL,
                                 p_now timestamptz DEFAULT NULL)

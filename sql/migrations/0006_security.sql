@@ -68,8 +68,10 @@ RETURN CASE p_type
     'priority', p_row -> 'priority', 'scheduled_at', p_row -> 'scheduled_at',
     'total_count', p_row -> 'total_count')
   WHEN 'config' THEN jsonb_build_object('value', p_row -> 'value')
-  ELSE p_row - ARRAY['next_run_at', 'last_run_at', 'updated_at', 'run_count', 'running_count',
-                     'last_status', 'last_error', 'last_execution_id', 'last_fired_at']
+  WHEN 'job' THEN p_row - ARRAY['next_run_at', 'last_scheduled_for', 'last_fired_at',
+                                'last_finished_at', 'last_status', 'run_count', 'running_count',
+                                'success_count', 'failure_count', 'misfire_count', 'created_at',
+                                'updated_at']
 END;
 COMMENT ON FUNCTION edm.audit_fields(text, jsonb) IS
   'The fields recorded in the audit log for an object type (administrative settings only, never counters or runtime state).';
@@ -137,8 +139,25 @@ CREATE TRIGGER tasks_audit_upd AFTER UPDATE OF status ON edm.tasks
 CREATE TRIGGER config_audit AFTER UPDATE ON edm.config
   FOR EACH ROW WHEN (OLD.value IS DISTINCT FROM NEW.value)
   EXECUTE FUNCTION edm.audit_row('config');
-CREATE TRIGGER jobs_audit AFTER INSERT OR UPDATE OR DELETE ON edm.jobs
+CREATE TRIGGER jobs_audit AFTER INSERT OR DELETE ON edm.jobs
   FOR EACH ROW EXECUTE FUNCTION edm.audit_row('job');
+-- Firing a job updates its runtime columns on every run: only changes of its
+-- definition are administrative.
+CREATE TRIGGER jobs_audit_upd AFTER UPDATE ON edm.jobs
+  FOR EACH ROW WHEN ((OLD.tenant_id, OLD.name, OLD.description, OLD.kind, OLD.target, OLD.cron_expr,
+                      OLD.timezone, OLD.start_at, OLD.end_at, OLD.max_executions, OLD.status,
+                      OLD.inactive_reason, OLD.priority, OLD.max_concurrent, OLD.timeout_seconds,
+                      OLD.max_retries, OLD.retry_delay_seconds, OLD.retry_backoff,
+                      OLD.retry_max_delay_seconds, OLD.retry_on, OLD.misfire_policy,
+                      OLD.misfire_grace_seconds, OLD.tags)
+                     IS DISTINCT FROM
+                     (NEW.tenant_id, NEW.name, NEW.description, NEW.kind, NEW.target, NEW.cron_expr,
+                      NEW.timezone, NEW.start_at, NEW.end_at, NEW.max_executions, NEW.status,
+                      NEW.inactive_reason, NEW.priority, NEW.max_concurrent, NEW.timeout_seconds,
+                      NEW.max_retries, NEW.retry_delay_seconds, NEW.retry_backoff,
+                      NEW.retry_max_delay_seconds, NEW.retry_on, NEW.misfire_policy,
+                      NEW.misfire_grace_seconds, NEW.tags))
+  EXECUTE FUNCTION edm.audit_row('job');
 
 -- ---------------------------------------------------------------------------
 -- SECURITY DEFINER everywhere something is written
