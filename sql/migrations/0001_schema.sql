@@ -274,6 +274,8 @@ COMMENT ON COLUMN edm.contacts.created_at IS 'When the contact was added.';
 COMMENT ON COLUMN edm.contacts.updated_at IS 'When the contact last changed.';
 CREATE INDEX contacts_tags_idx ON edm.contacts USING gin (tags);
 COMMENT ON INDEX edm.contacts_tags_idx IS 'Tag rules of task expansion.';
+CREATE INDEX contacts_user_idx ON edm.contacts (user_id, contact_id);
+COMMENT ON INDEX edm.contacts_user_idx IS 'Chunked expansion walks one user''s contacts in contact_id order without passing over other tenants'' rows.';
 
 CREATE TABLE edm.tags (
   user_id     text NOT NULL REFERENCES edm.users ON DELETE CASCADE,

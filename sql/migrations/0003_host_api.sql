@@ -214,15 +214,19 @@ BEGIN
   END IF;
   RETURN QUERY
   WITH src AS (
+    -- the last occurrence of an address wins
     SELECT DISTINCT ON (edm.normalize_email(s.email))
            edm.normalize_email(s.email) AS email, coalesce(s.attributes, '{}'::jsonb) AS attributes,
-           coalesce(s.tags, '{}') AS tags, coalesce(s.unsubscribed, false) AS unsubscribed
+           coalesce(s.tags, '{}') AS tags, coalesce(s.unsubscribed, false) AS unsubscribed, s.ord
     FROM pg_temp.edm_stage_contacts s
     ORDER BY edm.normalize_email(s.email), s.ord DESC
   ),
   up AS (
+    -- in import order, so contact ids (the order of tag-rule expansion)
+    -- follow the order the host gave
     INSERT INTO edm.contacts AS c (user_id, email, attributes, tags, unsubscribed)
     SELECT p_user_id, src.email, src.attributes, src.tags, src.unsubscribed FROM src
+    ORDER BY src.ord
     ON CONFLICT (user_id, email) DO UPDATE
       SET attributes = c.attributes || EXCLUDED.attributes,
           tags = ARRAY(SELECT DISTINCT x FROM unnest(c.tags || EXCLUDED.tags) x ORDER BY x),
