@@ -7,6 +7,14 @@ import sys
 
 SCENARIOS = {
     # scenario name -> module in this package exposing main(argv: list[str]) -> int
+    "s1": "s1",
+    "s2": "s2",
+    "s3": "s3",
+    "scale": "scale",
+    "lag": "lag",
+    "jobs": "jobs",
+    "chaos": "chaos",
+    "expansion": "expansion",
 }
 
 

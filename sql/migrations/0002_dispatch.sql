@@ -233,10 +233,13 @@ BEGIN
       -- That user's task served least recently (priority first), then the
       -- task's lowest pending subtask that is due. A task locked by a
       -- completion in flight is skipped rather than waited for.
+      -- LIMIT: planned as an ordered scan of tasks_rotation_idx (a user's
+      -- first few tasks in rotation order), not a sort of all its tasks.
       FOR v_task IN
         SELECT t.task_id FROM edm.tasks t
         WHERE t.user_id = v_user AND t.claimable
         ORDER BY t.priority DESC, t.last_served_seq, t.task_id
+        LIMIT 32
         FOR UPDATE OF t SKIP LOCKED
       LOOP
         SELECT st.subtask_id INTO v_sub

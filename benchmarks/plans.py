@@ -1,0 +1,234 @@
+"""The plans of the statements inside ``edm.claim`` and ``edm.complete``.
+
+Both functions are PL/pgSQL, so EXPLAIN on ``SELECT edm.claim(...)`` shows one
+opaque function scan. This module reads each inner statement from the
+*installed* function's source (``pg_proc.prosrc``), so it checks the real code
+rather than a copy, turns the PL/pgSQL variables it uses into ``$n``
+parameters, and EXPLAINs it as a prepared statement — with a custom plan (the
+first executions of a PL/pgSQL statement) and a generic plan (what PL/pgSQL
+switches to once the generic cost looks no worse, usually from the sixth
+execution on). Used by tests/test_plan_regression.py and by ``python -m
+benchmarks scale --explain``.
+
+When the server has ``auto_explain`` (not the embedded one), the test also
+logs the plans of the real function calls (:func:`auto_explain_plans`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+
+@dataclass(frozen=True)
+class Inner:
+    """One statement inside a PL/pgSQL function, located by its first words."""
+
+    name: str
+    function: str  # regprocedure-ish lookup name, e.g. 'edm.claim'
+    start: str  # the statement begins with this text (first occurrence in prosrc)
+    params: tuple[tuple[str, str], ...]  # (PL/pgSQL expression, SQL type), longest first
+    indexes: tuple[str, ...]  # every one of these must appear in the plan
+    strip_into: bool = False  # drop "INTO var" of SELECT ... INTO
+    perform: bool = False  # PERFORM ... -> SELECT ...
+    end_before: str | None = None  # statement ends before this (cursor loops: "LOOP")
+
+
+CLAIM = "edm.claim"
+COMPLETE = "edm.complete"
+
+INNER_STATEMENTS: tuple[Inner, ...] = (
+    Inner("claim: ready services", CLAIM, "SELECT s.service_id, s.quota_tz",
+          (("v_now", "timestamptz"),), ("services_ready_idx",), end_before="LOOP"),
+    Inner("claim: next user in rotation", CLAIM, "SELECT u.user_id INTO v_user",
+          (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_now", "timestamptz")),
+          ("users_rotation_idx", "grants_pkey"), strip_into=True),
+    Inner("claim: the user's next task", CLAIM, "SELECT t.task_id FROM edm.tasks t",
+          (("v_user", "text"),), ("tasks_rotation_idx",), end_before="LOOP"),
+    Inner("claim: the task's next subtask", CLAIM, "SELECT st.subtask_id INTO v_sub",
+          (("v_task", "bigint"), ("v_now", "timestamptz")), ("subtasks_claim_idx",),
+          strip_into=True),
+    Inner("claim: lease the subtask", CLAIM, "UPDATE edm.subtasks st",
+          (("v_svc.service_id", "bigint"), ("v_lease", "interval"), ("v_user", "text"),
+           ("v_now", "timestamptz"), ("v_sub", "bigint"), ("p_owner", "text")),
+          ("subtasks_pkey",)),
+    Inner("complete: lock subtasks", COMPLETE, "PERFORM 1 FROM edm.subtasks st",
+          (("p_subtask_ids", "bigint[]"),), ("subtasks_pkey",), perform=True),
+    Inner("complete: record outcomes", COMPLETE, "WITH input AS (",
+          (("p_subtask_ids", "bigint[]"), ("p_outcomes", "text[]"), ("p_codes", "integer[]"),
+           ("p_details", "text[]"), ("p_response_ms", "integer[]"),
+           ("p_provider_ids", "text[]"), ("p_owner", "text"), ("v_now", "timestamptz"),
+           ("v_n", "integer"), ("v_max_attempts", "integer"), ("v_retry_base", "integer"),
+           ("v_retry_max", "integer"), ("v_svc_base", "integer"), ("v_svc_max", "integer")),
+          ("subtasks_pkey", "tasks_pkey")),
+)
+
+
+@dataclass
+class PlanCheck:
+    inner: Inner
+    sql: str
+    custom_indexes: set[str] = field(default_factory=set)
+    generic_indexes: set[str] = field(default_factory=set)
+    custom_plan: str = ""
+    generic_plan: str = ""
+
+    def missing(self, expected: tuple[str, ...] | None = None) -> dict[str, set[str]]:
+        """Expected indexes (default: the statement's) absent from each plan; {} when none."""
+        want = set(expected if expected is not None else self.inner.indexes)
+        out = {"custom": want - self.custom_indexes, "generic": want - self.generic_indexes}
+        return {k: v for k, v in out.items() if v}
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing()
+
+
+def function_source(conn: psycopg.Connection[Any], name: str) -> str:
+    schema, fname = name.split(".")
+    rows = conn.execute(
+        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = %s AND p.proname = %s", (schema, fname)).fetchall()
+    if len(rows) != 1:
+        raise LookupError(f"expected exactly one function {name}, found {len(rows)}")
+    return str(rows[0][0])
+
+
+def _statement_end(src: str, start: int, end_before: str | None) -> int:
+    """Index of the end of the statement starting at ``start`` (its ';' or ``end_before``)."""
+    depth = 0
+    i = start
+    in_str = False
+    while i < len(src):
+        ch = src[i]
+        if in_str:
+            if ch == "'" and src[i + 1:i + 2] == "'":  # '' inside a literal
+                i += 2
+                continue
+            in_str = ch != "'"
+            i += 1
+            continue
+        if ch == "'":
+            in_str = True
+        elif src.startswith("--", i):
+            nl = src.find("\n", i)
+            i = len(src) if nl < 0 else nl
+            continue
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif depth == 0 and (ch == ";" or (end_before is not None
+                                           and re.match(rf"\s{end_before}\b", src[i:]))):
+            return i
+        i += 1
+    raise ValueError("unterminated statement")
+
+
+def extract(src: str, inner: Inner) -> tuple[str, list[str]]:
+    """The statement with its variables as $n parameters, and the parameter types."""
+    pos = src.find(inner.start)
+    if pos < 0:
+        raise LookupError(f"{inner.name}: '{inner.start}' not found in {inner.function}; "
+                          "the function changed: update benchmarks/plans.py")
+    stmt = src[pos:_statement_end(src, pos, inner.end_before)]
+    if inner.perform:
+        stmt = re.sub(r"^PERFORM\b", "SELECT", stmt)
+    if inner.strip_into:
+        stmt = re.sub(r"\bINTO\s+[a-z_][a-z0-9_.]*", "", stmt, count=1)
+    types: list[str] = []
+    for n, (expr, sqltype) in enumerate(inner.params, start=1):
+        pattern = r"(?<![A-Za-z0-9_.])" + re.escape(expr) + r"(?![A-Za-z0-9_])"
+        stmt = re.sub(pattern, f"${n}", stmt)
+        types.append(sqltype)  # PREPARE accepts declared parameters the statement never uses
+    leftovers = sorted(set(re.findall(r"(?<![A-Za-z0-9_.])([vp]_[a-z0-9_]+)", stmt)))
+    if leftovers:
+        raise LookupError(f"{inner.name}: PL/pgSQL variables {leftovers} have no parameter "
+                          "mapping; the function changed: update benchmarks/plans.py")
+    return stmt.strip(), types
+
+
+def _index_names(node: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(node, dict):
+        if "Index Name" in node:
+            found.add(str(node["Index Name"]))
+        for v in node.values():
+            found |= _index_names(v)
+    elif isinstance(node, list):
+        for v in node:
+            found |= _index_names(v)
+    return found
+
+
+def explain_inner(conn: psycopg.Connection[Any], inner: Inner, values: dict[str, str],
+                  *, analyze: bool = False) -> PlanCheck:
+    """EXPLAIN one inner statement with a custom and a generic plan.
+
+    ``values`` maps each PL/pgSQL expression of ``inner.params`` to a SQL
+    literal. With ``analyze`` the custom plan is EXPLAIN ANALYZEd inside a
+    transaction that is rolled back (row locks and updates are undone).
+    """
+    src = function_source(conn, inner.function)
+    stmt, types = extract(src, inner)
+    check = PlanCheck(inner, stmt)
+    name = "edm_plan_" + re.sub(r"[^a-z0-9]+", "_", inner.name.lower()).strip("_")
+    args = ", ".join(values.get(expr, "NULL") for expr, _ in inner.params)
+    with conn.transaction(force_rollback=True):
+        conn.execute(f"PREPARE {name}({', '.join(types)}) AS {stmt}")
+        try:
+            for mode in ("force_custom_plan", "force_generic_plan"):
+                conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
+                row = conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE {name}({args})").fetchone()
+                raw = row[0] if row else "[]"
+                plan = json.loads(raw) if isinstance(raw, str) else raw
+                opts = "COSTS OFF"
+                if analyze and mode == "force_custom_plan":
+                    opts = "ANALYZE, BUFFERS, COSTS OFF"
+                text = "\n".join(str(r[0]) for r in conn.execute(
+                    f"EXPLAIN ({opts}) EXECUTE {name}({args})").fetchall())
+                if mode == "force_custom_plan":
+                    check.custom_indexes, check.custom_plan = _index_names(plan), text
+                else:
+                    check.generic_indexes, check.generic_plan = _index_names(plan), text
+        finally:
+            conn.execute(f"DEALLOCATE {name}")
+    return check
+
+
+def auto_explain_plans(conn: psycopg.Connection[Any], statement: str,
+                       params: Any = None) -> list[str] | None:
+    """Plans of every statement run by ``statement`` (nested ones included) via auto_explain.
+
+    None when the server has no auto_explain. The statement runs inside a
+    transaction that is rolled back.
+    """
+    notices: list[str] = []
+
+    def grab(diag: Any) -> None:
+        if diag.message_primary and "plan:" in diag.message_primary.lower():
+            notices.append(diag.message_primary + "\n" + (diag.message_detail or ""))
+
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute("LOAD 'auto_explain'")
+    except psycopg.Error:
+        return None
+    conn.add_notice_handler(grab)
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute("LOAD 'auto_explain'")
+            for setting, value in (("auto_explain.log_min_duration", "0"),
+                                   ("auto_explain.log_nested_statements", "on"),
+                                   ("auto_explain.log_analyze", "off"),
+                                   ("auto_explain.log_level", "notice"),
+                                   ("client_min_messages", "notice")):
+                conn.execute(f"SET LOCAL {setting} = {value}")
+            conn.execute(statement, params)
+    finally:
+        conn.remove_notice_handler(grab)
+    return notices
