@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import psycopg
 import pydantic
@@ -36,25 +36,11 @@ from edm_sched.models import (
     TaskStatus,
     UserId,
     UserInfo,
+    validate,
 )
 from edm_sched.sqlfiles import query
 
-M = TypeVar("M", bound=pydantic.BaseModel)
-
 EXPANSION_CHUNK = 200_000
-
-
-def validate(model: type[M], value: M | Mapping[str, Any]) -> M:
-    """``value`` as ``model``; a pydantic error becomes :class:`errors.InvalidInput`."""
-    if isinstance(value, model):
-        return value
-    try:
-        return model.model_validate(value)
-    except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()
-        )
-        raise errors.InvalidInput(f"invalid {model.__name__}: {problems}") from None
 
 
 def check_id(value: Any, what: str) -> int:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import pydantic
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -20,6 +22,26 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
+
+from edm_sched import errors
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], value: M | Mapping[str, Any], *,
+             error: type[errors.EdmSchedError] = errors.InvalidInput,
+             what: str | None = None) -> M:
+    """``value`` as ``model``; a pydantic error becomes ``error`` (InvalidInput by default),
+    naming every problem: ``invalid <what>: field: message; ...``."""
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(value)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()
+        )
+        raise error(f"invalid {what or model.__name__}: {problems}") from None
 
 _CTRL = re.compile(r"[\x00-\x1f\x7f]")
 

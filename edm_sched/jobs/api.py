@@ -37,6 +37,7 @@ from edm_sched.jobs.models import (
     RetryPolicy,
 )
 from edm_sched.jobs.sql import query
+from edm_sched.models import validate
 
 Clock = Callable[[], dt.datetime]
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -68,15 +69,7 @@ def translate() -> Iterator[None]:
 
 def validate_model(cls: type[M], value: M | Mapping[str, Any]) -> M:
     """``value`` as a ``cls``; a pydantic error becomes InvalidJobConfig."""
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls.model_validate(value)
-    except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}" for e in exc.errors()
-        )
-        raise InvalidJobConfig(f"invalid job definition: {problems}") from None
+    return validate(cls, value, error=InvalidJobConfig, what="job definition")
 
 
 def job_from_row(row: Mapping[str, Any]) -> Job:
