@@ -12,7 +12,6 @@ import datetime as dt
 import json
 from typing import Any
 
-import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict
@@ -166,9 +165,6 @@ def config_set(dsn: str, key: str, value: Any, *, actor: str | None = None) -> A
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = json.loads(value)
-    with db.connect(dsn) as conn, db.translate():
-        try:
-            row = conn.execute(query("config_set"), (key, Jsonb(value), actor)).fetchone()
-        except psycopg.errors.DataError as exc:
-            raise errors.ConfigRejected(str(exc.diag.message_primary or exc)) from None
+    with db.connect(dsn) as conn, db.translate():  # ED006 -> ConfigRejected
+        row = conn.execute(query("config_set"), (key, Jsonb(value), actor)).fetchone()
     return None if row is None else row[0]
