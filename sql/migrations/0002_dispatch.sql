@@ -641,10 +641,14 @@ DECLARE
   v_at timestamptz;
 BEGIN
   v_at := least(
-    (SELECT min(s.next_available_at) FROM edm.services s
+    -- Walk services_ready_idx in time order and stop at the first service
+    -- some user with work may use (a LIMIT 1 probe each keeps it a nested
+    -- loop instead of hashing every user).
+    (SELECT s.next_available_at FROM edm.services s
      WHERE s.enabled AND s.daily_quota > 0
        AND EXISTS (SELECT 1 FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
-                   WHERE g.service_id = s.service_id AND u.claimable_tasks > 0)),
+                   WHERE g.service_id = s.service_id AND u.claimable_tasks > 0 LIMIT 1)
+     ORDER BY s.next_available_at LIMIT 1),
     (SELECT min(t.scheduled_at) FROM edm.tasks t WHERE t.status = 'scheduled'),
     (SELECT min(st.lease_expires_at) FROM edm.subtasks st WHERE st.status = 'leased'));
   IF v_at IS NULL THEN
