@@ -205,7 +205,7 @@ def quick_baselines(dsn: str, seconds: float, pgq_jobs: int) -> dict[str, Any]:
     out["skip_locked_tps"] = max((r["tps"] for r in out["skip_locked"]), default=float("nan"))
     if pgqueuer_available() is None:
         driver = "asyncpg" if _has_asyncpg() else "psycopg"
-        out["pgqueuer"] = pgqueuer_drain(dsn, pgq_jobs, [(driver, 1, 100), (driver, 2, 100)])
+        out["pgqueuer"] = pgqueuer_drain(dsn, pgq_jobs, [(driver, 2, 100), (driver, 2, 500)])
         out["pgqueuer_jobs_per_s"] = max(r["jobs_per_s"] for r in out["pgqueuer"])
     else:
         out["pgqueuer"] = []

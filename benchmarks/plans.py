@@ -30,7 +30,7 @@ class Inner:
 
     name: str
     function: str  # regprocedure-ish lookup name, e.g. 'edm.claim'
-    start: str  # the statement begins with this text (first occurrence in prosrc)
+    start: str | tuple[str, ...]  # the statement begins with (one of) this text (first found)
     params: tuple[tuple[str, str], ...]  # (PL/pgSQL expression, SQL type), longest first
     indexes: tuple[str, ...]  # every one of these must appear in the plan
     strip_into: bool = False  # drop "INTO var" of SELECT ... INTO
@@ -45,16 +45,20 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
     Inner("claim: ready services", CLAIM, "SELECT s.service_id, s.quota_tz",
           (("v_now", "timestamptz"),), ("services_ready_idx",), end_before="LOOP"),
     Inner("claim: next user in rotation", CLAIM, "SELECT u.user_id INTO v_user",
-          (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_now", "timestamptz")),
+          (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_now", "timestamptz"),
+           ("v_cands", "text[]"), ("r_users", "text[]"), ("c_svc", "bigint[]")),
           ("users_rotation_idx", "grants_pkey"), strip_into=True),
-    Inner("claim: the user's next task", CLAIM, "SELECT t.task_id FROM edm.tasks t",
-          (("v_user", "text"),), ("tasks_rotation_idx",), end_before="LOOP"),
+    Inner("claim: the user's next task", CLAIM,
+          ("SELECT t.task_id FROM edm.tasks t", "SELECT t.task_id, t.priority INTO"),
+          (("v_user", "text"), ("v_tried", "bigint[]"), ("r_tasks", "bigint[]")),
+          ("tasks_rotation_idx",), end_before="LOOP", strip_into=True),
     Inner("claim: the task's next subtask", CLAIM, "SELECT st.subtask_id INTO v_sub",
-          (("v_task", "bigint"), ("v_now", "timestamptz")), ("subtasks_claim_idx",),
-          strip_into=True),
+          (("v_task", "bigint"), ("v_now", "timestamptz"), ("c_sub", "bigint[]")),
+          ("subtasks_claim_idx",), strip_into=True),
     Inner("claim: lease the subtask", CLAIM, "UPDATE edm.subtasks st",
           (("v_svc.service_id", "bigint"), ("v_lease", "interval"), ("v_user", "text"),
-           ("v_now", "timestamptz"), ("v_sub", "bigint"), ("p_owner", "text")),
+           ("v_now", "timestamptz"), ("v_sub", "bigint"), ("p_owner", "text"),
+           ("c_sub", "bigint[]"), ("c_svc", "bigint[]"), ("c_user", "text[]")),
           ("subtasks_pkey",)),
     Inner("complete: lock subtasks", COMPLETE, "PERFORM 1 FROM edm.subtasks st",
           (("p_subtask_ids", "bigint[]"),), ("subtasks_pkey",), perform=True),
@@ -129,23 +133,38 @@ def _statement_end(src: str, start: int, end_before: str | None) -> int:
     raise ValueError("unterminated statement")
 
 
+def declared_variables(src: str) -> set[str]:
+    """Names declared in the DECLARE section of a PL/pgSQL body."""
+    m = re.search(r"\bDECLARE\b(.*?)\bBEGIN\b", src, re.S | re.I)
+    if not m:
+        return set()
+    return set(re.findall(r"^\s*([a-z_][a-z0-9_]*)\s+[a-z]", m.group(1), re.M | re.I))
+
+
 def extract(src: str, inner: Inner) -> tuple[str, list[str]]:
     """The statement with its variables as $n parameters, and the parameter types."""
-    pos = src.find(inner.start)
-    if pos < 0:
-        raise LookupError(f"{inner.name}: '{inner.start}' not found in {inner.function}; "
+    starts = (inner.start,) if isinstance(inner.start, str) else inner.start
+    found = [p for p in (src.find(s) for s in starts) if p >= 0]
+    if not found:
+        raise LookupError(f"{inner.name}: none of {starts} found in {inner.function}; "
                           "the function changed: update benchmarks/plans.py")
+    pos = min(found)
     stmt = src[pos:_statement_end(src, pos, inner.end_before)]
     if inner.perform:
         stmt = re.sub(r"^PERFORM\b", "SELECT", stmt)
     if inner.strip_into:
-        stmt = re.sub(r"\bINTO\s+[a-z_][a-z0-9_.]*", "", stmt, count=1)
+        stmt = re.sub(r"\bINTO\s+[a-z_][a-z0-9_.]*(\s*,\s*[a-z_][a-z0-9_.]*)*", "", stmt,
+                      count=1)
     types: list[str] = []
     for n, (expr, sqltype) in enumerate(inner.params, start=1):
         pattern = r"(?<![A-Za-z0-9_.])" + re.escape(expr) + r"(?![A-Za-z0-9_])"
         stmt = re.sub(pattern, f"${n}", stmt)
         types.append(sqltype)  # PREPARE accepts declared parameters the statement never uses
-    leftovers = sorted(set(re.findall(r"(?<![A-Za-z0-9_.])([vp]_[a-z0-9_]+)", stmt)))
+    variables = declared_variables(src) | {"p_" + m for m in
+                                           re.findall(r"(?<![A-Za-z0-9_])p_([a-z0-9_]+)", src)}
+    leftovers = sorted(v for v in variables
+                       if re.search(r"(?<![A-Za-z0-9_.])" + re.escape(v) + r"(?![A-Za-z0-9_])",
+                                    stmt))
     if leftovers:
         raise LookupError(f"{inner.name}: PL/pgSQL variables {leftovers} have no parameter "
                           "mapping; the function changed: update benchmarks/plans.py")

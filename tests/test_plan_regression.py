@@ -111,6 +111,10 @@ def _values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "p_subtask_ids": f"'{{{ids}}}'::bigint[]",
         "p_outcomes": "'{sent,sent,sent}'::text[]", "v_n": "3", "v_max_attempts": "5",
         "v_retry_base": "60", "v_retry_max": "3600", "v_svc_base": "30", "v_svc_max": "1800",
+        # arrays a claim call accumulates (empty at its first lookup)
+        "v_tried": "'{}'::bigint[]", "r_tasks": "'{}'::bigint[]", "v_cands": "'{}'::text[]",
+        "r_users": "'{}'::text[]", "c_svc": "'{}'::bigint[]", "c_sub": "'{}'::bigint[]",
+        "c_user": "'{}'::text[]",
     }
 
 
