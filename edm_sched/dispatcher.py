@@ -15,8 +15,12 @@ One asyncio loop per process:
 * **sweeps** — one elected dispatcher (session advisory lock) runs
   :mod:`edm_sched.sweeps` every ``sweep.interval`` seconds.
 
-SIGTERM / SIGINT stop claiming, let in-flight sends finish, flush
-completions and release what was never sent. A lost database connection is
+SIGTERM / SIGINT stop claiming, let in-flight sends finish (within the lease),
+and flush completions. Every claimed subtask is handed to its transport at
+once, so nothing claimed is left unsent; a send still running when the lease
+runs out is cancelled and left to lease expiry, recorded as an uncertain
+outcome (the ``released`` outcome of ``edm.complete`` is for hosts whose own
+loops hold claimed work back). A lost database connection is
 re-established with back-off; outcomes wait in memory meanwhile.
 """
 
