@@ -55,7 +55,7 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
     Inner("claim: the task's next subtask", CLAIM, "SELECT st.subtask_id INTO v_sub",
           (("v_task", "bigint"), ("v_now", "timestamptz"), ("c_sub", "bigint[]")),
           ("subtasks_claim_idx",), strip_into=True),
-    Inner("claim: lease the subtask", CLAIM, "UPDATE edm.subtasks st",
+    Inner("claim: lease the subtask", CLAIM, ("WITH leased AS (", "UPDATE edm.subtasks st"),
           (("v_svc.service_id", "bigint"), ("v_lease", "interval"), ("v_user", "text"),
            ("v_now", "timestamptz"), ("v_sub", "bigint"), ("p_owner", "text"),
            ("c_sub", "bigint[]"), ("c_svc", "bigint[]"), ("c_user", "text[]")),
@@ -126,6 +126,8 @@ def _statement_end(src: str, start: int, end_before: str | None) -> int:
             depth += 1
         elif ch == ")":
             depth -= 1
+            if depth < 0:  # the statement was inside parentheses (a CTE): it ends here
+                return i
         elif depth == 0 and (ch == ";" or (end_before is not None
                                            and re.match(rf"\s{end_before}\b", src[i:]))):
             return i
