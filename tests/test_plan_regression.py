@@ -39,19 +39,27 @@ from benchmarks import data, plans
 INTENDED: dict[str, dict[str, tuple[str, ...]]] = {
     "shared": {
         "claim: ready services": ("services_ready_idx",),
+        "claim: head of the rotation": ("users_rotation_idx",),
         "claim: next user in rotation": ("users_rotation_idx", "grants_pkey"),
         "claim: the user's next task": ("tasks_rotation_idx",),
         "claim: the task's next subtask": ("subtasks_claim_idx",),
         "claim: lease the subtask": ("subtasks_pkey",),
+        "claim: start the services' intervals": ("services_pkey",),
+        "claim: task counters and rotation": ("tasks_pkey",),
+        "claim: user rotation": ("users_pkey",),
         "complete: lock subtasks": ("subtasks_pkey",),
         "complete: record outcomes": ("subtasks_pkey", "tasks_pkey"),
     },
     "dedicated": {
         "claim: ready services": ("services_ready_idx",),
+        "claim: head of the rotation": ("users_rotation_idx",),
         "claim: next user in rotation": ("grants_pkey", "users_pkey"),
         "claim: the user's next task": ("tasks_rotation_idx",),
         "claim: the task's next subtask": ("subtasks_claim_idx",),
         "claim: lease the subtask": ("subtasks_pkey",),
+        "claim: start the services' intervals": ("services_pkey",),
+        "claim: task counters and rotation": ("tasks_pkey",),
+        "claim: user rotation": ("users_pkey",),
         "complete: lock subtasks": ("subtasks_pkey",),
         "complete: record outcomes": ("subtasks_pkey", "tasks_pkey"),
     },
@@ -61,20 +69,14 @@ INTENDED: dict[str, dict[str, tuple[str, ...]]] = {
 # SQL change proposed there. Not strict (a plan choice between two near-equal
 # costs must not make CI flaky): once the SQL is fixed the summary shows XPASS
 # and the entry should be removed.
-KNOWN_DEVIATIONS = {
-    "claim: the user's next task": (
-        "the loop over a user's tasks reads up to 32 of them (LIMIT 32): with a couple of "
-        "tasks per user the planner prefers tasks_user_idx + Sort, i.e. it sorts all of a "
-        "user's claimable tasks on every claim; a LIMIT 1 query in a loop is planned as an "
-        "ordered scan of tasks_rotation_idx (docs/performance.md, 'Task rotation plan')"),
-}
+KNOWN_DEVIATIONS: dict[str, str] = {}
 
 SHAPES = {
     # S1 in miniature: every service shared by every user; real intervals.
-    "shared": data.WorldSpec(users=100, services=1000, tasks=400, subtasks=4000,
+    "shared": data.WorldSpec(users=1000, services=500, tasks=2000, subtasks=10_000,
                              grants="shared", interval_ms=60_000),
     # S2 in miniature: every user owns 1-3 services.
-    "dedicated": data.WorldSpec(users=600, services=0, tasks=1200, subtasks=4800,
+    "dedicated": data.WorldSpec(users=2000, services=0, tasks=2000, subtasks=10_000,
                                 grants="dedicated", interval_ms=60_000),
 }
 
@@ -114,7 +116,9 @@ def _values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         # arrays a claim call accumulates (empty at its first lookup)
         "v_tried": "'{}'::bigint[]", "r_tasks": "'{}'::bigint[]", "v_cands": "'{}'::text[]",
         "r_users": "'{}'::text[]", "c_svc": "'{}'::bigint[]", "c_sub": "'{}'::bigint[]",
-        "c_user": "'{}'::text[]",
+        "c_user": f"'{{{user[0]}}}'::text[]", "c_task": f"'{{{task[0]}}}'::bigint[]",
+        "v_seqs": "'{1}'::bigint[]",
+        "p_batch": "50",
     }
 
 
