@@ -37,6 +37,7 @@ _SQLSTATE_ERRORS: dict[str, type[errors.EdmSchedError]] = {
     "22003": errors.InvalidInput,  # numeric_value_out_of_range
     "22001": errors.InvalidInput,  # string_data_right_truncation
     "22021": errors.InvalidInput,  # character_not_in_repertoire (NUL bytes)
+    "22P05": errors.InvalidInput,  # untranslatable_character (\u0000 in JSON)
     "22007": errors.InvalidInput,  # invalid_datetime_format
     "22008": errors.InvalidInput,  # datetime_field_overflow
     "23514": errors.InvalidInput,  # check_violation

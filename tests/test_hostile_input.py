@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edm_sched import errors
@@ -141,6 +141,7 @@ def test_grant(world: dict[str, Any], service_id: int, user: str, priority: int)
 @given(emails=st.lists(nasty_email, min_size=1, max_size=4),
        tags=st.lists(nasty_text, max_size=3), attrs=st.dictionaries(nasty_text, nasty_text,
                                                                     max_size=2))
+@example(emails=["a@b.example"], tags=[], attrs={"a\x00b": ""})  # \u0000 cannot go into jsonb
 def test_upsert_contacts(world: dict[str, Any], emails: list[str], tags: list[str],
                          attrs: dict[str, str]) -> None:
     refused_cleanly(world, lambda: world["s"].upsert_contacts(
