@@ -15,6 +15,7 @@ SCENARIOS = {
     "jobs": "jobs",
     "chaos": "chaos",
     "expansion": "expansion",
+    "render": "render",
 }
 
 

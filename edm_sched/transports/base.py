@@ -60,7 +60,7 @@ class Message:
 
     subtask_id: int
     task_id: int
-    message_id: str  # deterministic, derived from the subtask: "<edm.{subtask}.{task}@{domain}>"
+    message_id: str  # deterministic, derived from the subtask: "<edm.{task}.{subtask}@{domain}>"
     sender: str  # envelope sender
     recipient: str  # envelope recipient
     data: bytes  # the whole RFC 5322 message, headers and body, CRLF line ends
