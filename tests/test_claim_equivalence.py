@@ -12,7 +12,7 @@ clock, and must return the same subtasks, services, users and tasks, in the
 same order, call by call. 0007 finds a service's next user in one of two
 ways (from a small pool's own grants, or from the head of the rotation), so
 every example runs with ``queue.small_pool_grantees`` at 0 (every service
-takes the rotation head) and at 1,000,000 (every service reads its grants).
+takes the rotation head) and at 10,000 (every service reads its grants).
 
 Each example runs the sequence twice inside one transaction, rolled back to a
 savepoint in between: both runs start from the same rows. ``edm.serve_seq``
@@ -98,7 +98,7 @@ def drive(conn: psycopg.Connection[Any], fn: str,
     return out
 
 
-@pytest.mark.parametrize("small_pool", [0, 1_000_000], ids=["rotation-head", "grants"])
+@pytest.mark.parametrize("small_pool", [0, 10_000], ids=["rotation-head", "grants"])
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(n_users=users_st, services=services_st, tasks=tasks_st, calls=calls_st)
@@ -124,35 +124,3 @@ def test_batched_claim_decides_like_the_row_by_row_claim(
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert have == want, f"call {i}: row-by-row claimed {want}, batched claimed {have}"
 
-
-def test_grantee_count_follows_the_grants(conn: psycopg.Connection[Any], dsn: str) -> None:
-    """The count that picks a service's lookup path stays exact through every kind of change."""
-    def drift() -> list[tuple[Any, ...]]:
-        return conn.execute(
-            "SELECT s.service_id, s.grantee_count, count(g.user_id) FROM edm.services s"
-            " LEFT JOIN edm.grants g ON g.service_id = s.service_id"
-            " GROUP BY s.service_id HAVING s.grantee_count <> count(g.user_id)").fetchall()
-
-    with Scheduler(dsn) as s:
-        for u in ("a", "b", "c"):
-            s.upsert_user(u)
-        s1 = make_service(s, "one", users=["a", "b", "c"])
-        s2 = make_service(s, "two", users=["a"])
-        s3 = make_service(s, "three")
-        assert drift() == []
-        s.revoke(s1, "b")
-        s.grant(s2, "c", priority=5)
-        s.grant(s2, "c", priority=6)  # re-grant: an update of the same row
-        assert drift() == []
-    conn.execute("UPDATE edm.grants SET service_id = %s WHERE service_id = %s AND user_id = 'a'",
-                 (s3, s1))  # a grant moved to another service
-    assert drift() == []
-    conn.execute("DELETE FROM edm.grants WHERE user_id = 'a' AND service_id = %s", (s2,))
-    conn.execute("INSERT INTO edm.grants (service_id, user_id) VALUES (%s, 'a'), (%s, 'b')",
-                 (s2, s2))
-    assert drift() == []
-    conn.execute("DELETE FROM edm.users WHERE user_id = 'b'")  # cascades to its grants
-    assert drift() == []
-    conn.execute("TRUNCATE edm.grants")
-    assert drift() == []
-    assert conn.execute("SELECT sum(grantee_count) FROM edm.services").fetchone() == (0,)

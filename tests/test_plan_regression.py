@@ -40,6 +40,7 @@ INTENDED: dict[str, dict[str, tuple[str, ...]]] = {
     "shared": {
         "claim: ready services": ("services_ready_idx",),
         "claim: head of the rotation": ("users_rotation_idx",),
+        "claim: is the pool small": ("grants_pkey",),
         "claim: next user of a small pool": ("users_pkey", "grants_pkey"),
         "claim: next user in rotation": ("users_rotation_idx", "grants_pkey"),
         "claim: the user's next task": ("tasks_rotation_idx",),
@@ -54,6 +55,7 @@ INTENDED: dict[str, dict[str, tuple[str, ...]]] = {
     "dedicated": {
         "claim: ready services": ("services_ready_idx",),
         "claim: head of the rotation": ("users_rotation_idx",),
+        "claim: is the pool small": ("grants_pkey",),
         "claim: next user of a small pool": ("users_pkey", "grants_pkey"),
         "claim: next user in rotation": ("grants_pkey", "users_pkey"),
         "claim: the user's next task": ("tasks_rotation_idx",),
@@ -120,7 +122,7 @@ def _values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "r_users": "'{}'::text[]", "c_svc": "'{}'::bigint[]", "c_sub": "'{}'::bigint[]",
         "c_user": f"'{{{user[0]}}}'::text[]", "c_task": f"'{{{task[0]}}}'::bigint[]",
         "v_seqs": "'{1}'::bigint[]",
-        "v_pool": f"'{{{user[0]}}}'::text[]",
+        "v_pool": f"'{{{user[0]}}}'::text[]", "v_small": "100",
         "p_batch": "50",
     }
 
