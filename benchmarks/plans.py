@@ -47,7 +47,7 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
     Inner("claim: head of the rotation", CLAIM,
           "SELECT u.user_id FROM edm.users u\n    WHERE u.claimable_tasks > 0\n    ORDER BY",
           (("p_batch", "integer"),), ("users_rotation_idx",)),
-    Inner("claim: is the pool small", CLAIM, "SELECT g.user_id FROM edm.grants g",
+    Inner("claim: is the pool small", CLAIM, "SELECT 1 FROM edm.grants g WHERE g.service_id",
           (("v_svc.service_id", "bigint"), ("v_small", "integer")), ("grants_pkey",)),
     Inner("claim: next user of a small pool", CLAIM,
           "WITH pool AS MATERIALIZED (",

@@ -182,3 +182,16 @@ def test_real_claim_plans_with_auto_explain(world: tuple[str, str]) -> None:
     text = "\n".join(logged)
     for index in ("users_rotation_idx", "tasks_rotation_idx", "subtasks_claim_idx"):
         assert index in text, f"{index} not in the logged plans of edm.claim:\n{text}"
+
+
+def test_claim_runs_its_generic_plans(conn: psycopg.Connection[Any]) -> None:
+    """The generic plans checked above are the ones edm.claim runs, from its first call.
+
+    0007 pins plan_cache_mode on the function: custom re-planning of its
+    array-parameter statements cost more than running them. 0006's hardening
+    (SECURITY DEFINER, search_path) must keep that setting.
+    """
+    config = conn.execute("SELECT proconfig FROM pg_proc WHERE oid = 'edm.claim'::regproc"
+                          ).fetchone()
+    assert config and "plan_cache_mode=force_generic_plan" in config[0]
+    assert any(c.startswith("search_path=") for c in config[0])
