@@ -66,14 +66,11 @@ def _measure(dsn: str, batch: int, seconds: float) -> dict[str, Any]:
 
 def _explain(dsn: str, label: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        svc = conn.execute("SELECT min(service_id) FROM edm.services").fetchone()
-        user = conn.execute("SELECT user_id FROM edm.users WHERE claimable_tasks > 0"
-                            " ORDER BY last_served_seq, user_id LIMIT 1").fetchone()
-        task = conn.execute("SELECT task_id FROM edm.tasks WHERE claimable ORDER BY"
-                            " last_served_seq, task_id LIMIT 1").fetchone()
-        values = {"v_now": "now()", "v_svc.service_id": str(svc[0] if svc else 0),
-                  "v_skip": "'{}'::text[]", "v_user": f"'{user[0] if user else ''}'",
-                  "v_task": str(task[0] if task else 0)}
+        try:
+            values = plans.sample_values(conn)
+        except LookupError as exc:
+            print(f"\nEXPLAIN ANALYZE ({label}): skipped, {exc}")
+            return
         for inner in plans.INNER_STATEMENTS:
             if inner.name in ("claim: next user in rotation", "claim: the task's next subtask"):
                 check = plans.explain_inner(conn, inner, values, analyze=True)
