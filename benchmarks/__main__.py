@@ -16,6 +16,7 @@ SCENARIOS = {
     "chaos": "chaos",
     "expansion": "expansion",
     "render": "render",
+    "claimprofile": "claimprofile",
 }
 
 

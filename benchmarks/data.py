@@ -54,6 +54,24 @@ class WorldSpec:
         return asdict(self)
 
 
+def design_spec(shape: str, scale: float = 1.0, *, services: int | None = None) -> WorldSpec:
+    """The worlds of design.md §7 (S1 shared, S2 dedicated, S3 mixed), ``scale`` times as big."""
+    users = max(1, round(10_000 * scale))
+    tasks = max(1, round(20_000 * scale))
+    subtasks = max(1, round(1_000_000 * scale))
+    if shape == "s1":
+        return WorldSpec(users=users, services=services or 1000, tasks=tasks,
+                         subtasks=subtasks, grants="shared")
+    if shape == "s2":
+        return WorldSpec(users=users, services=0, tasks=tasks, subtasks=subtasks,
+                         grants="dedicated")
+    if shape == "s3":
+        return WorldSpec(users=users, services=0, tasks=tasks, subtasks=subtasks,
+                         grants="mixed", group_size=100, pool_per_group=10,
+                         dedicated_every=10, dedicated_priority=10)
+    raise ValueError(f"unknown shape {shape!r}: s1, s2 or s3")
+
+
 @dataclass
 class BuildReport:
     seconds: float

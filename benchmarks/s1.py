@@ -45,10 +45,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str]) -> int:
     args = common.parse_args("s1", argv, DESCRIPTION, add_args)
     t_run = time.perf_counter()
-    spec = data.WorldSpec(users=max(1, round(10_000 * args.scale)),
-                          services=args.services or 1000,
-                          tasks=max(1, round(20_000 * args.scale)),
-                          subtasks=max(1, round(1_000_000 * args.scale)), grants="shared")
+    spec = data.design_spec("s1", args.scale, services=args.services)
     result: dict[str, Any] = {"scenario": "s1"}
     with common.bench_server(args.dsn, keep=args.keep) as server:
         dsn = server.fresh_database("edm_bench_s1")

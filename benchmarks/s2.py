@@ -21,9 +21,7 @@ DESCRIPTION = "S2 dedicated services: throughput when every service belongs to o
 
 def main(argv: Sequence[str]) -> int:
     args = common.parse_args("s2", argv, DESCRIPTION, suite.add_throughput_args)
-    users = max(1, round(10_000 * args.scale))
-    spec = data.WorldSpec(users=users, services=0, tasks=max(1, round(20_000 * args.scale)),
-                          subtasks=max(1, round(1_000_000 * args.scale)), grants="dedicated")
+    spec = data.design_spec("s2", args.scale)
     scale = {"users": spec.users, "services": "1-3 per user (about 2 x users)",
              "grants": "owner only", "tasks": spec.tasks, "subtasks": spec.subtasks,
              "interval_ms": spec.interval_ms}

@@ -23,11 +23,8 @@ DESCRIPTION = "S3 mixed: group pools plus dedicated higher-priority services"
 
 def main(argv: Sequence[str]) -> int:
     args = common.parse_args("s3", argv, DESCRIPTION, suite.add_throughput_args)
-    users = max(1, round(10_000 * args.scale))
-    spec = data.WorldSpec(users=users, services=0, tasks=max(1, round(20_000 * args.scale)),
-                          subtasks=max(1, round(1_000_000 * args.scale)), grants="mixed",
-                          group_size=100, pool_per_group=10, dedicated_every=10,
-                          dedicated_priority=10)
+    spec = data.design_spec("s3", args.scale)
+    users = spec.users
     scale = {"users": spec.users, "groups": -(-users // spec.group_size),
              "pool services": -(-users // spec.group_size) * spec.pool_per_group,
              "dedicated services": users // spec.dedicated_every,

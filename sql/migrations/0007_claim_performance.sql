@@ -1,6 +1,6 @@
 -- 0007_claim_performance: the claim and the wake-up probe, rewritten after
 -- the measurements of the performance suite (docs/performance.md, findings
--- 1, 2, 4 and 6). Same decisions as the row-by-row edm.claim of 0002 (checked
+-- 1, 2, 4, 6, 9 and 10). Same decisions as the row-by-row edm.claim of 0002 (checked
 -- call by call against it on random worlds: tests/test_claim_equivalence.py),
 -- fewer statements:
 --   * the head of the user rotation (2 x batch users with work) is read and
@@ -19,8 +19,10 @@
 --     least recently served first), so the choices match the row-by-row
 --     version's, which saw its own writes;
 --   * a service granted to few users (a dedicated account, a group's pool)
---     reads its grantees by primary key instead: found in the rotation head
---     it rarely is, and walking the rotation for one user is O(users);
+--     reads its grantees with work by primary key, in rotation order, and
+--     takes the first that fits as a large pool does from the rotation head:
+--     its users are rarely in the head, and walking the rotation for one
+--     user is O(users);
 --   * every statement runs its generic plan (SET plan_cache_mode): custom
 --     re-planning on every execution cost more than the statements;
 --   * the user's next task is a LIMIT 1 query in a loop: an ordered scan of
@@ -50,6 +52,9 @@ LANGUAGE plpgsql
 -- a 50 ms S2 claim), S1's claim 13-25 ms instead of 7. Every statement's
 -- generic plan is checked by tests/test_plan_regression.py.
 SET plan_cache_mode = force_generic_plan
+-- No JIT: the statements are sub-millisecond lookups, and a generic plan
+-- whose estimate passes jit_above_cost would compile on every execution.
+SET jit = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -123,85 +128,83 @@ BEGIN
     -- small when it has no grant past the first queue.small_pool_grantees (an
     -- index-only probe of a leaf page or two): a test that cannot go stale,
     -- unlike a count kept by triggers (bulk loads and replicas run without).
+    -- Every lookup leaves out users with a ready service on a higher-priority
+    -- grant (grant tiers; a service claimed earlier in this call is busy
+    -- unless it has no interval). That check reads the user's few
+    -- higher-priority grants and each one's service by primary key, in a
+    -- scalar subquery: as a join, a generic plan may instead walk every ready
+    -- service per candidate (2 ms a lookup on a freshly loaded 1,000-service
+    -- world, found by python -m benchmarks claimprofile).
     v_pool := NULL;
     IF NOT EXISTS (SELECT 1 FROM edm.grants g WHERE g.service_id = v_svc.service_id
                    OFFSET v_small) THEN
+      -- The pool's users with work, in rotation order. Read by primary key
+      -- (= ANY): walking users_rotation_idx for the few users of a pool, what
+      -- a planner may pick for an ORDER BY on it, costs O(users).
       v_pool := ARRAY(SELECT g.user_id FROM edm.grants g WHERE g.service_id = v_svc.service_id);
+      v_pool := ARRAY(SELECT u.user_id FROM edm.users u
+                      WHERE u.user_id = ANY (v_pool) AND u.claimable_tasks > 0
+                      ORDER BY u.last_served_seq, u.user_id);
     END IF;
     LOOP
       v_user := NULL;
-      IF v_pool IS NOT NULL THEN
-        -- Small pool: its grantees with work, least recently served first.
-        -- The pool is read by primary key in a materialized CTE: walking
-        -- users_rotation_idx for the few users of a pool (what the planner
-        -- may pick for ORDER BY ... LIMIT 1) costs O(users) per claim.
-        WITH pool AS MATERIALIZED (
-          SELECT u.user_id, u.last_served_seq, g.priority
-          FROM edm.users u
-          JOIN edm.grants g ON g.service_id = v_svc.service_id AND g.user_id = u.user_id
-          WHERE u.user_id = ANY (v_pool)
-            AND u.claimable_tasks > 0
-            AND u.user_id <> ALL (v_skip)
-            AND u.user_id <> ALL (r_users))
-        SELECT u.user_id INTO v_user
-        FROM pool p
-        JOIN edm.users u ON u.user_id = p.user_id
-        WHERE u.claimable_tasks > 0
-          AND NOT EXISTS (
-            SELECT 1 FROM edm.grants g2
-            JOIN edm.services s2 ON s2.service_id = g2.service_id
-            WHERE g2.user_id = p.user_id AND g2.priority > p.priority
-              AND s2.enabled AND s2.next_available_at <= v_now
-              AND edm.service_sent_today(s2, v_now) < s2.daily_quota
-              AND (s2.service_id <> ALL (c_svc)
-                   OR (s2.interval_ms = 0
-                       AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota)))
-        ORDER BY p.last_served_seq, p.user_id
-        LIMIT 1
+      -- The first user of the list (the small pool in rotation order, or the
+      -- rotation head, already locked) who has a grant here and no ready
+      -- higher-tier service, each probed by a scalar subquery: as an EXISTS
+      -- it would become a semi-join, which a planner may hash over all the
+      -- service's grants instead of stopping at the first that fits.
+      SELECT c.user_id INTO v_user
+      FROM unnest(coalesce(v_pool, v_cands)) WITH ORDINALITY AS c(user_id, n)
+      WHERE c.user_id <> ALL (v_skip) AND c.user_id <> ALL (r_users)
+        AND (
+          SELECT true FROM edm.grants g
+          WHERE g.service_id = v_svc.service_id AND g.user_id = c.user_id
+            AND NOT EXISTS (
+              SELECT 1 FROM edm.grants g2
+              WHERE g2.user_id = c.user_id AND g2.priority > g.priority
+                AND (SELECT s2.enabled AND s2.next_available_at <= v_now
+                             AND edm.service_sent_today(s2, v_now) < s2.daily_quota
+                             AND (s2.service_id <> ALL (c_svc)
+                                  OR (s2.interval_ms = 0
+                                      AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                     FROM edm.services s2 WHERE s2.service_id = g2.service_id))
+          LIMIT 1)
+      ORDER BY c.n
+      LIMIT 1;
+      IF v_user IS NOT NULL AND v_pool IS NOT NULL THEN
+        -- A pool's users are not locked yet; one locked by another claim is
+        -- being served: leave it out and look again.
+        PERFORM 1 FROM edm.users u
+        WHERE u.user_id = v_user AND u.claimable_tasks > 0
         FOR UPDATE OF u SKIP LOCKED;
-      ELSE
-        -- Large pool: users of the rotation head not served yet in this call...
-        SELECT c.user_id INTO v_user
-        FROM unnest(v_cands) WITH ORDINALITY AS c(user_id, n)
-        WHERE c.user_id <> ALL (v_skip) AND c.user_id <> ALL (r_users)
+        IF NOT FOUND THEN
+          v_skip := v_skip || v_user;
+          CONTINUE;
+        END IF;
+      END IF;
+      -- Large pool and nobody in the head fits: walk the rotation further.
+      IF v_user IS NULL AND v_pool IS NULL THEN
+        SELECT u.user_id INTO v_user
+        FROM edm.users u
+        WHERE u.claimable_tasks > 0
+          AND u.user_id <> ALL (v_cands)
+          AND u.user_id <> ALL (v_skip)
+          AND u.user_id <> ALL (r_users)
           AND EXISTS (
             SELECT 1 FROM edm.grants g
-            WHERE g.service_id = v_svc.service_id AND g.user_id = c.user_id
+            WHERE g.service_id = v_svc.service_id AND g.user_id = u.user_id
               AND NOT EXISTS (
                 SELECT 1 FROM edm.grants g2
-                JOIN edm.services s2 ON s2.service_id = g2.service_id
-                WHERE g2.user_id = c.user_id AND g2.priority > g.priority
-                  AND s2.enabled AND s2.next_available_at <= v_now
-                  AND edm.service_sent_today(s2, v_now) < s2.daily_quota
-                  AND (s2.service_id <> ALL (c_svc)
-                       OR (s2.interval_ms = 0
-                           AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))))
-        ORDER BY c.n
-        LIMIT 1;
-        IF v_user IS NULL THEN
-          SELECT u.user_id INTO v_user
-          FROM edm.users u
-          WHERE u.claimable_tasks > 0
-            AND u.user_id <> ALL (v_cands)
-            AND u.user_id <> ALL (v_skip)
-            AND u.user_id <> ALL (r_users)
-            AND EXISTS (
-              SELECT 1 FROM edm.grants g
-              WHERE g.service_id = v_svc.service_id AND g.user_id = u.user_id
-                AND NOT EXISTS (
-                  SELECT 1 FROM edm.grants g2
-                  JOIN edm.services s2 ON s2.service_id = g2.service_id
-                  WHERE g2.user_id = u.user_id AND g2.priority > g.priority
-                    AND s2.enabled AND s2.next_available_at <= v_now
-                    AND edm.service_sent_today(s2, v_now) < s2.daily_quota
-                    -- a service claimed earlier in this call is busy (unless it has no interval)
-                    AND (s2.service_id <> ALL (c_svc)
-                         OR (s2.interval_ms = 0
-                             AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))))
-          ORDER BY u.last_served_seq, u.user_id
-          LIMIT 1
-          FOR UPDATE OF u SKIP LOCKED;
-        END IF;
+                WHERE g2.user_id = u.user_id AND g2.priority > g.priority
+                  AND (SELECT s2.enabled AND s2.next_available_at <= v_now
+                               AND edm.service_sent_today(s2, v_now) < s2.daily_quota
+                               AND (s2.service_id <> ALL (c_svc)
+                                    OR (s2.interval_ms = 0
+                                        AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                       FROM edm.services s2 WHERE s2.service_id = g2.service_id)))
+        ORDER BY u.last_served_seq, u.user_id
+        LIMIT 1
+        FOR UPDATE OF u SKIP LOCKED;
       END IF;
       -- ...then (the rotation wraps around) those served in this call, in serve order.
       IF v_user IS NULL AND cardinality(r_users) > 0 THEN
@@ -213,13 +216,13 @@ BEGIN
             WHERE g.service_id = v_svc.service_id AND g.user_id = u.user_id
               AND NOT EXISTS (
                 SELECT 1 FROM edm.grants g2
-                JOIN edm.services s2 ON s2.service_id = g2.service_id
                 WHERE g2.user_id = u.user_id AND g2.priority > g.priority
-                  AND s2.enabled AND s2.next_available_at <= v_now
-                  AND edm.service_sent_today(s2, v_now) < s2.daily_quota
-                  AND (s2.service_id <> ALL (c_svc)
-                     OR (s2.interval_ms = 0
-                         AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))))
+                  AND (SELECT s2.enabled AND s2.next_available_at <= v_now
+                               AND edm.service_sent_today(s2, v_now) < s2.daily_quota
+                               AND (s2.service_id <> ALL (c_svc)
+                                    OR (s2.interval_ms = 0
+                                        AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                       FROM edm.services s2 WHERE s2.service_id = g2.service_id)))
         ORDER BY array_position(r_users, u.user_id)
         LIMIT 1;
       END IF;
