@@ -129,7 +129,7 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
     """Literal values for every PL/pgSQL variable of the inner statements, from the data.
 
     A ready service, a user with work and a grant on it, that user's task and
-    three of its subtasks; the arrays a claim call accumulates as at its first
+    up to three of its subtasks; the arrays a claim call accumulates as at its first
     lookup.
     """
     svc = conn.execute("SELECT service_id FROM edm.services WHERE next_available_at <= now()"
@@ -142,7 +142,7 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
                         " ORDER BY task_id LIMIT 1", (user[0] if user else "",)).fetchone()
     subs = conn.execute("SELECT subtask_id FROM edm.subtasks WHERE task_id = %s"
                         " ORDER BY subtask_id LIMIT 3", (task[0] if task else 0,)).fetchall()
-    if not (svc and user and task and len(subs) == 3):
+    if not (svc and user and task and subs):
         raise LookupError("no ready service with a user holding claimable work")
     ids = ",".join(str(r[0]) for r in subs)
     return {
@@ -150,7 +150,8 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "v_user": f"'{user[0]}'", "v_task": str(task[0]), "v_sub": str(subs[0][0]),
         "v_lease": "interval '30 seconds'", "p_owner": "'plan-test'",
         "p_subtask_ids": f"'{{{ids}}}'::bigint[]",
-        "p_outcomes": "'{sent,sent,sent}'::text[]", "v_n": "3", "v_max_attempts": "5",
+        "p_outcomes": "'{" + ",".join(["sent"] * len(subs)) + "}'::text[]",
+        "v_n": str(len(subs)), "v_max_attempts": "5",
         "v_retry_base": "60", "v_retry_max": "3600", "v_svc_base": "30", "v_svc_max": "1800",
         # arrays a claim call accumulates (empty at its first lookup)
         "v_tried": "'{}'::bigint[]", "r_tasks": "'{}'::bigint[]", "v_cands": "'{}'::text[]",
