@@ -23,54 +23,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.render import email_message_builder
 from edm_sched.rendering import (
     RenderContext,
     Rendered,
     RenderError,
     TemplateRow,
     build_message,
-    message_id,
 )
 from edm_sched.transports.base import Message, ServiceConfig
 
 SENDER = "news@shop.example"
 PROPERTY = settings(max_examples=200, deadline=None)
-
-
-def _reference_build_message(service: ServiceConfig, ctx: RenderContext,
-                             rendered: Rendered) -> Message:
-    """The builder as it was before (EmailMessage under policy.SMTP): the oracle."""
-    if not service.from_addresses:
-        raise RenderError(f"service {service.name} has no sender address")
-    sender = service.from_addresses[0]
-    mid = message_id(ctx.subtask_id, ctx.task_id, sender)
-    msg = EmailMessage(policy=email.policy.SMTP)
-    try:
-        from_name = ctx.template.from_name
-        msg["From"] = email.utils.formataddr((from_name, sender)) if from_name else sender
-        msg["To"] = ctx.email
-        msg["Subject"] = rendered.subject
-        msg["Message-ID"] = mid
-        msg["Date"] = email.utils.formatdate(localtime=False)
-        msg["X-Edm-Service"] = str(service.service_id)
-        msg["X-Edm-Task"] = str(ctx.task_id)
-        if ctx.template.reply_to:
-            msg["Reply-To"] = ctx.template.reply_to
-        if rendered.text is not None:
-            msg.set_content(rendered.text)
-        if rendered.html is not None:
-            if rendered.text is None:
-                msg.set_content(rendered.html, subtype="html")
-            else:
-                msg.add_alternative(rendered.html, subtype="html")
-        data = msg.as_bytes()
-    except (ValueError, TypeError) as exc:
-        raise RenderError(f"cannot build message: {exc}") from exc
-    return Message(subtask_id=ctx.subtask_id, task_id=ctx.task_id, message_id=mid,
-                   sender=sender, recipient=ctx.email, data=data)
-
-
-# ---------------------------------------------------------------------- helpers
 
 
 def build(subject: str = "Hello", text: str | None = "Hi there\n", html: str | None = None, *,
@@ -244,7 +208,7 @@ def test_same_message_as_the_reference_builder(m: dict[str, Any]) -> None:
     where RFC 2047 decoders drop them), a Message-ID folded onto its own line (read back
     with a leading space), and text that looks like an encoded-word (written as is, so
     "=?utf-8?q?x?=" read back as "x")."""
-    new, old = build(**m), build(**m, builder=_reference_build_message)
+    new, old = build(**m), build(**m, builder=email_message_builder)
     assert new.message_id == old.message_id
     assert (new.sender, new.recipient) == (old.sender, old.recipient)
     a, b = parse(new.data), parse(old.data)
@@ -305,7 +269,7 @@ def test_body_lines_starting_with_from_or_a_dot_are_kept() -> None:
 
 
 def test_no_body_gives_an_empty_message_like_before() -> None:
-    new, old = build(text=None), build(text=None, builder=_reference_build_message)
+    new, old = build(text=None), build(text=None, builder=email_message_builder)
     assert new.data.endswith(b"X-Edm-Task: 56\r\n\r\n")
     assert parse(new.data).get_content() == parse(old.data).get_content() == ""
 
