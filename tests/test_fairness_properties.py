@@ -43,6 +43,18 @@ def sent_per_user(conn: psycopg.Connection[Any], users: list[str]) -> dict[str, 
     return counts
 
 
+def shared_pool(sched: Scheduler, conn: psycopg.Connection[Any], k: int,
+                n_services: int) -> list[str]:
+    """An emptied database: users user0..user{k-1}, n services (1 s interval) shared by all."""
+    reset_database(conn)
+    users = users_named(k)
+    for u in users:
+        sched.upsert_user(u)
+    for i in range(n_services):
+        make_service(sched, f"s{i}", interval=1, users=users)
+    return users
+
+
 def jain(xs: list[int]) -> float:
     """Jain's fairness index: 1.0 for equal shares, 1/n when one takes everything."""
     return float(sum(xs)) ** 2 / (len(xs) * sum(x * x for x in xs))
@@ -74,12 +86,7 @@ def split(total: int, parts: int) -> st.SearchStrategy[list[int]]:
 def test_equal_backlogs_differ_by_at_most_one_after_every_round(
         sched: Scheduler, conn: psycopg.Connection[Any], k: int, n_services: int,
         backlog: int, data: st.DataObject) -> None:
-    reset_database(conn)
-    users = users_named(k)
-    for u in users:
-        sched.upsert_user(u)
-    for i in range(n_services):
-        make_service(sched, f"s{i}", interval=1, users=users)
+    users = shared_pool(sched, conn, k, n_services)
     for u in users:
         n_tasks = data.draw(st.integers(1, min(3, backlog)), label=f"tasks of {u}")
         for j, size in enumerate(data.draw(split(backlog, n_tasks) if n_tasks > 1
@@ -171,12 +178,7 @@ def test_jain_index_reference_values() -> None:
 def test_jain_index_is_one_for_equal_shares(
         sched: Scheduler, conn: psycopg.Connection[Any], k: int, n_services: int,
         backlog: int) -> None:
-    reset_database(conn)
-    users = users_named(k)
-    for u in users:
-        sched.upsert_user(u)
-    for i in range(n_services):
-        make_service(sched, f"s{i}", interval=1, users=users)
+    users = shared_pool(sched, conn, k, n_services)
     for u in users:
         make_task(sched, u, backlog)
     order: list[str] = []
@@ -211,11 +213,7 @@ def test_tasks_rotate_least_recently_served_first_priority_first(
     (never served first), ties by task id. Within the task: lowest pending
     subtask id. A task arriving late (``late``) joins the rotation at once.
     """
-    reset_database(conn)
-    users = users_named(n_users)
-    for u in users:
-        sched.upsert_user(u)
-    make_service(sched, "svc", interval=1, users=users)
+    users = shared_pool(sched, conn, n_users, 1)
     pending: dict[int, list[int]] = {}
     meta: dict[int, tuple[str, int]] = {}
 
