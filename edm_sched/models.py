@@ -53,9 +53,11 @@ def _no_control(value: str) -> str:
 
 
 def _timezone(value: str) -> str:
+    if len(value) > 64:  # as edm.is_valid_timezone; longer names also overflow file names
+        raise ValueError("unknown time zone (names are at most 64 characters)")
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise ValueError(f"unknown time zone {value!r}") from exc
     return value
 
