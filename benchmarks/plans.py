@@ -38,12 +38,13 @@ class Inner:
     end_before: str | None = None  # statement ends before this (cursor loops: "LOOP")
 
 
-CLAIM = "edm.claim"
+CLAIM = "edm.claim_v2"
 COMPLETE = "edm.complete"
 
 INNER_STATEMENTS: tuple[Inner, ...] = (
     Inner("claim: ready services", CLAIM, "SELECT s.service_id, s.quota_tz",
-          (("v_now", "timestamptz"),), ("services_ready_idx",), end_before="LOOP"),
+          (("v_horizon", "timestamptz"), ("v_now", "timestamptz"), ("p_owner", "text"),
+           ("p_skip_services", "bigint[]")), ("services_ready_idx",), end_before="LOOP"),
     Inner("claim: head of the rotation", CLAIM,
           "SELECT u.user_id FROM edm.users u\n    WHERE u.claimable_tasks > 0\n    ORDER BY",
           (("p_batch", "integer"),), ("users_rotation_idx",)),
@@ -54,7 +55,8 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           (("v_pool", "text[]"),), ("users_pkey",)),
     Inner("claim: next user from the pool or rotation head", CLAIM,
           "SELECT c.user_id INTO v_user",
-          (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_now", "timestamptz"),
+          (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_horizon", "timestamptz"),
+           ("v_now", "timestamptz"),
            ("v_cands", "text[]"), ("v_pool", "text[]"), ("r_users", "text[]"),
            ("c_svc", "bigint[]")),
           ("grants_pkey|grants_user_idx",), strip_into=True),
@@ -62,23 +64,32 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           (("v_user", "text"),), ("users_pkey",), perform=True),
     Inner("claim: next user in rotation", CLAIM,
           "SELECT u.user_id INTO v_user\n        FROM edm.users u\n        WHERE u.claimable_tasks",
-          (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_now", "timestamptz"),
+          (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_horizon", "timestamptz"),
+           ("v_now", "timestamptz"),
            ("v_cands", "text[]"), ("r_users", "text[]"), ("c_svc", "bigint[]")),
           ("users_rotation_idx", "grants_pkey"), strip_into=True),
     Inner("claim: the user's next task", CLAIM,
           ("SELECT t.task_id FROM edm.tasks t", "SELECT t.task_id, t.priority INTO"),
           (("v_user", "text"), ("v_tried", "bigint[]"), ("r_tasks", "bigint[]")),
           ("tasks_rotation_idx",), end_before="LOOP", strip_into=True),
-    Inner("claim: the task's next subtask", CLAIM, "SELECT st.subtask_id INTO v_sub",
+    Inner("claim: the task's due retry", CLAIM, "SELECT st.subtask_id INTO v_sub",
           (("v_task", "bigint"), ("v_now", "timestamptz"), ("c_sub", "bigint[]")),
+          ("subtasks_claim_idx",), strip_into=True),
+    Inner("claim: the task's next fresh subtask", CLAIM,
+          "SELECT st.subtask_id INTO v_sub\n          FROM edm.subtasks st\n"
+          "          WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before =",
+          (("v_task", "bigint"), ("c_sub", "bigint[]")),
           ("subtasks_claim_idx",), strip_into=True),
     Inner("claim: lease the subtask", CLAIM, ("WITH leased AS (", "UPDATE edm.subtasks st"),
           (("v_svc.service_id", "bigint"), ("v_lease", "interval"), ("v_user", "text"),
            ("v_now", "timestamptz"), ("v_sub", "bigint"), ("p_owner", "text"),
-           ("c_sub", "bigint[]"), ("c_svc", "bigint[]"), ("c_user", "text[]")),
+           ("c_sub", "bigint[]"), ("c_svc", "bigint[]"), ("c_user", "text[]"),
+           ("c_slot", "timestamptz[]")),
           ("subtasks_pkey",)),
-    Inner("claim: start the services' intervals", CLAIM, "UPDATE edm.services s",
-          (("v_now", "timestamptz"), ("c_svc", "bigint[]")), ("services_pkey",)),
+    Inner("claim: start the services' intervals", CLAIM,
+          "UPDATE edm.services s\n  SET last_sent_at",
+          (("v_now", "timestamptz"), ("c_svc", "bigint[]"), ("c_slot", "timestamptz[]"),
+           ("p_owner", "text"), ("v_hold", "interval")), ("services_pkey",)),
     Inner("claim: task counters and rotation", CLAIM, "UPDATE edm.tasks t",
           (("v_now", "timestamptz"), ("c_task", "bigint[]"), ("v_seqs", "bigint[]")),
           ("tasks_pkey",)),
@@ -160,6 +171,8 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "v_seqs": "'{1}'::bigint[]",
         "v_pool": f"'{{{user[0]}}}'::text[]", "v_small": "100",
         "p_batch": "50",
+        "v_horizon": "now() + interval '250 milliseconds'", "p_skip_services": "'{}'::bigint[]",
+        "c_slot": "ARRAY[now()]::timestamptz[]", "v_hold": "interval '2 seconds'",
     }
 
 

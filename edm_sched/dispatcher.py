@@ -2,11 +2,20 @@
 
 One asyncio loop per process:
 
-* **claim** — ``edm.claim`` hands out at most one subtask per ready service;
-  every rule (readiness, quotas, fairness, leases) is in that SQL function.
-* **send** — outside any transaction, up to ``concurrency`` in flight, through
-  the transport registered for the service's ``transport`` name, with a
-  deterministic Message-ID.
+* **claim** — ``edm.claim_v2`` hands out subtasks of ready services, each with
+  its *slot* (the instant its send may start); every rule (readiness, limits,
+  fairness, leases, holds) is in that SQL function. The dispatcher claims
+  only for services whose lane has room, and only as much as its capacity
+  allows (``concurrency``).
+* **send** — outside any transaction, in one :class:`~edm_sched.lanes.Lane`
+  per service (its own queue and connection), so a slow or hung provider
+  never delays another service (I11). A lane starts each SMTP transaction at
+  its slot, an interval after the previous one, through the transport
+  registered for the service's ``transport`` name, with a deterministic
+  Message-ID; the transport connects ahead of the first slot.
+* **renew** — while sends wait on a slow provider, their leases (and the
+  holds of their services) are renewed in batches (``edm.renew_leases``);
+  nothing is ever sent on a lease that ended.
 * **complete** — outcomes are batched into ``edm.complete`` calls; the lease
   fences late or foreign completions.
 * **sleep** — never a fixed poll: until ``edm.next_wakeup()`` (a service with
@@ -44,6 +53,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from edm_sched import db, errors, sweeps
+from edm_sched.lanes import Lane, QueuedSend
 from edm_sched.logfmt import log_event
 from edm_sched.metrics import DispatcherMetrics
 from edm_sched.rendering import (
@@ -69,6 +79,8 @@ log = logging.getLogger("edm_sched.dispatcher")
 MAX_IDLE = 5.0  # upper bound on one sleep; NOTIFY and next_wakeup normally end it sooner
 COMPLETE_BATCH = 500
 SERVICE_CACHE_SECONDS = 30.0
+LANE_DEPTH = 4  # sends a service's lane may hold (queued or running) unless its settings say
+LANE_IDLE_SECONDS = 60.0  # a lane unused this long is closed
 
 
 @dataclass
@@ -96,6 +108,8 @@ class Claimed:
     template_idx: int
     vars: dict[str, Any] | None
     attempt: int
+    slot: float = 0.0  # monotonic instant the send may start
+    lease_deadline: float = float("inf")  # monotonic instant the lease ends
 
 
 def default_dispatcher_id() -> str:
@@ -146,7 +160,7 @@ class Dispatcher:
         self.observer = observer or (metrics.observe if metrics else None)
         self.config: dict[str, Any] = {}
         self.stats = DispatcherStats(self.id)
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._lanes: dict[int, Lane] = {}
         self._results: asyncio.Queue[tuple[Claimed, SendResult]] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -154,7 +168,6 @@ class Dispatcher:
         self._templates: dict[int, dict[int, TemplateRow]] = {}
         self._services: dict[int, tuple[float, ServiceConfig]] = {}
         self._intervals: dict[int, float] = {}  # service_id -> interval in seconds
-        self._next_start: dict[int, float] = {}  # service_id -> earliest local send start
         self._claim_conn: psycopg.AsyncConnection[Any] | None = None
         self._complete_conn: psycopg.AsyncConnection[Any] | None = None
 
@@ -216,6 +229,7 @@ class Dispatcher:
             asyncio.create_task(self._listen(), name="listen"),
             asyncio.create_task(self._completer(), name="completer"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            asyncio.create_task(self._renewer(), name="renewer"),
         ]
         if self.run_sweeps:
             background.append(asyncio.create_task(self._sweeper(), name="sweeper"))
@@ -230,6 +244,7 @@ class Dispatcher:
             await asyncio.gather(*background, return_exceptions=True)
             with contextlib.suppress(psycopg.Error, errors.EdmSchedError):
                 c = await self._conn("_claim_conn")
+                await c.execute(query("release_holds"), (self.id,))
                 await c.execute(query("dispatcher_stopped"), (self.id,))
             for name in ("_claim_conn", "_complete_conn"):
                 c2: psycopg.AsyncConnection[Any] | None = getattr(self, name)
@@ -254,17 +269,23 @@ class Dispatcher:
         self._stop.set()
         self._wake.set()
 
+    def _load(self) -> int:
+        return sum(lane.load for lane in self._lanes.values())
+
     async def _loop(self) -> None:
         idle_backoff = 0.01
         while not self._stop.is_set():
-            free = self.concurrency - len(self._inflight)
+            # Capacity: at most ``concurrency`` sends running, and as many again
+            # queued for their slots; a full lane's service is not claimed for.
+            free = 2 * self.concurrency - self._load()
             if free <= 0:
                 self._slot_freed.clear()
                 await self._wait(self._slot_freed, MAX_IDLE)
                 continue
             want = min(free, self.batch_size)
+            full = [sid for sid, lane in self._lanes.items() if lane.room == 0]
             try:
-                rows = await self._claim(want)
+                rows = await self._claim(want, full)
             except psycopg.OperationalError as exc:
                 log_event(log, logging.WARNING, "claim_failed", error=str(exc).strip()[:200])
                 await asyncio.sleep(0.5)
@@ -300,12 +321,14 @@ class Dispatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
-    async def _claim(self, n: int) -> list[Claimed]:
+    async def _claim(self, n: int, full: list[int] | None = None) -> list[Claimed]:
         conn = await self._conn("_claim_conn")
         t0 = time.perf_counter()
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(query("claim"), (self.id, n, self.lease_seconds, None))
+        await cur.execute(query("claim_v2"), (self.id, n, self.lease_seconds, None, LANE_DEPTH,
+                                              None, full or []))
         rows = await cur.fetchall()
+        m1 = time.monotonic()
         elapsed = time.perf_counter() - t0
         self.stats.claim_calls += 1
         if len(self.stats.claim_seconds) < 100_000:
@@ -313,15 +336,20 @@ class Dispatcher:
         if self.observer:
             self.observer("claim", {"n": len(rows), "seconds": elapsed})
         self.stats.claimed += len(rows)
+        # Slots and lease ends are database times; map them onto this process's
+        # monotonic clock through the server's clock as the rows left it (m1 is
+        # later than that by the transfer: a slot errs late, never early).
         return [Claimed(subtask_id=r["subtask_id"], task_id=r["task_id"], user_id=r["user_id"],
                         service_id=r["service_id"], email=r["email"], contact_id=r["contact_id"],
-                        template_idx=r["template_idx"], vars=r["vars"], attempt=r["attempt"])
+                        template_idx=r["template_idx"], vars=r["vars"], attempt=r["attempt"],
+                        slot=m1 + (r["send_at"] - r["db_clock"]).total_seconds(),
+                        lease_deadline=m1 + (r["lease_expires_at"] - r["db_clock"]).total_seconds())
                 for r in rows]
 
     async def _next_wakeup(self) -> float | None:
         try:
             conn = await self._conn("_claim_conn")
-            cur = await conn.execute(query("next_wakeup"), (None, None))
+            cur = await conn.execute(query("next_wakeup_v2"), (self.id, None, None, None))
             row = await cur.fetchone()
         except psycopg.OperationalError:
             return 0.5
@@ -346,42 +374,57 @@ class Dispatcher:
                                     variables, template)
                 message = build_message(service, ctx, self.renderer(ctx))
             except (RenderError, KeyError) as exc:
-                outcome_now = SendResult(Outcome.PERMANENT, detail=f"rendering failed: {exc}")
+                outcome_now = SendResult(Outcome.RENDER_ERROR, detail=f"rendering failed: {exc}")
             except Exception as exc:  # a host renderer's bug fails that recipient only
-                outcome_now = SendResult(Outcome.PERMANENT,
+                outcome_now = SendResult(Outcome.RENDER_ERROR,
                                          detail=f"renderer raised {type(exc).__name__}: {exc}")
             if outcome_now is not None or message is None:
+                # Built before the slot: nothing was sent, and edm.complete gives
+                # back the attempt and the quota unit (render_error).
                 if self.observer:
-                    self.observer("sent", {"outcome": Outcome.PERMANENT.value, "seconds": 0.0})
-                self._results.put_nowait((row, outcome_now or SendResult(Outcome.PERMANENT)))
+                    self.observer("sent", {"outcome": Outcome.RENDER_ERROR.value, "seconds": 0.0})
+                self._results.put_nowait((row, outcome_now or SendResult(Outcome.RENDER_ERROR)))
                 continue
-            task = asyncio.create_task(self._send(row, service, message))
-            self._inflight.add(task)
-            task.add_done_callback(self._send_done)
+            self._lane(service).queue.put_nowait(
+                QueuedSend(row, message, row.slot, row.lease_deadline))
 
-    def _send_done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
+    def _transport(self, service: ServiceConfig) -> Transport | None:
+        return (self.transports.get(service.transport)
+                if isinstance(self.transports, dict) else self.transports)
+
+    def _lane(self, service: ServiceConfig) -> Lane:
+        """The service's lane, created (and its connection opened ahead) on first use."""
+        lane = self._lanes.get(service.service_id)
+        if lane is None:
+            connections = service.settings.get("max_connections", 1)
+            lane = Lane(service.service_id, self._intervals.get(service.service_id, 0.0),
+                        connections if isinstance(connections, int) and connections > 0 else 1,
+                        LANE_DEPTH)
+
+            async def send(item: QueuedSend) -> None:
+                await self._send(item.claimed, self._services[service.service_id][1],
+                                 item.message)
+
+            lane.start(send, self._release)
+            self._lanes[service.service_id] = lane
+            transport = self._transport(service)
+            prepare = getattr(transport, "prepare", None)
+            if prepare is not None:  # connect ahead of the first slot
+                task = asyncio.create_task(prepare(service))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        lane.interval = self._intervals.get(service.service_id, lane.interval)
+        lane.last_used = time.monotonic()
+        return lane
+
+    def _release(self, item: QueuedSend, reason: str) -> None:
+        """Hand a claimed subtask back unsent: no attempt, no quota unit (``released``)."""
+        log_event(log, logging.INFO, "send_released", subtask=item.claimed.subtask_id,
+                  reason=reason)
+        self._results.put_nowait((item.claimed, SendResult(Outcome.RELEASED, detail=reason)))
         self._slot_freed.set()
 
-    async def _pace(self, service_id: int) -> None:
-        """Keep this process's sends on one service an interval apart on the wire too.
-
-        Claims are spaced by the SQL claim (I2); a send queued behind a slow one
-        on the same connection must not follow it back to back.
-        """
-        interval = self._intervals.get(service_id, 0.0)
-        if interval <= 0:
-            return
-        now = time.monotonic()
-        start = max(now, self._next_start.get(service_id, now))
-        self._next_start[service_id] = start + interval
-        if start > now:
-            await asyncio.sleep(start - now)
-
     async def _send(self, row: Claimed, service: ServiceConfig, message: Message) -> None:
-        transport = (self.transports.get(service.transport)
-                     if isinstance(self.transports, dict) else self.transports)
-        await self._pace(service.service_id)
+        transport = self._transport(service)
         started = time.perf_counter()
         if transport is None:
             result = SendResult(Outcome.SERVICE,
@@ -399,8 +442,16 @@ class Dispatcher:
                                 int((time.perf_counter() - started) * 1000))
         if self.observer:
             self.observer("sent", {"outcome": result.outcome.value,
-                                   "seconds": time.perf_counter() - started})
+                                   "seconds": time.perf_counter() - started,
+                                   "lateness": time.monotonic() - row.slot
+                                   - (time.perf_counter() - started)})
         self._results.put_nowait((row, result))
+        if result.outcome == Outcome.SERVICE:
+            # The service backs off (in SQL): its queued sends' slots are void.
+            lane = self._lanes.get(service.service_id)
+            for item in lane.drain_queued() if lane else []:
+                self._release(item, "service is backing off")
+        self._slot_freed.set()
 
     async def _service_configs(self, conn: psycopg.AsyncConnection[Any],
                                ids: set[int]) -> dict[int, ServiceConfig]:
@@ -413,6 +464,8 @@ class Dispatcher:
                 self._services[sid] = (now, ServiceConfig(sid, name, transport, settings or {},
                                                           cref, tuple(froms)))
                 self._intervals[sid] = interval_ms / 1000
+                if sid in self._lanes:
+                    self._lanes[sid].interval = interval_ms / 1000
         return {i: self._services[i][1] for i in ids}
 
     async def _load_templates(self, conn: psycopg.AsyncConnection[Any], task_ids: set[int]) -> None:
@@ -483,14 +536,23 @@ class Dispatcher:
                 self.stats.retried += 1
 
     async def _drain(self) -> None:
-        """Shutdown: let in-flight sends finish (within the lease), then flush outcomes."""
+        """Shutdown: hand back queued sends, let running ones finish (within the lease),
+        then flush outcomes."""
         grace = float(self.lease_seconds
                       or self.config.get("queue.service_reservation_timeout", 30))
-        if self._inflight:
-            log_event(log, logging.INFO, "draining", in_flight=len(self._inflight))
-            _done, pending = await asyncio.wait(set(self._inflight), timeout=max(grace - 1, 0.1))
-            for t in pending:  # outcome unknown: leave the lease to expire (recorded)
-                t.cancel()
+        for lane in self._lanes.values():
+            for item in lane.drain_queued():
+                self._release(item, "dispatcher stopping")
+        running = sum(len(lane.running) for lane in self._lanes.values())
+        if running:
+            log_event(log, logging.INFO, "draining", in_flight=running)
+            deadline = time.monotonic() + max(grace - 1, 0.1)
+            while time.monotonic() < deadline and any(
+                    lane.running for lane in self._lanes.values()):
+                await asyncio.sleep(0.05)
+        # A send still running now has an unknown outcome: its lease expires (recorded).
+        for lane in self._lanes.values():
+            await lane.stop()
         batch: list[tuple[Claimed, SendResult]] = []
         while not self._results.empty():
             batch.append(self._results.get_nowait())
@@ -515,6 +577,35 @@ class Dispatcher:
             except (psycopg.OperationalError, errors.DatabaseUnavailable):
                 await asyncio.sleep(1.0)
                 self._wake.set()  # we may have missed notifications
+
+    async def _renewer(self) -> None:
+        """Keep the leases of queued and running sends alive, and close idle lanes."""
+        while True:
+            lease = float(self.lease_seconds
+                          or self.config.get("queue.service_reservation_timeout", 30))
+            hold = float(self.config.get("queue.service_hold_seconds", 2))
+            # Often enough that neither a lease nor a hold runs out between renewals.
+            await asyncio.sleep(max(min(lease / 3, hold / 2), 0.25))
+            now = time.monotonic()
+            for sid, lane in list(self._lanes.items()):
+                if lane.load == 0 and now - lane.last_used > LANE_IDLE_SECONDS:
+                    del self._lanes[sid]
+                    await lane.stop()
+            items = {i.claimed.subtask_id: i for lane in self._lanes.values()
+                     for i in lane.held()}
+            if not items:
+                continue
+            try:
+                conn = await self._conn("_complete_conn")
+                cur = await conn.execute(query("renew_leases"),
+                                         (self.id, list(items), self.lease_seconds, None))
+                renewed = await cur.fetchall()
+                m1 = time.monotonic()
+                for subtask_id, expires, db_clock in renewed:
+                    items[subtask_id].lease_deadline = m1 + (expires - db_clock).total_seconds()
+            except psycopg.OperationalError as exc:
+                # Not renewed: sends whose lease runs low are handed back by their lane.
+                log_event(log, logging.WARNING, "renew_failed", error=str(exc).strip()[:200])
 
     async def _heartbeat(self) -> None:
         while True:

@@ -185,6 +185,26 @@ SELECT subtask_id, task_id, user_id, service_id, email, contact_id, template_idx
        leased_at, lease_expires_at
 FROM edm.claim(%s, %s, %s, %s)
 
+-- claim_v2 --
+-- Claim a batch with slots: up to per-service slots of each ready service. db_clock is the
+-- server's clock as the rows leave it: the dispatcher maps slots onto its own clock with it.
+SELECT subtask_id, task_id, user_id, service_id, email, contact_id, template_idx, vars, attempt,
+       send_at, lease_expires_at, clock_timestamp() AS db_clock
+FROM edm.claim_v2(%s, %s, %s, %s, %s, %s, %s)
+
+-- renew_leases --
+-- Keep this dispatcher's leases (and its holds of their services) alive while sends wait.
+SELECT subtask_id, lease_expires_at, clock_timestamp() AS db_clock
+FROM edm.renew_leases(%s, %s, %s, %s)
+
+-- release_holds --
+-- This dispatcher stops: other dispatchers may claim its services at once.
+SELECT edm.release_holds(%s)
+
+-- next_wakeup_v2 --
+-- Seconds until this dispatcher could next claim something or a lease expires (NULL: none).
+SELECT extract(epoch FROM edm.next_wakeup_v2(%s, %s, %s) - coalesce(%s, now()))::float8
+
 -- complete --
 -- Record a batch of outcomes, fenced by the lease.
 SELECT subtask_id, accepted, status, reason FROM edm.complete(%s, %s, %s, %s, %s, %s, %s, %s)

@@ -121,9 +121,11 @@ def test_kill9_leases_are_recovered_within_lease_plus_one_sweep(
                               "templates": [{"subject": "Hi", "body_text": "Hello"}],
                               "recipients": [{"email": f"r{i}@rcpt.example"}
                                              for i in range(300)]}).task_id
-        # Both claim; the slow one fills its 10 slots and then holds those leases.
+        # Both claim; the slow one fills its capacity (10 running, as many queued in its
+        # lanes) and then holds those leases, renewing them while its sends hang.
         wait_until(lambda: count("SELECT count(*) FROM edm.subtasks WHERE lease_owner = 'slow'")
-                   == 10, 20, "the slow dispatcher to hold 10 leases")
+                   >= 10, 20, "the slow dispatcher to hold 10 leases")
+        time.sleep(0.5)  # let its claims settle
         procs["slow"].send_signal(signal.SIGKILL)
         killed_at = time.time()
         procs["slow"].wait(10)
@@ -133,7 +135,7 @@ def test_kill9_leases_are_recovered_within_lease_plus_one_sweep(
         held = {sid: (leased.timestamp(), expires.timestamp()) for sid, leased, expires in
                 conn.execute("SELECT subtask_id, leased_at, lease_expires_at FROM edm.subtasks"
                              " WHERE lease_owner = 'slow'").fetchall()}
-        assert len(held) == 10
+        assert len(held) >= 10
         assert all(killed_at < expires for _, expires in held.values())
 
         done = wait_until(lambda: s.task(task).status == "completed", 30, "the task to complete")

@@ -46,7 +46,8 @@ INTENDED: dict[str, dict[str, tuple[str, ...]]] = {
         "claim: lock a pool's user": ("users_pkey",),
         "claim: next user in rotation": ("users_rotation_idx", "grants_pkey"),
         "claim: the user's next task": ("tasks_rotation_idx",),
-        "claim: the task's next subtask": ("subtasks_claim_idx",),
+        "claim: the task's due retry": ("subtasks_claim_idx",),
+        "claim: the task's next fresh subtask": ("subtasks_claim_idx",),
         "claim: lease the subtask": ("subtasks_pkey",),
         "claim: start the services' intervals": ("services_pkey",),
         "claim: task counters and rotation": ("tasks_pkey",),
@@ -63,7 +64,8 @@ INTENDED: dict[str, dict[str, tuple[str, ...]]] = {
         "claim: lock a pool's user": ("users_pkey",),
         "claim: next user in rotation": ("grants_pkey", "users_pkey"),
         "claim: the user's next task": ("tasks_rotation_idx",),
-        "claim: the task's next subtask": ("subtasks_claim_idx",),
+        "claim: the task's due retry": ("subtasks_claim_idx",),
+        "claim: the task's next fresh subtask": ("subtasks_claim_idx",),
         "claim: lease the subtask": ("subtasks_pkey",),
         "claim: start the services' intervals": ("services_pkey",),
         "claim: task counters and rotation": ("tasks_pkey",),
@@ -164,7 +166,7 @@ def test_claim_runs_its_generic_plans(conn: psycopg.Connection[Any]) -> None:
     array-parameter statements cost more than running them. 0006's hardening
     (SECURITY DEFINER, search_path) must keep that setting.
     """
-    config = conn.execute("SELECT proconfig FROM pg_proc WHERE oid = 'edm.claim'::regproc"
+    config = conn.execute("SELECT proconfig FROM pg_proc WHERE oid = 'edm.claim_v2'::regproc"
                           ).fetchone()
     assert config and "plan_cache_mode=force_generic_plan" in config[0]
     assert any(c.startswith("search_path=") for c in config[0])

@@ -12,6 +12,10 @@ event loop). It never raises for a provider's answer: it returns a
 * ``SERVICE``   — the *account* is unusable right now (connection refused,
   authentication failure, 421, throttling): the service backs off and the
   subtask returns to pending without using an attempt.
+* ``UNCERTAIN`` — the connection failed or timed out *after the final dot*
+  was sent: the provider may have accepted the message. Recorded as an
+  uncertain outcome (a possible duplicate, counted on the subtask) before the
+  subtask is retried like a transient failure.
 
 An exception escaping ``send`` is treated by the dispatcher as ``TRANSIENT``
 with the exception text as detail, so a buggy transport never leaves a
@@ -31,6 +35,10 @@ class Outcome(enum.StrEnum):
     TRANSIENT = "transient"
     PERMANENT = "permanent"
     SERVICE = "service"
+    UNCERTAIN = "uncertain"
+    # Set by the dispatcher, never by a transport:
+    RENDER_ERROR = "render_error"  # the message could not be built; nothing was spent
+    RELEASED = "released"  # handed back unsent (its lease would end before its slot)
 
 
 @dataclass(frozen=True)
