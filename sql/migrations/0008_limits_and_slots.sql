@@ -302,24 +302,30 @@ COMMENT ON FUNCTION edm.set_service_limits(bigint, jsonb) IS
   'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
 
 CREATE VIEW edm.service_limit_status AS
-SELECT s.service_id, s.name AS service_name, x.limit_name, x.kind, x.max_count, x.window_ms,
-       x.burst, x.used, greatest(x.max_count - x.used, 0) AS headroom, x.next_free_at
+-- the built-in interval: one send per interval_ms
+SELECT s.service_id, s.name AS service_name, 'interval'::text AS limit_name, 'rate'::text AS kind,
+       1 AS max_count, s.interval_ms AS window_ms, 1 AS burst,
+       CASE WHEN s.last_sent_at > now() - s.interval_ms * interval '1 millisecond'
+            THEN 1 ELSE 0 END AS used,
+       CASE WHEN s.last_sent_at > now() - s.interval_ms * interval '1 millisecond'
+            THEN 0 ELSE 1 END AS headroom,
+       CASE WHEN s.last_sent_at > now() - s.interval_ms * interval '1 millisecond'
+            THEN s.last_sent_at + s.interval_ms * interval '1 millisecond' END AS next_free_at
 FROM edm.services s
-CROSS JOIN LATERAL (
-  -- the built-in interval: one send per interval_ms
-  SELECT 'interval' AS limit_name, 'rate' AS kind, 1 AS max_count, s.interval_ms AS window_ms,
-         1 AS burst,
-         CASE WHEN s.last_sent_at > now() - s.interval_ms * interval '1 millisecond' THEN 1 ELSE 0 END AS used,
-         CASE WHEN s.last_sent_at > now() - s.interval_ms * interval '1 millisecond'
-              THEN s.last_sent_at + s.interval_ms * interval '1 millisecond' END AS next_free_at
-  WHERE s.interval_ms > 0
-  UNION ALL
-  -- the built-in daily quota, a calendar day in quota_tz
-  SELECT 'daily_quota', 'calendar_day', s.daily_quota, NULL::bigint, 1, edm.service_sent_today(s),
-         CASE WHEN edm.service_sent_today(s) >= s.daily_quota
-              THEN edm.service_next_quota_day(s.quota_tz, now()) END
-  UNION ALL
-  SELECT l.name, l.kind, l.max_count, l.window_ms, l.burst,
+WHERE s.interval_ms > 0
+UNION ALL
+-- the built-in daily quota, a calendar day in quota_tz
+SELECT s.service_id, s.name, 'daily_quota', 'calendar_day', s.daily_quota, NULL::bigint, 1,
+       edm.service_sent_today(s), greatest(s.daily_quota - edm.service_sent_today(s), 0),
+       CASE WHEN edm.service_sent_today(s) >= s.daily_quota
+            THEN edm.service_next_quota_day(s.quota_tz, now()) END
+FROM edm.services s
+UNION ALL
+SELECT x.service_id, x.service_name, x.limit_name, x.kind, x.max_count, x.window_ms, x.burst,
+       x.used, greatest(x.max_count - x.used, 0), x.next_free_at
+FROM (
+  SELECT s.service_id, s.name AS service_name, l.name AS limit_name, l.kind, l.max_count,
+         l.window_ms, l.burst,
          CASE l.kind
            WHEN 'calendar_day' THEN CASE WHEN l.day = (now() AT TIME ZONE coalesce(l.time_zone, s.quota_tz))::date
                                          THEN l.day_count ELSE 0 END
@@ -330,9 +336,9 @@ CROSS JOIN LATERAL (
            -- rate: sends still "in the bucket" (ceil((tat - now) / T), at most burst)
            ELSE least(l.burst, greatest(0, ceil(extract(epoch FROM (coalesce(l.tat, now()) - now())) * 1000
                                                / (l.window_ms::numeric / greatest(l.max_count, 1))))::integer)
-         END,
-         nullif(edm.limit_next(l, now(), s.quota_tz), now())
-  FROM edm.service_limits l WHERE l.service_id = s.service_id
+         END AS used,
+         nullif(edm.limit_next(l, now(), s.quota_tz), now()) AS next_free_at
+  FROM edm.service_limits l JOIN edm.services s ON s.service_id = l.service_id
 ) x;
 COMMENT ON VIEW edm.service_limit_status IS
   'Every limit of every service, built-in (interval, daily_quota) and extra (edm.service_limits), with its use, headroom and when it next admits a send (NULL: now). The limit with the latest next_free_at binds.';
