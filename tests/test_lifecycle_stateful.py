@@ -24,6 +24,9 @@ edm tables (everything but ``edm.config`` and ``edm.schema_migrations``).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import itertools
+import json
 from typing import Any
 
 import psycopg
@@ -53,7 +56,9 @@ OWNERS = ("d1", "d2")
 TAGS = ("a", "b", "c")
 POOL = tuple(f"p{i}@pool.example" for i in range(6))  # addresses shared by list tasks
 OUTCOMES = (("sent", None), ("transient", 421), ("permanent", 550), ("permanent", 554),
-            ("service", 421), ("released", None))
+            ("service", 421), ("released", None), ("uncertain", None), ("render_error", None))
+# The rate limit a service may carry (0008): at most 2 per 3 s, in bursts of 2.
+RATE_LIMIT = {"name": "r", "kind": "rate", "max_count": 2, "window_ms": 3000, "burst": 2}
 KEEP_TABLES = ("config", "schema_migrations")
 
 
@@ -156,12 +161,16 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.owner_of: dict[int, str] = {}
         self.held: dict[int, Lease] = {}
         self.sent: set[int] = set()
+        self.slots: dict[int, list[dt.datetime]] = {}
+        self.interval: dict[int, float] = {}
+        self.rate_limited: set[int] = set()
 
     # ----------------------------------------------------------------- world
 
     @initialize(
         limits=st.tuples(st.sampled_from([None, 6, 12]), st.sampled_from([None, 10]), st.none()),
         intervals=st.lists(st.sampled_from([0.0, 1.0]), min_size=2, max_size=3),
+        rate_limited=st.sets(st.integers(0, 2), max_size=2),
         grant_bits=st.lists(st.sampled_from([True, True, False]), min_size=9, max_size=9),
         contacts=st.lists(
             st.tuples(st.sampled_from(USERS), st.integers(0, 5),
@@ -171,7 +180,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         suppressed=st.sets(st.sampled_from(POOL), max_size=2),
         first_tasks=st.lists(st.integers(1, 4), min_size=3, max_size=3),
     )
-    def world(self, limits: tuple[int | None, ...], intervals: list[float],
+    def world(self, limits: tuple[int | None, ...], intervals: list[float], rate_limited: set[int],
               grant_bits: list[bool], contacts: list[tuple[str, int, set[str], bool]],
               suppressed: set[str], first_tasks: list[int]) -> None:
         s = self.sched
@@ -183,6 +192,11 @@ class LifecycleMachine(RuleBasedStateMachine):
                                     "interval_seconds": interval, "daily_quota": 1_000_000,
                                     "transport": "null"})
             self.services.append(sid)
+            self.interval[sid] = interval
+            if i in rate_limited:
+                self.conn.execute("SELECT edm.set_service_limits(%s, %s)",
+                                  (sid, json.dumps([RATE_LIMIT])))
+                self.rate_limited.add(sid)
             for j, user in enumerate(USERS):
                 if grant_bits[i * 3 + j]:
                     s.grant(sid, user)
@@ -376,6 +390,28 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert sid not in self.held, (sid, self.held.get(sid))
             assert sid not in self.sent
             self.held[sid] = Lease(sid, tid, owner, self.now + LEASE, r["attempt"], r["email"])
+            self.slots.setdefault(r["service_id"], []).append(at(self.now))
+        self._sync()
+
+    @rule(owner=st.sampled_from(OWNERS), batch=st.integers(1, 4), per_service=st.integers(1, 3),
+          lookahead_ms=st.sampled_from([0, 250, 1500]))
+    def claim_slots(self, owner: str, batch: int, per_service: int, lookahead_ms: int) -> None:
+        """edm.claim_v2: several slots per service, within a lookahead, held services."""
+        before = dict(self.status)
+        rows = self.conn.execute(
+            "SELECT subtask_id, task_id, user_id, service_id, email, attempt, send_at,"
+            " lease_expires_at FROM edm.claim_v2(%s, %s, %s, %s, %s, %s, '{}')",
+            (owner, batch, LEASE, at(self.now), per_service, lookahead_ms)).fetchall()
+        assert len(rows) <= batch
+        for sid, tid, user, service, email, attempt, send_at, expires in rows:
+            assert user == self.owner_of[tid] and (service, user) in self.grants
+            assert before[tid] in ("scheduled", "sending"), (tid, before[tid])
+            assert sid not in self.held and sid not in self.sent
+            # the slot lies within the lookahead; the lease starts at the slot
+            assert at(self.now) <= send_at <= at(self.now + lookahead_ms / 1000)
+            assert expires - send_at == dt.timedelta(seconds=LEASE)
+            self.held[sid] = Lease(sid, tid, owner, self.now + LEASE, attempt, email)
+            self.slots.setdefault(service, []).append(send_at)
         self._sync()
 
     @precondition(lambda self: bool(self.held))
@@ -403,7 +439,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert accepted, reason
         if kind == "sent":
             want = "sent"
-        elif kind == "permanent" or (kind == "transient" and lease.attempt >= MAX_ATTEMPTS):
+        elif kind in ("permanent", "render_error") or (
+                kind in ("transient", "uncertain") and lease.attempt >= MAX_ATTEMPTS):
             want = "failed"
         else:
             want = "cancelled" if task_status == "cancelled" else "pending"
@@ -559,6 +596,21 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert quota_problems(self.conn) == []
         for user, limit in self.quota_limit.items():
             assert limit is None or self._quota_used(user) <= limit
+
+    @invariant()
+    def slots_keep_every_limit(self) -> None:
+        """I2: per service, the slots handed out keep its interval and its rate limit."""
+        for sid, slots in self.slots.items():
+            ordered = sorted(slots)
+            gap = dt.timedelta(seconds=self.interval[sid])
+            assert all(b - a >= gap for a, b in itertools.pairwise(ordered)), (
+                sid, ordered)
+            if sid in self.rate_limited:  # GCRA: T = 1.5 s, tolerance (2 - 1) T
+                period = dt.timedelta(seconds=1.5)
+                tat: dt.datetime | None = None
+                for slot in ordered:
+                    assert tat is None or slot >= tat - period, (sid, ordered)
+                    tat = max(tat or slot, slot) + period
 
     @invariant()
     def leases_are_the_models(self) -> None:
