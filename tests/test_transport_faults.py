@@ -91,7 +91,13 @@ def test_healthy_is_sent_and_logged_by_the_server(server: FaultySmtp) -> None:
     assert record.answered and record.mode == "healthy"
     assert record.recipient == msg.recipient and record.sender == msg.sender
     assert before <= record.mail_at <= record.dot_at <= time.time()
-    assert record.size > 0
+    assert record.size == len(msg.data)
+    # A message above ONE_WRITE_MAX goes as data, flush, then the dot: same result.
+    big = message(41, size=300_000)
+    result, _ = run(send_once(service(server.port("healthy")), big))
+    assert result.outcome is Outcome.SENT
+    [record] = records_for(server, big)
+    assert record.answered and record.size == len(big.data)
 
 
 def test_drop_after_the_final_dot_is_uncertain_and_not_retried(server: FaultySmtp) -> None:

@@ -46,13 +46,16 @@ retried, since the server may have accepted the message and a retry could
 deliver it twice. :meth:`SmtpTransport.prepare` opens, greets and logs in a
 service's connection ahead of its first send.
 
-The DATA exchange is done in three steps so that the transport knows exactly
+The DATA exchange is done in steps so that the transport knows exactly
 whether the final dot left: the DATA command and its 354 reply
 (``command_timeout``); the message data, written and flushed to the
 operating system (``data_timeout``); only then the final ``.``, and the
 wait for its reply (``data_timeout``). A connection lost before the final dot
 was written cannot have delivered anything (``TRANSIENT``); lost, reset or
-timed out after it, the server may have the message (``UNCERTAIN``).
+timed out after it, the server may have the message (``UNCERTAIN``). A
+message of at most ``ONE_WRITE_MAX`` (64 KiB) is written together with its
+dot: the operating system takes it at once, so the event loop could not see a
+loss between the two writes anyway, and one system call is saved.
 
 Outcomes (see :func:`classify_reply` for reply codes):
 
@@ -177,6 +180,9 @@ def parse_queue_id(text: str) -> str | None:
 
 DEFAULT_DATA_TIMEOUT = 600.0
 """Seconds for the message data and the reply to the final dot (RFC 5321 §4.5.3.2)."""
+
+ONE_WRITE_MAX = 64 * 1024
+"""Messages up to this size (on the wire) are written with their final dot at once."""
 
 _TIMEOUT_KEYS = ("connect_timeout", "greeting_timeout", "command_timeout")
 
@@ -691,12 +697,17 @@ class SmtpTransport:
             start = await smtp.execute_command(b"DATA", timeout=command)
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
-            # The message data, flushed to the OS before the final dot: a connection
-            # lost until then provably delivered nothing.
+            payload = wire_data(message.data)
             protocol = smtp.protocol
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost")
-            protocol.write(wire_data(message.data))
+            if len(payload) <= ONE_WRITE_MAX:
+                # Handed to the OS in one piece: writing the dot apart would not let
+                # the event loop see a loss in between, only cost a system call.
+                return await self._final_dot(conn, settings, message, payload), False
+            # A large message is flushed to the OS before the final dot: a
+            # connection lost until then provably delivered nothing.
+            protocol.write(payload)
             try:
                 async with asyncio.timeout(settings.data_timeout):
                     await _flush(smtp)
@@ -726,16 +737,16 @@ class SmtpTransport:
         return await self._final_dot(conn, settings, message), False
 
     async def _final_dot(
-        self, conn: _Connection, settings: SmtpSettings, message: Message
+        self, conn: _Connection, settings: SmtpSettings, message: Message, data: bytes = b""
     ) -> SendResult:
-        """Write the final dot and wait for its reply: from here on, a failure is UNCERTAIN."""
+        """Write ``data`` and the final dot, then await the reply: a failure now is UNCERTAIN."""
         smtp = conn.smtp
         protocol = smtp.protocol
         try:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost")
             # No await between the write and read_response(): the reply cannot be missed.
-            protocol.write(b".\r\n")
+            protocol.write(data + b".\r\n")
         except Exception as exc:
             # Refused by the transport: the dot never went out.
             smtp.close()
