@@ -385,6 +385,18 @@ async def _open_socket(host: str, port: int) -> socket.socket:
     raise error
 
 
+def _abandon(smtp: aiosmtplib.SMTP | None, sock: socket.socket | None) -> None:
+    """Close a connection that failed to open.
+
+    Once aiosmtplib has the socket, its transport closes it (closing it here
+    could pull a file descriptor from under the event loop).
+    """
+    if smtp is not None:
+        smtp.close()
+    elif sock is not None:
+        sock.close()
+
+
 class _Flushed(Exception):
     """The connection was lost while the message data was being flushed."""
 
@@ -609,6 +621,7 @@ class SmtpTransport:
                 )
         local_hostname = await self._local_hostname()
         stage = "connect"
+        sock: socket.socket | None = None
         smtp: aiosmtplib.SMTP | None = None
         try:
             try:
@@ -639,22 +652,19 @@ class SmtpTransport:
                 # Passed to login() only, so the SMTP object never stores it.
                 await smtp.login(settings.username, password, timeout=settings.command)
         except aiosmtplib.SMTPResponseException as exc:
-            if smtp is not None:
-                smtp.close()
+            _abandon(smtp, sock)
             detail = _detail(f"{stage}: {exc.code} {exc.message}", password)
             log.warning("service %s: %s:%s refused us: %s",
                         sid, settings.host, settings.port, detail)
             return SendResult(Outcome.SERVICE, code=exc.code, detail=detail)
         except (aiosmtplib.SMTPException, OSError) as exc:  # includes timeouts and TLS errors
-            if smtp is not None:
-                smtp.close()
+            _abandon(smtp, sock)
             detail = _detail(f"{stage}: {_describe(exc)}", password)
             log.warning("service %s: cannot use %s:%s: %s",
                         sid, settings.host, settings.port, detail)
             return SendResult(Outcome.SERVICE, detail=detail)
         except BaseException:
-            if smtp is not None:
-                smtp.close()
+            _abandon(smtp, sock)
             raise
         log.debug("service %s: connected to %s:%s (%s)",
                   sid, settings.host, settings.port, settings.security)
