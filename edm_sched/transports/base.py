@@ -12,14 +12,25 @@ event loop). It never raises for a provider's answer: it returns a
 * ``SERVICE``   — the *account* is unusable right now (connection refused,
   authentication failure, 421, throttling): the service backs off and the
   subtask returns to pending without using an attempt.
-* ``UNCERTAIN`` — the connection failed or timed out *after the final dot*
-  was sent: the provider may have accepted the message. Recorded as an
-  uncertain outcome (a possible duplicate, counted on the subtask) before the
-  subtask is retried like a transient failure.
+* ``UNCERTAIN`` — nobody can know whether the provider has the message: the
+  connection failed, was reset or timed out *after* the whole message,
+  final dot included, was handed to the network and *before* the provider
+  answered. The provider may have accepted it, so a resend may deliver a
+  second copy. The scheduler records the uncertain outcome (so that every
+  possible duplicate is countable) before any resend. A transport never
+  retries an uncertain send by itself. A failure before the end of the
+  message (the final dot never left) is ``TRANSIENT`` instead: nothing could
+  have been accepted.
 
 An exception escaping ``send`` is treated by the dispatcher as ``TRANSIENT``
 with the exception text as detail, so a buggy transport never leaves a
 subtask leased forever.
+
+A transport may also offer ``async def prepare(service) -> None`` (optional,
+not part of :class:`Transport`; a dispatcher calls it when present, e.g. with
+``getattr``): open, greet and log in the service's connection ahead of time,
+so that the first send at its slot starts the transaction at once. It never
+raises; what fails there is reported by the next ``send``.
 """
 
 from __future__ import annotations

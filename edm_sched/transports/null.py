@@ -62,5 +62,8 @@ class NullTransport:
             Outcome.SENT, response_ms=round((time.perf_counter() - started) * 1000)
         )
 
+    async def prepare(self, service: ServiceConfig) -> None:
+        """Nothing to open ahead of time."""
+
     async def aclose(self) -> None:
         """Nothing to close."""

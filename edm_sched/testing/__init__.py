@@ -1,0 +1,1 @@
+"""Tools for testing and benchmarking edm-sched; not imported by the library itself."""
