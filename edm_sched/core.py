@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 T = TypeVar("T")
+_COPY_YIELD_ROWS = 200  # the async COPY lets other coroutines run this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,8 +288,10 @@ async def _aexecute(conn: psycopg.AsyncConnection[Any], step: Step) -> Any:
         return await cur.fetchall() if step.rows == "all" else None
     if isinstance(step, Copy):
         async with conn.cursor().copy(step.sql) as copy:
-            for row in step.rows:
+            for i, row in enumerate(step.rows, 1):
                 await copy.write_row(row)
+                if i % _COPY_YIELD_ROWS == 0:
+                    await asyncio.sleep(0)  # write_row awaits only when its buffer is full
         return None
     if isinstance(step, Compute):
         return await asyncio.to_thread(step.fn)

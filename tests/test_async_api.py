@@ -333,3 +333,31 @@ def test_deprecated_entry_points_still_work(dsn: str) -> None:
     job = js.create_job({"tenant_id": "t", "name": "j", "cron": "0 3 * * *",
                          "target": {"kind": "function", "function": "noop"}})
     assert job.next_run_at == dt.datetime(2026, 1, 1, 3, tzinfo=dt.UTC)
+
+
+# ---------------------------------------------------------------------------
+# One entry point, cheap to import
+# ---------------------------------------------------------------------------
+
+
+def test_one_entry_point_and_a_cheap_import() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, edm_sched; heavy = [m for m in ('psycopg', 'psycopg_pool', 'pydantic',"
+            " 'jinja2', 'aiosmtplib') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", f"import edm_sched loaded {out}"
+    import edm_sched
+
+    for name in edm_sched.__all__:
+        assert getattr(edm_sched, name) is not None, name
+    from edm_sched import AsyncScheduler as A
+    from edm_sched import Scheduler as S
+    from edm_sched import run_dispatcher
+
+    assert (S.__name__, A.__name__, run_dispatcher.__name__) == (
+        "Scheduler", "AsyncScheduler", "run_dispatcher")
+    with pytest.raises(AttributeError):
+        _ = edm_sched.NoSuchThing  # type: ignore[attr-defined]
