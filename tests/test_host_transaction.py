@@ -149,3 +149,17 @@ def test_jobs_and_monitoring_take_conn_too(sched: Scheduler, dsn: str,
         host.rollback()
     assert _count(conn, "SELECT count(*) FROM edm.jobs") == 0
     assert sched.monitoring.config_get("sweep.interval").value != 42
+
+
+def test_first_statement_of_the_host_transaction_is_ours(
+        sched: Scheduler, dsn: str, conn: psycopg.Connection[Any]) -> None:
+    """An idle non-autocommit connection (Django's atomic() before any query): the call
+    opens the host's transaction without committing it."""
+    with psycopg.connect(dsn) as host:
+        assert host.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        sched.create_task(_list_task("i", 2), conn=host)
+        assert host.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        host.rollback()
+        sched.create_task(_list_task("j", 1), conn=host)
+        host.commit()
+    assert [r[0] for r in conn.execute("SELECT name FROM edm.tasks")] == ["j"]
