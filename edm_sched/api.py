@@ -1,99 +1,146 @@
-"""The host-facing API: :class:`Scheduler`.
+"""The host-facing API: :class:`Scheduler` and :class:`AsyncScheduler`.
 
-A thin, synchronous wrapper over the SQL functions of ``sql/migrations/0003``.
-Inputs are validated by pydantic models first (a malformed call never reaches
-the database), then by SQL (the authority); both kinds of refusal surface as
-:class:`edm_sched.errors.InvalidInput` or a more specific typed error, and
-nothing is half-written because each call is one transaction (tag-rule
-expansion commits per chunk, with progress visible in the task's counters).
+Both are one-line facades over the operations of :mod:`edm_sched.ops` (and
+:mod:`edm_sched.jobs.ops`), run by the sync or the async runner of
+:mod:`edm_sched.core`: the argument checking, the SQL and the mapping of rows
+onto models exist once. Inputs are validated by pydantic models first (a
+malformed call never reaches the database), then by SQL (the authority); both
+kinds of refusal surface as :class:`edm_sched.errors.InvalidInput` or a more
+specific typed error.
+
+Each call is one transaction on a pooled connection (tag-rule expansion
+commits per chunk, with progress visible in the task's counters) — or, with
+``conn=``, part of the caller's transaction, which it never commits: a task
+created in a transaction that rolls back leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
-import pydantic
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
 
-from edm_sched import db, errors
+from edm_sched import core, db, errors, ops
+from edm_sched.jobs.api import AsyncJobs, Jobs
 from edm_sched.models import (
     Contact,
     ContactImport,
     CreatedTask,
-    Email,
-    InvalidAddress,
-    Name,
     Service,
     ServiceSpec,
     ServiceUpdate,
-    Tag,
     TaskSpec,
     TaskStatus,
-    UserId,
     UserInfo,
-    validate,
 )
-from edm_sched.sqlfiles import query
+from edm_sched.ops import EXPANSION_CHUNK, InvalidRecipients, check_id, check_scope
 
-EXPANSION_CHUNK = 200_000
+if TYPE_CHECKING:
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
+    from edm_sched.monitoring import ConfigEntry, Status
 
-def check_id(value: Any, what: str) -> int:
-    """A database id: a positive 64-bit integer, else :class:`errors.InvalidInput`."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
-        raise errors.InvalidInput(f"{what} must be a positive 64-bit integer, got {value!r}")
-    return value
+T = TypeVar("T")
 
+DEFAULT_CONNECT_TIMEOUT = db.CONNECT_TIMEOUT
+"""Seconds a new Scheduler waits for its first connection before DatabaseUnavailable."""
 
-def check_scope(user_id: str | None) -> str | None:
-    """An optional tenant scope, validated like a user id."""
-    if user_id is not None:
-        validate(_UserArgs, {"user_id": user_id})
-    return user_id
+Conn = psycopg.Connection[Any]
+AConn = psycopg.AsyncConnection[Any]
 
 
-class InvalidRecipients(errors.InvalidInput):
-    """An explicit recipient list holds invalid addresses; ``report`` lists each one."""
+def _pool_settings(dsn: str | None, connect_timeout: float) -> tuple[str, dict[str, Any]]:
+    resolved = db.resolve_dsn(dsn)
+    if not resolved:
+        raise errors.ConfigurationError("no DSN given and EDM_SCHED_DSN is not set")
+    db.check_dsn(resolved)
+    if not 0 < connect_timeout <= 600:
+        raise errors.ConfigurationError("connect_timeout must be between 0 and 600 seconds")
+    return resolved, {"autocommit": True, **db.timeout_kwargs(resolved, connect_timeout)}
 
-    code = "INVALID_RECIPIENTS"
 
-    def __init__(self, report: list[InvalidAddress]) -> None:
-        first = report[0]
-        super().__init__(
-            f"{len(report)} invalid recipient address(es); first at position {first.position}: "
-            f"{first.email!r}: {first.reason}"
-        )
-        self.report = report
+class Monitoring:
+    """Status and configuration (``scheduler.monitoring``): the views a DBA reads in psql."""
+
+    def __init__(self, runner: core.SyncRunner, actor: str | None = None) -> None:
+        self._runner = runner
+        self._actor = actor
+
+    def status(self, *, limit: int = 50, conn: Conn | None = None) -> Status:
+        """System health, recent tasks, services, waiting reasons and open alerts."""
+        return self._runner(ops.status(limit), conn, core.NO_SESSION)
+
+    def config_list(self, *, conn: Conn | None = None) -> list[ConfigEntry]:
+        return self._runner(ops.config_list(), conn, core.NO_SESSION)
+
+    def config_get(self, key: str, *, conn: Conn | None = None) -> ConfigEntry:
+        return self._runner(ops.config_get(key), conn, core.NO_SESSION)
+
+    def config_set(self, key: str, value: Any, *, conn: Conn | None = None) -> Any:
+        """Set a config value (text is read as JSON when it parses); ConfigRejected when refused."""
+        return self._runner(ops.config_set(key, value, self._actor), conn, core.NO_SESSION)
+
+
+class AsyncMonitoring:
+    """The methods of :class:`Monitoring`, awaited (``async_scheduler.monitoring``)."""
+
+    def __init__(self, runner: core.AsyncRunner, actor: str | None = None) -> None:
+        self._runner = runner
+        self._actor = actor
+
+    async def status(self, *, limit: int = 50, conn: AConn | None = None) -> Status:
+        return await self._runner(ops.status(limit), conn, core.NO_SESSION)
+
+    async def config_list(self, *, conn: AConn | None = None) -> list[ConfigEntry]:
+        return await self._runner(ops.config_list(), conn, core.NO_SESSION)
+
+    async def config_get(self, key: str, *, conn: AConn | None = None) -> ConfigEntry:
+        return await self._runner(ops.config_get(key), conn, core.NO_SESSION)
+
+    async def config_set(self, key: str, value: Any, *, conn: AConn | None = None) -> Any:
+        return await self._runner(ops.config_set(key, value, self._actor), conn,
+                                  core.NO_SESSION)
 
 
 class Scheduler:
-    """Host API over a connection pool. Use as a context manager, or call :meth:`close`."""
+    """Host API over a connection pool. Use as a context manager, or call :meth:`close`.
+
+    ``scheduler.jobs`` manages recurring jobs and ``scheduler.monitoring``
+    reads status and config, in the same style. Every method takes an optional
+    ``conn=`` (a ``psycopg.Connection``) to run inside the caller's transaction.
+    """
 
     def __init__(self, dsn: str | None = None, *, pool: ConnectionPool | None = None,
-                 min_size: int = 1, max_size: int = 4, actor: str | None = None) -> None:
+                 min_size: int = 1, max_size: int = 4, actor: str | None = None,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
         self.actor = actor  # recorded in edm.audit_log for administrative changes
         if pool is None:
-            resolved = db.resolve_dsn(dsn)
-            if not resolved:
-                raise errors.ConfigurationError("no DSN given and EDM_SCHED_DSN is not set")
-            db.check_dsn(resolved)
+            resolved, kwargs = _pool_settings(dsn, connect_timeout)
+            db.probe(resolved, connect_timeout)  # fails fast, naming host and port
             pool = ConnectionPool(resolved, min_size=min_size, max_size=max_size, open=False,
-                                  kwargs={"autocommit": True})
+                                  kwargs=kwargs)
             try:
-                pool.open(wait=True, timeout=10)
-            except PoolTimeout as exc:
+                pool.open(wait=True, timeout=connect_timeout)
+            except PoolTimeout:
                 pool.close()
-                raise errors.DatabaseUnavailable(
-                    f"cannot connect to {db.redact(resolved)}: {exc}") from None
+                raise db.unavailable(resolved, connect_timeout, "the pool did not fill") \
+                    from None
             self._own_pool = True
         else:
             self._own_pool = False
         self.pool = pool
+        self._session = core.Session.for_actor(actor)
+        self.jobs = Jobs(self._runner, actor=actor)
+        self.monitoring = Monitoring(self._runner, actor)
+
+    def _runner(self, op: core.Op[T], conn: Conn | None, session: core.Session) -> T:
+        return core.run_sync(op, pool=self.pool, conn=conn, session=session)
+
+    def _run(self, op: core.Op[T], conn: Conn | None) -> T:
+        return core.run_sync(op, pool=self.pool, conn=conn, session=self._session)
 
     def close(self) -> None:
         if self._own_pool:
@@ -105,246 +152,266 @@ class Scheduler:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[psycopg.Connection[Any]]:
-        """One transaction on a pooled connection, errors translated."""
-        with self.pool.connection() as conn, db.translate(), conn.transaction():
-            if self.actor:
-                conn.execute(query("set_actor"), (self.actor,))
-            yield conn
-
-    def _one(self, name: str, params: Any) -> Any:
-        with self._tx() as conn:
-            row = conn.execute(query(name), params).fetchone()
-            return None if row is None else row[0]
-
     # ------------------------------------------------------------------ users
 
     def upsert_user(self, user_id: str, *, display_name: str | None = None,
-                    quota_limit: int | None = None) -> None:
+                    quota_limit: int | None = None, conn: Conn | None = None) -> None:
         """Create a user (the host's tenant id) or update its display name."""
-        validate(_UserArgs, {"user_id": user_id, "display_name": display_name,
-                             "quota_limit": quota_limit})
-        self._one("upsert_user", (user_id, display_name, quota_limit))
+        return self._run(ops.upsert_user(user_id, display_name, quota_limit), conn)
 
-    def set_user_quota(self, user_id: str, quota_limit: int | None) -> None:
+    def set_user_quota(self, user_id: str, quota_limit: int | None, *,
+                       conn: Conn | None = None) -> None:
         """Most recipients the user may have reserved (None = unlimited)."""
-        validate(_UserArgs, {"user_id": user_id, "quota_limit": quota_limit})
-        self._one("set_user_quota", (user_id, quota_limit))
+        return self._run(ops.set_user_quota(user_id, quota_limit), conn)
 
-    def get_user(self, user_id: str) -> UserInfo:
-        with self.pool.connection() as conn, db.translate():
-            cur = conn.cursor(row_factory=dict_row)
-            row = cur.execute(query("get_user"), (user_id,)).fetchone()
-        if row is None:
-            raise errors.NotFound(f"unknown user {user_id}")
-        return UserInfo.model_validate(row)
+    def get_user(self, user_id: str, *, conn: Conn | None = None) -> UserInfo:
+        return self._run(ops.get_user(user_id), conn)
 
     # --------------------------------------------------------------- services
 
-    def create_service(self, spec: ServiceSpec | Mapping[str, Any]) -> int:
-        """Add a sending account; returns its id."""
-        s = validate(ServiceSpec, spec)
-        return int(self._one("create_service", {
-            "name": s.name, "from_addresses": s.from_addresses,
-            "interval_ms": round(s.interval_seconds * 1000), "daily_quota": s.daily_quota,
-            "transport": s.transport, "settings": Jsonb(s.settings),
-            "credential_ref": s.credential_ref, "quota_tz": s.quota_tz, "enabled": s.enabled,
-        }))
+    def create_service(self, spec: ServiceSpec | Mapping[str, Any], *,
+                       conn: Conn | None = None) -> int:
+        """Add a sending account; returns its id (AlreadyExists for a taken name)."""
+        return self._run(ops.create_service(spec), conn)
 
-    def update_service(self, service_id: int, changes: ServiceUpdate | Mapping[str, Any]) -> None:
+    def update_service(self, service_id: int, changes: ServiceUpdate | Mapping[str, Any], *,
+                       conn: Conn | None = None) -> None:
         """Change some fields of a service (None = unchanged)."""
-        c = validate(ServiceUpdate, changes)
-        self._one("update_service", {
-            "service_id": check_id(service_id, "service_id"), "name": c.name,
-            "from_addresses": c.from_addresses,
-            "interval_ms": None if c.interval_seconds is None else round(c.interval_seconds * 1000),
-            "daily_quota": c.daily_quota,
-            "settings": None if c.settings is None else Jsonb(c.settings),
-            "credential_ref": c.credential_ref, "quota_tz": c.quota_tz, "enabled": c.enabled,
-        })
+        return self._run(ops.update_service(service_id, changes), conn)
 
-    def disable_service(self, service_id: int) -> None:
-        self.update_service(service_id, ServiceUpdate(enabled=False))
+    def disable_service(self, service_id: int, *, conn: Conn | None = None) -> None:
+        return self._run(ops.update_service(service_id, ServiceUpdate(enabled=False)), conn)
 
-    def enable_service(self, service_id: int) -> None:
-        self.update_service(service_id, ServiceUpdate(enabled=True))
+    def enable_service(self, service_id: int, *, conn: Conn | None = None) -> None:
+        return self._run(ops.update_service(service_id, ServiceUpdate(enabled=True)), conn)
 
-    def get_service(self, service_id: int) -> Service:
-        with self.pool.connection() as conn, db.translate():
-            row = conn.cursor(row_factory=dict_row).execute(
-                query("get_service"), (check_id(service_id, "service_id"),)).fetchone()
-        if row is None:
-            raise errors.NotFound(f"unknown service {service_id}")
-        return Service.model_validate(row)
+    def get_service(self, service_id: int, *, conn: Conn | None = None) -> Service:
+        return self._run(ops.get_service(service_id), conn)
 
-    def grant(self, service_id: int, user_id: str, *, priority: int = 0) -> None:
+    def grant(self, service_id: int, user_id: str, *, priority: int = 0,
+              conn: Conn | None = None) -> None:
         """Let ``user_id`` send through ``service_id``; higher priority grants are used first."""
-        validate(_GrantArgs, {"service_id": service_id, "user_id": user_id, "priority": priority})
-        self._one("grant_service", (service_id, user_id, priority))
+        return self._run(ops.grant(service_id, user_id, priority), conn)
 
-    def revoke(self, service_id: int, user_id: str) -> bool:
-        validate(_GrantArgs, {"service_id": service_id, "user_id": user_id, "priority": 0})
-        return bool(self._one("revoke_service", (service_id, user_id)))
+    def revoke(self, service_id: int, user_id: str, *, conn: Conn | None = None) -> bool:
+        return self._run(ops.revoke(service_id, user_id), conn)
 
     # --------------------------------------------------------------- contacts
 
-    def upsert_contacts(self, user_id: str,
-                        contacts: Iterable[Contact | Mapping[str, Any]]) -> ContactImport:
+    def upsert_contacts(self, user_id: str, contacts: Iterable[Contact | Mapping[str, Any]], *,
+                        conn: Conn | None = None) -> ContactImport:
         """Insert or merge contacts in bulk (COPY), in one transaction."""
-        validate(_UserArgs, {"user_id": user_id})
-        with self._tx() as conn:
-            conn.execute(query("stage_contacts_create"))
-            conn.execute(query("stage_share"), ("edm_stage_contacts",))
-            with conn.cursor().copy(query("stage_contacts_copy")) as copy:
-                for i, raw in enumerate(contacts):
-                    c = validate(Contact, raw)
-                    copy.write_row((i, c.email, Jsonb(c.attributes), c.tags, c.unsubscribed))
-            row = conn.execute(query("merge_staged_contacts"), (user_id,)).fetchone()
-        assert row is not None
-        return ContactImport(inserted=row[0], updated=row[1])
+        return self._run(ops.upsert_contacts(user_id, contacts), conn)
 
     def tag_contacts(self, user_id: str, emails: list[str], *, add: list[str] | None = None,
-                     remove: list[str] | None = None) -> int:
+                     remove: list[str] | None = None, conn: Conn | None = None) -> int:
         """Add and remove tags on some of the user's contacts; returns contacts changed."""
-        a = validate(_TagArgs, {"user_id": user_id, "emails": emails, "add": add or [],
-                                "remove": remove or []})
-        return int(self._one("set_contact_tags", (a.user_id, a.emails, a.add, a.remove)))
+        return self._run(ops.tag_contacts(user_id, emails, add, remove), conn)
 
-    def delete_tag(self, user_id: str, tag: str) -> int:
+    def delete_tag(self, user_id: str, tag: str, *, conn: Conn | None = None) -> int:
         """Delete a tag of the user everywhere; returns how many contacts had it."""
-        a = validate(_TagArgs, {"user_id": user_id, "add": [tag]})
-        return int(self._one("delete_tag", (a.user_id, tag)))
+        return self._run(ops.delete_tag(user_id, tag), conn)
 
-    def suppress(self, email: str, *, reason: str = "manual", user_id: str | None = None) -> None:
+    def suppress(self, email: str, *, reason: str = "manual", user_id: str | None = None,
+                 conn: Conn | None = None) -> None:
         """Never send to ``email`` (for ``user_id``, or for everyone)."""
-        a = validate(_SuppressionArgs, {"email": email, "reason": reason, "user_id": user_id})
-        self._one("add_suppression", (a.email, a.reason, a.user_id))
+        return self._run(ops.suppress(email, reason, user_id), conn)
 
-    def unsuppress(self, email: str, *, user_id: str | None = None) -> bool:
-        a = validate(_SuppressionArgs, {"email": email, "user_id": user_id})
-        return bool(self._one("remove_suppression", (a.email, a.user_id)))
+    def unsuppress(self, email: str, *, user_id: str | None = None,
+                   conn: Conn | None = None) -> bool:
+        return self._run(ops.unsuppress(email, user_id), conn)
 
     # ------------------------------------------------------------------ tasks
 
-    def create_task(self, spec: TaskSpec | Mapping[str, Any]) -> CreatedTask:
+    def create_task(self, spec: TaskSpec | Mapping[str, Any], *,
+                    conn: Conn | None = None) -> CreatedTask:
         """Create a campaign from an explicit list or a tag rule.
 
         Explicit lists: COPY, then one set-based statement (dedupe, suppressions,
         quota reservation); an invalid address refuses the task with a
         per-address report (:class:`InvalidRecipients`) unless
         ``on_invalid="skip"``. Tag rules: the quota is reserved for every match,
-        then subtasks are created in chunks, each its own transaction.
+        then subtasks are created in chunks, each its own transaction — or,
+        under ``conn=``, all inside the caller's transaction.
         """
-        t = validate(TaskSpec, spec)
-        templates = Jsonb([tpl.model_dump() for tpl in t.templates])
-        if t.rule is not None:
-            return self._create_from_rule(t, templates)
-        assert t.recipients is not None
-        with self._tx() as conn:
-            conn.execute(query("stage_recipients_create"))
-            conn.execute(query("stage_share"), ("edm_stage_recipients",))
-            with conn.cursor().copy(query("stage_recipients_copy")) as copy:
-                for i, r in enumerate(t.recipients):
-                    copy.write_row((i, r.email, None if r.vars is None else Jsonb(r.vars)))
-            report = [InvalidAddress(position=p, email=e, reason=why) for p, e, why in
-                      conn.execute(query("stage_recipients_report")).fetchall()]
-            if report and t.on_invalid == "reject":
-                raise InvalidRecipients(report)
-            row = conn.execute(query("create_task_from_staged"), {
-                "user_id": t.user_id, "name": t.name, "templates": templates,
-                "priority": t.priority, "scheduled_at": t.scheduled_at,
-                "skip_invalid": t.on_invalid == "skip",
-            }).fetchone()
-        assert row is not None
-        return CreatedTask(task_id=row[0], recipients=row[1], invalid=report,
-                           duplicates=row[3], suppressed=row[4])
+        return self._run(ops.create_task(spec), conn)
 
-    def _create_from_rule(self, t: TaskSpec, templates: Jsonb) -> CreatedTask:
-        assert t.rule is not None
-        with self._tx() as conn:
-            row = conn.execute(query("create_task_from_rule"), {
-                "user_id": t.user_id, "name": t.name, "templates": templates,
-                "rule": Jsonb(t.rule.model_dump()), "priority": t.priority,
-                "scheduled_at": t.scheduled_at,
-            }).fetchone()
-        assert row is not None
-        task_id = int(row[0])
-        total = self.expand(task_id)
-        return CreatedTask(task_id=task_id, recipients=total)
-
-    def expand(self, task_id: int, *, chunk: int = EXPANSION_CHUNK) -> int:
+    def expand(self, task_id: int, *, chunk: int = EXPANSION_CHUNK,
+               conn: Conn | None = None) -> int:
         """Run (or resume) the expansion of a tag-rule task; returns subtasks created."""
-        check_id(task_id, "task_id")
-        total = 0
-        while True:
-            with self._tx() as conn:
-                row = conn.execute(query("expand_task"), (task_id, chunk)).fetchone()
-            assert row is not None
-            total += int(row[0])
-            if row[1]:
-                return total
+        return self._run(ops.expand(task_id, chunk), conn)
 
-    def pause(self, task_id: int, *, user_id: str | None = None) -> str:
+    def pause(self, task_id: int, *, user_id: str | None = None,
+              conn: Conn | None = None) -> str:
         """Stop new claims for the task at once (in-flight sends complete)."""
-        return str(self._one("pause_task", (check_id(task_id, "task_id"),
-                                              check_scope(user_id))))
+        return self._run(ops.pause(task_id, user_id), conn)
 
-    def resume(self, task_id: int, *, user_id: str | None = None) -> str:
+    def resume(self, task_id: int, *, user_id: str | None = None,
+               conn: Conn | None = None) -> str:
         """Continue a paused task where it stopped."""
-        return str(self._one("resume_task", (check_id(task_id, "task_id"),
-                                              check_scope(user_id))))
+        return self._run(ops.resume(task_id, user_id), conn)
 
-    def cancel(self, task_id: int, *, user_id: str | None = None) -> int:
+    def cancel(self, task_id: int, *, user_id: str | None = None,
+               conn: Conn | None = None) -> int:
         """End the task; unsent recipients are cancelled and their quota refunded."""
-        return int(self._one("cancel_task", (check_id(task_id, "task_id"),
-                                              check_scope(user_id))))
+        return self._run(ops.cancel(task_id, user_id), conn)
 
-    def task(self, task_id: int, *, user_id: str | None = None) -> TaskStatus:
+    def task(self, task_id: int, *, user_id: str | None = None,
+             conn: Conn | None = None) -> TaskStatus:
         """Status and counters of a task (scoped to ``user_id`` when given)."""
-        with self.pool.connection() as conn, db.translate():
-            row = conn.cursor(row_factory=dict_row).execute(
-                query("get_task"), {"task_id": check_id(task_id, "task_id"),
-                                    "user_id": check_scope(user_id)}).fetchone()
-        if row is None:
-            raise errors.NotFound(f"unknown task {task_id}")
-        return TaskStatus.model_validate(row)
+        return self._run(ops.task(task_id, user_id), conn)
 
-    def tasks(self, user_id: str, *, limit: int = 100) -> list[TaskStatus]:
+    def tasks(self, user_id: str, *, limit: int = 100,
+              conn: Conn | None = None) -> list[TaskStatus]:
         """The user's tasks, newest first (at most ``limit``, 1..10000)."""
-        check_scope(user_id)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
-            raise errors.InvalidInput(f"limit must be an integer in 1..10000, got {limit!r}")
-        with self.pool.connection() as conn, db.translate():
-            rows = conn.cursor(row_factory=dict_row).execute(
-                query("list_tasks"), (user_id, limit)).fetchall()
-        return [TaskStatus.model_validate(r) for r in rows]
+        return self._run(ops.tasks(user_id, limit), conn)
 
 
-class _UserArgs(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
-    user_id: UserId
-    display_name: Name | None = None
-    quota_limit: int | None = pydantic.Field(default=None, ge=0, le=2**62)
+class AsyncScheduler:
+    """The methods of :class:`Scheduler`, awaited, on a psycopg ``AsyncConnectionPool``.
+
+    ``async with AsyncScheduler(dsn) as s:`` opens the pool (or ``await
+    s.open()``; ``await s.close()``). ``conn=`` takes a
+    ``psycopg.AsyncConnection``. Long explicit lists are validated in a worker
+    thread and copied with awaited writes, so the event loop keeps turning.
+    """
+
+    def __init__(self, dsn: str | None = None, *, pool: AsyncConnectionPool | None = None,
+                 min_size: int = 1, max_size: int = 4, actor: str | None = None,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        from psycopg_pool import AsyncConnectionPool
+
+        self.actor = actor
+        self.connect_timeout = connect_timeout
+        if pool is None:
+            self._dsn, kwargs = _pool_settings(dsn, connect_timeout)
+            pool = AsyncConnectionPool(self._dsn, min_size=min_size, max_size=max_size,
+                                       open=False, kwargs=kwargs)
+            self._own_pool = True
+        else:
+            self._own_pool = False
+        self.pool = pool
+        self._session = core.Session.for_actor(actor)
+        self.jobs = AsyncJobs(self._runner, actor=actor)
+        self.monitoring = AsyncMonitoring(self._runner, actor)
+
+    async def open(self) -> AsyncScheduler:
+        """Open the pool this scheduler created (DatabaseUnavailable within connect_timeout)."""
+        from psycopg_pool import PoolTimeout
+
+        if self._own_pool:
+            await db.aprobe(self._dsn, self.connect_timeout)
+            try:
+                await self.pool.open(wait=True, timeout=self.connect_timeout)
+            except PoolTimeout:
+                await self.pool.close()
+                raise db.unavailable(self._dsn, self.connect_timeout,
+                                     "the pool did not fill") from None
+        return self
+
+    async def close(self) -> None:
+        if self._own_pool:
+            await self.pool.close()
+
+    async def __aenter__(self) -> AsyncScheduler:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _runner(self, op: core.Op[T], conn: AConn | None, session: core.Session) -> T:
+        return await core.run_async(op, pool=self.pool, conn=conn, session=session)
+
+    async def _run(self, op: core.Op[T], conn: AConn | None) -> T:
+        return await core.run_async(op, pool=self.pool, conn=conn, session=self._session)
+
+    async def upsert_user(self, user_id: str, *, display_name: str | None = None,
+                          quota_limit: int | None = None, conn: AConn | None = None) -> None:
+        return await self._run(ops.upsert_user(user_id, display_name, quota_limit), conn)
+
+    async def set_user_quota(self, user_id: str, quota_limit: int | None, *,
+                             conn: AConn | None = None) -> None:
+        return await self._run(ops.set_user_quota(user_id, quota_limit), conn)
+
+    async def get_user(self, user_id: str, *, conn: AConn | None = None) -> UserInfo:
+        return await self._run(ops.get_user(user_id), conn)
+
+    async def create_service(self, spec: ServiceSpec | Mapping[str, Any], *,
+                             conn: AConn | None = None) -> int:
+        return await self._run(ops.create_service(spec), conn)
+
+    async def update_service(self, service_id: int,
+                             changes: ServiceUpdate | Mapping[str, Any], *,
+                             conn: AConn | None = None) -> None:
+        return await self._run(ops.update_service(service_id, changes), conn)
+
+    async def disable_service(self, service_id: int, *, conn: AConn | None = None) -> None:
+        return await self._run(ops.update_service(service_id, ServiceUpdate(enabled=False)),
+                               conn)
+
+    async def enable_service(self, service_id: int, *, conn: AConn | None = None) -> None:
+        return await self._run(ops.update_service(service_id, ServiceUpdate(enabled=True)),
+                               conn)
+
+    async def get_service(self, service_id: int, *, conn: AConn | None = None) -> Service:
+        return await self._run(ops.get_service(service_id), conn)
+
+    async def grant(self, service_id: int, user_id: str, *, priority: int = 0,
+                    conn: AConn | None = None) -> None:
+        return await self._run(ops.grant(service_id, user_id, priority), conn)
+
+    async def revoke(self, service_id: int, user_id: str, *, conn: AConn | None = None) -> bool:
+        return await self._run(ops.revoke(service_id, user_id), conn)
+
+    async def upsert_contacts(self, user_id: str,
+                              contacts: Iterable[Contact | Mapping[str, Any]], *,
+                              conn: AConn | None = None) -> ContactImport:
+        return await self._run(ops.upsert_contacts(user_id, contacts), conn)
+
+    async def tag_contacts(self, user_id: str, emails: list[str], *,
+                           add: list[str] | None = None, remove: list[str] | None = None,
+                           conn: AConn | None = None) -> int:
+        return await self._run(ops.tag_contacts(user_id, emails, add, remove), conn)
+
+    async def delete_tag(self, user_id: str, tag: str, *, conn: AConn | None = None) -> int:
+        return await self._run(ops.delete_tag(user_id, tag), conn)
+
+    async def suppress(self, email: str, *, reason: str = "manual", user_id: str | None = None,
+                       conn: AConn | None = None) -> None:
+        return await self._run(ops.suppress(email, reason, user_id), conn)
+
+    async def unsuppress(self, email: str, *, user_id: str | None = None,
+                         conn: AConn | None = None) -> bool:
+        return await self._run(ops.unsuppress(email, user_id), conn)
+
+    async def create_task(self, spec: TaskSpec | Mapping[str, Any], *,
+                          conn: AConn | None = None) -> CreatedTask:
+        return await self._run(ops.create_task(spec), conn)
+
+    async def expand(self, task_id: int, *, chunk: int = EXPANSION_CHUNK,
+                     conn: AConn | None = None) -> int:
+        return await self._run(ops.expand(task_id, chunk), conn)
+
+    async def pause(self, task_id: int, *, user_id: str | None = None,
+                    conn: AConn | None = None) -> str:
+        return await self._run(ops.pause(task_id, user_id), conn)
+
+    async def resume(self, task_id: int, *, user_id: str | None = None,
+                     conn: AConn | None = None) -> str:
+        return await self._run(ops.resume(task_id, user_id), conn)
+
+    async def cancel(self, task_id: int, *, user_id: str | None = None,
+                     conn: AConn | None = None) -> int:
+        return await self._run(ops.cancel(task_id, user_id), conn)
+
+    async def task(self, task_id: int, *, user_id: str | None = None,
+                   conn: AConn | None = None) -> TaskStatus:
+        return await self._run(ops.task(task_id, user_id), conn)
+
+    async def tasks(self, user_id: str, *, limit: int = 100,
+                    conn: AConn | None = None) -> list[TaskStatus]:
+        return await self._run(ops.tasks(user_id, limit), conn)
 
 
-class _GrantArgs(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(strict=True)
-    service_id: int = pydantic.Field(ge=1, le=2**62)
-    user_id: UserId
-    priority: int = pydantic.Field(ge=-1000, le=1000)
-
-
-class _TagArgs(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(strict=True)
-    user_id: UserId
-    emails: list[Email] = pydantic.Field(default_factory=list, max_length=1_000_000)
-    add: list[Tag] = pydantic.Field(default_factory=list, max_length=1000)
-    remove: list[Tag] = pydantic.Field(default_factory=list, max_length=1000)
-
-
-class _SuppressionArgs(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(strict=True)
-    email: Email
-    reason: Literal["hard_bounce", "complaint", "unsubscribe", "manual"] = "manual"
-    user_id: UserId | None = None
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "EXPANSION_CHUNK", "AsyncMonitoring", "AsyncScheduler",
+           "InvalidRecipients", "Monitoring", "Scheduler", "check_id", "check_scope"]

@@ -16,6 +16,8 @@ from edm_sched import errors
 from edm_sched.jobs import errors as job_errors
 
 DSN_ENV = "EDM_SCHED_DSN"
+CONNECT_TIMEOUT = 5.0
+"""Default seconds to wait for a connection before DatabaseUnavailable (libpq connect_timeout)."""
 
 # SQLSTATEs raised by our SQL functions (class ED) and the standard ones we map.
 _SQLSTATE_ERRORS: dict[str, type[errors.EdmSchedError]] = {
@@ -43,6 +45,7 @@ _SQLSTATE_ERRORS: dict[str, type[errors.EdmSchedError]] = {
     "23514": errors.InvalidInput,  # check_violation
     "23502": errors.InvalidInput,  # not_null_violation
     "23503": errors.NotFound,  # foreign_key_violation: a referenced id does not exist
+    "23505": errors.AlreadyExists,  # unique_violation
     "42501": errors.PermissionDenied,  # insufficient_privilege
 }
 
@@ -72,16 +75,73 @@ def check_dsn(dsn: str) -> str:
     return dsn
 
 
-def connect(dsn: str, *, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection[Any]:
-    """Open a connection, turning libpq failures into typed errors."""
+def connect(dsn: str, *, autocommit: bool = True, connect_timeout: float | None = None,
+            **kwargs: Any) -> psycopg.Connection[Any]:
+    """Open a connection, turning libpq failures into typed errors.
+
+    ``connect_timeout`` (default :data:`CONNECT_TIMEOUT`) bounds the attempt
+    unless the DSN sets its own ``connect_timeout``.
+    """
     check_dsn(dsn)
+    timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, **kwargs)
+        return psycopg.connect(dsn, autocommit=autocommit, **timeout_kwargs(dsn, timeout),
+                               **kwargs)
     except psycopg.OperationalError as exc:
-        text = _first_line(exc)
-        if "permission denied" in text or "authentication failed" in text:
-            raise errors.PermissionDenied(f"{redact(dsn)}: {text}") from None
-        raise errors.DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {text}") from None
+        raise _connect_error(dsn, timeout, exc) from None
+
+
+def timeout_kwargs(dsn: str, timeout: float) -> dict[str, Any]:
+    """``connect_timeout`` for libpq (whole seconds, at least 2), unless ``dsn`` sets one."""
+    if "connect_timeout" in conninfo.conninfo_to_dict(dsn):
+        return {}
+    return {"connect_timeout": max(2, round(timeout))}
+
+
+def server_address(dsn: str) -> str:
+    """``host:port`` of ``dsn`` as libpq will use it (never the password)."""
+    params = conninfo.conninfo_to_dict(dsn)
+    host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST")
+               or "localhost (Unix socket)")
+    port = str(params.get("port") or os.environ.get("PGPORT") or 5432)
+    return f"{host}:{port}"
+
+
+def unavailable(dsn: str, timeout: float, reason: str) -> errors.DatabaseUnavailable:
+    """The DatabaseUnavailable of a failed connection: host, port, database, never a password."""
+    params = conninfo.conninfo_to_dict(dsn)
+    where = server_address(dsn)
+    dbname = params.get("dbname")
+    return errors.DatabaseUnavailable(
+        f"cannot connect to PostgreSQL at {where}"
+        + (f" (database {dbname})" if dbname else "")
+        + f" within {timeout:g} s: {redact(reason)}")
+
+
+def probe(dsn: str, timeout: float) -> None:
+    """One connection attempt, bounded by ``timeout``: DatabaseUnavailable (or
+    PermissionDenied) at once, rather than a pool retrying in the dark."""
+    try:
+        psycopg.connect(dsn, autocommit=True, **timeout_kwargs(dsn, timeout)).close()
+    except psycopg.OperationalError as exc:
+        raise _connect_error(dsn, timeout, exc) from None
+
+
+async def aprobe(dsn: str, timeout: float) -> None:
+    """:func:`probe` for asyncio."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True,
+                                                     **timeout_kwargs(dsn, timeout))
+        await conn.close()
+    except psycopg.OperationalError as exc:
+        raise _connect_error(dsn, timeout, exc) from None
+
+
+def _connect_error(dsn: str, timeout: float, exc: BaseException) -> errors.EdmSchedError:
+    text = _first_line(exc)
+    if "permission denied" in text or "authentication failed" in text:
+        return errors.PermissionDenied(f"{server_address(dsn)}: {redact(text)}")
+    return unavailable(dsn, timeout, text)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -103,6 +163,8 @@ def to_typed(exc: psycopg.Error) -> errors.EdmSchedError | None:
     message = diag.message_primary or _first_line(exc)
     if state == "23514" and diag.constraint_name:
         message = f"{message} (constraint {diag.constraint_name})"
+    if state == "23505":
+        message = f"already exists (constraint {diag.constraint_name or 'unique'})"
     return cls(message, detail=diag.message_detail)
 
 

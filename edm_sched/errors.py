@@ -53,6 +53,16 @@ class InvalidInput(EdmSchedError, ValueError):
     code = "INVALID_INPUT"
 
 
+class AlreadyExists(InvalidInput):
+    """A unique name or key is already taken (e.g. a service name); nothing was written.
+
+    A subclass of :class:`InvalidInput` (and ``ValueError``), so handlers of bad
+    input catch it too; the database's ``UniqueViolation`` is its ``__cause__``.
+    """
+
+    code = "ALREADY_EXISTS"
+
+
 class NotFound(EdmSchedError, LookupError):
     """An id names no object (or an object of another tenant)."""
 

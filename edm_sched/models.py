@@ -41,7 +41,10 @@ def validate(model: type[M], value: M | Mapping[str, Any], *,
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()
         )
-        raise error(f"invalid {what or model.__name__}: {problems}") from None
+        # The model's title, when it has one, is the name users see (internal
+        # argument models are private classes: their names mean nothing to a user).
+        name = what or model.model_config.get("title") or model.__name__
+        raise error(f"invalid {name}: {problems}") from None
 
 _CTRL = re.compile(r"[\x00-\x1f\x7f]")
 

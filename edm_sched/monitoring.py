@@ -7,17 +7,10 @@ views a DBA queries in psql.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import json
 from typing import Any
 
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict
-
-from edm_sched import db, errors
-from edm_sched.sqlfiles import query
 
 
 class _View(BaseModel):
@@ -124,36 +117,32 @@ class ConfigEntry(_View):
     updated_by: str | None
 
 
+# The one-shot functions below predate ``Scheduler.monitoring`` and stay for
+# compatibility (deprecated): same operations, one short connection per call.
+
+
 def status(dsn: str, *, limit: int = 50) -> Status:
-    """System health, recent tasks, services, waiting reasons and open alerts."""
-    with db.connect(dsn) as conn, db.translate():
-        cur = conn.cursor(row_factory=dict_row)
-        health = cur.execute(query("system_health")).fetchone()
-        return Status(
-            health=SystemHealth.model_validate(health),
-            tasks=[TaskProgress.model_validate(r)
-                   for r in cur.execute(query("task_progress"), (limit,)).fetchall()],
-            services=[ServiceState.model_validate(r)
-                      for r in cur.execute(query("service_status"), (limit,)).fetchall()],
-            waiting=[WaitReason.model_validate(r)
-                     for r in cur.execute(query("task_wait_reasons"), (limit,)).fetchall()],
-            alerts=[Alert.model_validate(r)
-                    for r in cur.execute(query("open_alerts"), (limit,)).fetchall()],
-        )
+    """System health, recent tasks, services, waiting reasons and open alerts.
+
+    Deprecated: ``Scheduler(dsn).monitoring.status()``.
+    """
+    from edm_sched import core, ops
+
+    return core.run_on(dsn, ops.status(limit))
 
 
 def config_list(dsn: str) -> list[ConfigEntry]:
-    with db.connect(dsn) as conn, db.translate():
-        rows = conn.cursor(row_factory=dict_row).execute(query("config_list")).fetchall()
-    return [ConfigEntry.model_validate(r) for r in rows]
+    """Deprecated: ``Scheduler(dsn).monitoring.config_list()``."""
+    from edm_sched import core, ops
+
+    return core.run_on(dsn, ops.config_list())
 
 
 def config_get(dsn: str, key: str) -> ConfigEntry:
-    with db.connect(dsn) as conn, db.translate():
-        row = conn.cursor(row_factory=dict_row).execute(query("config_get"), (key,)).fetchone()
-    if row is None:
-        raise errors.NotFound(f"unknown config key {key!r}")
-    return ConfigEntry.model_validate(row)
+    """Deprecated: ``Scheduler(dsn).monitoring.config_get(key)``."""
+    from edm_sched import core, ops
+
+    return core.run_on(dsn, ops.config_get(key))
 
 
 def config_set(dsn: str, key: str, value: Any, *, actor: str | None = None) -> Any:
@@ -161,10 +150,8 @@ def config_set(dsn: str, key: str, value: Any, *, actor: str | None = None) -> A
 
     ``value`` may be a Python value or its text form (``"60"``, ``"true"``):
     text is read as JSON when it parses, else kept as a string.
+    Deprecated: ``Scheduler(dsn, actor=...).monitoring.config_set(key, value)``.
     """
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = json.loads(value)
-    with db.connect(dsn) as conn, db.translate():  # ED006 -> ConfigRejected
-        row = conn.execute(query("config_set"), (key, Jsonb(value), actor)).fetchone()
-    return None if row is None else row[0]
+    from edm_sched import core, ops
+
+    return core.run_on(dsn, ops.config_set(key, value, actor))

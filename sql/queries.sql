@@ -364,3 +364,16 @@ FROM edm.alerts WHERE resolved_at IS NULL ORDER BY alert_id DESC LIMIT %s
 -- First-send waits (seconds) of tasks first claimed in a time window, for the metrics histogram.
 SELECT extract(epoch FROM first_claimed_at - scheduled_at)::float8
 FROM edm.tasks WHERE first_claimed_at > %s AND first_claimed_at <= %s
+
+-- host_tx_begin --
+-- Open the host's pending transaction (conn= on an idle non-autocommit connection) so that
+-- the call's savepoint is one, and not a transaction of its own that would commit.
+SELECT 1
+
+-- stage_recipients_clear --
+-- Empty the recipient staging table: a host transaction (conn=) may create several tasks.
+TRUNCATE edm_stage_recipients
+
+-- stage_contacts_clear --
+-- Empty the contact staging table: a host transaction (conn=) may import several batches.
+TRUNCATE edm_stage_contacts

@@ -66,7 +66,13 @@ def test_config_cli_exit_codes_and_notify(dsn: str) -> None:
     assert json.loads(got.stdout.splitlines()[-1])["value"] == 900
 
 
+def live_dispatcher(conn: psycopg.Connection[Any]) -> None:
+    """A dispatcher heartbeat, so that wait reasons look past "no dispatcher running"."""
+    conn.execute("INSERT INTO edm.dispatchers (dispatcher_id) VALUES ('d1')")
+
+
 def test_wait_reasons_in_every_situation(sched: Scheduler, conn: psycopg.Connection[Any]) -> None:
+    live_dispatcher(conn)
     sched.upsert_user("a")
     task = make_task(sched, "a", 3, scheduled_at=at(100))
     assert reason(conn, task, at(0)) == ("scheduled later", at(100))
@@ -96,6 +102,7 @@ def test_wait_reasons_in_every_situation(sched: Scheduler, conn: psycopg.Connect
 
 
 def test_retry_backoff_reason(sched: Scheduler, conn: psycopg.Connection[Any]) -> None:
+    live_dispatcher(conn)
     sched.upsert_user("a")
     make_service(sched, "svc", interval=0, users=["a"])
     task = make_task(sched, "a", 1)
