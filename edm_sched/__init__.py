@@ -42,8 +42,10 @@ if TYPE_CHECKING:
         ContactImport,
         CreatedTask,
         InvalidAddress,
+        LimitStatus,
         Recipient,
         Service,
+        ServiceLimit,
         ServiceSpec,
         ServiceUpdate,
         TagRule,
@@ -66,9 +68,9 @@ _LAZY = {
     "Status": "edm_sched.monitoring",
     "ConfigEntry": "edm_sched.monitoring",
     **{name: "edm_sched.models" for name in (
-        "Contact", "ContactImport", "CreatedTask", "InvalidAddress", "Recipient", "Service",
-        "ServiceSpec", "ServiceUpdate", "TagRule", "TaskSpec", "TaskStatus", "Template",
-        "UserInfo")},
+        "Contact", "ContactImport", "CreatedTask", "InvalidAddress", "LimitStatus", "Recipient",
+        "Service", "ServiceLimit", "ServiceSpec", "ServiceUpdate", "TagRule", "TaskSpec",
+        "TaskStatus", "Template", "UserInfo")},
 }
 
 
@@ -101,6 +103,7 @@ __all__ = [
     "InvalidRecipients",
     "InvalidTransition",
     "LeaseLost",
+    "LimitStatus",
     "MigrationError",
     "NotFound",
     "PermissionDenied",
@@ -108,6 +111,7 @@ __all__ = [
     "Recipient",
     "Scheduler",
     "Service",
+    "ServiceLimit",
     "ServiceSpec",
     "ServiceUpdate",
     "Status",

@@ -27,7 +27,9 @@ from edm_sched.models import (
     Contact,
     ContactImport,
     CreatedTask,
+    LimitStatus,
     Service,
+    ServiceLimit,
     ServiceSpec,
     ServiceUpdate,
     TaskSpec,
@@ -187,6 +189,17 @@ class Scheduler:
 
     def get_service(self, service_id: int, *, conn: Conn | None = None) -> Service:
         return self._run(ops.get_service(service_id), conn)
+
+    def set_service_limits(self, service_id: int,
+                           limits: Iterable[ServiceLimit | Mapping[str, Any]], *,
+                           conn: Conn | None = None) -> int:
+        """Replace the extra limits of a service (rate, rolling, calendar_day); returns
+        how many it has. A limit whose definition is unchanged keeps its state."""
+        return self._run(ops.set_service_limits(service_id, limits), conn)
+
+    def service_limits(self, service_id: int, *, conn: Conn | None = None) -> list[LimitStatus]:
+        """Every limit of a service (interval and daily quota included), use and headroom."""
+        return self._run(ops.service_limits(service_id), conn)
 
     def grant(self, service_id: int, user_id: str, *, priority: int = 0,
               conn: Conn | None = None) -> None:
@@ -355,6 +368,15 @@ class AsyncScheduler:
 
     async def get_service(self, service_id: int, *, conn: AConn | None = None) -> Service:
         return await self._run(ops.get_service(service_id), conn)
+
+    async def set_service_limits(self, service_id: int,
+                                 limits: Iterable[ServiceLimit | Mapping[str, Any]], *,
+                                 conn: AConn | None = None) -> int:
+        return await self._run(ops.set_service_limits(service_id, limits), conn)
+
+    async def service_limits(self, service_id: int, *,
+                             conn: AConn | None = None) -> list[LimitStatus]:
+        return await self._run(ops.service_limits(service_id), conn)
 
     async def grant(self, service_id: int, user_id: str, *, priority: int = 0,
                     conn: AConn | None = None) -> None:

@@ -93,6 +93,64 @@ class _Out(BaseModel):
 # --------------------------------------------------------------------- services
 
 
+class ServiceLimit(_In):
+    """One limit of a service beyond its interval and daily quota (edm.service_limits).
+
+    ``rate``: at most ``max_count`` per ``window_seconds``, in bursts of at most
+    ``burst`` (a token bucket); ``rolling``: at most ``max_count`` in any window
+    of ``window_seconds`` (e.g. 86400 for a rolling 24 hours); ``calendar_day``:
+    at most ``max_count`` per calendar day in ``time_zone`` (default: the
+    service's quota_tz). See docs/explanation/rate-limits.md.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="service limit")
+
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+    kind: Literal["rate", "rolling", "calendar_day"]
+    max_count: int = Field(ge=0, le=100_000_000)
+    window_seconds: float | None = Field(default=None, gt=0, le=31 * 86400)
+    burst: int = Field(default=1, ge=1, le=100_000)
+    time_zone: TimeZone | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ServiceLimit:
+        if self.kind == "calendar_day":
+            if self.window_seconds is not None or self.burst != 1:
+                raise ValueError("a calendar_day limit takes no window_seconds or burst")
+        elif self.window_seconds is None:
+            raise ValueError(f"a {self.kind} limit needs window_seconds")
+        elif self.time_zone is not None:
+            raise ValueError(f"a {self.kind} limit takes no time_zone")
+        if self.kind == "rolling" and (self.burst != 1 or (self.window_seconds or 0) < 1):
+            raise ValueError("a rolling limit takes no burst and a window of at least 1 s")
+        if self.kind == "rate" and self.burst > max(self.max_count, 1):
+            raise ValueError("burst cannot exceed max_count")
+        return self
+
+    def as_sql(self) -> dict[str, Any]:
+        """The JSON object edm.set_service_limits takes."""
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "max_count": self.max_count,
+                               "burst": self.burst}
+        if self.window_seconds is not None:
+            out["window_ms"] = round(self.window_seconds * 1000)
+        if self.time_zone is not None:
+            out["time_zone"] = self.time_zone
+        return out
+
+
+class LimitStatus(_Out):
+    """One row of edm.service_limit_status: a limit, its use and headroom."""
+
+    limit_name: str
+    kind: str
+    max_count: int
+    window_ms: int | None
+    burst: int
+    used: int
+    headroom: int
+    next_free_at: dt.datetime | None
+
+
 class ServiceSpec(_In):
     name: Name
     from_addresses: list[Email] = Field(min_length=1, max_length=100)
@@ -103,6 +161,8 @@ class ServiceSpec(_In):
     credential_ref: Annotated[str, StringConstraints(max_length=500)] | None = None
     quota_tz: TimeZone = "UTC"
     enabled: bool = True
+    limits: list[ServiceLimit] = Field(default_factory=list, max_length=20,
+                                       description="extra limits (edm.service_limits)")
 
     @model_validator(mode="after")
     def _no_secrets(self) -> ServiceSpec:

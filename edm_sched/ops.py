@@ -24,9 +24,11 @@ from edm_sched.models import (
     CreatedTask,
     Email,
     InvalidAddress,
+    LimitStatus,
     Name,
     Recipient,
     Service,
+    ServiceLimit,
     ServiceSpec,
     ServiceUpdate,
     Tag,
@@ -123,7 +125,27 @@ def create_service(spec: ServiceSpec | Mapping[str, Any]) -> Op[int]:
         "transport": s.transport, "settings": Jsonb(s.settings),
         "credential_ref": s.credential_ref, "quota_tz": s.quota_tz, "enabled": s.enabled,
     })
+    if s.limits:
+        yield from _scalar(query("set_service_limits"),
+                           (int(sid), Jsonb([lim.as_sql() for lim in s.limits])))
     return int(sid)
+
+
+def set_service_limits(service_id: int,
+                       limits: Iterable[ServiceLimit | Mapping[str, Any]]) -> Op[int]:
+    checked = [validate(ServiceLimit, lim) for lim in limits]
+    if len({lim.name for lim in checked}) != len(checked):
+        raise errors.InvalidInput("limit names must be unique per service")
+    return int((yield from _scalar(query("set_service_limits"), (
+        check_id(service_id, "service_id"), Jsonb([lim.as_sql() for lim in checked])))))
+
+
+def service_limits(service_id: int) -> Op[list[LimitStatus]]:
+    rows = yield Fetch(query("service_limits"), (check_id(service_id, "service_id"),),
+                       rows="all", dicts=True)
+    if not rows:
+        raise errors.NotFound(f"unknown service {service_id}")
+    return [LimitStatus.model_validate(r) for r in rows]
 
 
 def update_service(service_id: int, changes: ServiceUpdate | Mapping[str, Any]) -> Op[None]:

@@ -377,3 +377,12 @@ TRUNCATE edm_stage_recipients
 -- stage_contacts_clear --
 -- Empty the contact staging table: a host transaction (conn=) may import several batches.
 TRUNCATE edm_stage_contacts
+
+-- set_service_limits --
+-- Replace the extra limits of a service (edm.service_limits); unchanged ones keep their state.
+SELECT edm.set_service_limits(%s, %s)
+
+-- service_limits --
+-- Every limit of a service, built-in and extra, with use and headroom.
+SELECT limit_name, kind, max_count, window_ms, burst, used, headroom, next_free_at
+FROM edm.service_limit_status WHERE service_id = %s ORDER BY limit_name

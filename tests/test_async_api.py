@@ -109,6 +109,14 @@ def test_users_services_contacts(api: Both, conn: psycopg.Connection[Any]) -> No
     api.enable_service(sid)
     svc = api.get_service(sid)
     assert (svc.enabled, svc.daily_quota) == (True, 20)
+    assert api.set_service_limits(sid, [{"name": "per_minute", "kind": "rate", "max_count": 30,
+                                          "window_seconds": 60}]) == 1
+    limits = {lim.limit_name: lim for lim in api.service_limits(sid)}
+    assert set(limits) == {"interval", "daily_quota", "per_minute"}
+    assert (limits["per_minute"].window_ms, limits["per_minute"].headroom) == (60_000, 30)
+    with pytest.raises(errors.InvalidInput):
+        api.set_service_limits(sid, [{"name": "x", "kind": "rolling", "max_count": 1}])
+    assert len(api.service_limits(sid)) == 3  # nothing changed by the refused call
     api.grant(sid, "u1", priority=3)
     assert conn.execute("SELECT priority FROM edm.grants WHERE service_id = %s",
                         (sid,)).fetchone() == (3,)

@@ -188,3 +188,25 @@ def test_rate_limit_property(dsn: str, gaps: list[int], rate: int, burst: int, p
     for s_ in sorted(slots):
         assert s_ >= tat - tau - 1e-5, (slots, s_, tat)  # timestamps are microseconds
         tat = max(tat, s_) + period
+
+
+def test_create_service_with_limits_is_all_or_nothing(sched: Scheduler,
+                                                      conn: psycopg.Connection[Any]) -> None:
+    from edm_sched import errors
+
+    spec = {"name": "ses", "from_addresses": ["n@ses.example"], "interval_seconds": 0,
+            "daily_quota": 50_000, "transport": "null",
+            "limits": [{"name": "max_send_rate", "kind": "rate", "max_count": 14,
+                        "window_seconds": 1, "burst": 14},
+                       {"name": "max_24_hour_send", "kind": "rolling", "max_count": 50_000,
+                        "window_seconds": 86_400}]}
+    sid = sched.create_service(spec)
+    names = [lim.limit_name for lim in sched.service_limits(sid)]
+    assert names == ["daily_quota", "max_24_hour_send", "max_send_rate"]
+    bad = {**spec, "name": "ses2", "limits": [{"name": "r", "kind": "rate", "max_count": 2,
+                                                "window_seconds": 1, "burst": 3}]}
+    with pytest.raises(errors.InvalidInput, match="burst"):
+        sched.create_service(bad)
+    assert conn.execute("SELECT count(*) FROM edm.services WHERE name = 'ses2'").fetchone() == (0,)
+    with pytest.raises(errors.NotFound):
+        sched.service_limits(999_999)
