@@ -210,3 +210,20 @@ def test_create_service_with_limits_is_all_or_nothing(sched: Scheduler,
     assert conn.execute("SELECT count(*) FROM edm.services WHERE name = 'ses2'").fetchone() == (0,)
     with pytest.raises(errors.NotFound):
         sched.service_limits(999_999)
+
+
+def test_wait_reason_names_the_binding_limit(sched: Scheduler,
+                                             conn: psycopg.Connection[Any]) -> None:
+    conn.execute("INSERT INTO edm.dispatchers (dispatcher_id, heartbeat_at) VALUES ('d1', %s)",
+                 (at(0),))
+    sched.upsert_user("a")
+    sid = make_service(sched, "m365", interval=0, users=["a"])
+    set_limits(conn, sid, [{"name": "per_minute", "kind": "rate", "max_count": 2,
+                            "window_ms": 60_000}])
+    task = make_task(sched, "a", 5)
+    assert len(claim2(conn, at(0), per_service=5)) == 1
+    reason, until = conn.execute("SELECT reason, until FROM edm.task_wait_reason(%s, %s)",
+                                 (task, at(1))).fetchone() or (None, None)
+    assert reason == ("all granted services throttled: first to free is m365, "
+                      "held by its per_minute limit")
+    assert until == at(30)

@@ -83,7 +83,9 @@ def test_wait_reasons_in_every_situation(sched: Scheduler, conn: psycopg.Connect
     sched.enable_service(svc)
     assert reason(conn, task, at(100))[0].startswith("in rotation")
     claim(conn, at(100))
-    assert reason(conn, task, at(101)) == ("all granted services throttled", at(160))
+    assert reason(conn, task, at(101)) == (
+        "all granted services throttled: first to free is svc, held by its interval limit",
+        at(160))
     sched.pause(task)
     assert reason(conn, task, at(101))[0] == "paused"
     sched.resume(task)

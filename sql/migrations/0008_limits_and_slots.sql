@@ -301,6 +301,27 @@ $$;
 COMMENT ON FUNCTION edm.set_service_limits(bigint, jsonb) IS
   'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
 
+CREATE FUNCTION edm.service_binding_limit(s edm.services, p_now timestamptz DEFAULT NULL)
+RETURNS TABLE (limit_name text, free_at timestamptz)
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+  SELECT x.limit_name, x.free_at FROM (
+    SELECT 'interval'::text AS limit_name,
+           edm.ts_add_ms(s.last_sent_at, s.interval_ms) AS free_at
+    UNION ALL
+    SELECT 'daily_quota', edm.service_next_quota_day(s.quota_tz, coalesce(p_now, now()))
+    WHERE edm.service_sent_today(s, coalesce(p_now, now())) >= s.daily_quota
+    UNION ALL
+    SELECT l.name, edm.limit_next(l, coalesce(p_now, now()), s.quota_tz)
+    FROM edm.service_limits l WHERE l.service_id = s.service_id
+  ) x
+  WHERE x.free_at > coalesce(p_now, now())
+  ORDER BY x.free_at DESC, x.limit_name
+  LIMIT 1;
+END;
+COMMENT ON FUNCTION edm.service_binding_limit(edm.services, timestamptz) IS
+  'The limit that holds service s back at p_now (interval, daily_quota or the name of an extra limit) and when it frees; no row when no limit does. With several, the one that frees last binds.';
+
 CREATE VIEW edm.service_limit_status AS
 -- the built-in interval: one send per interval_ms
 SELECT s.service_id, s.name AS service_name, 'interval'::text AS limit_name, 'rate'::text AS kind,

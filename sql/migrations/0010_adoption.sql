@@ -39,6 +39,9 @@ DECLARE
   v_next_quota timestamptz;
   v_next_backoff timestamptz;
   v_next_retry timestamptz;
+  v_bind_service text;
+  v_bind_limit text;
+  v_bind_at timestamptz;
 BEGIN
   SELECT * INTO t FROM edm.tasks WHERE task_id = p_task_id;
   IF NOT FOUND THEN
@@ -102,12 +105,25 @@ BEGIN
   ELSIF v_backoff + v_exhausted = v_enabled THEN
     RETURN QUERY SELECT 'granted services unhealthy (backing off)', least(v_next_backoff, v_next_quota);
   ELSE
-    RETURN QUERY SELECT 'all granted services throttled', v_next_interval;
+    -- Name the limit that binds (0008): on the granted service that frees first.
+    SELECT s.name, b.limit_name, b.free_at INTO v_bind_service, v_bind_limit, v_bind_at
+    FROM edm.grants g JOIN edm.services s ON s.service_id = g.service_id
+    CROSS JOIN LATERAL edm.service_binding_limit(s, v_now) b
+    WHERE g.user_id = t.user_id AND s.enabled
+      AND (s.backoff_until IS NULL OR s.backoff_until <= v_now)
+    ORDER BY b.free_at, s.service_id
+    LIMIT 1;
+    IF v_bind_limit IS NULL THEN
+      RETURN QUERY SELECT 'all granted services throttled', v_next_interval;
+    ELSE
+      RETURN QUERY SELECT format('all granted services throttled: first to free is %s, held by its %s limit',
+                                 v_bind_service, v_bind_limit), v_bind_at;
+    END IF;
   END IF;
 END;
 $$;
 COMMENT ON FUNCTION edm.task_wait_reason(bigint, timestamptz) IS
-  'Why task p_task_id is not sending right now, and until when if known: scheduled later, paused, expanding, no dispatcher running (no live heartbeat, see edm.live_dispatcher_count), no granted service, all granted services disabled, throttled until T, quotas exhausted until T, backing off until T, retries in back-off until T, user quota exhausted, or in rotation.';
+  'Why task p_task_id is not sending right now, and until when if known: scheduled later, paused, expanding, no dispatcher running (no live heartbeat, see edm.live_dispatcher_count), no granted service, all granted services disabled, throttled until T (naming the service that frees first and its binding limit: interval, daily_quota or an extra limit of edm.service_limits), quotas exhausted until T, backing off until T, retries in back-off until T, user quota exhausted, or in rotation.';
 
 CREATE FUNCTION edm.resolve_stale_quota_alerts(p_now timestamptz DEFAULT NULL)
 RETURNS integer
