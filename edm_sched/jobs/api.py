@@ -20,8 +20,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from edm_sched import db, errors
-from edm_sched.jobs import schedule
+from edm_sched.jobs import guard, schedule
 from edm_sched.jobs.errors import (
+    DestinationNotAllowed,
     ExecutionNotFound,
     InvalidJobConfig,
     JobNotFound,
@@ -30,6 +31,7 @@ from edm_sched.jobs.errors import (
 from edm_sched.jobs.models import (
     CronPreview,
     Execution,
+    HttpTarget,
     Job,
     JobSpec,
     JobStats,
@@ -153,6 +155,30 @@ class JobScheduler:
         assert row is not None
         return next(iter(row.values()))  # type: ignore[no-any-return]
 
+    @staticmethod
+    def _check_destinations(conn: psycopg.Connection[dict[str, Any]],
+                            specs: list[JobSpec]) -> None:
+        """The outbound guard at the door: an ``http`` job whose URL is a refused address
+        (in any spelling) or a loopback name, not opened by ``jobs.http_allow`` for its
+        tenant, raises DestinationNotAllowed. Host names are resolved only at run time."""
+        http_specs = [s for s in specs if isinstance(s.target, HttpTarget)]
+        if not http_specs:
+            return
+        values = {r["key"]: r["value"] for r in conn.execute(
+            query("jobs_security_config")).fetchall()}
+        try:
+            allowlist = guard.Allowlist.parse(values.get("jobs.http_allow"))
+        except ValueError:
+            allowlist = guard.Allowlist()  # malformed: open nothing
+        for spec in http_specs:
+            assert isinstance(spec.target, HttpTarget)
+            try:
+                guard.check_url(spec.target.url, allowlist.scope(spec.tenant_id))
+            except guard.Blocked as exc:
+                raise DestinationNotAllowed(
+                    f"job {spec.name!r}: destination refused: {exc}",
+                    detail="the host may open it in jobs.http_allow") from None
+
     def _read_job(self, conn: psycopg.Connection[dict[str, Any]], job_id: int,
                   tenant_id: str | None) -> Job:
         row = conn.execute(query("job_get"), {"job_id": job_id, "tenant_id": tenant_id}).fetchone()
@@ -191,6 +217,7 @@ class JobScheduler:
         scheds = [schedule.parse(spec.cron, spec.timezone) for spec in checked]
         created: list[Job] = []
         with self._tx() as conn:
+            self._check_destinations(conn, checked)
             now = self._db_now(conn)
             for spec, sched in zip(checked, scheds, strict=True):
                 nxt = None
@@ -226,6 +253,8 @@ class JobScheduler:
                     merged[field] = value.model_dump() if isinstance(value, pydantic.BaseModel) \
                         else value
                 spec = validate_model(JobSpec, merged)
+                if "target" in given:
+                    self._check_destinations(conn, [spec])
                 sched = schedule.parse(spec.cron, spec.timezone)
                 now = self._db_now(conn)
                 reschedule = job.status == "active" and bool(given & _SCHEDULE_FIELDS)
