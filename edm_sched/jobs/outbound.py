@@ -307,6 +307,9 @@ def _exchange(checked: guard.Target, addresses: list[guard.IPAddress], method: s
             return None
         conn.request(method, checked.path, body=body, headers=headers)
         response = conn.getresponse()
+        if watch.fired:  # what was read before the sockets were shut down is not a response
+            _timed_out(result, watch)
+            return None
         result.status = int(response.status)
         location = response.getheader("Location")
         if result.status in REDIRECT_STATUSES and location:
@@ -320,6 +323,9 @@ def _exchange(checked: guard.Target, addresses: list[guard.IPAddress], method: s
             data += chunk
         result.truncated = len(data) >= max_bytes and bool(response.read(1)) \
             if max_bytes else bool(response.read(1))
+        if watch.fired:
+            _timed_out(result, watch)
+            return None
         result.body = bytes(data)
         result.bytes_read = len(data)
         return None
