@@ -14,6 +14,7 @@ import http.server
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -529,3 +530,67 @@ def _free_port() -> int:
 
 def test_configuration_errors_are_typed() -> None:
     assert issubclass(DestinationNotAllowed, errors.InvalidInput)
+
+
+# -- TLS to a pinned address -------------------------------------------------------------
+
+
+def _self_signed(tmp_path: Any, name: str) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_https_connects_to_the_checked_address_with_the_name_for_sni_and_host(
+        tmp_path: Any, servers: list[Server]) -> None:
+    pytest.importorskip("cryptography")
+    cert, key = _self_signed(tmp_path, "svc.tls.test")
+    server = serve(servers, "127.0.0.1", body=b"")
+    names: list[str | None] = []
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+
+    def record_sni(sock: Any, name: str | None, ctx: Any) -> None:
+        names.append(name)
+
+    server_ctx.sni_callback = record_sni
+    server.server.socket = server_ctx.wrap_socket(server.server.socket, server_side=True)
+    client_ctx = ssl.create_default_context(cafile=cert)
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    settings = HttpSettings(resolver=resolver, ssl_context=client_ctx,
+                            allowlist=guard.Allowlist(all=("svc.tls.test",)))
+    url = f"https://svc.tls.test:{server.port}/secure"
+    outcome = kinds.run_http(_ctx(), HttpTarget(url=url), settings=settings)
+    assert outcome.status == "succeeded", outcome.error
+    assert names == ["svc.tls.test"] and asked == ["svc.tls.test"]
+    assert server.hits[0]["headers"]["Host"] == f"svc.tls.test:{server.port}"
+
+    # The certificate is still checked against the URL's host: by address it fails.
+    settings = HttpSettings(ssl_context=client_ctx,
+                            allowlist=guard.Allowlist(all=("127.0.0.1/32",)))
+    outcome = kinds.run_http(_ctx(), HttpTarget(url=f"https://127.0.0.1:{server.port}/"),
+                             settings=settings)
+    assert outcome.error_kind == "connection" and "certificate" in (outcome.error or "").lower()
