@@ -504,6 +504,10 @@ def test_running_executions_per_tenant_are_capped_across_kinds(
     first = conn.execute("SELECT tenant_id FROM edm.job_claim('w1', 10)").fetchall()
     assert sorted(t or "-" for (t,) in first) == ["-", "acme", "acme", "globex"]
     assert conn.execute("SELECT count(*) FROM edm.job_claim('w2', 10)").fetchone() == (0,)
+    # Runners sleep: the waiting acme execution is not work they could take now.
+    wakeup = conn.execute("SELECT edm.job_next_wakeup()").fetchone()
+    assert wakeup is not None and (wakeup[0] is None or wakeup[0] > dt.datetime.now(dt.UTC)
+                                   + dt.timedelta(seconds=60))
     # One acme run finishes: the third acme execution may start.
     running = conn.execute("SELECT execution_id FROM edm.job_executions WHERE tenant_id = 'acme'"
                            " AND status = 'running' LIMIT 1").fetchone()
@@ -594,3 +598,33 @@ def test_https_connects_to_the_checked_address_with_the_name_for_sni_and_host(
     outcome = kinds.run_http(_ctx(), HttpTarget(url=f"https://127.0.0.1:{server.port}/"),
                              settings=settings)
     assert outcome.error_kind == "connection" and "certificate" in (outcome.error or "").lower()
+
+
+def test_cli_refuses_loopback_and_stores_only_secret_references(
+        capsys: pytest.CaptureFixture[str], dsn: str) -> None:
+    from edm_sched.cli import main
+
+    code = main(["jobs", "create", "--dsn", dsn, "--json", "--name", "peek", "--cron", "@daily",
+                 "--tenant-id", "acme", "--http", "http://0x7f.1:8080/"])
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 1 and json.loads(out)["error"] == "DESTINATION_NOT_ALLOWED"
+    code = main(["jobs", "create", "--dsn", dsn, "--json", "--name", "crm", "--cron", "@daily",
+                 "--tenant-id", "acme", "--http", "https://crm.example.com/",
+                 "--secret-header", "Authorization:crm-token", "--max-redirects", "2"])
+    capsys.readouterr()
+    assert code == 0
+    target = JobScheduler(dsn).list_jobs(tenant_id="acme")[0].target
+    assert target["headers"] == {"Authorization": {"secret_ref": "crm-token", "prefix": ""}}
+    assert target["max_redirects"] == 2
+
+
+def test_the_deprecated_http_opener_is_ignored_with_a_warning(dsn: str) -> None:
+    import urllib.request
+
+    with pytest.warns(DeprecationWarning, match="outbound guard"):
+        runner = JobRunner(dsn, {}, http_opener=urllib.request.build_opener())
+    runner.close()
+    with pytest.warns(DeprecationWarning):
+        outcome = kinds.run_http(_ctx(), HttpTarget(url="http://127.0.0.1:9/"),
+                                 urllib.request.build_opener())
+    assert outcome.error_kind == "blocked"

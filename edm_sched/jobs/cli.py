@@ -76,8 +76,15 @@ def _target_from(args: argparse.Namespace) -> dict[str, Any] | None:
             if not sep:
                 raise InvalidJobConfig(f"--header must be NAME:VALUE, got {h!r}")
             headers[name.strip()] = value.strip()
+        for h in args.secret_header or []:
+            name, sep, ref = h.partition(":")
+            if not sep:
+                raise InvalidJobConfig(f"--secret-header must be NAME:SECRET_REF, got {h!r}")
+            headers[name.strip()] = {"secret_ref": ref.strip()}
         target: dict[str, Any] = {"kind": "http", "url": args.http, "method": args.method,
                                   "headers": headers}
+        if args.max_redirects is not None:
+            target["max_redirects"] = args.max_redirects
         if args.body is not None:
             target["body"] = args.body
         if args.expect:
@@ -387,6 +394,10 @@ def _definition_options(p: argparse.ArgumentParser, *, create: bool) -> None:
     g.add_argument("--http", metavar="URL", help="call this URL")
     g.add_argument("--method", default="GET", help="HTTP method (default GET)")
     g.add_argument("--header", action="append", help="HTTP header NAME:VALUE (repeatable)")
+    g.add_argument("--secret-header", action="append", metavar="NAME:SECRET_REF",
+                   help="HTTP header whose value the runner's secret resolver supplies "
+                        "(repeatable)")
+    g.add_argument("--max-redirects", type=int, help="redirects to follow (0-5, default 0)")
     g.add_argument("--body", help="HTTP request body")
     g.add_argument("--expect", type=int, action="append", help="expected HTTP status (repeatable)")
     g.add_argument("--shell", metavar="COMMAND", help="run this command (needs shell enabled)")

@@ -248,6 +248,26 @@ $$;
 COMMENT ON FUNCTION edm.job_claim(text, integer, timestamptz) IS
   'Claims up to p_limit due pending executions for runner p_worker, highest priority and earliest first, taking one of their job''s max_concurrent slots each and, when jobs.max_running_per_tenant > 0, staying within the tenant''s share of running executions; marks them running with a lease of timeout + jobs.lease_margin. Skips executions of paused jobs (except manual runs). Never waits on a lock.';
 
+-- A runner sleeps until edm.job_next_wakeup(): pending executions of a tenant
+-- at its cap are not work it could take, or idle runners would spin on them.
+-- The runner that frees one of the tenant's slots runs a pass right after.
+CREATE OR REPLACE FUNCTION edm.job_next_wakeup(p_now timestamptz DEFAULT NULL)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+RETURN least(
+  (SELECT min(j.next_run_at) FROM edm.jobs j WHERE j.status = 'active'),
+  (SELECT min(e.run_after) FROM edm.job_executions e JOIN edm.jobs j ON j.job_id = e.job_id
+   WHERE e.status = 'pending' AND j.running_count < j.max_concurrent
+     AND (j.status <> 'paused' OR e.trigger = 'manual')
+     AND (e.tenant_id IS NULL
+          OR coalesce(edm.config_int('jobs.max_running_per_tenant'), 0) = 0
+          OR (SELECT count(*) FROM edm.job_executions r
+              WHERE r.tenant_id = e.tenant_id AND r.status = 'running')
+             < edm.config_int('jobs.max_running_per_tenant'))),
+  (SELECT min(e.lease_expires_at) FROM edm.job_executions e WHERE e.status = 'running'));
+COMMENT ON FUNCTION edm.job_next_wakeup(timestamptz) IS
+  'The earliest time a runner could have work: a job''s next run, a claimable pending execution (manual run, retry, catch-up; not one of a tenant at jobs.max_running_per_tenant), or a lease expiring. NULL when nothing is scheduled. Runners sleep until then or a NOTIFY edm_jobs.';
+
 COMMENT ON COLUMN edm.job_executions.error_kind IS
   'timeout, connection, http_status, unexpected_status, exception, exit_status, lost, config, permanent, cancelled or blocked (the outbound guard refused the destination of an http job); matched against the job''s retry_on. config, permanent, cancelled and blocked are never retried.';
 
