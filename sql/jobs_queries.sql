@@ -196,3 +196,7 @@ SELECT coalesce(%(now)s::timestamptz, statement_timestamp()),
        EXISTS (SELECT 1 FROM edm.job_executions e
                WHERE e.status = 'running'
                  AND e.lease_expires_at <= coalesce(%(now)s::timestamptz, statement_timestamp()))
+
+-- jobs_security_config --
+-- The outbound guard's allowlist and the tenants allowed shell jobs (jobs.http_allow, jobs.shell_tenants), as text; read when HTTP or shell runs start.
+SELECT key, value #>> '{}' AS value FROM edm.config WHERE key IN ('jobs.http_allow', 'jobs.shell_tenants')

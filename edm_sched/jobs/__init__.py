@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from edm_sched.jobs.errors import (
+    DestinationNotAllowed,
     ExecutionNotFound,
     InvalidCronExpression,
     InvalidJobConfig,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from edm_sched.jobs.api import JobScheduler
     from edm_sched.jobs.kinds import LAUNCH_CAMPAIGN, JobContext, JobRegistry
     from edm_sched.jobs.models import (
+        BasicAuth,
         CronPreview,
         Execution,
         FunctionTarget,
@@ -39,8 +41,10 @@ if TYPE_CHECKING:
         JobUpdate,
         LaunchCampaignTarget,
         RetryPolicy,
+        SecretRef,
         ShellTarget,
     )
+    from edm_sched.jobs.outbound import SecretResolver
     from edm_sched.jobs.runner import JobRunner, RunnerStats, run_jobs
 
 _LAZY = {
@@ -59,6 +63,9 @@ _LAZY = {
     "LaunchCampaignTarget": "edm_sched.jobs.models",
     "RetryPolicy": "edm_sched.jobs.models",
     "ShellTarget": "edm_sched.jobs.models",
+    "BasicAuth": "edm_sched.jobs.models",
+    "SecretRef": "edm_sched.jobs.models",
+    "SecretResolver": "edm_sched.jobs.outbound",
     "JobRunner": "edm_sched.jobs.runner",
     "RunnerStats": "edm_sched.jobs.runner",
     "run_jobs": "edm_sched.jobs.runner",
@@ -74,7 +81,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "LAUNCH_CAMPAIGN",
+    "BasicAuth",
     "CronPreview",
+    "DestinationNotAllowed",
     "Execution",
     "ExecutionNotFound",
     "FunctionTarget",
@@ -97,6 +106,8 @@ __all__ = [
     "PermanentJobError",
     "RetryPolicy",
     "RunnerStats",
+    "SecretRef",
+    "SecretResolver",
     "ShellTarget",
     "run_jobs",
 ]

@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import importlib
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -75,8 +76,15 @@ def _target_from(args: argparse.Namespace) -> dict[str, Any] | None:
             if not sep:
                 raise InvalidJobConfig(f"--header must be NAME:VALUE, got {h!r}")
             headers[name.strip()] = value.strip()
+        for h in args.secret_header or []:
+            name, sep, ref = h.partition(":")
+            if not sep:
+                raise InvalidJobConfig(f"--secret-header must be NAME:SECRET_REF, got {h!r}")
+            headers[name.strip()] = {"secret_ref": ref.strip()}
         target: dict[str, Any] = {"kind": "http", "url": args.http, "method": args.method,
                                   "headers": headers}
+        if args.max_redirects is not None:
+            target["max_redirects"] = args.max_redirects
         if args.body is not None:
             target["body"] = args.body
         if args.expect:
@@ -337,6 +345,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def env_secret_resolver(ref: str, tenant_id: str | None) -> str | None:
+    """Secrets of platform jobs from the environment variable named by the reference;
+    none for tenants' jobs (a tenant must not read the runner's environment)."""
+    return os.environ.get(ref) if tenant_id is None else None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from edm_sched.jobs.runner import run_jobs
 
@@ -344,12 +358,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.registry:
         module, _, attr = args.registry.partition(":")
         registry = getattr(importlib.import_module(module), attr or "registry")
+    secret_resolver: Any = env_secret_resolver
+    if args.secret_resolver:
+        module, _, attr = args.secret_resolver.partition(":")
+        secret_resolver = getattr(importlib.import_module(module), attr or "resolve_secret")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with database(args) as dsn:
         stats = run_jobs(dsn, registry, stop_event=stop, worker_id=args.worker_id,
-                         concurrency=args.concurrency, allow_shell=args.allow_shell)
+                         concurrency=args.concurrency, allow_shell=args.allow_shell,
+                         secret_resolver=secret_resolver)
     emit(args, {"ok": True, **vars(stats)},
          f"job runner stopped: fired {stats.fired}, claimed {stats.claimed}, "
          f"succeeded {stats.succeeded}, failed {stats.failed}, timed out {stats.timed_out}")
@@ -375,6 +394,10 @@ def _definition_options(p: argparse.ArgumentParser, *, create: bool) -> None:
     g.add_argument("--http", metavar="URL", help="call this URL")
     g.add_argument("--method", default="GET", help="HTTP method (default GET)")
     g.add_argument("--header", action="append", help="HTTP header NAME:VALUE (repeatable)")
+    g.add_argument("--secret-header", action="append", metavar="NAME:SECRET_REF",
+                   help="HTTP header whose value the runner's secret resolver supplies "
+                        "(repeatable)")
+    g.add_argument("--max-redirects", type=int, help="redirects to follow (0-5, default 0)")
     g.add_argument("--body", help="HTTP request body")
     g.add_argument("--expect", type=int, action="append", help="expected HTTP status (repeatable)")
     g.add_argument("--shell", metavar="COMMAND", help="run this command (needs shell enabled)")
@@ -475,4 +498,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--worker-id")
     p.add_argument("--allow-shell", action="store_true", help="execute shell jobs")
+    p.add_argument("--secret-resolver", metavar="MODULE:ATTR",
+                   help="fn(secret_ref, tenant_id) -> secret for http jobs (default: "
+                        "environment variables, platform jobs only)")
     p.set_defaults(func=cmd_run)

@@ -41,6 +41,14 @@ class InvalidJobConfig(errors.InvalidInput):
     code = "INVALID_JOB_CONFIG"
 
 
+class DestinationNotAllowed(InvalidJobConfig):
+    """An ``http`` job's URL points where the outbound guard refuses to go (loopback,
+    private, link-local... in any spelling) and the host's ``jobs.http_allow`` does not
+    open it; nothing was written."""
+
+    code = "DESTINATION_NOT_ALLOWED"
+
+
 class LockAcquisitionFailed(errors.EdmSchedError):
     """A job or execution stayed locked by another session past the lock timeout."""
 
@@ -58,6 +66,7 @@ class PermanentJobError(Exception):
 
 
 __all__ = [
+    "DestinationNotAllowed",
     "ExecutionNotFound",
     "InvalidCronExpression",
     "InvalidJobConfig",

@@ -18,21 +18,23 @@ import subprocess
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, MutableMapping
+import warnings
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 from typing import Any
 
 import pydantic
 
+from edm_sched.jobs import outbound
 from edm_sched.jobs.errors import PermanentJobError
 from edm_sched.jobs.models import FunctionTarget, HttpTarget, LaunchCampaignTarget, ShellTarget
+from edm_sched.jobs.outbound import HttpSettings
 
 LAUNCH_CAMPAIGN = "edm.launch_campaign"
 """Reserved registry name of the host's campaign launcher: ``fn(definition, ctx) -> result``."""
 
 _RESULT_MAX = 60_000
 _TAIL = 4000
+_BODY_KEPT = 2000
 
 
 class JobContext:
@@ -159,44 +161,43 @@ def run_function(ctx: JobContext, target: FunctionTarget,
         return Outcome.from_exception(exc)
 
 
-def run_http(ctx: JobContext, target: HttpTarget,
-             opener: urllib.request.OpenerDirector | None = None) -> Outcome:
-    headers = dict(target.headers)
-    data: bytes | None = None
-    if isinstance(target.body, dict | list):
-        data = json.dumps(target.body).encode("utf-8")
-        headers.setdefault("Content-Type", "application/json")
-    elif isinstance(target.body, str):
-        data = target.body.encode("utf-8")
+def run_http(ctx: JobContext, target: HttpTarget, opener: Any = None, *,
+             settings: HttpSettings | None = None) -> Outcome:
+    """One guarded HTTP request (see :mod:`edm_sched.jobs.outbound`).
+
+    ``opener`` is deprecated and ignored: a urllib opener would connect without
+    the outbound guard.
+    """
+    if opener is not None:
+        warnings.warn("run_http(opener=...) is ignored: HTTP jobs connect through the "
+                      "outbound guard only", DeprecationWarning, stacklevel=2)
+    settings = settings or HttpSettings()
     timeout = max(0.01, min(target.timeout_seconds or ctx.remaining(), ctx.remaining()))
-    request = urllib.request.Request(target.url, data=data, headers=headers, method=target.method)
-    opener = opener or urllib.request.build_opener()
     started = time.monotonic()
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            status = int(response.status)
-            body = response.read(65536)
-    except urllib.error.HTTPError as exc:
-        status = int(exc.code)
-        try:
-            body = exc.read(65536)
-        except OSError:
-            body = b""
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, TimeoutError):
+    res, secrets = outbound.request(target, tenant_id=ctx.tenant_id, timeout=timeout,
+                                    cancel=ctx.cancel_event, settings=settings)
+
+    def clean(text: str) -> str:
+        return outbound.scrub_text(text, secrets)
+
+    if res.error is not None:
+        kind = res.error_kind or "connection"
+        if res.timed_out:
             return Outcome.fail(f"HTTP request timed out after {timeout:.1f} s", "timeout",
                                 status="timed_out")
-        return Outcome.fail(f"HTTP connection failed: {exc.reason}", "connection")
-    except TimeoutError:
-        return Outcome.fail(f"HTTP request timed out after {timeout:.1f} s", "timeout",
-                            status="timed_out")
-    except OSError as exc:
-        return Outcome.fail(f"HTTP connection failed: {exc}", "connection")
-    result = {
+        return Outcome.fail(clean(res.error), kind)
+    status = int(res.status or 0)
+    result: dict[str, Any] = {
         "status": status,
         "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
-        "body": body[:2000].decode("utf-8", "replace"),
+        "body": clean(res.body[:_BODY_KEPT].decode("utf-8", "replace")),
+        "bytes_read": res.bytes_read,
     }
+    if res.truncated:
+        result["truncated"] = True
+    if res.redirects:
+        result["redirects"] = res.redirects
+        result["url"] = clean(res.url)
     ok = status in target.expected_status if target.expected_status else 200 <= status < 300
     if ok:
         return Outcome.ok(result)
@@ -227,10 +228,15 @@ def _tail(data: bytes | None) -> str:
 
 
 def run_shell(ctx: JobContext, target: ShellTarget, *, allow_shell: bool,
-              on_process: Callable[[subprocess.Popen[bytes]], None] | None = None) -> Outcome:
+              on_process: Callable[[subprocess.Popen[bytes]], None] | None = None,
+              shell_tenants: Collection[str] | None = None) -> Outcome:
     if not allow_shell:
         return Outcome.fail("shell jobs are disabled in this runner (the host must pass "
                             "allow_shell=True)", "config")
+    if ctx.tenant_id is not None and shell_tenants is not None \
+            and ctx.tenant_id not in shell_tenants and "*" not in shell_tenants:
+        return Outcome.fail(f"shell jobs are not allowed for tenant {ctx.tenant_id!r} "
+                            "(jobs.shell_tenants)", "config")
     if target.use_shell:
         argv: str | list[str] = target.command if isinstance(target.command, str) \
             else shlex.join(target.command)
@@ -313,8 +319,14 @@ def parse_target(target: Mapping[str, Any]) -> FunctionTarget | HttpTarget | She
 def execute(ctx: JobContext, kind: str, target: Mapping[str, Any], *,
             registry: Mapping[str, Callable[..., Any]], allow_shell: bool = False,
             on_process: Callable[[subprocess.Popen[bytes]], None] | None = None,
-            http_opener: urllib.request.OpenerDirector | None = None) -> Outcome:
-    """Run one execution of any kind; every failure is an Outcome, never an exception."""
+            http_opener: Any = None, http: HttpSettings | None = None,
+            shell_tenants: Collection[str] | None = None) -> Outcome:
+    """Run one execution of any kind; every failure is an Outcome, never an exception.
+
+    ``http`` carries the outbound guard's settings for ``http`` runs;
+    ``shell_tenants`` the tenants whose jobs may run shell commands (None: any).
+    ``http_opener`` is deprecated and ignored.
+    """
     try:
         parsed = parse_target(target)
     except pydantic.ValidationError as exc:
@@ -323,9 +335,10 @@ def execute(ctx: JobContext, kind: str, target: Mapping[str, Any], *,
         if isinstance(parsed, FunctionTarget):
             return run_function(ctx, parsed, registry)
         if isinstance(parsed, HttpTarget):
-            return run_http(ctx, parsed, http_opener)
+            return run_http(ctx, parsed, http_opener, settings=http)
         if isinstance(parsed, ShellTarget):
-            return run_shell(ctx, parsed, allow_shell=allow_shell, on_process=on_process)
+            return run_shell(ctx, parsed, allow_shell=allow_shell, on_process=on_process,
+                             shell_tenants=shell_tenants)
         return run_launch_campaign(ctx, parsed, registry)
     except Exception as exc:  # a bug in a kind must not leave the execution running
         return Outcome.from_exception(exc)

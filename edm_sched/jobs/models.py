@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 ErrorKind = Literal[
     "timeout", "connection", "http_status", "unexpected_status", "exception", "exit_status", "lost",
 ]
+NEVER_RETRIED_KINDS: tuple[str, ...] = ("config", "permanent", "cancelled", "blocked")
+"""Error kinds no retry policy can retry (``blocked``: the outbound guard refused the run)."""
 RETRYABLE_KINDS: tuple[str, ...] = (
     "timeout", "connection", "http_status", "unexpected_status", "exception", "exit_status", "lost",
 )
@@ -49,6 +51,8 @@ class RetryPolicy(_Model):
     @classmethod
     def _kinds(cls, value: list[str]) -> list[str]:
         for kind in value:
+            if kind in NEVER_RETRIED_KINDS:
+                raise ValueError(f"{kind!r} errors are never retried")
             if kind not in RETRYABLE_KINDS and not _EXC_NAME.match(kind):
                 raise ValueError(
                     f"{kind!r} is neither an error kind ({', '.join(RETRYABLE_KINDS)}) "
@@ -71,18 +75,60 @@ class FunctionTarget(_Model):
         return value
 
 
+_SECRET_REF = r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,199}$"
+_RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection",
+                               "proxy-authorization", "te", "upgrade"})
+
+
+class SecretRef(_Model):
+    """A header value held outside the database: the runner's secret resolver turns
+    ``secret_ref`` into the secret at run time; ``prefix`` goes before it (``"Bearer "``)."""
+
+    secret_ref: str = Field(pattern=_SECRET_REF)
+    prefix: str = Field(default="", max_length=100)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if _CTRL.search(value):
+            raise ValueError("prefix must not contain control characters")
+        return value
+
+
+class BasicAuth(_Model):
+    """HTTP basic authentication; the password is always a reference, never a value."""
+
+    username: str = Field(min_length=1, max_length=200)
+    password_ref: str = Field(pattern=_SECRET_REF)
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str) -> str:
+        if _CTRL.search(value) or ":" in value:
+            raise ValueError("username must not contain ':' or control characters")
+        return value
+
+
 class HttpTarget(_Model):
-    """An HTTP request; succeeds on ``expected_status`` (default any 2xx)."""
+    """An HTTP request; succeeds on ``expected_status`` (default any 2xx).
+
+    The outbound guard refuses loopback, private, link-local and other
+    non-public destinations unless the host allows them (``jobs.http_allow``);
+    see ``docs/jobs.md#security``. Header values may be :class:`SecretRef`.
+    """
 
     kind: Literal["http"] = "http"
     url: str = Field(max_length=2000)
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str | SecretRef] = Field(default_factory=dict)
+    basic_auth: BasicAuth | None = None
     body: str | dict[str, Any] | list[Any] | None = None
     timeout_seconds: float | None = Field(default=None, gt=0, le=86400)
     expected_status: list[int] = Field(default_factory=list, max_length=100)
     retry_on_status: list[int] = Field(
         default_factory=lambda: [408, 429, 500, 502, 503, 504], max_length=100)
+    max_redirects: int = Field(default=0, ge=0, le=5)
+    max_response_bytes: int = Field(default=65536, ge=0, le=1_048_576)
 
     @field_validator("url")
     @classmethod
@@ -92,15 +138,22 @@ class HttpTarget(_Model):
             raise ValueError("url must be an absolute http:// or https:// URL")
         if _CTRL.search(value) or " " in value:
             raise ValueError("url must not contain spaces or control characters")
+        if "@" in parts.netloc:
+            raise ValueError("url must not hold credentials (user:password@); use basic_auth "
+                             "with a password_ref")
+        if "\\" in value:
+            raise ValueError("url must not contain backslashes")
         return value
 
     @field_validator("headers")
     @classmethod
-    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+    def _headers(cls, value: dict[str, str | SecretRef]) -> dict[str, str | SecretRef]:
         for name, v in value.items():
             if not _HEADER_NAME.match(name):
                 raise ValueError(f"invalid header name {name!r}")
-            if _CTRL.search(v):
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the runner, not by the job")
+            if isinstance(v, str) and _CTRL.search(v):
                 raise ValueError(f"header {name!r} contains control characters (CR/LF)")
         return value
 
@@ -111,6 +164,13 @@ class HttpTarget(_Model):
             if not 100 <= code <= 599:
                 raise ValueError(f"{code} is not an HTTP status code")
         return value
+
+    @model_validator(mode="after")
+    def _auth(self) -> HttpTarget:
+        if self.basic_auth is not None and any(n.lower() == "authorization"
+                                               for n in self.headers):
+            raise ValueError("give either basic_auth or an Authorization header, not both")
+        return self
 
 
 class ShellTarget(_Model):
@@ -354,7 +414,9 @@ class JobStats(BaseModel):
 
 __all__ = [
     "DEFAULT_RETRY_ON",
+    "NEVER_RETRIED_KINDS",
     "RETRYABLE_KINDS",
+    "BasicAuth",
     "CronPreview",
     "Execution",
     "ExecutionStatus",
@@ -369,6 +431,7 @@ __all__ = [
     "LaunchCampaignTarget",
     "MisfirePolicy",
     "RetryPolicy",
+    "SecretRef",
     "ShellTarget",
     "TriggerType",
 ]

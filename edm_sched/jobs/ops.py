@@ -21,14 +21,23 @@ from psycopg.types.json import Jsonb
 
 from edm_sched import db, errors
 from edm_sched.core import Commit, Fetch, Op
-from edm_sched.jobs import schedule
+from edm_sched.jobs import guard, schedule
 from edm_sched.jobs.errors import (
+    DestinationNotAllowed,
     ExecutionNotFound,
     InvalidJobConfig,
     JobNotFound,
     LockAcquisitionFailed,
 )
-from edm_sched.jobs.models import Execution, Job, JobSpec, JobStats, JobUpdate, RetryPolicy
+from edm_sched.jobs.models import (
+    Execution,
+    HttpTarget,
+    Job,
+    JobSpec,
+    JobStats,
+    JobUpdate,
+    RetryPolicy,
+)
 from edm_sched.jobs.sql import query
 from edm_sched.models import validate
 
@@ -149,11 +158,35 @@ def _read_execution(execution_id: int, tenant_id: str | None) -> Op[Execution]:
 # ---------------------------------------------------------------------- jobs
 
 
+def _check_destinations(specs: list[JobSpec]) -> Op[None]:
+    """The outbound guard at the door: an ``http`` job whose URL is a refused address
+    (in any spelling) or a loopback name, not opened by ``jobs.http_allow`` for its
+    tenant, raises DestinationNotAllowed. Host names are resolved only at run time."""
+    http_specs = [s for s in specs if isinstance(s.target, HttpTarget)]
+    if not http_specs:
+        return
+    rows = yield from _q("jobs_security_config", None, rows="all")
+    values = {r["key"]: r["value"] for r in rows}
+    try:
+        allowlist = guard.Allowlist.parse(values.get("jobs.http_allow"))
+    except ValueError:
+        allowlist = guard.Allowlist()  # malformed: open nothing
+    for spec in http_specs:
+        assert isinstance(spec.target, HttpTarget)
+        try:
+            guard.check_url(spec.target.url, allowlist.scope(spec.tenant_id))
+        except guard.Blocked as exc:
+            raise DestinationNotAllowed(
+                f"job {spec.name!r}: destination refused: {exc}",
+                detail="the host may open it in jobs.http_allow") from None
+
+
 def create_jobs(specs: list[JobSpec] | list[Mapping[str, Any]], clock: Clock) -> Op[list[Job]]:
     """Create many jobs in one transaction: all of them, or none."""
     checked = [validate_model(JobSpec, spec) for spec in specs]
     scheds = [schedule.parse(spec.cron, spec.timezone) for spec in checked]
     created: list[Job] = []
+    yield from _check_destinations(checked)
     now = yield from _db_now(clock)
     for spec, sched in zip(checked, scheds, strict=True):
         nxt = None
@@ -186,6 +219,8 @@ def update_job(job_id: int, changes: JobUpdate | Mapping[str, Any], tenant_id: s
             value = getattr(update, name)
             merged[name] = value.model_dump() if isinstance(value, pydantic.BaseModel) else value
         spec = validate_model(JobSpec, merged)
+        if "target" in given:
+            yield from _check_destinations([spec])
         sched = schedule.parse(spec.cron, spec.timezone)
         now = yield from _db_now(clock)
         reschedule = job.status == "active" and bool(given & _SCHEDULE_FIELDS)

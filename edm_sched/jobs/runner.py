@@ -30,10 +30,11 @@ import queue
 import secrets
 import select
 import socket
+import ssl
 import subprocess
 import threading
 import time
-import urllib.request
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -41,9 +42,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from edm_sched import db, errors
-from edm_sched.jobs import kinds, schedule
+from edm_sched.jobs import guard, kinds, schedule
 from edm_sched.jobs.errors import InvalidCronExpression, InvalidJobConfig
 from edm_sched.jobs.kinds import JobContext, Outcome
+from edm_sched.jobs.outbound import HttpSettings, SecretResolver
 from edm_sched.jobs.sql import query
 
 log = logging.getLogger("edm_sched.jobs.runner")
@@ -91,6 +93,8 @@ class _Handle:
     kind: str
     target: dict[str, Any]
     ctx: JobContext
+    http: HttpSettings | None = None
+    shell_tenants: frozenset[str] = frozenset()
     thread: threading.Thread | None = None
     proc: subprocess.Popen[bytes] | None = None
     reported: bool = False
@@ -125,8 +129,10 @@ class JobRunner:
                  worker_id: str | None = None, concurrency: int = 4, allow_shell: bool = False,
                  now: Clock | None = None, stop_event: StopSignal | None = None,
                  fire_batch: int = 32, max_sleep: float = 300.0, shutdown_grace: float = 10.0,
-                 kill_grace: float = 5.0,
-                 http_opener: urllib.request.OpenerDirector | None = None) -> None:
+                 kill_grace: float = 5.0, http_opener: Any = None,
+                 http_resolver: guard.Resolver | None = None,
+                 secret_resolver: SecretResolver | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if not 1 <= concurrency <= 1000:
             raise errors.ConfigurationError("concurrency must be between 1 and 1000")
         if not 1 <= fire_batch <= 1000:
@@ -142,7 +148,16 @@ class JobRunner:
         self.max_sleep = max_sleep
         self.shutdown_grace = shutdown_grace
         self.kill_grace = kill_grace
-        self.http_opener = http_opener
+        if http_opener is not None:
+            warnings.warn("JobRunner(http_opener=...) is ignored: HTTP jobs connect through "
+                          "the outbound guard only", DeprecationWarning, stacklevel=2)
+        self.http_opener = None
+        self.http_resolver = http_resolver or guard.system_resolver
+        self.secret_resolver = secret_resolver
+        self.ssl_context = ssl_context
+        self._http = HttpSettings(resolver=self.http_resolver, secrets=secret_resolver,
+                                  ssl_context=ssl_context)
+        self._shell_tenants: frozenset[str] = frozenset()
         self.stats = RunnerStats()
         self._now = now
         self._external_stop = stop_event
@@ -321,9 +336,29 @@ class JobRunner:
                     "reason": f"firing failed: {exc.diag.message_primary or exc}"})
         return rows
 
+    def _load_security(self) -> None:
+        """Read the allowlist and the shell tenants now (each batch with an HTTP or shell run),
+        so that a change of ``jobs.http_allow`` or ``jobs.shell_tenants`` applies to the next
+        run. A malformed value opens nothing (logged)."""
+        values = dict(self._ensure_conn().execute(query("jobs_security_config")).fetchall())
+        try:
+            allowlist = guard.Allowlist.parse(values.get("jobs.http_allow"))
+        except ValueError as exc:
+            log.error("jobs.http_allow is malformed, allowing nothing: %s", exc)
+            allowlist = guard.Allowlist()
+        try:
+            tenants = guard.parse_tenant_list(values.get("jobs.shell_tenants"))
+        except ValueError as exc:
+            log.error("jobs.shell_tenants is malformed, allowing no tenant: %s", exc)
+            tenants = frozenset()
+        self._http = dataclasses.replace(self._http, allowlist=allowlist)
+        self._shell_tenants = tenants
+
     def _start(self, rows: list[tuple[Any, ...]]) -> list[int]:
         """Start a thread for each claimed execution (after its claim committed)."""
         started: list[int] = []
+        if any(row[4] in ("http", "shell") for row in rows):
+            self._load_security()
         for (execution_id, job_id, tenant_id, job_name, kind, target, trigger, scheduled_for,
              retry_count, timeout_seconds, _started_at, _lease) in rows:
             ctx = JobContext(
@@ -332,7 +367,8 @@ class JobRunner:
                 retry_count=int(retry_count), args=dict(target.get("args") or {}),
                 timeout_seconds=float(timeout_seconds), dsn=self.dsn,
                 progress_sink=self._progress)
-            handle = _Handle(int(execution_id), str(kind), dict(target), ctx)
+            handle = _Handle(int(execution_id), str(kind), dict(target), ctx, http=self._http,
+                             shell_tenants=self._shell_tenants)
             handle.thread = threading.Thread(
                 target=self._execute, args=(handle,), daemon=True,
                 name=f"edm-job-{execution_id}")
@@ -346,7 +382,8 @@ class JobRunner:
         try:
             outcome = kinds.execute(handle.ctx, handle.kind, handle.target,
                                     registry=self.registry, allow_shell=self.allow_shell,
-                                    on_process=handle.set_proc, http_opener=self.http_opener)
+                                    on_process=handle.set_proc, http=handle.http,
+                                    shell_tenants=handle.shell_tenants)
         except BaseException as exc:  # never leave a run unreported
             outcome = Outcome.from_exception(exc)
         self._results.put((handle, outcome))
