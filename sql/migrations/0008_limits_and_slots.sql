@@ -204,6 +204,26 @@ RETURN coalesce((SELECT max(edm.limit_next(l, p_at, p_service_tz)) FROM edm.serv
 COMMENT ON FUNCTION edm.limits_next(bigint, timestamptz, text) IS
   'The earliest instant at or after p_at at which every limit of the service in edm.service_limits admits one more send.';
 
+-- A rolling limit's buckets after one more send at p_slot: that bucket gains
+-- one, and buckets no window ending at or after p_slot can count are dropped.
+CREATE FUNCTION edm.rolling_buckets_add(p_idx bigint[], p_n integer[], p_window_ms bigint,
+                                        p_slot timestamptz,
+                                        OUT bucket_idx bigint[], OUT bucket_n integer[])
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+  SELECT array_agg(x.b ORDER BY x.b), array_agg(x.n ORDER BY x.b)
+  FROM (
+    SELECT u.b, sum(u.n)::integer AS n FROM (
+      SELECT * FROM unnest(p_idx, p_n) AS t(b, n)
+      UNION ALL
+      SELECT edm.epoch_ms(p_slot) / edm.limit_bucket_ms(p_window_ms), 1) u
+    WHERE u.b >= edm.epoch_ms(p_slot) / edm.limit_bucket_ms(p_window_ms)
+                 - ceil(p_window_ms::numeric / edm.limit_bucket_ms(p_window_ms)) - 1
+    GROUP BY u.b) x;
+END;
+COMMENT ON FUNCTION edm.rolling_buckets_add(bigint[], integer[], bigint, timestamptz) IS
+  'The bucket arrays of a rolling limit (edm.service_limits.bucket_idx, bucket_n) after one more send slotted at p_slot: its bucket gains one, buckets older than any window that can still count are dropped.';
+
 CREATE FUNCTION edm.limits_take(p_service_id bigint, p_slot timestamptz, p_service_tz text)
 RETURNS void
 LANGUAGE sql
@@ -218,27 +238,12 @@ BEGIN ATOMIC
                      THEN l.day_count + 1 ELSE 1 END,
     day = CASE WHEN l.kind = 'calendar_day'
                THEN (p_slot AT TIME ZONE coalesce(l.time_zone, p_service_tz))::date END,
-    -- rolling: add one to the slot's bucket, drop buckets out of any window
-    bucket_idx = CASE WHEN l.kind = 'rolling' THEN ARRAY(
-                   SELECT x.b FROM (
-                     SELECT u.b, sum(u.n) AS n FROM (
-                       SELECT * FROM unnest(l.bucket_idx, l.bucket_n) AS t(b, n)
-                       UNION ALL
-                       SELECT edm.epoch_ms(p_slot) / edm.limit_bucket_ms(l.window_ms), 1) u
-                     WHERE u.b >= edm.epoch_ms(p_slot) / edm.limit_bucket_ms(l.window_ms)
-                                  - ceil(l.window_ms::numeric / edm.limit_bucket_ms(l.window_ms)) - 1
-                     GROUP BY u.b) x ORDER BY x.b)
-                 ELSE l.bucket_idx END,
-    bucket_n = CASE WHEN l.kind = 'rolling' THEN ARRAY(
-                   SELECT x.n FROM (
-                     SELECT u.b, sum(u.n)::integer AS n FROM (
-                       SELECT * FROM unnest(l.bucket_idx, l.bucket_n) AS t(b, n)
-                       UNION ALL
-                       SELECT edm.epoch_ms(p_slot) / edm.limit_bucket_ms(l.window_ms), 1) u
-                     WHERE u.b >= edm.epoch_ms(p_slot) / edm.limit_bucket_ms(l.window_ms)
-                                  - ceil(l.window_ms::numeric / edm.limit_bucket_ms(l.window_ms)) - 1
-                     GROUP BY u.b) x ORDER BY x.b)
-               ELSE l.bucket_n END
+    (bucket_idx, bucket_n) = (
+      SELECT coalesce(r.bucket_idx, l.bucket_idx), coalesce(r.bucket_n, l.bucket_n)
+      FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, p_slot) r
+      WHERE l.kind = 'rolling'
+      UNION ALL
+      SELECT l.bucket_idx, l.bucket_n WHERE l.kind <> 'rolling')
   WHERE l.service_id = p_service_id;
 END;
 COMMENT ON FUNCTION edm.limits_take(bigint, timestamptz, text) IS
