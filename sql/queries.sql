@@ -364,3 +364,7 @@ FROM edm.alerts WHERE resolved_at IS NULL ORDER BY alert_id DESC LIMIT %s
 -- First-send waits (seconds) of tasks first claimed in a time window, for the metrics histogram.
 SELECT extract(epoch FROM first_claimed_at - scheduled_at)::float8
 FROM edm.tasks WHERE first_claimed_at > %s AND first_claimed_at <= %s
+
+-- db_clock --
+-- The server's clock, read by a dispatcher at start (a few times) to seed its clock map.
+SELECT clock_timestamp()

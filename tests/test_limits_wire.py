@@ -15,6 +15,7 @@ that each check does catch a violation.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import smtplib
 import time
@@ -26,6 +27,7 @@ import pytest
 from psycopg import sql
 
 from benchmarks import limits
+from edm_sched.dispatcher import ClockMap
 from edm_sched.migrations import migrate
 from edm_sched.smtp_sink import Received, SmtpSink
 
@@ -85,6 +87,28 @@ def test_window_and_day_checks_count_exactly() -> None:
     checks, slack = limits.check_service(d, [0.0, 0.1, 0.194], 0.3, "UTC", 1000, 0.005)
     assert slack is not None and abs(slack + 0.006) < 1e-9
     assert [c.violations for c in checks if c.limit == "interval"] == [1]
+
+
+# -- the dispatcher's clock map ----------------------------------------------------------
+
+
+def test_clock_map_keeps_the_tightest_recent_bound() -> None:
+    base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    clock = ClockMap(keep=4, max_age=5.0, reset=0.5)
+    # replies read 30, 2 and 12 ms after the database stamped them (true offset 100 s)
+    for m, delay in ((100.030, 0.030), (101.002, 0.002), (102.012, 0.012)):
+        clock.observe(m, base + dt.timedelta(seconds=m - 100.0 - delay))
+    slot = base + dt.timedelta(seconds=5)
+    # mapped with the fastest reply: 2 ms late, not 12 (the reply at hand) or 30
+    assert abs(clock.monotonic(slot) - 105.002) < 1e-6
+    # never early: every bound is >= the true offset
+    assert clock.monotonic(slot) >= 105.0
+    # the 2 ms sample ages out (max_age 5 s): the tightest left is 10 ms ...
+    clock.observe(106.5, base + dt.timedelta(seconds=6.49))
+    assert abs(clock.monotonic(base) - 100.010) < 1e-6
+    # ... and a database clock stepped back (a bound 1.1 s above) restarts the estimate
+    clock.observe(107.0, base + dt.timedelta(seconds=5.9))
+    assert abs(clock.monotonic(base) - 101.1) < 1e-6
 
 
 # -- the scenario -----------------------------------------------------------------------
