@@ -112,6 +112,49 @@ class Claimed:
     lease_deadline: float = float("inf")  # monotonic instant the lease ends
 
 
+class ClockMap:
+    """Maps database timestamps (slots, lease ends) onto this process's monotonic clock.
+
+    Each claim or renewal reply carries the database's clock as its rows left
+    the server (``db_clock``); the reply is read here later, so ``m - db_clock``
+    (``m``: the monotonic clock after the read) is an upper bound on the offset
+    between the two clocks, too large by that reply's delay. The smallest recent
+    bound is the tightest: a mapped slot still errs late, never early, but by
+    the fastest recent reply rather than by the reply at hand (on a busy
+    machine the delay of one reply varies by tens of milliseconds: mapped with
+    it, slots of one service claimed in different calls came out up to that
+    much apart from their spacing on the database's clock).
+
+    Recent: the last ``keep`` samples of the last ``max_age`` seconds, so the
+    estimate follows drift between the clocks; a sample more than ``reset``
+    seconds above the minimum (the database clock was stepped back) restarts
+    the estimate from it. The window is long on purpose: when the estimate
+    improves, a saturated service's lane keeps pacing from its earlier starts
+    (one interval apart), so an estimate that rose with a burst of slow
+    replies and fell back would leave that lane late by the difference.
+    """
+
+    def __init__(self, keep: int = 512, max_age: float = 60.0, reset: float = 0.5) -> None:
+        self.keep, self.max_age, self.reset = keep, max_age, reset
+        self._samples: list[tuple[float, float]] = []  # (monotonic, offset bound)
+        self.offset = 0.0
+
+    def observe(self, monotonic: float, db_clock: dt.datetime) -> float:
+        """Add one bound (``monotonic`` read after the reply stamped ``db_clock``)."""
+        bound = monotonic - db_clock.timestamp()
+        if self._samples and bound > self.offset + self.reset:
+            self._samples.clear()
+        self._samples.append((monotonic, bound))
+        cutoff = monotonic - self.max_age
+        self._samples = [x for x in self._samples[-self.keep:] if x[0] >= cutoff]
+        self.offset = min(b for _, b in self._samples)
+        return self.offset
+
+    def monotonic(self, ts: dt.datetime) -> float:
+        """The monotonic instant of database time ``ts``."""
+        return ts.timestamp() + self.offset
+
+
 def default_dispatcher_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -168,6 +211,7 @@ class Dispatcher:
         self._templates: dict[int, dict[int, TemplateRow]] = {}
         self._services: dict[int, tuple[float, ServiceConfig]] = {}
         self._intervals: dict[int, float] = {}  # service_id -> interval in seconds
+        self._clock = ClockMap()
         self._claim_conn: psycopg.AsyncConnection[Any] | None = None
         self._complete_conn: psycopg.AsyncConnection[Any] | None = None
 
@@ -223,6 +267,13 @@ class Dispatcher:
         # Startup recovery: leases left by crashed dispatchers become claimable
         # now rather than at the next leader's sweep.
         await sweeps.expire_leases_async(conn)
+        # Seed the clock map before the first claim, so that the first slots are
+        # mapped about as tightly as later ones (see ClockMap).
+        for _ in range(5):
+            cur = await conn.execute(query("db_clock"))
+            row = await cur.fetchone()
+            if row is not None:
+                self._clock.observe(time.monotonic(), row[0])
         log_event(log, logging.INFO, "dispatcher_started", dispatcher=self.id,
                   concurrency=self.concurrency, batch=self.batch_size)
         background = [
@@ -338,12 +389,15 @@ class Dispatcher:
         self.stats.claimed += len(rows)
         # Slots and lease ends are database times; map them onto this process's
         # monotonic clock through the server's clock as the rows left it (m1 is
-        # later than that by the transfer: a slot errs late, never early).
+        # later than that by the transfer: a slot errs late, never early), with
+        # the tightest recent estimate of the offset (ClockMap).
+        if rows:
+            self._clock.observe(m1, rows[-1]["db_clock"])
         return [Claimed(subtask_id=r["subtask_id"], task_id=r["task_id"], user_id=r["user_id"],
                         service_id=r["service_id"], email=r["email"], contact_id=r["contact_id"],
                         template_idx=r["template_idx"], vars=r["vars"], attempt=r["attempt"],
-                        slot=m1 + (r["send_at"] - r["db_clock"]).total_seconds(),
-                        lease_deadline=m1 + (r["lease_expires_at"] - r["db_clock"]).total_seconds())
+                        slot=self._clock.monotonic(r["send_at"]),
+                        lease_deadline=self._clock.monotonic(r["lease_expires_at"]))
                 for r in rows]
 
     async def _next_wakeup(self) -> float | None:
@@ -601,8 +655,10 @@ class Dispatcher:
                                          (self.id, list(items), self.lease_seconds, None))
                 renewed = await cur.fetchall()
                 m1 = time.monotonic()
-                for subtask_id, expires, db_clock in renewed:
-                    items[subtask_id].lease_deadline = m1 + (expires - db_clock).total_seconds()
+                if renewed:
+                    self._clock.observe(m1, renewed[-1][2])
+                for subtask_id, expires, _ in renewed:
+                    items[subtask_id].lease_deadline = self._clock.monotonic(expires)
             except psycopg.OperationalError as exc:
                 # Not renewed: sends whose lease runs low are handed back by their lane.
                 log_event(log, logging.WARNING, "renew_failed", error=str(exc).strip()[:200])
@@ -732,4 +788,4 @@ def run_dispatcher(
     return asyncio.run(main())
 
 
-__all__ = ["Dispatcher", "DispatcherStats", "run_dispatcher"]
+__all__ = ["ClockMap", "Dispatcher", "DispatcherStats", "run_dispatcher"]

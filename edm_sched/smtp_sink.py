@@ -2,7 +2,9 @@
 
 :class:`SmtpSink` runs an aiosmtpd server in a background thread and accepts
 every message, recording for each envelope recipient the receive time, the
-``Message-ID`` header and the ``X-Edm-Service`` header. Records are kept in
+``Message-ID`` header and the ``X-Edm-Service`` header, and the time the
+server read the transaction's ``MAIL FROM`` (``mail_from_at``: when the send
+started, as a provider's rate limiter sees it). Records are kept in
 memory (:attr:`SmtpSink.received`) and, with ``log_path``, appended to a JSON
 Lines file, one flushed line per recipient, written *before* the sink answers
 ``250``: a sender killed with ``kill -9`` after that point cannot make a
@@ -13,7 +15,9 @@ Misbehaviour on demand:
 * ``rules(recipient)`` returns ``None`` to accept, or a reply such as
   ``(451, "4.7.1 try later")`` or ``(550, "5.1.1 no such user")`` to refuse
   that recipient at RCPT time (default) or at the end of DATA
-  (``refuse_at="data"``).
+  (``refuse_at="data"``). Refused transactions are kept in memory too
+  (:attr:`SmtpSink.refused`, with the reply ``code``; not in the log file), so
+  every transaction that reached the server can be counted against a limit.
 * The recipient local part ``drop-connection`` makes the sink close the
   connection at RCPT without answering; ``drop-after-data`` closes it after
   the message body was received, without answering and without recording it
@@ -84,6 +88,8 @@ class Received:
     service: str | None  # the X-Edm-Service header, if any
     sender: str | None = None  # envelope sender
     size: int = 0  # bytes of message data received
+    mail_from_at: float | None = None  # time.time() when the server read MAIL FROM
+    code: int = 250  # the sink's reply: 250, or the refusal's code (SmtpSink.refused)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
@@ -97,6 +103,9 @@ class Received:
             service=None if row.get("service") is None else str(row["service"]),
             sender=None if row.get("sender") is None else str(row["sender"]),
             size=int(row.get("size") or 0),
+            mail_from_at=None if row.get("mail_from_at") is None
+            else float(row["mail_from_at"]),
+            code=int(row.get("code") or 250),
         )
 
 
@@ -167,6 +176,15 @@ class _Handler:
     def __init__(self, sink: SmtpSink) -> None:
         self._sink = sink
 
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        # What aiosmtpd does without this hook, plus the time the transaction started.
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.edm_mail_from_at = time.time()
+        return "250 OK"
+
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
@@ -175,6 +193,7 @@ class _Handler:
         if self._sink.refuse_at == "rcpt":
             refusal = self._sink._refusal(address)
             if refusal is not None:
+                self._sink._record_refusal(envelope, [address], refusal)
                 return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -188,12 +207,14 @@ class _Handler:
             for recipient in recipients:
                 refusal = self._sink._refusal(recipient)
                 if refusal is not None:
+                    self._sink._record_refusal(envelope, recipients, refusal, data=True)
                     return refusal
         data = envelope.original_content or b""
         if isinstance(data, str):  # pragma: no cover - only with decode_data=True
             data = data.encode("utf-8", "surrogateescape")
         queue_id = uuid.uuid4().hex[:16].upper()
-        self._sink._record(envelope.mail_from, recipients, data)
+        self._sink._record(envelope.mail_from, recipients, data,
+                           getattr(envelope, "edm_mail_from_at", None))
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
@@ -245,6 +266,7 @@ class SmtpSink:
         self._idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._received: list[Received] = []
+        self._refused: list[Received] = []
         self._data: list[bytes] = []
         self._connections = 0
         self._open: set[_SinkSMTP] = set()
@@ -315,6 +337,12 @@ class SmtpSink:
         """A snapshot of every accepted (message, recipient), in arrival order."""
         with self._lock:
             return list(self._received)
+
+    @property
+    def refused(self) -> list[Received]:
+        """A snapshot of every refused (transaction, recipient), in order, with its ``code``."""
+        with self._lock:
+            return list(self._refused)
 
     @property
     def messages(self) -> list[bytes]:
@@ -393,7 +421,29 @@ class SmtpSink:
         )
         return AuthResult(success=ok, handled=False)
 
-    def _record(self, sender: str | None, recipients: Sequence[str], data: bytes) -> None:
+    def _record_refusal(self, envelope: Any, recipients: Sequence[str], reply: str,
+                        *, data: bool = False) -> None:
+        content = envelope.original_content if data else None
+        headers = (BytesHeaderParser(policy=compat32).parsebytes(content)
+                   if isinstance(content, bytes) else None)
+        rows = [
+            Received(
+                received_at=time.time(),
+                recipient=recipient,
+                message_id=None if headers is None else _header(headers.get("Message-ID")),
+                service=None if headers is None else _header(headers.get(SERVICE_HEADER)),
+                sender=envelope.mail_from,
+                size=len(content) if isinstance(content, bytes) else 0,
+                mail_from_at=getattr(envelope, "edm_mail_from_at", None),
+                code=int(reply.split(" ", 1)[0]),
+            )
+            for recipient in recipients
+        ]
+        with self._lock:
+            self._refused.extend(rows)
+
+    def _record(self, sender: str | None, recipients: Sequence[str], data: bytes,
+                mail_from_at: float | None = None) -> None:
         headers = BytesHeaderParser(policy=compat32).parsebytes(data)
         now = time.time()
         rows = [
@@ -404,6 +454,7 @@ class SmtpSink:
                 service=_header(headers.get(SERVICE_HEADER)),
                 sender=sender,
                 size=len(data),
+                mail_from_at=mail_from_at,
             )
             for recipient in recipients
         ]

@@ -386,3 +386,7 @@ SELECT edm.set_service_limits(%s, %s)
 -- Every limit of a service, built-in and extra, with use and headroom.
 SELECT limit_name, kind, max_count, window_ms, burst, used, headroom, next_free_at
 FROM edm.service_limit_status WHERE service_id = %s ORDER BY limit_name
+
+-- db_clock --
+-- The server's clock, read by a dispatcher at start (a few times) to seed its clock map.
+SELECT clock_timestamp()
