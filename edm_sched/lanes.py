@@ -32,6 +32,10 @@ log = logging.getLogger("edm_sched.lanes")
 LEASE_SAFETY = 1.0
 """Seconds of lease that must remain when a send starts."""
 
+PACE_SLACK = 0.002
+"""Seconds a lane's next start may come before one interval after the previous actual
+start: timer jitter, well inside the 5 ms a provider's own clock may see."""
+
 
 @dataclass(eq=False)  # identity: kept in a set while running
 class QueuedSend:
@@ -103,6 +107,11 @@ class Lane:
                     release(item, "lease ended while the send waited for its slot")
                     continue
                 item.started = True
+                # Pace from the actual start: a start the event loop made late
+                # pushes the next one back, so no two starts on the wire come
+                # closer than the interval (less PACE_SLACK of timer jitter).
+                self.next_start = max(self.next_start,
+                                      time.monotonic() + self.interval - PACE_SLACK)
                 await send(item)
             finally:
                 self.running.discard(item)
@@ -122,4 +131,4 @@ def _crashed(task: asyncio.Task[None]) -> None:
         log.error("lane sender %s crashed", task.get_name(), exc_info=task.exception())
 
 
-__all__ = ["LEASE_SAFETY", "Lane", "QueuedSend"]
+__all__ = ["LEASE_SAFETY", "PACE_SLACK", "Lane", "QueuedSend"]
