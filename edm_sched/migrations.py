@@ -6,7 +6,11 @@
 * each migration runs in its own transaction, so a failure leaves the schema
   at the last good version;
 * a version in the database that this code does not know is refused (the
-  database was migrated by a newer edm-sched).
+  database was migrated by a newer edm-sched);
+* after every migration, in its transaction, ``edm.harden_functions()`` runs
+  (once a migration has created it): ``CREATE OR REPLACE FUNCTION`` silently
+  drops ``SECURITY DEFINER`` and the pinned ``search_path``, so hardening is
+  the runner's job, not something each migration must remember.
 """
 
 from __future__ import annotations
@@ -86,6 +90,9 @@ def _apply(conn: psycopg.Connection[Any], m: Migration) -> None:
     try:
         with conn.transaction():
             conn.execute(m.sql.encode("utf-8"))
+            can_harden = conn.execute(query("migration_can_harden")).fetchone()
+            if can_harden and can_harden[0]:
+                conn.execute(query("migration_harden"))
             conn.execute(query("migration_record"), (m.version, m.name, m.checksum))
     except psycopg.errors.InsufficientPrivilege as exc:
         raise errors.PermissionDenied(

@@ -344,3 +344,12 @@ FROM edm.alerts WHERE resolved_at IS NULL ORDER BY alert_id DESC LIMIT %s
 -- First-send waits (seconds) of tasks first claimed in a time window, for the metrics histogram.
 SELECT extract(epoch FROM first_claimed_at - scheduled_at)::float8
 FROM edm.tasks WHERE first_claimed_at > %s AND first_claimed_at <= %s
+
+-- migration_can_harden --
+-- Whether edm.harden_functions exists yet (created by migration 0006).
+SELECT to_regprocedure('edm.harden_functions()') IS NOT NULL
+
+-- migration_harden --
+-- Re-apply SECURITY DEFINER, the pinned search_path and the PUBLIC revoke to every writing
+-- function (CREATE OR REPLACE FUNCTION drops them); run after each migration.
+SELECT edm.harden_functions()

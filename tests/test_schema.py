@@ -123,3 +123,29 @@ def test_missing_privileges_and_foreign_owner(empty_dsn: str) -> None:
         with psycopg.connect(empty_dsn, autocommit=True) as c:
             c.execute("DROP OWNED BY edm_weak")
             c.execute("DROP ROLE edm_weak")
+
+
+def test_runner_hardens_functions_a_migration_forgot(dsn: str,
+                                                     conn: psycopg.Connection[Any]) -> None:
+    """A migration that CREATE OR REPLACEs a writing function without calling
+    edm.harden_functions() still leaves it SECURITY DEFINER, pinned, not PUBLIC."""
+    from edm_sched.migrations import _apply
+
+    careless = sqlfiles.Migration(9000, "careless", """
+        CREATE OR REPLACE FUNCTION edm.careless_write(p_key text) RETURNS void
+        LANGUAGE sql VOLATILE AS $$ UPDATE edm.config SET value = value WHERE key = p_key $$;
+        COMMENT ON FUNCTION edm.careless_write(text) IS 'Test function.';
+        CREATE OR REPLACE FUNCTION edm.upsert_user(p_user_id text,
+                                                   p_display_name text DEFAULT NULL,
+                                                   p_quota_limit bigint DEFAULT NULL)
+        RETURNS void LANGUAGE sql VOLATILE AS $$ SELECT NULL $$;
+        """)
+    with psycopg.connect(dsn) as c:
+        _apply(c, careless)
+    rows = conn.execute("""
+        SELECT p.oid::regprocedure::text, p.prosecdef, p.proconfig,
+               has_function_privilege('public', p.oid, 'EXECUTE')
+        FROM pg_proc p WHERE p.pronamespace = 'edm'::regnamespace
+          AND p.proname IN ('careless_write', 'upsert_user') ORDER BY 1""").fetchall()
+    assert rows and all(r[1] and r[2] == ["search_path=pg_catalog, pg_temp"] and not r[3]
+                        for r in rows), rows
