@@ -567,7 +567,7 @@ def scratch_database(server_dsn: str | None) -> Iterator[str]:
     name = f"edm_schema_dump_{os.getpid()}"
     with contextlib.ExitStack() as stack:
         if server_dsn is None:
-            from edm_sched.embedded import EmbeddedPostgres
+            from edm_sched.demo.embedded import EmbeddedPostgres
 
             tmp = Path(tempfile.mkdtemp(prefix="edm-sched-schema-"))
             stack.callback(shutil.rmtree, tmp, True)

@@ -64,7 +64,7 @@ def edm_pg_server() -> Iterator[ServerInfo]:
     if os.environ.get(TEST_DSN_ENV):
         yield _server_from_dsn(os.environ[TEST_DSN_ENV])
         return
-    from edm_sched.embedded import EmbeddedPostgres
+    from edm_sched.demo.embedded import EmbeddedPostgres
 
     data = Path(tempfile.mkdtemp(prefix="edm-sched-test-")) / "pgdata"
     with EmbeddedPostgres(data) as pg:

@@ -45,7 +45,7 @@ import psycopg
 import pytest
 
 from edm_sched.api import Scheduler
-from edm_sched.smtp_sink import Received, SmtpSink, read_log
+from edm_sched.testing.smtp_sink import Received, SmtpSink, read_log
 from tests.dispatcher_proc import spawn
 from tests.helpers import counters_match
 

@@ -17,7 +17,7 @@ from edm_sched import errors
 from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.migrations import migrate
-from edm_sched.smtp_sink import SmtpSink
+from edm_sched.testing.smtp_sink import SmtpSink
 from edm_sched.transports.null import NullTransport
 from edm_sched.transports.smtp import SmtpTransport
 from tests.helpers import make_service, make_task

@@ -1,4 +1,4 @@
-"""The SMTP transport against a real SMTP server (edm_sched.smtp_sink), no mocks.
+"""The SMTP transport against a real SMTP server (edm_sched.testing.smtp_sink), no mocks.
 
 Every test is a plain function driving its coroutine with ``asyncio.run``; the
 sink runs aiosmtpd on a background thread and picks a free port.
@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from edm_sched.smtp_sink import Received, SmtpSink, read_log
+from edm_sched.testing.smtp_sink import Received, SmtpSink, read_log
 from edm_sched.transports.base import Message, Outcome, SendResult, ServiceConfig
 from edm_sched.transports.null import NullTransport
 from edm_sched.transports.smtp import (
@@ -650,7 +650,8 @@ def test_read_log_ignores_a_torn_last_line(tmp_path: Path) -> None:
 def test_sink_as_a_separate_process(tmp_path: Path) -> None:
     log_path = tmp_path / "sink.jsonl"
     with subprocess.Popen(
-        [sys.executable, "-m", "edm_sched.smtp_sink", "--port", "0", "--log", str(log_path)],
+        [sys.executable, "-m", "edm_sched.testing.smtp_sink", "--port", "0",
+         "--log", str(log_path)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     ) as proc:
         try:

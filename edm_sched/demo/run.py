@@ -25,8 +25,8 @@ import psycopg
 from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.migrations import migrate
-from edm_sched.smtp_sink import SmtpSink, read_log
 from edm_sched.sqlfiles import query
+from edm_sched.testing.smtp_sink import SmtpSink, read_log
 from edm_sched.transports.smtp import SmtpTransport
 
 USERS = ["acme", "globex", "initech", "umbrella"]

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edm_sched.cli import EXIT_OK, EXIT_USAGE, database, emit
+from edm_sched.cli.base import EXIT_OK, EXIT_USAGE, database, emit
 from edm_sched.jobs.errors import InvalidJobConfig
 
 

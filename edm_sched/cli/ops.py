@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from edm_sched import errors
-from edm_sched.cli import EXIT_OK, database, emit
+from edm_sched.cli.base import EXIT_OK, database, emit
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
