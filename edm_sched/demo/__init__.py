@@ -11,9 +11,32 @@ the runtime package imports this one.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Any
 
-__all__ = ["run_demo"]
+from edm_sched import errors
+
+__all__ = ["MissingExtra", "require", "run_demo"]
+
+INSTALL_HINT = "pip install 'edm-sched[demo]'"
+
+
+class MissingExtra(errors.ConfigurationError, ImportError):
+    """A part of the ``demo`` extra (pgserver, aiosmtpd) is not installed."""
+
+    code = "MISSING_EXTRA"
+
+
+def require(module: str, what: str) -> ModuleType:
+    """Import ``module``, or raise MissingExtra saying which extra brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtra(
+            f"{what} needs the 'demo' extra ({module} is not installed): {INSTALL_HINT}"
+            + ("; or give --dsn / EDM_SCHED_DSN to use your own PostgreSQL"
+               if module == "pgserver" else "")) from exc
 
 
 def __getattr__(name: str) -> Any:

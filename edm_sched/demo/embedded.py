@@ -22,8 +22,9 @@ def default_data_dir() -> Path:
     """``$EDM_SCHED_EMBEDDED_DIR``, else a directory in the user's data dir."""
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV])
-    import platformdirs
+    from edm_sched.demo import require
 
+    platformdirs = require("platformdirs", "the embedded PostgreSQL")
     return Path(platformdirs.user_data_dir("edm-sched")) / "pgdata"
 
 
@@ -33,12 +34,14 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path | None = None, *, stop_on_exit: bool = True) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            import pgserver
+            from edm_sched.demo import require
+
+            pgserver = require("pgserver", "the embedded PostgreSQL")
 
             self.data_dir = (data_dir or default_data_dir()).resolve()
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
             log.info("starting embedded PostgreSQL in %s", self.data_dir)
-            self._server: Any = pgserver.get_server(  # type: ignore[attr-defined]
+            self._server: Any = pgserver.get_server(
                 self.data_dir, cleanup_mode="stop" if stop_on_exit else None
             )
 

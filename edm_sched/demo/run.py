@@ -26,7 +26,6 @@ from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.migrations import migrate
 from edm_sched.sqlfiles import query
-from edm_sched.testing.smtp_sink import SmtpSink, read_log
 from edm_sched.transports.smtp import SmtpTransport
 
 USERS = ["acme", "globex", "initech", "umbrella"]
@@ -49,6 +48,11 @@ LATE_TASK = ("initech", "password-reset", 3, 8.0)  # a small user arriving mid-r
 
 
 def run_demo(dsn: str, *, seconds: float = 60.0, json_out: bool = False) -> dict[str, Any]:
+    from edm_sched.demo import require
+
+    require("aiosmtpd", "the demo's SMTP server")
+    from edm_sched.testing.smtp_sink import SmtpSink, read_log
+
     migrate(dsn)
     run = uuid.uuid4().hex[:6]
     workdir = Path(tempfile.mkdtemp(prefix="edm-demo-"))

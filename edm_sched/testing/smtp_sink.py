@@ -55,8 +55,12 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, Literal
 
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+try:
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("edm_sched.testing.smtp_sink needs the 'demo' extra (aiosmtpd): "
+                      "pip install 'edm-sched[demo]'") from exc
 
 log = logging.getLogger("edm_sched.testing.smtp_sink")
 
