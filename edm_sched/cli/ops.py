@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from edm_sched import errors
-from edm_sched.cli.base import EXIT_OK, database, emit
+from edm_sched.cli.base import EXIT_OK, database, emit, is_terminal
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
@@ -93,7 +93,9 @@ def cmd_top(args: argparse.Namespace) -> int:
         try:
             while args.iterations is None or rounds < args.iterations:
                 st = status(dsn, limit=args.limit)
-                sys.stdout.write("\x1b[2J\x1b[H" + time.strftime("%H:%M:%S ")
+                # Clear the screen on a terminal only; a pipe gets one block per refresh.
+                head = "\x1b[2J\x1b[H" if is_terminal() else ("\n" if rounds else "")
+                sys.stdout.write(head + time.strftime("%H:%M:%S ")
                                  + "edm-sched top (Ctrl-C to quit)\n" + _status_text(st) + "\n")
                 sys.stdout.flush()
                 rounds += 1

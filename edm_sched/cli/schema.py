@@ -11,7 +11,7 @@ from edm_sched.cli.base import EXIT_OK, database, emit
 def cmd_migrate(args: argparse.Namespace) -> int:
     from edm_sched.migrations import migrate
 
-    with database(args) as dsn:
+    with database(args, need_schema=False) as dsn:
         status = migrate(dsn)
     emit(
         args,

@@ -2,7 +2,13 @@
 
 Backed by the ``pgserver`` wheel, which ships PostgreSQL binaries and, when
 started as root (where ``initdb`` refuses to run), runs them as an unprivileged
-system user. The server listens on a Unix socket only.
+system user: pgserver creates the OS user ``pgserver`` (``useradd``) when it is
+missing, gives it the data directory, and makes the directories above the data
+directory and the PostgreSQL binaries readable and traversable by it. The
+server listens on a Unix socket only and trusts local connections.
+
+``running_dsn()`` and ``stop_server()`` look at and stop a server started by
+an earlier process (``edm-sched embedded status|dsn|stop``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from typing import Any
 log = logging.getLogger("edm_sched.demo.embedded")
 
 DATA_ENV = "EDM_SCHED_EMBEDDED_DIR"
+ROOT_OS_USER = "pgserver"
+"""The OS user pgserver creates and runs PostgreSQL as when started by root."""
 
 
 def default_data_dir() -> Path:
@@ -67,3 +75,28 @@ class EmbeddedPostgres:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def running_dsn(data_dir: Path | None = None, database: str = "postgres") -> str | None:
+    """DSN of the embedded server in ``data_dir`` when it runs, else None (never starts it)."""
+    from edm_sched.demo import require
+
+    utils = require("pgserver.utils", "the embedded PostgreSQL")
+    info = utils.PostmasterInfo.read_from_pgdata((data_dir or default_data_dir()).resolve())
+    if info is None or not info.is_running():
+        return None
+    return str(info.get_uri(database=database))
+
+
+def stop_server(data_dir: Path | None = None) -> bool:
+    """Stop the embedded server in ``data_dir``; False when it was not running."""
+    from edm_sched.demo import require
+
+    if running_dsn(data_dir) is None:
+        return False
+    pgserver = require("pgserver", "the embedded PostgreSQL")
+    user = ROOT_OS_USER if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+    log.info("stopping embedded PostgreSQL in %s", data_dir or default_data_dir())
+    pgserver.pg_ctl(["-w", "stop"], pgdata=(data_dir or default_data_dir()).resolve(),
+                    user=user)
+    return True

@@ -55,9 +55,12 @@ def run_demo(dsn: str, *, seconds: float = 60.0, json_out: bool = False) -> dict
 
     migrate(dsn)
     run = uuid.uuid4().hex[:6]
-    workdir = Path(tempfile.mkdtemp(prefix="edm-demo-"))
+    tmp = tempfile.TemporaryDirectory(prefix="edm-demo-")
+    workdir = Path(tmp.name)
     sink = SmtpSink(log_path=workdir / "sink.jsonl").start()
     out = sys.stdout if not json_out else None
+    # Live bars redraw the screen only on a terminal; a pipe gets the final table.
+    live = out if out is not None and out.isatty() else None
     try:
         with Scheduler(dsn) as s:
             world = _build(s, run, sink.port)
@@ -76,7 +79,7 @@ def run_demo(dsn: str, *, seconds: float = 60.0, json_out: bool = False) -> dict
                     if not late_created and elapsed >= LATE_TASK[3]:
                         world["tasks"].append(_task(s, run, *LATE_TASK[:3]))
                         late_created = True
-                    done = _progress(dsn, world, out)
+                    done = _progress(dsn, world, live)
                     if done and late_created:
                         break
                     time.sleep(0.5)
@@ -89,6 +92,7 @@ def run_demo(dsn: str, *, seconds: float = 60.0, json_out: bool = False) -> dict
         summary["seconds"] = round(time.monotonic() - started, 1)
     finally:
         sink.stop()
+        tmp.cleanup()
     if out:
         _print_summary(summary, out)
     return summary
@@ -137,7 +141,8 @@ def _progress(dsn: str, world: dict[str, Any], out: Any) -> bool:
         tasks = conn.execute(query("demo_tasks"), (world["tasks"],)).fetchall()
         services = conn.execute(query("demo_services"), (list(world["services"]),)).fetchall()
     if out is not None:
-        lines = ["\x1b[2J\x1b[H edm-sched demo — tasks"]
+        clear = "\x1b[2J\x1b[H" if out.isatty() else ""
+        lines = [f"{clear} edm-sched demo — tasks"]
         for _tid, user, name, status, total, sent, failed in tasks:
             lines.append(f"  {user.split('-')[0]:9} {name:15} {_bar(sent + failed, total)} "
                          f"{sent:4}/{total:<4} {status}")
