@@ -1,7 +1,8 @@
-"""The ``edm-sched`` command line.
+"""edm-sched: fair, rate-limited, crash-safe sending of email campaigns on PostgreSQL.
 
-Every subcommand takes ``--dsn`` (or ``$EDM_SCHED_DSN``); without one it uses
-the embedded PostgreSQL. ``--json`` prints one JSON object on the last line.
+Every subcommand takes ``--dsn`` (or ``$EDM_SCHED_DSN``), before or after the
+command; without one it uses the embedded PostgreSQL. ``--json`` prints one
+JSON object on the last line.
 
 Exit codes: 0 success; 1 a typed error (message on stderr, code in the JSON);
 2 bad usage; 3 the database is unreachable.
@@ -25,15 +26,39 @@ from edm_sched.cli.base import EXIT_ERROR, EXIT_UNAVAILABLE, Handler
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edm-sched", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the version of edm-sched and of its schema, and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dsn", help="PostgreSQL DSN (default: $EDM_SCHED_DSN, else embedded)")
-    common.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # --dsn and --json go before or after the command: the top-level parser sets
+    # the defaults; a command's copies default to SUPPRESS so they never reset a
+    # value given before the command.
+    for p, default in ((parser, None), (common := argparse.ArgumentParser(add_help=False),
+                                        argparse.SUPPRESS)):
+        p.add_argument("--dsn", default=default,
+                       help="PostgreSQL DSN (default: $EDM_SCHED_DSN, else the embedded server)")
+        p.add_argument("--json", action="store_true",
+                       default=False if default is None else default,
+                       help="print one JSON object on the last line")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands below; COMMAND -h for its options")
 
     for register in _extensions():
         register(sub, common)
     return parser
+
+
+def version_text() -> str:
+    """``edm-sched X.Y.Z (schema N)``: the package and its latest migration."""
+    from importlib import metadata
+
+    from edm_sched import __version__
+    from edm_sched.sqlfiles import migrations
+
+    try:
+        version = metadata.version("edm-sched")
+    except metadata.PackageNotFoundError:
+        version = __version__
+    return f"edm-sched {version} (schema {migrations()[-1].version})"
 
 
 def _extensions() -> list[Callable[[Any, argparse.ArgumentParser], None]]:

@@ -362,13 +362,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _definition_options(p: argparse.ArgumentParser, *, create: bool) -> None:
     p.add_argument("--spec", help="the whole job (or changes) as JSON, or @file.json; "
                                   "the options below override it")
-    p.add_argument("--name", required=False)
+    p.add_argument("--name", required=False, help="job name (unique per tenant)")
     p.add_argument("--cron", help="5 fields, or 6 with leading seconds, or @daily...")
     p.add_argument("--tz", help="IANA time zone of the schedule (default UTC)")
     if create:
         p.add_argument("--tenant-id", dest="tenant_field", help="owning tenant")
         p.add_argument("--paused", action="store_true", help="create it paused")
-    p.add_argument("--description")
+    p.add_argument("--description", help="free text shown with the job")
     g = p.add_argument_group("what to run (one of)")
     g.add_argument("--function", help="name of a function in the runners' registry")
     g.add_argument("--args", help="JSON object handed to the function as ctx.args")
@@ -381,19 +381,20 @@ def _definition_options(p: argparse.ArgumentParser, *, create: bool) -> None:
     g.add_argument("--campaign", metavar="JSON", help="campaign definition (TaskSpec) as JSON")
     g.add_argument("--target", metavar="JSON", help="the target as JSON with a kind")
     o = p.add_argument_group("limits and policies")
-    o.add_argument("--priority", type=int)
-    o.add_argument("--max-concurrent", type=int)
+    o.add_argument("--priority", type=int, help="higher runs first when runners are busy")
+    o.add_argument("--max-concurrent", type=int, help="most executions at once (default 1)")
     o.add_argument("--timeout", type=int, help="seconds")
-    o.add_argument("--max-retries", type=int)
+    o.add_argument("--max-retries", type=int, help="retries after a failed run")
     o.add_argument("--retry-delay", type=float, help="seconds before the first retry")
     o.add_argument("--backoff", type=float, help="delay multiplier per retry")
     o.add_argument("--max-delay", type=float, help="cap on the retry delay, seconds")
     o.add_argument("--retry-on", help="comma-separated error kinds / exception class names")
-    o.add_argument("--misfire", choices=["run_once", "skip", "run_all"])
+    o.add_argument("--misfire", choices=["run_once", "skip", "run_all"],
+                   help="what to do with runs missed while no runner ran")
     o.add_argument("--grace", type=int, help="misfire grace period, seconds")
     o.add_argument("--start", type=_when, help="ISO time of the first possible run")
     o.add_argument("--end", type=_when, help="ISO time after which it stops")
-    o.add_argument("--max-executions", type=int)
+    o.add_argument("--max-executions", type=int, help="stop after this many runs")
     o.add_argument("--tag", action="append", help="tag (repeatable)")
 
 
@@ -416,50 +417,50 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_create)
 
     p = jsub.add_parser("update", parents=[common, tenant], help="change a job")
-    p.add_argument("job_id", type=int)
+    p.add_argument("job_id", type=int, help="the job's id")
     _definition_options(p, create=False)
     p.set_defaults(func=cmd_update)
 
     p = jsub.add_parser("delete", parents=[common, tenant], help="delete a job and its history")
-    p.add_argument("job_id", type=int)
+    p.add_argument("job_id", type=int, help="the job's id")
     p.add_argument("--force", action="store_true", help="even while executions run")
     p.set_defaults(func=cmd_delete)
 
     p = jsub.add_parser("show", parents=[common, tenant], help="show a job")
-    p.add_argument("job_id", type=int)
+    p.add_argument("job_id", type=int, help="the job's id")
     p.set_defaults(func=cmd_show)
 
     p = jsub.add_parser("list", parents=[common, tenant], help="list jobs")
-    p.add_argument("--status", choices=["active", "paused", "inactive"])
-    p.add_argument("--tag", dest="tag_filter")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--status", choices=["active", "paused", "inactive"], help="only these")
+    p.add_argument("--tag", dest="tag_filter", help="only jobs with this tag")
+    p.add_argument("--limit", type=int, default=100, help="most rows shown (default 100)")
     p.set_defaults(func=cmd_list)
 
     p = jsub.add_parser("trigger", parents=[common, tenant], help="run a job now")
-    p.add_argument("job_id", type=int)
+    p.add_argument("job_id", type=int, help="the job's id")
     p.set_defaults(func=cmd_trigger)
 
     for action, text in (("pause", "pause a job"), ("resume", "resume a paused or stopped job"),
                          ("stop", "stop a job (inactive) and cancel its queued runs")):
         p = jsub.add_parser(action, parents=[common, tenant], help=text)
-        p.add_argument("job_id", type=int)
+        p.add_argument("job_id", type=int, help="the job's id")
         if action == "stop":
             p.add_argument("--cancel-running", action="store_true",
                            help="also cancel executions running now")
         p.set_defaults(func=cmd_action, action=action)
 
     p = jsub.add_parser("cancel", parents=[common, tenant], help="cancel an execution")
-    p.add_argument("execution_id", type=int)
+    p.add_argument("execution_id", type=int, help="the execution's id")
     p.set_defaults(func=cmd_cancel)
 
     p = jsub.add_parser("executions", parents=[common, tenant], help="list executions")
     p.add_argument("--job", type=int, help="only this job's")
-    p.add_argument("--status")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--status", help="only executions in this status")
+    p.add_argument("--limit", type=int, default=50, help="most rows shown (default 50)")
     p.set_defaults(func=cmd_executions)
 
     p = jsub.add_parser("execution", parents=[common, tenant], help="show one execution")
-    p.add_argument("execution_id", type=int)
+    p.add_argument("execution_id", type=int, help="the execution's id")
     p.set_defaults(func=cmd_execution)
 
     p = jsub.add_parser("stats", parents=[common, tenant], help="job and execution statistics")
@@ -472,7 +473,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = jsub.add_parser("run", parents=[common], help="run jobs until SIGINT/SIGTERM")
     p.add_argument("--registry", metavar="MODULE:ATTR",
                    help="import the function registry from this module attribute")
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--worker-id")
+    p.add_argument("--concurrency", type=int, default=4, help="executions run at once (default 4)")
+    p.add_argument("--worker-id", help="name of this runner (default host:pid:random)")
     p.add_argument("--allow-shell", action="store_true", help="execute shell jobs")
     p.set_defaults(func=cmd_run)

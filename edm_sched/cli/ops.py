@@ -142,17 +142,21 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("status", parents=[common], help="system health, tasks, services")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50,
+                   help="most tasks and services shown (default 50)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("top", parents=[common], help="live view of tasks and services")
-    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--interval", type=float, default=1.0,
+                   help="seconds between refreshes (default 1)")
     p.add_argument("--iterations", type=int, help="stop after N refreshes")
-    p.add_argument("--limit", type=int, default=30)
+    p.add_argument("--limit", type=int, default=30,
+                   help="most tasks and services shown (default 30)")
     p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("config", parents=[common], help="read or change settings")
-    p.add_argument("action", choices=["get", "set", "list"])
-    p.add_argument("key", nargs="?")
-    p.add_argument("value", nargs="?")
+    p.add_argument("action", choices=["get", "set", "list"],
+                   help="list every setting, get one, or set one")
+    p.add_argument("key", nargs="?", help="setting name, e.g. queue.max_attempts")
+    p.add_argument("value", nargs="?", help='new value, as JSON (5, true, "text")')
     p.set_defaults(func=cmd_config)
