@@ -29,7 +29,7 @@ by the harness):
 * ``interval_violations``: claims on one service closer than its interval
   (``edm.send_events.started_at``), plus arrivals at the sink more than
   ``--wire-tolerance`` seconds ahead of "one per interval" (a token bucket
-  of that depth: the claim-to-arrival delay varies, see tests/test_multiprocess.py);
+  of that depth: the claim-to-arrival delay varies, see tests/chaos/test_multiprocess.py);
 * ``quota_violations``: service quota days with more claims (database) or
   deliveries (sink) than the daily quota, plus users above their quota;
 * ``counter_mismatches``: tasks whose counters differ from their subtasks (I4).

@@ -33,10 +33,11 @@ def require(module: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        package = module.split(".")[0]
         raise MissingExtra(
-            f"{what} needs the 'demo' extra ({module} is not installed): {INSTALL_HINT}"
+            f"{what} needs the 'demo' extra ({package} is not installed): {INSTALL_HINT}"
             + ("; or give --dsn / EDM_SCHED_DSN to use your own PostgreSQL"
-               if module == "pgserver" else "")) from exc
+               if package in ("pgserver", "platformdirs") else "")) from exc
 
 
 def __getattr__(name: str) -> Any:

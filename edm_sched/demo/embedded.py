@@ -13,6 +13,7 @@ an earlier process (``edm-sched embedded status|dsn|stop``).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import warnings
@@ -69,6 +70,8 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         self._server.cleanup()
+        # pgserver would run its cleanup again at exit, re-creating its lock file.
+        atexit.unregister(getattr(self._server, "_cleanup", lambda: None))
 
     def __enter__(self) -> EmbeddedPostgres:
         return self

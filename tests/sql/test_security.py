@@ -20,7 +20,7 @@ from edm_sched.migrations import migrate
 from edm_sched.testing.smtp_sink import SmtpSink
 from edm_sched.transports.null import NullTransport
 from edm_sched.transports.smtp import SmtpTransport
-from tests.helpers import make_service, make_task
+from tests.support.helpers import make_service, make_task
 
 SECRET = "s3cr3t-Pa55w0rd"
 

@@ -78,3 +78,24 @@ def counters_match(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
                       WHERE t.user_id = u.user_id AND t.claimable) n ON true
         WHERE u.claimable_tasks <> n.n
         """).fetchall()
+
+
+KEEP_TABLES = ("config", "schema_migrations")
+
+
+def reset_database(conn: psycopg.Connection[Any]) -> None:
+    """Empty every edm table except config and schema_migrations, identities restarted.
+
+    Tables that refuse TRUNCATE by a trigger (the append-only audit log) are
+    left alone: nothing here reads them.
+    """
+    tables = [r[0] for r in conn.execute(
+        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = 'edm' AND c.relkind IN ('r', 'p') AND NOT c.relispartition"
+        "   AND c.relname <> ALL (%s)"
+        "   AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid"
+        "                   AND g.tgtype & 32 <> 0)",  # 32: a TRUNCATE trigger
+        (list(KEEP_TABLES),)).fetchall()]
+    conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+    conn.execute("ALTER SEQUENCE edm.serve_seq RESTART")

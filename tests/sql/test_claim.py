@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from edm_sched.api import Scheduler
-from tests.helpers import at, claim, complete, counters_match, make_service, make_task
+from tests.support.helpers import at, claim, complete, counters_match, make_service, make_task
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 0007 rewrote the claim for speed: one read of the rotation head per call,
 one write per table per call, rotation inside the call tracked in arrays
 (docs/performance.md, P1). The row-by-row version of 0002 saw its own writes
-after every subtask and is the plain reading of design.md §6, so it is kept
+after every subtask and is the plain reading of docs/explanation/fairness.md, so it is kept
 here, installed from the migration's own text as ``edm_ref.claim``, as the
 oracle: on hypothesis-generated worlds (users, shared and dedicated services
 with and without intervals, grant priority tiers, task priorities) both are
@@ -33,8 +33,10 @@ from hypothesis import strategies as st
 
 from edm_sched import sqlfiles
 from edm_sched.api import Scheduler
-from tests.helpers import at, complete, make_service, make_task
-from tests.test_lifecycle_stateful import reset_database
+from tests.support.helpers import at, complete, make_service, make_task, reset_database
+
+# Property-based runs of the claim on many generated worlds: the slow lane.
+pytestmark = pytest.mark.slow
 
 Call = list[tuple[Any, ...]]
 

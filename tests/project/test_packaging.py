@@ -13,7 +13,7 @@ from pathlib import Path
 
 import edm_sched
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(edm_sched.__file__).parent
 # Import name → distribution name, where they differ.
 DISTRIBUTION = {"psycopg_pool": "psycopg-pool", "prometheus_client": "prometheus-client"}

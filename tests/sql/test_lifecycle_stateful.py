@@ -42,9 +42,12 @@ from psycopg.types.json import Jsonb
 
 from edm_sched import db, errors
 from edm_sched.api import Scheduler
-from tests.helpers import TEMPLATE, at, counters_match
-from tests.helpers import claim as claim_rows
-from tests.helpers import complete as complete_rows
+from tests.support.helpers import TEMPLATE, at, counters_match, reset_database
+from tests.support.helpers import claim as claim_rows
+from tests.support.helpers import complete as complete_rows
+
+# Property-based runs of the claim on many generated worlds: the slow lane.
+pytestmark = pytest.mark.slow
 
 LEASE = 30  # seconds
 MAX_ATTEMPTS = 5  # queue.max_attempts default
@@ -54,27 +57,6 @@ TAGS = ("a", "b", "c")
 POOL = tuple(f"p{i}@pool.example" for i in range(6))  # addresses shared by list tasks
 OUTCOMES = (("sent", None), ("transient", 421), ("permanent", 550), ("permanent", 554),
             ("service", 421), ("released", None))
-KEEP_TABLES = ("config", "schema_migrations")
-
-
-def reset_database(conn: psycopg.Connection[Any]) -> None:
-    """Empty every edm table except config and schema_migrations, identities restarted.
-
-    Tables that refuse TRUNCATE by a trigger (the append-only audit log) are
-    left alone: nothing here reads them.
-    """
-    tables = [r[0] for r in conn.execute(
-        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = 'edm' AND c.relkind IN ('r', 'p') AND NOT c.relispartition"
-        "   AND c.relname <> ALL (%s)"
-        "   AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid"
-        "                   AND g.tgtype & 32 <> 0)",  # 32: a TRUNCATE trigger
-        (list(KEEP_TABLES),)).fetchall()]
-    conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
-    conn.execute("ALTER SEQUENCE edm.serve_seq RESTART")
-
-
 def variants(address: str) -> st.SearchStrategy[str]:
     """The address as given by a sloppy host: other case, surrounding spaces."""
     return st.sampled_from([address, address.upper(), f"  {address} ", address.capitalize()])

@@ -1,4 +1,5 @@
-"""Fairness of the claim (design.md I5 and §6), as hypothesis properties with a controlled clock.
+"""Fairness of the claim (promise I5, docs/explanation/fairness.md), as hypothesis
+properties with a controlled clock.
 
 Every example runs on the test's database, emptied first (reset_database), and
 drives ``edm.claim`` directly with an explicit ``now``: a "round" is one claim
@@ -18,8 +19,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edm_sched.api import Scheduler
-from tests.helpers import at, claim, complete, counters_match, make_service, make_task
-from tests.test_lifecycle_stateful import reset_database
+from tests.support.helpers import (
+    at,
+    claim,
+    complete,
+    counters_match,
+    make_service,
+    make_task,
+    reset_database,
+)
+
+# Property-based runs of the claim on many generated worlds: the slow lane.
+pytestmark = pytest.mark.slow
 
 EXAMPLES = settings(max_examples=20, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -143,7 +154,6 @@ def test_newcomer_is_served_within_one_round(
     assert served[0]["service_id"] == first_of_mine
 
 
-@pytest.mark.slow
 def test_newcomer_behind_100k_backlog(sched: Scheduler, conn: psycopg.Connection[Any]) -> None:
     """The issue's size: 100,000 pending subtasks, contacts built by one set-based INSERT."""
     sched.upsert_user("big")
@@ -206,7 +216,7 @@ def test_jain_index_is_one_for_equal_shares(
 def test_tasks_rotate_least_recently_served_first_priority_first(
         sched: Scheduler, conn: psycopg.Connection[Any], n_users: int,
         tasks: list[tuple[int, int, int]], late: tuple[int, int, int, int] | None) -> None:
-    """A model of §6 predicts every claim exactly.
+    """A model of the rule in docs/explanation/fairness.md predicts every claim exactly.
 
     Users: least recently served first (never served first, ties by user id).
     Within the user: highest task priority, then least recently served task

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from edm_sched import errors
 from edm_sched.api import Scheduler
-from tests.helpers import make_service, make_task
+from tests.support.helpers import make_service, make_task
 
 HOSTILE = settings(max_examples=25, deadline=None,
                    suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,15 +1,15 @@
 """Plan regression: the claim and completion keep using their intended indexes.
 
 ``FOR UPDATE SKIP LOCKED`` with ``ORDER BY ... LIMIT`` is only fast with an
-index that matches the order (design.md §8), and a plan that silently turns
-into a scan of a hot table is the classic way a queue falls over at scale.
+index that matches the order (docs/performance.md#plan-regression-test), and a
+plan that silently turns into a scan of a hot table is the classic way a queue falls over at scale.
 On benchmark-shaped data scaled down for CI (the S1 shared pool and the S2
 dedicated shape, a few thousand rows, ANALYZEd, services in steady state with
 real intervals so that few are ready at once), every statement inside the
 PL/pgSQL functions ``edm.claim`` and ``edm.complete`` is EXPLAINed:
 
 * the statements are read from the *installed* functions' source
-  (``benchmarks/plans.py``), so the real code is checked, not a copy;
+  (``edm_sched/testing/plans.py``), so the real code is checked, not a copy;
 * each is planned both as a custom plan (literal parameters, the first
   executions of a PL/pgSQL statement) and as a generic plan (what PL/pgSQL
   settles on after a few executions), and both must use the intended index;
@@ -29,7 +29,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from benchmarks import data, plans
+from edm_sched.testing import plans
+from edm_sched.testing import worlds as data
 
 # The index each inner statement must use, per data shape. In the shared pool
 # the next user is found by walking the fair-rotation index (the first user in

@@ -23,7 +23,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.render import email_message_builder
 from edm_sched.rendering import (
     RenderContext,
     Rendered,
@@ -31,6 +30,7 @@ from edm_sched.rendering import (
     TemplateRow,
     build_message,
 )
+from edm_sched.testing.reference_builder import email_message_builder
 from edm_sched.transports.base import Message, ServiceConfig
 
 SENDER = "news@shop.example"

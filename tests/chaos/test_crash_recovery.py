@@ -30,8 +30,8 @@ import pytest
 
 from edm_sched.api import Scheduler
 from edm_sched.sweeps import SWEEP_LOCK_KEY
-from tests.dispatcher_proc import spawn
-from tests.helpers import counters_match
+from tests.support.dispatcher_proc import spawn
+from tests.support.helpers import counters_match
 
 pytestmark = pytest.mark.slow
 

@@ -39,7 +39,7 @@ T = TypeVar("T")
 
 SENDER = "news@sender.example.com"
 PASSWORD = "s3cret-Pa55word-never-shown"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(coro: Awaitable[T]) -> T:

@@ -7,7 +7,7 @@ and one ``edm.templates`` row each; ``pending`` subtasks. ``build_world``
 then starts the due tasks (what ``edm.claim`` would do on its first calls),
 and VACUUM ANALYZEs, so the first measured claim sees a steady state.
 
-Grant shapes (design.md §7):
+Grant shapes (the scenarios of docs/performance.md):
 
 * ``shared`` (S1): every service granted to every user;
 * ``dedicated`` (S2): each user has 1–3 services of its own;
@@ -19,6 +19,7 @@ Grant shapes (design.md §7):
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -27,7 +28,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from benchmarks.common import say
+
+def say(message: str) -> None:
+    """Progress line (stderr, so that stdout holds a benchmark's tables and JSON)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
 
 # Large enough never to bind in a benchmark. Kept below 2^31 / 100 (21.4M): the
 # first benchmark runs used 2e9 and found edm.sweep_alerts computing
@@ -55,7 +60,7 @@ class WorldSpec:
 
 
 def design_spec(shape: str, scale: float = 1.0, *, services: int | None = None) -> WorldSpec:
-    """The worlds of design.md §7 (S1 shared, S2 dedicated, S3 mixed), ``scale`` times as big."""
+    """The benchmark worlds (S1 shared, S2 dedicated, S3 mixed), ``scale`` times as big."""
     users = max(1, round(10_000 * scale))
     tasks = max(1, round(20_000 * scale))
     subtasks = max(1, round(1_000_000 * scale))

@@ -28,7 +28,7 @@ from typing import IO
 
 from psycopg import conninfo
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def with_application_name(dsn: str, name: str) -> str:

@@ -11,7 +11,7 @@ import psycopg
 from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.transports.null import NullTransport
-from tests.helpers import counters_match
+from tests.support.helpers import counters_match
 
 
 def _wait_for(pred: Any, timeout: float = 30.0) -> None:

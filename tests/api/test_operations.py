@@ -20,7 +20,7 @@ from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.sweeps import SWEEP_LOCK_KEY, SweepLockHeld, sweep
 from edm_sched.transports.null import NullTransport
-from tests.helpers import T0, at, claim, complete, make_service, make_task
+from tests.support.helpers import T0, at, claim, complete, make_service, make_task
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ rather than a copy, turns the PL/pgSQL variables it uses into ``$n``
 parameters, and EXPLAINs it as a prepared statement — with a custom plan (the
 first executions of a PL/pgSQL statement) and a generic plan (what PL/pgSQL
 switches to once the generic cost looks no worse, usually from the sixth
-execution on). Used by tests/test_plan_regression.py and by ``python -m
+execution on). Used by tests/sql/test_plan_regression.py and by ``python -m
 benchmarks scale --explain``.
 
 When the server has ``auto_explain`` (not the embedded one), the test also
@@ -220,7 +220,7 @@ def extract(src: str, inner: Inner) -> tuple[str, list[str]]:
     found = [p for p in (src.find(s) for s in starts) if p >= 0]
     if not found:
         raise LookupError(f"{inner.name}: none of {starts} found in {inner.function}; "
-                          "the function changed: update benchmarks/plans.py")
+                          "the function changed: update edm_sched/testing/plans.py")
     pos = min(found)
     stmt = src[pos:_statement_end(src, pos, inner.end_before)]
     if inner.perform:
@@ -240,7 +240,7 @@ def extract(src: str, inner: Inner) -> tuple[str, list[str]]:
                                     stmt))
     if leftovers:
         raise LookupError(f"{inner.name}: PL/pgSQL variables {leftovers} have no parameter "
-                          "mapping; the function changed: update benchmarks/plans.py")
+                          "mapping; the function changed: update edm_sched/testing/plans.py")
     return stmt.strip(), types
 
 

@@ -19,8 +19,7 @@ from psycopg.types.json import Jsonb
 
 from edm_sched import errors
 from edm_sched.api import InvalidRecipients, Scheduler
-from tests.helpers import TEMPLATE, at
-from tests.test_lifecycle_stateful import reset_database
+from tests.support.helpers import TEMPLATE, at, reset_database
 
 TEMPLATES = [{"subject": f"v{i}", "body_text": f"variant {i}"} for i in range(3)]
 
@@ -302,6 +301,7 @@ def _matches(rule: dict[str, list[str]], tags: set[str]) -> bool:
             and not tags & set(rule["exclude"]))
 
 
+@pytest.mark.slow  # a hypothesis property over generated contact sets
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(people=st.lists(st.tuples(TAG_SETS, st.booleans()), max_size=12),

@@ -10,7 +10,7 @@ import pytest
 
 from edm_sched.metrics import DispatcherMetrics
 
-ASSETS = Path(__file__).resolve().parent.parent / "docs" / "monitoring"
+ASSETS = Path(__file__).resolve().parents[2] / "docs" / "monitoring"
 
 
 def exported() -> set[str]:

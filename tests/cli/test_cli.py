@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ServerInfo
+from tests.support.server import ServerInfo
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -42,7 +42,7 @@ def test_suite_runs_against_an_existing_server(edm_pg_server: ServerInfo) -> Non
     dsn = edm_pg_server.dsn(edm_pg_server.maintenance_dbname)
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_schema.py::test_every_object_in_schema_has_a_comment"],
+         "tests/sql/test_schema.py::test_every_object_in_schema_has_a_comment"],
         capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "EDM_SCHED_TEST_DSN": dsn})
     assert res.returncode == 0, res.stdout + res.stderr
