@@ -366,7 +366,8 @@ def _definition_options(p: argparse.ArgumentParser, *, create: bool) -> None:
     p.add_argument("--cron", help="5 fields, or 6 with leading seconds, or @daily...")
     p.add_argument("--tz", help="IANA time zone of the schedule (default UTC)")
     if create:
-        p.add_argument("--tenant-id", dest="tenant_field", help="owning tenant")
+        p.add_argument("--user", "--tenant-id", dest="tenant_field",
+                       help="owning user (tenant); --tenant-id is the older spelling")
         p.add_argument("--paused", action="store_true", help="create it paused")
     p.add_argument("--description", help="free text shown with the job")
     g = p.add_argument_group("what to run (one of)")
@@ -404,7 +405,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                           description=__doc__.split("\n\n")[0])
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
     tenant = argparse.ArgumentParser(add_help=False)
-    tenant.add_argument("--tenant", help="act only on this tenant's jobs")
+    tenant.add_argument("--user", "--tenant", dest="tenant",
+                        help="act only on this user's (tenant's) jobs; --tenant is the older "
+                        "spelling")
 
     p = jsub.add_parser("validate", parents=[common], help="check a cron expression (no database)")
     p.add_argument("expression", help="cron expression (quote it)")
