@@ -35,6 +35,7 @@ COMMENT ON COLUMN edm.schema_migrations.checksum IS 'SHA-256 of the file when ap
 COMMENT ON COLUMN edm.schema_migrations.applied_at IS 'When the migration was applied.';
 INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('1', 'schema', 'bf490b3d84a14e4633189ca11e4794ae737d5d50083da4fd05db5df85a744317'),
+  ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -674,7 +675,7 @@ CREATE TABLE edm.suppressions (
   CONSTRAINT suppressions_pkey PRIMARY KEY (suppression_id),
   CONSTRAINT suppressions_user_id_email_key UNIQUE NULLS NOT DISTINCT (user_id, email),
   CONSTRAINT suppressions_user_id_fkey FOREIGN KEY (user_id) REFERENCES edm.users(user_id) ON DELETE CASCADE,
-  CONSTRAINT suppressions_email_check CHECK (((email = edm.normalize_email(email)) AND (length(email) <= 320))),
+  CONSTRAINT suppressions_email_check CHECK (((email = edm.normalize_email(email)) AND (length(email) <= 254))),
   CONSTRAINT suppressions_reason_check CHECK ((reason = ANY (ARRAY['hard_bounce'::text, 'complaint'::text, 'unsubscribe'::text, 'manual'::text])))
 );
 COMMENT ON TABLE edm.suppressions IS 'Addresses never sent to: per user, or for everyone when user_id is NULL.';
