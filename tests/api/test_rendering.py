@@ -137,6 +137,7 @@ def messages(draw: st.DrawFn) -> dict[str, Any]:
 # ---------------------------------------------------------------- the properties
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(messages())
 def test_round_trip_through_the_email_package(m: dict[str, Any]) -> None:
@@ -199,6 +200,7 @@ def test_line_breaks_and_nul_in_a_header_value_are_refused(
         build(**m)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(messages())
 def test_same_message_as_the_reference_builder(m: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Four real dispatcher processes, one real SMTP sink: I1, I2, I3 and I4 hold on the wire.
 
-Four ``python -m tests.dispatcher_proc`` processes (each its own
+Four ``python -m tests.support.dispatcher_proc`` processes (each its own
 ``run_dispatcher`` with an ``SmtpTransport``) send about 3,000 subtasks of
 four users and eight tasks through a real :class:`SmtpSink` over seven
 services with real intervals (10–50 ms). Three services have daily quotas

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.server import ServerInfo
 
 
@@ -37,6 +39,7 @@ def test_usage_errors_exit_2() -> None:
     assert cli("no-such-command").returncode == 2
 
 
+@pytest.mark.slow  # a pytest run of its own
 def test_suite_runs_against_an_existing_server(edm_pg_server: ServerInfo) -> None:
     """EDM_SCHED_TEST_DSN points the harness at a server it did not start."""
     dsn = edm_pg_server.dsn(edm_pg_server.maintenance_dbname)

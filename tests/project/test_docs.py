@@ -227,7 +227,13 @@ class Runner:
             pytest.fail(f"{block.where}: INI does not parse: {exc}")
 
 
-@pytest.mark.parametrize("path", MARKDOWN, ids=[str(p.relative_to(ROOT)) for p in MARKDOWN])
+# Pages whose examples start many CLI processes: the slow lane.
+SLOW_PAGES = {DOCS / "jobs.md", DOCS / "reference" / "cli.md"}
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p for p in MARKDOWN],
+    ids=[str(p.relative_to(ROOT)) for p in MARKDOWN])
 def test_examples_run(path: Path, dsn: str) -> None:
     threads_before = set(threading.enumerate())
     runner = Runner(dsn)

@@ -83,3 +83,17 @@ def test_no_reference_to_documents_or_sections_outside_the_repository() -> None:
             if "design.md" in line or "§" in line:
                 found.append(f"{source.relative_to(ROOT)}:{line_no}: {line.strip()[:80]}")
     assert found == [], "link to a page of docs/ (and its heading) instead"
+
+
+_MODULE = re.compile(r"""(?:python -m |"-m", ")((?:edm_sched|tests|benchmarks)(?:\.\w+)*)""")
+
+
+def test_modules_run_with_python_m_exist() -> None:
+    missing = []
+    for source in SOURCES:
+        for line_no, line in enumerate(_text(source).splitlines(), 1):
+            for module in _MODULE.findall(line):
+                path = ROOT / module.replace(".", "/")
+                if not (path.with_suffix(".py").exists() or (path / "__main__.py").exists()):
+                    missing.append(f"{source.relative_to(ROOT)}:{line_no}: {module}")
+    assert missing == []

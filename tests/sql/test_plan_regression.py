@@ -32,6 +32,9 @@ import pytest
 from edm_sched.testing import plans
 from edm_sched.testing import worlds as data
 
+# Builds benchmark-shaped worlds (tens of thousands of rows) per shape: the slow lane.
+pytestmark = pytest.mark.slow
+
 # The index each inner statement must use, per data shape. In the shared pool
 # the next user is found by walking the fair-rotation index (the first user in
 # rotation almost always has a grant); with dedicated services each service

@@ -1,6 +1,6 @@
 """One real dispatcher process, for the multi-process and crash tests.
 
-    python -m tests.dispatcher_proc --dsn DSN --id ID [--transport smtp|null]
+    python -m tests.support.dispatcher_proc --dsn DSN --id ID [--transport smtp|null]
         [--delay SECONDS] [--lease SECONDS] [--concurrency N] [--batch N]
 
 Runs :func:`edm_sched.dispatcher.run_dispatcher` until SIGTERM (clean stop)
@@ -39,9 +39,10 @@ def with_application_name(dsn: str, name: str) -> str:
 def spawn(dsn: str, dispatcher_id: str, *, transport: str = "smtp", delay: float = 0.0,
           lease: int | None = None, concurrency: int = 10, batch: int | None = None,
           log: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``python -m tests.dispatcher_proc`` as a child process."""
-    args = [sys.executable, "-m", "tests.dispatcher_proc", "--dsn", dsn, "--id", dispatcher_id,
-            "--transport", transport, "--delay", str(delay), "--concurrency", str(concurrency)]
+    """Start ``python -m tests.support.dispatcher_proc`` as a child process."""
+    args = [sys.executable, "-m", "tests.support.dispatcher_proc", "--dsn", dsn,
+            "--id", dispatcher_id, "--transport", transport, "--delay", str(delay),
+            "--concurrency", str(concurrency)]
     if lease is not None:
         args += ["--lease", str(lease)]
     if batch is not None:
@@ -54,7 +55,7 @@ def spawn(dsn: str, dispatcher_id: str, *, transport: str = "smtp", delay: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.dispatcher_proc")
+    parser = argparse.ArgumentParser(prog="python -m tests.support.dispatcher_proc")
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--id", required=True)
     parser.add_argument("--transport", choices=("smtp", "null"), default="smtp")
