@@ -1,6 +1,6 @@
 """The FIFO baselines measured in the same run, on the same database.
 
-* :func:`pgbench_skip_locked` — the raw ceiling of design.md §7: pgbench
+* :func:`pgbench_skip_locked` — the raw ceiling (docs/performance.md): pgbench
   driving a single-row ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP
   LOCKED LIMIT 1)`` (claim and completion of one job in one statement and one
   transaction), with 1, 2 and 4 clients.

@@ -4,7 +4,7 @@
 
 Eight dispatcher processes (``run_dispatcher`` with an ``SmtpTransport``)
 send 100,000 subtasks (``--short``: 10,000) through a real local SMTP sink
-running as its own process (``python -m edm_sched.smtp_sink``). Every few
+running as its own process (``python -m edm_sched.testing.smtp_sink``). Every few
 seconds a random dispatcher is killed with SIGKILL and replaced by a new one
 (a new dispatcher id). Once, when half of the subtasks are sent, PostgreSQL
 itself is restarted in immediate mode (a crash: no checkpoint, WAL replay at
@@ -29,7 +29,7 @@ by the harness):
 * ``interval_violations``: claims on one service closer than its interval
   (``edm.send_events.started_at``), plus arrivals at the sink more than
   ``--wire-tolerance`` seconds ahead of "one per interval" (a token bucket
-  of that depth: the claim-to-arrival delay varies, see tests/test_multiprocess.py);
+  of that depth: the claim-to-arrival delay varies, see tests/chaos/test_multiprocess.py);
 * ``quota_violations``: service quota days with more claims (database) or
   deliveries (sink) than the daily quota, plus users above their quota;
 * ``counter_mismatches``: tasks whose counters differ from their subtasks (I4).
@@ -67,7 +67,7 @@ from psycopg import conninfo
 
 from benchmarks import common
 from edm_sched.api import Scheduler
-from edm_sched.smtp_sink import read_log
+from edm_sched.testing.smtp_sink import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTED_FAILURE = "lease expired on the last allowed attempt%"
@@ -129,8 +129,8 @@ def _child_env() -> dict[str, str]:
 
 
 def start_sink(log_path: Path) -> tuple[subprocess.Popen[str], int]:
-    """``python -m edm_sched.smtp_sink`` as its own process; returns it and its port."""
-    proc = subprocess.Popen([sys.executable, "-m", "edm_sched.smtp_sink", "--port", "0",
+    """``python -m edm_sched.testing.smtp_sink`` as its own process; returns it and its port."""
+    proc = subprocess.Popen([sys.executable, "-m", "edm_sched.testing.smtp_sink", "--port", "0",
                              "--log", str(log_path)],
                             cwd=ROOT, env=_child_env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

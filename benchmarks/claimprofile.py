@@ -1,6 +1,6 @@
 """Claim profile: where the time of one ``edm.claim`` call goes, statement group by group.
 
-Builds an S1, S2 or S3 world (design.md §7, ``--scale`` times as big), then
+Builds an S1, S2 or S3 world (docs/performance.md, ``--scale`` times as big), then
 installs a copy of the *installed* ``edm.claim`` as ``edm_prof.claim`` with
 ``clock_timestamp()`` taken around each part of it (the rotation head, the
 pool-size probe, each user lookup, the task and subtask lookups, the batched
@@ -29,7 +29,8 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import common, data
+from benchmarks import common
+from edm_sched.testing import worlds as data
 
 DESCRIPTION = "Where the time of one edm.claim call goes, per statement group"
 

@@ -113,7 +113,7 @@ class BenchServer:
     """A PostgreSQL server the benchmark may create databases on."""
 
     admin_dsn: str
-    embedded: Any = None  # edm_sched.embedded.EmbeddedPostgres when we started it
+    embedded: Any = None  # edm_sched.demo.embedded.EmbeddedPostgres when we started it
     data_dir: Path | None = None
     keep: bool = False
     created: list[str] = field(default_factory=list)
@@ -193,7 +193,7 @@ def bench_server(dsn: str | None, *, keep: bool = False) -> Iterator[BenchServer
                     with contextlib.suppress(psycopg.Error):
                         server.drop_database(name)
         return
-    from edm_sched.embedded import EmbeddedPostgres
+    from edm_sched.demo.embedded import EmbeddedPostgres
 
     root = Path(tempfile.mkdtemp(prefix="edm-bench-"))
     data = root / "pgdata"

@@ -26,8 +26,9 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import common, data, suite
+from benchmarks import common, suite
 from benchmarks.workers import dispatcher_worker, run_parallel
+from edm_sched.testing import worlds as data
 
 DESCRIPTION = "Dispatch lag (ready -> claimed) p50/p99 and service utilisation"
 

@@ -5,10 +5,10 @@
 No database. For each message shape, N recipients' messages are rendered
 first (Jinja2, not timed; the subject and the bodies carry the recipient's
 name, so no two messages are alike), then assembled by each builder: the old
-one (``email.message.EmailMessage`` under ``email.policy.SMTP``, kept here as
-``email_message_builder``) and ``edm_sched.rendering.build_message``. Each
-builder runs R rounds over the N messages, alternating; the best round
-counts (the machine is shared). Shapes:
+one (``email.message.EmailMessage`` under ``email.policy.SMTP``, kept as
+``edm_sched.testing.reference_builder.email_message_builder``) and
+``edm_sched.rendering.build_message``. Each builder runs R rounds over the N
+messages, alternating; the best round counts (the machine is shared). Shapes:
 
 * ``ascii-text``: ASCII subject, no display name, a 3 KB ASCII text body (7bit);
 * ``utf8-alt``: UTF-8 subject with an emoji, a display name with accents,
@@ -19,63 +19,25 @@ counts (the machine is shared). Shapes:
 from __future__ import annotations
 
 import argparse
-import email.policy
-import email.utils
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Any
 
 from benchmarks import common
 from edm_sched.rendering import (
     RenderContext,
     Rendered,
-    RenderError,
     TemplateRow,
     build_message,
     default_renderer,
-    message_id,
 )
+from edm_sched.testing.reference_builder import email_message_builder
 from edm_sched.transports.base import Message, ServiceConfig
 
 DESCRIPTION = "Message assembly: build_message vs the EmailMessage builder it replaced"
 
 Builder = Callable[[ServiceConfig, RenderContext, Rendered], Message]
-
-
-def email_message_builder(service: ServiceConfig, ctx: RenderContext,
-                          rendered: Rendered) -> Message:
-    """The builder before: EmailMessage(policy=email.policy.SMTP). Also the oracle of
-    tests/test_rendering.py."""
-    if not service.from_addresses:
-        raise RenderError(f"service {service.name} has no sender address")
-    sender = service.from_addresses[0]
-    mid = message_id(ctx.subtask_id, ctx.task_id, sender)
-    msg = EmailMessage(policy=email.policy.SMTP)
-    try:
-        from_name = ctx.template.from_name
-        msg["From"] = email.utils.formataddr((from_name, sender)) if from_name else sender
-        msg["To"] = ctx.email
-        msg["Subject"] = rendered.subject
-        msg["Message-ID"] = mid
-        msg["Date"] = email.utils.formatdate(localtime=False)
-        msg["X-Edm-Service"] = str(service.service_id)
-        msg["X-Edm-Task"] = str(ctx.task_id)
-        if ctx.template.reply_to:
-            msg["Reply-To"] = ctx.template.reply_to
-        if rendered.text is not None:
-            msg.set_content(rendered.text)
-        if rendered.html is not None:
-            if rendered.text is None:
-                msg.set_content(rendered.html, subtype="html")
-            else:
-                msg.add_alternative(rendered.html, subtype="html")
-        data = msg.as_bytes()
-    except (ValueError, TypeError) as exc:
-        raise RenderError(f"cannot build message: {exc}") from exc
-    return Message(subtask_id=ctx.subtask_id, task_id=ctx.task_id, message_id=mid,
-                   sender=sender, recipient=ctx.email, data=data)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""S1 shared pool (design.md §7): 1,000 services granted to all 10,000 users,
+"""S1 shared pool (docs/performance.md): 1,000 services granted to all 10,000 users,
 1,000,000 pending subtasks over 20,000 tasks.
 
 Measures, in one run on one fresh database:
@@ -22,7 +22,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks import baselines, common, data, suite
+from benchmarks import baselines, common, suite
+from edm_sched.testing import worlds as data
 
 DESCRIPTION = "S1 shared pool: throughput against PgQueuer and the SKIP LOCKED ceiling"
 

@@ -1,4 +1,4 @@
-"""S2 dedicated (design.md §7): each of 10,000 users has 1–3 services of its own.
+"""S2 dedicated (docs/performance.md): each of 10,000 users has 1–3 services of its own.
 
 About 20,000 services (1 + (user * 7919) % 3 per user), each granted to its
 owner only; 1,000,000 pending subtasks over 20,000 tasks (two per user), as in
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from benchmarks import common, data, suite
+from benchmarks import common, suite
+from edm_sched.testing import worlds as data
 
 DESCRIPTION = "S2 dedicated services: throughput when every service belongs to one user"
 

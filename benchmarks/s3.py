@@ -1,4 +1,4 @@
-"""S3 mixed (design.md §7): pools shared by groups of users, plus dedicated services.
+"""S3 mixed (docs/performance.md): pools shared by groups of users, plus dedicated services.
 
 10,000 users in groups of 100; each group shares a pool of 10 services
 (1,000 pool services); every 10th user also has a dedicated service of its
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from benchmarks import common, data, suite
+from benchmarks import common, suite
+from edm_sched.testing import worlds as data
 
 DESCRIPTION = "S3 mixed: group pools plus dedicated higher-priority services"
 

@@ -32,8 +32,10 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import common, data, plans, suite
+from benchmarks import common, suite
 from benchmarks.workers import raw_worker
+from edm_sched.testing import plans
+from edm_sched.testing import worlds as data
 
 DESCRIPTION = "Per-claim cost as users (1k-100k) and backlog (100k-10M) grow"
 

@@ -237,7 +237,8 @@ def add_throughput_args(p: Any, *, default_scale: float = 1.0) -> None:
 def run_throughput_scenario(name: str, title: str, args: Any, spec: Any,
                             scale: dict[str, Any], full_size_note: str) -> dict[str, Any]:
     """Build ``spec`` on a fresh database, run the throughput suite and the quick baselines."""
-    from benchmarks import baselines, data
+    from benchmarks import baselines
+    from edm_sched.testing import worlds as data
 
     t_run = time.perf_counter()
     result: dict[str, Any] = {"scenario": name}

@@ -13,7 +13,6 @@ import psycopg.errors
 from psycopg import conninfo
 
 from edm_sched import errors
-from edm_sched.jobs import errors as job_errors
 
 DSN_ENV = "EDM_SCHED_DSN"
 CONNECT_TIMEOUT = 5.0
@@ -27,13 +26,7 @@ _SQLSTATE_ERRORS: dict[str, type[errors.EdmSchedError]] = {
     "ED004": errors.LeaseLost,
     "ED005": errors.InvalidInput,
     "ED006": errors.ConfigRejected,
-    # Recurring jobs (sql/migrations/0005_jobs.sql).
-    "ED010": job_errors.JobNotFound,
-    "ED011": job_errors.JobAlreadyRunning,
-    "ED012": job_errors.InvalidJobConfig,
-    "ED013": job_errors.LockAcquisitionFailed,
-    "ED014": job_errors.JobQuotaExceeded,
-    "ED015": job_errors.ExecutionNotFound,
+    # ED010-ED015: recurring jobs, registered by edm_sched.jobs.errors.
     "22023": errors.InvalidInput,  # invalid_parameter_value
     "22P02": errors.InvalidInput,  # invalid_text_representation
     "22003": errors.InvalidInput,  # numeric_value_out_of_range
@@ -48,6 +41,17 @@ _SQLSTATE_ERRORS: dict[str, type[errors.EdmSchedError]] = {
     "23505": errors.AlreadyExists,  # unique_violation
     "42501": errors.PermissionDenied,  # insufficient_privilege
 }
+
+
+
+def register_sqlstates(mapping: dict[str, type[errors.EdmSchedError]]) -> None:
+    """Map more SQLSTATEs onto typed errors: how a feature package (jobs) adds its
+    own without the core importing it. A code mapped to another class is refused."""
+    for state, cls in mapping.items():
+        if _SQLSTATE_ERRORS.setdefault(state, cls) is not cls:
+            raise RuntimeError(f"SQLSTATE {state} is already mapped to "
+                               f"{_SQLSTATE_ERRORS[state].__name__}")
+
 
 _PASSWORD = re.compile(r"(password\s*=\s*)(\S+)|(://[^:/@]*:)([^@]*)(@)", re.IGNORECASE)
 

@@ -6,7 +6,11 @@
 * each migration runs in its own transaction, so a failure leaves the schema
   at the last good version;
 * a version in the database that this code does not know is refused (the
-  database was migrated by a newer edm-sched).
+  database was migrated by a newer edm-sched);
+* after every migration, in its transaction, ``edm.harden_functions()`` runs
+  (once a migration has created it): ``CREATE OR REPLACE FUNCTION`` silently
+  drops ``SECURITY DEFINER`` and the pinned ``search_path``, so hardening is
+  the runner's job, not something each migration must remember.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 import psycopg
 
 from edm_sched import db, errors
-from edm_sched.sqlfiles import Migration, migrations, query
+from edm_sched.sqlfiles import Migration, migrations, query, schema_sql
 
 log = logging.getLogger("edm_sched.migrate")
 
@@ -32,12 +36,23 @@ class MigrationStatus:
     newly_applied: list[int]
 
 
-def migrate(dsn: str, *, target: int | None = None) -> MigrationStatus:
-    """Bring the ``edm`` schema of ``dsn`` up to date (or up to ``target``)."""
+def migrate(dsn: str, *, target: int | None = None,
+            from_schema: bool = False) -> MigrationStatus:
+    """Bring the ``edm`` schema of ``dsn`` up to date (or up to ``target``).
+
+    With ``from_schema=True`` a database without schema ``edm`` is built in one
+    transaction from ``sql/schema.sql`` (the current schema, which a test keeps
+    identical to the result of every migration) and every migration is
+    recorded as applied; a database that has the schema is migrated as usual.
+    """
     with db.connect(dsn) as conn:
         with db.translate():
             conn.execute(query("migration_lock"), (MIGRATION_LOCK_KEY,))
         try:
+            if from_schema and target is None:
+                built = _build_from_schema(conn)
+                if built is not None:
+                    return built
             return _migrate_locked(conn, target)
         finally:
             conn.execute(query("migration_unlock"), (MIGRATION_LOCK_KEY,))
@@ -86,6 +101,9 @@ def _apply(conn: psycopg.Connection[Any], m: Migration) -> None:
     try:
         with conn.transaction():
             conn.execute(m.sql.encode("utf-8"))
+            can_harden = conn.execute(query("migration_can_harden")).fetchone()
+            if can_harden and can_harden[0]:
+                conn.execute(query("migration_harden"))
             conn.execute(query("migration_record"), (m.version, m.name, m.checksum))
     except psycopg.errors.InsufficientPrivilege as exc:
         raise errors.PermissionDenied(
@@ -97,6 +115,25 @@ def _apply(conn: psycopg.Connection[Any], m: Migration) -> None:
             f"migration {m.version:04d}_{m.name} failed and was rolled back: "
             f"{exc.diag.message_primary or exc}"
         ) from exc
+
+
+def _build_from_schema(conn: psycopg.Connection[Any]) -> MigrationStatus | None:
+    exists = conn.execute(query("migration_schema_owner")).fetchone()
+    if exists is not None:
+        return None
+    log.info("building schema edm from schema.sql")
+    try:
+        with conn.transaction():
+            conn.execute(schema_sql().encode("utf-8"))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise errors.PermissionDenied(
+            f"cannot build schema edm: {exc.diag.message_primary}") from None
+    except psycopg.Error as exc:
+        raise errors.MigrationError(
+            f"building from schema.sql failed and was rolled back: "
+            f"{exc.diag.message_primary or exc}") from exc
+    versions = [m.version for m in migrations()]
+    return MigrationStatus(applied=versions, newly_applied=versions)
 
 
 def _check_schema_owner(conn: psycopg.Connection[Any]) -> None:

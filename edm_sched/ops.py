@@ -38,7 +38,8 @@ from edm_sched.models import (
     UserInfo,
     validate,
 )
-from edm_sched.monitoring import (
+from edm_sched.sqlfiles import query
+from edm_sched.views import (
     Alert,
     ConfigEntry,
     ServiceState,
@@ -47,7 +48,6 @@ from edm_sched.monitoring import (
     TaskProgress,
     WaitReason,
 )
-from edm_sched.sqlfiles import query
 
 EXPANSION_CHUNK = 200_000
 # Explicit lists longer than this are validated in a worker thread by AsyncScheduler.

@@ -57,6 +57,11 @@ def migrations() -> tuple[Migration, ...]:
     return tuple(found)
 
 
+def schema_sql() -> str:
+    """``sql/schema.sql``: the current schema, generated from the migrations."""
+    return (sql_dir() / "schema.sql").read_text("utf-8")
+
+
 def parse_queries(text: str) -> dict[str, LiteralString]:
     parts = _BLOCK.split(text)
     out: dict[str, LiteralString] = {}

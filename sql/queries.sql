@@ -390,3 +390,12 @@ FROM edm.service_limit_status WHERE service_id = %s ORDER BY limit_name
 -- db_clock --
 -- The server's clock, read by a dispatcher at start (a few times) to seed its clock map.
 SELECT clock_timestamp()
+
+-- migration_can_harden --
+-- Whether edm.harden_functions exists yet (created by migration 0006).
+SELECT to_regprocedure('edm.harden_functions()') IS NOT NULL
+
+-- migration_harden --
+-- Re-apply SECURITY DEFINER, the pinned search_path and the PUBLIC revoke to every writing
+-- function (CREATE OR REPLACE FUNCTION drops them); run after each migration.
+SELECT edm.harden_functions()

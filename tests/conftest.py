@@ -13,9 +13,9 @@ by ``edm_sched.migrate``, and clone it for every test, so a test costs a
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,50 +25,47 @@ from psycopg import conninfo
 from pytest_postgresql import factories
 
 from edm_sched.migrations import migrate
+from tests.support.server import ServerInfo, server_from_dsn
 
 TEST_DSN_ENV = "EDM_SCHED_TEST_DSN"
 
 
-@dataclass
-class ServerInfo:
-    """The attributes pytest-postgresql's ``depends_on`` reads from a base fixture."""
-
-    host: str
-    port: int
-    user: str
-    password: str | None
-    options: str = ""
-    maintenance_dbname: str = "postgres"
-    template_dbname: str | None = None
-
-    def dsn(self, dbname: str) -> str:
-        return conninfo.make_conninfo(
-            host=self.host, port=self.port, user=self.user, password=self.password or None,
-            dbname=dbname,
-        )
+# The run leaves nothing in the temp dir: pytest's tmp_path directories, the
+# embedded server's data and pgserver's lock files (in $XDG_RUNTIME_DIR, which
+# falls back to the temp dir) all live in one directory removed at the end.
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", None) is not None:
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="edm-sched-test-run-"))
+    config.stash[_SCRATCH] = scratch
+    if not config.option.basetemp:
+        config.option.basetemp = str(scratch / "pytest")
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(scratch / "runtime"))
+    (scratch / "runtime").mkdir(mode=0o700, exist_ok=True)
 
 
-def _server_from_dsn(dsn: str) -> ServerInfo:
-    params = conninfo.conninfo_to_dict(dsn)
-    return ServerInfo(
-        host=str(params.get("host") or "localhost"),
-        port=int(params.get("port") or 5432),
-        user=str(params.get("user") or os.environ.get("USER", "postgres")),
-        password=str(params["password"]) if params.get("password") else None,
-        maintenance_dbname=str(params.get("dbname") or "postgres"),
-    )
+def pytest_unconfigure(config: pytest.Config) -> None:
+    scratch = config.stash.get(_SCRATCH, None)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+_SCRATCH = pytest.StashKey[Path]()
 
 
 @pytest.fixture(scope="session")
 def edm_pg_server() -> Iterator[ServerInfo]:
     if os.environ.get(TEST_DSN_ENV):
-        yield _server_from_dsn(os.environ[TEST_DSN_ENV])
+        yield server_from_dsn(os.environ[TEST_DSN_ENV])
         return
-    from edm_sched.embedded import EmbeddedPostgres
+    from edm_sched.demo.embedded import EmbeddedPostgres
 
-    data = Path(tempfile.mkdtemp(prefix="edm-sched-test-")) / "pgdata"
-    with EmbeddedPostgres(data) as pg:
-        yield _server_from_dsn(pg.dsn())
+    tmp = Path(tempfile.mkdtemp(prefix="edm-sched-test-"))
+    try:
+        with EmbeddedPostgres(tmp / "pgdata") as pg:
+            yield server_from_dsn(pg.dsn())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the run leaves nothing in the temp dir
 
 
 def _load_schema(host: str, port: int, user: str, dbname: str, password: str | None,

@@ -1,14 +1,15 @@
 """Typed errors of recurring jobs, carrying the codes of the task-scheduling service.
 
 SQL functions of ``sql/migrations/0005_jobs.sql`` raise SQLSTATEs ED010..ED015,
-mapped onto these classes by :mod:`edm_sched.db`. Each class also derives from
+mapped onto these classes by :mod:`edm_sched.db` (registered below: the core
+never imports this feature package). Each class also derives from
 the generic edm-sched error of the same family (``InvalidInput``, ``NotFound``,
 ``QuotaExceeded``), so callers may catch either.
 """
 
 from __future__ import annotations
 
-from edm_sched import errors
+from edm_sched import db, errors
 
 
 class InvalidCronExpression(errors.InvalidInput):
@@ -76,3 +77,13 @@ __all__ = [
     "LockAcquisitionFailed",
     "PermanentJobError",
 ]
+
+# Recurring jobs' SQLSTATEs (sql/migrations/0005_jobs.sql).
+db.register_sqlstates({
+    "ED010": JobNotFound,
+    "ED011": JobAlreadyRunning,
+    "ED012": InvalidJobConfig,
+    "ED013": LockAcquisitionFailed,
+    "ED014": JobQuotaExceeded,
+    "ED015": ExecutionNotFound,
+})

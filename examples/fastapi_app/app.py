@@ -6,7 +6,7 @@ after the campaign was created) neither. Run it with::
 
     EDM_SCHED_DSN=postgresql://... uvicorn app:app   # from examples/fastapi_app/
 
-(uvicorn is not a dependency of edm-sched; tests/test_examples.py drives the
+(uvicorn is not a dependency of edm-sched; tests/api/test_examples.py drives the
 app with FastAPI's TestClient.)
 """
 

@@ -401,7 +401,7 @@ LANGUAGE plpgsql
 -- generic plan's estimate looks worse, which with array parameters it always
 -- does: the small-pool lookup paid 0.5 ms of planning per execution (30 ms of
 -- a 50 ms S2 claim), S1's claim 13-25 ms instead of 7. Every statement's
--- generic plan is checked by tests/test_plan_regression.py.
+-- generic plan is checked by tests/sql/test_plan_regression.py.
 SET plan_cache_mode = force_generic_plan
 -- No JIT: the statements are sub-millisecond lookups, and a generic plan
 -- whose estimate passes jit_above_cost would compile on every execution.

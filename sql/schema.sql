@@ -1,0 +1,4994 @@
+-- The current definition of every object of schema edm, grouped by concept.
+--
+-- GENERATED from a database built by sql/migrations/ with
+--     python -m edm_sched.schema_dump > sql/schema.sql
+-- Do not edit: change the schema with a new migration, then regenerate this
+-- file. tests/sql/test_schema_file.py builds one database from the migrations
+-- and one from this file and fails on any difference in the catalog.
+--
+-- Loading this file into an empty database (psql -f, or edm_sched.migrate(dsn,
+-- from_schema=True)) gives the same schema as running every migration, with
+-- every migration recorded as applied.
+
+SET check_function_bodies = false;
+SET search_path = pg_catalog;
+
+CREATE SCHEMA edm;
+COMMENT ON SCHEMA edm IS 'edm-sched: fair, rate-limited, crash-safe scheduling of email sends. See docs/operations.md.';
+
+-- ==========================================================================
+-- Migrations
+-- Which migrations built this schema (all of them, when loaded from this file).
+-- ==========================================================================
+
+CREATE TABLE edm.schema_migrations (
+  version integer NOT NULL,
+  name text NOT NULL,
+  checksum text NOT NULL,
+  applied_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT schema_migrations_pkey PRIMARY KEY (version)
+);
+COMMENT ON TABLE edm.schema_migrations IS 'Migrations applied to this database, with the SHA-256 of each file as applied.';
+COMMENT ON COLUMN edm.schema_migrations.version IS 'Number of the migration file (sql/migrations/NNNN_name.sql).';
+COMMENT ON COLUMN edm.schema_migrations.name IS 'Name part of the migration file.';
+COMMENT ON COLUMN edm.schema_migrations.checksum IS 'SHA-256 of the file when applied; an edited file is refused.';
+COMMENT ON COLUMN edm.schema_migrations.applied_at IS 'When the migration was applied.';
+INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
+  ('1', 'schema', 'bf490b3d84a14e4633189ca11e4794ae737d5d50083da4fd05db5df85a744317'),
+  ('10', 'adoption', 'c230948f6d9d555e29183dad1faec2ce04b1f405a5be3d0354b178e9bc9ba17e'),
+  ('11', 'jobs_security', 'ef1677dd93d453d5c66404b1d3798c92c0f1e66a0cdf7087aa960c44a23fb46c'),
+  ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
+  ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
+  ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
+  ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
+  ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
+  ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),
+  ('7', 'claim_performance', 'b784140bfb7b7d14ef601d1808000dfce531fb0ef3a26ab289a4d427a3201ade'),
+  ('8', 'limits_and_slots', '53ce04d0417fdbbb0d32ad7e4b805bbe0913db67276396988c1330a044283fcb');
+
+-- ==========================================================================
+-- Validation helpers
+-- Pure functions used by CHECK constraints and by the functions below.
+-- ==========================================================================
+
+CREATE FUNCTION edm.is_valid_email(p_email text)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+RETURN ((length(p_email) <= 254) AND (p_email ~ '^[^@[:space:][:cntrl:]<>(),;:"\[\]\\]+@[^@[:space:][:cntrl:]<>(),;:"\[\]\\]+\.[^@[:space:][:cntrl:]<>(),;:"\[\]\\.]+$'::text));
+COMMENT ON FUNCTION edm.is_valid_email(text) IS 'Conservative syntax check of an address: one @, a dotted domain, no spaces, control characters (CR/LF) or RFC 5322 specials, at most 254 characters.';
+REVOKE ALL ON FUNCTION edm.is_valid_email(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.normalize_email(p_email text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+RETURN lower(btrim(p_email));
+COMMENT ON FUNCTION edm.normalize_email(text) IS 'Normalised address: trimmed and lower-cased. Subtasks, contacts and suppressions store addresses in this form.';
+REVOKE ALL ON FUNCTION edm.normalize_email(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.email_problem(p_email text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN ((p_email IS NULL) OR (btrim(p_email) = ''::text)) THEN 'empty address'::text WHEN (length(p_email) > 254) THEN 'longer than 254 characters'::text WHEN (p_email ~ '[[:cntrl:]]'::text) THEN 'contains control characters (CR, LF, NUL...)'::text WHEN (p_email ~ '[\u00a0\u00ad\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff]'::text) THEN 'contains invisible or non-breaking space characters'::text WHEN (POSITION(('@'::text) IN (p_email)) = 0) THEN 'missing @'::text WHEN (NOT edm.is_valid_email(edm.normalize_email(p_email))) THEN 'not a valid address'::text ELSE NULL::text END;
+COMMENT ON FUNCTION edm.email_problem(text) IS 'Why p_email is not acceptable as a recipient, or NULL when it is: empty, too long, control characters, invisible or non-breaking space characters, no @, or not a valid address (edm.is_valid_email after normalisation). Letters outside ASCII are accepted (SMTPUTF8 addresses). Used for the per-address report of task creation and contact import.';
+REVOKE ALL ON FUNCTION edm.email_problem(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.is_valid_timezone(p_tz text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+BEGIN
+  IF p_tz IS NULL OR length(p_tz) > 64 OR p_tz ~ '[[:cntrl:]]' THEN
+    RETURN false;
+  END IF;
+  PERFORM timestamptz '2000-01-01 00:00:00+00' AT TIME ZONE p_tz;
+  RETURN true;
+EXCEPTION WHEN invalid_parameter_value OR data_exception THEN
+  RETURN false;
+END;
+$function$;
+COMMENT ON FUNCTION edm.is_valid_timezone(text) IS 'True when p_tz is a time zone name PostgreSQL knows (e.g. Europe/Paris). Used by CHECK constraints on quota and job time zones.';
+REVOKE ALL ON FUNCTION edm.is_valid_timezone(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.rule_matches(p_rule jsonb, p_tags text[])
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN (((NOT (p_rule ? 'include_any'::text)) OR (jsonb_array_length((p_rule -> 'include_any'::text)) = 0) OR (p_tags && ARRAY(SELECT jsonb_array_elements_text((p_rule -> 'include_any'::text)) AS jsonb_array_elements_text))) AND ((NOT (p_rule ? 'include_all'::text)) OR (p_tags @> ARRAY(SELECT jsonb_array_elements_text((p_rule -> 'include_all'::text)) AS jsonb_array_elements_text))) AND ((NOT (p_rule ? 'exclude'::text)) OR (NOT (p_tags && ARRAY(SELECT jsonb_array_elements_text((p_rule -> 'exclude'::text)) AS jsonb_array_elements_text)))));
+COMMENT ON FUNCTION edm.rule_matches(jsonb,text[]) IS 'True when a contact with tags p_tags matches tag rule p_rule {"include_any": [...], "include_all": [...], "exclude": [...]}. For display and tests; expansion inlines the same predicates so the GIN index on tags is used.';
+REVOKE ALL ON FUNCTION edm.rule_matches(jsonb,text[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.task_transition_ok(p_from text, p_to text)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN (((p_from IS NULL) AND (p_to = ANY (ARRAY['draft'::text, 'expanding'::text, 'scheduled'::text]))) OR (((((((((((((((((p_from = 'draft'::text) AND (p_to = 'expanding'::text)) OR ((p_from = 'draft'::text) AND (p_to = 'scheduled'::text))) OR ((p_from = 'draft'::text) AND (p_to = 'cancelled'::text))) OR ((p_from = 'expanding'::text) AND (p_to = 'scheduled'::text))) OR ((p_from = 'expanding'::text) AND (p_to = 'failed'::text))) OR ((p_from = 'expanding'::text) AND (p_to = 'cancelled'::text))) OR ((p_from = 'scheduled'::text) AND (p_to = 'sending'::text))) OR ((p_from = 'scheduled'::text) AND (p_to = 'paused'::text))) OR ((p_from = 'scheduled'::text) AND (p_to = 'cancelled'::text))) OR ((p_from = 'sending'::text) AND (p_to = 'completed'::text))) OR ((p_from = 'sending'::text) AND (p_to = 'paused'::text))) OR ((p_from = 'sending'::text) AND (p_to = 'cancelled'::text))) OR ((p_from = 'sending'::text) AND (p_to = 'failed'::text))) OR ((p_from = 'paused'::text) AND (p_to = 'scheduled'::text))) OR ((p_from = 'paused'::text) AND (p_to = 'sending'::text))) OR ((p_from = 'paused'::text) AND (p_to = 'cancelled'::text))));
+COMMENT ON FUNCTION edm.task_transition_ok(text,text) IS 'The task status machine: draft → expanding → scheduled → sending → completed; scheduled/sending ↔ paused; cancelled from any live state; failed from expanding or sending.';
+REVOKE ALL ON FUNCTION edm.task_transition_ok(text,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.ts_add_ms(p_ts timestamp with time zone, p_ms bigint)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN (p_ts + ((p_ms)::double precision * '00:00:00.001'::interval));
+COMMENT ON FUNCTION edm.ts_add_ms(timestamp with time zone,bigint) IS 'p_ts + p_ms milliseconds. Immutable because a pure-time interval does not depend on the session time zone; used by generated columns.';
+REVOKE ALL ON FUNCTION edm.ts_add_ms(timestamp with time zone,bigint) FROM PUBLIC;
+
+CREATE FUNCTION edm.smtp_code_suppresses(p_code integer)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN (p_code = ANY (ARRAY[550, 551, 553]));
+COMMENT ON FUNCTION edm.smtp_code_suppresses(integer) IS 'True for permanent reply codes that mean the address itself is bad (550 mailbox unavailable, 551 user not local, 553 mailbox name not allowed): the address is suppressed for everyone.';
+REVOKE ALL ON FUNCTION edm.smtp_code_suppresses(integer) FROM PUBLIC;
+
+-- ==========================================================================
+-- Audit trail
+-- The append-only record of administrative changes, written by triggers.
+-- ==========================================================================
+
+CREATE TABLE edm.audit_log (
+  audit_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+  actor text NOT NULL,
+  db_role text DEFAULT SESSION_USER NOT NULL,
+  action text NOT NULL,
+  object_type text NOT NULL,
+  object_id text NOT NULL,
+  before jsonb,
+  after jsonb,
+  CONSTRAINT audit_log_pkey PRIMARY KEY (audit_id),
+  CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['insert'::text, 'update'::text, 'delete'::text])))
+);
+COMMENT ON TABLE edm.audit_log IS 'Append-only record of administrative changes (services, grants, user quotas, task pause/resume/cancel, config, jobs) with before/after values. Secrets are never stored anywhere in edm, so none appear here.';
+COMMENT ON COLUMN edm.audit_log.audit_id IS 'Surrogate id, in commit-ish order.';
+COMMENT ON COLUMN edm.audit_log.at IS 'When the change was made.';
+COMMENT ON COLUMN edm.audit_log.actor IS 'Who made it: the application user set in edm.actor (SET LOCAL edm.actor = ...), else the database role.';
+COMMENT ON COLUMN edm.audit_log.db_role IS 'The database session role that made the change.';
+COMMENT ON COLUMN edm.audit_log.action IS 'insert, update or delete.';
+COMMENT ON COLUMN edm.audit_log.object_type IS 'service, grant, user, task, config or job.';
+COMMENT ON COLUMN edm.audit_log.object_id IS 'Id of the object changed.';
+COMMENT ON COLUMN edm.audit_log.before IS 'Audited fields before the change (NULL for inserts).';
+COMMENT ON COLUMN edm.audit_log.after IS 'Audited fields after the change (NULL for deletes).';
+CREATE INDEX audit_log_object_idx ON edm.audit_log USING btree (object_type, object_id, audit_id);
+COMMENT ON INDEX edm.audit_log_object_idx IS 'History of one object.';
+
+CREATE FUNCTION edm.audit_log_append_only()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  RAISE EXCEPTION 'edm.audit_log is append-only' USING ERRCODE = '42501';
+END;
+$function$;
+COMMENT ON FUNCTION edm.audit_log_append_only() IS 'Trigger: refuses UPDATE and DELETE on edm.audit_log, even for its owner.';
+REVOKE ALL ON FUNCTION edm.audit_log_append_only() FROM PUBLIC;
+
+CREATE FUNCTION edm.audit_fields(p_type text, p_row jsonb)
+ RETURNS jsonb
+ LANGUAGE sql
+ IMMUTABLE
+RETURN CASE p_type WHEN 'service'::text THEN jsonb_build_object('name', (p_row -> 'name'::text), 'transport', (p_row -> 'transport'::text), 'settings', (p_row -> 'settings'::text), 'credential_ref', (p_row -> 'credential_ref'::text), 'from_addresses', (p_row -> 'from_addresses'::text), 'interval_ms', (p_row -> 'interval_ms'::text), 'daily_quota', (p_row -> 'daily_quota'::text), 'quota_tz', (p_row -> 'quota_tz'::text), 'enabled', (p_row -> 'enabled'::text)) WHEN 'grant'::text THEN jsonb_build_object('service_id', (p_row -> 'service_id'::text), 'user_id', (p_row -> 'user_id'::text), 'priority', (p_row -> 'priority'::text)) WHEN 'user'::text THEN jsonb_build_object('display_name', (p_row -> 'display_name'::text), 'quota_limit', (p_row -> 'quota_limit'::text)) WHEN 'task'::text THEN jsonb_build_object('user_id', (p_row -> 'user_id'::text), 'name', (p_row -> 'name'::text), 'status', (p_row -> 'status'::text), 'priority', (p_row -> 'priority'::text), 'scheduled_at', (p_row -> 'scheduled_at'::text), 'total_count', (p_row -> 'total_count'::text)) WHEN 'config'::text THEN jsonb_build_object('value', (p_row -> 'value'::text)) WHEN 'job'::text THEN (p_row - ARRAY['next_run_at'::text, 'last_scheduled_for'::text, 'last_fired_at'::text, 'last_finished_at'::text, 'last_status'::text, 'run_count'::text, 'running_count'::text, 'success_count'::text, 'failure_count'::text, 'misfire_count'::text, 'created_at'::text, 'updated_at'::text]) ELSE NULL::jsonb END;
+COMMENT ON FUNCTION edm.audit_fields(text,jsonb) IS 'The fields recorded in the audit log for an object type (administrative settings only, never counters or runtime state).';
+REVOKE ALL ON FUNCTION edm.audit_fields(text,jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.audit_row()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  v_type text := TG_ARGV[0];
+  v_before jsonb;
+  v_after jsonb;
+  v_id text;
+BEGIN
+  IF TG_OP <> 'INSERT' THEN
+    v_before := edm.audit_fields(v_type, to_jsonb(OLD));
+  END IF;
+  IF TG_OP <> 'DELETE' THEN
+    v_after := edm.audit_fields(v_type, to_jsonb(NEW));
+  END IF;
+  IF TG_OP = 'UPDATE' AND v_before = v_after THEN
+    RETURN NULL;
+  END IF;
+  v_id := CASE v_type
+    WHEN 'service' THEN to_jsonb(coalesce(NEW, OLD)) ->> 'service_id'
+    WHEN 'grant' THEN (to_jsonb(coalesce(NEW, OLD)) ->> 'service_id') || ':'
+                      || (to_jsonb(coalesce(NEW, OLD)) ->> 'user_id')
+    WHEN 'user' THEN to_jsonb(coalesce(NEW, OLD)) ->> 'user_id'
+    WHEN 'task' THEN to_jsonb(coalesce(NEW, OLD)) ->> 'task_id'
+    WHEN 'config' THEN to_jsonb(coalesce(NEW, OLD)) ->> 'key'
+    WHEN 'job' THEN to_jsonb(coalesce(NEW, OLD)) ->> 'job_id'
+  END;
+  INSERT INTO edm.audit_log (actor, action, object_type, object_id, before, after)
+  VALUES (coalesce(nullif(current_setting('edm.actor', true), ''), session_user),
+          lower(TG_OP), v_type, v_id, v_before, v_after);
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.audit_row() IS 'Trigger: appends one edm.audit_log row per administrative change (argument: the object type). Updates that change no audited field are not recorded.';
+REVOKE ALL ON FUNCTION edm.audit_row() FROM PUBLIC;
+
+CREATE TRIGGER audit_log_append_only BEFORE DELETE OR UPDATE OR TRUNCATE ON edm.audit_log FOR EACH STATEMENT EXECUTE FUNCTION edm.audit_log_append_only();
+
+-- ==========================================================================
+-- Configuration
+-- Typed, hot-reloaded settings; a refused value raises ED006 with the allowed range.
+-- ==========================================================================
+
+CREATE FUNCTION edm.config_value_ok(p_type text, p_value jsonb, p_min numeric, p_max numeric, p_allowed text[])
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE p_type WHEN 'integer'::text THEN ((jsonb_typeof(p_value) = 'number'::text) AND (((p_value #>> '{}'::text[]))::numeric = trunc(((p_value #>> '{}'::text[]))::numeric)) AND ((p_min IS NULL) OR (((p_value #>> '{}'::text[]))::numeric >= p_min)) AND ((p_max IS NULL) OR (((p_value #>> '{}'::text[]))::numeric <= p_max))) WHEN 'number'::text THEN ((jsonb_typeof(p_value) = 'number'::text) AND ((p_min IS NULL) OR (((p_value #>> '{}'::text[]))::numeric >= p_min)) AND ((p_max IS NULL) OR (((p_value #>> '{}'::text[]))::numeric <= p_max))) WHEN 'boolean'::text THEN (jsonb_typeof(p_value) = 'boolean'::text) WHEN 'text'::text THEN ((jsonb_typeof(p_value) = 'string'::text) AND ((p_allowed IS NULL) OR ((p_value #>> '{}'::text[]) = ANY (p_allowed)))) ELSE false END;
+COMMENT ON FUNCTION edm.config_value_ok(text,jsonb,numeric,numeric,text[]) IS 'True when a config value has the declared type and lies within its bounds or allowed values. Backs the CHECK on edm.config.';
+REVOKE ALL ON FUNCTION edm.config_value_ok(text,jsonb,numeric,numeric,text[]) FROM PUBLIC;
+
+-- ==========================================================================
+-- Recurring jobs
+-- Cron-scheduled jobs on the same database (see docs/jobs.md).
+-- ==========================================================================
+
+CREATE FUNCTION edm.job_http_allow_ok(p_value text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ IMMUTABLE
+AS $function$
+DECLARE
+  v_doc   jsonb;
+  v_list  jsonb;
+  v_entry jsonb;
+BEGIN
+  BEGIN
+    v_doc := p_value::jsonb;
+  EXCEPTION WHEN others THEN
+    RETURN false;
+  END;
+  IF jsonb_typeof(v_doc) <> 'object'
+     OR EXISTS (SELECT 1 FROM jsonb_object_keys(v_doc) k WHERE k NOT IN ('all', 'platform', 'tenants'))
+     OR (v_doc ? 'tenants' AND jsonb_typeof(v_doc -> 'tenants') <> 'object') THEN
+    RETURN false;
+  END IF;
+  FOR v_list IN
+    SELECT v_doc -> 'all' WHERE v_doc ? 'all'
+    UNION ALL SELECT v_doc -> 'platform' WHERE v_doc ? 'platform'
+    UNION ALL SELECT t.value FROM jsonb_each(coalesce(v_doc -> 'tenants', '{}')) t
+  LOOP
+    IF jsonb_typeof(v_list) <> 'array' THEN
+      RETURN false;
+    END IF;
+    FOR v_entry IN SELECT e FROM jsonb_array_elements(v_list) e LOOP
+      IF jsonb_typeof(v_entry) <> 'string' THEN
+        RETURN false;
+      END IF;
+      CONTINUE WHEN lower(btrim(v_entry #>> '{}'))
+        ~ '^(\*\.)?[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$'
+        AND lower(btrim(v_entry #>> '{}')) !~ '^[0-9.]+$';
+      BEGIN
+        PERFORM (v_entry #>> '{}')::cidr;
+      EXCEPTION WHEN others THEN
+        BEGIN
+          PERFORM (v_entry #>> '{}')::inet;
+        EXCEPTION WHEN others THEN
+          RETURN false;
+        END;
+      END;
+    END LOOP;
+  END LOOP;
+  RETURN true;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_http_allow_ok(text) IS 'True when p_value is a valid jobs.http_allow setting: a JSON object {"all": [...], "platform": [...], "tenants": {"<tenant>": [...]}} whose lists hold networks (10.20.0.0/16, 127.0.0.1, fd00::/8) or host names (crm.intranet.example, *.intranet.example). Backs a CHECK on edm.config.';
+REVOKE ALL ON FUNCTION edm.job_http_allow_ok(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_tenant_list_ok(p_value text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ IMMUTABLE
+AS $function$
+DECLARE
+  v_doc jsonb;
+BEGIN
+  BEGIN
+    v_doc := p_value::jsonb;
+  EXCEPTION WHEN others THEN
+    RETURN false;
+  END;
+  RETURN jsonb_typeof(v_doc) = 'array'
+     AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(v_doc) e
+                     WHERE jsonb_typeof(e) <> 'string' OR length(e #>> '{}') = 0);
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_tenant_list_ok(text) IS 'True when p_value is a JSON array of non-empty tenant ids (the jobs.shell_tenants setting; "*" stands for every tenant). Backs a CHECK on edm.config.';
+REVOKE ALL ON FUNCTION edm.job_tenant_list_ok(text) FROM PUBLIC;
+
+-- ==========================================================================
+-- Configuration
+-- Typed, hot-reloaded settings; a refused value raises ED006 with the allowed range.
+-- ==========================================================================
+
+CREATE TABLE edm.config (
+  key text NOT NULL,
+  value jsonb NOT NULL,
+  default_value jsonb NOT NULL,
+  category text NOT NULL,
+  value_type text NOT NULL,
+  min_value numeric,
+  max_value numeric,
+  allowed_values text[],
+  unit text,
+  description text NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  updated_by text,
+  CONSTRAINT config_pkey PRIMARY KEY (key),
+  CONSTRAINT config_default_in_range CHECK (edm.config_value_ok(value_type, default_value, min_value, max_value, allowed_values)),
+  CONSTRAINT config_jobs_security_values CHECK (
+CASE key
+    WHEN 'jobs.http_allow'::text THEN edm.job_http_allow_ok((value #>> '{}'::text[]))
+    WHEN 'jobs.shell_tenants'::text THEN edm.job_tenant_list_ok((value #>> '{}'::text[]))
+    ELSE true
+END),
+  CONSTRAINT config_key_check CHECK ((key ~ '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$'::text)),
+  CONSTRAINT config_value_in_range CHECK (edm.config_value_ok(value_type, value, min_value, max_value, allowed_values)),
+  CONSTRAINT config_value_type_check CHECK ((value_type = ANY (ARRAY['integer'::text, 'number'::text, 'boolean'::text, 'text'::text])))
+);
+COMMENT ON TABLE edm.config IS 'Typed, constrained settings read by SQL functions and dispatchers. Change with edm.config_set(); running dispatchers reload on NOTIFY edm_config.';
+COMMENT ON COLUMN edm.config.key IS 'Dotted setting name, e.g. queue.central_batch_size.';
+COMMENT ON COLUMN edm.config.value IS 'Current value as JSON (number, boolean or string).';
+COMMENT ON COLUMN edm.config.default_value IS 'Value shipped with edm-sched.';
+COMMENT ON COLUMN edm.config.category IS 'Group of the setting: queue, service, monitoring, retention, jobs.';
+COMMENT ON COLUMN edm.config.value_type IS 'integer, number, boolean or text.';
+COMMENT ON COLUMN edm.config.min_value IS 'Inclusive lower bound for numbers, NULL when unbounded.';
+COMMENT ON COLUMN edm.config.max_value IS 'Inclusive upper bound for numbers, NULL when unbounded.';
+COMMENT ON COLUMN edm.config.allowed_values IS 'Allowed strings for text settings, NULL when free.';
+COMMENT ON COLUMN edm.config.unit IS 'Unit of the value (seconds, percent, rows), for display.';
+COMMENT ON COLUMN edm.config.description IS 'What the setting controls.';
+COMMENT ON COLUMN edm.config.updated_at IS 'When the value last changed.';
+COMMENT ON COLUMN edm.config.updated_by IS 'Actor of the last change, as given to edm.config_set().';
+COMMENT ON CONSTRAINT config_jobs_security_values ON edm.config IS 'jobs.http_allow and jobs.shell_tenants hold well-formed JSON text (edm.job_http_allow_ok, edm.job_tenant_list_ok).';
+INSERT INTO edm.config (key, value, default_value, category, value_type, min_value, max_value, allowed_values, unit, description, updated_by) VALUES
+  ('jobs.execution_retention_days', '30', '30', 'jobs', 'integer', '1', '3650', NULL, 'days', 'Finished job executions older than this are deleted by edm.job_purge_executions() (runners call it every jobs.maintenance_interval).', NULL),
+  ('jobs.http_allow', '"{}"', '"{}"', 'jobs', 'text', NULL, NULL, NULL, NULL, 'Destinations opened to http jobs despite the outbound guard (which refuses loopback, private, carrier-grade NAT, link-local, multicast, reserved and unspecified addresses): JSON text {"all": [...], "platform": [...], "tenants": {"<tenant>": [...]}} of networks or host names. See docs/jobs.md#security.', NULL),
+  ('jobs.lease_margin', '30', '30', 'jobs', 'integer', '5', '3600', NULL, 'seconds', 'Time after a run''s timeout before its lease expires and the run counts as lost (its worker crashed).', NULL),
+  ('jobs.maintenance_interval', '300', '300', 'jobs', 'integer', '10', '86400', NULL, 'seconds', 'How often runners purge expired execution history (one runner at a time).', NULL),
+  ('jobs.max_catchup_runs', '100', '100', 'jobs', 'integer', '1', '10000', NULL, 'runs', 'Most missed runs of one job replayed after downtime under the run_all misfire policy (the most recent ones).', NULL),
+  ('jobs.max_jobs_per_tenant', '1000', '1000', 'jobs', 'integer', '1', '1000000', NULL, 'jobs', 'Most jobs one tenant may own; creating more raises QUOTA_EXCEEDED.', NULL),
+  ('jobs.max_running_per_tenant', '0', '0', 'jobs', 'integer', '0', '100000', NULL, 'executions', 'Most executions of one tenant''s jobs running at once, all kinds together and across all runners (0: no limit). Executions over it wait, pending.', NULL),
+  ('jobs.shell_enabled', 'false', 'false', 'jobs', 'boolean', NULL, NULL, NULL, NULL, 'Whether shell-command jobs may be created or edited. Runners additionally need allow_shell=True from the host to execute them.', NULL),
+  ('jobs.shell_tenants', '"[]"', '"[]"', 'jobs', 'text', NULL, NULL, NULL, NULL, 'Tenants whose jobs may be shell commands, as JSON text ["acme", ...] ("*": every tenant). A tenant''s shell job also needs jobs.shell_enabled, and runners allow_shell=True.', NULL),
+  ('monitoring.metrics_retention_days', '30', '30', 'monitoring', 'integer', '7', '90', NULL, 'days', 'Days of send events and metric roll-ups kept.', NULL),
+  ('monitoring.quota_alert_percent', '90', '90', 'monitoring', 'integer', '50', '100', NULL, 'percent', 'Share of a service''s daily quota that raises an alert.', NULL),
+  ('monitoring.stuck_task_threshold', '600', '600', 'monitoring', 'integer', '300', '1800', NULL, 'seconds', 'A sending task without progress for this long is flagged stuck.', NULL),
+  ('monitoring.wait_critical', '600', '600', 'monitoring', 'integer', '60', '7200', NULL, 'seconds', 'First-send wait of a task that raises a critical alert.', NULL),
+  ('monitoring.wait_emergency', '1800', '1800', 'monitoring', 'integer', '60', '86400', NULL, 'seconds', 'First-send wait of a task that raises an emergency alert.', NULL),
+  ('monitoring.wait_warning', '300', '300', 'monitoring', 'integer', '60', '3600', NULL, 'seconds', 'First-send wait of a task that raises a warning alert.', NULL),
+  ('queue.central_batch_size', '50', '50', 'queue', 'integer', '10', '200', NULL, 'subtasks', 'Largest batch one claim call takes (at most one subtask per ready service).', NULL),
+  ('queue.concurrent_workers', '10', '10', 'queue', 'integer', '1', '50', NULL, 'sends', 'Sends a dispatcher runs in parallel when run_dispatcher() gets no concurrency argument.', NULL),
+  ('queue.max_attempts', '5', '5', 'queue', 'integer', '1', '20', NULL, 'attempts', 'Attempts after which a transient failure becomes permanent.', NULL),
+  ('queue.pending_retry_interval', '60', '60', 'queue', 'integer', '30', '300', NULL, 'seconds', 'Base delay before a transient failure is retried; doubles with each attempt.', NULL),
+  ('queue.retry_backoff_max', '3600', '3600', 'queue', 'integer', '60', '86400', NULL, 'seconds', 'Cap on the retry delay of a transient failure.', NULL),
+  ('queue.service_hold_seconds', '2', '2', 'queue', 'integer', '1', '60', NULL, 'seconds', 'A service claimed by a dispatcher is held by it for this long after its last slot (and while its sends run), so one process paces the service''s sends on the wire.', NULL),
+  ('queue.service_reservation_timeout', '30', '30', 'queue', 'integer', '10', '120', NULL, 'seconds', 'Lease length of a claimed subtask; an expired lease is returned to pending by the sweep.', NULL),
+  ('queue.slot_lookahead_ms', '250', '250', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'How long before its slot a send may be claimed: the dispatcher renders the message and opens the connection meanwhile, and starts the SMTP transaction at the slot.', NULL),
+  ('queue.small_pool_grantees', '100', '100', 'queue', 'integer', '0', '10000', NULL, 'users', 'A service granted to at most this many users finds its next user from its own grants; a larger one from the head of the user rotation. Changes speed only, never which user is chosen.', NULL),
+  ('retention.finished_task_days', '30', '30', 'retention', 'integer', '1', '3650', NULL, 'days', 'Completed, cancelled and failed tasks (with their subtasks) are deleted this long after they finished.', NULL),
+  ('retention.finished_tasks_per_sweep', '20', '20', 'retention', 'integer', '1', '10000', NULL, 'tasks', 'Most finished tasks one sweep deletes, so a sweep stays short.', NULL),
+  ('service.backoff_base', '30', '30', 'service', 'integer', '1', '600', NULL, 'seconds', 'First back-off of a service after a service-level failure; doubles with each consecutive one.', NULL),
+  ('service.backoff_max', '1800', '1800', 'service', 'integer', '60', '86400', NULL, 'seconds', 'Cap on the back-off of a failing service.', NULL),
+  ('sweep.interval', '5', '5', 'sweep', 'integer', '1', '300', NULL, 'seconds', 'How often the elected dispatcher runs the sweeps.', NULL);
+
+CREATE FUNCTION edm.config_int(p_key text)
+ RETURNS integer
+ LANGUAGE sql
+ STABLE
+RETURN (SELECT (((c.value #>> '{}'::text[]))::numeric)::integer AS int4 FROM edm.config c WHERE (c.key = config_int.p_key));
+COMMENT ON FUNCTION edm.config_int(text) IS 'Integer value of config key p_key (NULL when absent).';
+REVOKE ALL ON FUNCTION edm.config_int(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.config_set(p_key text, p_value jsonb, p_actor text DEFAULT NULL::text)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  c edm.config;
+BEGIN
+  SELECT * INTO c FROM edm.config WHERE key = p_key FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown config key %', quote_literal(p_key) USING ERRCODE = 'ED001';
+  END IF;
+  IF p_value IS NULL OR NOT edm.config_value_ok(c.value_type, p_value, c.min_value, c.max_value,
+                                                c.allowed_values) THEN
+    RAISE EXCEPTION 'config % refused: % is not %', p_key, coalesce(p_value::text, 'NULL'),
+      CASE c.value_type
+        WHEN 'integer' THEN 'an integer'
+        WHEN 'number' THEN 'a number'
+        WHEN 'boolean' THEN 'true or false'
+        ELSE 'a string' END
+      || CASE WHEN c.min_value IS NOT NULL OR c.max_value IS NOT NULL
+              THEN format(' between %s and %s', coalesce(c.min_value::text, '-inf'),
+                          coalesce(c.max_value::text, '+inf'))
+              ELSE '' END
+      || CASE WHEN c.allowed_values IS NOT NULL
+              THEN ' among ' || array_to_string(c.allowed_values, ', ') ELSE '' END
+      USING ERRCODE = 'ED006';
+  END IF;
+  IF p_actor IS NOT NULL THEN  -- the audit log's actor for this transaction
+    PERFORM set_config('edm.actor', p_actor, true);
+  END IF;
+  UPDATE edm.config SET value = p_value, updated_at = now(), updated_by = p_actor
+  WHERE key = p_key;
+  PERFORM pg_notify('edm_config', p_key);
+  RETURN p_value;
+END;
+$function$;
+COMMENT ON FUNCTION edm.config_set(text,jsonb,text) IS 'Sets config p_key after checking type and range (ED006 with the allowed range when refused, ED001 for an unknown key) and notifies running dispatchers (NOTIFY edm_config) so they reload.';
+REVOKE ALL ON FUNCTION edm.config_set(text,jsonb,text) FROM PUBLIC;
+
+CREATE TRIGGER config_audit AFTER UPDATE ON edm.config FOR EACH ROW WHEN ((old.value IS DISTINCT FROM new.value)) EXECUTE FUNCTION edm.audit_row('config');
+
+-- ==========================================================================
+-- Users, services and grants
+-- Tenants of the host platform, sending accounts, and who may send through what.
+-- ==========================================================================
+
+CREATE TABLE edm.users (
+  user_id text NOT NULL,
+  display_name text,
+  quota_limit bigint,
+  quota_used bigint DEFAULT 0 NOT NULL,
+  claimable_tasks integer DEFAULT 0 NOT NULL,
+  last_served_seq bigint DEFAULT 0 NOT NULL,
+  last_served_at timestamp with time zone,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT users_pkey PRIMARY KEY (user_id),
+  CONSTRAINT users_claimable_tasks_check CHECK ((claimable_tasks >= 0)),
+  CONSTRAINT users_display_name_check CHECK ((length(display_name) <= 200)),
+  CONSTRAINT users_quota_limit_check CHECK ((quota_limit >= 0)),
+  CONSTRAINT users_quota_respected CHECK (((quota_limit IS NULL) OR (quota_used <= quota_limit))),
+  CONSTRAINT users_quota_used_check CHECK ((quota_used >= 0)),
+  CONSTRAINT users_user_id_check CHECK ((((length(user_id) >= 1) AND (length(user_id) <= 128)) AND (user_id !~ '[[:cntrl:]]'::text)))
+);
+COMMENT ON TABLE edm.users IS 'Tenants of the host platform. user_id is the host''s own id as text (an integer or UUID maps to its canonical string), so no id translation table is needed.';
+COMMENT ON COLUMN edm.users.user_id IS 'The host backend''s tenant id, as text (1–128 characters, no control characters).';
+COMMENT ON COLUMN edm.users.display_name IS 'Optional human-readable name for views and the CLI.';
+COMMENT ON COLUMN edm.users.quota_limit IS 'Most recipients this user may ever have reserved; NULL is unlimited.';
+COMMENT ON COLUMN edm.users.quota_used IS 'Recipients reserved by this user''s tasks (refunded when unsent work is cancelled). The CHECK keeps it within quota_limit (I3).';
+COMMENT ON COLUMN edm.users.claimable_tasks IS 'Number of this user''s tasks with claimable work; maintained by a trigger on edm.tasks.claimable. Users with 0 are left out of the rotation index.';
+COMMENT ON COLUMN edm.users.last_served_seq IS 'Value of edm.serve_seq at this user''s latest claim; fair rotation serves the lowest first (0 = never served).';
+COMMENT ON COLUMN edm.users.last_served_at IS 'Time of this user''s latest claim.';
+COMMENT ON COLUMN edm.users.created_at IS 'When the user was first seen.';
+CREATE INDEX users_rotation_idx ON edm.users USING btree (last_served_seq, user_id) WHERE (claimable_tasks > 0);
+COMMENT ON INDEX edm.users_rotation_idx IS 'Fair rotation: users with claimable work, least recently served first.';
+
+CREATE TABLE edm.services (
+  service_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  name text NOT NULL,
+  transport text DEFAULT 'smtp'::text NOT NULL,
+  settings jsonb DEFAULT '{}'::jsonb NOT NULL,
+  credential_ref text,
+  from_addresses text[] NOT NULL,
+  interval_ms bigint NOT NULL,
+  daily_quota integer NOT NULL,
+  quota_tz text DEFAULT 'UTC'::text NOT NULL,
+  enabled boolean DEFAULT true NOT NULL,
+  health text DEFAULT 'healthy'::text NOT NULL,
+  consecutive_failures integer DEFAULT 0 NOT NULL,
+  backoff_until timestamp with time zone,
+  last_error text,
+  last_sent_at timestamp with time zone,
+  quota_day date,
+  sent_today integer DEFAULT 0 NOT NULL,
+  quota_exhausted_until timestamp with time zone,
+  next_available_at timestamp with time zone GENERATED ALWAYS AS (COALESCE(GREATEST(edm.ts_add_ms(last_sent_at, interval_ms), backoff_until, quota_exhausted_until), '-infinity'::timestamp with time zone)) STORED NOT NULL,
+  total_sent bigint DEFAULT 0 NOT NULL,
+  total_failed bigint DEFAULT 0 NOT NULL,
+  success_rate double precision GENERATED ALWAYS AS (
+CASE
+    WHEN ((total_sent + total_failed) = 0) THEN (1.0)::double precision
+    ELSE ((total_sent)::double precision / ((total_sent + total_failed))::double precision)
+END) STORED NOT NULL,
+  avg_response_ms double precision,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  held_by text,
+  held_until timestamp with time zone,
+  has_limits boolean DEFAULT false NOT NULL,
+  CONSTRAINT services_pkey PRIMARY KEY (service_id),
+  CONSTRAINT services_name_key UNIQUE (name),
+  CONSTRAINT services_consecutive_failures_check CHECK ((consecutive_failures >= 0)),
+  CONSTRAINT services_credential_ref_check CHECK ((length(credential_ref) <= 500)),
+  CONSTRAINT services_daily_quota_check CHECK ((daily_quota >= 0)),
+  CONSTRAINT services_from_addresses_check CHECK (((cardinality(from_addresses) >= 1) AND (cardinality(from_addresses) <= 100))),
+  CONSTRAINT services_health_check CHECK ((health = ANY (ARRAY['healthy'::text, 'degraded'::text, 'backoff'::text]))),
+  CONSTRAINT services_interval_ms_check CHECK (((interval_ms >= 0) AND (interval_ms <= 86400000))),
+  CONSTRAINT services_name_check CHECK ((((length(name) >= 1) AND (length(name) <= 200)) AND (name !~ '[[:cntrl:]]'::text))),
+  CONSTRAINT services_quota_tz_check CHECK (edm.is_valid_timezone(quota_tz)),
+  CONSTRAINT services_sent_today_check CHECK ((sent_today >= 0)),
+  CONSTRAINT services_settings_check CHECK (((jsonb_typeof(settings) = 'object'::text) AND (NOT (settings ?| ARRAY['password'::text, 'secret'::text, 'api_key'::text, 'token'::text, 'passwd'::text])))),
+  CONSTRAINT services_transport_check CHECK ((transport ~ '^[a-z][a-z0-9_]{0,31}$'::text))
+);
+COMMENT ON TABLE edm.services IS 'Sending accounts (SMTP logins or ESP API keys). Readiness = enabled AND next_available_at <= now; see edm.service_is_ready().';
+COMMENT ON COLUMN edm.services.service_id IS 'Surrogate id.';
+COMMENT ON COLUMN edm.services.name IS 'Unique human name of the account.';
+COMMENT ON COLUMN edm.services.transport IS 'Transport kind the dispatcher uses: smtp, null, or a host-registered name.';
+COMMENT ON COLUMN edm.services.settings IS 'Transport settings (host, port, security, username...). Never secrets: keys such as password are refused by a CHECK.';
+COMMENT ON COLUMN edm.services.credential_ref IS 'Reference handed to the host''s credential resolver (an env var name, a vault path); the secret itself is never stored here.';
+COMMENT ON COLUMN edm.services.from_addresses IS 'Sender addresses this account may use; the first is the default.';
+COMMENT ON COLUMN edm.services.interval_ms IS 'Least time between two send starts on this account, in milliseconds (I2).';
+COMMENT ON COLUMN edm.services.daily_quota IS 'Most sends per quota day (I3).';
+COMMENT ON COLUMN edm.services.quota_tz IS 'Time zone whose midnight starts a new quota day for this account.';
+COMMENT ON COLUMN edm.services.enabled IS 'False takes the account out of rotation at once.';
+COMMENT ON COLUMN edm.services.health IS 'healthy; degraded (recent failures); backoff (service-level failure, waiting until backoff_until).';
+COMMENT ON COLUMN edm.services.consecutive_failures IS 'Service-level failures in a row; drives the growing back-off.';
+COMMENT ON COLUMN edm.services.backoff_until IS 'No claims on this account before this time after a service-level failure.';
+COMMENT ON COLUMN edm.services.last_error IS 'Last service-level error text (never contains credentials).';
+COMMENT ON COLUMN edm.services.last_sent_at IS 'Slot of the latest claimed send (the instant it may start on the wire); the interval is counted from here.';
+COMMENT ON COLUMN edm.services.quota_day IS 'Local date (in quota_tz) that sent_today counts.';
+COMMENT ON COLUMN edm.services.sent_today IS 'Sends started on quota_day.';
+COMMENT ON COLUMN edm.services.quota_exhausted_until IS 'When a limit next admits a send once the daily quota or another limit (edm.service_limits) is used up; NULL otherwise. Part of next_available_at.';
+COMMENT ON COLUMN edm.services.next_available_at IS 'Generated: the earliest time this account may start a send = greatest(last_sent_at + interval, backoff_until, quota_exhausted_until); -infinity when nothing holds it back.';
+COMMENT ON COLUMN edm.services.total_sent IS 'Sends accepted by the provider, all time.';
+COMMENT ON COLUMN edm.services.total_failed IS 'Send attempts that failed (transient or permanent), all time.';
+COMMENT ON COLUMN edm.services.success_rate IS 'Generated: total_sent / (total_sent + total_failed), 1.0 before any attempt.';
+COMMENT ON COLUMN edm.services.avg_response_ms IS 'Exponentially weighted mean of the provider response time, in milliseconds.';
+COMMENT ON COLUMN edm.services.created_at IS 'When the account was added.';
+COMMENT ON COLUMN edm.services.updated_at IS 'When the account''s settings last changed.';
+COMMENT ON COLUMN edm.services.held_by IS 'Dispatcher that holds this service (it claimed its latest slots); other dispatchers leave the service alone until held_until.';
+COMMENT ON COLUMN edm.services.held_until IS 'End of the hold: queue.service_hold_seconds after the latest slot, extended while the holder''s sends run (edm.renew_leases).';
+COMMENT ON COLUMN edm.services.has_limits IS 'True when edm.service_limits has rows for this service (kept by a trigger); the claim reads them only then.';
+CREATE INDEX services_ready_idx ON edm.services USING btree (next_available_at) WHERE enabled;
+COMMENT ON INDEX edm.services_ready_idx IS 'Ready services: enabled ones by the time they become available.';
+
+CREATE TABLE edm.grants (
+  service_id bigint NOT NULL,
+  user_id text NOT NULL,
+  priority integer DEFAULT 0 NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT grants_pkey PRIMARY KEY (service_id, user_id),
+  CONSTRAINT grants_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT grants_user_id_fkey FOREIGN KEY (user_id) REFERENCES edm.users(user_id) ON DELETE CASCADE,
+  CONSTRAINT grants_priority_check CHECK (((priority >= '-1000'::integer) AND (priority <= 1000)))
+);
+COMMENT ON TABLE edm.grants IS 'Which user may send through which service. A user''s lower-priority grants are overflow: used only while none of its higher-priority granted services is ready.';
+COMMENT ON COLUMN edm.grants.service_id IS 'The service granted.';
+COMMENT ON COLUMN edm.grants.user_id IS 'The user who may use it.';
+COMMENT ON COLUMN edm.grants.priority IS 'Higher first: a user sends through its highest-priority ready services.';
+COMMENT ON COLUMN edm.grants.created_at IS 'When the grant was made.';
+CREATE INDEX grants_user_idx ON edm.grants USING btree (user_id, priority DESC, service_id);
+COMMENT ON INDEX edm.grants_user_idx IS 'A user''s grants by priority; used by the priority-tier check of the claim.';
+
+CREATE FUNCTION edm.upsert_user(p_user_id text, p_display_name text DEFAULT NULL::text, p_quota_limit bigint DEFAULT NULL::bigint)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  INSERT INTO edm.users (user_id, display_name, quota_limit)
+  VALUES (p_user_id, p_display_name, p_quota_limit)
+  ON CONFLICT (user_id) DO UPDATE
+    SET display_name = coalesce(EXCLUDED.display_name, edm.users.display_name);
+END;
+$function$;
+COMMENT ON FUNCTION edm.upsert_user(text,text,bigint) IS 'Creates user p_user_id (the host''s tenant id) or updates its display name. The quota is only set on creation; change it with edm.set_user_quota().';
+REVOKE ALL ON FUNCTION edm.upsert_user(text,text,bigint) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_user_quota(p_user_id text, p_quota_limit bigint)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_used bigint;
+BEGIN
+  IF p_quota_limit < 0 THEN
+    RAISE EXCEPTION 'quota must be >= 0 or NULL (unlimited), got %', p_quota_limit
+      USING ERRCODE = 'ED005';
+  END IF;
+  SELECT u.quota_used INTO v_used FROM edm.users u WHERE u.user_id = p_user_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown user %', p_user_id USING ERRCODE = 'ED001';
+  END IF;
+  IF p_quota_limit < v_used THEN
+    RAISE EXCEPTION 'user % already has % recipients reserved; the quota cannot go below that',
+      p_user_id, v_used USING ERRCODE = 'ED002';
+  END IF;
+  UPDATE edm.users SET quota_limit = p_quota_limit WHERE user_id = p_user_id;
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_user_quota(text,bigint) IS 'Sets the most recipients user p_user_id may have reserved (NULL = unlimited). Refused (ED002) below what is already reserved.';
+REVOKE ALL ON FUNCTION edm.set_user_quota(text,bigint) FROM PUBLIC;
+
+CREATE FUNCTION edm.create_service(p_name text, p_from_addresses text[], p_interval_ms bigint, p_daily_quota integer, p_transport text DEFAULT 'smtp'::text, p_settings jsonb DEFAULT '{}'::jsonb, p_credential_ref text DEFAULT NULL::text, p_quota_tz text DEFAULT 'UTC'::text, p_enabled boolean DEFAULT true)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_id bigint;
+  v_bad text;
+BEGIN
+  SELECT a INTO v_bad FROM unnest(p_from_addresses) a WHERE edm.email_problem(a) IS NOT NULL LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'invalid sender address %: %', quote_literal(v_bad), edm.email_problem(v_bad)
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF NOT edm.is_valid_timezone(p_quota_tz) THEN
+    RAISE EXCEPTION 'unknown time zone %', quote_literal(p_quota_tz) USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.services (name, transport, settings, credential_ref, from_addresses,
+                            interval_ms, daily_quota, quota_tz, enabled)
+  VALUES (p_name, p_transport, p_settings, p_credential_ref, p_from_addresses,
+          p_interval_ms, p_daily_quota, p_quota_tz, p_enabled)
+  RETURNING service_id INTO v_id;
+  PERFORM pg_notify('edm_wakeup', 'service:' || v_id);
+  RETURN v_id;
+END;
+$function$;
+COMMENT ON FUNCTION edm.create_service(text,text[],bigint,integer,text,jsonb,text,text,boolean) IS 'Adds a sending account and returns its id. Settings must not contain secrets (credential_ref names the secret for the host resolver).';
+REVOKE ALL ON FUNCTION edm.create_service(text,text[],bigint,integer,text,jsonb,text,text,boolean) FROM PUBLIC;
+
+CREATE FUNCTION edm.update_service(p_service_id bigint, p_name text DEFAULT NULL::text, p_from_addresses text[] DEFAULT NULL::text[], p_interval_ms bigint DEFAULT NULL::bigint, p_daily_quota integer DEFAULT NULL::integer, p_settings jsonb DEFAULT NULL::jsonb, p_credential_ref text DEFAULT NULL::text, p_quota_tz text DEFAULT NULL::text, p_enabled boolean DEFAULT NULL::boolean, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+BEGIN
+  IF p_quota_tz IS NOT NULL AND NOT edm.is_valid_timezone(p_quota_tz) THEN
+    RAISE EXCEPTION 'unknown time zone %', quote_literal(p_quota_tz) USING ERRCODE = 'ED005';
+  END IF;
+  IF EXISTS (SELECT 1 FROM unnest(p_from_addresses) a WHERE edm.email_problem(a) IS NOT NULL) THEN
+    RAISE EXCEPTION 'invalid sender address in %', p_from_addresses USING ERRCODE = 'ED005';
+  END IF;
+  UPDATE edm.services s SET
+    name = coalesce(p_name, s.name),
+    from_addresses = coalesce(p_from_addresses, s.from_addresses),
+    interval_ms = coalesce(p_interval_ms, s.interval_ms),
+    daily_quota = coalesce(p_daily_quota, s.daily_quota),
+    settings = coalesce(p_settings, s.settings),
+    credential_ref = coalesce(p_credential_ref, s.credential_ref),
+    quota_tz = coalesce(p_quota_tz, s.quota_tz),
+    enabled = coalesce(p_enabled, s.enabled),
+    -- a changed quota re-decides exhaustion for the current quota day
+    quota_exhausted_until =
+      CASE WHEN edm.service_sent_today(s, v_now) >= coalesce(p_daily_quota, s.daily_quota)
+           THEN edm.service_next_quota_day(coalesce(p_quota_tz, s.quota_tz), v_now) END,
+    updated_at = v_now
+  WHERE s.service_id = p_service_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+END;
+$function$;
+COMMENT ON FUNCTION edm.update_service(bigint,text,text[],bigint,integer,jsonb,text,text,boolean,timestamp with time zone) IS 'Changes the given fields of a service (NULL = unchanged). Disabling takes effect for the next claim; enabling wakes dispatchers.';
+REVOKE ALL ON FUNCTION edm.update_service(bigint,text,text[],bigint,integer,jsonb,text,text,boolean,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.grant_service(p_service_id bigint, p_user_id text, p_priority integer DEFAULT 0)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  PERFORM edm.require_user(p_user_id);
+  IF NOT EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = p_service_id) THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  INSERT INTO edm.grants (service_id, user_id, priority) VALUES (p_service_id, p_user_id, p_priority)
+  ON CONFLICT (service_id, user_id) DO UPDATE SET priority = EXCLUDED.priority;
+  PERFORM pg_notify('edm_wakeup', 'grant:' || p_service_id);
+END;
+$function$;
+COMMENT ON FUNCTION edm.grant_service(bigint,text,integer) IS 'Lets user p_user_id send through service p_service_id (or changes the grant''s priority).';
+REVOKE ALL ON FUNCTION edm.grant_service(bigint,text,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.revoke_service(p_service_id bigint, p_user_id text)
+ RETURNS boolean
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ WITH d AS (
+          DELETE FROM edm.grants g
+           WHERE ((g.service_id = revoke_service.p_service_id) AND (g.user_id = revoke_service.p_user_id))
+           RETURNING 1 AS "?column?"
+         )
+  SELECT (EXISTS ( SELECT 1
+            FROM d)) AS "exists";
+END;
+COMMENT ON FUNCTION edm.revoke_service(bigint,text) IS 'Removes a grant; true when one existed. Subtasks already leased through it finish; no new claims use it.';
+REVOKE ALL ON FUNCTION edm.revoke_service(bigint,text) FROM PUBLIC;
+
+CREATE TRIGGER users_audit AFTER INSERT OR DELETE ON edm.users FOR EACH ROW EXECUTE FUNCTION edm.audit_row('user');
+
+CREATE TRIGGER users_audit_upd AFTER UPDATE ON edm.users FOR EACH ROW WHEN (((old.quota_limit IS DISTINCT FROM new.quota_limit) OR (old.display_name IS DISTINCT FROM new.display_name))) EXECUTE FUNCTION edm.audit_row('user');
+
+CREATE TRIGGER services_audit AFTER INSERT OR DELETE ON edm.services FOR EACH ROW EXECUTE FUNCTION edm.audit_row('service');
+
+CREATE TRIGGER services_audit_upd AFTER UPDATE ON edm.services FOR EACH ROW WHEN ((((((((((old.name IS DISTINCT FROM new.name) OR (old.transport IS DISTINCT FROM new.transport)) OR (old.settings IS DISTINCT FROM new.settings)) OR (old.credential_ref IS DISTINCT FROM new.credential_ref)) OR (old.from_addresses IS DISTINCT FROM new.from_addresses)) OR (old.interval_ms IS DISTINCT FROM new.interval_ms)) OR (old.daily_quota IS DISTINCT FROM new.daily_quota)) OR (old.quota_tz IS DISTINCT FROM new.quota_tz)) OR (old.enabled IS DISTINCT FROM new.enabled))) EXECUTE FUNCTION edm.audit_row('service');
+
+-- ==========================================================================
+-- Not yet sorted
+-- Objects not listed in CONCEPTS of edm_sched/schema_dump.py: add them there, then run `python -m edm_sched.schema_dump > sql/schema.sql`.
+-- ==========================================================================
+
+CREATE FUNCTION edm.trg_quota_day_alerts()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  UPDATE edm.alerts a
+  SET resolved_at = edm.service_next_quota_day(NEW.quota_tz, a.raised_at)
+  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND a.service_id = NEW.service_id
+    AND (a.raised_at AT TIME ZONE NEW.quota_tz)::date < NEW.quota_day;
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.trg_quota_day_alerts() IS 'Trigger: when a service starts a new quota day (quota_day moves forward, by a claim or edm.roll_quota_days), its open quota alerts of earlier days are resolved at the local midnight that ended them.';
+REVOKE ALL ON FUNCTION edm.trg_quota_day_alerts() FROM PUBLIC;
+
+-- ==========================================================================
+-- Users, services and grants
+-- Tenants of the host platform, sending accounts, and who may send through what.
+-- ==========================================================================
+
+CREATE TRIGGER services_quota_day_alerts AFTER UPDATE OF quota_day ON edm.services FOR EACH ROW WHEN ((new.quota_day IS DISTINCT FROM old.quota_day)) EXECUTE FUNCTION edm.trg_quota_day_alerts();
+COMMENT ON TRIGGER services_quota_day_alerts ON edm.services IS 'Resolves the quota alerts of a service''s past quota days as it starts a new one (edm.trg_quota_day_alerts).';
+
+CREATE TRIGGER grants_audit AFTER INSERT OR DELETE OR UPDATE ON edm.grants FOR EACH ROW EXECUTE FUNCTION edm.audit_row('grant');
+
+-- ==========================================================================
+-- Contacts, tags and suppressions
+-- Recipients known to a user, their tags, and addresses never to send to.
+-- ==========================================================================
+
+CREATE TABLE edm.contacts (
+  contact_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  user_id text NOT NULL,
+  email text NOT NULL,
+  attributes jsonb DEFAULT '{}'::jsonb NOT NULL,
+  tags text[] DEFAULT '{}'::text[] NOT NULL,
+  unsubscribed boolean DEFAULT false NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT contacts_pkey PRIMARY KEY (contact_id),
+  CONSTRAINT contacts_user_id_email_key UNIQUE (user_id, email),
+  CONSTRAINT contacts_user_id_fkey FOREIGN KEY (user_id) REFERENCES edm.users(user_id) ON DELETE CASCADE,
+  CONSTRAINT contacts_attributes_check CHECK ((jsonb_typeof(attributes) = 'object'::text)),
+  CONSTRAINT contacts_email_check CHECK ((edm.is_valid_email(email) AND (email = edm.normalize_email(email))))
+);
+COMMENT ON TABLE edm.contacts IS 'A user''s address book. Tag membership lives only here, in contacts.tags.';
+COMMENT ON COLUMN edm.contacts.contact_id IS 'Surrogate id.';
+COMMENT ON COLUMN edm.contacts.user_id IS 'Owner of the contact.';
+COMMENT ON COLUMN edm.contacts.email IS 'Normalised address (see edm.normalize_email).';
+COMMENT ON COLUMN edm.contacts.attributes IS 'Free-form variables for template rendering (first_name, plan...).';
+COMMENT ON COLUMN edm.contacts.tags IS 'Tags of the contact: the one place tag membership is stored.';
+COMMENT ON COLUMN edm.contacts.unsubscribed IS 'True when the contact opted out; never included in a task.';
+COMMENT ON COLUMN edm.contacts.created_at IS 'When the contact was added.';
+COMMENT ON COLUMN edm.contacts.updated_at IS 'When the contact last changed.';
+CREATE INDEX contacts_tags_idx ON edm.contacts USING gin (tags);
+COMMENT ON INDEX edm.contacts_tags_idx IS 'Tag rules of task expansion.';
+CREATE INDEX contacts_user_idx ON edm.contacts USING btree (user_id, contact_id);
+COMMENT ON INDEX edm.contacts_user_idx IS 'Chunked expansion walks one user''s contacts in contact_id order without passing over other tenants'' rows.';
+
+CREATE TABLE edm.tags (
+  user_id text NOT NULL,
+  tag text NOT NULL,
+  description text,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT tags_pkey PRIMARY KEY (user_id, tag),
+  CONSTRAINT tags_user_id_fkey FOREIGN KEY (user_id) REFERENCES edm.users(user_id) ON DELETE CASCADE,
+  CONSTRAINT tags_tag_check CHECK ((((length(tag) >= 1) AND (length(tag) <= 100)) AND (tag !~ '[[:cntrl:]]'::text)))
+);
+COMMENT ON TABLE edm.tags IS 'Tag catalogue of a user (names and descriptions); membership is in edm.contacts.tags.';
+COMMENT ON COLUMN edm.tags.user_id IS 'Owner of the tag.';
+COMMENT ON COLUMN edm.tags.tag IS 'Tag name.';
+COMMENT ON COLUMN edm.tags.description IS 'What the tag means.';
+COMMENT ON COLUMN edm.tags.created_at IS 'When the tag was created.';
+
+CREATE TABLE edm.suppressions (
+  suppression_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  user_id text,
+  email text NOT NULL,
+  reason text NOT NULL,
+  source_subtask_id bigint,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT suppressions_pkey PRIMARY KEY (suppression_id),
+  CONSTRAINT suppressions_user_id_email_key UNIQUE NULLS NOT DISTINCT (user_id, email),
+  CONSTRAINT suppressions_user_id_fkey FOREIGN KEY (user_id) REFERENCES edm.users(user_id) ON DELETE CASCADE,
+  CONSTRAINT suppressions_email_check CHECK (((email = edm.normalize_email(email)) AND (length(email) <= 254))),
+  CONSTRAINT suppressions_reason_check CHECK ((reason = ANY (ARRAY['hard_bounce'::text, 'complaint'::text, 'unsubscribe'::text, 'manual'::text])))
+);
+COMMENT ON TABLE edm.suppressions IS 'Addresses never sent to: per user, or for everyone when user_id is NULL.';
+COMMENT ON COLUMN edm.suppressions.suppression_id IS 'Surrogate id.';
+COMMENT ON COLUMN edm.suppressions.user_id IS 'User the suppression applies to; NULL = all users (e.g. a hard bounce).';
+COMMENT ON COLUMN edm.suppressions.email IS 'Normalised address.';
+COMMENT ON COLUMN edm.suppressions.reason IS 'hard_bounce, complaint, unsubscribe or manual.';
+COMMENT ON COLUMN edm.suppressions.source_subtask_id IS 'Subtask whose permanent failure suppressed the address, if any.';
+COMMENT ON COLUMN edm.suppressions.created_at IS 'When the address was suppressed.';
+CREATE INDEX suppressions_email_idx ON edm.suppressions USING btree (email);
+COMMENT ON INDEX edm.suppressions_email_idx IS 'Suppression lookups by address during expansion.';
+
+CREATE FUNCTION edm.merge_staged_contacts(p_user_id text)
+ RETURNS TABLE(inserted integer, updated integer)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_bad record;
+BEGIN
+  PERFORM edm.require_user(p_user_id);
+  SELECT s.email, edm.email_problem(s.email) AS problem INTO v_bad
+  FROM pg_temp.edm_stage_contacts s WHERE edm.email_problem(s.email) IS NOT NULL LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'invalid contact address %: %', quote_literal(v_bad.email), v_bad.problem
+      USING ERRCODE = 'ED005';
+  END IF;
+  RETURN QUERY
+  WITH src AS (
+    -- the last occurrence of an address wins
+    SELECT DISTINCT ON (edm.normalize_email(s.email))
+           edm.normalize_email(s.email) AS email, coalesce(s.attributes, '{}'::jsonb) AS attributes,
+           coalesce(s.tags, '{}') AS tags, coalesce(s.unsubscribed, false) AS unsubscribed, s.ord
+    FROM pg_temp.edm_stage_contacts s
+    ORDER BY edm.normalize_email(s.email), s.ord DESC
+  ),
+  up AS (
+    -- in import order, so contact ids (the order of tag-rule expansion)
+    -- follow the order the host gave
+    INSERT INTO edm.contacts AS c (user_id, email, attributes, tags, unsubscribed)
+    SELECT p_user_id, src.email, src.attributes, src.tags, src.unsubscribed FROM src
+    ORDER BY src.ord
+    ON CONFLICT (user_id, email) DO UPDATE
+      SET attributes = c.attributes || EXCLUDED.attributes,
+          tags = ARRAY(SELECT DISTINCT x FROM unnest(c.tags || EXCLUDED.tags) x ORDER BY x),
+          unsubscribed = c.unsubscribed OR EXCLUDED.unsubscribed,
+          updated_at = now()
+    RETURNING (xmax = 0) AS is_insert
+  )
+  SELECT count(*) FILTER (WHERE is_insert)::integer, count(*) FILTER (WHERE NOT is_insert)::integer
+  FROM up;
+  INSERT INTO edm.tags (user_id, tag)
+  SELECT DISTINCT p_user_id, t FROM pg_temp.edm_stage_contacts s, unnest(s.tags) t
+  ON CONFLICT DO NOTHING;
+END;
+$function$;
+COMMENT ON FUNCTION edm.merge_staged_contacts(text) IS 'Upserts the contacts COPYed into the session''s temporary table edm_stage_contacts for user p_user_id: attributes merged, tags added, unsubscribes kept. Any invalid address refuses the whole batch (ED005).';
+REVOKE ALL ON FUNCTION edm.merge_staged_contacts(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_contact_tags(p_user_id text, p_emails text[], p_add text[], p_remove text[])
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  PERFORM edm.require_user(p_user_id);
+  UPDATE edm.contacts c
+  SET tags = ARRAY(SELECT DISTINCT x FROM unnest(c.tags || coalesce(p_add, '{}')) x
+                   WHERE x <> ALL (coalesce(p_remove, '{}')) ORDER BY x),
+      updated_at = now()
+  WHERE c.user_id = p_user_id
+    AND c.email IN (SELECT edm.normalize_email(e) FROM unnest(p_emails) e);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  INSERT INTO edm.tags (user_id, tag) SELECT p_user_id, t FROM unnest(p_add) t ON CONFLICT DO NOTHING;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_contact_tags(text,text[],text[],text[]) IS 'Adds p_add and removes p_remove tags on the given contacts of p_user_id; returns how many contacts changed.';
+REVOKE ALL ON FUNCTION edm.set_contact_tags(text,text[],text[],text[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.delete_tag(p_user_id text, p_tag text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  UPDATE edm.contacts c SET tags = array_remove(c.tags, p_tag), updated_at = now()
+  WHERE c.user_id = p_user_id AND c.tags @> ARRAY[p_tag];
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  DELETE FROM edm.tags t WHERE t.user_id = p_user_id AND t.tag = p_tag;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.delete_tag(text,text) IS 'Deletes tag p_tag of user p_user_id and removes it from every contact; returns how many contacts had it.';
+REVOKE ALL ON FUNCTION edm.delete_tag(text,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.add_suppression(p_email text, p_reason text DEFAULT 'manual'::text, p_user_id text DEFAULT NULL::text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF edm.email_problem(p_email) IS NOT NULL THEN
+    RAISE EXCEPTION 'invalid address %: %', quote_literal(p_email), edm.email_problem(p_email)
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF p_user_id IS NOT NULL THEN
+    PERFORM edm.require_user(p_user_id);
+  END IF;
+  INSERT INTO edm.suppressions (user_id, email, reason)
+  VALUES (p_user_id, edm.normalize_email(p_email), p_reason)
+  ON CONFLICT (user_id, email) DO UPDATE SET reason = EXCLUDED.reason;
+END;
+$function$;
+COMMENT ON FUNCTION edm.add_suppression(text,text,text) IS 'Suppresses an address for user p_user_id, or for everyone when NULL. Pending subtasks already created still go; new tasks exclude it.';
+REVOKE ALL ON FUNCTION edm.add_suppression(text,text,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.remove_suppression(p_email text, p_user_id text DEFAULT NULL::text)
+ RETURNS boolean
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ WITH d AS (
+          DELETE FROM edm.suppressions s
+           WHERE ((s.email = edm.normalize_email(remove_suppression.p_email)) AND (NOT (s.user_id IS DISTINCT FROM remove_suppression.p_user_id)))
+           RETURNING 1 AS "?column?"
+         )
+  SELECT (EXISTS ( SELECT 1
+            FROM d)) AS "exists";
+END;
+COMMENT ON FUNCTION edm.remove_suppression(text,text) IS 'Lifts a suppression; true when one existed.';
+REVOKE ALL ON FUNCTION edm.remove_suppression(text,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.is_suppressed(p_user_id text, p_email text)
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+RETURN (EXISTS (SELECT 1 FROM edm.suppressions s WHERE ((s.email = is_suppressed.p_email) AND ((s.user_id IS NULL) OR (s.user_id = is_suppressed.p_user_id)))));
+COMMENT ON FUNCTION edm.is_suppressed(text,text) IS 'True when normalised address p_email is suppressed for user p_user_id (or for everyone). Task creation and expansion write the same predicate out as NOT EXISTS, which the planner turns into an anti-join (a call per contact is far slower).';
+REVOKE ALL ON FUNCTION edm.is_suppressed(text,text) FROM PUBLIC;
+
+-- ==========================================================================
+-- Tasks and subtasks
+-- Campaigns, their templates and one subtask per recipient; creation and lifecycle.
+-- ==========================================================================
+
+CREATE TABLE edm.tasks (
+  task_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  user_id text NOT NULL,
+  name text NOT NULL,
+  status text DEFAULT 'draft'::text NOT NULL,
+  prev_status text,
+  priority integer DEFAULT 0 NOT NULL,
+  scheduled_at timestamp with time zone DEFAULT now() NOT NULL,
+  recipient_rule jsonb,
+  total_count integer DEFAULT 0 NOT NULL,
+  pending_count integer DEFAULT 0 NOT NULL,
+  leased_count integer DEFAULT 0 NOT NULL,
+  sent_count integer DEFAULT 0 NOT NULL,
+  failed_count integer DEFAULT 0 NOT NULL,
+  cancelled_count integer DEFAULT 0 NOT NULL,
+  quota_reserved bigint DEFAULT 0 NOT NULL,
+  template_count smallint DEFAULT 1 NOT NULL,
+  expansion_cursor bigint,
+  last_served_seq bigint DEFAULT 0 NOT NULL,
+  claimable boolean GENERATED ALWAYS AS (((status = 'sending'::text) AND (pending_count > 0))) STORED NOT NULL,
+  first_claimed_at timestamp with time zone,
+  last_activity_at timestamp with time zone,
+  started_at timestamp with time zone,
+  finished_at timestamp with time zone,
+  stuck_since timestamp with time zone,
+  error text,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT tasks_pkey PRIMARY KEY (task_id),
+  CONSTRAINT tasks_user_id_fkey FOREIGN KEY (user_id) REFERENCES edm.users(user_id),
+  CONSTRAINT tasks_cancelled_count_check CHECK ((cancelled_count >= 0)),
+  CONSTRAINT tasks_counters_add_up CHECK ((total_count = ((((pending_count + leased_count) + sent_count) + failed_count) + cancelled_count))),
+  CONSTRAINT tasks_failed_count_check CHECK ((failed_count >= 0)),
+  CONSTRAINT tasks_leased_count_check CHECK ((leased_count >= 0)),
+  CONSTRAINT tasks_name_check CHECK ((((length(name) >= 1) AND (length(name) <= 300)) AND (name !~ '[[:cntrl:]]'::text))),
+  CONSTRAINT tasks_pending_count_check CHECK ((pending_count >= 0)),
+  CONSTRAINT tasks_priority_check CHECK (((priority >= '-100'::integer) AND (priority <= 100))),
+  CONSTRAINT tasks_quota_reserved_check CHECK ((quota_reserved >= 0)),
+  CONSTRAINT tasks_sent_count_check CHECK ((sent_count >= 0)),
+  CONSTRAINT tasks_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'expanding'::text, 'scheduled'::text, 'sending'::text, 'paused'::text, 'completed'::text, 'cancelled'::text, 'failed'::text]))),
+  CONSTRAINT tasks_template_count_check CHECK (((template_count >= 1) AND (template_count <= 100))),
+  CONSTRAINT tasks_total_count_check CHECK ((total_count >= 0)),
+  CONSTRAINT tasks_transition_ok CHECK (edm.task_transition_ok(prev_status, status))
+);
+COMMENT ON TABLE edm.tasks IS 'Campaign sends. Counters are kept in the same transaction as every subtask change (I4); claimable is generated from status and pending_count.';
+COMMENT ON COLUMN edm.tasks.task_id IS 'Surrogate id.';
+COMMENT ON COLUMN edm.tasks.user_id IS 'Owner (tenant).';
+COMMENT ON COLUMN edm.tasks.name IS 'Campaign name.';
+COMMENT ON COLUMN edm.tasks.status IS 'draft, expanding, scheduled, sending, paused, completed, cancelled or failed; transitions checked by tasks_transition_ok.';
+COMMENT ON COLUMN edm.tasks.prev_status IS 'Status before the latest transition (set by trigger), so a CHECK can enforce the status machine.';
+COMMENT ON COLUMN edm.tasks.priority IS 'Higher first among the same user''s tasks (-100..100); never lets a user overtake another user.';
+COMMENT ON COLUMN edm.tasks.scheduled_at IS 'Claims start at this time.';
+COMMENT ON COLUMN edm.tasks.recipient_rule IS 'How recipients were chosen: {"list": n} or a tag rule {"include_any":[],"include_all":[],"exclude":[]}.';
+COMMENT ON COLUMN edm.tasks.total_count IS 'Subtasks of this task (= sum of the state counters).';
+COMMENT ON COLUMN edm.tasks.pending_count IS 'Subtasks waiting to be claimed (including retries waiting for their back-off).';
+COMMENT ON COLUMN edm.tasks.leased_count IS 'Subtasks claimed and not yet completed.';
+COMMENT ON COLUMN edm.tasks.sent_count IS 'Subtasks sent.';
+COMMENT ON COLUMN edm.tasks.failed_count IS 'Subtasks failed permanently.';
+COMMENT ON COLUMN edm.tasks.cancelled_count IS 'Subtasks cancelled before being sent.';
+COMMENT ON COLUMN edm.tasks.quota_reserved IS 'User quota reserved by this task and not yet refunded.';
+COMMENT ON COLUMN edm.tasks.template_count IS 'Number of templates of the task; recipients are assigned templates in rotation.';
+COMMENT ON COLUMN edm.tasks.expansion_cursor IS 'While expanding a tag rule: the last contact_id expanded (expansion runs in chunks, each its own transaction). NULL otherwise.';
+COMMENT ON COLUMN edm.tasks.last_served_seq IS 'edm.serve_seq at this task''s latest claim; rotation among a user''s tasks serves the lowest first.';
+COMMENT ON COLUMN edm.tasks.claimable IS 'Generated: status = sending and pending_count > 0. A trigger keeps edm.users.claimable_tasks in step.';
+COMMENT ON COLUMN edm.tasks.first_claimed_at IS 'When the first subtask was claimed (first-send wait = this - scheduled_at).';
+COMMENT ON COLUMN edm.tasks.last_activity_at IS 'Latest claim or completion; the stuck-task sweep reads it.';
+COMMENT ON COLUMN edm.tasks.started_at IS 'When the task entered sending.';
+COMMENT ON COLUMN edm.tasks.finished_at IS 'When the task reached completed, cancelled or failed.';
+COMMENT ON COLUMN edm.tasks.stuck_since IS 'Set by the sweep when the task made no progress beyond monitoring.stuck_task_threshold.';
+COMMENT ON COLUMN edm.tasks.error IS 'Why the task failed, when it did.';
+COMMENT ON COLUMN edm.tasks.created_at IS 'When the task was created.';
+COMMENT ON COLUMN edm.tasks.updated_at IS 'When the task''s status or settings last changed.';
+CREATE INDEX tasks_due_idx ON edm.tasks USING btree (scheduled_at) WHERE (status = 'scheduled'::text);
+COMMENT ON INDEX edm.tasks_due_idx IS 'Scheduled tasks by start time (promotion to sending, wake-up time).';
+CREATE INDEX tasks_rotation_idx ON edm.tasks USING btree (user_id, priority DESC, last_served_seq, task_id) WHERE claimable;
+COMMENT ON INDEX edm.tasks_rotation_idx IS 'Rotation among one user''s claimable tasks: priority, then least recently served.';
+CREATE INDEX tasks_user_idx ON edm.tasks USING btree (user_id, task_id);
+COMMENT ON INDEX edm.tasks_user_idx IS 'A user''s tasks (host API listing).';
+
+CREATE TABLE edm.templates (
+  task_id bigint NOT NULL,
+  template_idx smallint NOT NULL,
+  subject text NOT NULL,
+  body_text text,
+  body_html text,
+  from_name text,
+  reply_to text,
+  CONSTRAINT templates_pkey PRIMARY KEY (task_id, template_idx),
+  CONSTRAINT templates_task_id_fkey FOREIGN KEY (task_id) REFERENCES edm.tasks(task_id) ON DELETE CASCADE,
+  CONSTRAINT templates_check CHECK (((body_text IS NOT NULL) OR (body_html IS NOT NULL))),
+  CONSTRAINT templates_from_name_check CHECK ((from_name !~ '[\r\n]'::text)),
+  CONSTRAINT templates_reply_to_check CHECK (((reply_to IS NULL) OR edm.is_valid_email(reply_to))),
+  CONSTRAINT templates_subject_check CHECK ((length(subject) <= 998)),
+  CONSTRAINT templates_template_idx_check CHECK ((template_idx >= 0))
+);
+COMMENT ON TABLE edm.templates IS 'Content of a task; several templates are assigned to recipients in rotation.';
+COMMENT ON COLUMN edm.templates.task_id IS 'Task the template belongs to.';
+COMMENT ON COLUMN edm.templates.template_idx IS 'Position of the template in the task (0-based).';
+COMMENT ON COLUMN edm.templates.subject IS 'Subject template.';
+COMMENT ON COLUMN edm.templates.body_text IS 'Plain-text body template.';
+COMMENT ON COLUMN edm.templates.body_html IS 'HTML body template.';
+COMMENT ON COLUMN edm.templates.from_name IS 'Display name of the sender (no CR/LF).';
+COMMENT ON COLUMN edm.templates.reply_to IS 'Reply-To address, if any.';
+
+CREATE TABLE edm.subtasks (
+  subtask_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  task_id bigint NOT NULL,
+  email text NOT NULL,
+  contact_id bigint,
+  template_idx smallint DEFAULT 0 NOT NULL,
+  vars jsonb,
+  status text DEFAULT 'pending'::text NOT NULL,
+  attempts smallint DEFAULT 0 NOT NULL,
+  not_before timestamp with time zone DEFAULT '-infinity'::timestamp with time zone NOT NULL,
+  lease_owner text,
+  leased_at timestamp with time zone,
+  lease_expires_at timestamp with time zone,
+  service_id bigint,
+  lease_expiries smallint DEFAULT 0 NOT NULL,
+  outcome_code integer,
+  outcome_detail text,
+  provider_message_id text,
+  finished_at timestamp with time zone,
+  uncertain_sends smallint DEFAULT 0 NOT NULL,
+  CONSTRAINT subtasks_pkey PRIMARY KEY (subtask_id),
+  CONSTRAINT subtasks_task_id_fkey FOREIGN KEY (task_id) REFERENCES edm.tasks(task_id) ON DELETE CASCADE,
+  CONSTRAINT subtasks_attempts_check CHECK ((attempts >= 0)),
+  CONSTRAINT subtasks_email_check CHECK ((length(email) <= 254)),
+  CONSTRAINT subtasks_finished_matches_status CHECK (((status = ANY (ARRAY['sent'::text, 'failed'::text, 'cancelled'::text])) = (finished_at IS NOT NULL))),
+  CONSTRAINT subtasks_lease_expiries_check CHECK ((lease_expiries >= 0)),
+  CONSTRAINT subtasks_lease_matches_status CHECK (((status = 'leased'::text) = ((lease_owner IS NOT NULL) AND (lease_expires_at IS NOT NULL)))),
+  CONSTRAINT subtasks_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'leased'::text, 'sent'::text, 'failed'::text, 'cancelled'::text]))),
+  CONSTRAINT subtasks_uncertain_sends_check CHECK ((uncertain_sends >= 0))
+) WITH (autovacuum_vacuum_scale_factor=0.02, autovacuum_vacuum_threshold=10000);
+COMMENT ON TABLE edm.subtasks IS 'One recipient of one task: the unit claimed, sent and retried. Hot table: claims go through the partial index subtasks_claim_idx.';
+COMMENT ON COLUMN edm.subtasks.subtask_id IS 'Surrogate id; also the "lowest pending" order within a task.';
+COMMENT ON COLUMN edm.subtasks.task_id IS 'Task of the recipient.';
+COMMENT ON COLUMN edm.subtasks.email IS 'Normalised recipient address (unique within the task).';
+COMMENT ON COLUMN edm.subtasks.contact_id IS 'Contact the recipient came from (tag rules), NULL for explicit lists. No foreign key: contacts may be deleted after expansion.';
+COMMENT ON COLUMN edm.subtasks.template_idx IS 'Template of the task used for this recipient.';
+COMMENT ON COLUMN edm.subtasks.vars IS 'Per-recipient rendering variables (explicit lists), merged over contact attributes.';
+COMMENT ON COLUMN edm.subtasks.status IS 'pending, leased, sent, failed or cancelled.';
+COMMENT ON COLUMN edm.subtasks.attempts IS 'Send attempts started (claims), less those returned by service-level failures.';
+COMMENT ON COLUMN edm.subtasks.not_before IS 'Not claimable before this time (retry back-off of a transient failure); -infinity for fresh recipients and for those returned unsent (released, service failure, expired lease), which keep their place in line.';
+COMMENT ON COLUMN edm.subtasks.lease_owner IS 'Dispatcher holding the lease while status = leased.';
+COMMENT ON COLUMN edm.subtasks.leased_at IS 'Slot of the current or latest attempt: the instant its send may start.';
+COMMENT ON COLUMN edm.subtasks.lease_expires_at IS 'Lease expiry (slot + lease, extended by edm.renew_leases while the send runs); afterwards the sweep returns the subtask to pending and records an uncertain outcome.';
+COMMENT ON COLUMN edm.subtasks.service_id IS 'Service of the current or latest attempt.';
+COMMENT ON COLUMN edm.subtasks.lease_expiries IS 'Leases of this subtask that expired (uncertain outcomes: a resend may be a duplicate, I1).';
+COMMENT ON COLUMN edm.subtasks.outcome_code IS 'Last reply code from the provider (SMTP code or HTTP status).';
+COMMENT ON COLUMN edm.subtasks.outcome_detail IS 'Last outcome text (error message, reason of failure).';
+COMMENT ON COLUMN edm.subtasks.provider_message_id IS 'Id the provider gave the accepted message.';
+COMMENT ON COLUMN edm.subtasks.finished_at IS 'When the subtask reached sent, failed or cancelled.';
+COMMENT ON COLUMN edm.subtasks.uncertain_sends IS 'Attempts whose outcome nobody can know because the connection was lost or timed out after the final dot (the provider may have the message). With lease_expiries, the count of possible duplicates (I1).';
+CREATE INDEX subtasks_claim_idx ON edm.subtasks USING btree (task_id, not_before, subtask_id) WHERE (status = 'pending'::text);
+COMMENT ON INDEX edm.subtasks_claim_idx IS 'The claim: a task''s next pending subtask (fresh ones by id, then due retries).';
+CREATE INDEX subtasks_lease_idx ON edm.subtasks USING btree (lease_expires_at) WHERE (status = 'leased'::text);
+COMMENT ON INDEX edm.subtasks_lease_idx IS 'The lease sweep: leases by expiry.';
+CREATE UNIQUE INDEX subtasks_task_email_idx ON edm.subtasks USING btree (task_id, email);
+COMMENT ON INDEX edm.subtasks_task_email_idx IS 'One subtask per address per task: deduplication cannot be bypassed.';
+
+CREATE FUNCTION edm.require_user(p_user_id text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM edm.users u WHERE u.user_id = p_user_id) THEN
+    RAISE EXCEPTION 'unknown user %', p_user_id USING ERRCODE = 'ED001';
+  END IF;
+END;
+$function$;
+COMMENT ON FUNCTION edm.require_user(text) IS 'Raises ED001 (not found) unless user p_user_id exists.';
+REVOKE ALL ON FUNCTION edm.require_user(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.reserve_quota(p_user_id text, p_n bigint)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_limit bigint;
+  v_used bigint;
+BEGIN
+  UPDATE edm.users u SET quota_used = u.quota_used + p_n
+  WHERE u.user_id = p_user_id AND (u.quota_limit IS NULL OR u.quota_used + p_n <= u.quota_limit);
+  IF NOT FOUND THEN
+    SELECT u.quota_limit, u.quota_used INTO v_limit, v_used FROM edm.users u WHERE u.user_id = p_user_id;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'unknown user %', p_user_id USING ERRCODE = 'ED001';
+    END IF;
+    RAISE EXCEPTION 'quota exceeded for user %: % recipients requested, % of % left',
+      p_user_id, p_n, v_limit - v_used, v_limit
+      USING ERRCODE = 'ED002', DETAIL = format('requested=%s available=%s', p_n, v_limit - v_used);
+  END IF;
+END;
+$function$;
+COMMENT ON FUNCTION edm.reserve_quota(text,bigint) IS 'Atomically reserves p_n recipients of user p_user_id''s quota, or raises ED002 (quota exceeded) and reserves nothing.';
+REVOKE ALL ON FUNCTION edm.reserve_quota(text,bigint) FROM PUBLIC;
+
+CREATE FUNCTION edm.new_task(p_user_id text, p_name text, p_templates jsonb, p_status text, p_priority integer, p_scheduled_at timestamp with time zone, p_rule jsonb)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_task bigint;
+  v_n integer := jsonb_array_length(p_templates);
+BEGIN
+  PERFORM edm.require_user(p_user_id);
+  IF v_n IS NULL OR v_n NOT BETWEEN 1 AND 100 THEN
+    RAISE EXCEPTION 'a task needs 1 to 100 templates' USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.tasks (user_id, name, status, priority, scheduled_at, recipient_rule, template_count)
+  VALUES (p_user_id, p_name, p_status, coalesce(p_priority, 0), coalesce(p_scheduled_at, now()),
+          p_rule, v_n)
+  RETURNING task_id INTO v_task;
+  INSERT INTO edm.templates (task_id, template_idx, subject, body_text, body_html, from_name, reply_to)
+  SELECT v_task, (t.ord - 1)::smallint, t.tpl ->> 'subject', t.tpl ->> 'body_text',
+         t.tpl ->> 'body_html', t.tpl ->> 'from_name', t.tpl ->> 'reply_to'
+  FROM jsonb_array_elements(p_templates) WITH ORDINALITY AS t(tpl, ord);
+  RETURN v_task;
+END;
+$function$;
+COMMENT ON FUNCTION edm.new_task(text,text,jsonb,text,integer,timestamp with time zone,jsonb) IS 'Inserts a task row and its templates (a JSON array of {subject, body_text, body_html, from_name, reply_to}). Internal to the create_task_* functions.';
+REVOKE ALL ON FUNCTION edm.new_task(text,text,jsonb,text,integer,timestamp with time zone,jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.create_task_from_staged(p_user_id text, p_name text, p_templates jsonb, p_priority integer DEFAULT 0, p_scheduled_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_skip_invalid boolean DEFAULT false)
+ RETURNS TABLE(task_id bigint, recipients integer, invalid integer, duplicates integer, suppressed integer)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_task bigint;
+  v_invalid integer;
+  v_dups integer;
+  v_supp integer;
+  v_n integer;
+  v_first record;
+BEGIN
+  SELECT count(*) FILTER (WHERE edm.email_problem(s.email) IS NOT NULL) INTO v_invalid
+  FROM pg_temp.edm_stage_recipients s;
+  IF v_invalid > 0 AND NOT p_skip_invalid THEN
+    SELECT s.email, edm.email_problem(s.email) AS problem INTO v_first
+    FROM pg_temp.edm_stage_recipients s WHERE edm.email_problem(s.email) IS NOT NULL
+    ORDER BY s.ord LIMIT 1;
+    RAISE EXCEPTION '% invalid recipient address(es), first %: %', v_invalid,
+      quote_literal(v_first.email), v_first.problem USING ERRCODE = 'ED005';
+  END IF;
+  v_task := edm.new_task(p_user_id, p_name, p_templates, 'scheduled', p_priority, p_scheduled_at,
+                         jsonb_build_object('list', (SELECT count(*) FROM pg_temp.edm_stage_recipients)));
+
+  -- One set-based statement: normalise, dedupe (first occurrence wins),
+  -- drop suppressed and unsubscribed addresses, rotate templates.
+  WITH valid AS (
+    SELECT DISTINCT ON (edm.normalize_email(s.email))
+           edm.normalize_email(s.email) AS email, s.vars, s.ord
+    FROM pg_temp.edm_stage_recipients s
+    WHERE edm.email_problem(s.email) IS NULL
+    ORDER BY edm.normalize_email(s.email), s.ord
+  ),
+  kept AS (
+    SELECT v.email, v.vars, v.ord FROM valid v
+    -- suppression inlined as an anti-join (see expand_task)
+    WHERE NOT EXISTS (SELECT 1 FROM edm.suppressions s
+                      WHERE s.email = v.email AND (s.user_id IS NULL OR s.user_id = p_user_id))
+      AND NOT EXISTS (SELECT 1 FROM edm.contacts c
+                      WHERE c.user_id = p_user_id AND c.email = v.email AND c.unsubscribed)
+  )
+  INSERT INTO edm.subtasks (task_id, email, template_idx, vars)
+  SELECT v_task, k.email,
+         ((row_number() OVER (ORDER BY k.ord) - 1) % (SELECT t.template_count FROM edm.tasks t WHERE t.task_id = v_task))::smallint,
+         k.vars
+  FROM kept k ORDER BY k.ord;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+
+  SELECT count(*) - count(DISTINCT edm.normalize_email(s.email)) INTO v_dups
+  FROM pg_temp.edm_stage_recipients s WHERE edm.email_problem(s.email) IS NULL;
+  v_supp := (SELECT count(*) FROM pg_temp.edm_stage_recipients s
+             WHERE edm.email_problem(s.email) IS NULL) - v_dups - v_n;
+
+  PERFORM edm.reserve_quota(p_user_id, v_n);
+  UPDATE edm.tasks t SET total_count = v_n, pending_count = v_n, quota_reserved = v_n
+  WHERE t.task_id = v_task;
+  IF v_n = 0 THEN
+    UPDATE edm.tasks t SET status = 'sending' WHERE t.task_id = v_task;
+    UPDATE edm.tasks t SET status = 'completed' WHERE t.task_id = v_task;
+  END IF;
+  RETURN QUERY SELECT v_task, v_n, v_invalid, v_dups, v_supp;
+END;
+$function$;
+COMMENT ON FUNCTION edm.create_task_from_staged(text,text,jsonb,integer,timestamp with time zone,boolean) IS 'Creates a task from the explicit list COPYed into the session''s temporary table edm_stage_recipients, in one transaction: invalid addresses refuse the task (or are skipped with p_skip_invalid), duplicates are merged, suppressed and unsubscribed addresses dropped, the user''s quota reserved (ED002 and nothing written when short). Returns the counts.';
+REVOKE ALL ON FUNCTION edm.create_task_from_staged(text,text,jsonb,integer,timestamp with time zone,boolean) FROM PUBLIC;
+
+CREATE FUNCTION edm.create_task_from_rule(p_user_id text, p_name text, p_templates jsonb, p_rule jsonb, p_priority integer DEFAULT 0, p_scheduled_at timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(task_id bigint, recipients integer)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_task bigint;
+  v_any text[] := ARRAY(SELECT jsonb_array_elements_text(coalesce(p_rule -> 'include_any', '[]')));
+  v_all text[] := ARRAY(SELECT jsonb_array_elements_text(coalesce(p_rule -> 'include_all', '[]')));
+  v_exc text[] := ARRAY(SELECT jsonb_array_elements_text(coalesce(p_rule -> 'exclude', '[]')));
+  v_n bigint;
+BEGIN
+  IF cardinality(v_any) = 0 AND cardinality(v_all) = 0 THEN
+    RAISE EXCEPTION 'a tag rule needs include_any or include_all tags' USING ERRCODE = 'ED005';
+  END IF;
+  PERFORM edm.require_user(p_user_id);
+  -- Reserve for every contact the rule matches now; the expansion refunds
+  -- what it does not use (contacts removed or suppressed meanwhile).
+  SELECT count(*) INTO v_n FROM edm.contacts c
+  WHERE c.user_id = p_user_id AND NOT c.unsubscribed
+    AND (cardinality(v_any) = 0 OR c.tags && v_any)
+    AND (cardinality(v_all) = 0 OR c.tags @> v_all)
+    AND NOT c.tags && v_exc
+    AND NOT EXISTS (SELECT 1 FROM edm.suppressions s   -- edm.is_suppressed, inlined
+                    WHERE s.email = c.email AND (s.user_id IS NULL OR s.user_id = p_user_id));
+  PERFORM edm.reserve_quota(p_user_id, v_n);
+  v_task := edm.new_task(p_user_id, p_name, p_templates, 'expanding', p_priority, p_scheduled_at,
+                         jsonb_build_object('include_any', v_any, 'include_all', v_all, 'exclude', v_exc));
+  UPDATE edm.tasks t SET quota_reserved = v_n, expansion_cursor = 0 WHERE t.task_id = v_task;
+  RETURN QUERY SELECT v_task, v_n::integer;
+END;
+$function$;
+COMMENT ON FUNCTION edm.create_task_from_rule(text,text,jsonb,jsonb,integer,timestamp with time zone) IS 'Creates a task from a tag rule in status expanding and reserves the user''s quota for every matching contact (ED002 and nothing written when short). Subtasks are then created by edm.expand_task() in chunks, each its own transaction.';
+REVOKE ALL ON FUNCTION edm.create_task_from_rule(text,text,jsonb,jsonb,integer,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.expand_task(p_task_id bigint, p_chunk integer DEFAULT 1000000)
+ RETURNS TABLE(added integer, done boolean)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  t record;
+  v_any text[];
+  v_all text[];
+  v_exc text[];
+  v_added integer;
+  v_last bigint;
+BEGIN
+  IF p_chunk IS NULL OR p_chunk NOT BETWEEN 1 AND 10000000 THEN
+    RAISE EXCEPTION 'chunk must be between 1 and 10000000' USING ERRCODE = 'ED005';
+  END IF;
+  SELECT tk.task_id, tk.user_id, tk.status, tk.recipient_rule, tk.expansion_cursor, tk.template_count,
+         tk.total_count, tk.quota_reserved
+  INTO t FROM edm.tasks tk WHERE tk.task_id = p_task_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'ED001';
+  END IF;
+  IF t.status <> 'expanding' THEN
+    RETURN QUERY SELECT 0, true;
+    RETURN;
+  END IF;
+  v_any := ARRAY(SELECT jsonb_array_elements_text(t.recipient_rule -> 'include_any'));
+  v_all := ARRAY(SELECT jsonb_array_elements_text(t.recipient_rule -> 'include_all'));
+  v_exc := ARRAY(SELECT jsonb_array_elements_text(t.recipient_rule -> 'exclude'));
+
+  -- Never more recipients than reserved at creation: contacts that came to
+  -- match since then are left out rather than pushing the user past the
+  -- quota (and the expansion into a CHECK violation it could never finish).
+  -- The suppression test is edm.is_suppressed() written out as NOT EXISTS:
+  -- the planner cannot inline that function (its body is a sub-select), and
+  -- a call per contact made the suppression check most of the cost of a
+  -- million-contact expansion (see benchmarks/expansion.py); as an anti-join
+  -- it is one index probe per contact.
+  WITH chunk AS (
+    SELECT c.contact_id, c.email
+    FROM edm.contacts c
+    WHERE c.user_id = t.user_id AND c.contact_id > t.expansion_cursor AND NOT c.unsubscribed
+      AND (cardinality(v_any) = 0 OR c.tags && v_any)
+      AND (cardinality(v_all) = 0 OR c.tags @> v_all)
+      AND NOT c.tags && v_exc
+      AND NOT EXISTS (SELECT 1 FROM edm.suppressions s
+                      WHERE s.email = c.email AND (s.user_id IS NULL OR s.user_id = t.user_id))
+    ORDER BY c.contact_id
+    LIMIT least(p_chunk, greatest(t.quota_reserved - t.total_count, 0))
+  ),
+  ins AS (
+    INSERT INTO edm.subtasks (task_id, email, contact_id, template_idx)
+    SELECT p_task_id, ch.email, ch.contact_id,
+           ((t.total_count + row_number() OVER (ORDER BY ch.contact_id) - 1) % t.template_count)::smallint
+    FROM chunk ch
+    RETURNING contact_id
+  )
+  SELECT count(*), max(contact_id) INTO v_added, v_last FROM ins;
+
+  IF v_added = p_chunk THEN
+    UPDATE edm.tasks tk SET total_count = tk.total_count + v_added,
+                            pending_count = tk.pending_count + v_added,
+                            expansion_cursor = v_last
+    WHERE tk.task_id = p_task_id;
+    RETURN QUERY SELECT v_added, false;
+    RETURN;
+  END IF;
+  -- Last chunk: refund what the reservation over-estimated, then schedule.
+  UPDATE edm.users u SET quota_used = u.quota_used - (tk.quota_reserved - (tk.total_count + v_added))
+  FROM edm.tasks tk WHERE tk.task_id = p_task_id AND u.user_id = tk.user_id;
+  UPDATE edm.tasks tk SET total_count = tk.total_count + v_added,
+                          pending_count = tk.pending_count + v_added,
+                          quota_reserved = tk.total_count + v_added,
+                          expansion_cursor = NULL,
+                          status = 'scheduled'
+  WHERE tk.task_id = p_task_id;
+  IF (SELECT tk.total_count FROM edm.tasks tk WHERE tk.task_id = p_task_id) = 0 THEN
+    UPDATE edm.tasks tk SET status = 'sending' WHERE tk.task_id = p_task_id;
+    UPDATE edm.tasks tk SET status = 'completed' WHERE tk.task_id = p_task_id;
+  END IF;
+  RETURN QUERY SELECT v_added, true;
+END;
+$function$;
+COMMENT ON FUNCTION edm.expand_task(bigint,integer) IS 'Creates the next chunk (at most p_chunk) of subtasks of an expanding tag-rule task, in contact order; progress is visible in total_count. Never creates more subtasks than the task reserved at creation (contacts matching only since then are left out). The last chunk refunds unused quota and moves the task to scheduled. Safe to call again after a crash: it resumes from expansion_cursor.';
+REVOKE ALL ON FUNCTION edm.expand_task(bigint,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.lock_task(p_task_id bigint, p_user_id text)
+ RETURNS edm.tasks
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  t edm.tasks;
+BEGIN
+  SELECT * INTO t FROM edm.tasks tk
+  WHERE tk.task_id = p_task_id AND (p_user_id IS NULL OR tk.user_id = p_user_id)
+  FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'ED001';
+  END IF;
+  RETURN t;
+END;
+$function$;
+COMMENT ON FUNCTION edm.lock_task(bigint,text) IS 'Locks and returns task p_task_id, scoped to p_user_id when given (another user''s task is "unknown", ED001).';
+REVOKE ALL ON FUNCTION edm.lock_task(bigint,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.pause_task(p_task_id bigint, p_user_id text DEFAULT NULL::text)
+ RETURNS text
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  t edm.tasks := edm.lock_task(p_task_id, p_user_id);
+BEGIN
+  IF t.status = 'paused' THEN
+    RETURN 'paused';
+  END IF;
+  IF t.status NOT IN ('scheduled', 'sending') THEN
+    RAISE EXCEPTION 'cannot pause task % in status %', p_task_id, t.status USING ERRCODE = 'ED003';
+  END IF;
+  UPDATE edm.tasks tk SET status = 'paused' WHERE tk.task_id = p_task_id;
+  RETURN 'paused';
+END;
+$function$;
+COMMENT ON FUNCTION edm.pause_task(bigint,text) IS 'Pauses a scheduled or sending task: no claim commits for it after this commits (a claim holding the task''s row lock finishes first). Leased subtasks complete normally. Idempotent.';
+REVOKE ALL ON FUNCTION edm.pause_task(bigint,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.resume_task(p_task_id bigint, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS text
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  t edm.tasks := edm.lock_task(p_task_id, p_user_id);
+  v_status text;
+BEGIN
+  IF t.status IN ('scheduled', 'sending') THEN
+    RETURN t.status;
+  END IF;
+  IF t.status <> 'paused' THEN
+    RAISE EXCEPTION 'cannot resume task % in status %', p_task_id, t.status USING ERRCODE = 'ED003';
+  END IF;
+  v_status := CASE WHEN t.scheduled_at > coalesce(p_now, now()) THEN 'scheduled' ELSE 'sending' END;
+  UPDATE edm.tasks tk SET status = v_status WHERE tk.task_id = p_task_id;
+  IF v_status = 'sending' AND t.pending_count = 0 AND t.leased_count = 0 THEN
+    UPDATE edm.tasks tk SET status = 'completed' WHERE tk.task_id = p_task_id;
+    v_status := 'completed';
+  END IF;
+  RETURN v_status;
+END;
+$function$;
+COMMENT ON FUNCTION edm.resume_task(bigint,text,timestamp with time zone) IS 'Resumes a paused task where it stopped (its pending subtasks keep their order; nothing is re-sent). Returns the new status.';
+REVOKE ALL ON FUNCTION edm.resume_task(bigint,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.cancel_task(p_task_id bigint, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  t edm.tasks := edm.lock_task(p_task_id, p_user_id);
+  v_n integer;
+BEGIN
+  IF t.status = 'cancelled' THEN
+    RETURN 0;
+  END IF;
+  IF t.status IN ('completed', 'failed') THEN
+    RAISE EXCEPTION 'cannot cancel task % in status %', p_task_id, t.status USING ERRCODE = 'ED003';
+  END IF;
+  UPDATE edm.subtasks st SET status = 'cancelled', finished_at = coalesce(p_now, now())
+  WHERE st.task_id = p_task_id AND st.status = 'pending';
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  UPDATE edm.tasks tk
+  SET status = 'cancelled', pending_count = tk.pending_count - v_n,
+      cancelled_count = tk.cancelled_count + v_n,
+      quota_reserved = greatest(tk.quota_reserved - v_n - CASE WHEN tk.status = 'expanding'
+                                                        THEN tk.quota_reserved - tk.total_count ELSE 0 END, 0),
+      expansion_cursor = NULL
+  WHERE tk.task_id = p_task_id;
+  -- Refund: every subtask never claimed, plus an unfinished expansion's
+  -- reservation for recipients never created.
+  UPDATE edm.users u
+  SET quota_used = u.quota_used - v_n
+                   - CASE WHEN t.status = 'expanding' THEN greatest(t.quota_reserved - t.total_count, 0) ELSE 0 END
+  WHERE u.user_id = t.user_id;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.cancel_task(bigint,text,timestamp with time zone) IS 'Cancels a task: its pending subtasks become cancelled and their reserved quota is refunded to the user; leased subtasks finish (a retry after cancel becomes cancelled). Returns how many subtasks were cancelled.';
+REVOKE ALL ON FUNCTION edm.cancel_task(bigint,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.tasks_track_status()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    NEW.prev_status := NULL;
+  ELSE
+    NEW.prev_status := OLD.status;
+  END IF;
+  NEW.updated_at := now();
+  IF NEW.status = 'sending' AND NEW.started_at IS NULL THEN
+    NEW.started_at := now();
+  END IF;
+  IF NEW.status IN ('completed', 'cancelled', 'failed') THEN
+    NEW.finished_at := coalesce(NEW.finished_at, now());
+  END IF;
+  RETURN NEW;
+END;
+$function$;
+COMMENT ON FUNCTION edm.tasks_track_status() IS 'Trigger: records prev_status on every status change (so tasks_transition_ok can check the transition) and stamps started_at / finished_at.';
+REVOKE ALL ON FUNCTION edm.tasks_track_status() FROM PUBLIC;
+
+CREATE FUNCTION edm.tasks_sync_claimable()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.claimable THEN
+    UPDATE edm.users SET claimable_tasks = claimable_tasks - 1 WHERE user_id = OLD.user_id;
+  END IF;
+  IF TG_OP IN ('UPDATE', 'INSERT') AND NEW.claimable THEN
+    UPDATE edm.users SET claimable_tasks = claimable_tasks + 1 WHERE user_id = NEW.user_id;
+  END IF;
+  IF TG_OP IN ('UPDATE', 'INSERT') AND NEW.claimable THEN
+    PERFORM pg_notify('edm_wakeup', NEW.task_id::text);
+  END IF;
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.tasks_sync_claimable() IS 'Trigger: keeps edm.users.claimable_tasks equal to the user''s tasks with claimable = true, and wakes dispatchers (NOTIFY edm_wakeup) when a task becomes claimable.';
+REVOKE ALL ON FUNCTION edm.tasks_sync_claimable() FROM PUBLIC;
+
+CREATE FUNCTION edm.tasks_notify_scheduled()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  PERFORM pg_notify('edm_wakeup', 'task:' || NEW.task_id);
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.tasks_notify_scheduled() IS 'Trigger: NOTIFY edm_wakeup when a task becomes scheduled, so idle dispatchers re-compute their wake-up time (and start it at once when it is due).';
+REVOKE ALL ON FUNCTION edm.tasks_notify_scheduled() FROM PUBLIC;
+
+CREATE FUNCTION edm.start_due_tasks(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  -- SKIP LOCKED: a task being paused or cancelled right now is left alone,
+  -- and two dispatchers never wait on each other here.
+  UPDATE edm.tasks t SET status = 'sending'
+  WHERE t.task_id IN (
+    SELECT d.task_id FROM edm.tasks d
+    WHERE d.status = 'scheduled' AND d.scheduled_at <= coalesce(p_now, now())
+    ORDER BY d.scheduled_at
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.start_due_tasks(timestamp with time zone) IS 'Moves scheduled tasks whose scheduled_at has come to sending. Called at the start of every claim; returns how many started.';
+REVOKE ALL ON FUNCTION edm.start_due_tasks(timestamp with time zone) FROM PUBLIC;
+
+CREATE TRIGGER tasks_track_status_ins BEFORE INSERT ON edm.tasks FOR EACH ROW EXECUTE FUNCTION edm.tasks_track_status();
+
+CREATE TRIGGER tasks_track_status_upd BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION edm.tasks_track_status();
+
+CREATE TRIGGER tasks_sync_claimable_ins AFTER INSERT ON edm.tasks FOR EACH ROW WHEN (new.claimable) EXECUTE FUNCTION edm.tasks_sync_claimable();
+
+CREATE TRIGGER tasks_sync_claimable_upd AFTER UPDATE OF status, pending_count ON edm.tasks FOR EACH ROW WHEN ((old.claimable IS DISTINCT FROM new.claimable)) EXECUTE FUNCTION edm.tasks_sync_claimable();
+
+CREATE TRIGGER tasks_sync_claimable_del AFTER DELETE ON edm.tasks FOR EACH ROW WHEN (old.claimable) EXECUTE FUNCTION edm.tasks_sync_claimable();
+
+CREATE TRIGGER tasks_notify_scheduled AFTER INSERT OR UPDATE OF status ON edm.tasks FOR EACH ROW WHEN ((new.status = 'scheduled'::text)) EXECUTE FUNCTION edm.tasks_notify_scheduled();
+
+CREATE TRIGGER tasks_audit AFTER INSERT ON edm.tasks FOR EACH ROW EXECUTE FUNCTION edm.audit_row('task');
+
+CREATE TRIGGER tasks_audit_upd AFTER UPDATE OF status ON edm.tasks FOR EACH ROW WHEN (((old.status IS DISTINCT FROM new.status) AND ((new.status = ANY (ARRAY['paused'::text, 'cancelled'::text])) OR (old.status = 'paused'::text)))) EXECUTE FUNCTION edm.audit_row('task');
+
+-- ==========================================================================
+-- Readiness and quotas
+-- When a service may send: the predicates the claim uses.
+-- ==========================================================================
+
+CREATE FUNCTION edm.service_sent_today(s edm.services, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE sql
+ STABLE
+RETURN CASE WHEN ((s).quota_day = ((COALESCE(p_now, now()) AT TIME ZONE (s).quota_tz))::date) THEN (s).sent_today ELSE 0 END;
+COMMENT ON FUNCTION edm.service_sent_today(edm.services,timestamp with time zone) IS 'Sends the service started in its current quota day (0 once its local midnight has passed).';
+REVOKE ALL ON FUNCTION edm.service_sent_today(edm.services,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.service_next_quota_day(p_tz text, p_now timestamp with time zone)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ STABLE
+RETURN (((((p_now AT TIME ZONE p_tz))::date + 1))::timestamp without time zone AT TIME ZONE p_tz);
+COMMENT ON FUNCTION edm.service_next_quota_day(text,timestamp with time zone) IS 'The next local midnight in time zone p_tz after p_now: when a new quota day starts (DST-safe).';
+REVOKE ALL ON FUNCTION edm.service_next_quota_day(text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.service_is_ready(s edm.services, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+RETURN ((s).enabled AND ((s).next_available_at <= COALESCE(p_now, now())) AND (edm.service_sent_today(s, p_now) < (s).daily_quota));
+COMMENT ON FUNCTION edm.service_is_ready(edm.services,timestamp with time zone) IS 'A ready service: enabled, healthy (not backing off), under its daily quota for its current quota day, and its interval elapsed. The same predicate as the claim''s service scan.';
+REVOKE ALL ON FUNCTION edm.service_is_ready(edm.services,timestamp with time zone) FROM PUBLIC;
+
+-- ==========================================================================
+-- Dispatch: claim, complete, leases
+-- What every dispatcher calls: the atomic claim, fenced completion, lease recovery.
+-- ==========================================================================
+
+CREATE TABLE edm.dispatchers (
+  dispatcher_id text NOT NULL,
+  hostname text,
+  pid integer,
+  started_at timestamp with time zone DEFAULT now() NOT NULL,
+  heartbeat_at timestamp with time zone DEFAULT now() NOT NULL,
+  stopped_at timestamp with time zone,
+  CONSTRAINT dispatchers_pkey PRIMARY KEY (dispatcher_id),
+  CONSTRAINT dispatchers_dispatcher_id_check CHECK (((length(dispatcher_id) >= 1) AND (length(dispatcher_id) <= 200)))
+);
+COMMENT ON TABLE edm.dispatchers IS 'Dispatcher processes seen, with their heartbeats.';
+COMMENT ON COLUMN edm.dispatchers.dispatcher_id IS 'Unique id of the process (host:pid:random); the lease owner of its claims.';
+COMMENT ON COLUMN edm.dispatchers.hostname IS 'Host it runs on.';
+COMMENT ON COLUMN edm.dispatchers.pid IS 'Process id on that host.';
+COMMENT ON COLUMN edm.dispatchers.started_at IS 'When it started.';
+COMMENT ON COLUMN edm.dispatchers.heartbeat_at IS 'Its latest sign of life.';
+COMMENT ON COLUMN edm.dispatchers.stopped_at IS 'When it stopped cleanly, NULL while running or after a crash.';
+
+CREATE TABLE edm.send_events (
+  occurred_at timestamp with time zone NOT NULL,
+  subtask_id bigint NOT NULL,
+  task_id bigint NOT NULL,
+  user_id text NOT NULL,
+  service_id bigint,
+  kind text NOT NULL,
+  attempt smallint,
+  started_at timestamp with time zone,
+  code integer,
+  response_ms integer,
+  dispatcher text,
+  detail text,
+  CONSTRAINT send_events_kind_check CHECK ((kind = ANY (ARRAY['sent'::text, 'retry'::text, 'failed'::text, 'service_failure'::text, 'released'::text, 'lease_expired'::text, 'late_completion'::text, 'cancelled'::text, 'uncertain'::text, 'render_error'::text])))
+) PARTITION BY RANGE (occurred_at);
+CREATE TABLE edm.send_events_default PARTITION OF edm.send_events DEFAULT;
+COMMENT ON TABLE edm.send_events_default IS 'Catch-all partition of send_events for days without their own partition.';
+COMMENT ON TABLE edm.send_events IS 'Append-only history of attempt outcomes, partitioned by day. lease_expired rows are the recorded uncertain outcomes of I1.';
+COMMENT ON COLUMN edm.send_events.occurred_at IS 'When the outcome was recorded (partition key).';
+COMMENT ON COLUMN edm.send_events.subtask_id IS 'Subtask concerned.';
+COMMENT ON COLUMN edm.send_events.task_id IS 'Task of the subtask.';
+COMMENT ON COLUMN edm.send_events.user_id IS 'Owner of the task.';
+COMMENT ON COLUMN edm.send_events.service_id IS 'Service of the attempt.';
+COMMENT ON COLUMN edm.send_events.kind IS 'sent, retry, failed, service_failure, released, lease_expired, late_completion, cancelled, uncertain (connection lost after the final dot) or render_error (the message could not be built; nothing was spent).';
+COMMENT ON COLUMN edm.send_events.attempt IS 'Attempt number of the subtask.';
+COMMENT ON COLUMN edm.send_events.started_at IS 'Slot of the attempt (when its send could start).';
+COMMENT ON COLUMN edm.send_events.code IS 'Provider reply code.';
+COMMENT ON COLUMN edm.send_events.response_ms IS 'Provider response time in milliseconds.';
+COMMENT ON COLUMN edm.send_events.dispatcher IS 'Dispatcher that reported the outcome (or held the expired lease).';
+COMMENT ON COLUMN edm.send_events.detail IS 'Error text or reason.';
+CREATE INDEX send_events_subtask_idx ON edm.send_events USING btree (subtask_id);
+COMMENT ON INDEX edm.send_events_subtask_idx IS 'History of one subtask (duplicate and lease-expiry audits).';
+CREATE INDEX send_events_time_idx ON edm.send_events USING btree (occurred_at, service_id);
+COMMENT ON INDEX edm.send_events_time_idx IS 'Windows of history per service (monitoring views, roll-ups).';
+
+CREATE SEQUENCE edm.serve_seq;
+COMMENT ON SEQUENCE edm.serve_seq IS 'Strictly increasing stamp of claims; orders users and tasks by how recently they were served.';
+
+-- ==========================================================================
+-- Not yet sorted
+-- Objects not listed in CONCEPTS of edm_sched/schema_dump.py: add them there, then run `python -m edm_sched.schema_dump > sql/schema.sql`.
+-- ==========================================================================
+
+CREATE FUNCTION edm.claim_v2(p_owner text, p_batch integer DEFAULT 1, p_lease_seconds integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_per_service integer DEFAULT 1, p_lookahead_ms integer DEFAULT NULL::integer, p_skip_services bigint[] DEFAULT '{}'::bigint[])
+ RETURNS TABLE(subtask_id bigint, task_id bigint, user_id text, service_id bigint, email text, contact_id bigint, template_idx smallint, vars jsonb, attempt smallint, send_at timestamp with time zone, lease_expires_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET plan_cache_mode TO 'force_generic_plan'
+ SET jit TO 'off'
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now   timestamptz := coalesce(p_now, now());
+  v_lease interval;
+  v_svc   record;
+  v_user  text;
+  v_task  bigint;
+  v_sub   bigint;
+  v_prio  integer;
+  v_task2 bigint;
+  v_skip  text[] := '{}';
+  v_tried bigint[];
+  -- what this call claimed, one entry per subtask, in claim order
+  c_svc   bigint[] := '{}';
+  c_sub   bigint[] := '{}';
+  c_task  bigint[] := '{}';
+  c_user  text[] := '{}';
+  -- rotation state of this call: served users / tasks, least recently served first
+  r_users text[] := '{}';
+  r_tasks bigint[] := '{}';
+  v_seqs  bigint[];
+  v_cands text[];
+  v_pool  text[];
+  v_small integer := edm.config_int('queue.small_pool_grantees');
+  -- slots of this call: one per claimed subtask, in claim order
+  c_slot  timestamptz[] := '{}';
+  -- services found blocked by an extra limit before any slot, and until when
+  b_svc   bigint[] := '{}';
+  b_until timestamptz[] := '{}';
+  v_horizon timestamptz;
+  v_slot  timestamptz;
+  v_k     integer;
+  v_hold  interval := make_interval(secs => edm.config_int('queue.service_hold_seconds'));
+BEGIN
+  IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
+    RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
+  END IF;
+  IF p_batch IS NULL OR p_batch NOT BETWEEN 1 AND 1000 THEN
+    RAISE EXCEPTION 'claim: batch size must be between 1 and 1000, got %', p_batch
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF p_lease_seconds IS NOT NULL AND p_lease_seconds NOT BETWEEN 1 AND 86400 THEN
+    RAISE EXCEPTION 'claim: lease must be between 1 and 86400 seconds, got %', p_lease_seconds
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF p_per_service IS NULL OR p_per_service NOT BETWEEN 1 AND 1000 THEN
+    RAISE EXCEPTION 'claim: per-service batch must be between 1 and 1000, got %', p_per_service
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF p_lookahead_ms IS NOT NULL AND p_lookahead_ms NOT BETWEEN 0 AND 60000 THEN
+    RAISE EXCEPTION 'claim: lookahead must be between 0 and 60000 ms, got %', p_lookahead_ms
+      USING ERRCODE = 'ED005';
+  END IF;
+  v_lease := make_interval(secs => coalesce(p_lease_seconds,
+                                            edm.config_int('queue.service_reservation_timeout')));
+  -- A service whose next slot comes within the lookahead may be claimed now:
+  -- the dispatcher prepares the message and the connection, then starts the
+  -- send at the slot.
+  v_horizon := v_now + coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms'))
+                       * interval '1 millisecond';
+  PERFORM edm.start_due_tasks(v_now);
+  IF NOT EXISTS (SELECT 1 FROM edm.users u WHERE u.claimable_tasks > 0) THEN
+    RETURN;
+  END IF;
+
+  -- The head of the rotation, read once per call: the next users in line
+  -- (least recently served first) with claimable work, locked for this call.
+  -- Each service below takes the first of them it may serve; only when none
+  -- fits (dedicated services, or all of them served already) does it fall
+  -- back to walking the rotation index itself.
+  v_cands := ARRAY(
+    SELECT u.user_id FROM edm.users u
+    WHERE u.claimable_tasks > 0
+    ORDER BY u.last_served_seq, u.user_id
+    LIMIT 2 * p_batch
+    FOR UPDATE OF u SKIP LOCKED);
+
+  -- Ready services (next slot within the horizon, under the daily quota,
+  -- not held by another dispatcher, not one the caller has no room for),
+  -- least used quota first.
+  FOR v_svc IN
+    SELECT s.service_id, s.quota_tz, s.interval_ms, s.daily_quota, s.has_limits,
+           s.next_available_at, edm.service_sent_today(s, v_now) AS sent_today
+    FROM edm.services s
+    WHERE s.enabled
+      AND s.next_available_at <= v_horizon
+      AND edm.service_sent_today(s, v_now) < s.daily_quota
+      AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
+      AND s.service_id <> ALL (p_skip_services)
+    ORDER BY edm.service_sent_today(s, v_now)::double precision / s.daily_quota,
+             s.success_rate DESC, s.service_id
+    FOR UPDATE OF s SKIP LOCKED
+  LOOP
+    v_sub := NULL;
+    -- The service's first slot: now, or its next available instant.
+    v_slot := greatest(v_now, v_svc.next_available_at);
+    v_k := 0;
+    -- A small pool (a dedicated service, a group's few accounts) is looked up
+    -- from its own grants; a large one from the head of the global rotation,
+    -- where nearly every user has a grant. Both find the same user. A pool is
+    -- small when it has no grant past the first queue.small_pool_grantees (an
+    -- index-only probe of a leaf page or two): a test that cannot go stale,
+    -- unlike a count kept by triggers (bulk loads and replicas run without).
+    -- Every lookup leaves out users with a ready service on a higher-priority
+    -- grant (grant tiers; a service claimed earlier in this call is busy
+    -- unless it has no interval). That check reads the user's few
+    -- higher-priority grants and each one's service by primary key, in a
+    -- scalar subquery: as a join, a generic plan may instead walk every ready
+    -- service per candidate (2 ms a lookup on a freshly loaded 1,000-service
+    -- world, found by python -m benchmarks claimprofile).
+    v_pool := NULL;
+    IF NOT EXISTS (SELECT 1 FROM edm.grants g WHERE g.service_id = v_svc.service_id
+                   OFFSET v_small) THEN
+      -- The pool's users with work, in rotation order. Read by primary key
+      -- (= ANY): walking users_rotation_idx for the few users of a pool, what
+      -- a planner may pick for an ORDER BY on it, costs O(users).
+      v_pool := ARRAY(SELECT g.user_id FROM edm.grants g WHERE g.service_id = v_svc.service_id);
+      v_pool := ARRAY(SELECT u.user_id FROM edm.users u
+                      WHERE u.user_id = ANY (v_pool) AND u.claimable_tasks > 0
+                      ORDER BY u.last_served_seq, u.user_id);
+    END IF;
+    -- One iteration per slot: a service whose limits allow several sends
+    -- within the horizon (a burst, or no interval) takes up to p_per_service,
+    -- each to the next user in the fair order (r_users rotates).
+    <<slots>>
+    LOOP
+    v_sub := NULL;
+    IF v_svc.has_limits THEN
+      v_slot := edm.limits_next(v_svc.service_id, v_slot, v_svc.quota_tz);
+    END IF;
+    IF v_slot > v_horizon THEN
+      IF v_k = 0 THEN  -- an extra limit blocks the service beyond the horizon
+        b_svc := b_svc || v_svc.service_id;
+        b_until := b_until || v_slot;
+      END IF;
+      EXIT slots;
+    END IF;
+    EXIT slots WHEN v_svc.sent_today + v_k >= v_svc.daily_quota;
+    LOOP
+      v_user := NULL;
+      -- The first user of the list (the small pool in rotation order, or the
+      -- rotation head, already locked) who has a grant here and no ready
+      -- higher-tier service, each probed by a scalar subquery: as an EXISTS
+      -- it would become a semi-join, which a planner may hash over all the
+      -- service's grants instead of stopping at the first that fits.
+      SELECT c.user_id INTO v_user
+      FROM unnest(coalesce(v_pool, v_cands)) WITH ORDINALITY AS c(user_id, n)
+      WHERE c.user_id <> ALL (v_skip) AND c.user_id <> ALL (r_users)
+        AND (
+          SELECT true FROM edm.grants g
+          WHERE g.service_id = v_svc.service_id AND g.user_id = c.user_id
+            AND NOT EXISTS (
+              SELECT 1 FROM edm.grants g2
+              WHERE g2.user_id = c.user_id AND g2.priority > g.priority
+                AND (SELECT s2.enabled AND s2.next_available_at <= v_horizon
+                             AND edm.service_sent_today(s2, v_now) < s2.daily_quota
+                             AND (s2.service_id <> ALL (c_svc)
+                                  OR (s2.interval_ms = 0
+                                      AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                     FROM edm.services s2 WHERE s2.service_id = g2.service_id))
+          LIMIT 1)
+      ORDER BY c.n
+      LIMIT 1;
+      IF v_user IS NOT NULL AND v_pool IS NOT NULL THEN
+        -- A pool's users are not locked yet; one locked by another claim is
+        -- being served: leave it out and look again.
+        PERFORM 1 FROM edm.users u
+        WHERE u.user_id = v_user AND u.claimable_tasks > 0
+        FOR UPDATE OF u SKIP LOCKED;
+        IF NOT FOUND THEN
+          v_skip := v_skip || v_user;
+          CONTINUE;
+        END IF;
+      END IF;
+      -- Large pool and nobody in the head fits: walk the rotation further.
+      IF v_user IS NULL AND v_pool IS NULL THEN
+        SELECT u.user_id INTO v_user
+        FROM edm.users u
+        WHERE u.claimable_tasks > 0
+          AND u.user_id <> ALL (v_cands)
+          AND u.user_id <> ALL (v_skip)
+          AND u.user_id <> ALL (r_users)
+          AND EXISTS (
+            SELECT 1 FROM edm.grants g
+            WHERE g.service_id = v_svc.service_id AND g.user_id = u.user_id
+              AND NOT EXISTS (
+                SELECT 1 FROM edm.grants g2
+                WHERE g2.user_id = u.user_id AND g2.priority > g.priority
+                  AND (SELECT s2.enabled AND s2.next_available_at <= v_horizon
+                               AND edm.service_sent_today(s2, v_now) < s2.daily_quota
+                               AND (s2.service_id <> ALL (c_svc)
+                                    OR (s2.interval_ms = 0
+                                        AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                       FROM edm.services s2 WHERE s2.service_id = g2.service_id)))
+        ORDER BY u.last_served_seq, u.user_id
+        LIMIT 1
+        FOR UPDATE OF u SKIP LOCKED;
+      END IF;
+      -- ...then (the rotation wraps around) those served in this call, in serve order.
+      IF v_user IS NULL AND cardinality(r_users) > 0 THEN
+        SELECT u.user_id INTO v_user
+        FROM edm.users u
+        WHERE u.user_id = ANY (r_users) AND u.user_id <> ALL (v_skip)
+          AND EXISTS (
+            SELECT 1 FROM edm.grants g
+            WHERE g.service_id = v_svc.service_id AND g.user_id = u.user_id
+              AND NOT EXISTS (
+                SELECT 1 FROM edm.grants g2
+                WHERE g2.user_id = u.user_id AND g2.priority > g.priority
+                  AND (SELECT s2.enabled AND s2.next_available_at <= v_horizon
+                               AND edm.service_sent_today(s2, v_now) < s2.daily_quota
+                               AND (s2.service_id <> ALL (c_svc)
+                                    OR (s2.interval_ms = 0
+                                        AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                       FROM edm.services s2 WHERE s2.service_id = g2.service_id)))
+        ORDER BY array_position(r_users, u.user_id)
+        LIMIT 1;
+      END IF;
+      EXIT WHEN v_user IS NULL;
+
+      v_tried := '{}';
+      LOOP
+        -- The user's best task not served in this call (priority, then rotation)...
+        v_task := NULL;
+        SELECT t.task_id, t.priority INTO v_task, v_prio FROM edm.tasks t
+        WHERE t.user_id = v_user AND t.claimable
+          AND t.task_id <> ALL (v_tried) AND t.task_id <> ALL (r_tasks)
+        ORDER BY t.priority DESC, t.last_served_seq, t.task_id
+        LIMIT 1
+        FOR UPDATE OF t SKIP LOCKED;
+        -- ...unless a task served in this call has a higher priority (or there is no other).
+        IF c_user @> ARRAY[v_user] THEN
+          SELECT t.task_id INTO v_task2 FROM edm.tasks t
+          WHERE t.task_id = ANY (r_tasks) AND t.user_id = v_user AND t.claimable
+            AND t.task_id <> ALL (v_tried)
+            AND (v_task IS NULL OR t.priority > v_prio)
+          ORDER BY t.priority DESC, array_position(r_tasks, t.task_id)
+          LIMIT 1;
+          v_task := coalesce(v_task2, v_task);
+        END IF;
+        EXIT WHEN v_task IS NULL;
+        -- Due retries first (I9: a retry goes at its due time, not behind
+        -- its task's fresh recipients), then the lowest fresh or returned
+        -- recipient (not_before = -infinity). Both walk subtasks_claim_idx.
+        SELECT st.subtask_id INTO v_sub
+        FROM edm.subtasks st
+        WHERE st.task_id = v_task AND st.status = 'pending'
+          AND st.not_before > '-infinity' AND st.not_before <= v_now
+          AND st.subtask_id <> ALL (c_sub)
+        ORDER BY st.not_before, st.subtask_id
+        LIMIT 1
+        FOR UPDATE OF st SKIP LOCKED;
+        IF v_sub IS NULL THEN
+          SELECT st.subtask_id INTO v_sub
+          FROM edm.subtasks st
+          WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before = '-infinity'
+            AND st.subtask_id <> ALL (c_sub)
+          ORDER BY st.not_before, st.subtask_id
+          LIMIT 1
+          FOR UPDATE OF st SKIP LOCKED;
+        END IF;
+        EXIT WHEN v_sub IS NOT NULL;
+        v_tried := v_tried || v_task;
+      END LOOP;
+      EXIT WHEN v_sub IS NOT NULL;
+      v_skip := v_skip || v_user;
+    END LOOP;
+    EXIT slots WHEN v_sub IS NULL;
+
+    c_svc := c_svc || v_svc.service_id;
+    c_sub := c_sub || v_sub;
+    c_task := c_task || v_task;
+    c_user := c_user || v_user;
+    c_slot := c_slot || v_slot;
+    r_users := array_remove(r_users, v_user) || v_user;
+    r_tasks := array_remove(r_tasks, v_task) || v_task;
+    IF v_svc.has_limits THEN
+      PERFORM edm.limits_take(v_svc.service_id, v_slot, v_svc.quota_tz);
+    END IF;
+    v_k := v_k + 1;
+    EXIT slots WHEN v_k >= p_per_service OR cardinality(c_sub) >= p_batch;
+    v_slot := v_slot + v_svc.interval_ms * interval '1 millisecond';
+    END LOOP slots;
+    EXIT WHEN cardinality(c_sub) >= p_batch;
+  END LOOP;
+
+  -- Services an extra limit blocks: out of the ready set until it frees.
+  IF cardinality(b_svc) > 0 THEN
+    UPDATE edm.services s SET quota_exhausted_until = b.until
+    FROM unnest(b_svc, b_until) AS b(service_id, until)
+    WHERE s.service_id = b.service_id AND s.service_id = ANY (b_svc);
+  END IF;
+
+  IF cardinality(c_sub) = 0 THEN
+    RETURN;
+  END IF;
+
+  -- One statement per table for the whole batch (each row is already locked).
+  SELECT array_agg(nextval('edm.serve_seq') ORDER BY i) INTO v_seqs
+  FROM generate_series(1, cardinality(c_sub)) i;
+
+  -- Each claimed service: its latest slot starts the interval, its slots
+  -- count against the daily quota, the claimer holds it, and the time an
+  -- exhausted quota or extra limit next admits a send keeps it out of the
+  -- ready set until then.
+  UPDATE edm.services s
+  SET last_sent_at = a.last_slot,
+      sent_today = CASE WHEN s.quota_day = (v_now AT TIME ZONE s.quota_tz)::date
+                        THEN s.sent_today + a.n ELSE a.n END,
+      quota_day = (v_now AT TIME ZONE s.quota_tz)::date,
+      quota_exhausted_until =
+        CASE WHEN (CASE WHEN s.quota_day = (v_now AT TIME ZONE s.quota_tz)::date
+                        THEN s.sent_today + a.n ELSE a.n END) >= s.daily_quota
+               THEN edm.service_next_quota_day(s.quota_tz, v_now)
+             WHEN s.has_limits
+               THEN nullif(edm.limits_next(s.service_id, a.last_slot, s.quota_tz), a.last_slot) END,
+      -- a service with nothing to pace (no interval, no extra limit) is not held
+      held_by = CASE WHEN s.interval_ms > 0 OR s.has_limits THEN p_owner END,
+      held_until = CASE WHEN s.interval_ms > 0 OR s.has_limits THEN a.last_slot + v_hold END
+  FROM (SELECT x.service_id, count(*)::integer AS n, max(x.slot) AS last_slot
+        FROM unnest(c_svc, c_slot) AS x(service_id, slot) GROUP BY x.service_id) a
+  WHERE s.service_id = a.service_id
+    AND s.service_id = ANY (c_svc);  -- redundant: lets every plan start from services_pkey
+
+  UPDATE edm.tasks t
+  SET pending_count = t.pending_count - a.n,
+      leased_count = t.leased_count + a.n,
+      last_served_seq = a.seq,
+      last_activity_at = v_now,
+      first_claimed_at = coalesce(t.first_claimed_at, v_now),
+      stuck_since = NULL
+  FROM (SELECT x.task_id, count(*) AS n, max(x.seq) AS seq
+        FROM unnest(c_task, v_seqs) AS x(task_id, seq) GROUP BY x.task_id) a
+  WHERE t.task_id = a.task_id
+    AND t.task_id = ANY (c_task);  -- redundant: lets every plan start from tasks_pkey
+
+  UPDATE edm.users u SET last_served_seq = a.seq, last_served_at = v_now
+  FROM (SELECT x.user_id, max(x.seq) AS seq
+        FROM unnest(c_user, v_seqs) AS x(user_id, seq) GROUP BY x.user_id) a
+  WHERE u.user_id = a.user_id
+    AND u.user_id = ANY (c_user);  -- redundant: lets every plan start from users_pkey
+
+  -- Rows in claim order (the order of the services), as the row-by-row version returned them.
+  RETURN QUERY
+  WITH leased AS (
+    UPDATE edm.subtasks st
+    SET status = 'leased', lease_owner = p_owner, leased_at = x.slot,
+        lease_expires_at = x.slot + v_lease, service_id = x.service_id,
+        attempts = st.attempts + 1
+    FROM unnest(c_sub, c_svc, c_user, c_slot) AS x(subtask_id, service_id, user_id, slot)
+    WHERE st.subtask_id = x.subtask_id
+    RETURNING st.subtask_id, st.task_id, x.user_id, st.service_id, st.email, st.contact_id,
+              st.template_idx, st.vars, st.attempts, st.leased_at, st.lease_expires_at
+  )
+  SELECT l.subtask_id, l.task_id, l.user_id, l.service_id, l.email, l.contact_id,
+         l.template_idx, l.vars, l.attempts, l.leased_at, l.lease_expires_at
+  FROM leased l JOIN unnest(c_sub) WITH ORDINALITY AS o(id, n) ON o.id = l.subtask_id
+  ORDER BY o.n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.claim_v2(text,integer,integer,timestamp with time zone,integer,integer,bigint[]) IS 'Claims up to p_batch subtasks in one transaction and hands each its slot (send_at: the instant its send may start). For each ready service (next slot within p_lookahead_ms, default queue.slot_lookahead_ms; under its daily quota and every extra limit; not held by another dispatcher; not in p_skip_services), lowest quota share first: up to p_per_service slots, one interval apart and within every limit, each to the least recently served user with work and a grant, that user''s least recently served task (priority first), and its due retry or else its lowest pending subtask. Leases each from its slot for p_lease_seconds, counts the slots against the limits and holds the service for the claimer. Never waits on a lock.';
+REVOKE ALL ON FUNCTION edm.claim_v2(text,integer,integer,timestamp with time zone,integer,integer,bigint[]) FROM PUBLIC;
+
+-- ==========================================================================
+-- Dispatch: claim, complete, leases
+-- What every dispatcher calls: the atomic claim, fenced completion, lease recovery.
+-- ==========================================================================
+
+CREATE FUNCTION edm.claim(p_owner text, p_batch integer DEFAULT 1, p_lease_seconds integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(subtask_id bigint, task_id bigint, user_id text, service_id bigint, email text, contact_id bigint, template_idx smallint, vars jsonb, attempt smallint, leased_at timestamp with time zone, lease_expires_at timestamp with time zone)
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ SELECT c.subtask_id,
+     c.task_id,
+     c.user_id,
+     c.service_id,
+     c.email,
+     c.contact_id,
+     c.template_idx,
+     c.vars,
+     c.attempt,
+     c.send_at,
+     c.lease_expires_at
+    FROM edm.claim_v2(claim.p_owner, claim.p_batch, claim.p_lease_seconds, claim.p_now, 1, 0, '{}'::bigint[]) c(subtask_id, task_id, user_id, service_id, email, contact_id, template_idx, vars, attempt, send_at, lease_expires_at);
+END;
+COMMENT ON FUNCTION edm.claim(text,integer,integer,timestamp with time zone) IS 'The claim of dispatchers before slots (kept for rolling upgrades and host loops): edm.claim_v2 with one slot per service and no lookahead, so every slot is now. Limits, holds and due-retries-first apply as in claim_v2.';
+REVOKE ALL ON FUNCTION edm.claim(text,integer,integer,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.complete(p_owner text, p_subtask_ids bigint[], p_outcomes text[], p_codes integer[] DEFAULT NULL::integer[], p_details text[] DEFAULT NULL::text[], p_response_ms integer[] DEFAULT NULL::integer[], p_provider_ids text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(subtask_id bigint, accepted boolean, status text, reason text)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now  timestamptz := coalesce(p_now, now());
+  v_n    integer := cardinality(p_subtask_ids);
+  v_max_attempts integer := edm.config_int('queue.max_attempts');
+  v_retry_base   integer := edm.config_int('queue.pending_retry_interval');
+  v_retry_max    integer := edm.config_int('queue.retry_backoff_max');
+  v_svc_base     integer := edm.config_int('service.backoff_base');
+  v_svc_max      integer := edm.config_int('service.backoff_max');
+BEGIN
+  IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
+    RAISE EXCEPTION 'complete: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
+  END IF;
+  IF v_n IS NULL OR v_n = 0 THEN
+    RETURN;
+  END IF;
+  IF v_n > 10000
+     OR cardinality(p_outcomes) IS DISTINCT FROM v_n
+     OR (p_codes IS NOT NULL AND cardinality(p_codes) <> v_n)
+     OR (p_details IS NOT NULL AND cardinality(p_details) <> v_n)
+     OR (p_response_ms IS NOT NULL AND cardinality(p_response_ms) <> v_n)
+     OR (p_provider_ids IS NOT NULL AND cardinality(p_provider_ids) <> v_n) THEN
+    RAISE EXCEPTION 'complete: argument arrays must all have the same length (at most 10000)'
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF EXISTS (SELECT 1 FROM unnest(p_outcomes) o
+             WHERE o IS NULL OR o NOT IN ('sent', 'transient', 'permanent', 'service', 'released',
+                                          'uncertain', 'render_error')) THEN
+    RAISE EXCEPTION 'complete: outcome must be sent, transient, permanent, service, released, uncertain or render_error'
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF (SELECT count(DISTINCT i) FROM unnest(p_subtask_ids) i) <> v_n
+     OR array_position(p_subtask_ids, NULL) IS NOT NULL THEN
+    RAISE EXCEPTION 'complete: subtask ids must be distinct and not null' USING ERRCODE = 'ED005';
+  END IF;
+
+  -- Lock in the global order: subtasks, services, tasks (see the header).
+  PERFORM 1 FROM edm.subtasks st WHERE st.subtask_id = ANY (p_subtask_ids)
+  ORDER BY st.subtask_id FOR NO KEY UPDATE;
+  PERFORM 1 FROM edm.services s
+  WHERE s.service_id IN (SELECT st.service_id FROM edm.subtasks st
+                         WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased')
+  ORDER BY s.service_id FOR NO KEY UPDATE;
+  PERFORM 1 FROM edm.tasks t
+  WHERE t.task_id IN (SELECT st.task_id FROM edm.subtasks st
+                      WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased')
+  ORDER BY t.task_id FOR NO KEY UPDATE;
+  -- Owners of cancelled tasks get the quota of subtasks that end cancelled
+  -- back (refund_users below): lock them last, in id order.
+  PERFORM 1 FROM edm.users u
+  WHERE u.user_id IN (SELECT t.user_id FROM edm.subtasks st JOIN edm.tasks t ON t.task_id = st.task_id
+                      WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased'
+                        AND t.status = 'cancelled')
+  ORDER BY u.user_id FOR NO KEY UPDATE;
+
+  RETURN QUERY
+  WITH input AS (
+    SELECT i.subtask_id, i.outcome, i.code, left(i.detail, 2000) AS detail, i.response_ms,
+           left(i.provider_id, 500) AS provider_id
+    FROM unnest(p_subtask_ids, p_outcomes,
+                coalesce(p_codes, array_fill(NULL::integer, ARRAY[v_n])),
+                coalesce(p_details, array_fill(NULL::text, ARRAY[v_n])),
+                coalesce(p_response_ms, array_fill(NULL::integer, ARRAY[v_n])),
+                coalesce(p_provider_ids, array_fill(NULL::text, ARRAY[v_n])))
+         AS i(subtask_id, outcome, code, detail, response_ms, provider_id)
+  ),
+  -- What each completion does. Only the lease holder, before expiry, may
+  -- complete; anything else is rejected (and recorded when the subtask exists).
+  plan AS (
+    SELECT i.*, st.task_id, st.service_id, st.attempts, st.email, st.leased_at,
+           st.status AS old_status, t.user_id, t.status AS task_status,
+           (st.subtask_id IS NOT NULL AND st.status = 'leased' AND st.lease_owner = p_owner
+            AND st.lease_expires_at > v_now) AS ok,
+           CASE
+             WHEN st.subtask_id IS NULL THEN 'unknown subtask'
+             WHEN st.status <> 'leased' THEN 'subtask is ' || st.status || ', not leased'
+             WHEN st.lease_owner <> p_owner THEN 'leased by another dispatcher'
+             WHEN st.lease_expires_at <= v_now THEN 'lease expired at ' || st.lease_expires_at
+           END AS reject_reason,
+           CASE i.outcome
+             WHEN 'sent' THEN 'sent'
+             WHEN 'permanent' THEN 'failed'
+             WHEN 'render_error' THEN 'failed'
+             WHEN 'transient' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
+                                        WHEN t.status = 'cancelled' THEN 'cancelled'
+                                        ELSE 'pending' END
+             -- the connection was lost after the final dot: retried like a
+             -- transient failure, and recorded as a possible duplicate
+             WHEN 'uncertain' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
+                                        WHEN t.status = 'cancelled' THEN 'cancelled'
+                                        ELSE 'pending' END
+             ELSE CASE WHEN t.status = 'cancelled' THEN 'cancelled' ELSE 'pending' END
+           END AS new_status,
+           -- service, released and render_error outcomes did not send: give the
+           -- quota back when the claim counted it on the service's current quota day.
+           (i.outcome IN ('service', 'released', 'render_error')
+            AND (st.leased_at AT TIME ZONE s.quota_tz)::date = s.quota_day) AS refund_quota
+    FROM input i
+    LEFT JOIN edm.subtasks st ON st.subtask_id = i.subtask_id
+    LEFT JOIN edm.tasks t ON t.task_id = st.task_id
+    LEFT JOIN edm.services s ON s.service_id = st.service_id
+  ),
+  upd_services AS (
+    UPDATE edm.services s
+    SET total_sent = s.total_sent + a.n_sent,
+        total_failed = s.total_failed + a.n_failed,
+        avg_response_ms = CASE WHEN a.avg_ms IS NULL THEN s.avg_response_ms
+                               WHEN s.avg_response_ms IS NULL THEN a.avg_ms
+                               ELSE s.avg_response_ms * 0.8 + a.avg_ms * 0.2 END,
+        sent_today = greatest(s.sent_today - a.n_refund, 0),
+        quota_exhausted_until = CASE WHEN a.n_refund > 0 THEN NULL ELSE s.quota_exhausted_until END,
+        consecutive_failures = CASE WHEN a.n_service > 0 THEN s.consecutive_failures + a.n_service
+                                    WHEN a.n_sent > 0 THEN 0 ELSE s.consecutive_failures END,
+        backoff_until = CASE WHEN a.n_service > 0
+          THEN v_now + make_interval(secs => least(v_svc_max::double precision,
+                 v_svc_base * power(2, least(s.consecutive_failures + a.n_service - 1, 30))))
+          ELSE s.backoff_until END,
+        health = CASE WHEN a.n_service > 0 THEN 'backoff'
+                      WHEN a.n_sent > 0 AND a.n_failed = 0 THEN 'healthy'
+                      WHEN a.n_failed > 0 THEN 'degraded'
+                      ELSE s.health END,
+        last_error = CASE WHEN a.n_service > 0 THEN a.last_service_error ELSE s.last_error END
+    FROM (
+      SELECT p.service_id,
+             count(*) FILTER (WHERE p.outcome = 'sent') AS n_sent,
+             count(*) FILTER (WHERE p.outcome IN ('transient', 'permanent', 'uncertain')) AS n_failed,
+             count(*) FILTER (WHERE p.outcome = 'service') AS n_service,
+             count(*) FILTER (WHERE p.refund_quota) AS n_refund,
+             avg(p.response_ms) FILTER (WHERE p.outcome = 'sent') AS avg_ms,
+             max(p.detail) FILTER (WHERE p.outcome = 'service') AS last_service_error
+      FROM plan p WHERE p.ok GROUP BY p.service_id
+    ) a
+    WHERE s.service_id = a.service_id
+  ),
+  upd_tasks AS (
+    UPDATE edm.tasks t
+    SET leased_count = t.leased_count - a.n,
+        sent_count = t.sent_count + a.n_sent,
+        failed_count = t.failed_count + a.n_failed,
+        pending_count = t.pending_count + a.n_pending,
+        cancelled_count = t.cancelled_count + a.n_cancelled,
+        quota_reserved = greatest(t.quota_reserved - a.n_sent - a.n_failed - a.n_cancelled, 0),
+        last_activity_at = v_now,
+        stuck_since = NULL,
+        status = CASE WHEN t.status = 'sending' AND t.pending_count + a.n_pending = 0
+                           AND t.leased_count - a.n = 0 THEN 'completed'
+                      ELSE t.status END
+    FROM (
+      SELECT p.task_id, count(*) AS n,
+             count(*) FILTER (WHERE p.new_status = 'sent') AS n_sent,
+             count(*) FILTER (WHERE p.new_status = 'failed') AS n_failed,
+             count(*) FILTER (WHERE p.new_status = 'pending') AS n_pending,
+             count(*) FILTER (WHERE p.new_status = 'cancelled') AS n_cancelled
+      FROM plan p WHERE p.ok GROUP BY p.task_id
+    ) a
+    WHERE t.task_id = a.task_id
+  ),
+  -- A subtask that ends cancelled (its task was cancelled while it was
+  -- leased) was never sent: its quota goes back to the user, as cancel_task
+  -- does for the pending ones.
+  refund_users AS (
+    UPDATE edm.users u SET quota_used = u.quota_used - a.n
+    FROM (SELECT p.user_id, count(*) AS n FROM plan p
+          WHERE p.ok AND p.new_status = 'cancelled' GROUP BY p.user_id) a
+    WHERE u.user_id = a.user_id
+  ),
+  upd_subtasks AS (
+    UPDATE edm.subtasks st
+    SET status = p.new_status,
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        attempts = CASE WHEN p.outcome IN ('service', 'released', 'render_error')
+                        THEN greatest(st.attempts - 1, 0) ELSE st.attempts END,
+        uncertain_sends = st.uncertain_sends + CASE WHEN p.outcome = 'uncertain' THEN 1 ELSE 0 END,
+        not_before = CASE
+          WHEN p.new_status = 'pending' AND p.outcome IN ('transient', 'uncertain')
+            THEN v_now + make_interval(secs => least(v_retry_max::double precision,
+                                                     v_retry_base * power(2, least(st.attempts - 1, 30))))
+          -- not sent (service failure, release): back to its place in line
+          WHEN p.new_status = 'pending' THEN '-infinity'
+          ELSE st.not_before END,
+        outcome_code = coalesce(p.code, st.outcome_code),
+        outcome_detail = CASE WHEN p.new_status = 'failed' AND p.outcome IN ('transient', 'uncertain')
+                              THEN 'gave up after ' || st.attempts || ' attempts: ' || coalesce(p.detail, '')
+                              ELSE coalesce(p.detail, st.outcome_detail) END,
+        provider_message_id = coalesce(p.provider_id, st.provider_message_id),
+        finished_at = CASE WHEN p.new_status IN ('sent', 'failed', 'cancelled') THEN v_now END
+    FROM plan p
+    WHERE st.subtask_id = p.subtask_id AND p.ok
+  ),
+  events AS (
+    INSERT INTO edm.send_events (occurred_at, subtask_id, task_id, user_id, service_id, kind,
+                                 attempt, started_at, code, response_ms, dispatcher, detail)
+    SELECT v_now, p.subtask_id, p.task_id, p.user_id, p.service_id,
+           CASE WHEN NOT p.ok THEN 'late_completion'
+                WHEN p.outcome = 'sent' THEN 'sent'
+                WHEN p.outcome = 'service' THEN 'service_failure'
+                WHEN p.outcome = 'released' THEN 'released'
+                WHEN p.outcome = 'uncertain' THEN 'uncertain'
+                WHEN p.outcome = 'render_error' THEN 'render_error'
+                WHEN p.new_status = 'failed' THEN 'failed'
+                WHEN p.new_status = 'cancelled' THEN 'cancelled'
+                ELSE 'retry' END,
+           p.attempts, p.leased_at, p.code, p.response_ms, p_owner,
+           CASE WHEN p.ok THEN p.detail ELSE p.reject_reason || ' (reported ' || p.outcome || ')' END
+    FROM plan p
+    WHERE p.task_id IS NOT NULL
+  ),
+  suppress AS (
+    INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id)
+    SELECT DISTINCT ON (p.email) NULL::text, p.email, 'hard_bounce', p.subtask_id
+    FROM plan p
+    WHERE p.ok AND p.outcome = 'permanent' AND edm.smtp_code_suppresses(p.code)
+    ORDER BY p.email, p.subtask_id
+    ON CONFLICT DO NOTHING
+  )
+  SELECT p.subtask_id, p.ok, CASE WHEN p.ok THEN p.new_status ELSE p.old_status END, p.reject_reason
+  FROM plan p;
+END;
+$function$;
+COMMENT ON FUNCTION edm.complete(text,bigint[],text[],integer[],text[],integer[],text[],timestamp with time zone) IS 'Records the outcomes of claimed subtasks in one transaction, fenced by the lease: only p_owner, before the lease expires, may complete. Outcomes: sent; transient (retry with back-off, failed after queue.max_attempts); uncertain (the connection was lost or timed out after the final dot: retried like transient, counted in uncertain_sends and recorded as an uncertain event, so a resend is a counted possible duplicate); permanent (failed; address suppressed for 550/551/553); render_error (the message could not be built: failed, no attempt and no quota unit spent); service (the service backs off, the subtask returns to pending without using an attempt); released (unsent, e.g. its lease would end before its send could start, or shutdown). Task counters, service statistics, send_events and (for subtasks of a cancelled task, which end cancelled) the refund of the owner''s quota change together; rejected completions are returned with a reason and recorded as late_completion.';
+REVOKE ALL ON FUNCTION edm.complete(text,bigint[],text[],integer[],text[],integer[],text[],timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.expire_leases(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_limit integer DEFAULT 10000)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_ids bigint[];
+  v_max_attempts integer := edm.config_int('queue.max_attempts');
+  v_n integer;
+BEGIN
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 1000000 THEN
+    RAISE EXCEPTION 'expire_leases: limit must be between 1 and 1000000' USING ERRCODE = 'ED005';
+  END IF;
+  -- Subtasks first (a completion racing us holds its rows: skip them; it will
+  -- be rejected or has just succeeded), then tasks in id order.
+  SELECT array_agg(x.subtask_id) INTO v_ids FROM (
+    SELECT st.subtask_id FROM edm.subtasks st
+    WHERE st.status = 'leased' AND st.lease_expires_at <= v_now
+    ORDER BY st.subtask_id
+    LIMIT p_limit
+    FOR NO KEY UPDATE SKIP LOCKED) x;
+  IF v_ids IS NULL THEN
+    RETURN 0;
+  END IF;
+  PERFORM 1 FROM edm.tasks t
+  WHERE t.task_id IN (SELECT st.task_id FROM edm.subtasks st WHERE st.subtask_id = ANY (v_ids))
+  ORDER BY t.task_id FOR NO KEY UPDATE;
+  PERFORM 1 FROM edm.users u
+  WHERE u.user_id IN (SELECT t.user_id FROM edm.subtasks st JOIN edm.tasks t ON t.task_id = st.task_id
+                      WHERE st.subtask_id = ANY (v_ids) AND t.status = 'cancelled')
+  ORDER BY u.user_id FOR NO KEY UPDATE;
+
+  WITH plan AS (
+    SELECT st.subtask_id, st.task_id, st.service_id, st.attempts, st.leased_at, st.lease_owner,
+           t.user_id,
+           CASE WHEN t.status = 'cancelled' THEN 'cancelled'
+                WHEN st.attempts >= v_max_attempts THEN 'failed'
+                ELSE 'pending' END AS new_status
+    FROM edm.subtasks st JOIN edm.tasks t ON t.task_id = st.task_id
+    WHERE st.subtask_id = ANY (v_ids)
+  ),
+  upd_tasks AS (
+    UPDATE edm.tasks t
+    SET leased_count = t.leased_count - a.n,
+        pending_count = t.pending_count + a.n_pending,
+        failed_count = t.failed_count + a.n_failed,
+        cancelled_count = t.cancelled_count + a.n_cancelled,
+        quota_reserved = greatest(t.quota_reserved - a.n_failed - a.n_cancelled, 0),
+        status = CASE WHEN t.status = 'sending' AND t.pending_count + a.n_pending = 0
+                           AND t.leased_count - a.n = 0 THEN 'completed'
+                      ELSE t.status END
+    FROM (SELECT p.task_id, count(*) AS n,
+                 count(*) FILTER (WHERE p.new_status = 'pending') AS n_pending,
+                 count(*) FILTER (WHERE p.new_status = 'failed') AS n_failed,
+                 count(*) FILTER (WHERE p.new_status = 'cancelled') AS n_cancelled
+          FROM plan p GROUP BY p.task_id) a
+    WHERE t.task_id = a.task_id
+  ),
+  upd_subtasks AS (
+    UPDATE edm.subtasks st
+    SET status = p.new_status, lease_owner = NULL, lease_expires_at = NULL,
+        lease_expiries = st.lease_expiries + 1,
+        not_before = CASE WHEN p.new_status = 'pending' THEN '-infinity' ELSE st.not_before END,
+        outcome_detail = CASE WHEN p.new_status = 'failed'
+                              THEN 'lease expired on the last allowed attempt (outcome unknown)'
+                              ELSE st.outcome_detail END,
+        finished_at = CASE WHEN p.new_status <> 'pending' THEN v_now END
+    FROM plan p WHERE st.subtask_id = p.subtask_id
+  ),
+  -- cancelled, never sent: refund the owner's quota (as in edm.complete)
+  refund_users AS (
+    UPDATE edm.users u SET quota_used = u.quota_used - a.n
+    FROM (SELECT p.user_id, count(*) AS n FROM plan p
+          WHERE p.new_status = 'cancelled' GROUP BY p.user_id) a
+    WHERE u.user_id = a.user_id
+  )
+  INSERT INTO edm.send_events (occurred_at, subtask_id, task_id, user_id, service_id, kind,
+                               attempt, started_at, dispatcher, detail)
+  SELECT v_now, p.subtask_id, p.task_id, p.user_id, p.service_id, 'lease_expired',
+         p.attempts, p.leased_at, p.lease_owner,
+         'lease expired: the send may or may not have happened; now ' || p.new_status
+  FROM plan p;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.expire_leases(timestamp with time zone,integer) IS 'Returns subtasks whose lease expired to pending (or failed after queue.max_attempts, or cancelled when their task was, refunding the owner''s quota), counting lease_expiries and recording a lease_expired event: the uncertain outcomes of I1. Returns how many it handled.';
+REVOKE ALL ON FUNCTION edm.expire_leases(timestamp with time zone,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.next_wakeup(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS timestamp with time zone
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_at timestamptz;
+BEGIN
+  v_at := least(
+    -- Walk services_ready_idx in time order and stop at the first service
+    -- some user with work may use. The probe is a scalar subquery, not
+    -- EXISTS: PostgreSQL flattens EXISTS into a semi-join (dropping its
+    -- LIMIT) and hashes every user with work on each call.
+    (SELECT s.next_available_at FROM edm.services s
+     WHERE s.enabled AND s.daily_quota > 0
+       AND (SELECT true FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
+            WHERE g.service_id = s.service_id AND u.claimable_tasks > 0 LIMIT 1)
+     ORDER BY s.next_available_at LIMIT 1),
+    (SELECT min(t.scheduled_at) FROM edm.tasks t WHERE t.status = 'scheduled'),
+    (SELECT min(st.lease_expires_at) FROM edm.subtasks st WHERE st.status = 'leased'));
+  IF v_at IS NULL THEN
+    RETURN NULL;  -- nothing is waiting
+  END IF;
+  -- A time already past (including -infinity: a service never used) is "now".
+  RETURN greatest(v_at, coalesce(p_now, now()));
+END;
+$function$;
+COMMENT ON FUNCTION edm.next_wakeup(timestamp with time zone) IS 'The earliest time a claim or a lease expiry could next have work: a service with work becoming ready, a scheduled task starting, or a lease expiring. NULL when nothing is waiting. Dispatchers sleep until then (or a NOTIFY).';
+REVOKE ALL ON FUNCTION edm.next_wakeup(timestamp with time zone) FROM PUBLIC;
+
+-- ==========================================================================
+-- Sweeps, alerts and metrics
+-- Periodic maintenance run by the elected dispatcher.
+-- ==========================================================================
+
+CREATE TABLE edm.sweep_state (
+  name text NOT NULL,
+  watermark timestamp with time zone NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT sweep_state_pkey PRIMARY KEY (name)
+);
+COMMENT ON TABLE edm.sweep_state IS 'Progress markers of incremental sweeps (e.g. how far send_events were rolled up).';
+COMMENT ON COLUMN edm.sweep_state.name IS 'Sweep name.';
+COMMENT ON COLUMN edm.sweep_state.watermark IS 'Everything before this time has been processed.';
+COMMENT ON COLUMN edm.sweep_state.updated_at IS 'Last run.';
+
+CREATE TABLE edm.alerts (
+  alert_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  raised_at timestamp with time zone DEFAULT now() NOT NULL,
+  kind text NOT NULL,
+  severity text NOT NULL,
+  task_id bigint,
+  service_id bigint,
+  user_id text,
+  message text NOT NULL,
+  notified_at timestamp with time zone,
+  resolved_at timestamp with time zone,
+  CONSTRAINT alerts_pkey PRIMARY KEY (alert_id),
+  CONSTRAINT alerts_kind_check CHECK ((kind = ANY (ARRAY['wait'::text, 'quota'::text, 'stuck'::text, 'service'::text]))),
+  CONSTRAINT alerts_severity_check CHECK ((severity = ANY (ARRAY['info'::text, 'warning'::text, 'critical'::text, 'emergency'::text])))
+);
+COMMENT ON TABLE edm.alerts IS 'Alerts raised by the sweeps (waits, quotas, stuck tasks), handed to the host callback once (notified_at).';
+COMMENT ON COLUMN edm.alerts.alert_id IS 'Surrogate id.';
+COMMENT ON COLUMN edm.alerts.raised_at IS 'When the alert was raised.';
+COMMENT ON COLUMN edm.alerts.kind IS 'wait, quota, stuck or service.';
+COMMENT ON COLUMN edm.alerts.severity IS 'info, warning, critical or emergency.';
+COMMENT ON COLUMN edm.alerts.task_id IS 'Task concerned, if any.';
+COMMENT ON COLUMN edm.alerts.service_id IS 'Service concerned, if any.';
+COMMENT ON COLUMN edm.alerts.user_id IS 'User concerned, if any.';
+COMMENT ON COLUMN edm.alerts.message IS 'Human-readable description.';
+COMMENT ON COLUMN edm.alerts.notified_at IS 'When the host callback received the alert.';
+COMMENT ON COLUMN edm.alerts.resolved_at IS 'When the condition cleared.';
+CREATE UNIQUE INDEX alerts_open_idx ON edm.alerts USING btree (kind, severity, COALESCE(task_id, (0)::bigint), COALESCE(service_id, (0)::bigint)) WHERE (resolved_at IS NULL);
+COMMENT ON INDEX edm.alerts_open_idx IS 'At most one open alert per kind, severity and subject.';
+
+CREATE TABLE edm.metrics_hourly (
+  hour timestamp with time zone NOT NULL,
+  service_id bigint NOT NULL,
+  user_id text NOT NULL,
+  sent bigint DEFAULT 0 NOT NULL,
+  failed bigint DEFAULT 0 NOT NULL,
+  retried bigint DEFAULT 0 NOT NULL,
+  service_failures bigint DEFAULT 0 NOT NULL,
+  lease_expired bigint DEFAULT 0 NOT NULL,
+  response_ms_sum bigint DEFAULT 0 NOT NULL,
+  response_count bigint DEFAULT 0 NOT NULL,
+  CONSTRAINT metrics_hourly_pkey PRIMARY KEY (hour, service_id, user_id)
+);
+COMMENT ON TABLE edm.metrics_hourly IS 'Hourly roll-up of send_events per service and user, kept for monitoring.metrics_retention_days.';
+COMMENT ON COLUMN edm.metrics_hourly.hour IS 'Start of the hour (UTC).';
+COMMENT ON COLUMN edm.metrics_hourly.service_id IS 'Service.';
+COMMENT ON COLUMN edm.metrics_hourly.user_id IS 'User.';
+COMMENT ON COLUMN edm.metrics_hourly.sent IS 'Messages accepted by the provider.';
+COMMENT ON COLUMN edm.metrics_hourly.failed IS 'Permanent failures.';
+COMMENT ON COLUMN edm.metrics_hourly.retried IS 'Transient failures scheduled for retry.';
+COMMENT ON COLUMN edm.metrics_hourly.service_failures IS 'Service-level failures.';
+COMMENT ON COLUMN edm.metrics_hourly.lease_expired IS 'Expired leases (uncertain outcomes).';
+COMMENT ON COLUMN edm.metrics_hourly.response_ms_sum IS 'Sum of provider response times (ms), for averages.';
+COMMENT ON COLUMN edm.metrics_hourly.response_count IS 'Number of response times summed.';
+
+CREATE FUNCTION edm.run_sweeps(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_report jsonb;
+  v_step text;
+  v_value bigint;
+BEGIN
+  -- Recovery first, and outside the guarded steps below: nothing that goes
+  -- wrong in maintenance may keep expired leases from coming back (I7).
+  v_report := jsonb_build_object('leases_expired', edm.expire_leases(p_now));
+  -- Each maintenance step runs in its own subtransaction: a failing step is
+  -- reported (and logged by the dispatcher) without undoing the others.
+  FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'tasks_started', 'tasks_completed',
+                                'alerts_raised', 'metrics_rows', 'partitions_created',
+                                'retention_removed'] LOOP
+    BEGIN
+      v_value := CASE v_step
+        WHEN 'quota_days_rolled' THEN edm.roll_quota_days(p_now)
+        WHEN 'tasks_started' THEN edm.start_due_tasks(p_now)
+        WHEN 'tasks_completed' THEN edm.finish_tasks(p_now)
+        WHEN 'alerts_raised' THEN edm.sweep_alerts(p_now)
+        WHEN 'metrics_rows' THEN edm.roll_up_metrics(p_now)
+        WHEN 'partitions_created' THEN edm.ensure_partitions(p_now)
+        WHEN 'retention_removed' THEN edm.apply_retention(p_now)
+      END;
+      v_report := v_report || jsonb_build_object(v_step, v_value);
+    EXCEPTION WHEN OTHERS THEN
+      v_report := v_report || jsonb_build_object(v_step, NULL)
+                  || jsonb_build_object('errors', coalesce(v_report -> 'errors', '[]'::jsonb)
+                                                  || to_jsonb(v_step || ': ' || SQLERRM));
+    END;
+  END LOOP;
+  RETURN v_report;
+END;
+$function$;
+COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report.';
+REVOKE ALL ON FUNCTION edm.run_sweeps(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.roll_quota_days(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  -- Claims roll a service's quota day lazily; this makes views and alerts
+  -- right for idle services too. SKIP LOCKED: never wait on a claim.
+  UPDATE edm.services s
+  SET sent_today = 0, quota_day = (coalesce(p_now, now()) AT TIME ZONE s.quota_tz)::date,
+      quota_exhausted_until = NULL
+  WHERE s.service_id IN (
+    SELECT x.service_id FROM edm.services x
+    WHERE x.quota_day < (coalesce(p_now, now()) AT TIME ZONE x.quota_tz)::date
+    FOR NO KEY UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.roll_quota_days(timestamp with time zone) IS 'Starts a new quota day for every service whose local midnight (in its quota_tz) has passed: sent_today back to 0. Returns how many services rolled over.';
+REVOKE ALL ON FUNCTION edm.roll_quota_days(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.finish_tasks(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  UPDATE edm.tasks t SET status = 'completed', finished_at = coalesce(p_now, now())
+  WHERE t.task_id IN (
+    SELECT x.task_id FROM edm.tasks x
+    WHERE x.status = 'sending' AND x.pending_count = 0 AND x.leased_count = 0
+    FOR NO KEY UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.finish_tasks(timestamp with time zone) IS 'Safety net: completes sending tasks with nothing pending or leased (completion normally does this in its own transaction).';
+REVOKE ALL ON FUNCTION edm.finish_tasks(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.raise_alert(p_kind text, p_severity text, p_message text, p_task_id bigint DEFAULT NULL::bigint, p_service_id bigint DEFAULT NULL::bigint, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS boolean
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ WITH ins AS (
+          INSERT INTO edm.alerts (raised_at, kind, severity, task_id, service_id, user_id, message)
+           VALUES (COALESCE(raise_alert.p_now, now()), raise_alert.p_kind, raise_alert.p_severity, raise_alert.p_task_id, raise_alert.p_service_id, raise_alert.p_user_id, raise_alert.p_message) ON CONFLICT(kind, severity, (COALESCE(task_id, (0)::bigint)), (COALESCE(service_id, (0)::bigint)))
+           WHERE (resolved_at IS NULL) DO NOTHING
+           RETURNING 1 AS "?column?"
+         )
+  SELECT (EXISTS ( SELECT 1
+            FROM ins)) AS "exists";
+END;
+COMMENT ON FUNCTION edm.raise_alert(text,text,text,bigint,bigint,text,timestamp with time zone) IS 'Records an alert unless the same one (kind, severity, subject) is already open; true when recorded.';
+REVOKE ALL ON FUNCTION edm.raise_alert(text,text,text,bigint,bigint,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.sweep_alerts(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_warn integer := edm.config_int('monitoring.wait_warning');
+  v_crit integer := edm.config_int('monitoring.wait_critical');
+  v_emer integer := edm.config_int('monitoring.wait_emergency');
+  v_quota integer := edm.config_int('monitoring.quota_alert_percent');
+  v_stuck integer := edm.config_int('monitoring.stuck_task_threshold');
+  v_n integer := 0;
+  r record;
+BEGIN
+  -- First-send waits: tasks due, with work, and nothing claimed yet.
+  FOR r IN
+    SELECT t.task_id, t.user_id, t.name, extract(epoch FROM v_now - t.scheduled_at) AS wait
+    FROM edm.tasks t
+    WHERE t.status IN ('scheduled', 'sending') AND t.first_claimed_at IS NULL
+      AND t.pending_count > 0 AND t.scheduled_at <= v_now - make_interval(secs => v_warn)
+  LOOP
+    IF edm.raise_alert('wait',
+         CASE WHEN r.wait >= v_emer THEN 'emergency' WHEN r.wait >= v_crit THEN 'critical'
+              ELSE 'warning' END,
+         format('task %s (%s) of user %s has waited %s s for its first send',
+                r.task_id, r.name, r.user_id, round(r.wait)),
+         r.task_id, NULL, r.user_id, v_now) THEN
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  UPDATE edm.alerts a SET resolved_at = v_now
+  FROM edm.tasks t
+  WHERE a.kind = 'wait' AND a.resolved_at IS NULL AND t.task_id = a.task_id
+    AND (t.first_claimed_at IS NOT NULL OR t.status NOT IN ('scheduled', 'sending'));
+
+  -- Stuck tasks: sending, with work left, no claim or completion for too long.
+  FOR r IN
+    UPDATE edm.tasks t SET stuck_since = v_now
+    WHERE t.status = 'sending' AND t.stuck_since IS NULL
+      AND t.pending_count + t.leased_count > 0
+      AND coalesce(t.last_activity_at, t.started_at, t.scheduled_at)
+          <= v_now - make_interval(secs => v_stuck)
+    RETURNING t.task_id, t.user_id, t.name
+  LOOP
+    IF edm.raise_alert('stuck', 'critical',
+         format('task %s (%s) of user %s made no progress for %s s; see edm.task_wait_reasons',
+                r.task_id, r.name, r.user_id, v_stuck),
+         r.task_id, NULL, r.user_id, v_now) THEN
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  UPDATE edm.alerts a SET resolved_at = v_now
+  FROM edm.tasks t
+  WHERE a.kind = 'stuck' AND a.resolved_at IS NULL AND t.task_id = a.task_id
+    AND t.stuck_since IS NULL;
+
+  -- Services past the quota alert share of today's quota.
+  FOR r IN
+    SELECT s.service_id, s.name, edm.service_sent_today(s, v_now) AS used, s.daily_quota
+    FROM edm.services s
+    WHERE s.enabled AND s.daily_quota > 0
+      AND edm.service_sent_today(s, v_now)::bigint * 100 >= v_quota::bigint * s.daily_quota
+  LOOP
+    IF edm.raise_alert('quota', 'warning',
+         format('service %s (%s) used %s of its daily quota of %s', r.service_id, r.name,
+                r.used, r.daily_quota),
+         NULL, r.service_id, NULL, v_now) THEN
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  UPDATE edm.alerts a SET resolved_at = v_now
+  FROM edm.services s
+  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND s.service_id = a.service_id
+    AND edm.service_sent_today(s, v_now)::bigint * 100 < v_quota::bigint * s.daily_quota;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.sweep_alerts(timestamp with time zone) IS 'Raises (and resolves) alerts: first-send waits past monitoring.wait_warning / _critical / _emergency, tasks without progress past monitoring.stuck_task_threshold (flagged in tasks.stuck_since), services past monitoring.quota_alert_percent of their daily quota. Returns how many alerts were raised.';
+REVOKE ALL ON FUNCTION edm.sweep_alerts(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.take_alerts(p_limit integer DEFAULT 100)
+ RETURNS TABLE(alert_id bigint, raised_at timestamp with time zone, kind text, severity text, task_id bigint, service_id bigint, user_id text, message text)
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ UPDATE edm.alerts a SET notified_at = now()
+   WHERE (a.alert_id IN ( SELECT x.alert_id
+            FROM edm.alerts x
+           WHERE (x.notified_at IS NULL)
+           ORDER BY x.alert_id
+          LIMIT take_alerts.p_limit
+          FOR UPDATE OF x SKIP LOCKED))
+   RETURNING a.alert_id,
+     a.raised_at,
+     a.kind,
+     a.severity,
+     a.task_id,
+     a.service_id,
+     a.user_id,
+     a.message;
+END;
+COMMENT ON FUNCTION edm.take_alerts(integer) IS 'Marks up to p_limit not-yet-notified alerts as notified and returns them, for the host''s alert callback (each alert is handed over once).';
+REVOKE ALL ON FUNCTION edm.take_alerts(integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.roll_up_metrics(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_from timestamptz;
+  v_to timestamptz := coalesce(p_now, now()) - interval '5 seconds';
+  v_n integer;
+BEGIN
+  SELECT s.watermark INTO v_from FROM edm.sweep_state s WHERE s.name = 'metrics_hourly' FOR UPDATE;
+  IF NOT FOUND THEN
+    v_from := '-infinity';
+    INSERT INTO edm.sweep_state (name, watermark) VALUES ('metrics_hourly', v_to);
+  END IF;
+  IF v_from >= v_to THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO edm.metrics_hourly AS m (hour, service_id, user_id, sent, failed, retried,
+                                       service_failures, lease_expired, response_ms_sum,
+                                       response_count)
+  SELECT date_trunc('hour', e.occurred_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+         coalesce(e.service_id, 0), e.user_id,
+         count(*) FILTER (WHERE e.kind = 'sent'),
+         count(*) FILTER (WHERE e.kind = 'failed'),
+         count(*) FILTER (WHERE e.kind = 'retry'),
+         count(*) FILTER (WHERE e.kind = 'service_failure'),
+         count(*) FILTER (WHERE e.kind = 'lease_expired'),
+         coalesce(sum(e.response_ms) FILTER (WHERE e.kind = 'sent'), 0),
+         count(e.response_ms) FILTER (WHERE e.kind = 'sent')
+  FROM edm.send_events e
+  WHERE e.occurred_at >= v_from AND e.occurred_at < v_to
+  GROUP BY 1, 2, 3
+  ON CONFLICT (hour, service_id, user_id) DO UPDATE SET
+    sent = m.sent + EXCLUDED.sent, failed = m.failed + EXCLUDED.failed,
+    retried = m.retried + EXCLUDED.retried,
+    service_failures = m.service_failures + EXCLUDED.service_failures,
+    lease_expired = m.lease_expired + EXCLUDED.lease_expired,
+    response_ms_sum = m.response_ms_sum + EXCLUDED.response_ms_sum,
+    response_count = m.response_count + EXCLUDED.response_count;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  UPDATE edm.sweep_state SET watermark = v_to, updated_at = now() WHERE name = 'metrics_hourly';
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.roll_up_metrics(timestamp with time zone) IS 'Adds send_events recorded since the last roll-up (up to 5 s ago: completions commit late) into edm.metrics_hourly. Incremental; returns the number of hourly rows touched.';
+REVOKE ALL ON FUNCTION edm.roll_up_metrics(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.ensure_partitions(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_days_ahead integer DEFAULT 3)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_day date;
+  v_name text;
+  v_n integer := 0;
+BEGIN
+  -- Partitions are made for days that have not started yet, so the default
+  -- partition never holds rows of a day that later gets its own partition.
+  FOR v_day IN
+    SELECT d::date FROM generate_series((coalesce(p_now, now()) AT TIME ZONE 'UTC')::date + 1,
+                                        (coalesce(p_now, now()) AT TIME ZONE 'UTC')::date + p_days_ahead,
+                                        interval '1 day') d
+  LOOP
+    v_name := 'send_events_' || to_char(v_day, 'YYYYMMDD');
+    CONTINUE WHEN to_regclass('edm.' || v_name) IS NOT NULL;
+    BEGIN
+      EXECUTE format('CREATE TABLE edm.%I PARTITION OF edm.send_events FOR VALUES FROM (%L) TO (%L)',
+                     v_name, (v_day::timestamp AT TIME ZONE 'UTC'),
+                     ((v_day + 1)::timestamp AT TIME ZONE 'UTC'));
+      EXECUTE format('COMMENT ON TABLE edm.%I IS %L', v_name,
+                     'send_events of ' || v_day || ' (UTC); dropped after monitoring.metrics_retention_days');
+      v_n := v_n + 1;
+    EXCEPTION WHEN check_violation THEN
+      -- rows of that day already sit in the default partition (clock skew): keep them there
+      NULL;
+    END;
+  END LOOP;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.ensure_partitions(timestamp with time zone,integer) IS 'Creates the daily partitions of edm.send_events for the next p_days_ahead days (UTC), each with a comment. Returns how many were created.';
+REVOKE ALL ON FUNCTION edm.ensure_partitions(timestamp with time zone,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.apply_retention(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_days integer := edm.config_int('monitoring.metrics_retention_days');
+  v_cut timestamptz := coalesce(p_now, now()) - make_interval(days => v_days);
+  v_part record;
+  v_n bigint := 0;
+  v_m bigint;
+BEGIN
+  -- Whole daily partitions older than the cut are dropped (no dead tuples).
+  FOR v_part IN
+    SELECT c.relname FROM pg_inherits i
+    JOIN pg_class c ON c.oid = i.inhrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE i.inhparent = 'edm.send_events'::regclass AND n.nspname = 'edm'
+      AND c.relname ~ '^send_events_[0-9]{8}$'
+      AND to_date(substr(c.relname, 13), 'YYYYMMDD') + 1 <= (v_cut AT TIME ZONE 'UTC')::date
+  LOOP
+    EXECUTE format('DROP TABLE edm.%I', v_part.relname);
+    v_n := v_n + 1;
+  END LOOP;
+  DELETE FROM edm.send_events_default e WHERE e.occurred_at < v_cut;
+  GET DIAGNOSTICS v_m = ROW_COUNT;
+  v_n := v_n + v_m;
+  DELETE FROM edm.metrics_hourly m WHERE m.hour < v_cut;
+  DELETE FROM edm.alerts a WHERE a.resolved_at < v_cut;
+  -- Finished tasks leave the hot tables (subtasks and templates cascade),
+  -- a few per sweep so that one sweep stays short.
+  DELETE FROM edm.tasks t
+  WHERE t.task_id IN (
+    SELECT x.task_id FROM edm.tasks x
+    WHERE x.status IN ('completed', 'cancelled', 'failed')
+      AND x.finished_at < coalesce(p_now, now())
+                          - make_interval(days => edm.config_int('retention.finished_task_days'))
+    ORDER BY x.finished_at
+    LIMIT edm.config_int('retention.finished_tasks_per_sweep')
+    FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_m = ROW_COUNT;
+  v_n := v_n + v_m;
+  DELETE FROM edm.dispatchers d WHERE d.heartbeat_at < coalesce(p_now, now()) - interval '1 day';
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.apply_retention(timestamp with time zone) IS 'Drops send_events partitions and deletes events, roll-ups and resolved alerts older than monitoring.metrics_retention_days; deletes up to retention.finished_tasks_per_sweep tasks finished more than retention.finished_task_days ago (their subtasks cascade) and dispatcher rows silent for a day. Returns partitions dropped plus rows deleted (events of the default partition, tasks).';
+REVOKE ALL ON FUNCTION edm.apply_retention(timestamp with time zone) FROM PUBLIC;
+
+-- ==========================================================================
+-- Monitoring views
+-- What a DBA reads when something looks wrong.
+-- ==========================================================================
+
+CREATE FUNCTION edm.task_wait_reason(p_task_id bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(reason text, until timestamp with time zone)
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  t edm.tasks;
+  u edm.users;
+  v_granted integer;
+  v_enabled integer;
+  v_ready integer;
+  v_exhausted integer;
+  v_backoff integer;
+  v_next_interval timestamptz;
+  v_next_quota timestamptz;
+  v_next_backoff timestamptz;
+  v_next_retry timestamptz;
+  v_bind_service text;
+  v_bind_limit text;
+  v_bind_at timestamptz;
+BEGIN
+  SELECT * INTO t FROM edm.tasks WHERE task_id = p_task_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'ED001';
+  END IF;
+  SELECT * INTO u FROM edm.users WHERE user_id = t.user_id;
+  IF t.status IN ('completed', 'cancelled', 'failed') THEN
+    RETURN QUERY SELECT 'finished (' || t.status || ')', t.finished_at; RETURN;
+  ELSIF t.status = 'draft' THEN
+    IF u.quota_limit IS NOT NULL AND u.quota_used >= u.quota_limit THEN
+      RETURN QUERY SELECT 'user quota exhausted', NULL::timestamptz; RETURN;
+    END IF;
+    RETURN QUERY SELECT 'draft: not submitted', NULL::timestamptz; RETURN;
+  ELSIF t.status = 'expanding' THEN
+    RETURN QUERY SELECT format('expanding recipients (%s so far)', t.total_count), NULL::timestamptz; RETURN;
+  ELSIF t.status = 'paused' THEN
+    RETURN QUERY SELECT 'paused', NULL::timestamptz; RETURN;
+  ELSIF t.scheduled_at > v_now THEN
+    RETURN QUERY SELECT 'scheduled later', t.scheduled_at; RETURN;
+  ELSIF t.pending_count = 0 THEN
+    RETURN QUERY SELECT 'sending: waiting for in-flight sends to complete', NULL::timestamptz; RETURN;
+  END IF;
+
+  -- >>> 0010_adoption: no live dispatcher, no sends (whatever the services say).
+  IF edm.live_dispatcher_count(v_now) = 0 THEN
+    RETURN QUERY SELECT 'no dispatcher running (no heartbeat in the last 30 s): start edm-sched dispatch',
+                        NULL::timestamptz;
+    RETURN;
+  END IF;
+  -- <<< 0010_adoption
+
+  SELECT count(*), count(*) FILTER (WHERE s.enabled),
+         count(*) FILTER (WHERE edm.service_is_ready(s, v_now)),
+         count(*) FILTER (WHERE s.enabled AND (s.daily_quota = 0
+                            OR edm.service_sent_today(s, v_now) >= s.daily_quota)),
+         count(*) FILTER (WHERE s.enabled AND s.backoff_until > v_now),
+         min(edm.ts_add_ms(s.last_sent_at, s.interval_ms)) FILTER (WHERE s.enabled),
+         min(coalesce(s.quota_exhausted_until, edm.service_next_quota_day(s.quota_tz, v_now)))
+           FILTER (WHERE s.enabled AND s.daily_quota > 0
+                   AND edm.service_sent_today(s, v_now) >= s.daily_quota),
+         min(s.backoff_until) FILTER (WHERE s.enabled AND s.backoff_until > v_now)
+  INTO v_granted, v_enabled, v_ready, v_exhausted, v_backoff, v_next_interval, v_next_quota,
+       v_next_backoff
+  FROM edm.grants g JOIN edm.services s ON s.service_id = g.service_id
+  WHERE g.user_id = t.user_id;
+
+  SELECT min(st.not_before) INTO v_next_retry FROM edm.subtasks st
+  WHERE st.task_id = t.task_id AND st.status = 'pending';
+
+  IF v_granted = 0 THEN
+    RETURN QUERY SELECT 'no granted service', NULL::timestamptz;
+  ELSIF v_enabled = 0 THEN
+    RETURN QUERY SELECT 'all granted services disabled', NULL::timestamptz;
+  ELSIF v_next_retry > v_now THEN
+    RETURN QUERY SELECT 'retries waiting for their back-off', v_next_retry;
+  ELSIF v_ready > 0 THEN
+    RETURN QUERY SELECT 'in rotation: a granted service is ready; waiting for its turn among users',
+                        NULL::timestamptz;
+  ELSIF v_exhausted = v_enabled THEN
+    RETURN QUERY SELECT 'service quotas exhausted', v_next_quota;
+  ELSIF v_backoff + v_exhausted = v_enabled THEN
+    RETURN QUERY SELECT 'granted services unhealthy (backing off)', least(v_next_backoff, v_next_quota);
+  ELSE
+    -- Name the limit that binds (0008): on the granted service that frees first.
+    SELECT s.name, b.limit_name, b.free_at INTO v_bind_service, v_bind_limit, v_bind_at
+    FROM edm.grants g JOIN edm.services s ON s.service_id = g.service_id
+    CROSS JOIN LATERAL edm.service_binding_limit(s, v_now) b
+    WHERE g.user_id = t.user_id AND s.enabled
+      AND (s.backoff_until IS NULL OR s.backoff_until <= v_now)
+    ORDER BY b.free_at, s.service_id
+    LIMIT 1;
+    IF v_bind_limit IS NULL THEN
+      RETURN QUERY SELECT 'all granted services throttled', v_next_interval;
+    ELSE
+      RETURN QUERY SELECT format('all granted services throttled: first to free is %s, held by its %s limit',
+                                 v_bind_service, v_bind_limit), v_bind_at;
+    END IF;
+  END IF;
+END;
+$function$;
+COMMENT ON FUNCTION edm.task_wait_reason(bigint,timestamp with time zone) IS 'Why task p_task_id is not sending right now, and until when if known: scheduled later, paused, expanding, no dispatcher running (no live heartbeat, see edm.live_dispatcher_count), no granted service, all granted services disabled, throttled until T (naming the service that frees first and its binding limit: interval, daily_quota or an extra limit of edm.service_limits), quotas exhausted until T, backing off until T, retries in back-off until T, user quota exhausted, or in rotation.';
+REVOKE ALL ON FUNCTION edm.task_wait_reason(bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE VIEW edm.task_progress AS
+ SELECT task_id,
+    user_id,
+    name,
+    status,
+    priority,
+    scheduled_at,
+    total_count AS total,
+    sent_count AS sent,
+    pending_count AS pending,
+    leased_count AS leased,
+    failed_count AS failed,
+    cancelled_count AS cancelled,
+        CASE
+            WHEN (total_count = 0) THEN 100.0
+            ELSE round(((100.0 * (((sent_count + failed_count) + cancelled_count))::numeric) / (total_count)::numeric), 1)
+        END AS progress_pct,
+    (EXTRACT(epoch FROM (COALESCE(first_claimed_at, GREATEST(now(), scheduled_at)) - scheduled_at)))::double precision AS first_send_wait_s,
+        CASE
+            WHEN ((sent_count > 0) AND (last_activity_at > first_claimed_at)) THEN ((sent_count)::double precision / (EXTRACT(epoch FROM (last_activity_at - first_claimed_at)))::double precision)
+            ELSE NULL::double precision
+        END AS sends_per_s,
+        CASE
+            WHEN ((pending_count + leased_count) = 0) THEN (0.0)::double precision
+            WHEN ((sent_count > 0) AND (last_activity_at > first_claimed_at)) THEN (((pending_count + leased_count))::double precision / ((sent_count)::double precision / (EXTRACT(epoch FROM (last_activity_at - first_claimed_at)))::double precision))
+            ELSE NULL::double precision
+        END AS eta_s,
+    last_activity_at,
+    stuck_since
+   FROM edm.tasks t;
+COMMENT ON VIEW edm.task_progress IS 'Per task: progress (total, sent, pending, leased, failed, cancelled, percent), first-send wait (so far, if still waiting), average throughput, ETA at that rate, last activity, stuck flag.';
+COMMENT ON COLUMN edm.task_progress.task_id IS 'Task.';
+COMMENT ON COLUMN edm.task_progress.user_id IS 'Owner.';
+COMMENT ON COLUMN edm.task_progress.name IS 'Campaign name.';
+COMMENT ON COLUMN edm.task_progress.status IS 'Task status.';
+COMMENT ON COLUMN edm.task_progress.priority IS 'Task priority.';
+COMMENT ON COLUMN edm.task_progress.scheduled_at IS 'Start time.';
+COMMENT ON COLUMN edm.task_progress.total IS 'Recipients.';
+COMMENT ON COLUMN edm.task_progress.sent IS 'Sent.';
+COMMENT ON COLUMN edm.task_progress.pending IS 'Waiting to be claimed.';
+COMMENT ON COLUMN edm.task_progress.leased IS 'Being sent.';
+COMMENT ON COLUMN edm.task_progress.failed IS 'Failed permanently.';
+COMMENT ON COLUMN edm.task_progress.cancelled IS 'Cancelled.';
+COMMENT ON COLUMN edm.task_progress.progress_pct IS 'Finished share (sent, failed or cancelled), percent.';
+COMMENT ON COLUMN edm.task_progress.first_send_wait_s IS 'Seconds from scheduled_at to the first claim (or to now while waiting).';
+COMMENT ON COLUMN edm.task_progress.sends_per_s IS 'Average sends per second since the first claim.';
+COMMENT ON COLUMN edm.task_progress.eta_s IS 'Seconds left at the average rate (NULL before any send).';
+COMMENT ON COLUMN edm.task_progress.last_activity_at IS 'Latest claim or completion.';
+COMMENT ON COLUMN edm.task_progress.stuck_since IS 'When the sweep flagged the task as stuck.';
+
+CREATE VIEW edm.service_status AS
+ SELECT service_id,
+    name,
+    transport,
+    enabled,
+        CASE
+            WHEN (NOT enabled) THEN 'disabled'::text
+            WHEN ((daily_quota = 0) OR (edm.service_sent_today(s.*) >= daily_quota) OR (quota_exhausted_until > now())) THEN 'exhausted'::text
+            WHEN (backoff_until > now()) THEN 'unhealthy'::text
+            WHEN (next_available_at > now()) THEN 'throttled'::text
+            ELSE 'ready'::text
+        END AS state,
+    NULLIF(next_available_at, '-infinity'::timestamp with time zone) AS next_available_at,
+    interval_ms,
+    daily_quota,
+    edm.service_sent_today(s.*) AS sent_today,
+        CASE
+            WHEN (daily_quota = 0) THEN 100.0
+            ELSE round(((100.0 * (edm.service_sent_today(s.*))::numeric) / (daily_quota)::numeric), 1)
+        END AS quota_used_pct,
+    ( SELECT count(*) AS count
+           FROM edm.send_events e
+          WHERE ((e.service_id = s.service_id) AND (e.kind = 'sent'::text) AND (e.occurred_at >= (now() - '01:00:00'::interval)))) AS sent_last_hour,
+    success_rate,
+    avg_response_ms,
+    health,
+    consecutive_failures,
+    backoff_until,
+    last_error,
+    total_sent,
+    total_failed
+   FROM edm.services s;
+COMMENT ON VIEW edm.service_status IS 'Per service: ready, throttled (interval), exhausted (daily quota), unhealthy (backing off) or disabled; sends in the last hour, quota used, success rate, average response time, last error.';
+COMMENT ON COLUMN edm.service_status.service_id IS 'Service.';
+COMMENT ON COLUMN edm.service_status.name IS 'Service name.';
+COMMENT ON COLUMN edm.service_status.transport IS 'Transport kind.';
+COMMENT ON COLUMN edm.service_status.enabled IS 'Enabled flag.';
+COMMENT ON COLUMN edm.service_status.state IS 'ready, throttled, exhausted, unhealthy or disabled.';
+COMMENT ON COLUMN edm.service_status.next_available_at IS 'Earliest next send start; NULL when nothing holds the service back.';
+COMMENT ON COLUMN edm.service_status.interval_ms IS 'Interval between send starts (ms).';
+COMMENT ON COLUMN edm.service_status.daily_quota IS 'Daily quota.';
+COMMENT ON COLUMN edm.service_status.sent_today IS 'Send starts in the current quota day.';
+COMMENT ON COLUMN edm.service_status.quota_used_pct IS 'Share of the daily quota used, percent.';
+COMMENT ON COLUMN edm.service_status.sent_last_hour IS 'Messages sent in the last hour.';
+COMMENT ON COLUMN edm.service_status.success_rate IS 'All-time success rate.';
+COMMENT ON COLUMN edm.service_status.avg_response_ms IS 'Weighted mean response time (ms).';
+COMMENT ON COLUMN edm.service_status.health IS 'healthy, degraded or backoff.';
+COMMENT ON COLUMN edm.service_status.consecutive_failures IS 'Service-level failures in a row.';
+COMMENT ON COLUMN edm.service_status.backoff_until IS 'Backing off until then.';
+COMMENT ON COLUMN edm.service_status.last_error IS 'Last service-level error.';
+COMMENT ON COLUMN edm.service_status.total_sent IS 'Sent, all time.';
+COMMENT ON COLUMN edm.service_status.total_failed IS 'Failed attempts, all time.';
+
+CREATE VIEW edm.system_health AS
+ SELECT ( SELECT count(*) AS count
+           FROM edm.services) AS services_total,
+    ( SELECT count(*) AS count
+           FROM edm.services s
+          WHERE s.enabled) AS services_enabled,
+    ( SELECT count(*) AS count
+           FROM edm.services s
+          WHERE edm.service_is_ready(s.*)) AS services_available,
+    ( SELECT count(DISTINCT e.service_id) AS count
+           FROM edm.send_events e
+          WHERE ((e.occurred_at >= (now() - '00:01:00'::interval)) AND (e.kind = 'sent'::text))) AS services_active_last_minute,
+    ( SELECT COALESCE(sum(t.pending_count), (0)::bigint) AS "coalesce"
+           FROM edm.tasks t
+          WHERE (t.status = ANY (ARRAY['scheduled'::text, 'sending'::text, 'paused'::text]))) AS pending_subtasks,
+    ( SELECT COALESCE(sum(t.leased_count), (0)::bigint) AS "coalesce"
+           FROM edm.tasks t) AS leased_subtasks,
+    ( SELECT count(*) AS count
+           FROM edm.tasks t
+          WHERE (t.status = ANY (ARRAY['scheduled'::text, 'sending'::text]))) AS active_tasks,
+    ( SELECT count(*) AS count
+           FROM edm.send_events e
+          WHERE ((e.occurred_at >= (now() - '00:01:00'::interval)) AND (e.kind = 'sent'::text))) AS sent_last_minute,
+    ( SELECT
+                CASE
+                    WHEN (count(*) = 0) THEN 0.0
+                    ELSE round((((count(*) FILTER (WHERE (e.kind = ANY (ARRAY['failed'::text, 'retry'::text, 'service_failure'::text]))))::numeric * 1.0) / (count(*))::numeric), 4)
+                END AS round
+           FROM edm.send_events e
+          WHERE ((e.occurred_at >= (now() - '01:00:00'::interval)) AND (e.kind = ANY (ARRAY['sent'::text, 'failed'::text, 'retry'::text, 'service_failure'::text])))) AS error_rate_last_hour,
+    ( SELECT count(*) AS count
+           FROM edm.alerts a
+          WHERE (a.resolved_at IS NULL)) AS open_alerts,
+    ( SELECT count(*) AS count
+           FROM edm.dispatchers d
+          WHERE ((d.stopped_at IS NULL) AND (d.heartbeat_at > (now() - '00:00:30'::interval)))) AS dispatchers_alive;
+COMMENT ON VIEW edm.system_health IS 'One row: services total / enabled / available now / active in the last minute (utilisation), queue sizes, active tasks, throughput and error rate, open alerts, live dispatchers.';
+COMMENT ON COLUMN edm.system_health.services_total IS 'Services.';
+COMMENT ON COLUMN edm.system_health.services_enabled IS 'Enabled services.';
+COMMENT ON COLUMN edm.system_health.services_available IS 'Services ready to send right now.';
+COMMENT ON COLUMN edm.system_health.services_active_last_minute IS 'Services that sent in the last minute.';
+COMMENT ON COLUMN edm.system_health.pending_subtasks IS 'Subtasks waiting (in scheduled, sending or paused tasks).';
+COMMENT ON COLUMN edm.system_health.leased_subtasks IS 'Subtasks being sent.';
+COMMENT ON COLUMN edm.system_health.active_tasks IS 'Tasks scheduled or sending.';
+COMMENT ON COLUMN edm.system_health.sent_last_minute IS 'Messages sent in the last minute.';
+COMMENT ON COLUMN edm.system_health.error_rate_last_hour IS 'Failed, retried or service-failed attempts over all attempts in the last hour.';
+COMMENT ON COLUMN edm.system_health.open_alerts IS 'Alerts not resolved.';
+COMMENT ON COLUMN edm.system_health.dispatchers_alive IS 'Dispatchers with a heartbeat in the last 30 s.';
+
+CREATE VIEW edm.task_wait_reasons AS
+ SELECT t.task_id,
+    t.user_id,
+    t.name,
+    t.status,
+    r.reason,
+    r.until
+   FROM (edm.tasks t
+     CROSS JOIN LATERAL edm.task_wait_reason(t.task_id) r(reason, until))
+  WHERE ((t.status = ANY (ARRAY['draft'::text, 'expanding'::text, 'scheduled'::text, 'sending'::text, 'paused'::text])) AND ((t.pending_count > 0) OR (t.status = ANY (ARRAY['draft'::text, 'expanding'::text]))));
+COMMENT ON VIEW edm.task_wait_reasons IS 'For each task with work waiting: why it is not being sent right now and until when (see edm.task_wait_reason).';
+COMMENT ON COLUMN edm.task_wait_reasons.task_id IS 'Task.';
+COMMENT ON COLUMN edm.task_wait_reasons.user_id IS 'Owner.';
+COMMENT ON COLUMN edm.task_wait_reasons.name IS 'Campaign name.';
+COMMENT ON COLUMN edm.task_wait_reasons.status IS 'Task status.';
+COMMENT ON COLUMN edm.task_wait_reasons.reason IS 'Why it waits.';
+COMMENT ON COLUMN edm.task_wait_reasons.until IS 'When the reason ends, if known.';
+
+-- ==========================================================================
+-- Recurring jobs
+-- Cron-scheduled jobs on the same database (see docs/jobs.md).
+-- ==========================================================================
+
+CREATE FUNCTION edm.job_retry_on_ok(p_kinds text[])
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ((cardinality(p_kinds) <= 50) AND (NOT (EXISTS (SELECT 1 FROM unnest(job_retry_on_ok.p_kinds) k(k) WHERE ((k.k IS NULL) OR (NOT ((k.k = ANY (ARRAY['timeout'::text, 'connection'::text, 'http_status'::text, 'unexpected_status'::text, 'exception'::text, 'exit_status'::text, 'lost'::text])) OR (k.k ~ '^[A-Z][A-Za-z0-9_]{0,99}$'::text))))))));
+COMMENT ON FUNCTION edm.job_retry_on_ok(text[]) IS 'True when every entry of a retry_on list is a retryable error kind (timeout, connection, http_status, unexpected_status, exception, exit_status, lost) or a Python exception class name.';
+REVOKE ALL ON FUNCTION edm.job_retry_on_ok(text[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_tags_ok(p_tags text[])
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ((cardinality(p_tags) <= 50) AND (NOT (EXISTS (SELECT 1 FROM unnest(job_tags_ok.p_tags) t(t) WHERE ((t.t IS NULL) OR ((length(t.t) < 1) OR (length(t.t) > 100)) OR (t.t ~ '[[:cntrl:]]'::text))))));
+COMMENT ON FUNCTION edm.job_tags_ok(text[]) IS 'True when a job''s tags are at most 50 non-empty strings of at most 100 characters without control characters.';
+REVOKE ALL ON FUNCTION edm.job_tags_ok(text[]) FROM PUBLIC;
+
+CREATE TABLE edm.jobs (
+  job_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  tenant_id text,
+  name text NOT NULL,
+  description text,
+  kind text NOT NULL,
+  target jsonb NOT NULL,
+  cron_expr text NOT NULL,
+  timezone text DEFAULT 'UTC'::text NOT NULL,
+  start_at timestamp with time zone,
+  end_at timestamp with time zone,
+  max_executions bigint,
+  status text DEFAULT 'active'::text NOT NULL,
+  inactive_reason text,
+  priority integer DEFAULT 0 NOT NULL,
+  max_concurrent integer DEFAULT 1 NOT NULL,
+  timeout_seconds integer DEFAULT 300 NOT NULL,
+  max_retries integer DEFAULT 0 NOT NULL,
+  retry_delay_seconds double precision DEFAULT 60 NOT NULL,
+  retry_backoff double precision DEFAULT 2 NOT NULL,
+  retry_max_delay_seconds double precision DEFAULT 3600 NOT NULL,
+  retry_on text[] DEFAULT '{timeout,connection,http_status,exception,exit_status,lost}'::text[] NOT NULL,
+  misfire_policy text DEFAULT 'run_once'::text NOT NULL,
+  misfire_grace_seconds integer DEFAULT 60 NOT NULL,
+  tags text[] DEFAULT '{}'::text[] NOT NULL,
+  next_run_at timestamp with time zone,
+  last_scheduled_for timestamp with time zone,
+  last_fired_at timestamp with time zone,
+  last_finished_at timestamp with time zone,
+  last_status text,
+  run_count bigint DEFAULT 0 NOT NULL,
+  running_count integer DEFAULT 0 NOT NULL,
+  success_count bigint DEFAULT 0 NOT NULL,
+  failure_count bigint DEFAULT 0 NOT NULL,
+  misfire_count bigint DEFAULT 0 NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT jobs_pkey PRIMARY KEY (job_id),
+  CONSTRAINT jobs_tenant_name_unique UNIQUE NULLS NOT DISTINCT (tenant_id, name),
+  CONSTRAINT jobs_active_has_next_run CHECK (((status = 'active'::text) = (next_run_at IS NOT NULL))),
+  CONSTRAINT jobs_check CHECK (((jsonb_typeof(target) = 'object'::text) AND ((target ->> 'kind'::text) = kind) AND (pg_column_size(target) <= 65536))),
+  CONSTRAINT jobs_cron_expr_check CHECK ((((length(cron_expr) >= 1) AND (length(cron_expr) <= 200)) AND (cron_expr !~ '[[:cntrl:]]'::text))),
+  CONSTRAINT jobs_dates_ordered CHECK (((end_at IS NULL) OR (start_at IS NULL) OR (end_at > start_at))),
+  CONSTRAINT jobs_description_check CHECK ((length(description) <= 2000)),
+  CONSTRAINT jobs_failure_count_check CHECK ((failure_count >= 0)),
+  CONSTRAINT jobs_inactive_has_reason CHECK (((status = 'inactive'::text) = (inactive_reason IS NOT NULL))),
+  CONSTRAINT jobs_inactive_reason_check CHECK ((length(inactive_reason) <= 500)),
+  CONSTRAINT jobs_kind_check CHECK ((kind = ANY (ARRAY['function'::text, 'http'::text, 'shell'::text, 'launch_campaign'::text]))),
+  CONSTRAINT jobs_max_concurrent_check CHECK (((max_concurrent >= 1) AND (max_concurrent <= 1000))),
+  CONSTRAINT jobs_max_executions_check CHECK ((max_executions > 0)),
+  CONSTRAINT jobs_max_retries_check CHECK (((max_retries >= 0) AND (max_retries <= 100))),
+  CONSTRAINT jobs_misfire_count_check CHECK ((misfire_count >= 0)),
+  CONSTRAINT jobs_misfire_grace_seconds_check CHECK (((misfire_grace_seconds >= 0) AND (misfire_grace_seconds <= 86400))),
+  CONSTRAINT jobs_misfire_policy_check CHECK ((misfire_policy = ANY (ARRAY['run_once'::text, 'skip'::text, 'run_all'::text]))),
+  CONSTRAINT jobs_name_check CHECK ((((length(name) >= 1) AND (length(name) <= 200)) AND (name !~ '[[:cntrl:]]'::text))),
+  CONSTRAINT jobs_priority_check CHECK (((priority >= '-100'::integer) AND (priority <= 100))),
+  CONSTRAINT jobs_retry_backoff_check CHECK (((retry_backoff >= (1)::double precision) AND (retry_backoff <= (10)::double precision))),
+  CONSTRAINT jobs_retry_delay_seconds_check CHECK (((retry_delay_seconds >= (0)::double precision) AND (retry_delay_seconds <= (86400)::double precision))),
+  CONSTRAINT jobs_retry_max_delay_seconds_check CHECK (((retry_max_delay_seconds >= (0)::double precision) AND (retry_max_delay_seconds <= (604800)::double precision))),
+  CONSTRAINT jobs_retry_on_check CHECK (edm.job_retry_on_ok(retry_on)),
+  CONSTRAINT jobs_run_count_check CHECK ((run_count >= 0)),
+  CONSTRAINT jobs_running_count_check CHECK ((running_count >= 0)),
+  CONSTRAINT jobs_status_check CHECK ((status = ANY (ARRAY['active'::text, 'paused'::text, 'inactive'::text]))),
+  CONSTRAINT jobs_success_count_check CHECK ((success_count >= 0)),
+  CONSTRAINT jobs_tags_check CHECK (edm.job_tags_ok(tags)),
+  CONSTRAINT jobs_tenant_id_check CHECK ((((length(tenant_id) >= 1) AND (length(tenant_id) <= 128)) AND (tenant_id !~ '[[:cntrl:]]'::text))),
+  CONSTRAINT jobs_timeout_seconds_check CHECK (((timeout_seconds >= 1) AND (timeout_seconds <= 86400))),
+  CONSTRAINT jobs_timezone_check CHECK (edm.is_valid_timezone(timezone))
+);
+COMMENT ON TABLE edm.jobs IS 'Recurring jobs: a cron schedule in a time zone and what to run. next_run_at is computed by edm-sched in Python (cronsim) and stored; an active job always has one. Change jobs through the Python API or CLI so next_run_at is recomputed; see docs/jobs.md.';
+COMMENT ON COLUMN edm.jobs.job_id IS 'Surrogate id.';
+COMMENT ON COLUMN edm.jobs.tenant_id IS 'Owning tenant (the host''s user id as text), NULL for platform jobs. Limited by jobs.max_jobs_per_tenant.';
+COMMENT ON COLUMN edm.jobs.name IS 'Name, unique per tenant.';
+COMMENT ON COLUMN edm.jobs.description IS 'Free text for people.';
+COMMENT ON COLUMN edm.jobs.kind IS 'function (host-registered Python callable), http, shell or launch_campaign.';
+COMMENT ON COLUMN edm.jobs.target IS 'What to run, as JSON with a "kind" equal to the kind column: {"kind":"function","function":name,"args":{}}, an HTTP request, a shell command, or a campaign definition. Never an import path: functions are looked up in the host''s registry.';
+COMMENT ON COLUMN edm.jobs.cron_expr IS 'Cron expression: 5 fields (minute hour day month weekday) or 6 with leading seconds; @hourly, @daily, @weekly, @monthly, @yearly are accepted. Validated by cronsim in Python.';
+COMMENT ON COLUMN edm.jobs.timezone IS 'Time zone the cron fields are read in (IANA name); DST rules in docs/jobs.md.';
+COMMENT ON COLUMN edm.jobs.start_at IS 'No run is scheduled before this instant (NULL: from creation).';
+COMMENT ON COLUMN edm.jobs.end_at IS 'No run is scheduled after this instant; the job then becomes inactive.';
+COMMENT ON COLUMN edm.jobs.max_executions IS 'Most scheduled occurrences fired (manual runs and retries not counted); the job then becomes inactive.';
+COMMENT ON COLUMN edm.jobs.status IS 'active (fires), paused (kept, no scheduled runs, queued retries held) or inactive (stopped, ended or exhausted; see inactive_reason).';
+COMMENT ON COLUMN edm.jobs.inactive_reason IS 'Why the job is inactive: stopped, end_at reached, max_executions reached, invalid schedule. NULL unless inactive.';
+COMMENT ON COLUMN edm.jobs.priority IS 'Higher first when runners have fewer free slots than due executions (-100..100). Copied to executions when queued.';
+COMMENT ON COLUMN edm.jobs.max_concurrent IS 'Most executions of this job running at once; a scheduled run that finds this many pending or running is recorded as skipped (JOB_ALREADY_RUNNING).';
+COMMENT ON COLUMN edm.jobs.timeout_seconds IS 'Longest run; a run still going is stopped (process killed, or told to stop) and recorded as timed_out.';
+COMMENT ON COLUMN edm.jobs.max_retries IS 'Retries of a failed run (0 = none).';
+COMMENT ON COLUMN edm.jobs.retry_delay_seconds IS 'Delay before the first retry.';
+COMMENT ON COLUMN edm.jobs.retry_backoff IS 'Multiplier of the delay for each further retry (1 = constant delay, 2 = doubling).';
+COMMENT ON COLUMN edm.jobs.retry_max_delay_seconds IS 'Cap on the retry delay.';
+COMMENT ON COLUMN edm.jobs.retry_on IS 'Error kinds (and Python exception class names) that are retried; config errors, permanent errors and cancellations never are.';
+COMMENT ON COLUMN edm.jobs.misfire_policy IS 'What to do with occurrences missed by more than misfire_grace_seconds (downtime): run_once (one catch-up run), skip, or run_all (each missed time, up to jobs.max_catchup_runs).';
+COMMENT ON COLUMN edm.jobs.misfire_grace_seconds IS 'An occurrence fired at most this late is on time, not a misfire.';
+COMMENT ON COLUMN edm.jobs.tags IS 'Free labels for filtering.';
+COMMENT ON COLUMN edm.jobs.next_run_at IS 'Next scheduled occurrence (UTC instant), computed in Python with cronsim; NULL unless active. Runners fire jobs with next_run_at <= now.';
+COMMENT ON COLUMN edm.jobs.last_scheduled_for IS 'Latest occurrence fired.';
+COMMENT ON COLUMN edm.jobs.last_fired_at IS 'When a runner last fired this job.';
+COMMENT ON COLUMN edm.jobs.last_finished_at IS 'When an execution of this job last finished.';
+COMMENT ON COLUMN edm.jobs.last_status IS 'Status of the latest finished execution.';
+COMMENT ON COLUMN edm.jobs.run_count IS 'Scheduled occurrences fired so far (run or skipped); compared with max_executions.';
+COMMENT ON COLUMN edm.jobs.running_count IS 'Executions running now: the slots of max_concurrent in use. Maintained by claim, finish, cancel and the lease sweep.';
+COMMENT ON COLUMN edm.jobs.success_count IS 'Executions that succeeded, all time.';
+COMMENT ON COLUMN edm.jobs.failure_count IS 'Executions that failed or timed out, all time.';
+COMMENT ON COLUMN edm.jobs.misfire_count IS 'Occurrences not run because of a misfire (skip and run_once policies, run_all beyond its cap).';
+COMMENT ON COLUMN edm.jobs.created_at IS 'When the job was created.';
+COMMENT ON COLUMN edm.jobs.updated_at IS 'When the job''s settings or status last changed.';
+CREATE INDEX jobs_due_idx ON edm.jobs USING btree (next_run_at) WHERE (status = 'active'::text);
+COMMENT ON INDEX edm.jobs_due_idx IS 'Due jobs by next run: the firing scan and the runners'' wake-up time.';
+CREATE INDEX jobs_tags_idx ON edm.jobs USING gin (tags);
+COMMENT ON INDEX edm.jobs_tags_idx IS 'Jobs by tag.';
+CREATE INDEX jobs_tenant_idx ON edm.jobs USING btree (tenant_id, job_id);
+COMMENT ON INDEX edm.jobs_tenant_idx IS 'A tenant''s jobs (listing, quota count).';
+
+CREATE TABLE edm.job_executions (
+  execution_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  job_id bigint NOT NULL,
+  tenant_id text,
+  trigger text NOT NULL,
+  status text DEFAULT 'pending'::text NOT NULL,
+  priority integer DEFAULT 0 NOT NULL,
+  scheduled_for timestamp with time zone,
+  run_after timestamp with time zone NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  started_at timestamp with time zone,
+  finished_at timestamp with time zone,
+  duration_ms bigint GENERATED ALWAYS AS (((EXTRACT(epoch FROM (finished_at - started_at)) * (1000)::numeric))::bigint) STORED,
+  progress real,
+  progress_message text,
+  result jsonb,
+  error text,
+  error_kind text,
+  error_type text,
+  error_code text,
+  error_stack text,
+  retry_count integer DEFAULT 0 NOT NULL,
+  retry_of bigint,
+  worker_id text,
+  lease_expires_at timestamp with time zone,
+  cancel_requested_at timestamp with time zone,
+  CONSTRAINT job_executions_pkey PRIMARY KEY (execution_id),
+  CONSTRAINT job_executions_job_id_fkey FOREIGN KEY (job_id) REFERENCES edm.jobs(job_id) ON DELETE CASCADE,
+  CONSTRAINT job_executions_error_check CHECK ((length(error) <= 4000)),
+  CONSTRAINT job_executions_error_code_check CHECK ((length(error_code) <= 100)),
+  CONSTRAINT job_executions_error_kind_check CHECK ((length(error_kind) <= 100)),
+  CONSTRAINT job_executions_error_stack_check CHECK ((length(error_stack) <= 20000)),
+  CONSTRAINT job_executions_error_type_check CHECK ((length(error_type) <= 200)),
+  CONSTRAINT job_executions_finished_iff_done CHECK (((status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'timed_out'::text, 'cancelled'::text, 'skipped'::text])) = (finished_at IS NOT NULL))),
+  CONSTRAINT job_executions_lease_iff_running CHECK (((status = 'running'::text) = (lease_expires_at IS NOT NULL))),
+  CONSTRAINT job_executions_progress_check CHECK (((progress >= (0)::double precision) AND (progress <= (100)::double precision))),
+  CONSTRAINT job_executions_progress_message_check CHECK ((length(progress_message) <= 500)),
+  CONSTRAINT job_executions_result_check CHECK ((pg_column_size(result) <= 65536)),
+  CONSTRAINT job_executions_retry_count_check CHECK ((retry_count >= 0)),
+  CONSTRAINT job_executions_running_has_worker CHECK (((status <> 'running'::text) OR ((worker_id IS NOT NULL) AND (started_at IS NOT NULL)))),
+  CONSTRAINT job_executions_scheduled_has_time CHECK (((trigger <> 'scheduled'::text) OR (scheduled_for IS NOT NULL))),
+  CONSTRAINT job_executions_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'timed_out'::text, 'cancelled'::text, 'skipped'::text]))),
+  CONSTRAINT job_executions_trigger_check CHECK ((trigger = ANY (ARRAY['scheduled'::text, 'manual'::text, 'retry'::text]))),
+  CONSTRAINT job_executions_worker_id_check CHECK ((length(worker_id) <= 200))
+);
+COMMENT ON TABLE edm.job_executions IS 'Execution history of jobs: one row per scheduled occurrence (run or skipped), manual run and retry. Pending rows are the queue runners claim from; finished rows are kept jobs.execution_retention_days.';
+COMMENT ON COLUMN edm.job_executions.execution_id IS 'Surrogate id.';
+COMMENT ON COLUMN edm.job_executions.job_id IS 'The job.';
+COMMENT ON COLUMN edm.job_executions.tenant_id IS 'Tenant of the job when the execution was created (for per-tenant history and stats).';
+COMMENT ON COLUMN edm.job_executions.trigger IS 'scheduled (a cron occurrence), manual (trigger now) or retry (of a failed execution).';
+COMMENT ON COLUMN edm.job_executions.status IS 'pending, running, succeeded, failed, timed_out, cancelled or skipped (not run: misfire or max_concurrent; see error_code).';
+COMMENT ON COLUMN edm.job_executions.priority IS 'The job''s priority when the execution was queued; the claim takes higher first.';
+COMMENT ON COLUMN edm.job_executions.scheduled_for IS 'The cron occurrence this execution stands for (kept by retries); NULL for manual runs. Unique per job among scheduled executions.';
+COMMENT ON COLUMN edm.job_executions.run_after IS 'Not claimed before this time: the occurrence, or now + back-off for a retry.';
+COMMENT ON COLUMN edm.job_executions.created_at IS 'When the execution was queued (fired).';
+COMMENT ON COLUMN edm.job_executions.started_at IS 'When a runner claimed it; started_at - scheduled_for is the firing delay.';
+COMMENT ON COLUMN edm.job_executions.finished_at IS 'When it reached a final status.';
+COMMENT ON COLUMN edm.job_executions.duration_ms IS 'Generated: finished_at - started_at in milliseconds.';
+COMMENT ON COLUMN edm.job_executions.progress IS 'Progress reported by the running function, 0 to 100 (100 on success).';
+COMMENT ON COLUMN edm.job_executions.progress_message IS 'Latest progress message.';
+COMMENT ON COLUMN edm.job_executions.result IS 'JSON result: the function''s return value, the HTTP status and body head, the exit code and output tails, the created task id.';
+COMMENT ON COLUMN edm.job_executions.error IS 'Error message of a failed, timed-out, cancelled or skipped execution.';
+COMMENT ON COLUMN edm.job_executions.error_kind IS 'timeout, connection, http_status, unexpected_status, exception, exit_status, lost, config, permanent, cancelled or blocked (the outbound guard refused the destination of an http job); matched against the job''s retry_on. config, permanent, cancelled and blocked are never retried.';
+COMMENT ON COLUMN edm.job_executions.error_type IS 'Python exception class name, when an exception was raised.';
+COMMENT ON COLUMN edm.job_executions.error_code IS 'Stable code of a skip or failure (JOB_ALREADY_RUNNING, MISFIRE, ...).';
+COMMENT ON COLUMN edm.job_executions.error_stack IS 'Stack trace of the exception, if any.';
+COMMENT ON COLUMN edm.job_executions.retry_count IS 'Retries before this execution (0 for the first attempt).';
+COMMENT ON COLUMN edm.job_executions.retry_of IS 'Execution this one retries. No foreign key: history is purged by age.';
+COMMENT ON COLUMN edm.job_executions.worker_id IS 'Runner that claimed (or fired) it.';
+COMMENT ON COLUMN edm.job_executions.lease_expires_at IS 'While running: started_at + timeout + jobs.lease_margin; afterwards the lease sweep records the run as lost (timed_out) and retries it per policy.';
+COMMENT ON COLUMN edm.job_executions.cancel_requested_at IS 'When a cancel of the running execution was requested.';
+CREATE INDEX job_executions_active_idx ON edm.job_executions USING btree (job_id) WHERE (status = ANY (ARRAY['pending'::text, 'running'::text]));
+COMMENT ON INDEX edm.job_executions_active_idx IS 'A job''s pending and running executions (max_concurrent checks, stop, cancel).';
+CREATE INDEX job_executions_claim_idx ON edm.job_executions USING btree (priority DESC, run_after, execution_id) WHERE (status = 'pending'::text);
+COMMENT ON INDEX edm.job_executions_claim_idx IS 'The claim: pending executions, highest priority and earliest first.';
+CREATE INDEX job_executions_finished_idx ON edm.job_executions USING btree (finished_at) WHERE (finished_at IS NOT NULL);
+COMMENT ON INDEX edm.job_executions_finished_idx IS 'Retention purge and stats windows.';
+CREATE INDEX job_executions_job_idx ON edm.job_executions USING btree (job_id, execution_id DESC);
+COMMENT ON INDEX edm.job_executions_job_idx IS 'History of one job, newest first (also serves the cascade on job deletion).';
+CREATE INDEX job_executions_lease_idx ON edm.job_executions USING btree (lease_expires_at) WHERE (status = 'running'::text);
+COMMENT ON INDEX edm.job_executions_lease_idx IS 'The lease sweep: running executions by lease expiry.';
+CREATE UNIQUE INDEX job_executions_retry_once_idx ON edm.job_executions USING btree (retry_of) WHERE (retry_of IS NOT NULL);
+COMMENT ON INDEX edm.job_executions_retry_once_idx IS 'At most one retry per failed execution.';
+CREATE UNIQUE INDEX job_executions_scheduled_once_idx ON edm.job_executions USING btree (job_id, scheduled_for) WHERE (trigger = 'scheduled'::text);
+COMMENT ON INDEX edm.job_executions_scheduled_once_idx IS 'Exactly once: at most one scheduled execution per job and occurrence, whatever the number of runners.';
+CREATE INDEX job_executions_tenant_running_idx ON edm.job_executions USING btree (tenant_id) WHERE (status = 'running'::text);
+COMMENT ON INDEX edm.job_executions_tenant_running_idx IS 'Running executions of a tenant (jobs.max_running_per_tenant, checked by edm.job_claim).';
+
+CREATE FUNCTION edm.job_cancel_execution(p_execution_id bigint, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS text
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_e   record;
+BEGIN
+  BEGIN
+    SELECT e.execution_id, e.job_id, e.status, e.tenant_id INTO v_e
+    FROM edm.job_executions e WHERE e.execution_id = p_execution_id
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'execution % is locked by another session', p_execution_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND OR (p_tenant_id IS NOT NULL AND v_e.tenant_id IS DISTINCT FROM p_tenant_id) THEN
+    RAISE EXCEPTION 'execution % not found', p_execution_id USING ERRCODE = 'ED015';
+  END IF;
+  IF v_e.status NOT IN ('pending', 'running') THEN
+    RAISE EXCEPTION 'execution % is already %', p_execution_id, v_e.status USING ERRCODE = 'ED003';
+  END IF;
+  UPDATE edm.job_executions e
+  SET status = 'cancelled', finished_at = v_now, lease_expires_at = NULL,
+      cancel_requested_at = v_now, error = 'cancelled', error_kind = 'cancelled',
+      error_code = 'CANCELLED'
+  WHERE e.execution_id = p_execution_id;
+  IF v_e.status = 'running' THEN
+    UPDATE edm.jobs j SET running_count = greatest(j.running_count - 1, 0),
+                          last_finished_at = v_now, last_status = 'cancelled'
+    WHERE j.job_id = v_e.job_id;
+    PERFORM pg_notify('edm_jobs_cancel', p_execution_id::text);
+    PERFORM pg_notify('edm_jobs', 'slot:' || v_e.job_id);
+  END IF;
+  RETURN v_e.status;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_cancel_execution(bigint,text,timestamp with time zone) IS 'Cancels a pending or running execution (of tenant p_tenant_id when given) at once: it is recorded as cancelled, its slot is freed, and the runner holding it is told (NOTIFY edm_jobs_cancel) to kill the process or signal the function. Returns the status it had. ED015 unknown execution, ED003 already finished.';
+REVOKE ALL ON FUNCTION edm.job_cancel_execution(bigint,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_claim(p_worker text, p_limit integer DEFAULT 1, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(execution_id bigint, job_id bigint, tenant_id text, job_name text, kind text, target jsonb, trigger text, scheduled_for timestamp with time zone, retry_count integer, timeout_seconds integer, started_at timestamp with time zone, lease_expires_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now     timestamptz := coalesce(p_now, now());
+  v_margin  interval := make_interval(secs => edm.config_int('jobs.lease_margin'));
+  v_per_tenant integer := edm.config_int('jobs.max_running_per_tenant');
+  v_c       record;
+  v_n       integer := 0;
+  v_running bigint;
+  v_full    bigint[] := '{}';
+  v_full_tenants text[] := '{}';
+BEGIN
+  IF p_worker IS NULL OR length(p_worker) NOT BETWEEN 1 AND 200 THEN
+    RAISE EXCEPTION 'job_claim: worker id must be 1 to 200 characters' USING ERRCODE = 'ED005';
+  END IF;
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 1000 THEN
+    RAISE EXCEPTION 'job_claim: limit must be between 1 and 1000, got %', p_limit USING ERRCODE = 'ED005';
+  END IF;
+
+  -- Pending executions that are due, best first, whose job has a free slot as
+  -- far as this snapshot knows. SKIP LOCKED: a row another runner is claiming
+  -- is theirs. The LIMIT bounds the rows locked by one call.
+  FOR v_c IN
+    SELECT e.execution_id, e.job_id, e.trigger, e.tenant_id
+    FROM edm.job_executions e
+    JOIN edm.jobs j ON j.job_id = e.job_id
+    WHERE e.status = 'pending' AND e.run_after <= v_now
+      AND j.running_count < j.max_concurrent
+      AND (j.status <> 'paused' OR e.trigger = 'manual')
+    ORDER BY e.priority DESC, e.run_after, e.execution_id
+    LIMIT p_limit * 4 + 16
+    FOR UPDATE OF e SKIP LOCKED
+  LOOP
+    CONTINUE WHEN v_c.job_id = ANY (v_full);
+    -- The tenant's share of running executions (jobs.max_running_per_tenant).
+    -- A transaction-scoped advisory lock per tenant serialises the check with
+    -- other claimers; taken with try, so a claim never waits: a tenant another
+    -- runner is claiming for right now is left for the next call. Holding the
+    -- lock, the count (a new snapshot per statement) sees every committed claim.
+    IF v_per_tenant > 0 AND v_c.tenant_id IS NOT NULL THEN
+      CONTINUE WHEN v_c.tenant_id = ANY (v_full_tenants);
+      IF NOT pg_try_advisory_xact_lock(hashtextextended('edm.jobs.running:' || v_c.tenant_id, 0)) THEN
+        v_full_tenants := v_full_tenants || v_c.tenant_id;
+        CONTINUE;
+      END IF;
+      SELECT count(*) INTO v_running FROM edm.job_executions e
+      WHERE e.tenant_id = v_c.tenant_id AND e.status = 'running';
+      IF v_running >= v_per_tenant THEN
+        v_full_tenants := v_full_tenants || v_c.tenant_id;
+        CONTINUE;
+      END IF;
+    END IF;
+    -- Take one of the job's max_concurrent slots. The job row is locked with
+    -- SKIP LOCKED so the claim never waits (a job being fired or edited right
+    -- now is tried again on the next call); holding the lock, the slot check
+    -- reads the latest running_count, so two claimers never share a slot.
+    PERFORM 1 FROM edm.jobs j WHERE j.job_id = v_c.job_id FOR NO KEY UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+      v_full := v_full || v_c.job_id;
+      CONTINUE;
+    END IF;
+    UPDATE edm.jobs j SET running_count = j.running_count + 1
+    WHERE j.job_id = v_c.job_id AND j.running_count < j.max_concurrent
+      AND (j.status <> 'paused' OR v_c.trigger = 'manual');
+    IF NOT FOUND THEN
+      v_full := v_full || v_c.job_id;
+      CONTINUE;
+    END IF;
+
+    RETURN QUERY
+    UPDATE edm.job_executions e
+    SET status = 'running', worker_id = p_worker, started_at = v_now,
+        lease_expires_at = v_now + make_interval(secs => j.timeout_seconds) + v_margin
+    FROM edm.jobs j
+    WHERE e.execution_id = v_c.execution_id AND j.job_id = e.job_id
+    RETURNING e.execution_id, e.job_id, e.tenant_id, j.name, j.kind, j.target, e.trigger,
+              e.scheduled_for, e.retry_count, j.timeout_seconds, e.started_at, e.lease_expires_at;
+    v_n := v_n + 1;
+    EXIT WHEN v_n >= p_limit;
+  END LOOP;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) IS 'Claims up to p_limit due pending executions for runner p_worker, highest priority and earliest first, taking one of their job''s max_concurrent slots each and, when jobs.max_running_per_tenant > 0, staying within the tenant''s share of running executions; marks them running with a lease of timeout + jobs.lease_margin. Skips executions of paused jobs (except manual runs). Never waits on a lock.';
+REVOKE ALL ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_create(p_job jsonb, p_next_run_at timestamp with time zone, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_id  bigint;
+BEGIN
+  IF p_job IS NULL OR jsonb_typeof(p_job) <> 'object' THEN
+    RAISE EXCEPTION 'job_create: the job must be a JSON object' USING ERRCODE = 'ED012';
+  END IF;
+  -- Every setting comes from p_job (keys named like the columns); the
+  -- column defaults apply to the keys left out.
+  INSERT INTO edm.jobs (tenant_id, name, description, kind, target, cron_expr, timezone, start_at,
+                        end_at, max_executions, status, priority, max_concurrent, timeout_seconds,
+                        max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds,
+                        retry_on, misfire_policy, misfire_grace_seconds, tags, next_run_at,
+                        created_at, updated_at)
+  SELECT r.tenant_id, r.name, r.description, r.kind, r.target, r.cron_expr,
+         coalesce(r.timezone, 'UTC'), r.start_at, r.end_at, r.max_executions,
+         coalesce(r.status, 'active'), coalesce(r.priority, 0), coalesce(r.max_concurrent, 1),
+         coalesce(r.timeout_seconds, 300), coalesce(r.max_retries, 0),
+         coalesce(r.retry_delay_seconds, 60), coalesce(r.retry_backoff, 2),
+         coalesce(r.retry_max_delay_seconds, 3600),
+         coalesce(r.retry_on, '{timeout,connection,http_status,exception,exit_status,lost}'),
+         coalesce(r.misfire_policy, 'run_once'), coalesce(r.misfire_grace_seconds, 60),
+         coalesce(r.tags, '{}'), p_next_run_at, v_now, v_now
+  FROM jsonb_populate_record(NULL::edm.jobs, p_job) r
+  RETURNING job_id INTO v_id;
+  RETURN v_id;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_create(jsonb,timestamp with time zone,timestamp with time zone) IS 'Creates a job from p_job (a JSON object whose keys are column names of edm.jobs) with its first run p_next_run_at, computed by the caller with cronsim (NULL for a paused job). The CHECK constraints and the jobs_check_write trigger validate it (ED012 shell disabled, ED014 tenant quota). Returns the job id.';
+REVOKE ALL ON FUNCTION edm.job_create(jsonb,timestamp with time zone,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_delete(p_job_id bigint, p_tenant_id text DEFAULT NULL::text, p_force boolean DEFAULT false)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_running integer;
+  v_ids bigint[];
+BEGIN
+  BEGIN
+    -- Lock order: executions, then the job (the cascade then finds them locked).
+    SELECT coalesce(array_agg(x.execution_id), '{}') INTO v_ids FROM (
+      SELECT e.execution_id FROM edm.job_executions e
+      WHERE e.job_id = p_job_id AND e.status = 'running'
+      ORDER BY e.execution_id FOR NO KEY UPDATE) x;
+    PERFORM 1 FROM edm.jobs j
+    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+    FOR UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  v_running := cardinality(v_ids);
+  IF v_running > 0 AND NOT p_force THEN
+    RAISE EXCEPTION 'job % has % running execution(s): stop or cancel them, or delete with force',
+      p_job_id, v_running USING ERRCODE = 'ED011';
+  END IF;
+  DELETE FROM edm.jobs j WHERE j.job_id = p_job_id;
+  PERFORM pg_notify('edm_jobs_cancel', x::text) FROM unnest(v_ids) x;
+  RETURN true;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_delete(bigint,text,boolean) IS 'Deletes a job and its history. ED011 when executions are running, unless p_force (their runners are then told to stop); ED010 unknown job.';
+REVOKE ALL ON FUNCTION edm.job_delete(bigint,text,boolean) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_due(p_limit integer DEFAULT 32, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(job_id bigint, cron_expr text, timezone text, next_run_at timestamp with time zone, end_at timestamp with time zone, max_executions bigint, run_count bigint, misfire_policy text, misfire_grace_seconds integer, fire_now timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+BEGIN
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 1000 THEN
+    RAISE EXCEPTION 'job_due: limit must be between 1 and 1000, got %', p_limit
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- The row locks last until the caller's transaction ends: the caller plans
+  -- each job with cronsim and calls edm.job_fire in the same transaction.
+  -- SKIP LOCKED: a job another runner is firing (or a host is editing) is
+  -- left to them.
+  RETURN QUERY
+  SELECT j.job_id, j.cron_expr, j.timezone, j.next_run_at, j.end_at, j.max_executions,
+         j.run_count, j.misfire_policy, j.misfire_grace_seconds, coalesce(p_now, now())
+  FROM edm.jobs j
+  WHERE j.status = 'active' AND j.next_run_at <= coalesce(p_now, now())
+  ORDER BY j.next_run_at
+  LIMIT p_limit
+  FOR NO KEY UPDATE OF j SKIP LOCKED;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_due(integer,timestamp with time zone) IS 'Locks (until the end of the caller''s transaction, SKIP LOCKED) and returns up to p_limit active jobs whose next run has come, earliest first, with what the caller needs to plan the firing with cronsim, and the time it must plan for (fire_now).';
+REVOKE ALL ON FUNCTION edm.job_due(integer,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_expire_runs(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_limit integer DEFAULT 1000)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_ids bigint[];
+  v_id  bigint;
+BEGIN
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100000 THEN
+    RAISE EXCEPTION 'job_expire_runs: limit must be between 1 and 100000' USING ERRCODE = 'ED005';
+  END IF;
+  -- Executions first (one being finished right now is skipped: its finish
+  -- wins), then their jobs in id order.
+  SELECT array_agg(x.execution_id) INTO v_ids FROM (
+    SELECT e.execution_id FROM edm.job_executions e
+    WHERE e.status = 'running' AND e.lease_expires_at <= v_now
+    ORDER BY e.execution_id
+    LIMIT p_limit
+    FOR NO KEY UPDATE SKIP LOCKED) x;
+  IF v_ids IS NULL THEN
+    RETURN 0;
+  END IF;
+  PERFORM 1 FROM edm.jobs j
+  WHERE j.job_id IN (SELECT e.job_id FROM edm.job_executions e WHERE e.execution_id = ANY (v_ids))
+  ORDER BY j.job_id FOR NO KEY UPDATE;
+
+  UPDATE edm.jobs j
+  SET running_count = greatest(j.running_count - a.n, 0),
+      failure_count = j.failure_count + a.n,
+      last_finished_at = v_now, last_status = 'timed_out'
+  FROM (SELECT e.job_id, count(*)::integer AS n FROM edm.job_executions e
+        WHERE e.execution_id = ANY (v_ids) GROUP BY e.job_id) a
+  WHERE j.job_id = a.job_id;
+
+  UPDATE edm.job_executions e
+  SET status = 'timed_out', finished_at = v_now,
+      error = format('lease expired at %s: worker %s stopped reporting (crashed or hung)',
+                     e.lease_expires_at, e.worker_id),
+      error_kind = 'lost', error_code = 'LEASE_EXPIRED', lease_expires_at = NULL
+  WHERE e.execution_id = ANY (v_ids);
+
+  FOREACH v_id IN ARRAY v_ids LOOP
+    PERFORM edm.job_schedule_retry(v_id, v_now);
+  END LOOP;
+  RETURN cardinality(v_ids);
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_expire_runs(timestamp with time zone,integer) IS 'The lease sweep of jobs: running executions whose lease expired (their runner crashed or hung past timeout + jobs.lease_margin) become timed_out with error kind lost, free their slot and are retried per policy. Returns how many it handled.';
+REVOKE ALL ON FUNCTION edm.job_expire_runs(timestamp with time zone,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_finish(p_execution_id bigint, p_worker text, p_status text, p_result jsonb DEFAULT NULL::jsonb, p_error text DEFAULT NULL::text, p_error_kind text DEFAULT NULL::text, p_error_type text DEFAULT NULL::text, p_error_stack text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now  timestamptz := coalesce(p_now, now());
+  v_e    record;
+  v_job  record;
+  v_retry record;
+BEGIN
+  IF p_status IS NULL OR p_status NOT IN ('succeeded', 'failed', 'timed_out') THEN
+    RAISE EXCEPTION 'job_finish: status must be succeeded, failed or timed_out' USING ERRCODE = 'ED005';
+  END IF;
+  -- Lock order: the execution, then its job.
+  SELECT e.execution_id, e.job_id, e.status, e.worker_id INTO v_e
+  FROM edm.job_executions e WHERE e.execution_id = p_execution_id
+  FOR NO KEY UPDATE;
+  IF NOT FOUND OR v_e.status <> 'running' OR v_e.worker_id IS DISTINCT FROM p_worker THEN
+    -- Cancelled, recovered by the lease sweep, or deleted meanwhile: the
+    -- outcome is not recorded and nothing is retried.
+    RETURN QUERY SELECT false, NULL::bigint, NULL::timestamptz;
+    RETURN;
+  END IF;
+
+  UPDATE edm.job_executions e
+  SET status = p_status, finished_at = v_now, lease_expires_at = NULL,
+      result = p_result,
+      error = left(p_error, 4000), error_kind = left(p_error_kind, 100),
+      error_type = left(p_error_type, 200), error_stack = left(p_error_stack, 20000),
+      progress = CASE WHEN p_status = 'succeeded' THEN 100 ELSE e.progress END
+  WHERE e.execution_id = p_execution_id;
+
+  UPDATE edm.jobs j
+  SET running_count = greatest(j.running_count - 1, 0),
+      last_finished_at = v_now, last_status = p_status,
+      success_count = j.success_count + (p_status = 'succeeded')::integer,
+      failure_count = j.failure_count + (p_status <> 'succeeded')::integer
+  WHERE j.job_id = v_e.job_id
+  RETURNING j.job_id, j.running_count, j.max_concurrent INTO v_job;
+
+  SELECT r.execution_id, r.run_after INTO v_retry FROM edm.job_schedule_retry(p_execution_id, v_now) r;
+
+  -- A slot was freed on a job whose executions may be waiting for one.
+  IF v_job.running_count + 1 >= v_job.max_concurrent
+     AND EXISTS (SELECT 1 FROM edm.job_executions e
+                 WHERE e.job_id = v_e.job_id AND e.status = 'pending') THEN
+    PERFORM pg_notify('edm_jobs', 'slot:' || v_e.job_id);
+  END IF;
+  RETURN QUERY SELECT true, v_retry.execution_id, v_retry.run_after;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) IS 'Records the outcome of a running execution held by p_worker (succeeded, failed or timed_out), frees its max_concurrent slot, updates the job''s counters and queues a retry per the job''s policy. Returns accepted = false (and changes nothing) when the execution is no longer this worker''s running one (cancelled, lost, deleted).';
+REVOKE ALL ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_finish(p_worker text, p_execution_ids bigint[], p_statuses text[], p_results jsonb DEFAULT NULL::jsonb, p_errors text[] DEFAULT NULL::text[], p_error_kinds text[] DEFAULT NULL::text[], p_error_types text[] DEFAULT NULL::text[], p_error_stacks text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(execution_id bigint, accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_n integer := coalesce(cardinality(p_execution_ids), 0);
+  v_i integer;
+BEGIN
+  IF v_n = 0 THEN
+    RETURN;
+  END IF;
+  IF v_n > 1000
+     OR cardinality(p_statuses) IS DISTINCT FROM v_n
+     OR (p_results IS NOT NULL AND (jsonb_typeof(p_results) <> 'array'
+                                    OR jsonb_array_length(p_results) <> v_n))
+     OR (p_errors IS NOT NULL AND cardinality(p_errors) <> v_n)
+     OR (p_error_kinds IS NOT NULL AND cardinality(p_error_kinds) <> v_n)
+     OR (p_error_types IS NOT NULL AND cardinality(p_error_types) <> v_n)
+     OR (p_error_stacks IS NOT NULL AND cardinality(p_error_stacks) <> v_n)
+     OR (SELECT count(DISTINCT i) FROM unnest(p_execution_ids) i) <> v_n THEN
+    RAISE EXCEPTION 'job_finish: at most 1000 distinct executions, and one entry per execution in every array'
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- Lock order: every execution (id order), then every job (id order), before
+  -- changing anything. Holding all the executions first means no job row is
+  -- held while waiting for an execution, so this cannot deadlock with the
+  -- lease sweep, a cancel or a stop, which lock executions before jobs.
+  PERFORM 1 FROM edm.job_executions e WHERE e.execution_id = ANY (p_execution_ids)
+  ORDER BY e.execution_id FOR NO KEY UPDATE;
+  PERFORM 1 FROM edm.jobs j
+  WHERE j.job_id IN (SELECT e.job_id FROM edm.job_executions e
+                     WHERE e.execution_id = ANY (p_execution_ids))
+  ORDER BY j.job_id FOR NO KEY UPDATE;
+  FOR v_i IN 1..v_n LOOP
+    RETURN QUERY
+    SELECT p_execution_ids[v_i], f.accepted, f.retry_execution_id, f.retry_at
+    FROM edm.job_finish(p_execution_ids[v_i], p_worker, p_statuses[v_i],
+                        CASE WHEN p_results IS NULL OR p_results -> (v_i - 1) = 'null'::jsonb
+                             THEN NULL ELSE p_results -> (v_i - 1) END,
+                        p_errors[v_i], p_error_kinds[v_i], p_error_types[v_i], p_error_stacks[v_i],
+                        p_now) f;
+  END LOOP;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) IS 'edm.job_finish for a batch of executions held by one runner, in one transaction (one commit): element i of each array (and of the JSON array p_results) belongs to p_execution_ids[i]. Locks all executions, then all jobs, each in id order, so it cannot deadlock with the lease sweep or host operations.';
+REVOKE ALL ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_fire(p_job_id bigint, p_due timestamp with time zone, p_run_times timestamp with time zone[], p_next timestamp with time zone, p_end_reason text DEFAULT NULL::text, p_queue_all boolean DEFAULT false, p_missed integer DEFAULT 0, p_missed_first timestamp with time zone DEFAULT NULL::timestamp with time zone, p_missed_last timestamp with time zone DEFAULT NULL::timestamp with time zone, p_worker text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(execution_id bigint, scheduled_for timestamp with time zone, status text)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now     timestamptz := coalesce(p_now, now());
+  v_runs    timestamptz[] := coalesce(p_run_times, '{}');
+  v_last    timestamptz;
+  v_job     record;
+  v_active  integer;
+  v_pending integer := 0;
+  v_t       timestamptz;
+BEGIN
+  IF p_job_id IS NULL OR p_due IS NULL THEN
+    RAISE EXCEPTION 'job_fire: job id and due time are required' USING ERRCODE = 'ED005';
+  END IF;
+  IF cardinality(v_runs) > 10000
+     OR array_position(v_runs, NULL) IS NOT NULL
+     OR EXISTS (SELECT 1 FROM unnest(v_runs) WITH ORDINALITY a(t, i)
+                JOIN unnest(v_runs) WITH ORDINALITY b(t, i) ON b.i = a.i + 1
+                WHERE b.t <= a.t)
+     OR (cardinality(v_runs) > 0 AND (v_runs[1] < p_due OR v_runs[cardinality(v_runs)] > v_now)) THEN
+    RAISE EXCEPTION 'job_fire: run times must be at most 10000 increasing occurrences between the due time and now'
+      USING ERRCODE = 'ED005';
+  END IF;
+  v_last := v_runs[cardinality(v_runs)];
+  IF p_next IS NOT NULL AND p_next <= greatest(v_last, p_due) THEN
+    RAISE EXCEPTION 'job_fire: the next run (%) must come after the runs fired', p_next
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF p_next IS NULL AND p_end_reason IS NULL THEN
+    RAISE EXCEPTION 'job_fire: a job without a next run needs an end reason' USING ERRCODE = 'ED005';
+  END IF;
+  IF coalesce(p_missed, 0) < 0 OR (p_missed > 0 AND p_missed_first IS NULL) THEN
+    RAISE EXCEPTION 'job_fire: missed runs need a count >= 0 and a first missed time'
+      USING ERRCODE = 'ED005';
+  END IF;
+
+  -- The compare-and-set that makes firing exactly-once: only the transaction
+  -- that still sees next_run_at = the due time it read moves it on. Another
+  -- runner that read the same due time waits for our row lock, re-checks the
+  -- WHERE on the new row version, matches nothing and returns no rows.
+  UPDATE edm.jobs j
+  SET next_run_at = p_next,
+      status = CASE WHEN p_next IS NULL THEN 'inactive' ELSE j.status END,
+      inactive_reason = CASE WHEN p_next IS NULL THEN left(p_end_reason, 500) END,
+      run_count = j.run_count + cardinality(v_runs),
+      misfire_count = j.misfire_count + coalesce(p_missed, 0),
+      last_scheduled_for = coalesce(v_last, j.last_scheduled_for),
+      last_fired_at = v_now
+  WHERE j.job_id = p_job_id AND j.status = 'active' AND j.next_run_at = p_due
+  RETURNING j.job_id, j.tenant_id, j.priority, j.max_concurrent, j.max_executions, j.run_count,
+            j.misfire_policy, j.misfire_grace_seconds
+  INTO v_job;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  IF v_job.max_executions IS NOT NULL AND v_job.run_count > v_job.max_executions THEN
+    RAISE EXCEPTION 'job_fire: job % would exceed max_executions (%)', p_job_id, v_job.max_executions
+      USING ERRCODE = 'ED005';
+  END IF;
+
+  IF p_missed > 0 THEN
+    RETURN QUERY
+    INSERT INTO edm.job_executions AS e (job_id, tenant_id, trigger, status, priority, scheduled_for,
+                                         run_after, created_at, finished_at, error, error_code, worker_id)
+    VALUES (p_job_id, v_job.tenant_id, 'scheduled', 'skipped', v_job.priority, p_missed_first, v_now,
+            v_now, v_now,
+            format('%s occurrence(s) from %s to %s missed by more than %s s (misfire policy %s)',
+                   p_missed, p_missed_first, coalesce(p_missed_last, p_missed_first),
+                   v_job.misfire_grace_seconds, v_job.misfire_policy),
+            'MISFIRE', p_worker)
+    RETURNING e.execution_id, e.scheduled_for, e.status;
+  END IF;
+
+  SELECT count(*) INTO v_active FROM edm.job_executions e
+  WHERE e.job_id = p_job_id AND e.status IN ('pending', 'running');
+
+  FOREACH v_t IN ARRAY v_runs LOOP
+    IF p_queue_all OR v_active < v_job.max_concurrent THEN
+      RETURN QUERY
+      INSERT INTO edm.job_executions AS e (job_id, tenant_id, trigger, status, priority, scheduled_for,
+                                           run_after, created_at, worker_id)
+      VALUES (p_job_id, v_job.tenant_id, 'scheduled', 'pending', v_job.priority, v_t, v_t, v_now, p_worker)
+      RETURNING e.execution_id, e.scheduled_for, e.status;
+      v_active := v_active + 1;
+      v_pending := v_pending + 1;
+    ELSE
+      RETURN QUERY
+      INSERT INTO edm.job_executions AS e (job_id, tenant_id, trigger, status, priority, scheduled_for,
+                                           run_after, created_at, finished_at, error, error_code,
+                                           worker_id)
+      VALUES (p_job_id, v_job.tenant_id, 'scheduled', 'skipped', v_job.priority, v_t, v_t, v_now, v_now,
+              format('not run: %s execution(s) already pending or running (max_concurrent %s)',
+                     v_active, v_job.max_concurrent),
+              'JOB_ALREADY_RUNNING', p_worker)
+      RETURNING e.execution_id, e.scheduled_for, e.status;
+    END IF;
+  END LOOP;
+  -- The firing runner claims right away; tell the others only when there is
+  -- more than one run to share.
+  IF v_pending > 1 THEN
+    PERFORM pg_notify('edm_jobs', 'pending:' || p_job_id);
+  END IF;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_fire(bigint,timestamp with time zone,timestamp with time zone[],timestamp with time zone,text,boolean,integer,timestamp with time zone,timestamp with time zone,text,timestamp with time zone) IS 'Fires a due job exactly once: if next_run_at still equals p_due (compare-and-set), moves it to p_next (computed by the caller with cronsim; NULL ends the job with p_end_reason) and queues one pending execution per occurrence in p_run_times, or records it as skipped (JOB_ALREADY_RUNNING) when max_concurrent executions are already pending or running, unless p_queue_all (run_all catch-up). p_missed occurrences not run are recorded as one skipped MISFIRE row. Returns the rows created; none when another runner fired first.';
+REVOKE ALL ON FUNCTION edm.job_fire(bigint,timestamp with time zone,timestamp with time zone[],timestamp with time zone,text,boolean,integer,timestamp with time zone,timestamp with time zone,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_next_wakeup(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+RETURN LEAST((SELECT min(j.next_run_at) AS min FROM edm.jobs j WHERE (j.status = 'active'::text)), (SELECT min(e.run_after) AS min FROM (edm.job_executions e JOIN edm.jobs j ON ((j.job_id = e.job_id))) WHERE ((e.status = 'pending'::text) AND (j.running_count < j.max_concurrent) AND ((j.status <> 'paused'::text) OR (e.trigger = 'manual'::text)) AND ((e.tenant_id IS NULL) OR (COALESCE(edm.config_int('jobs.max_running_per_tenant'::text), 0) = 0) OR ((SELECT count(*) AS count FROM edm.job_executions r WHERE ((r.tenant_id = e.tenant_id) AND (r.status = 'running'::text))) < edm.config_int('jobs.max_running_per_tenant'::text))))), (SELECT min(e.lease_expires_at) AS min FROM edm.job_executions e WHERE (e.status = 'running'::text)));
+COMMENT ON FUNCTION edm.job_next_wakeup(timestamp with time zone) IS 'The earliest time a runner could have work: a job''s next run, a claimable pending execution (manual run, retry, catch-up; not one of a tenant at jobs.max_running_per_tenant), or a lease expiring. NULL when nothing is scheduled. Runners sleep until then or a NOTIFY edm_jobs.';
+REVOKE ALL ON FUNCTION edm.job_next_wakeup(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_pause(p_job_id bigint, p_tenant_id text DEFAULT NULL::text)
+ RETURNS text
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_status text;
+BEGIN
+  BEGIN
+    SELECT j.status INTO v_status FROM edm.jobs j
+    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  IF v_status = 'inactive' THEN
+    RAISE EXCEPTION 'job % is inactive: resume it instead', p_job_id USING ERRCODE = 'ED003';
+  END IF;
+  UPDATE edm.jobs j SET status = 'paused', next_run_at = NULL, updated_at = now()
+  WHERE j.job_id = p_job_id AND j.status = 'active';
+  RETURN v_status;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_pause(bigint,text) IS 'Pauses an active job: no scheduled runs, queued retries held, running executions continue. Idempotent on a paused job; ED003 on an inactive one. Returns the previous status. Resuming needs a new next_run_at, computed by the Python API (JobScheduler.resume_job).';
+REVOKE ALL ON FUNCTION edm.job_pause(bigint,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_progress(p_execution_id bigint, p_worker text, p_progress real, p_message text DEFAULT NULL::text)
+ RETURNS boolean
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  WITH upd AS (
+    UPDATE edm.job_executions e
+    SET progress = greatest(0, least(100, p_progress)),
+        progress_message = coalesce(left(p_message, 500), e.progress_message)
+    WHERE e.execution_id = p_execution_id AND e.status = 'running' AND e.worker_id = p_worker
+    RETURNING 1)
+  SELECT EXISTS (SELECT 1 FROM upd);
+$function$;
+COMMENT ON FUNCTION edm.job_progress(bigint,text,real,text) IS 'Records the progress (0-100) and message of a running execution held by p_worker. Returns false when it is no longer running for that worker (cancelled or lost): the function should stop.';
+REVOKE ALL ON FUNCTION edm.job_progress(bigint,text,real,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_purge_executions(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_limit integer DEFAULT 10000)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_before timestamptz := coalesce(p_now, now())
+                          - make_interval(days => edm.config_int('jobs.execution_retention_days'));
+  v_n integer;
+BEGIN
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 1000000 THEN
+    RAISE EXCEPTION 'job_purge_executions: limit must be between 1 and 1000000' USING ERRCODE = 'ED005';
+  END IF;
+  -- One purger at a time; the others have nothing to add.
+  IF NOT pg_try_advisory_xact_lock(hashtextextended('edm.job_purge_executions', 0)) THEN
+    RETURN 0;
+  END IF;
+  DELETE FROM edm.job_executions e
+  WHERE e.execution_id IN (
+    SELECT x.execution_id FROM edm.job_executions x
+    WHERE x.finished_at < v_before
+    ORDER BY x.finished_at
+    LIMIT p_limit);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_purge_executions(timestamp with time zone,integer) IS 'Deletes up to p_limit finished executions older than jobs.execution_retention_days (oldest first). One caller at a time (advisory lock); returns how many it deleted.';
+REVOKE ALL ON FUNCTION edm.job_purge_executions(timestamp with time zone,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_resume(p_job_id bigint, p_next_run_at timestamp with time zone, p_expected_updated_at timestamp with time zone, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_job record;
+BEGIN
+  BEGIN
+    SELECT j.status, j.updated_at, j.run_count, j.max_executions INTO v_job FROM edm.jobs j
+    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  IF v_job.status = 'active' THEN
+    RETURN true;
+  END IF;
+  IF v_job.updated_at IS DISTINCT FROM p_expected_updated_at THEN
+    RETURN false;
+  END IF;
+  IF v_job.max_executions IS NOT NULL AND v_job.run_count >= v_job.max_executions THEN
+    RAISE EXCEPTION 'job % reached max_executions (%); raise it before resuming',
+      p_job_id, v_job.max_executions USING ERRCODE = 'ED003';
+  END IF;
+  IF p_next_run_at IS NULL THEN
+    RAISE EXCEPTION 'job % has no occurrence left before its end_at; change end_at first', p_job_id
+      USING ERRCODE = 'ED003';
+  END IF;
+  UPDATE edm.jobs j
+  SET status = 'active', inactive_reason = NULL, next_run_at = p_next_run_at,
+      updated_at = greatest(v_now, j.updated_at + interval '1 microsecond')
+  WHERE j.job_id = p_job_id;
+  RETURN true;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_resume(bigint,timestamp with time zone,timestamp with time zone,text,timestamp with time zone) IS 'Activates a paused or inactive job with next run p_next_run_at (the first occurrence after now, computed by the caller with cronsim; occurrences during the pause are not caught up). No-op on an active job. Returns false when the job changed since the caller read it (p_expected_updated_at). ED003 when max_executions is reached or no occurrence is left.';
+REVOKE ALL ON FUNCTION edm.job_resume(bigint,timestamp with time zone,timestamp with time zone,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_retry_delay(p_delay double precision, p_backoff double precision, p_max_delay double precision, p_retry_count integer)
+ RETURNS double precision
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN LEAST(p_max_delay, (p_delay * power(p_backoff, (LEAST(p_retry_count, 1000))::double precision)));
+COMMENT ON FUNCTION edm.job_retry_delay(double precision,double precision,double precision,integer) IS 'Seconds before retry number p_retry_count + 1: p_delay * p_backoff ^ p_retry_count, capped at p_max_delay.';
+REVOKE ALL ON FUNCTION edm.job_retry_delay(double precision,double precision,double precision,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_schedule_retry(p_execution_id bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(execution_id bigint, run_after timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_e   record;
+  v_at  timestamptz;
+BEGIN
+  SELECT e.execution_id, e.job_id, e.tenant_id, e.status, e.retry_count, e.scheduled_for,
+         e.error_kind, e.error_type, j.status AS job_status, j.priority, j.max_retries,
+         j.retry_delay_seconds, j.retry_backoff, j.retry_max_delay_seconds, j.retry_on
+  INTO v_e
+  FROM edm.job_executions e JOIN edm.jobs j ON j.job_id = e.job_id
+  WHERE e.execution_id = p_execution_id;
+  IF NOT FOUND
+     OR v_e.status NOT IN ('failed', 'timed_out')
+     OR v_e.job_status = 'inactive'
+     OR v_e.retry_count >= v_e.max_retries
+     OR coalesce(v_e.error_kind, 'exception') IN ('config', 'permanent', 'cancelled')
+     OR NOT (coalesce(v_e.error_kind, 'exception') = ANY (v_e.retry_on)
+             OR coalesce(v_e.error_type = ANY (v_e.retry_on), false)) THEN
+    RETURN;
+  END IF;
+  v_at := v_now + make_interval(secs => edm.job_retry_delay(
+            v_e.retry_delay_seconds, v_e.retry_backoff, v_e.retry_max_delay_seconds, v_e.retry_count));
+  RETURN QUERY
+  INSERT INTO edm.job_executions AS e (job_id, tenant_id, trigger, status, priority, scheduled_for,
+                                       run_after, created_at, retry_count, retry_of)
+  VALUES (v_e.job_id, v_e.tenant_id, 'retry', 'pending', v_e.priority, v_e.scheduled_for, v_at, v_now,
+          v_e.retry_count + 1, v_e.execution_id)
+  ON CONFLICT (retry_of) WHERE retry_of IS NOT NULL DO NOTHING
+  RETURNING e.execution_id, e.run_after;
+  PERFORM pg_notify('edm_jobs', 'retry:' || v_e.job_id);
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_schedule_retry(bigint,timestamp with time zone) IS 'Queues the retry of a failed or timed-out execution when its job''s policy allows it: retries left, error kind (or exception class) in retry_on, not a config, permanent or cancelled error, job not inactive. The retry runs after edm.job_retry_delay(). At most one retry per execution.';
+REVOKE ALL ON FUNCTION edm.job_schedule_retry(bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_set_next_run(p_job_id bigint, p_due timestamp with time zone, p_next_run_at timestamp with time zone, p_reason text DEFAULT NULL::text)
+ RETURNS boolean
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  WITH upd AS (
+    UPDATE edm.jobs j
+    SET next_run_at = p_next_run_at,
+        status = CASE WHEN p_next_run_at IS NULL THEN 'inactive' ELSE 'active' END,
+        inactive_reason = CASE WHEN p_next_run_at IS NULL
+                               THEN left(coalesce(p_reason, 'deactivated by a runner'), 500) END,
+        updated_at = now()
+    WHERE j.job_id = p_job_id AND j.status = 'active' AND j.next_run_at = p_due
+    RETURNING 1)
+  SELECT EXISTS (SELECT 1 FROM upd);
+$function$;
+COMMENT ON FUNCTION edm.job_set_next_run(bigint,timestamp with time zone,timestamp with time zone,text) IS 'Moves the next run of an active job from p_due to p_next_run_at without firing (compare-and-set, like edm.job_fire); NULL deactivates the job with p_reason. Runners use it for a job whose stored schedule can no longer be computed. Returns whether the job was changed.';
+REVOKE ALL ON FUNCTION edm.job_set_next_run(bigint,timestamp with time zone,timestamp with time zone,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_stop(p_job_id bigint, p_tenant_id text DEFAULT NULL::text, p_cancel_running boolean DEFAULT false, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(cancelled_pending integer, cancelled_running integer)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now     timestamptz := coalesce(p_now, now());
+  v_pending integer;
+  v_running bigint[];
+BEGIN
+  BEGIN
+    -- Lock order: executions, then the job.
+    PERFORM 1 FROM edm.job_executions e
+    WHERE e.job_id = p_job_id AND e.status IN ('pending', 'running')
+    ORDER BY e.execution_id FOR NO KEY UPDATE;
+    PERFORM 1 FROM edm.jobs j
+    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  UPDATE edm.jobs j SET status = 'inactive', inactive_reason = 'stopped', next_run_at = NULL,
+                        updated_at = now()
+  WHERE j.job_id = p_job_id;
+
+  UPDATE edm.job_executions e
+  SET status = 'cancelled', finished_at = v_now, error = 'job stopped', error_kind = 'cancelled',
+      error_code = 'CANCELLED'
+  WHERE e.job_id = p_job_id AND e.status = 'pending';
+  GET DIAGNOSTICS v_pending = ROW_COUNT;
+
+  IF p_cancel_running THEN
+    WITH c AS (
+      UPDATE edm.job_executions e
+      SET status = 'cancelled', finished_at = v_now, lease_expires_at = NULL,
+          cancel_requested_at = v_now, error = 'job stopped', error_kind = 'cancelled',
+          error_code = 'CANCELLED'
+      WHERE e.job_id = p_job_id AND e.status = 'running'
+      RETURNING e.execution_id)
+    SELECT coalesce(array_agg(c.execution_id), '{}') INTO v_running FROM c;
+    UPDATE edm.jobs j SET running_count = greatest(j.running_count - cardinality(v_running), 0)
+    WHERE j.job_id = p_job_id;
+    PERFORM pg_notify('edm_jobs_cancel', x::text) FROM unnest(v_running) x;
+  ELSE
+    v_running := '{}';
+  END IF;
+  RETURN QUERY SELECT v_pending, cardinality(v_running);
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_stop(bigint,text,boolean,timestamp with time zone) IS 'Stops a job: inactive (reason stopped), no next run, pending executions cancelled; running ones too when p_cancel_running (their runners are told through NOTIFY edm_jobs_cancel). Returns how many were cancelled.';
+REVOKE ALL ON FUNCTION edm.job_stop(bigint,text,boolean,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_trigger(p_job_id bigint, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now    timestamptz := coalesce(p_now, now());
+  v_job    record;
+  v_active integer;
+  v_id     bigint;
+BEGIN
+  BEGIN
+    SELECT j.job_id, j.tenant_id, j.priority, j.max_concurrent INTO v_job
+    FROM edm.jobs j
+    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  SELECT count(*) INTO v_active FROM edm.job_executions e
+  WHERE e.job_id = p_job_id AND e.status IN ('pending', 'running');
+  IF v_active >= v_job.max_concurrent THEN
+    RAISE EXCEPTION 'job % already has % pending or running execution(s) (max_concurrent %)',
+      p_job_id, v_active, v_job.max_concurrent USING ERRCODE = 'ED011';
+  END IF;
+  INSERT INTO edm.job_executions (job_id, tenant_id, trigger, status, priority, run_after, created_at)
+  VALUES (p_job_id, v_job.tenant_id, 'manual', 'pending', v_job.priority, v_now, v_now)
+  RETURNING execution_id INTO v_id;
+  PERFORM pg_notify('edm_jobs', 'manual:' || p_job_id);
+  RETURN v_id;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_trigger(bigint,text,timestamp with time zone) IS 'Queues a manual run of a job now, whatever its status or schedule (it does not move next_run_at). ED010 unknown job, ED011 when max_concurrent executions are already pending or running, ED013 when the job stays locked beyond the session''s lock_timeout (the Python API sets one).';
+REVOKE ALL ON FUNCTION edm.job_trigger(bigint,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_update(p_job_id bigint, p_job jsonb, p_reschedule boolean, p_next_run_at timestamp with time zone, p_expected_updated_at timestamp with time zone, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_job record;
+BEGIN
+  IF p_job IS NULL OR jsonb_typeof(p_job) <> 'object' THEN
+    RAISE EXCEPTION 'job_update: the job must be a JSON object' USING ERRCODE = 'ED012';
+  END IF;
+  BEGIN
+    SELECT j.status, j.updated_at, j.run_count INTO v_job FROM edm.jobs j
+    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  IF v_job.updated_at IS DISTINCT FROM p_expected_updated_at THEN
+    RETURN false;  -- changed since the caller read it: read again and retry
+  END IF;
+  UPDATE edm.jobs j
+  SET name = r.name, description = r.description, kind = r.kind, target = r.target,
+      cron_expr = r.cron_expr, timezone = r.timezone, start_at = r.start_at, end_at = r.end_at,
+      max_executions = r.max_executions, priority = r.priority,
+      max_concurrent = r.max_concurrent, timeout_seconds = r.timeout_seconds,
+      max_retries = r.max_retries, retry_delay_seconds = r.retry_delay_seconds,
+      retry_backoff = r.retry_backoff, retry_max_delay_seconds = r.retry_max_delay_seconds,
+      retry_on = r.retry_on, misfire_policy = r.misfire_policy,
+      misfire_grace_seconds = r.misfire_grace_seconds, tags = r.tags,
+      status = CASE
+        WHEN j.status <> 'active' THEN j.status
+        WHEN r.max_executions IS NOT NULL AND j.run_count >= r.max_executions THEN 'inactive'
+        WHEN p_reschedule AND p_next_run_at IS NULL THEN 'inactive'
+        ELSE 'active' END,
+      inactive_reason = CASE
+        WHEN j.status <> 'active' THEN j.inactive_reason
+        WHEN r.max_executions IS NOT NULL AND j.run_count >= r.max_executions
+          THEN 'max_executions reached'
+        WHEN p_reschedule AND p_next_run_at IS NULL THEN 'end_at reached'
+        END,
+      next_run_at = CASE
+        WHEN j.status <> 'active' THEN j.next_run_at
+        WHEN r.max_executions IS NOT NULL AND j.run_count >= r.max_executions THEN NULL
+        WHEN p_reschedule THEN p_next_run_at
+        ELSE j.next_run_at END,
+      updated_at = greatest(v_now, j.updated_at + interval '1 microsecond')
+  FROM jsonb_populate_record(NULL::edm.jobs, p_job) r
+  WHERE j.job_id = p_job_id;
+  RETURN true;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_update(bigint,jsonb,boolean,timestamp with time zone,timestamp with time zone,text,timestamp with time zone) IS 'Replaces the settings of a job with those of p_job (JSON keyed by column names; every setting must be given). With p_reschedule, an active job''s next run becomes p_next_run_at (computed by the caller with cronsim; NULL ends it: end_at reached); a job that already fired max_executions times becomes inactive. Optimistic: returns false, changing nothing, when updated_at is no longer p_expected_updated_at (the caller reads again and retries). ED010 unknown job, ED013 lock timeout.';
+REVOKE ALL ON FUNCTION edm.job_update(bigint,jsonb,boolean,timestamp with time zone,timestamp with time zone,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.jobs_check_write()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  v_max     integer;
+  v_n       bigint;
+  v_tenants jsonb;
+BEGIN
+  IF NEW.kind = 'shell'
+     AND (TG_OP = 'INSERT' OR OLD.kind IS DISTINCT FROM NEW.kind OR OLD.target IS DISTINCT FROM NEW.target
+          OR OLD.tenant_id IS DISTINCT FROM NEW.tenant_id) THEN
+    IF NOT coalesce((SELECT (c.value #>> '{}')::boolean FROM edm.config c
+                     WHERE c.key = 'jobs.shell_enabled'), false) THEN
+      RAISE EXCEPTION 'shell jobs are disabled: set jobs.shell_enabled to true to allow them'
+        USING ERRCODE = 'ED012';
+    END IF;
+    IF NEW.tenant_id IS NOT NULL THEN
+      SELECT (c.value #>> '{}')::jsonb INTO v_tenants FROM edm.config c
+      WHERE c.key = 'jobs.shell_tenants';
+      IF NOT coalesce(v_tenants ? NEW.tenant_id OR v_tenants ? '*', false) THEN
+        RAISE EXCEPTION 'shell jobs are not allowed for tenant %: add it to jobs.shell_tenants',
+          quote_literal(NEW.tenant_id) USING ERRCODE = 'ED012';
+      END IF;
+    END IF;
+  END IF;
+  IF NEW.tenant_id IS NOT NULL AND (TG_OP = 'INSERT' OR OLD.tenant_id IS DISTINCT FROM NEW.tenant_id) THEN
+    -- Serialise job creation per tenant, so two concurrent creations cannot
+    -- both take the tenant's last slot.
+    PERFORM pg_advisory_xact_lock(hashtextextended('edm.jobs.tenant:' || NEW.tenant_id, 0));
+    v_max := edm.config_int('jobs.max_jobs_per_tenant');
+    SELECT count(*) INTO v_n FROM edm.jobs j WHERE j.tenant_id = NEW.tenant_id;
+    IF v_n >= v_max THEN
+      RAISE EXCEPTION 'tenant % already has % jobs (jobs.max_jobs_per_tenant = %)',
+        NEW.tenant_id, v_n, v_max USING ERRCODE = 'ED014';
+    END IF;
+  END IF;
+  RETURN NEW;
+END;
+$function$;
+COMMENT ON FUNCTION edm.jobs_check_write() IS 'Trigger: refuses shell jobs unless jobs.shell_enabled, and a tenant''s shell job unless the tenant is in jobs.shell_tenants (ED012); refuses a tenant''s job beyond jobs.max_jobs_per_tenant (ED014, serialised per tenant by an advisory lock).';
+REVOKE ALL ON FUNCTION edm.jobs_check_write() FROM PUBLIC;
+
+CREATE FUNCTION edm.jobs_notify()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  -- Only when the earliest due time may have moved earlier: firing moves
+  -- next_run_at later and so wakes nobody.
+  IF NEW.status = 'active'
+     AND (TG_OP = 'INSERT' OR OLD.status IS DISTINCT FROM 'active'
+          OR NEW.next_run_at < OLD.next_run_at) THEN
+    PERFORM pg_notify('edm_jobs', 'job:' || NEW.job_id);
+  END IF;
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.jobs_notify() IS 'Trigger: NOTIFY edm_jobs when a job becomes active or its next run moves earlier, so sleeping runners recompute their wake-up time.';
+REVOKE ALL ON FUNCTION edm.jobs_notify() FROM PUBLIC;
+
+CREATE VIEW edm.jobs_overview AS
+ SELECT job_id,
+    tenant_id,
+    name,
+    kind,
+    status,
+    cron_expr,
+    timezone,
+    next_run_at,
+    (next_run_at AT TIME ZONE timezone) AS next_run_local,
+    last_status,
+    last_finished_at,
+    running_count,
+    max_concurrent,
+    ( SELECT count(*) AS count
+           FROM edm.job_executions e
+          WHERE ((e.job_id = j.job_id) AND (e.status = 'pending'::text))) AS pending_count,
+    success_count,
+    failure_count,
+    misfire_count,
+        CASE
+            WHEN (status = 'paused'::text) THEN 'paused'::text
+            WHEN (status = 'inactive'::text) THEN ('inactive: '::text || inactive_reason)
+            WHEN (next_run_at > now()) THEN ('waiting for its next run at '::text || next_run_at)
+            ELSE (('due since '::text || next_run_at) || ': no runner has fired it (are runners running?)'::text)
+        END AS why_not_running
+   FROM edm.jobs j;
+COMMENT ON VIEW edm.jobs_overview IS 'One line per job for DBAs: schedule, next run (UTC and local), last outcome, slots in use, queue, counters, and why it is not running right now.';
+COMMENT ON COLUMN edm.jobs_overview.job_id IS 'The job.';
+COMMENT ON COLUMN edm.jobs_overview.tenant_id IS 'Owning tenant.';
+COMMENT ON COLUMN edm.jobs_overview.name IS 'Job name.';
+COMMENT ON COLUMN edm.jobs_overview.kind IS 'function, http, shell or launch_campaign.';
+COMMENT ON COLUMN edm.jobs_overview.status IS 'active, paused or inactive.';
+COMMENT ON COLUMN edm.jobs_overview.cron_expr IS 'Cron expression.';
+COMMENT ON COLUMN edm.jobs_overview.timezone IS 'Time zone of the schedule.';
+COMMENT ON COLUMN edm.jobs_overview.next_run_at IS 'Next run (instant).';
+COMMENT ON COLUMN edm.jobs_overview.next_run_local IS 'Next run as wall-clock time in the job''s time zone.';
+COMMENT ON COLUMN edm.jobs_overview.last_status IS 'Status of the latest finished execution.';
+COMMENT ON COLUMN edm.jobs_overview.last_finished_at IS 'When it finished.';
+COMMENT ON COLUMN edm.jobs_overview.running_count IS 'Executions running now.';
+COMMENT ON COLUMN edm.jobs_overview.max_concurrent IS 'Most executions allowed to run at once.';
+COMMENT ON COLUMN edm.jobs_overview.pending_count IS 'Executions queued (manual runs, retries, catch-up runs).';
+COMMENT ON COLUMN edm.jobs_overview.success_count IS 'Executions that succeeded.';
+COMMENT ON COLUMN edm.jobs_overview.failure_count IS 'Executions that failed or timed out.';
+COMMENT ON COLUMN edm.jobs_overview.misfire_count IS 'Occurrences not run because of downtime.';
+COMMENT ON COLUMN edm.jobs_overview.why_not_running IS 'Why no execution of the job is starting now.';
+
+CREATE TRIGGER jobs_check_write BEFORE INSERT OR UPDATE OF kind, target, tenant_id ON edm.jobs FOR EACH ROW EXECUTE FUNCTION edm.jobs_check_write();
+
+CREATE TRIGGER jobs_notify AFTER INSERT OR UPDATE OF status, next_run_at ON edm.jobs FOR EACH ROW EXECUTE FUNCTION edm.jobs_notify();
+
+CREATE TRIGGER jobs_audit AFTER INSERT OR DELETE ON edm.jobs FOR EACH ROW EXECUTE FUNCTION edm.audit_row('job');
+
+CREATE TRIGGER jobs_audit_upd AFTER UPDATE ON edm.jobs FOR EACH ROW WHEN ((((((((((((((((((((((((old.tenant_id IS DISTINCT FROM new.tenant_id) OR (old.name IS DISTINCT FROM new.name)) OR (old.description IS DISTINCT FROM new.description)) OR (old.kind IS DISTINCT FROM new.kind)) OR (old.target IS DISTINCT FROM new.target)) OR (old.cron_expr IS DISTINCT FROM new.cron_expr)) OR (old.timezone IS DISTINCT FROM new.timezone)) OR (old.start_at IS DISTINCT FROM new.start_at)) OR (old.end_at IS DISTINCT FROM new.end_at)) OR (old.max_executions IS DISTINCT FROM new.max_executions)) OR (old.status IS DISTINCT FROM new.status)) OR (old.inactive_reason IS DISTINCT FROM new.inactive_reason)) OR (old.priority IS DISTINCT FROM new.priority)) OR (old.max_concurrent IS DISTINCT FROM new.max_concurrent)) OR (old.timeout_seconds IS DISTINCT FROM new.timeout_seconds)) OR (old.max_retries IS DISTINCT FROM new.max_retries)) OR (old.retry_delay_seconds IS DISTINCT FROM new.retry_delay_seconds)) OR (old.retry_backoff IS DISTINCT FROM new.retry_backoff)) OR (old.retry_max_delay_seconds IS DISTINCT FROM new.retry_max_delay_seconds)) OR (old.retry_on IS DISTINCT FROM new.retry_on)) OR (old.misfire_policy IS DISTINCT FROM new.misfire_policy)) OR (old.misfire_grace_seconds IS DISTINCT FROM new.misfire_grace_seconds)) OR (old.tags IS DISTINCT FROM new.tags))) EXECUTE FUNCTION edm.audit_row('job');
+
+-- ==========================================================================
+-- Security
+-- Least privilege: SECURITY DEFINER on every writing function, roles and their grants.
+-- ==========================================================================
+
+CREATE FUNCTION edm.harden_functions()
+ RETURNS integer
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  f regprocedure;
+  v_n integer := 0;
+BEGIN
+  FOR f IN
+    SELECT p.oid::regprocedure FROM pg_proc p
+    WHERE p.pronamespace = 'edm'::regnamespace AND p.prokind = 'f'
+      AND p.provolatile = 'v' AND p.prorettype <> 'trigger'::regtype
+      AND p.proname NOT IN ('harden_functions', 'install_roles', 'share_staged')
+  LOOP
+    EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', f);
+    v_n := v_n + 1;
+  END LOOP;
+  -- Read-only functions that look at tables the calling role may not read.
+  FOR f IN
+    SELECT p.oid::regprocedure FROM pg_proc p
+    WHERE p.pronamespace = 'edm'::regnamespace
+      AND p.proname IN ('next_wakeup', 'task_wait_reason', 'job_next_wakeup')
+  LOOP
+    EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', f);
+    v_n := v_n + 1;
+  END LOOP;
+  EXECUTE 'REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA edm FROM PUBLIC';
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.harden_functions() IS 'Makes every volatile (writing) function of schema edm SECURITY DEFINER with search_path pg_catalog, pg_temp, and revokes EXECUTE from PUBLIC. Run by this migration; later migrations that add functions call it again.';
+REVOKE ALL ON FUNCTION edm.harden_functions() FROM PUBLIC;
+
+CREATE FUNCTION edm.share_staged(p_table text)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  v_owner text := (SELECT n.nspowner::regrole::text FROM pg_namespace n WHERE n.nspname = 'edm');
+BEGIN
+  IF p_table NOT IN ('edm_stage_recipients', 'edm_stage_contacts') THEN
+    RAISE EXCEPTION 'not a staging table: %', p_table USING ERRCODE = 'ED005';
+  END IF;
+  IF v_owner <> current_user THEN
+    EXECUTE format('GRANT SELECT ON pg_temp.%I TO %I', p_table, v_owner);
+  END IF;
+END;
+$function$;
+COMMENT ON FUNCTION edm.share_staged(text) IS 'Grants the edm schema owner (whose rights the SECURITY DEFINER functions run with) SELECT on the caller''s session staging table p_table. Runs with the caller''s rights.';
+REVOKE ALL ON FUNCTION edm.share_staged(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.install_roles(p_dispatcher text DEFAULT 'edm_dispatcher'::text, p_app text DEFAULT 'edm_app'::text, p_monitor text DEFAULT 'edm_monitor'::text)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  v_role text;
+  f regprocedure;
+  -- What each role may EXECUTE (every overload of these names).
+  v_dispatcher_fns text[] := ARRAY[
+    'claim', 'complete', 'expire_leases', 'next_wakeup', 'run_sweeps', 'take_alerts',
+    'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
+    'job_claim', 'job_fire', 'job_finish', 'job_progress', 'job_schedule_retry',
+    'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
+    'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2'];
+  v_app_fns text[] := ARRAY[
+    'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
+    'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',
+    'add_suppression', 'remove_suppression', 'create_task_from_staged', 'create_task_from_rule',
+    'expand_task', 'pause_task', 'resume_task', 'cancel_task', 'task_wait_reason', 'config_set',
+    'share_staged', 'email_problem', 'is_valid_email', 'normalize_email', 'is_valid_timezone',
+    'rule_matches', 'service_sent_today', 'service_is_ready',
+    'job_create', 'job_update', 'job_delete', 'job_trigger', 'job_pause', 'job_resume',
+    'job_stop', 'job_cancel_execution', 'job_validate', 'set_service_limits'];
+  v_monitor_fns text[] := ARRAY['task_wait_reason', 'service_sent_today', 'service_is_ready'];
+BEGIN
+  FOREACH v_role IN ARRAY ARRAY[p_dispatcher, p_app, p_monitor] LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = v_role) THEN
+      EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA edm TO %I', v_role);
+  END LOOP;
+
+  -- Monitoring: read everything, change nothing.
+  EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA edm TO %I', p_monitor);
+
+  -- Dispatcher: claim / complete / sweep through functions; read what
+  -- rendering needs; keep its own heartbeat row.
+  EXECUTE format('GRANT SELECT ON edm.services, edm.templates, edm.contacts, edm.config, '
+                 'edm.tasks, edm.system_health, edm.jobs, edm.job_executions TO %I', p_dispatcher);
+  EXECUTE format('GRANT SELECT, INSERT, UPDATE ON edm.dispatchers TO %I', p_dispatcher);
+
+  -- Host application: everything through functions; read its objects.
+  EXECUTE format('GRANT SELECT ON edm.users, edm.services, edm.grants, edm.tasks, edm.templates, '
+                 'edm.config, edm.task_progress, edm.service_status, edm.system_health, '
+                 'edm.task_wait_reasons, edm.alerts, edm.jobs, edm.job_executions, '
+                 'edm.jobs_overview, edm.service_limits, edm.service_limit_status, '
+                 'edm.possible_duplicates TO %I', p_app);
+
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+           WHERE p.pronamespace = 'edm'::regnamespace AND p.proname = ANY (v_dispatcher_fns) LOOP
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_dispatcher);
+  END LOOP;
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+           WHERE p.pronamespace = 'edm'::regnamespace AND p.proname = ANY (v_app_fns) LOOP
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_app);
+  END LOOP;
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+           WHERE p.pronamespace = 'edm'::regnamespace AND p.proname = ANY (v_monitor_fns) LOOP
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_monitor);
+  END LOOP;
+END;
+$function$;
+COMMENT ON FUNCTION edm.install_roles(text,text,text) IS 'Creates (when missing) the NOLOGIN group roles for the dispatcher, the host application and monitoring, and grants each exactly what its job needs. Needs CREATEROLE (or existing roles) and the schema owner''s rights; idempotent. Grant the groups to your login roles: GRANT edm_dispatcher TO my_sidecar_login.';
+REVOKE ALL ON FUNCTION edm.install_roles(text,text,text) FROM PUBLIC;
+
+-- ==========================================================================
+-- Not yet sorted
+-- Objects not listed in CONCEPTS of edm_sched/schema_dump.py: add them there, then run `python -m edm_sched.schema_dump > sql/schema.sql`.
+-- ==========================================================================
+
+CREATE TABLE edm.service_limits (
+  service_id bigint NOT NULL,
+  name text NOT NULL,
+  kind text NOT NULL,
+  max_count integer NOT NULL,
+  window_ms bigint,
+  burst integer DEFAULT 1 NOT NULL,
+  time_zone text,
+  tat timestamp with time zone,
+  bucket_idx bigint[] DEFAULT '{}'::bigint[] NOT NULL,
+  bucket_n integer[] DEFAULT '{}'::integer[] NOT NULL,
+  day date,
+  day_count integer DEFAULT 0 NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT service_limits_pkey PRIMARY KEY (service_id, name),
+  CONSTRAINT service_limits_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT service_limits_buckets CHECK ((cardinality(bucket_idx) = cardinality(bucket_n))),
+  CONSTRAINT service_limits_burst_check CHECK (((burst >= 1) AND (burst <= 100000))),
+  CONSTRAINT service_limits_day_count_check CHECK ((day_count >= 0)),
+  CONSTRAINT service_limits_kind_check CHECK ((kind = ANY (ARRAY['rate'::text, 'rolling'::text, 'calendar_day'::text]))),
+  CONSTRAINT service_limits_max_count_check CHECK (((max_count >= 0) AND (max_count <= 100000000))),
+  CONSTRAINT service_limits_name_check CHECK ((name ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'::text)),
+  CONSTRAINT service_limits_shape CHECK (
+CASE kind
+    WHEN 'calendar_day'::text THEN ((window_ms IS NULL) AND (burst = 1))
+    WHEN 'rolling'::text THEN ((window_ms IS NOT NULL) AND (window_ms >= 1000) AND (burst = 1) AND (time_zone IS NULL))
+    ELSE ((window_ms IS NOT NULL) AND (time_zone IS NULL) AND (burst <= GREATEST(max_count, 1)))
+END),
+  CONSTRAINT service_limits_time_zone_check CHECK (((time_zone IS NULL) OR edm.is_valid_timezone(time_zone))),
+  CONSTRAINT service_limits_window_ms_check CHECK (((window_ms >= 1) AND (window_ms <= (31 * (86400000)::bigint))))
+);
+COMMENT ON TABLE edm.service_limits IS 'Limits of a service beyond its built-in interval_ms and daily_quota, all held at once (the smallest headroom wins). rate: at most max_count per window_ms, in bursts of at most burst (a token bucket, checked by GCRA; burst 1 spaces sends window_ms/max_count apart, so no window of window_ms holds more than max_count). rolling: at most max_count in any window of window_ms (e.g. SES Max24HourSend). calendar_day: at most max_count per calendar day in time_zone (default: the service''s quota_tz). Set with edm.set_service_limits; see docs/explanation/rate-limits.md.';
+COMMENT ON COLUMN edm.service_limits.service_id IS 'Service limited.';
+COMMENT ON COLUMN edm.service_limits.name IS 'Name of the limit, unique per service (e.g. per_second, per_minute, rolling_24h); waiting reasons name it.';
+COMMENT ON COLUMN edm.service_limits.kind IS 'rate, rolling or calendar_day.';
+COMMENT ON COLUMN edm.service_limits.max_count IS 'Most sends per window (0 blocks the service).';
+COMMENT ON COLUMN edm.service_limits.window_ms IS 'Window length in milliseconds (rate and rolling); NULL for calendar_day.';
+COMMENT ON COLUMN edm.service_limits.burst IS 'rate only: most sends at once (token bucket depth); 1 spaces sends evenly.';
+COMMENT ON COLUMN edm.service_limits.time_zone IS 'calendar_day only: time zone whose midnight starts a day; NULL = the service''s quota_tz.';
+COMMENT ON COLUMN edm.service_limits.tat IS 'rate state: GCRA theoretical arrival time (a send at t is allowed when t >= tat - (burst - 1) * window_ms / max_count).';
+COMMENT ON COLUMN edm.service_limits.bucket_idx IS 'rolling state: indexes (epoch milliseconds / bucket width) of the buckets with sends, oldest first; the bucket width is window_ms / 200 rounded up.';
+COMMENT ON COLUMN edm.service_limits.bucket_n IS 'rolling state: sends slotted in each bucket of bucket_idx.';
+COMMENT ON COLUMN edm.service_limits.day IS 'calendar_day state: the local date day_count counts.';
+COMMENT ON COLUMN edm.service_limits.day_count IS 'calendar_day state: sends slotted on day.';
+COMMENT ON COLUMN edm.service_limits.created_at IS 'When the limit was set.';
+
+CREATE FUNCTION edm.epoch_ms(p_ts timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN (floor((EXTRACT(epoch FROM p_ts) * (1000)::numeric)))::bigint;
+COMMENT ON FUNCTION edm.epoch_ms(timestamp with time zone) IS 'Milliseconds since 1970-01-01 UTC (floor).';
+REVOKE ALL ON FUNCTION edm.epoch_ms(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.limit_bucket_ms(p_window_ms bigint)
+ RETURNS bigint
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN GREATEST((1)::bigint, (ceil(((p_window_ms)::numeric / 200.0)))::bigint);
+COMMENT ON FUNCTION edm.limit_bucket_ms(bigint) IS 'Bucket width of a rolling limit of p_window_ms: window / 200, rounded up (at least 1 ms).';
+REVOKE ALL ON FUNCTION edm.limit_bucket_ms(bigint) FROM PUBLIC;
+
+CREATE FUNCTION edm.limit_next(l edm.service_limits, p_at timestamp with time zone, p_service_tz text)
+ RETURNS timestamp with time zone
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+  v_tz   text := coalesce(l.time_zone, p_service_tz);
+  v_bms  bigint;
+  v_span bigint;
+  v_b    bigint;
+  v_sum  bigint := 0;
+  v_need bigint;
+  i      integer;
+BEGIN
+  IF l.max_count = 0 THEN
+    RETURN 'infinity';
+  END IF;
+  IF l.kind = 'rate' THEN
+    -- GCRA: allowed at t when t >= tat - tau, tau = (burst - 1) * T.
+    RETURN greatest(p_at, l.tat - ((l.burst - 1) * l.window_ms::double precision / l.max_count)
+                                   * interval '1 millisecond');
+  ELSIF l.kind = 'calendar_day' THEN
+    IF l.day = (p_at AT TIME ZONE v_tz)::date AND l.day_count >= l.max_count THEN
+      RETURN edm.service_next_quota_day(v_tz, p_at);
+    END IF;
+    RETURN p_at;
+  END IF;
+  -- rolling: the sends counted at t are those of buckets b >= b(t) - span,
+  -- which cover (t - window, t] and at most one bucket more (an upper bound).
+  v_bms := edm.limit_bucket_ms(l.window_ms);
+  v_span := ceil(l.window_ms::numeric / v_bms)::bigint;
+  v_b := edm.epoch_ms(p_at) / v_bms;
+  FOR i IN 1 .. cardinality(l.bucket_idx) LOOP
+    IF l.bucket_idx[i] >= v_b - v_span THEN
+      v_sum := v_sum + l.bucket_n[i];
+    END IF;
+  END LOOP;
+  IF v_sum < l.max_count THEN
+    RETURN p_at;
+  END IF;
+  -- Full: wait until enough of the oldest buckets have left the window.
+  v_need := v_sum - l.max_count + 1;
+  FOR i IN 1 .. cardinality(l.bucket_idx) LOOP
+    CONTINUE WHEN l.bucket_idx[i] < v_b - v_span;
+    v_need := v_need - l.bucket_n[i];
+    IF v_need <= 0 THEN
+      -- bucket i no longer counts once b(t) - span > bucket_idx[i]
+      RETURN greatest(p_at, to_timestamp((l.bucket_idx[i] + v_span + 1) * v_bms / 1000.0));
+    END IF;
+  END LOOP;
+  RETURN 'infinity';
+END;
+$function$;
+COMMENT ON FUNCTION edm.limit_next(edm.service_limits,timestamp with time zone,text) IS 'The earliest instant at or after p_at at which limit l admits one more send (infinity when max_count is 0). p_service_tz is the service''s quota_tz, the default day boundary of a calendar_day limit.';
+REVOKE ALL ON FUNCTION edm.limit_next(edm.service_limits,timestamp with time zone,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.limits_next(p_service_id bigint, p_at timestamp with time zone, p_service_tz text)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ STABLE
+RETURN COALESCE((SELECT max(edm.limit_next(l.*, limits_next.p_at, limits_next.p_service_tz)) AS max FROM edm.service_limits l WHERE (l.service_id = limits_next.p_service_id)), p_at);
+COMMENT ON FUNCTION edm.limits_next(bigint,timestamp with time zone,text) IS 'The earliest instant at or after p_at at which every limit of the service in edm.service_limits admits one more send.';
+REVOKE ALL ON FUNCTION edm.limits_next(bigint,timestamp with time zone,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.rolling_buckets_add(p_idx bigint[], p_n integer[], p_window_ms bigint, p_slot timestamp with time zone, OUT bucket_idx bigint[], OUT bucket_n integer[])
+ RETURNS record
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+ SELECT array_agg(x.b ORDER BY x.b) AS array_agg,
+     array_agg(x.n ORDER BY x.b) AS array_agg
+    FROM ( SELECT u.b,
+             (sum(u.n))::integer AS n
+            FROM ( SELECT t.b,
+                     t.n
+                    FROM UNNEST(rolling_buckets_add.p_idx, rolling_buckets_add.p_n) t(b, n)
+                 UNION ALL
+                  SELECT (edm.epoch_ms(rolling_buckets_add.p_slot) / edm.limit_bucket_ms(rolling_buckets_add.p_window_ms)),
+                     1) u
+           WHERE ((u.b)::numeric >= ((((edm.epoch_ms(rolling_buckets_add.p_slot) / edm.limit_bucket_ms(rolling_buckets_add.p_window_ms)))::numeric - ceil(((rolling_buckets_add.p_window_ms)::numeric / (edm.limit_bucket_ms(rolling_buckets_add.p_window_ms))::numeric))) - (1)::numeric))
+           GROUP BY u.b) x;
+END;
+COMMENT ON FUNCTION edm.rolling_buckets_add(bigint[],integer[],bigint,timestamp with time zone) IS 'The bucket arrays of a rolling limit (edm.service_limits.bucket_idx, bucket_n) after one more send slotted at p_slot: its bucket gains one, buckets older than any window that can still count are dropped.';
+REVOKE ALL ON FUNCTION edm.rolling_buckets_add(bigint[],integer[],bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.limits_take(p_service_id bigint, p_slot timestamp with time zone, p_service_tz text)
+ RETURNS void
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ UPDATE edm.service_limits l SET tat =
+         CASE
+             WHEN (l.kind = 'rate'::text) THEN (GREATEST(COALESCE(l.tat, limits_take.p_slot), limits_take.p_slot) + (((l.window_ms)::double precision / (GREATEST(l.max_count, 1))::double precision) * '00:00:00.001'::interval))
+             ELSE l.tat
+         END, day_count =
+         CASE
+             WHEN (l.kind <> 'calendar_day'::text) THEN 0
+             WHEN (l.day = ((limits_take.p_slot AT TIME ZONE COALESCE(l.time_zone, limits_take.p_service_tz)))::date) THEN (l.day_count + 1)
+             ELSE 1
+         END, day =
+         CASE
+             WHEN (l.kind = 'calendar_day'::text) THEN ((limits_take.p_slot AT TIME ZONE COALESCE(l.time_zone, limits_take.p_service_tz)))::date
+             ELSE NULL::date
+         END, (bucket_idx, bucket_n) = ( SELECT COALESCE(r.bucket_idx, l.bucket_idx) AS "coalesce",
+             COALESCE(r.bucket_n, l.bucket_n) AS "coalesce"
+            FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, limits_take.p_slot) r(bucket_idx, bucket_n)
+           WHERE (l.kind = 'rolling'::text)
+         UNION ALL
+          SELECT l.bucket_idx,
+             l.bucket_n
+           WHERE (l.kind <> 'rolling'::text))
+   WHERE (l.service_id = limits_take.p_service_id);
+END;
+COMMENT ON FUNCTION edm.limits_take(bigint,timestamp with time zone,text) IS 'Counts one send slotted at p_slot against every limit of the service (the caller, the claim, checked edm.limits_next first and holds the service row lock).';
+REVOKE ALL ON FUNCTION edm.limits_take(bigint,timestamp with time zone,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.live_dispatcher_count(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE sql
+ STABLE
+RETURN (SELECT count(*) AS count FROM edm.dispatchers d WHERE ((d.stopped_at IS NULL) AND (d.heartbeat_at > (COALESCE(live_dispatcher_count.p_now, now()) - '00:00:30'::interval))));
+COMMENT ON FUNCTION edm.live_dispatcher_count(timestamp with time zone) IS 'Dispatchers not stopped whose heartbeat (every 10 s) is less than 30 s old at p_now (default now()): the same rule as edm.system_health.dispatchers_alive. 0 means nothing is sending.';
+REVOKE ALL ON FUNCTION edm.live_dispatcher_count(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.next_wakeup_v2(p_owner text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_lookahead_ms integer DEFAULT NULL::integer)
+ RETURNS timestamp with time zone
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now  timestamptz := coalesce(p_now, now());
+  v_look interval := coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms'))
+                     * interval '1 millisecond';
+  v_at   timestamptz;
+BEGIN
+  v_at := least(
+    -- Walk services_ready_idx in time order and stop at the first service
+    -- this dispatcher may claim (not held by another) that some user with
+    -- work may use; it becomes claimable a lookahead before its slot.
+    (SELECT s.next_available_at - v_look FROM edm.services s
+     WHERE s.enabled AND s.daily_quota > 0
+       AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
+       AND (SELECT true FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
+            WHERE g.service_id = s.service_id AND u.claimable_tasks > 0 LIMIT 1)
+     ORDER BY s.next_available_at LIMIT 1),
+    -- Services held by others: claimable by us when the hold ends.
+    (SELECT min(s.held_until) FROM edm.services s
+     WHERE s.enabled AND s.held_until > v_now AND s.held_by <> p_owner
+       AND (SELECT true FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
+            WHERE g.service_id = s.service_id AND u.claimable_tasks > 0 LIMIT 1)),
+    (SELECT min(t.scheduled_at) FROM edm.tasks t WHERE t.status = 'scheduled'),
+    (SELECT min(st.lease_expires_at) FROM edm.subtasks st WHERE st.status = 'leased'));
+  IF v_at IS NULL THEN
+    RETURN NULL;  -- nothing is waiting
+  END IF;
+  RETURN greatest(v_at, v_now);
+END;
+$function$;
+COMMENT ON FUNCTION edm.next_wakeup_v2(text,timestamp with time zone,integer) IS 'For dispatcher p_owner: the earliest time a claim_v2 or a lease expiry could next have work (a service with work coming within the slot lookahead, a hold of another dispatcher ending, a scheduled task starting, a lease expiring). NULL when nothing is waiting.';
+REVOKE ALL ON FUNCTION edm.next_wakeup_v2(text,timestamp with time zone,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.release_holds(p_owner text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  UPDATE edm.services s SET held_by = NULL, held_until = NULL
+  WHERE s.service_id IN (SELECT x.service_id FROM edm.services x WHERE x.held_by = p_owner
+                         ORDER BY x.service_id FOR NO KEY UPDATE);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.release_holds(text) IS 'Ends every hold of dispatcher p_owner on services (at shutdown), so others may claim them at once. Returns how many were released.';
+REVOKE ALL ON FUNCTION edm.release_holds(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.renew_leases(p_owner text, p_subtask_ids bigint[], p_lease_seconds integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(subtask_id bigint, lease_expires_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now   timestamptz := coalesce(p_now, now());
+  v_lease interval;
+  v_hold  interval := make_interval(secs => edm.config_int('queue.service_hold_seconds'));
+BEGIN
+  IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
+    RAISE EXCEPTION 'renew_leases: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
+  END IF;
+  IF p_lease_seconds IS NOT NULL AND p_lease_seconds NOT BETWEEN 1 AND 86400 THEN
+    RAISE EXCEPTION 'renew_leases: lease must be between 1 and 86400 seconds, got %', p_lease_seconds
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF cardinality(p_subtask_ids) > 10000 THEN
+    RAISE EXCEPTION 'renew_leases: at most 10000 subtasks per call' USING ERRCODE = 'ED005';
+  END IF;
+  v_lease := make_interval(secs => coalesce(p_lease_seconds,
+                                            edm.config_int('queue.service_reservation_timeout')));
+  -- Lock order of the header of 0002: subtasks, then services by id.
+  PERFORM 1 FROM edm.subtasks st WHERE st.subtask_id = ANY (p_subtask_ids)
+  ORDER BY st.subtask_id FOR NO KEY UPDATE;
+  PERFORM 1 FROM edm.services s
+  WHERE s.held_by = p_owner
+    AND s.service_id IN (SELECT st.service_id FROM edm.subtasks st
+                         WHERE st.subtask_id = ANY (p_subtask_ids))
+  ORDER BY s.service_id FOR NO KEY UPDATE;
+  UPDATE edm.services s SET held_until = greatest(s.held_until, v_now + v_hold)
+  WHERE s.held_by = p_owner
+    AND s.service_id IN (SELECT st.service_id FROM edm.subtasks st
+                         WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased'
+                           AND st.lease_owner = p_owner AND st.lease_expires_at > v_now);
+  -- Fenced like a completion: only the holder's live leases are extended;
+  -- one that already ran out stays expired (the sweep records it).
+  RETURN QUERY
+  UPDATE edm.subtasks st SET lease_expires_at = greatest(st.lease_expires_at, v_now + v_lease)
+  WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased'
+    AND st.lease_owner = p_owner AND st.lease_expires_at > v_now
+  RETURNING st.subtask_id, st.lease_expires_at;
+END;
+$function$;
+COMMENT ON FUNCTION edm.renew_leases(text,bigint[],integer,timestamp with time zone) IS 'Keeps leases alive while their sends wait on a slow provider: extends each of p_owner''s live leases among p_subtask_ids to now + p_lease_seconds (default queue.service_reservation_timeout), and p_owner''s holds of their services to now + queue.service_hold_seconds. Returns the leases still held with their new expiry; a lease that already expired is not revived (nothing may be sent on it).';
+REVOKE ALL ON FUNCTION edm.renew_leases(text,bigint[],integer,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.resolve_stale_quota_alerts(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  -- An alert raised in an earlier quota day (in the service's quota_tz) than
+  -- the one at p_now is over: it ended at that day's local midnight.
+  UPDATE edm.alerts a
+  SET resolved_at = edm.service_next_quota_day(s.quota_tz, a.raised_at)
+  FROM edm.services s
+  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND s.service_id = a.service_id
+    AND (a.raised_at AT TIME ZONE s.quota_tz)::date
+        < (coalesce(p_now, now()) AT TIME ZONE s.quota_tz)::date;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.resolve_stale_quota_alerts(timestamp with time zone) IS 'Resolves open quota alerts raised in an earlier quota day (in the service''s quota_tz) than the one at p_now (default now()), dated at the local midnight that ended that day. Returns how many. The trigger services_quota_day_alerts does the same as each service starts a new quota day.';
+REVOKE ALL ON FUNCTION edm.resolve_stale_quota_alerts(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.service_binding_limit(s edm.services, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(limit_name text, free_at timestamp with time zone)
+ LANGUAGE sql
+ STABLE
+BEGIN ATOMIC
+ SELECT x.limit_name,
+     x.free_at
+    FROM ( SELECT 'interval'::text AS limit_name,
+             edm.ts_add_ms((service_binding_limit.s).last_sent_at, (service_binding_limit.s).interval_ms) AS free_at
+         UNION ALL
+          SELECT 'daily_quota'::text,
+             edm.service_next_quota_day((service_binding_limit.s).quota_tz, COALESCE(service_binding_limit.p_now, now())) AS service_next_quota_day
+           WHERE (edm.service_sent_today(service_binding_limit.s, COALESCE(service_binding_limit.p_now, now())) >= (service_binding_limit.s).daily_quota)
+         UNION ALL
+          SELECT l.name,
+             edm.limit_next(l.*, COALESCE(service_binding_limit.p_now, now()), (service_binding_limit.s).quota_tz) AS limit_next
+            FROM edm.service_limits l
+           WHERE (l.service_id = (service_binding_limit.s).service_id)) x
+   WHERE (x.free_at > COALESCE(service_binding_limit.p_now, now()))
+   ORDER BY x.free_at DESC, x.limit_name
+  LIMIT 1;
+END;
+COMMENT ON FUNCTION edm.service_binding_limit(edm.services,timestamp with time zone) IS 'The limit that holds service s back at p_now (interval, daily_quota or the name of an extra limit) and when it frees; no row when no limit does. With several, the one that frees last binds.';
+REVOKE ALL ON FUNCTION edm.service_binding_limit(edm.services,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.service_limits_flag()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  UPDATE edm.services s
+  SET has_limits = EXISTS (SELECT 1 FROM edm.service_limits l WHERE l.service_id = s.service_id),
+      -- re-decide from scratch: the next claim recomputes any block
+      quota_exhausted_until = NULL
+  WHERE s.service_id IN (SELECT x.service_id FROM changed x);
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.service_limits_flag() IS 'Statement trigger on edm.service_limits: keeps services.has_limits in step and clears a block computed from the old limits (the next claim recomputes it).';
+REVOKE ALL ON FUNCTION edm.service_limits_flag() FROM PUBLIC;
+
+CREATE FUNCTION edm.set_service_limits(p_service_id bigint, p_limits jsonb)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  IF p_limits IS NULL OR jsonb_typeof(p_limits) <> 'array' OR jsonb_array_length(p_limits) > 20 THEN
+    RAISE EXCEPTION 'limits must be a JSON array of at most 20 limits' USING ERRCODE = 'ED005';
+  END IF;
+  PERFORM 1 FROM edm.services s WHERE s.service_id = p_service_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_limits) e
+             WHERE jsonb_typeof(e) <> 'object'
+                OR NOT (e ?& ARRAY['name', 'kind', 'max_count'])
+                OR EXISTS (SELECT 1 FROM jsonb_object_keys(e) k
+                           WHERE k NOT IN ('name', 'kind', 'max_count', 'window_ms', 'burst', 'time_zone'))) THEN
+    RAISE EXCEPTION 'each limit is an object with name, kind, max_count and optionally window_ms, burst, time_zone'
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- Keep the state of limits that did not change shape (no fresh burst on an edit).
+  DELETE FROM edm.service_limits l
+  WHERE l.service_id = p_service_id
+    AND NOT EXISTS (
+      SELECT 1 FROM jsonb_array_elements(p_limits) e
+      WHERE e->>'name' = l.name AND e->>'kind' = l.kind
+        AND (e->>'max_count')::integer = l.max_count
+        AND (e->>'window_ms')::bigint IS NOT DISTINCT FROM l.window_ms
+        AND coalesce((e->>'burst')::integer, 1) = l.burst
+        AND (e->>'time_zone') IS NOT DISTINCT FROM l.time_zone);
+  BEGIN
+    INSERT INTO edm.service_limits (service_id, name, kind, max_count, window_ms, burst, time_zone)
+    SELECT p_service_id, e->>'name', e->>'kind', (e->>'max_count')::integer,
+           (e->>'window_ms')::bigint, coalesce((e->>'burst')::integer, 1), e->>'time_zone'
+    FROM jsonb_array_elements(p_limits) e
+    ON CONFLICT (service_id, name) DO NOTHING;
+  EXCEPTION
+    WHEN check_violation OR not_null_violation OR invalid_text_representation
+         OR numeric_value_out_of_range OR cardinality_violation THEN
+      RAISE EXCEPTION 'invalid limit: %', SQLERRM USING ERRCODE = 'ED005';
+  END;
+  IF (SELECT count(DISTINCT e->>'name') FROM jsonb_array_elements(p_limits) e)
+     <> jsonb_array_length(p_limits) THEN
+    RAISE EXCEPTION 'limit names must be unique per service' USING ERRCODE = 'ED005';
+  END IF;
+  UPDATE edm.services s SET updated_at = now(), quota_exhausted_until = NULL
+  WHERE s.service_id = p_service_id;
+  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+  SELECT count(*) INTO v_n FROM edm.service_limits l WHERE l.service_id = p_service_id;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_service_limits(bigint,jsonb) IS 'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
+REVOKE ALL ON FUNCTION edm.set_service_limits(bigint,jsonb) FROM PUBLIC;
+
+CREATE VIEW edm.possible_duplicates AS
+ SELECT st.subtask_id,
+    st.task_id,
+    t.user_id,
+    st.email,
+    st.status,
+    st.service_id,
+    st.lease_expiries,
+    st.uncertain_sends,
+    (st.lease_expiries + st.uncertain_sends) AS uncertain_attempts
+   FROM (edm.subtasks st
+     JOIN edm.tasks t ON ((t.task_id = st.task_id)))
+  WHERE ((st.lease_expiries > 0) OR (st.uncertain_sends > 0));
+COMMENT ON VIEW edm.possible_duplicates IS 'Every subtask that may have reached its recipient more than once (I1): one of its attempts ended with an outcome nobody can know, a lease that expired on a crashed or cut-off dispatcher (lease_expiries) or a connection lost after the final dot (uncertain_sends), and it was or may be sent again. Each such attempt was recorded (send_events kinds lease_expired and uncertain) before any resend.';
+COMMENT ON COLUMN edm.possible_duplicates.subtask_id IS 'Subtask.';
+COMMENT ON COLUMN edm.possible_duplicates.task_id IS 'Task.';
+COMMENT ON COLUMN edm.possible_duplicates.user_id IS 'Owner of the task.';
+COMMENT ON COLUMN edm.possible_duplicates.email IS 'Recipient.';
+COMMENT ON COLUMN edm.possible_duplicates.status IS 'Current status of the subtask.';
+COMMENT ON COLUMN edm.possible_duplicates.service_id IS 'Service of the latest attempt.';
+COMMENT ON COLUMN edm.possible_duplicates.lease_expiries IS 'Leases that expired (outcome unknown).';
+COMMENT ON COLUMN edm.possible_duplicates.uncertain_sends IS 'Connections lost after the final dot.';
+COMMENT ON COLUMN edm.possible_duplicates.uncertain_attempts IS 'lease_expiries + uncertain_sends: the most extra copies the recipient may have.';
+
+CREATE VIEW edm.service_limit_status AS
+ SELECT s.service_id,
+    s.name AS service_name,
+    'interval'::text AS limit_name,
+    'rate'::text AS kind,
+    1 AS max_count,
+    s.interval_ms AS window_ms,
+    1 AS burst,
+        CASE
+            WHEN (s.last_sent_at > (now() - ((s.interval_ms)::double precision * '00:00:00.001'::interval))) THEN 1
+            ELSE 0
+        END AS used,
+        CASE
+            WHEN (s.last_sent_at > (now() - ((s.interval_ms)::double precision * '00:00:00.001'::interval))) THEN 0
+            ELSE 1
+        END AS headroom,
+        CASE
+            WHEN (s.last_sent_at > (now() - ((s.interval_ms)::double precision * '00:00:00.001'::interval))) THEN (s.last_sent_at + ((s.interval_ms)::double precision * '00:00:00.001'::interval))
+            ELSE NULL::timestamp with time zone
+        END AS next_free_at
+   FROM edm.services s
+  WHERE (s.interval_ms > 0)
+UNION ALL
+ SELECT s.service_id,
+    s.name AS service_name,
+    'daily_quota'::text AS limit_name,
+    'calendar_day'::text AS kind,
+    s.daily_quota AS max_count,
+    NULL::bigint AS window_ms,
+    1 AS burst,
+    edm.service_sent_today(s.*) AS used,
+    GREATEST((s.daily_quota - edm.service_sent_today(s.*)), 0) AS headroom,
+        CASE
+            WHEN (edm.service_sent_today(s.*) >= s.daily_quota) THEN edm.service_next_quota_day(s.quota_tz, now())
+            ELSE NULL::timestamp with time zone
+        END AS next_free_at
+   FROM edm.services s
+UNION ALL
+ SELECT x.service_id,
+    x.service_name,
+    x.limit_name,
+    x.kind,
+    x.max_count,
+    x.window_ms,
+    x.burst,
+    x.used,
+    GREATEST((x.max_count - x.used), 0) AS headroom,
+    x.next_free_at
+   FROM ( SELECT s.service_id,
+            s.name AS service_name,
+            l.name AS limit_name,
+            l.kind,
+            l.max_count,
+            l.window_ms,
+            l.burst,
+                CASE l.kind
+                    WHEN 'calendar_day'::text THEN
+                    CASE
+                        WHEN (l.day = ((now() AT TIME ZONE COALESCE(l.time_zone, s.quota_tz)))::date) THEN l.day_count
+                        ELSE 0
+                    END
+                    WHEN 'rolling'::text THEN ( SELECT (COALESCE(sum(b.n), (0)::bigint))::integer AS "coalesce"
+                       FROM UNNEST(l.bucket_idx, l.bucket_n) b(i, n)
+                      WHERE ((b.i)::numeric >= (((edm.epoch_ms(now()) / edm.limit_bucket_ms(l.window_ms)))::numeric - ceil(((l.window_ms)::numeric / (edm.limit_bucket_ms(l.window_ms))::numeric)))))
+                    ELSE LEAST(l.burst, (GREATEST((0)::numeric, ceil(((EXTRACT(epoch FROM (COALESCE(l.tat, now()) - now())) * (1000)::numeric) / ((l.window_ms)::numeric / (GREATEST(l.max_count, 1))::numeric)))))::integer)
+                END AS used,
+            NULLIF(edm.limit_next(l.*, now(), s.quota_tz), now()) AS next_free_at
+           FROM (edm.service_limits l
+             JOIN edm.services s ON ((s.service_id = l.service_id)))) x;
+COMMENT ON VIEW edm.service_limit_status IS 'Every limit of every service, built-in (interval, daily_quota) and extra (edm.service_limits), with its use, headroom and when it next admits a send (NULL: now). The limit with the latest next_free_at binds.';
+COMMENT ON COLUMN edm.service_limit_status.service_id IS 'Service.';
+COMMENT ON COLUMN edm.service_limit_status.service_name IS 'Service name.';
+COMMENT ON COLUMN edm.service_limit_status.limit_name IS 'interval, daily_quota, or the name of an extra limit.';
+COMMENT ON COLUMN edm.service_limit_status.kind IS 'rate, rolling or calendar_day.';
+COMMENT ON COLUMN edm.service_limit_status.max_count IS 'Most sends per window.';
+COMMENT ON COLUMN edm.service_limit_status.window_ms IS 'Window in milliseconds (NULL for a calendar day).';
+COMMENT ON COLUMN edm.service_limit_status.burst IS 'Most sends at once (rate limits).';
+COMMENT ON COLUMN edm.service_limit_status.used IS 'Sends counted in the current window (rate: in the token bucket).';
+COMMENT ON COLUMN edm.service_limit_status.headroom IS 'max_count - used, at least 0.';
+COMMENT ON COLUMN edm.service_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now.';
+
+CREATE TRIGGER service_limits_flag_ins AFTER INSERT ON edm.service_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
+
+CREATE TRIGGER service_limits_flag_del AFTER DELETE ON edm.service_limits REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
+
+RESET check_function_bodies;
+RESET search_path;

@@ -1,0 +1,1 @@
+"""The host API: input validation, rendering, operations and monitoring."""

@@ -1,0 +1,1 @@
+"""Crashes, kills and many processes: the slow lane."""

@@ -1,0 +1,1 @@
+"""Recurring jobs: API, schedule, runner, CLI, processes."""

@@ -1,0 +1,1 @@
+"""The house: docs, layers, packaging, monitoring assets."""

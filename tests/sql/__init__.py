@@ -1,0 +1,1 @@
+"""The SQL layer: schema, migrations, claim, fairness, expansion, security, plans."""
