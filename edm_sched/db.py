@@ -32,6 +32,8 @@ _SQLSTATE_ERRORS: dict[str, type[errors.EdmSchedError]] = {
     "ED013": job_errors.LockAcquisitionFailed,
     "ED014": job_errors.JobQuotaExceeded,
     "ED015": job_errors.ExecutionNotFound,
+    # Deliverability (sql/migrations/0009_deliverability.sql).
+    "ED030": errors.MissingVariables,
     "22023": errors.InvalidInput,  # invalid_parameter_value
     "22P02": errors.InvalidInput,  # invalid_text_representation
     "22003": errors.InvalidInput,  # numeric_value_out_of_range

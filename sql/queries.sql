@@ -317,7 +317,7 @@ FROM edm.system_health
 -- Progress of live and recent tasks.
 SELECT task_id, user_id, name, status, priority, scheduled_at, total, sent, pending, leased, failed,
        cancelled, progress_pct, first_send_wait_s, sends_per_s, eta_s, last_activity_at,
-       stuck_since
+       stuck_since, sent_pct, outcome
 FROM edm.task_progress
 WHERE status IN ('expanding', 'scheduled', 'sending', 'paused')
    OR last_activity_at > now() - interval '1 hour'

@@ -1,0 +1,229 @@
+-- 0009_deliverability.sql: nothing unsendable accepted, progress that tells
+-- the truth, one-click unsubscribe, feedback intake (bounces, complaints,
+-- unsubscribes, deliveries), and the reputation breaker.
+--
+-- SQLSTATEs added here (mapped in edm_sched/db.py):
+--   ED030 missing variables: a strict task's recipients lack variables its
+--         templates use.
+
+-- ---------------------------------------------------------------------------
+-- Addresses: RFC 5321 / 5322 syntax at the door, SMTPUTF8 end to end
+-- ---------------------------------------------------------------------------
+
+-- Internationalised addresses (RFC 6531/6532) are accepted and go out as
+-- they are: the message's header block is UTF-8 and the SMTP transport
+-- requires SMTPUTF8 from the server (without it the subtask fails
+-- permanently, naming the reason). They must be in Unicode normal form C so
+-- that one mailbox has one spelling. Quoted local parts ("a b"@x) and
+-- address literals (x@[192.0.2.1]) are refused: no campaign needs them and
+-- receivers treat them as spam signals.
+CREATE OR REPLACE FUNCTION edm.email_problem(p_email text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+  WHEN p_email IS NULL OR btrim(p_email) = '' THEN 'empty address'
+  WHEN length(p_email) > 254 THEN 'longer than 254 characters'
+  WHEN p_email ~ '[[:cntrl:]]' THEN 'contains control characters (CR, LF, NUL...)'
+  -- Non-breaking and zero-width spaces, soft hyphens, bidi controls, BOM:
+  -- invisible, not trimmed by normalize_email, so 'a@b.com' followed by a
+  -- pasted U+00A0 would be a second recipient for the same mailbox.
+  WHEN p_email ~ '[\u00a0\u00ad\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff]'
+    THEN 'contains invisible or non-breaking space characters'
+  WHEN position('@' IN p_email) = 0 THEN 'missing @'
+  WHEN NOT edm.is_valid_email(edm.normalize_email(p_email)) THEN 'not a valid address'
+  -- RFC 5321 4.5.3.1.1: a local part of at most 64 octets.
+  WHEN octet_length(split_part(btrim(p_email), '@', 1)) > 64 THEN 'local part longer than 64 octets'
+  -- RFC 5322 dot-atom: no leading, trailing or consecutive dots.
+  WHEN split_part(btrim(p_email), '@', 1) ~ '(^\.|\.$|\.\.)'
+    THEN 'local part has a leading, trailing or double dot'
+  -- Domain: labels of letters (any script), digits and inner hyphens, each
+  -- at most 63 characters; the top-level label not all digits (no bare IP).
+  WHEN NOT split_part(btrim(p_email), '@', 2)
+           ~ '^([A-Za-z0-9\u0080-\U0010ffff]([A-Za-z0-9\u0080-\U0010ffff-]{0,61}[A-Za-z0-9\u0080-\U0010ffff])?\.)+[A-Za-z0-9\u0080-\U0010ffff]([A-Za-z0-9\u0080-\U0010ffff-]{0,61}[A-Za-z0-9\u0080-\U0010ffff])?$'
+    THEN 'domain is not a host name (letters, digits and inner hyphens, labels of 1 to 63)'
+  WHEN split_part(btrim(p_email), '@', 2) ~ '\.[0-9]+$' THEN 'domain ends in a number (an IP address?)'
+  WHEN p_email !~ '^[ -~]*$' AND NOT (btrim(p_email) IS NFC NORMALIZED)
+    THEN 'not in Unicode normal form C'
+END;
+COMMENT ON FUNCTION edm.email_problem(text) IS
+  'Why p_email is not acceptable as an address, or NULL when it is: empty, too long, control or invisible characters, no @, specials, a local part over 64 octets or with a leading, trailing or double dot, a domain that is not a host name or ends in a number, or a non-ASCII address not in Unicode NFC. Internationalised addresses are accepted (they are sent with SMTPUTF8). Used for the per-address report of task creation, contact import, suppressions and service senders.';
+
+-- ---------------------------------------------------------------------------
+-- Custom header fields of tasks and services
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION edm.headers_problem(p_headers jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+  WHEN p_headers IS NULL OR p_headers = 'null'::jsonb THEN NULL
+  WHEN jsonb_typeof(p_headers) <> 'object' THEN 'headers must be a JSON object'
+  WHEN (SELECT count(*) FROM jsonb_object_keys(p_headers)) > 50 THEN 'at most 50 header fields'
+  WHEN (SELECT count(DISTINCT lower(k)) <> count(*) FROM jsonb_object_keys(p_headers) k)
+    THEN 'a header field is given twice'
+  ELSE (
+    SELECT CASE
+      WHEN h.k !~ '^[!-9;-~]{1,76}$'
+        THEN format('header name %s is not 1-76 printable ASCII characters without ":"', quote_literal(h.k))
+      WHEN lower(h.k) = ANY (ARRAY[
+             'from', 'to', 'cc', 'bcc', 'subject', 'reply-to', 'sender', 'message-id', 'date',
+             'mime-version', 'content-type', 'content-transfer-encoding', 'content-disposition',
+             'content-id', 'list-unsubscribe', 'list-unsubscribe-post', 'return-path', 'received',
+             'received-spf', 'authentication-results', 'dkim-signature', 'domainkey-signature',
+             'arc-seal', 'arc-message-signature', 'arc-authentication-results', 'delivered-to',
+             'x-original-to', 'bounces-to', 'errors-to'])
+           OR lower(h.k) ~ '^(resent-|x-edm-)'
+        THEN format('header %s is set by edm-sched or by relays and may not be given', h.k)
+      WHEN jsonb_typeof(h.v) <> 'string' THEN format('header %s: the value must be a string', h.k)
+      WHEN (h.v #>> '{}') ~ '[\x01-\x08\x0a-\x1f\x7f\u0085\u2028\u2029]'
+        THEN format('header %s: the value contains a line break or a control character', h.k)
+      WHEN length(h.v #>> '{}') > 900 THEN format('header %s: the value is longer than 900 characters', h.k)
+    END
+    FROM jsonb_each(p_headers) AS h(k, v)
+    ORDER BY 1 NULLS LAST LIMIT 1)
+END;
+COMMENT ON FUNCTION edm.headers_problem(jsonb) IS
+  'Why p_headers (custom header fields, {"Name": "value"}) may not be added to messages, or NULL: not an object, more than 50 fields, a name given twice, a name that is not RFC 5322 field-name syntax, a field edm-sched or relays set (From, To, Cc, Bcc, Subject, Reply-To, Sender, Message-ID, Date, MIME and Content-* fields, List-Unsubscribe[-Post], Return-Path, Received*, Authentication-Results, DKIM/ARC signatures, Delivered-To, Resent-*, X-Edm-*), a value that is not a string, holds a line break or control character, or is longer than 900 characters. The Python models apply the same rules (edm_sched.rendering.header_problem).';
+
+ALTER TABLE edm.templates
+  ADD COLUMN headers jsonb NOT NULL DEFAULT '{}'::jsonb
+    CONSTRAINT templates_headers_ok CHECK (edm.headers_problem(headers) IS NULL),
+  ADD COLUMN list_unsubscribe boolean NOT NULL DEFAULT true,
+  ADD COLUMN required_variables text[];
+COMMENT ON COLUMN edm.templates.headers IS 'Custom header fields of the messages of this template (the task''s and the template''s own), checked by edm.headers_problem.';
+COMMENT ON COLUMN edm.templates.list_unsubscribe IS 'True for bulk mail: messages carry one-click List-Unsubscribe headers when the dispatcher is configured with an unsubscribe key and URL. False for transactional mail.';
+COMMENT ON COLUMN edm.templates.required_variables IS 'Variables every recipient had to have when the task was created with strict variables; NULL when not strict.';
+
+ALTER TABLE edm.services
+  ADD CONSTRAINT services_headers_ok CHECK (edm.headers_problem(settings -> 'headers') IS NULL);
+
+-- ---------------------------------------------------------------------------
+-- Task creation: templates with their headers; strict variables
+-- ---------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION edm.new_task(
+  p_user_id text, p_name text, p_templates jsonb, p_status text, p_priority integer,
+  p_scheduled_at timestamptz, p_rule jsonb)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_task bigint;
+  v_n integer := jsonb_array_length(p_templates);
+  v_bad text;
+  v_required text[];
+  v_missing record;
+BEGIN
+  PERFORM edm.require_user(p_user_id);
+  IF v_n IS NULL OR v_n NOT BETWEEN 1 AND 100 THEN
+    RAISE EXCEPTION 'a task needs 1 to 100 templates' USING ERRCODE = 'ED005';
+  END IF;
+  SELECT t.tpl ->> 'reply_to' INTO v_bad FROM jsonb_array_elements(p_templates) t(tpl)
+  WHERE edm.email_problem(t.tpl ->> 'reply_to') IS NOT NULL AND t.tpl ->> 'reply_to' IS NOT NULL
+  LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'invalid reply-to address %: %', quote_literal(v_bad), edm.email_problem(v_bad)
+      USING ERRCODE = 'ED005';
+  END IF;
+
+  -- Strict variables: every recipient must have every variable the templates
+  -- need (the templates carry the list, computed from their syntax tree).
+  v_required := ARRAY(
+    SELECT DISTINCT x FROM jsonb_array_elements(p_templates) t(tpl),
+           jsonb_array_elements_text(CASE WHEN jsonb_typeof(t.tpl -> 'required_variables') = 'array'
+                                          THEN t.tpl -> 'required_variables' ELSE '[]' END) x
+    ORDER BY x);
+  IF cardinality(v_required) > 0 THEN
+    IF p_rule ? 'list' THEN
+      SELECT count(*) OVER () AS n, s.email,
+             ARRAY(SELECT r FROM unnest(v_required) r
+                   WHERE NOT coalesce(s.vars, '{}'::jsonb) ? r) AS missing
+      INTO v_missing
+      FROM pg_temp.edm_stage_recipients s
+      WHERE edm.email_problem(s.email) IS NULL
+        AND NOT coalesce(jsonb_typeof(s.vars) = 'object' AND s.vars ?& v_required, false)
+      ORDER BY s.ord LIMIT 1;
+    ELSE
+      SELECT count(*) OVER () AS n, c.email,
+             ARRAY(SELECT r FROM unnest(v_required) r WHERE NOT c.attributes ? r) AS missing
+      INTO v_missing
+      FROM edm.contacts c
+      WHERE c.user_id = p_user_id AND NOT c.unsubscribed AND edm.rule_matches(p_rule, c.tags)
+        AND NOT c.attributes ?& v_required
+      ORDER BY c.contact_id LIMIT 1;
+    END IF;
+    IF v_missing.email IS NOT NULL THEN
+      RAISE EXCEPTION '% recipient(s) lack variables the templates use; first %: missing %',
+        v_missing.n, quote_literal(v_missing.email), array_to_string(v_missing.missing, ', ')
+        USING ERRCODE = 'ED030',
+              DETAIL = format('required=%s', array_to_string(v_required, ','));
+    END IF;
+  END IF;
+
+  INSERT INTO edm.tasks (user_id, name, status, priority, scheduled_at, recipient_rule, template_count)
+  VALUES (p_user_id, p_name, p_status, coalesce(p_priority, 0), coalesce(p_scheduled_at, now()),
+          p_rule, v_n)
+  RETURNING task_id INTO v_task;
+  INSERT INTO edm.templates (task_id, template_idx, subject, body_text, body_html, from_name, reply_to,
+                             headers, list_unsubscribe, required_variables)
+  SELECT v_task, (t.ord - 1)::smallint, t.tpl ->> 'subject', t.tpl ->> 'body_text',
+         t.tpl ->> 'body_html', t.tpl ->> 'from_name', t.tpl ->> 'reply_to',
+         coalesce(t.tpl -> 'headers', '{}'::jsonb),
+         coalesce((t.tpl ->> 'list_unsubscribe')::boolean, true),
+         CASE WHEN jsonb_typeof(t.tpl -> 'required_variables') = 'array'
+              THEN ARRAY(SELECT jsonb_array_elements_text(t.tpl -> 'required_variables')) END
+  FROM jsonb_array_elements(p_templates) WITH ORDINALITY AS t(tpl, ord);
+  RETURN v_task;
+END;
+$$;
+COMMENT ON FUNCTION edm.new_task(text, text, jsonb, text, integer, timestamptz, jsonb) IS
+  'Inserts a task row and its templates (a JSON array of {subject, body_text, body_html, from_name, reply_to, headers, list_unsubscribe, required_variables}). Refuses an invalid reply-to (ED005) and, when templates carry required_variables (strict variables), recipients lacking any of them (ED030): the staged list''s vars, or the attributes of the contacts a tag rule matches. Internal to the create_task_* functions.';
+
+-- ---------------------------------------------------------------------------
+-- Progress that tells the truth
+-- ---------------------------------------------------------------------------
+
+-- progress_pct is the finished share (sent, failed or cancelled): a task
+-- whose recipients all failed is 100 % finished and 0 % sent. sent_pct and
+-- outcome say which; a cancelled task names its cancelled recipients.
+CREATE OR REPLACE VIEW edm.task_progress AS
+SELECT t.task_id, t.user_id, t.name, t.status, t.priority, t.scheduled_at,
+       t.total_count AS total, t.sent_count AS sent, t.pending_count AS pending,
+       t.leased_count AS leased, t.failed_count AS failed, t.cancelled_count AS cancelled,
+       CASE WHEN t.total_count = 0 THEN 100.0
+            ELSE round(100.0 * (t.sent_count + t.failed_count + t.cancelled_count) / t.total_count, 1)
+       END AS progress_pct,
+       extract(epoch FROM coalesce(t.first_claimed_at, greatest(now(), t.scheduled_at))
+                          - t.scheduled_at)::float8 AS first_send_wait_s,
+       CASE WHEN t.sent_count > 0 AND t.last_activity_at > t.first_claimed_at
+            THEN t.sent_count / extract(epoch FROM t.last_activity_at - t.first_claimed_at)::float8
+       END AS sends_per_s,
+       CASE WHEN t.pending_count + t.leased_count = 0 THEN 0.0
+            WHEN t.sent_count > 0 AND t.last_activity_at > t.first_claimed_at
+            THEN (t.pending_count + t.leased_count)
+                 / (t.sent_count / extract(epoch FROM t.last_activity_at - t.first_claimed_at)::float8)
+       END AS eta_s,
+       t.last_activity_at, t.stuck_since,
+       -- floor, not round: 999 of 1000 sent is 99.9 %, never 100 %
+       CASE WHEN t.total_count > 0
+            THEN trunc(100.0 * t.sent_count / t.total_count, 1) END AS sent_pct,
+       CASE
+         WHEN t.status = 'cancelled' THEN format('cancelled: %s sent, %s failed, %s cancelled',
+                                                t.sent_count, t.failed_count, t.cancelled_count)
+         WHEN t.status = 'failed' THEN 'failed: ' || coalesce(t.error, 'see the task''s error')
+         WHEN t.status <> 'completed' THEN NULL
+         WHEN t.total_count = 0 THEN 'no recipients'
+         WHEN t.failed_count = 0 AND t.cancelled_count = 0 THEN 'all sent'
+         WHEN t.sent_count = 0 THEN format('none sent: %s failed, %s cancelled',
+                                          t.failed_count, t.cancelled_count)
+         ELSE format('partly sent: %s sent, %s failed, %s cancelled',
+                     t.sent_count, t.failed_count, t.cancelled_count)
+       END AS outcome
+FROM edm.tasks t;
+COMMENT ON VIEW edm.task_progress IS
+  'Per task: progress (total, sent, pending, leased, failed, cancelled, finished and sent percent, outcome), first-send wait (so far, if still waiting), average throughput, ETA at that rate, last activity, stuck flag.';
+COMMENT ON COLUMN edm.task_progress.progress_pct IS 'Finished share (sent, failed or cancelled), percent: 100 when nothing is left to do, whatever the outcome; see sent_pct and outcome.';
+COMMENT ON COLUMN edm.task_progress.sent_pct IS 'Sent share of the recipients, percent, rounded down (never 100 while one failed or was cancelled); NULL without recipients.';
+COMMENT ON COLUMN edm.task_progress.outcome IS 'For a finished task: all sent, partly sent, none sent (with the failed and cancelled counts), cancelled (with the sent, failed and cancelled counts), failed (with the error) or no recipients. NULL while the task is live.';
+
+SELECT edm.harden_functions();
