@@ -120,3 +120,19 @@ def translate() -> Iterator[None]:
         raise typed from exc
     except UnicodeEncodeError as exc:  # lone surrogates cannot be sent as UTF-8
         raise errors.InvalidInput(f"text is not valid Unicode: {exc.reason}") from None
+
+
+ConnOrDsn = psycopg.Connection[Any] | str
+"""A psycopg connection (used as is, inside the caller's transaction) or a DSN."""
+
+
+@contextlib.contextmanager
+def using(target: ConnOrDsn) -> Iterator[psycopg.Connection[Any]]:
+    """A connection for one call: ``target`` itself, or a new autocommit connection to
+    the DSN ``target``, closed afterwards; database errors translated either way."""
+    if isinstance(target, str):
+        with connect(target) as conn, translate():
+            yield conn
+    else:
+        with translate():
+            yield target

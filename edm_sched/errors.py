@@ -114,3 +114,9 @@ class PayloadTooLarge(InvalidInput):
     """Content or variables exceed the documented size limits."""
 
     code = "PAYLOAD_TOO_LARGE"
+
+
+class InvalidToken(InvalidInput):
+    """An unsubscribe token is malformed, forged or expired."""
+
+    code = "INVALID_TOKEN"

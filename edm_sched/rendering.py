@@ -427,8 +427,14 @@ def _list_header(name: str, value: str) -> str:
     if not _PRINTABLE.fullmatch(value):
         raise RenderError(f"{name}: the value must be printable ASCII (URIs are %-encoded)")
     items = re.split(r"\s*,\s*(?=<)", value.strip())
-    return "\r\n".join(_fold(f"{name}:", [" " + item + ("," if i < len(items) - 1 else "")
-                                           for i, item in enumerate(items)]))
+    segments = [item + ("," if i < len(items) - 1 else "") for i, item in enumerate(items)]
+    lines = [f"{name}: {segments[0]}"]  # the first URI on the field's line, however long
+    for segment in segments[1:]:
+        if len(lines[-1]) + 1 + len(segment) > _MAX_LINE:
+            lines.append(" " + segment)
+        else:
+            lines[-1] += " " + segment
+    return "\r\n".join(lines)
 
 
 def build_message(service: ServiceConfig, ctx: RenderContext, rendered: Rendered) -> Message:

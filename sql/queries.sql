@@ -344,3 +344,7 @@ FROM edm.alerts WHERE resolved_at IS NULL ORDER BY alert_id DESC LIMIT %s
 -- First-send waits (seconds) of tasks first claimed in a time window, for the metrics histogram.
 SELECT extract(epoch FROM first_claimed_at - scheduled_at)::float8
 FROM edm.tasks WHERE first_claimed_at > %s AND first_claimed_at <= %s
+
+-- unsubscribe --
+-- Unsubscribe an address from a user's mail (contact, suppression, pending subtasks).
+SELECT contact_updated, suppressed, cancelled FROM edm.unsubscribe(%s, %s, %s, %s)

@@ -226,4 +226,93 @@ COMMENT ON COLUMN edm.task_progress.progress_pct IS 'Finished share (sent, faile
 COMMENT ON COLUMN edm.task_progress.sent_pct IS 'Sent share of the recipients, percent, rounded down (never 100 while one failed or was cancelled); NULL without recipients.';
 COMMENT ON COLUMN edm.task_progress.outcome IS 'For a finished task: all sent, partly sent, none sent (with the failed and cancelled counts), cancelled (with the sent, failed and cancelled counts), failed (with the error) or no recipients. NULL while the task is live.';
 
+-- ---------------------------------------------------------------------------
+-- Suppression takes effect at once; one-click unsubscribe
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION edm.cancel_pending_to(p_email text, p_user_id text DEFAULT NULL,
+                                      p_reason text DEFAULT 'suppressed',
+                                      p_now timestamptz DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_ids bigint[];
+BEGIN
+  -- Lock order as everywhere: subtasks, then tasks by id, then users.
+  SELECT array_agg(x.subtask_id) INTO v_ids FROM (
+    SELECT st.subtask_id FROM edm.subtasks st JOIN edm.tasks t ON t.task_id = st.task_id
+    WHERE st.email = edm.normalize_email(p_email) AND st.status = 'pending'
+      AND (p_user_id IS NULL OR t.user_id = p_user_id)
+    ORDER BY st.subtask_id
+    FOR NO KEY UPDATE OF st) x;
+  IF v_ids IS NULL THEN
+    RETURN 0;
+  END IF;
+  PERFORM 1 FROM edm.tasks t
+  WHERE t.task_id IN (SELECT st.task_id FROM edm.subtasks st WHERE st.subtask_id = ANY (v_ids))
+  ORDER BY t.task_id FOR NO KEY UPDATE;
+  WITH sub AS (
+    UPDATE edm.subtasks st
+    SET status = 'cancelled', finished_at = v_now,
+        outcome_detail = 'not sent: address ' || p_reason
+    WHERE st.subtask_id = ANY (v_ids) AND st.status = 'pending'
+    RETURNING st.task_id
+  ),
+  per_task AS (SELECT sub.task_id, count(*) AS n FROM sub GROUP BY sub.task_id),
+  upd_tasks AS (
+    UPDATE edm.tasks t
+    SET pending_count = t.pending_count - pt.n, cancelled_count = t.cancelled_count + pt.n,
+        quota_reserved = greatest(t.quota_reserved - pt.n, 0),
+        status = CASE WHEN t.status = 'sending' AND t.pending_count - pt.n = 0
+                           AND t.leased_count = 0 THEN 'completed' ELSE t.status END
+    FROM per_task pt WHERE t.task_id = pt.task_id
+    RETURNING t.user_id, pt.n
+  )
+  -- never sent: the reserved quota goes back to the owner, as cancel_task does
+  UPDATE edm.users u SET quota_used = greatest(u.quota_used - r.n, 0)
+  FROM (SELECT ut.user_id, sum(ut.n) AS n FROM upd_tasks ut GROUP BY ut.user_id) r
+  WHERE u.user_id = r.user_id;
+  RETURN cardinality(v_ids);
+END;
+$$;
+COMMENT ON FUNCTION edm.cancel_pending_to(text, text, text, timestamptz) IS
+  'Cancels the pending subtasks addressed to p_email (of user p_user_id''s tasks, or of every task when NULL), keeping task counters and refunding the owners'' quota, so that a suppression or an unsubscribe takes effect on tasks already created. Leased subtasks finish. Returns how many were cancelled.';
+
+CREATE FUNCTION edm.unsubscribe(p_user_id text, p_email text, p_subtask_id bigint DEFAULT NULL,
+                                p_now timestamptz DEFAULT NULL)
+RETURNS TABLE (contact_updated boolean, suppressed boolean, cancelled integer)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+DECLARE
+  v_email text := edm.normalize_email(p_email);
+  v_contact boolean;
+  v_suppressed boolean;
+  v_cancelled integer;
+BEGIN
+  IF edm.email_problem(p_email) IS NOT NULL THEN
+    RAISE EXCEPTION 'invalid address %: %', quote_literal(p_email), edm.email_problem(p_email)
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM edm.users u WHERE u.user_id = p_user_id) THEN
+    -- the tenant is gone: nothing of it can be sent any more
+    RETURN QUERY SELECT false, false, 0;
+    RETURN;
+  END IF;
+  UPDATE edm.contacts c SET unsubscribed = true, updated_at = coalesce(p_now, now())
+  WHERE c.user_id = p_user_id AND c.email = v_email AND NOT c.unsubscribed;
+  v_contact := FOUND;
+  INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id, created_at)
+  VALUES (p_user_id, v_email, 'unsubscribe', p_subtask_id, coalesce(p_now, now()))
+  ON CONFLICT (user_id, email) DO NOTHING;
+  v_suppressed := FOUND;
+  v_cancelled := edm.cancel_pending_to(v_email, p_user_id, 'unsubscribed', p_now);
+  RETURN QUERY SELECT v_contact, v_suppressed, v_cancelled;
+END;
+$$;
+COMMENT ON FUNCTION edm.unsubscribe(text, text, bigint, timestamptz) IS
+  'Unsubscribes p_email from user p_user_id''s mail, idempotently: marks the contact unsubscribed, suppresses the address for that user (reason unsubscribe; an existing suppression is kept), and cancels its pending subtasks in the user''s tasks. Returns what changed (all false / 0 on a repeated call, or when the user no longer exists). Called by edm_sched.unsubscribe after it verified the signed token.';
+
 SELECT edm.harden_functions();
