@@ -348,3 +348,9 @@ FROM edm.tasks WHERE first_claimed_at > %s AND first_claimed_at <= %s
 -- unsubscribe --
 -- Unsubscribe an address from a user's mail (contact, suppression, pending subtasks).
 SELECT contact_updated, suppressed, cancelled FROM edm.unsubscribe(%s, %s, %s, %s)
+
+-- record_feedback --
+-- Record one delivery event found by Message-ID (suppressions follow in SQL).
+SELECT event_id, subtask_id, duplicate, suppressed, cancelled
+FROM edm.record_feedback(%(kind)s, %(message_id)s, %(recipient)s, %(source)s, %(raw)s,
+                         %(detail)s, %(event_key)s, %(occurred_at)s, %(now)s)

@@ -315,4 +315,149 @@ $$;
 COMMENT ON FUNCTION edm.unsubscribe(text, text, bigint, timestamptz) IS
   'Unsubscribes p_email from user p_user_id''s mail, idempotently: marks the contact unsubscribed, suppresses the address for that user (reason unsubscribe; an existing suppression is kept), and cancels its pending subtasks in the user''s tasks. Returns what changed (all false / 0 on a repeated call, or when the user no longer exists). Called by edm_sched.unsubscribe after it verified the signed token.';
 
+-- ---------------------------------------------------------------------------
+-- Feedback intake: bounces, complaints, unsubscribes, deliveries
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE edm.feedback_events (
+  event_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  received_at  timestamptz NOT NULL DEFAULT now(),
+  occurred_at  timestamptz,
+  kind         text NOT NULL
+               CHECK (kind IN ('hard_bounce', 'soft_bounce', 'complaint', 'unsubscribe', 'delivered')),
+  source       text NOT NULL CHECK (source ~ '^[a-z][a-z0-9_]{0,31}$'),
+  message_id   text CHECK (length(message_id) <= 998),
+  recipient    text CHECK (length(recipient) <= 320),
+  subtask_id   bigint,
+  task_id      bigint,
+  user_id      text,
+  service_id   bigint,
+  event_key    text CHECK (length(event_key) <= 500),
+  detail       text CHECK (length(detail) <= 10000),
+  suppressed   boolean NOT NULL DEFAULT false,
+  raw          text NOT NULL CHECK (length(raw) <= 1000000)
+);
+COMMENT ON TABLE edm.feedback_events IS
+  'What was learned after sending, one row per recipient and event: hard and soft bounces, complaints, unsubscribes, deliveries, from DSNs, ARF reports, ESP webhooks or the host. Found by Message-ID; keeps the raw source. Recorded by edm.record_feedback.';
+COMMENT ON COLUMN edm.feedback_events.event_id IS 'Surrogate id.';
+COMMENT ON COLUMN edm.feedback_events.received_at IS 'When edm-sched recorded the event; the reputation breaker''s windows count from here.';
+COMMENT ON COLUMN edm.feedback_events.occurred_at IS 'When the provider says it happened, if it says.';
+COMMENT ON COLUMN edm.feedback_events.kind IS 'hard_bounce, soft_bounce, complaint, unsubscribe or delivered.';
+COMMENT ON COLUMN edm.feedback_events.source IS 'Where it came from: dsn, arf, ses, sendgrid, mailgun, postmark, api...';
+COMMENT ON COLUMN edm.feedback_events.message_id IS 'Message-ID the event names, as given (edm-sched''s are <edm.TASK.SUBTASK@domain>).';
+COMMENT ON COLUMN edm.feedback_events.recipient IS 'Normalised recipient address: the subtask''s when found, else as given.';
+COMMENT ON COLUMN edm.feedback_events.subtask_id IS 'Subtask the Message-ID names, NULL when unknown (another sender''s message, or a task already deleted by retention). No foreign key: subtasks are deleted by retention.';
+COMMENT ON COLUMN edm.feedback_events.task_id IS 'Task of the subtask.';
+COMMENT ON COLUMN edm.feedback_events.user_id IS 'Owner of the task.';
+COMMENT ON COLUMN edm.feedback_events.service_id IS 'Service that sent the subtask (its latest attempt).';
+COMMENT ON COLUMN edm.feedback_events.event_key IS 'The provider''s id of the event (with the recipient); a repeated delivery of the same webhook is recorded once.';
+COMMENT ON COLUMN edm.feedback_events.detail IS 'Status and diagnostic text (e.g. 5.1.1 user unknown, a complaint''s feedback type).';
+COMMENT ON COLUMN edm.feedback_events.suppressed IS 'True when this event suppressed the address (hard bounce: for everyone; complaint, unsubscribe: for the user).';
+COMMENT ON COLUMN edm.feedback_events.raw IS 'The raw source: the DSN or ARF message, or the webhook''s JSON (at most 1,000,000 characters).';
+CREATE UNIQUE INDEX feedback_events_key_idx ON edm.feedback_events (source, event_key)
+  WHERE event_key IS NOT NULL;
+COMMENT ON INDEX edm.feedback_events_key_idx IS 'A provider event is recorded once however often its webhook is delivered.';
+CREATE INDEX feedback_events_subtask_idx ON edm.feedback_events (subtask_id);
+COMMENT ON INDEX edm.feedback_events_subtask_idx IS 'The feedback of one subtask.';
+CREATE INDEX feedback_events_service_idx ON edm.feedback_events (service_id, received_at)
+  WHERE kind IN ('hard_bounce', 'complaint');
+COMMENT ON INDEX edm.feedback_events_service_idx IS 'Reputation breaker: a service''s bounces and complaints in a window.';
+CREATE INDEX feedback_events_user_idx ON edm.feedback_events (user_id, received_at)
+  WHERE kind IN ('hard_bounce', 'complaint');
+COMMENT ON INDEX edm.feedback_events_user_idx IS 'Reputation breaker: a user''s bounces and complaints in a window.';
+
+CREATE FUNCTION edm.parse_message_id(p_message_id text)
+RETURNS TABLE (task_id bigint, subtask_id bigint)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+  SELECT m[1]::bigint, m[2]::bigint
+  FROM regexp_match(p_message_id, '^\s*<?edm\.([0-9]{1,18})\.([0-9]{1,18})@[^<>@\s]+>?\s*$') m;
+END;
+COMMENT ON FUNCTION edm.parse_message_id(text) IS
+  'Task and subtask of an edm-sched Message-ID (<edm.TASK.SUBTASK@domain>, angle brackets optional); no row for any other Message-ID.';
+
+CREATE FUNCTION edm.record_feedback(
+  p_kind text, p_message_id text, p_recipient text DEFAULT NULL, p_source text DEFAULT 'api',
+  p_raw text DEFAULT NULL, p_detail text DEFAULT NULL, p_event_key text DEFAULT NULL,
+  p_occurred_at timestamptz DEFAULT NULL, p_now timestamptz DEFAULT NULL)
+RETURNS TABLE (event_id bigint, subtask_id bigint, duplicate boolean, suppressed boolean,
+               cancelled integer)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_ref record;
+  v_email text;
+  v_event bigint;
+  v_suppressed boolean := false;
+  v_cancelled integer := 0;
+BEGIN
+  IF p_kind IS NULL OR p_kind NOT IN ('hard_bounce', 'soft_bounce', 'complaint', 'unsubscribe',
+                                      'delivered') THEN
+    RAISE EXCEPTION 'feedback kind must be hard_bounce, soft_bounce, complaint, unsubscribe or delivered, got %',
+      coalesce(quote_literal(p_kind), 'NULL') USING ERRCODE = 'ED005';
+  END IF;
+  IF p_source IS NULL OR p_source !~ '^[a-z][a-z0-9_]{0,31}$' THEN
+    RAISE EXCEPTION 'feedback source must match [a-z][a-z0-9_]{0,31}' USING ERRCODE = 'ED005';
+  END IF;
+  IF p_recipient IS NOT NULL AND edm.email_problem(p_recipient) IS NOT NULL THEN
+    RAISE EXCEPTION 'invalid recipient %: %', quote_literal(p_recipient),
+      edm.email_problem(p_recipient) USING ERRCODE = 'ED005';
+  END IF;
+
+  SELECT st.subtask_id, st.task_id, t.user_id, st.service_id, st.email INTO v_ref
+  FROM edm.parse_message_id(p_message_id) m
+  JOIN edm.subtasks st ON st.subtask_id = m.subtask_id AND st.task_id = m.task_id
+  JOIN edm.tasks t ON t.task_id = st.task_id;
+  IF v_ref.subtask_id IS NULL AND p_recipient IS NULL THEN
+    RAISE EXCEPTION 'no message of edm-sched has Message-ID %, and no recipient was given',
+      coalesce(quote_literal(p_message_id), 'NULL') USING ERRCODE = 'ED001';
+  END IF;
+  v_email := coalesce(v_ref.email, edm.normalize_email(p_recipient));
+
+  INSERT INTO edm.feedback_events AS f (received_at, occurred_at, kind, source, message_id,
+                                        recipient, subtask_id, task_id, user_id, service_id,
+                                        event_key, detail, raw)
+  VALUES (v_now, p_occurred_at, p_kind, p_source, left(p_message_id, 998), v_email,
+          v_ref.subtask_id, v_ref.task_id, v_ref.user_id, v_ref.service_id,
+          left(p_event_key, 500), left(p_detail, 10000), coalesce(p_raw, ''))
+  ON CONFLICT (source, event_key) WHERE event_key IS NOT NULL DO NOTHING
+  RETURNING f.event_id INTO v_event;
+  IF v_event IS NULL THEN  -- the same provider event again: nothing more to do
+    RETURN QUERY SELECT f.event_id, f.subtask_id, true, false, 0 FROM edm.feedback_events f
+                 WHERE f.source = p_source AND f.event_key = left(p_event_key, 500);
+    RETURN;
+  END IF;
+
+  IF p_kind = 'hard_bounce' THEN
+    -- the mailbox does not exist: nobody sends to it any more
+    INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id, created_at)
+    VALUES (NULL, v_email, 'hard_bounce', v_ref.subtask_id, v_now)
+    ON CONFLICT (user_id, email) DO NOTHING;
+    v_suppressed := FOUND;
+    v_cancelled := edm.cancel_pending_to(v_email, NULL, 'hard bounced', v_now);
+  ELSIF p_kind = 'complaint' THEN
+    -- the recipient called this sender's mail spam: that user stops mailing
+    -- it (everyone, when the message is not known)
+    IF v_ref.user_id IS NOT NULL THEN
+      UPDATE edm.contacts c SET unsubscribed = true, updated_at = v_now
+      WHERE c.user_id = v_ref.user_id AND c.email = v_email AND NOT c.unsubscribed;
+    END IF;
+    INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id, created_at)
+    VALUES (v_ref.user_id, v_email, 'complaint', v_ref.subtask_id, v_now)
+    ON CONFLICT (user_id, email) DO NOTHING;
+    v_suppressed := FOUND;
+    v_cancelled := edm.cancel_pending_to(v_email, v_ref.user_id, 'complained', v_now);
+  ELSIF p_kind = 'unsubscribe' AND v_ref.user_id IS NOT NULL THEN
+    SELECT u.suppressed, u.cancelled INTO v_suppressed, v_cancelled
+    FROM edm.unsubscribe(v_ref.user_id, v_email, v_ref.subtask_id, v_now) u;
+  END IF;
+  UPDATE edm.feedback_events f SET suppressed = v_suppressed WHERE f.event_id = v_event;
+  RETURN QUERY SELECT v_event, v_ref.subtask_id, false, v_suppressed, v_cancelled;
+END;
+$$;
+COMMENT ON FUNCTION edm.record_feedback(text, text, text, text, text, text, text, timestamptz, timestamptz) IS
+  'Records one delivery event (hard_bounce, soft_bounce, complaint, unsubscribe, delivered) for the subtask its edm-sched Message-ID names, keeping the raw source. A hard bounce suppresses the address for everyone; a complaint suppresses it for the task''s user and unsubscribes the contact; an unsubscribe runs edm.unsubscribe; each cancels the pending subtasks it concerns. An unknown Message-ID is recorded when a recipient is given (a hard bounce still suppresses), else refused (ED001). A repeated (source, event_key) is recorded once (duplicate = true).';
+
 SELECT edm.harden_functions();
