@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 import pydantic
@@ -320,6 +320,40 @@ class Scheduler:
                 query("list_tasks"), (user_id, limit)).fetchall()
         return [TaskStatus.model_validate(r) for r in rows]
 
+    # ------------------------------------ deliverability (edm_sched.feedback, .unsubscribe,
+    # .reputation: functions of a connection; these delegate with a pooled one)
+
+    def record_feedback(self, event: FeedbackEvent, *,
+                        now: dt.datetime | None = None) -> Recorded:
+        """Record a bounce, complaint, unsubscribe or delivery (``feedback.record``)."""
+        from edm_sched import feedback
+        with self.pool.connection() as conn:
+            return feedback.record(conn, event, now=now)
+
+    def unsubscribe(self, config: UnsubscribeConfig, token: str) -> UnsubscribeResult:
+        """Verify an unsubscribe token and unsubscribe (``unsubscribe.unsubscribe``)."""
+        from edm_sched import unsubscribe
+        with self.pool.connection() as conn:
+            return unsubscribe.unsubscribe(conn, config, token)
+
+    def reputation(self) -> list[ReputationRow]:
+        """Bounce and complaint rates per service and user (``reputation.status``)."""
+        from edm_sched import reputation
+        with self.pool.connection() as conn:
+            return reputation.status(conn)
+
+    def resume_service_reputation(self, service_id: int) -> bool:
+        """Re-enable a service the reputation breaker disabled."""
+        from edm_sched import reputation
+        with self.pool.connection() as conn:
+            return reputation.resume_service(conn, check_id(service_id, "service_id"))
+
+    def resume_user_reputation(self, user_id: str) -> int:
+        """Resume a user the reputation breaker paused; returns tasks resumed."""
+        from edm_sched import reputation
+        with self.pool.connection() as conn:
+            return reputation.resume_user(conn, user_id)
+
 
 class _UserArgs(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
@@ -348,3 +382,11 @@ class _SuppressionArgs(pydantic.BaseModel):
     email: Email
     reason: Literal["hard_bounce", "complaint", "unsubscribe", "manual"] = "manual"
     user_id: UserId | None = None
+
+
+if TYPE_CHECKING:  # the deliverability modules are imported when first used
+    import datetime as dt
+
+    from edm_sched.feedback import FeedbackEvent, Recorded
+    from edm_sched.reputation import ReputationRow
+    from edm_sched.unsubscribe import UnsubscribeConfig, UnsubscribeResult

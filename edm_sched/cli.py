@@ -92,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions() -> list[Callable[[Any, argparse.ArgumentParser], None]]:
     """Subcommands contributed by other modules (one module per concept)."""
-    from edm_sched import cli_ops
+    from edm_sched import cli_ops, reputation
     from edm_sched.jobs import cli as jobs_cli
 
-    return [cli_ops.register, jobs_cli.register]
+    return [cli_ops.register, jobs_cli.register, reputation.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -354,3 +354,21 @@ SELECT contact_updated, suppressed, cancelled FROM edm.unsubscribe(%s, %s, %s, %
 SELECT event_id, subtask_id, duplicate, suppressed, cancelled
 FROM edm.record_feedback(%(kind)s, %(message_id)s, %(recipient)s, %(source)s, %(raw)s,
                          %(detail)s, %(event_key)s, %(occurred_at)s, %(now)s)
+
+-- sweep_reputation --
+-- The reputation breaker (rate-limited in SQL to reputation.check_interval).
+SELECT edm.check_reputation(%s, %s)
+
+-- reputation_status --
+-- Bounce and complaint rates per service and user, and pause reasons.
+SELECT subject, service_id, user_id, window_start, sends, hard_bounces, complaints, bounce_pct,
+       complaint_pct, judged, paused_reason
+FROM edm.reputation_rates(%s) ORDER BY subject, service_id, user_id
+
+-- reputation_resume_service --
+-- Re-enable a service the reputation breaker disabled.
+SELECT edm.reputation_resume_service(%s, %s)
+
+-- reputation_resume_user --
+-- Resume a user the reputation breaker paused.
+SELECT edm.reputation_resume_user(%s, %s)

@@ -460,4 +460,419 @@ $$;
 COMMENT ON FUNCTION edm.record_feedback(text, text, text, text, text, text, text, timestamptz, timestamptz) IS
   'Records one delivery event (hard_bounce, soft_bounce, complaint, unsubscribe, delivered) for the subtask its edm-sched Message-ID names, keeping the raw source. A hard bounce suppresses the address for everyone; a complaint suppresses it for the task''s user and unsubscribes the contact; an unsubscribe runs edm.unsubscribe; each cancels the pending subtasks it concerns. An unknown Message-ID is recorded when a recipient is given (a hard bounce still suppresses), else refused (ED001). A repeated (source, event_key) is recorded once (duplicate = true).';
 
+-- ---------------------------------------------------------------------------
+-- The reputation breaker
+-- ---------------------------------------------------------------------------
+
+INSERT INTO edm.config (key, value, default_value, category, value_type, min_value, max_value, unit, description) VALUES
+  ('reputation.window_hours', '24', '24', 'reputation', 'integer', 1, 720, 'hours',
+   'Rolling window of the bounce and complaint rates (whole hours: sends are counted from the hourly roll-up).'),
+  ('reputation.min_sends', '1000', '1000', 'reputation', 'integer', 1, 10000000, 'sends',
+   'Sends in the window below which no rate is judged: 1 bounce in 3 sends is chance, not a reputation.'),
+  ('reputation.complaint_warn_pct', '0.1', '0.1', 'reputation', 'number', 0, 100, 'percent',
+   'Complaint rate (complaints / sends) that raises a warning alert (Gmail: stay under 0.1 %).'),
+  ('reputation.complaint_pause_pct', '0.3', '0.3', 'reputation', 'number', 0, 100, 'percent',
+   'Complaint rate that pauses the user''s bulk tasks or disables the service (Gmail and Yahoo: never reach 0.3 %).'),
+  ('reputation.bounce_warn_pct', '2', '2', 'reputation', 'number', 0, 100, 'percent',
+   'Hard-bounce rate (hard bounces / sends) that raises a warning alert.'),
+  ('reputation.bounce_pause_pct', '5', '5', 'reputation', 'number', 0, 100, 'percent',
+   'Hard-bounce rate that pauses the user''s bulk tasks or disables the service.'),
+  ('reputation.check_interval', '60', '60', 'reputation', 'integer', 5, 3600, 'seconds',
+   'Least time between two runs of the breaker (it runs from the sweeps).'),
+  ('reputation.enabled', 'true', 'true', 'reputation', 'boolean', NULL, NULL, NULL,
+   'False turns the breaker off (rates are still shown in edm.reputation_status).');
+
+ALTER TABLE edm.services
+  ADD COLUMN paused_reason text,
+  ADD COLUMN reputation_since timestamptz;
+COMMENT ON COLUMN edm.services.paused_reason IS 'Why the reputation breaker disabled the service (enabled = false), NULL otherwise. Cleared by edm.reputation_resume_service.';
+COMMENT ON COLUMN edm.services.reputation_since IS 'Start of the service''s reputation window after a resume: events before it no longer count.';
+ALTER TABLE edm.users
+  ADD COLUMN paused_reason text,
+  ADD COLUMN reputation_since timestamptz;
+COMMENT ON COLUMN edm.users.paused_reason IS 'Why the reputation breaker paused this user''s bulk tasks, NULL otherwise; while set, the user''s bulk tasks do not start. Cleared by edm.reputation_resume_user.';
+COMMENT ON COLUMN edm.users.reputation_since IS 'Start of the user''s reputation window after a resume: events before it no longer count.';
+ALTER TABLE edm.tasks ADD COLUMN pause_reason text;
+COMMENT ON COLUMN edm.tasks.pause_reason IS 'Why edm-sched paused the task (the reputation breaker), NULL for a pause by the host. Resuming the user resumes exactly these.';
+
+-- Reputation alerts are per user too: the open-alert key gains the user, and
+-- raise_alert its conflict target. The kinds allowed so far are kept (read
+-- from the constraint), 'reputation' added.
+DO $$
+DECLARE
+  v_con record;
+  v_kinds text[] := '{}';
+BEGIN
+  FOR v_con IN
+    SELECT c.conname, pg_get_constraintdef(c.oid) AS def FROM pg_constraint c
+    WHERE c.conrelid = 'edm.alerts'::regclass AND c.contype = 'c'
+      AND pg_get_constraintdef(c.oid) ~ '\mkind\M'
+  LOOP
+    v_kinds := v_kinds || ARRAY(SELECT m[1] FROM regexp_matches(v_con.def, $re$'([a-z_]+)'$re$, 'g') m);
+    EXECUTE format('ALTER TABLE edm.alerts DROP CONSTRAINT %I', v_con.conname);
+  END LOOP;
+  v_kinds := ARRAY(SELECT DISTINCT k FROM unnest(v_kinds || ARRAY['wait', 'quota', 'stuck', 'service', 'reputation']) k ORDER BY k);
+  EXECUTE format('ALTER TABLE edm.alerts ADD CONSTRAINT alerts_kind_check CHECK (kind = ANY (%L::text[]))', v_kinds);
+END;
+$$;
+COMMENT ON COLUMN edm.alerts.kind IS 'wait, quota, stuck, service or reputation (a bounce or complaint rate over a threshold).';
+DROP INDEX edm.alerts_open_idx;
+CREATE UNIQUE INDEX alerts_open_idx ON edm.alerts
+  (kind, severity, coalesce(task_id, 0), coalesce(service_id, 0), coalesce(user_id, ''))
+  WHERE resolved_at IS NULL;
+COMMENT ON INDEX edm.alerts_open_idx IS 'At most one open alert per kind, severity and subject (task, service, user).';
+
+CREATE OR REPLACE FUNCTION edm.raise_alert(p_kind text, p_severity text, p_message text,
+                                           p_task_id bigint DEFAULT NULL, p_service_id bigint DEFAULT NULL,
+                                           p_user_id text DEFAULT NULL, p_now timestamptz DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql
+BEGIN ATOMIC
+  WITH ins AS (
+    INSERT INTO edm.alerts (raised_at, kind, severity, task_id, service_id, user_id, message)
+    VALUES (coalesce(p_now, now()), p_kind, p_severity, p_task_id, p_service_id, p_user_id, p_message)
+    ON CONFLICT (kind, severity, coalesce(task_id, 0), coalesce(service_id, 0), coalesce(user_id, ''))
+      WHERE resolved_at IS NULL DO NOTHING
+    RETURNING 1)
+  SELECT EXISTS (SELECT 1 FROM ins);
+END;
+COMMENT ON FUNCTION edm.raise_alert(text, text, text, bigint, bigint, text, timestamptz) IS
+  'Records an alert unless the same one (kind, severity, subject: task, service, user) is already open; true when recorded.';
+
+CREATE FUNCTION edm.config_num(p_key text)
+RETURNS numeric
+LANGUAGE sql STABLE
+RETURN (SELECT (c.value #>> '{}')::numeric FROM edm.config c WHERE c.key = p_key);
+COMMENT ON FUNCTION edm.config_num(text) IS 'Numeric value of config key p_key (NULL when absent).';
+
+CREATE FUNCTION edm.reputation_rates(p_now timestamptz DEFAULT NULL)
+RETURNS TABLE (subject text, service_id bigint, user_id text, window_start timestamptz,
+               sends bigint, hard_bounces bigint, complaints bigint,
+               bounce_pct numeric, complaint_pct numeric, judged boolean, paused_reason text)
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+  WITH cfg AS (
+    SELECT coalesce(p_now, now()) - make_interval(hours => edm.config_int('reputation.window_hours')) AS since,
+           edm.config_int('reputation.min_sends') AS min_sends
+  ),
+  subjects AS (
+    SELECT 'service' AS subject, s.service_id, NULL::text AS user_id,
+           greatest(cfg.since, s.reputation_since) AS window_start, s.paused_reason
+    FROM edm.services s, cfg
+    UNION ALL
+    SELECT 'user', NULL::bigint, u.user_id, greatest(cfg.since, u.reputation_since), u.paused_reason
+    FROM edm.users u, cfg
+  ),
+  counted AS (
+    SELECT x.subject, x.service_id, x.user_id, x.window_start, x.paused_reason,
+           -- sends from the hourly roll-up (kept current by the sweeps): the
+           -- window starts at the top of its first hour
+           (SELECT coalesce(sum(m.sent), 0) FROM edm.metrics_hourly m
+            WHERE m.hour >= date_trunc('hour', x.window_start AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+              AND (m.service_id = x.service_id OR m.user_id = x.user_id))::bigint AS sends,
+           (SELECT count(*) FROM edm.feedback_events f
+            WHERE f.kind = 'hard_bounce' AND f.received_at >= x.window_start
+              AND (f.service_id = x.service_id OR f.user_id = x.user_id)) AS hard_bounces,
+           (SELECT count(*) FROM edm.feedback_events f
+            WHERE f.kind = 'complaint' AND f.received_at >= x.window_start
+              AND (f.service_id = x.service_id OR f.user_id = x.user_id)) AS complaints
+    FROM subjects x
+  )
+  SELECT c.subject, c.service_id, c.user_id, c.window_start, c.sends, c.hard_bounces, c.complaints,
+         CASE WHEN c.sends > 0 THEN round(100.0 * c.hard_bounces / c.sends, 3) END,
+         CASE WHEN c.sends > 0 THEN round(100.0 * c.complaints / c.sends, 3) END,
+         c.sends >= cfg.min_sends, c.paused_reason
+  FROM counted c, cfg
+  WHERE c.sends > 0 OR c.hard_bounces > 0 OR c.complaints > 0 OR c.paused_reason IS NOT NULL;
+END;
+COMMENT ON FUNCTION edm.reputation_rates(timestamptz) IS
+  'Per service and per user with activity: sends (from edm.metrics_hourly, whole hours), hard bounces and complaints (edm.feedback_events) in the reputation window (reputation.window_hours, or since the last resume), their rates in percent, and whether the sample is large enough to judge (reputation.min_sends).';
+
+CREATE VIEW edm.reputation_status AS
+SELECT r.subject, r.service_id, r.user_id, r.window_start, r.sends, r.hard_bounces, r.complaints,
+       r.bounce_pct, r.complaint_pct, r.judged, r.paused_reason
+FROM edm.reputation_rates() r;
+COMMENT ON VIEW edm.reputation_status IS
+  'The reputation breaker''s view right now: per service and per user, sends, hard bounces and complaints in the window, rates, whether judged, and the pause reason if paused.';
+COMMENT ON COLUMN edm.reputation_status.subject IS 'service or user.';
+COMMENT ON COLUMN edm.reputation_status.service_id IS 'The service (subject service).';
+COMMENT ON COLUMN edm.reputation_status.user_id IS 'The user (subject user).';
+COMMENT ON COLUMN edm.reputation_status.window_start IS 'Start of the window: reputation.window_hours ago, or the last resume.';
+COMMENT ON COLUMN edm.reputation_status.sends IS 'Messages sent in the window (whole hours).';
+COMMENT ON COLUMN edm.reputation_status.hard_bounces IS 'Hard bounces recorded in the window.';
+COMMENT ON COLUMN edm.reputation_status.complaints IS 'Complaints recorded in the window.';
+COMMENT ON COLUMN edm.reputation_status.bounce_pct IS 'Hard bounces / sends, percent.';
+COMMENT ON COLUMN edm.reputation_status.complaint_pct IS 'Complaints / sends, percent.';
+COMMENT ON COLUMN edm.reputation_status.judged IS 'True when sends reach reputation.min_sends: only then can the rates raise alerts or pause.';
+COMMENT ON COLUMN edm.reputation_status.paused_reason IS 'Why the breaker paused the subject, if it did.';
+
+CREATE FUNCTION edm.is_bulk_task(p_task_id bigint)
+RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM edm.templates tp WHERE tp.task_id = p_task_id AND tp.list_unsubscribe);
+COMMENT ON FUNCTION edm.is_bulk_task(bigint) IS
+  'True for bulk (marketing) tasks: a template with list_unsubscribe. Transactional tasks (list_unsubscribe = false) are never paused by the reputation breaker.';
+
+CREATE FUNCTION edm.tasks_reputation_hold()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_reason text;
+BEGIN
+  SELECT u.paused_reason INTO v_reason FROM edm.users u WHERE u.user_id = NEW.user_id;
+  IF v_reason IS NULL OR NOT edm.is_bulk_task(NEW.task_id) THEN
+    RETURN NEW;
+  END IF;
+  IF OLD.status = 'paused' THEN
+    RAISE EXCEPTION 'user % is paused by the reputation breaker (%); resume the user first',
+      NEW.user_id, v_reason USING ERRCODE = 'ED003';
+  END IF;
+  -- a bulk task due to start while its user is held: held with it
+  NEW.status := 'paused';
+  NEW.pause_reason := v_reason;
+  RETURN NEW;
+END;
+$$;
+COMMENT ON FUNCTION edm.tasks_reputation_hold() IS
+  'Trigger: while the reputation breaker holds a user (users.paused_reason), the user''s bulk tasks that would start sending are paused instead (with the reason), and resuming one of them by hand is refused (ED003) until the user is resumed.';
+CREATE TRIGGER tasks_reputation_hold BEFORE UPDATE OF status ON edm.tasks
+  FOR EACH ROW WHEN (NEW.status = 'sending' AND OLD.status IN ('scheduled', 'paused'))
+  EXECUTE FUNCTION edm.tasks_reputation_hold();
+
+CREATE FUNCTION edm.check_reputation(p_now timestamptz DEFAULT NULL, p_force boolean DEFAULT false)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_window integer := edm.config_int('reputation.window_hours');
+  v_bw numeric := edm.config_num('reputation.bounce_warn_pct');
+  v_bp numeric := edm.config_num('reputation.bounce_pause_pct');
+  v_cw numeric := edm.config_num('reputation.complaint_warn_pct');
+  v_cp numeric := edm.config_num('reputation.complaint_pause_pct');
+  v_last timestamptz;
+  v_n integer := 0;
+  v_reason text;
+  r record;
+BEGIN
+  IF NOT (SELECT (c.value #>> '{}')::boolean FROM edm.config c WHERE c.key = 'reputation.enabled') THEN
+    RETURN 0;
+  END IF;
+  -- At most once per reputation.check_interval (the sweeps run every few seconds).
+  SELECT s.watermark INTO v_last FROM edm.sweep_state s WHERE s.name = 'reputation' FOR UPDATE;
+  IF NOT coalesce(p_force, false)
+     AND v_last > v_now - make_interval(secs => edm.config_int('reputation.check_interval')) THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO edm.sweep_state (name, watermark) VALUES ('reputation', v_now)
+  ON CONFLICT (name) DO UPDATE SET watermark = EXCLUDED.watermark, updated_at = now();
+
+  -- A service re-enabled by hand (update_service) counts as resumed.
+  UPDATE edm.services s SET paused_reason = NULL, reputation_since = v_now
+  WHERE s.paused_reason IS NOT NULL AND s.enabled;
+
+  FOR r IN SELECT x.subject, x.service_id, x.user_id, x.sends, x.hard_bounces, x.complaints,
+                  x.bounce_pct, x.complaint_pct, x.paused_reason
+           FROM edm.reputation_rates(v_now) x WHERE x.judged
+           ORDER BY x.subject, x.service_id, x.user_id LOOP
+    v_reason := NULL;
+    IF r.complaint_pct >= v_cp OR r.bounce_pct >= v_bp THEN
+      v_reason := format('reputation: %s%% hard bounces (%s) and %s%% complaints (%s) in %s sends over the last %s h; pauses at %s%% / %s%%',
+                         r.bounce_pct, r.hard_bounces, r.complaint_pct, r.complaints, r.sends,
+                         v_window, v_bp, v_cp);
+    END IF;
+    IF v_reason IS NOT NULL AND r.paused_reason IS NULL THEN
+      IF r.subject = 'service' THEN
+        UPDATE edm.services s SET enabled = false, paused_reason = v_reason, updated_at = v_now
+        WHERE s.service_id = r.service_id;
+        PERFORM edm.raise_alert('reputation', 'critical',
+          format('service %s disabled: %s', r.service_id, v_reason), NULL, r.service_id, NULL, v_now);
+      ELSE
+        UPDATE edm.users u SET paused_reason = v_reason WHERE u.user_id = r.user_id;
+        UPDATE edm.tasks t SET status = 'paused', pause_reason = v_reason
+        WHERE t.task_id IN (SELECT x.task_id FROM edm.tasks x
+                            WHERE x.user_id = r.user_id AND x.status IN ('scheduled', 'sending')
+                              AND edm.is_bulk_task(x.task_id)
+                            ORDER BY x.task_id FOR NO KEY UPDATE);
+        PERFORM edm.raise_alert('reputation', 'critical',
+          format('user %s: bulk tasks paused: %s', r.user_id, v_reason), NULL, NULL, r.user_id, v_now);
+      END IF;
+      v_n := v_n + 1;
+    ELSIF v_reason IS NULL AND (r.complaint_pct >= v_cw OR r.bounce_pct >= v_bw) THEN
+      IF edm.raise_alert('reputation', 'warning',
+           format('%s %s: %s%% hard bounces (%s) and %s%% complaints (%s) in %s sends over the last %s h; warns at %s%% / %s%%, pauses at %s%% / %s%%',
+                  r.subject, coalesce(r.service_id::text, r.user_id), r.bounce_pct, r.hard_bounces,
+                  r.complaint_pct, r.complaints, r.sends, v_window, v_bw, v_cw, v_bp, v_cp),
+           NULL, r.service_id, r.user_id, v_now) THEN
+        v_n := v_n + 1;
+      END IF;
+    END IF;
+  END LOOP;
+
+  -- Warnings whose rates came back under the thresholds are resolved.
+  UPDATE edm.alerts a SET resolved_at = v_now
+  WHERE a.kind = 'reputation' AND a.severity = 'warning' AND a.resolved_at IS NULL
+    AND NOT EXISTS (SELECT 1 FROM edm.reputation_rates(v_now) x
+                    WHERE x.judged AND x.service_id IS NOT DISTINCT FROM a.service_id
+                      AND x.user_id IS NOT DISTINCT FROM a.user_id
+                      AND (x.complaint_pct >= v_cw OR x.bounce_pct >= v_bw));
+  RETURN v_n;
+END;
+$$;
+COMMENT ON FUNCTION edm.check_reputation(timestamptz, boolean) IS
+  'The reputation breaker, run from the sweeps at most every reputation.check_interval seconds (p_force: now): for each service and user with at least reputation.min_sends sends in the window, a hard-bounce or complaint rate at or above its pause threshold disables the service (enabled = false, paused_reason) or pauses the user''s bulk tasks (users.paused_reason, tasks.pause_reason; new bulk tasks are held too), with a critical alert; at or above its warning threshold raises a warning alert. Returns the number of pauses and warnings raised.';
+
+CREATE FUNCTION edm.reputation_resume_service(p_service_id bigint, p_now timestamptz DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_was text;
+BEGIN
+  SELECT s.paused_reason INTO v_was FROM edm.services s WHERE s.service_id = p_service_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  UPDATE edm.services s
+  SET enabled = CASE WHEN v_was IS NOT NULL THEN true ELSE s.enabled END,
+      paused_reason = NULL, reputation_since = coalesce(p_now, now()),
+      updated_at = coalesce(p_now, now())
+  WHERE s.service_id = p_service_id;
+  UPDATE edm.alerts a SET resolved_at = coalesce(p_now, now())
+  WHERE a.kind = 'reputation' AND a.service_id = p_service_id AND a.resolved_at IS NULL;
+  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+  RETURN v_was IS NOT NULL;
+END;
+$$;
+COMMENT ON FUNCTION edm.reputation_resume_service(bigint, timestamptz) IS
+  'Resumes a service the reputation breaker disabled (enabled again, reason cleared) and restarts its reputation window now, so past bounces and complaints no longer count; resolves its reputation alerts. True when it was paused by the breaker.';
+
+CREATE FUNCTION edm.reputation_resume_user(p_user_id text, p_now timestamptz DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_task bigint;
+  v_n integer := 0;
+BEGIN
+  PERFORM 1 FROM edm.users u WHERE u.user_id = p_user_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown user %', p_user_id USING ERRCODE = 'ED001';
+  END IF;
+  UPDATE edm.users u SET paused_reason = NULL, reputation_since = coalesce(p_now, now())
+  WHERE u.user_id = p_user_id;
+  FOR v_task IN
+    SELECT t.task_id FROM edm.tasks t
+    WHERE t.user_id = p_user_id AND t.status = 'paused' AND t.pause_reason IS NOT NULL
+    ORDER BY t.task_id
+  LOOP
+    UPDATE edm.tasks t SET pause_reason = NULL WHERE t.task_id = v_task;
+    PERFORM edm.resume_task(v_task, p_user_id, p_now);
+    v_n := v_n + 1;
+  END LOOP;
+  UPDATE edm.alerts a SET resolved_at = coalesce(p_now, now())
+  WHERE a.kind = 'reputation' AND a.user_id = p_user_id AND a.service_id IS NULL
+    AND a.resolved_at IS NULL;
+  RETURN v_n;
+END;
+$$;
+COMMENT ON FUNCTION edm.reputation_resume_user(text, timestamptz) IS
+  'Resumes a user the reputation breaker paused: clears the reason, restarts its reputation window now, resumes the tasks the breaker paused (not those the host paused) and resolves its reputation alerts. Returns how many tasks were resumed.';
+
+-- ---------------------------------------------------------------------------
+-- Roles: the new functions in the group roles' grants
+-- ---------------------------------------------------------------------------
+
+-- The whole of 0006's install_roles with the names of this migration added
+-- (marked "0009"). A later migration that replaces it must keep them.
+CREATE OR REPLACE FUNCTION edm.install_roles(p_dispatcher text DEFAULT 'edm_dispatcher',
+                                  p_app text DEFAULT 'edm_app',
+                                  p_monitor text DEFAULT 'edm_monitor')
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_role text;
+  f regprocedure;
+  -- What each role may EXECUTE (every overload of these names).
+  v_dispatcher_fns text[] := ARRAY[
+    'claim', 'complete', 'expire_leases', 'next_wakeup', 'run_sweeps', 'take_alerts',
+    'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
+    'job_claim', 'job_fire', 'job_finish', 'job_progress', 'job_schedule_retry',
+    'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
+    -- 0009: the reputation breaker runs from the sweeps
+    'check_reputation', 'reputation_rates'];
+  v_app_fns text[] := ARRAY[
+    'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
+    'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',
+    'add_suppression', 'remove_suppression', 'create_task_from_staged', 'create_task_from_rule',
+    'expand_task', 'pause_task', 'resume_task', 'cancel_task', 'task_wait_reason', 'config_set',
+    'share_staged', 'email_problem', 'is_valid_email', 'normalize_email', 'is_valid_timezone',
+    'rule_matches', 'service_sent_today', 'service_is_ready',
+    'job_create', 'job_update', 'job_delete', 'job_trigger', 'job_pause', 'job_resume',
+    'job_stop', 'job_cancel_execution', 'job_validate',
+    -- 0009: deliverability
+    'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id',
+    'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user'];
+  v_monitor_fns text[] := ARRAY['task_wait_reason', 'service_sent_today', 'service_is_ready',
+                                'reputation_rates'];
+BEGIN
+  FOREACH v_role IN ARRAY ARRAY[p_dispatcher, p_app, p_monitor] LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = v_role) THEN
+      EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA edm TO %I', v_role);
+  END LOOP;
+
+  -- Monitoring: read everything, change nothing.
+  EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA edm TO %I', p_monitor);
+
+  -- Dispatcher: claim / complete / sweep through functions; read what
+  -- rendering needs; keep its own heartbeat row.
+  EXECUTE format('GRANT SELECT ON edm.services, edm.templates, edm.contacts, edm.config, '
+                 'edm.tasks, edm.system_health, edm.jobs, edm.job_executions TO %I', p_dispatcher);
+  EXECUTE format('GRANT SELECT, INSERT, UPDATE ON edm.dispatchers TO %I', p_dispatcher);
+
+  -- Host application: everything through functions; read its objects.
+  EXECUTE format('GRANT SELECT ON edm.users, edm.services, edm.grants, edm.tasks, edm.templates, '
+                 'edm.config, edm.task_progress, edm.service_status, edm.system_health, '
+                 'edm.task_wait_reasons, edm.alerts, edm.jobs, edm.job_executions, '
+                 'edm.jobs_overview, edm.reputation_status, edm.feedback_events TO %I', p_app);
+
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+           WHERE p.pronamespace = 'edm'::regnamespace AND p.proname = ANY (v_dispatcher_fns) LOOP
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_dispatcher);
+  END LOOP;
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+           WHERE p.pronamespace = 'edm'::regnamespace AND p.proname = ANY (v_app_fns) LOOP
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_app);
+  END LOOP;
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+           WHERE p.pronamespace = 'edm'::regnamespace AND p.proname = ANY (v_monitor_fns) LOOP
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_monitor);
+  END LOOP;
+END;
+$$;
+COMMENT ON FUNCTION edm.install_roles(text, text, text) IS
+  'Creates (when missing) the NOLOGIN group roles for the dispatcher, the host application and monitoring, and grants each exactly what its job needs. Needs CREATEROLE (or existing roles) and the schema owner''s rights; idempotent. Grant the groups to your login roles: GRANT edm_dispatcher TO my_sidecar_login.';
+
+
+-- Databases whose roles were installed already get the new grants now (the
+-- default role names; with other names, call edm.install_roles(...) again).
+DO $$
+BEGIN
+  IF (SELECT count(*) FROM pg_roles r
+      WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
+    PERFORM edm.install_roles();
+  END IF;
+END;
+$$;
+
 SELECT edm.harden_functions();
+
+-- Read-only, but reads tables a role may not: runs with the owner's rights
+-- (as 0006 does for task_wait_reason). After harden_functions, which only
+-- handles writing functions.
+ALTER FUNCTION edm.reputation_rates(timestamptz)
+  SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
