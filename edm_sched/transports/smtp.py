@@ -391,6 +391,11 @@ class SmtpTransport:
         stage = "connect"
         try:
             await smtp.connect()
+            if smtp.is_ehlo_or_helo_needed:
+                # EHLO before the first MAIL FROM reads the extensions: without it a
+                # fresh plain connection offers no SMTPUTF8 (nor SIZE) to _transaction.
+                stage = "EHLO"
+                await smtp.ehlo()
             if settings.username is not None and password is not None:
                 stage = "AUTH"
                 # Passed to login() only, so the SMTP object never stores it.
