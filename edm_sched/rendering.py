@@ -47,6 +47,20 @@ neither of which can hold a line break; an address must be one bare
 addr-spec (no whitespace, control characters or specials but its @), so it
 cannot add a recipient either; the ids are formatted as integers. A
 rendering error fails only that subtask (permanently, with the reason).
+
+Custom header fields come from the service (``settings["headers"]``), the task
+(``TemplateRow.headers``) and the renderer (``Rendered.headers``, e.g. the
+one-click unsubscribe pair of :mod:`edm_sched.unsubscribe`), in that order, a
+later field replacing an earlier one of the same name. Each is checked again
+by :func:`header_problem` (the door checks them first): a caller may not set
+the fields edm-sched writes or relays write (:data:`FORBIDDEN_HEADERS`).
+Values go out as header text (folded, encoded-words outside ASCII);
+``List-Unsubscribe`` is written as a list of URIs, folded after its commas.
+
+At the door (:mod:`edm_sched.models`), :func:`check_template` compiles every
+template with the environment and cache the dispatcher renders with, and
+:func:`required_variables` reads the variables a template needs from its
+syntax tree (for ``strict_variables``).
 """
 
 from __future__ import annotations
