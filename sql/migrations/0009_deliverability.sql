@@ -241,10 +241,15 @@ DECLARE
   v_ids bigint[];
 BEGIN
   -- Lock order as everywhere: subtasks, then tasks by id, then users.
+  -- Live tasks first, then one probe of the unique (task_id, email) index
+  -- each: subtasks has no index on the address alone (it would cost every
+  -- subtask insert), and a scan of it would cost a feedback event seconds.
   SELECT array_agg(x.subtask_id) INTO v_ids FROM (
-    SELECT st.subtask_id FROM edm.subtasks st JOIN edm.tasks t ON t.task_id = st.task_id
-    WHERE st.email = edm.normalize_email(p_email) AND st.status = 'pending'
+    SELECT st.subtask_id FROM edm.tasks t
+    JOIN edm.subtasks st ON st.task_id = t.task_id AND st.email = edm.normalize_email(p_email)
+    WHERE t.status IN ('draft', 'expanding', 'scheduled', 'sending', 'paused')
       AND (p_user_id IS NULL OR t.user_id = p_user_id)
+      AND st.status = 'pending'
     ORDER BY st.subtask_id
     FOR NO KEY UPDATE OF st) x;
   IF v_ids IS NULL THEN
@@ -551,6 +556,9 @@ RETURNS TABLE (subject text, service_id bigint, user_id text, window_start times
                bounce_pct numeric, complaint_pct numeric, judged boolean, paused_reason text)
 LANGUAGE sql STABLE
 BEGIN ATOMIC
+  -- Set-based: one range scan of the window in edm.metrics_hourly (its primary
+  -- key leads with the hour) and in each partial index of feedback_events,
+  -- hash-joined to the subjects, rather than a scan per service and user.
   WITH cfg AS (
     SELECT coalesce(p_now, now()) - make_interval(hours => edm.config_int('reputation.window_hours')) AS since,
            edm.config_int('reputation.min_sends') AS min_sends
@@ -563,20 +571,49 @@ BEGIN ATOMIC
     SELECT 'user', NULL::bigint, u.user_id, greatest(cfg.since, u.reputation_since), u.paused_reason
     FROM edm.users u, cfg
   ),
+  -- sends from the hourly roll-up (kept current by the sweeps): a window
+  -- starts at the top of its first hour
+  svc_sends AS (
+    SELECT x.service_id, sum(m.sent)::bigint AS n
+    FROM subjects x JOIN edm.metrics_hourly m ON m.service_id = x.service_id
+    WHERE x.subject = 'service'
+      AND m.hour >= (SELECT date_trunc('hour', cfg.since AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' FROM cfg)
+      AND m.hour >= date_trunc('hour', x.window_start AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+    GROUP BY x.service_id
+  ),
+  usr_sends AS (
+    SELECT x.user_id, sum(m.sent)::bigint AS n
+    FROM subjects x JOIN edm.metrics_hourly m ON m.user_id = x.user_id
+    WHERE x.subject = 'user'
+      AND m.hour >= (SELECT date_trunc('hour', cfg.since AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' FROM cfg)
+      AND m.hour >= date_trunc('hour', x.window_start AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+    GROUP BY x.user_id
+  ),
+  svc_fb AS (
+    SELECT x.service_id, count(*) FILTER (WHERE f.kind = 'hard_bounce') AS hb,
+           count(*) FILTER (WHERE f.kind = 'complaint') AS c
+    FROM subjects x JOIN edm.feedback_events f ON f.service_id = x.service_id
+    WHERE x.subject = 'service' AND f.kind IN ('hard_bounce', 'complaint')
+      AND f.received_at >= (SELECT cfg.since FROM cfg) AND f.received_at >= x.window_start
+    GROUP BY x.service_id
+  ),
+  usr_fb AS (
+    SELECT x.user_id, count(*) FILTER (WHERE f.kind = 'hard_bounce') AS hb,
+           count(*) FILTER (WHERE f.kind = 'complaint') AS c
+    FROM subjects x JOIN edm.feedback_events f ON f.user_id = x.user_id
+    WHERE x.subject = 'user' AND f.kind IN ('hard_bounce', 'complaint')
+      AND f.received_at >= (SELECT cfg.since FROM cfg) AND f.received_at >= x.window_start
+    GROUP BY x.user_id
+  ),
   counted AS (
     SELECT x.subject, x.service_id, x.user_id, x.window_start, x.paused_reason,
-           -- sends from the hourly roll-up (kept current by the sweeps): the
-           -- window starts at the top of its first hour
-           (SELECT coalesce(sum(m.sent), 0) FROM edm.metrics_hourly m
-            WHERE m.hour >= date_trunc('hour', x.window_start AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-              AND (m.service_id = x.service_id OR m.user_id = x.user_id))::bigint AS sends,
-           (SELECT count(*) FROM edm.feedback_events f
-            WHERE f.kind = 'hard_bounce' AND f.received_at >= x.window_start
-              AND (f.service_id = x.service_id OR f.user_id = x.user_id)) AS hard_bounces,
-           (SELECT count(*) FROM edm.feedback_events f
-            WHERE f.kind = 'complaint' AND f.received_at >= x.window_start
-              AND (f.service_id = x.service_id OR f.user_id = x.user_id)) AS complaints
+           coalesce(ss.n, us.n, 0) AS sends, coalesce(sf.hb, uf.hb, 0) AS hard_bounces,
+           coalesce(sf.c, uf.c, 0) AS complaints
     FROM subjects x
+    LEFT JOIN svc_sends ss ON x.subject = 'service' AND ss.service_id = x.service_id
+    LEFT JOIN usr_sends us ON x.subject = 'user' AND us.user_id = x.user_id
+    LEFT JOIN svc_fb sf ON x.subject = 'service' AND sf.service_id = x.service_id
+    LEFT JOIN usr_fb uf ON x.subject = 'user' AND uf.user_id = x.user_id
   )
   SELECT c.subject, c.service_id, c.user_id, c.window_start, c.sends, c.hard_bounces, c.complaints,
          CASE WHEN c.sends > 0 THEN round(100.0 * c.hard_bounces / c.sends, 3) END,
