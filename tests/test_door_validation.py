@@ -214,6 +214,10 @@ def test_size_limits(world: dict[str, Any]) -> None:
     s = world["s"]
     refused(world, errors.PayloadTooLarge, lambda: s.create_task(
         task(recipients=[{"email": "a@rcpt.example", "vars": {"blob": "x" * 5_000_000}}])))
+    refused(world, errors.PayloadTooLarge, lambda: s.create_task(task(recipients=[
+        {"email": "a@rcpt.example", "vars": {"order": {"lines": ["x" * 1000] * 70}}}])))
+    refused(world, errors.PayloadTooLarge, lambda: s.create_task(task(recipients=[
+        {"email": "a@rcpt.example", "vars": {f"k{i}": "é" * 300 for i in range(120)}}])))
     refused(world, errors.PayloadTooLarge, lambda: s.upsert_contacts(
         "u1", [{"email": "a@rcpt.example", "attributes": {"blob": "x" * 70_000}}]))
     refused(world, errors.InvalidInput, lambda: s.create_task(
