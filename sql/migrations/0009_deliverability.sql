@@ -821,79 +821,34 @@ COMMENT ON FUNCTION edm.reputation_resume_user(text, timestamptz) IS
 -- Roles: the new functions in the group roles' grants
 -- ---------------------------------------------------------------------------
 
--- The whole of 0006's install_roles with the names of this migration added
--- (marked "0009"). A later migration that replaces it must keep them.
-CREATE OR REPLACE FUNCTION edm.install_roles(p_dispatcher text DEFAULT 'edm_dispatcher',
-                                  p_app text DEFAULT 'edm_app',
-                                  p_monitor text DEFAULT 'edm_monitor')
-RETURNS void
-LANGUAGE plpgsql
-AS $$
+-- edm.install_roles, whichever migration wrote it last, with the names of
+-- this migration added to its lists: its definition is read from the catalog
+-- and patched, so the grants of the migrations before this one are kept. A
+-- list that cannot be found fails the migration instead of losing grants.
+DO $$
 DECLARE
-  v_role text;
-  f regprocedure;
-  -- What each role may EXECUTE (every overload of these names).
-  v_dispatcher_fns text[] := ARRAY[
-    'claim', 'complete', 'expire_leases', 'next_wakeup', 'run_sweeps', 'take_alerts',
-    'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
-    'job_claim', 'job_fire', 'job_finish', 'job_progress', 'job_schedule_retry',
-    'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
-    -- 0009: the reputation breaker runs from the sweeps
-    'check_reputation', 'reputation_rates'];
-  v_app_fns text[] := ARRAY[
-    'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
-    'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',
-    'add_suppression', 'remove_suppression', 'create_task_from_staged', 'create_task_from_rule',
-    'expand_task', 'pause_task', 'resume_task', 'cancel_task', 'task_wait_reason', 'config_set',
-    'share_staged', 'email_problem', 'is_valid_email', 'normalize_email', 'is_valid_timezone',
-    'rule_matches', 'service_sent_today', 'service_is_ready',
-    'job_create', 'job_update', 'job_delete', 'job_trigger', 'job_pause', 'job_resume',
-    'job_stop', 'job_cancel_execution', 'job_validate',
-    -- 0009: deliverability
-    'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id',
-    'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user'];
-  v_monitor_fns text[] := ARRAY['task_wait_reason', 'service_sent_today', 'service_is_ready',
-                                'reputation_rates'];
+  v_def text := pg_get_functiondef('edm.install_roles(text, text, text)'::regprocedure);
+  v_new text := v_def;
+  v_patch text[][] := ARRAY[
+    ['v_dispatcher_fns text[] := ARRAY[',
+     'v_dispatcher_fns text[] := ARRAY[''check_reputation'', ''reputation_rates'', '],
+    ['v_app_fns text[] := ARRAY[',
+     'v_app_fns text[] := ARRAY[''headers_problem'', ''unsubscribe'', ''cancel_pending_to'', ''record_feedback'', ''parse_message_id'', ''check_reputation'', ''reputation_rates'', ''reputation_resume_service'', ''reputation_resume_user'', '],
+    ['v_monitor_fns text[] := ARRAY[',
+     'v_monitor_fns text[] := ARRAY[''reputation_rates'', '],
+    ['edm.config, edm.task_progress, ',
+     'edm.config, edm.task_progress, edm.reputation_status, edm.feedback_events, ']];
+  i integer;
 BEGIN
-  FOREACH v_role IN ARRAY ARRAY[p_dispatcher, p_app, p_monitor] LOOP
-    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = v_role) THEN
-      EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+  FOR i IN 1 .. array_length(v_patch, 1) LOOP
+    IF position(v_patch[i][1] IN v_new) = 0 THEN
+      RAISE EXCEPTION '0009: edm.install_roles has no %; add the deliverability grants by hand', v_patch[i][1];
     END IF;
-    EXECUTE format('GRANT USAGE ON SCHEMA edm TO %I', v_role);
+    v_new := replace(v_new, v_patch[i][1], v_patch[i][2]);
   END LOOP;
-
-  -- Monitoring: read everything, change nothing.
-  EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA edm TO %I', p_monitor);
-
-  -- Dispatcher: claim / complete / sweep through functions; read what
-  -- rendering needs; keep its own heartbeat row.
-  EXECUTE format('GRANT SELECT ON edm.services, edm.templates, edm.contacts, edm.config, '
-                 'edm.tasks, edm.system_health, edm.jobs, edm.job_executions TO %I', p_dispatcher);
-  EXECUTE format('GRANT SELECT, INSERT, UPDATE ON edm.dispatchers TO %I', p_dispatcher);
-
-  -- Host application: everything through functions; read its objects.
-  EXECUTE format('GRANT SELECT ON edm.users, edm.services, edm.grants, edm.tasks, edm.templates, '
-                 'edm.config, edm.task_progress, edm.service_status, edm.system_health, '
-                 'edm.task_wait_reasons, edm.alerts, edm.jobs, edm.job_executions, '
-                 'edm.jobs_overview, edm.reputation_status, edm.feedback_events TO %I', p_app);
-
-  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
-           WHERE p.pronamespace = 'edm'::regnamespace AND p.proname = ANY (v_dispatcher_fns) LOOP
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_dispatcher);
-  END LOOP;
-  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
-           WHERE p.pronamespace = 'edm'::regnamespace AND p.proname = ANY (v_app_fns) LOOP
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_app);
-  END LOOP;
-  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
-           WHERE p.pronamespace = 'edm'::regnamespace AND p.proname = ANY (v_monitor_fns) LOOP
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_monitor);
-  END LOOP;
+  EXECUTE v_new;
 END;
 $$;
-COMMENT ON FUNCTION edm.install_roles(text, text, text) IS
-  'Creates (when missing) the NOLOGIN group roles for the dispatcher, the host application and monitoring, and grants each exactly what its job needs. Needs CREATEROLE (or existing roles) and the schema owner''s rights; idempotent. Grant the groups to your login roles: GRANT edm_dispatcher TO my_sidecar_login.';
-
 
 -- Databases whose roles were installed already get the new grants now (the
 -- default role names; with other names, call edm.install_roles(...) again).
