@@ -16,12 +16,14 @@ created in a transaction that rolls back leaves nothing behind.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
-from edm_sched import core, db, errors, ops
+from edm_sched import core, db, errors, feedback, ops, reputation, unsubscribe
+from edm_sched.feedback import FeedbackEvent, Recorded
 from edm_sched.jobs.api import AsyncJobs, Jobs
 from edm_sched.models import (
     Contact,
@@ -37,6 +39,8 @@ from edm_sched.models import (
     UserInfo,
 )
 from edm_sched.ops import EXPANSION_CHUNK, InvalidRecipients, check_id, check_scope
+from edm_sched.reputation import ReputationRow
+from edm_sched.unsubscribe import UnsubscribeConfig, UnsubscribeResult
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool, ConnectionPool
@@ -279,6 +283,31 @@ class Scheduler:
         """The user's tasks, newest first (at most ``limit``, 1..10000)."""
         return self._run(ops.tasks(user_id, limit), conn)
 
+    # --------------------------------------------------------- deliverability
+
+    def record_feedback(self, event: FeedbackEvent, *, now: dt.datetime | None = None,
+                        conn: Conn | None = None) -> Recorded:
+        """Record a bounce, complaint, unsubscribe or delivery, found by Message-ID."""
+        return self._run(feedback.record_op([event], now), conn)[0]
+
+    def unsubscribe(self, config: UnsubscribeConfig, token: str, *,
+                    conn: Conn | None = None) -> UnsubscribeResult:
+        """Verify an unsubscribe token and unsubscribe its address (idempotent)."""
+        return self._run(unsubscribe.unsubscribe_op(config, token), conn)
+
+    def reputation(self, *, conn: Conn | None = None) -> list[ReputationRow]:
+        """Bounce and complaint rates per service and user, and pause reasons."""
+        return self._run(reputation.status_op(), conn)
+
+    def resume_service_reputation(self, service_id: int, *, conn: Conn | None = None) -> bool:
+        """Re-enable a service the reputation breaker disabled."""
+        return self._run(reputation.resume_service_op(check_id(service_id, "service_id")),
+                         conn)
+
+    def resume_user_reputation(self, user_id: str, *, conn: Conn | None = None) -> int:
+        """Resume a user the reputation breaker paused; returns tasks resumed."""
+        return self._run(reputation.resume_user_op(user_id), conn)
+
 
 class AsyncScheduler:
     """The methods of :class:`Scheduler`, awaited, on a psycopg ``AsyncConnectionPool``.
@@ -433,6 +462,25 @@ class AsyncScheduler:
     async def tasks(self, user_id: str, *, limit: int = 100,
                     conn: AConn | None = None) -> list[TaskStatus]:
         return await self._run(ops.tasks(user_id, limit), conn)
+
+    async def record_feedback(self, event: FeedbackEvent, *, now: dt.datetime | None = None,
+                              conn: AConn | None = None) -> Recorded:
+        return (await self._run(feedback.record_op([event], now), conn))[0]
+
+    async def unsubscribe(self, config: UnsubscribeConfig, token: str, *,
+                          conn: AConn | None = None) -> UnsubscribeResult:
+        return await self._run(unsubscribe.unsubscribe_op(config, token), conn)
+
+    async def reputation(self, *, conn: AConn | None = None) -> list[ReputationRow]:
+        return await self._run(reputation.status_op(), conn)
+
+    async def resume_service_reputation(self, service_id: int, *,
+                                        conn: AConn | None = None) -> bool:
+        return await self._run(
+            reputation.resume_service_op(check_id(service_id, "service_id")), conn)
+
+    async def resume_user_reputation(self, user_id: str, *, conn: AConn | None = None) -> int:
+        return await self._run(reputation.resume_user_op(user_id), conn)
 
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "EXPANSION_CHUNK", "AsyncMonitoring", "AsyncScheduler",

@@ -264,6 +264,16 @@ def run_sync(op: Op[T], *, pool: ConnectionPool | None = None,
             return _own_transactions(own, op, step, session)
 
 
+def run(target: psycopg.Connection[Any] | str, op: Op[T]) -> T:
+    """Run ``op`` on ``target``: a connection (joining its transaction, as ``conn=``)
+    or a DSN (a short connection of its own). The free functions of the modules
+    (feedback, unsubscribe, reputation) are this over the same operations the
+    Scheduler runs."""
+    if isinstance(target, str):
+        return run_on(target, op)
+    return run_sync(op, conn=target)
+
+
 def run_on(dsn: str, op: Op[T], *, session: Session = NO_SESSION) -> T:
     """Run ``op`` on a short connection to ``dsn`` (the one-shot entry points)."""
     with db.translate():

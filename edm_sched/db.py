@@ -27,6 +27,8 @@ _SQLSTATE_ERRORS: dict[str, type[errors.EdmSchedError]] = {
     "ED005": errors.InvalidInput,
     "ED006": errors.ConfigRejected,
     # ED010-ED015: recurring jobs, registered by edm_sched.jobs.errors.
+    # Deliverability (sql/migrations/0009_deliverability.sql).
+    "ED030": errors.MissingVariables,
     "22023": errors.InvalidInput,  # invalid_parameter_value
     "22P02": errors.InvalidInput,  # invalid_text_representation
     "22003": errors.InvalidInput,  # numeric_value_out_of_range
@@ -184,3 +186,19 @@ def translate() -> Iterator[None]:
         raise typed from exc
     except UnicodeEncodeError as exc:  # lone surrogates cannot be sent as UTF-8
         raise errors.InvalidInput(f"text is not valid Unicode: {exc.reason}") from None
+
+
+ConnOrDsn = psycopg.Connection[Any] | str
+"""A psycopg connection (used as is, inside the caller's transaction) or a DSN."""
+
+
+@contextlib.contextmanager
+def using(target: ConnOrDsn) -> Iterator[psycopg.Connection[Any]]:
+    """A connection for one call: ``target`` itself, or a new autocommit connection to
+    the DSN ``target``, closed afterwards; database errors translated either way."""
+    if isinstance(target, str):
+        with connect(target) as conn, translate():
+            yield conn
+    else:
+        with translate():
+            yield target

@@ -527,9 +527,11 @@ class Dispatcher:
         if not missing:
             return
         cur = await conn.execute(query("dispatch_templates"), (missing,))
-        for task_id, idx, subject, text, html, from_name, reply_to in await cur.fetchall():
-            self._templates.setdefault(task_id, {})[idx] = TemplateRow(subject, text, html,
-                                                                       from_name, reply_to)
+        for (task_id, idx, subject, text, html, from_name, reply_to, headers,
+             list_unsubscribe) in await cur.fetchall():
+            self._templates.setdefault(task_id, {})[idx] = TemplateRow(
+                subject, text, html, from_name, reply_to, tuple((headers or {}).items()),
+                list_unsubscribe)
         if len(self._templates) > 10_000:
             self._templates.clear()
 

@@ -91,3 +91,42 @@ class ConfigRejected(InvalidInput):
     """A config value of the wrong type or out of its declared range."""
 
     code = "CONFIG_REJECTED"
+
+
+# Refused at the door (issue 16): the specific kinds of InvalidInput.
+
+
+class InvalidTemplate(InvalidInput):
+    """A template does not compile (Jinja syntax error), in the subject or a body."""
+
+    code = "INVALID_TEMPLATE"
+
+
+class MissingVariables(InvalidInput):
+    """A task asked for strict variables and some recipients lack variables its templates use."""
+
+    code = "MISSING_VARIABLES"
+
+
+class InvalidHeader(InvalidInput):
+    """A header value holds CR, LF, NUL or a control character, or the header may not be set."""
+
+    code = "INVALID_HEADER"
+
+
+class NoRecipients(InvalidInput):
+    """An explicit recipient list is empty."""
+
+    code = "NO_RECIPIENTS"
+
+
+class PayloadTooLarge(InvalidInput):
+    """Content or variables exceed the documented size limits."""
+
+    code = "PAYLOAD_TOO_LARGE"
+
+
+class InvalidToken(InvalidInput):
+    """An unsubscribe token is malformed, forged or expired."""
+
+    code = "INVALID_TOKEN"

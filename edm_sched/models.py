@@ -8,11 +8,13 @@ SQL too). Output models are built from named columns, never ``SELECT *``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import jinja2
 import pydantic
 from pydantic import (
     AfterValidator,
@@ -23,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from edm_sched import errors
+from edm_sched import errors, rendering
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -39,12 +41,17 @@ def validate(model: type[M], value: M | Mapping[str, Any], *,
         return model.model_validate(value)
     except pydantic.ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: "
+            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
         )
         # The model's title, when it has one, is the name users see (internal
         # argument models are private classes: their names mean nothing to a user).
         name = what or model.model_config.get("title") or model.__name__
-        raise error(f"invalid {name}: {problems}") from None
+        # A validator that raised a specific typed error (InvalidTemplate, InvalidHeader...)
+        # names the kind of the refusal: the first such error's class is raised.
+        typed = [e["ctx"]["error"] for e in exc.errors()
+                 if isinstance(e.get("ctx", {}).get("error"), errors.EdmSchedError)]
+        raise (type(typed[0]) if typed else error)(f"invalid {name}: {problems}") from None
 
 _CTRL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -80,6 +87,66 @@ Email = Annotated[str, StringConstraints(min_length=3, max_length=254), _SingleL
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=100), _SingleLine]
 TimeZone = Annotated[str, AfterValidator(_timezone)]
 AwareDatetime = Annotated[dt.datetime | None, AfterValidator(_aware)]
+
+# Size limits at the door (docs/reference/python.md, "Limits"). Each is far above
+# what a campaign needs and far below what would hurt a dispatcher or a mailbox.
+MAX_SUBJECT_CHARS = 998  # RFC 5322's line limit; a subject template longer is refused
+MAX_BODY_CHARS = 1_000_000  # each of body_text and body_html, as templates
+MAX_TEMPLATES_CHARS = 10_000_000  # all templates of one task together
+MAX_VARS_BYTES = 65_536  # one recipient's variables, or one contact's attributes, as JSON
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                          default=str).encode("utf-8", "surrogatepass"))
+
+
+def _json_may_exceed(value: dict[str, Any], limit: int) -> bool:
+    """False when a flat mapping surely takes at most ``limit`` bytes as JSON: a bound
+    of 6 bytes per character (the longest escape) spares the exact measure (a
+    json.dumps, 3x the cost of validating a recipient) for the usual small vars."""
+    bound = 2
+    for key, item in value.items():
+        if isinstance(item, str):
+            bound += 6 * (len(key) + len(item)) + 8
+        elif item is None or isinstance(item, (bool, int, float)):
+            bound += 6 * len(key) + 40
+        else:
+            return True  # nested: measure
+        if bound > limit:
+            return True
+    return False
+
+
+def _small_json(what: str) -> AfterValidator:
+    def check(value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value and _json_may_exceed(value, MAX_VARS_BYTES) and (
+                _json_size(value) > MAX_VARS_BYTES):
+            raise errors.PayloadTooLarge(
+                f"{what} take more than {MAX_VARS_BYTES} bytes as JSON")
+        return value
+    return AfterValidator(check)
+
+
+def _header_text(what: str) -> AfterValidator:
+    """A header-bound text: no CR, LF, NUL, other line breaks or control characters."""
+    def check(value: str | None) -> str | None:
+        if value is not None and rendering.header_break(value):
+            raise errors.InvalidHeader(
+                f"{what} contains a line break, NUL or a control character: {value!r:.60}")
+        return value
+    return AfterValidator(check)
+
+
+def _headers(value: dict[str, str]) -> dict[str, str]:
+    try:
+        rendering.check_headers(value, "headers")
+    except ValueError as exc:
+        raise errors.InvalidHeader(str(exc)) from None
+    return value
+
+
+Headers = Annotated[dict[str, str], AfterValidator(_headers)]
 
 
 class _In(BaseModel):
@@ -165,6 +232,11 @@ class ServiceSpec(_In):
                                        description="extra limits (edm.service_limits)")
 
     @model_validator(mode="after")
+    def _service_headers(self) -> ServiceSpec:
+        _settings_headers(self.settings)
+        return self
+
+    @model_validator(mode="after")
     def _no_secrets(self) -> ServiceSpec:
         secret = {"password", "secret", "api_key", "token", "passwd"} & set(self.settings)
         if secret:
@@ -184,6 +256,20 @@ class ServiceUpdate(_In):
     credential_ref: Annotated[str, StringConstraints(max_length=500)] | None = None
     quota_tz: TimeZone | None = None
     enabled: bool | None = None
+
+    @model_validator(mode="after")
+    def _service_headers(self) -> ServiceUpdate:
+        _settings_headers(self.settings)
+        return self
+
+
+def _settings_headers(settings: dict[str, Any] | None) -> None:
+    """``settings["headers"]``: the service's custom header fields, added to every message."""
+    if settings and "headers" in settings:
+        headers = settings["headers"]
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise errors.InvalidHeader("settings.headers must map header names to strings")
+        _headers(headers)
 
 
 class Service(_Out):
@@ -212,7 +298,8 @@ class Service(_Out):
 
 class Contact(_In):
     email: Email
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    attributes: Annotated[dict[str, Any], _small_json("contact attributes")] = Field(
+        default_factory=dict)
     tags: list[Tag] = Field(default_factory=list, max_length=1000)
     unsubscribed: bool = False
 
@@ -226,11 +313,26 @@ class ContactImport(_Out):
 
 
 class Template(_In):
-    subject: Annotated[str, StringConstraints(max_length=998)]
-    body_text: Annotated[str, StringConstraints(max_length=5_000_000)] | None = None
-    body_html: Annotated[str, StringConstraints(max_length=5_000_000)] | None = None
-    from_name: DisplayName | None = None
+    """One content variant of a task. Refused at the door: a subject or body that does
+    not compile with the renderer's sandboxed Jinja environment (InvalidTemplate), a
+    line break or control character in the subject or from_name (InvalidHeader),
+    content over the size limits (PayloadTooLarge), forbidden or malformed headers."""
+
+    subject: Annotated[str, StringConstraints(max_length=MAX_SUBJECT_CHARS),
+                       _header_text("subject")]
+    body_text: Annotated[str, StringConstraints(max_length=MAX_BODY_CHARS)] | None = None
+    body_html: Annotated[str, StringConstraints(max_length=MAX_BODY_CHARS)] | None = None
+    from_name: Annotated[str, StringConstraints(max_length=200),
+                         _header_text("from_name")] | None = None
     reply_to: Email | None = None
+    headers: Headers = Field(default_factory=dict, description=(
+        "Custom header fields of this template (the task's headers are merged in)."))
+    list_unsubscribe: bool = Field(default=True, description=(
+        "False for transactional mail: no List-Unsubscribe header even when configured."))
+    required_variables: list[Annotated[str, StringConstraints(max_length=200)]] | None = Field(
+        default=None, max_length=1000, description=(
+            "Variables every recipient must have; set from the templates by "
+            "TaskSpec(strict_variables=True), checked by the database at creation."))
 
     @model_validator(mode="after")
     def _has_body(self) -> Template:
@@ -238,10 +340,32 @@ class Template(_In):
             raise ValueError("a template needs body_text or body_html")
         return self
 
+    @model_validator(mode="after")
+    def _compiles(self) -> Template:
+        for field, source, html in (("subject", self.subject, False),
+                                    ("body_text", self.body_text, False),
+                                    ("body_html", self.body_html, True)):
+            if source is None:
+                continue
+            try:
+                rendering.check_template(source, html=html)
+            except jinja2.TemplateSyntaxError as exc:
+                raise errors.InvalidTemplate(
+                    f"{field} does not compile: line {exc.lineno}: {exc.message}") from None
+        return self
+
+    def variables(self) -> frozenset[str]:
+        """Variables this template needs from every recipient (see
+        :func:`edm_sched.rendering.required_variables`)."""
+        return frozenset().union(*(
+            rendering.required_variables(source, html=html)
+            for source, html in ((self.subject, False), (self.body_text, False),
+                                 (self.body_html, True)) if source is not None))
+
 
 class Recipient(_In):
     email: Annotated[str, StringConstraints(max_length=1000)]
-    vars: dict[str, Any] | None = None
+    vars: Annotated[dict[str, Any] | None, _small_json("recipient variables")] = None
 
 
 class TagRule(_In):
@@ -265,11 +389,46 @@ class TaskSpec(_In):
     priority: int = Field(default=0, ge=-100, le=100)
     scheduled_at: AwareDatetime = None
     on_invalid: Literal["reject", "skip"] = "reject"
+    strict_variables: bool = Field(default=False, description=(
+        "Refuse the task (MissingVariables) when a recipient lacks a variable the "
+        "templates use (other than with a default filter or an `is defined` test)."))
+    headers: Headers = Field(default_factory=dict, description=(
+        "Custom header fields of every message of the task (a template's own win)."))
+    list_unsubscribe: bool = Field(default=True, description=(
+        "Bulk mail (True) carries one-click List-Unsubscribe headers when the dispatcher "
+        "is configured for them; set False for transactional mail."))
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:
         if (self.recipients is None) == (self.rule is None):
             raise ValueError("give exactly one of recipients (an explicit list) or rule (tags)")
+        if self.recipients is not None and not self.recipients:
+            raise errors.NoRecipients("the recipient list is empty")
+        return self
+
+    @model_validator(mode="after")
+    def _task_options(self) -> TaskSpec:
+        size = sum(len(t.subject) + len(t.body_text or "") + len(t.body_html or "")
+                   for t in self.templates)
+        if size > MAX_TEMPLATES_CHARS:
+            raise errors.PayloadTooLarge(
+                f"the templates hold {size} characters; at most {MAX_TEMPLATES_CHARS}")
+        # Task-level options travel with each template to the database (new_task).
+        required = (sorted(frozenset().union(*(t.variables() for t in self.templates)))
+                    if self.strict_variables else None)
+        if self.headers or not self.list_unsubscribe or required is not None:
+            templates = []
+            for t in self.templates:
+                headers = {**self.headers, **t.headers}
+                if len(headers) > rendering.MAX_HEADERS:
+                    raise errors.InvalidHeader(
+                        f"at most {rendering.MAX_HEADERS} header fields per task")
+                templates.append(t.model_copy(update={
+                    "headers": headers,
+                    "list_unsubscribe": t.list_unsubscribe and self.list_unsubscribe,
+                    "required_variables": required if required is not None
+                    else t.required_variables}))
+            object.__setattr__(self, "templates", templates)  # frozen: set once, here
         return self
 
 

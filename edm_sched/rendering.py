@@ -47,6 +47,20 @@ neither of which can hold a line break; an address must be one bare
 addr-spec (no whitespace, control characters or specials but its @), so it
 cannot add a recipient either; the ids are formatted as integers. A
 rendering error fails only that subtask (permanently, with the reason).
+
+Custom header fields come from the service (``settings["headers"]``), the task
+(``TemplateRow.headers``) and the renderer (``Rendered.headers``, e.g. the
+one-click unsubscribe pair of :mod:`edm_sched.unsubscribe`), in that order, a
+later field replacing an earlier one of the same name. Each is checked again
+by :func:`header_problem` (the door checks them first): a caller may not set
+the fields edm-sched writes or relays write (:data:`FORBIDDEN_HEADERS`).
+Values go out as header text (folded, encoded-words outside ASCII);
+``List-Unsubscribe`` is written as a list of URIs, folded after its commas.
+
+At the door (:mod:`edm_sched.models`), :func:`check_template` compiles every
+template with the environment and cache the dispatcher renders with, and
+:func:`required_variables` reads the variables a template needs from its
+syntax tree (for ``strict_variables``).
 """
 
 from __future__ import annotations
@@ -62,9 +76,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+import jinja2.meta
+import jinja2.nodes
 import jinja2.sandbox
 
 from edm_sched.transports.base import Message, ServiceConfig
+
+Headers = tuple[tuple[str, str], ...]
+"""Extra header fields as (name, value) pairs, in order."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,8 @@ class TemplateRow:
     body_html: str | None
     from_name: str | None = None
     reply_to: str | None = None
+    headers: Headers = ()  # the task's own header fields (validated at the door)
+    list_unsubscribe: bool = True  # False: a transactional task, no List-Unsubscribe
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,7 @@ class Rendered:
     subject: str
     text: str | None
     html: str | None
+    headers: Headers = ()  # set by the renderer, e.g. List-Unsubscribe (edm_sched.unsubscribe)
 
 
 Renderer = Callable[[RenderContext], Rendered]
@@ -107,6 +129,52 @@ _html_env = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined
 @functools.lru_cache(maxsize=4096)
 def _compile(source: str, html: bool) -> jinja2.Template:
     return (_html_env if html else _text_env).from_string(source)
+
+
+# ------------------------------------------------------------- at the door
+
+BUILTIN_VARIABLES = frozenset({"email", "unsubscribe_url"})
+"""Variables every recipient has: its address, and the one-click unsubscribe URL
+(set by :func:`edm_sched.unsubscribe.with_unsubscribe`)."""
+
+_OPTIONAL_FILTERS = frozenset({"default", "d"})  # {{ x | default('...') }} makes x optional
+_OPTIONAL_TESTS = frozenset({"defined", "undefined", "none"})
+
+
+def check_template(source: str, *, html: bool) -> None:
+    """Compile ``source`` with the renderer's sandboxed environment (cached, so the
+    dispatcher reuses the result); raises :class:`jinja2.TemplateSyntaxError`."""
+    _compile(source, html)
+
+
+def required_variables(source: str, *, html: bool = False) -> frozenset[str]:
+    """Variables ``source`` needs from every recipient: those it reads anywhere but
+    as the subject of a ``default`` filter, less those it tests with ``is defined``
+    (or ``undefined``, ``none``) and the built-in ones (:data:`BUILTIN_VARIABLES`)."""
+    env = _html_env if html else _text_env
+    ast = env.parse(source)
+    required: set[str] = set()
+
+    def walk(node: jinja2.nodes.Node, guarded: bool) -> None:
+        if isinstance(node, jinja2.nodes.Name) and node.ctx == "load":
+            if not guarded:
+                required.add(node.name)
+            return
+        if isinstance(node, jinja2.nodes.Filter) and node.name in _OPTIONAL_FILTERS:
+            if node.node is not None:
+                walk(node.node, True)
+            for child in node.iter_child_nodes(exclude=("node",)):
+                walk(child, False)
+            return
+        for child in node.iter_child_nodes():
+            walk(child, False)
+
+    walk(ast, False)
+    tested = {n.node.name for n in ast.find_all(jinja2.nodes.Test)
+              if n.name in _OPTIONAL_TESTS and isinstance(n.node, jinja2.nodes.Name)}
+    # find_undeclared_variables leaves out loop variables and {% set %} names
+    undeclared = jinja2.meta.find_undeclared_variables(ast)
+    return frozenset((required - tested) & undeclared - BUILTIN_VARIABLES)
 
 
 def default_renderer(ctx: RenderContext) -> Rendered:
@@ -146,8 +214,71 @@ _Q_COST = [1 if b in _Q_SAFE else 3 for b in range(256)]
 _Q_TABLE = {b: "_" if b == 0x20 else f"={b:02X}"
             for b in range(256) if b == 0x20 or b not in _Q_SAFE}
 _EW_OVERHEAD = len("=?utf-8?q??=")
+_CTRL_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # C0 controls but TAB, and DEL
 _BODY_CTRL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _HIGH_BYTES = bytes(range(128, 256))
+
+
+# Header fields a caller (a task's or a service's custom headers) may not set:
+# edm-sched writes them itself (addresses, ids, dates, MIME structure, its own
+# X-Edm-* and the one-click unsubscribe pair), or only relays may write them
+# (trace and authentication fields: a sender that writes them forges them).
+MANAGED_HEADERS = frozenset({
+    "from", "to", "cc", "bcc", "subject", "reply-to", "sender", "message-id", "date",
+    "mime-version", "content-type", "content-transfer-encoding", "content-disposition",
+    "content-id", "list-unsubscribe", "list-unsubscribe-post",
+})
+FORBIDDEN_HEADERS = MANAGED_HEADERS | frozenset({
+    "return-path", "received", "received-spf", "authentication-results", "dkim-signature",
+    "domainkey-signature", "arc-seal", "arc-message-signature", "arc-authentication-results",
+    "delivered-to", "x-original-to", "bounces-to", "errors-to",
+})
+FORBIDDEN_HEADER_PREFIXES = ("resent-", "x-edm-")
+MAX_HEADERS = 50  # custom header fields per task or service
+MAX_HEADER_VALUE = 900  # characters of one custom header value
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext: printable ASCII but ':'
+
+
+def header_problem(name: str, value: str, *, managed: bool = False) -> str | None:
+    """Why ``name: value`` may not be added to a message, or None.
+
+    ``managed=True`` lets a renderer (not a caller) set the fields edm-sched
+    manages on the caller's behalf (List-Unsubscribe and List-Unsubscribe-Post).
+    """
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        return f"header name {name!r:.80} is not 1-76 printable ASCII characters without ':'"
+    lower = name.lower()
+    allowed = managed and lower in ("list-unsubscribe", "list-unsubscribe-post")
+    if not allowed and (lower in FORBIDDEN_HEADERS
+                        or lower.startswith(FORBIDDEN_HEADER_PREFIXES)):
+        return f"header {name} is set by edm-sched or by relays and may not be given"
+    if not isinstance(value, str):
+        return f"header {name}: the value must be a string"
+    if header_break(value):
+        return f"header {name}: the value contains a line break, NUL or a control character"
+    if len(value) > MAX_HEADER_VALUE:
+        return f"header {name}: the value is longer than {MAX_HEADER_VALUE} characters"
+    return None
+
+
+def check_headers(headers: Mapping[str, str], what: str) -> None:
+    """Raise ValueError naming the first problem of a custom header mapping."""
+    if len(headers) > MAX_HEADERS:
+        raise ValueError(f"{what}: at most {MAX_HEADERS} header fields, got {len(headers)}")
+    seen: set[str] = set()
+    for name, value in headers.items():
+        problem = header_problem(name, value)
+        if problem:
+            raise ValueError(f"{what}: {problem}")
+        if name.lower() in seen:
+            raise ValueError(f"{what}: header {name} is given twice")
+        seen.add(name.lower())
+
+
+def header_break(value: str) -> bool:
+    """True when ``value`` holds a line break (CR, LF, VT, FF, NEL, U+2028...), NUL or
+    another control character but TAB: it may not go into a header field."""
+    return bool(_HEADER_BREAK.search(value) or _CTRL_IN_HEADER.search(value))
 
 
 def _single_line(what: str, value: str) -> str:
@@ -282,6 +413,44 @@ def _mime(head: list[str], text: str | None, html: str | None) -> bytes:
     return b"".join(out)
 
 
+def _extra_headers(head: list[str], service: ServiceConfig, template: TemplateRow,
+                   rendered: Rendered) -> None:
+    """The service's, then the task's custom headers (a task's field replaces the
+    service's of the same name), then the renderer's (List-Unsubscribe...)."""
+    fields: dict[str, tuple[str, str]] = {}
+    service_headers = service.settings.get("headers") or {}
+    if not isinstance(service_headers, Mapping):
+        raise RenderError(f"service {service.name}: settings.headers is not an object")
+    for source, managed in ((tuple(service_headers.items()), False), (template.headers, False),
+                            (rendered.headers, True)):
+        for name, value in source:
+            problem = header_problem(name, value, managed=managed)
+            if problem:
+                raise RenderError(problem)
+            fields[name.lower()] = (name, value)
+    for name, value in fields.values():
+        if name.lower() in ("list-unsubscribe", "list-unsubscribe-post"):
+            head.append(_list_header(name, value))
+        else:
+            head.append(_text_header(name, value, False))
+
+
+def _list_header(name: str, value: str) -> str:
+    """A structured list header (RFC 2369: ``<uri>, <uri>``) folded after its commas;
+    URIs are never split (each stays well under 998 octets)."""
+    if not _PRINTABLE.fullmatch(value):
+        raise RenderError(f"{name}: the value must be printable ASCII (URIs are %-encoded)")
+    items = re.split(r"\s*,\s*(?=<)", value.strip())
+    segments = [item + ("," if i < len(items) - 1 else "") for i, item in enumerate(items)]
+    lines = [f"{name}: {segments[0]}"]  # the first URI on the field's line, however long
+    for segment in segments[1:]:
+        if len(lines[-1]) + 1 + len(segment) > _MAX_LINE:
+            lines.append(" " + segment)
+        else:
+            lines[-1] += " " + segment
+    return "\r\n".join(lines)
+
+
 def build_message(service: ServiceConfig, ctx: RenderContext, rendered: Rendered) -> Message:
     """Assemble the wire message; raises RenderError for anything unsendable."""
     if not service.from_addresses:
@@ -304,6 +473,7 @@ def build_message(service: ServiceConfig, ctx: RenderContext, rendered: Rendered
         ]
         if template.reply_to:
             head.append("Reply-To: " + _address("reply-to", template.reply_to, utf8))
+        _extra_headers(head, service, template, rendered)
         body = _mime(head, rendered.text, rendered.html)
         data = "\r\n".join(head).encode("utf-8" if utf8 else "ascii") + b"\r\n" + body
     except ValueError as exc:  # a lone surrogate in the subject, a name or a body

@@ -1,7 +1,8 @@
 """Recovery sweeps: run by one elected dispatcher, or alone by ``edm-sched sweep``.
 
 The work is in SQL (``edm.run_sweeps``: expired leases, quota-day rollover,
-due tasks, completion, alerts, metric roll-ups, partitions, retention); this
+due tasks, completion, alerts, metric roll-ups, partitions, retention; then
+``edm.check_reputation``, the reputation breaker); this
 module elects the leader and calls it. Leadership is a session advisory lock:
 it is released when the leader's connection ends, including on ``kill -9``,
 so another dispatcher takes over at its next tick. ``edm-sched sweep`` takes
@@ -40,6 +41,12 @@ async def run_async(conn: psycopg.AsyncConnection[Any],
     cur = await conn.execute(query("sweep_run"), (now,))
     row = await cur.fetchone()
     report: dict[str, Any] = dict(row[0]) if row else {}
+    try:  # the reputation breaker (edm.check_reputation paces itself)
+        cur = await conn.execute(query("sweep_reputation"), (now, False))
+        row = await cur.fetchone()
+        report["reputation_raised"] = int(row[0]) if row else 0
+    except psycopg.Error as exc:
+        report.setdefault("errors", []).append(f"reputation_raised: {exc}")
     acur = conn.cursor(row_factory=dict_row)
     await acur.execute(query("sweep_take_alerts"))
     report["alerts"] = await acur.fetchall()
@@ -58,6 +65,8 @@ def sweep(dsn: str, now: dt.datetime | None = None) -> dict[str, Any]:
             raise SweepLockHeld("another process (a dispatcher) is sweeping right now")
         row = conn.execute(query("sweep_run"), (now,)).fetchone()
         report: dict[str, Any] = dict(row[0]) if row else {}
+        row = conn.execute(query("sweep_reputation"), (now, False)).fetchone()
+        report["reputation_raised"] = int(row[0]) if row else 0
         report["alerts"] = conn.cursor(row_factory=dict_row).execute(
             query("sweep_take_alerts")).fetchall()
         return report

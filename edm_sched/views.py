@@ -50,6 +50,8 @@ class TaskProgress(_View):
     eta_s: float | None
     last_activity_at: dt.datetime | None
     stuck_since: dt.datetime | None
+    sent_pct: float | None = None  # sent share, rounded down: never 100 while one failed
+    outcome: str | None = None  # finished tasks: all sent, partly sent, none sent, cancelled...
 
 
 class ServiceState(_View):

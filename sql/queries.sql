@@ -215,7 +215,8 @@ SELECT extract(epoch FROM edm.next_wakeup(%s) - coalesce(%s, now()))::float8
 
 -- dispatch_templates --
 -- Templates of some tasks, for rendering.
-SELECT task_id, template_idx, subject, body_text, body_html, from_name, reply_to
+SELECT task_id, template_idx, subject, body_text, body_html, from_name, reply_to, headers,
+       list_unsubscribe
 FROM edm.templates WHERE task_id = ANY(%s)
 
 -- dispatch_contacts --
@@ -337,7 +338,7 @@ FROM edm.system_health
 -- Progress of live and recent tasks.
 SELECT task_id, user_id, name, status, priority, scheduled_at, total, sent, pending, leased, failed,
        cancelled, progress_pct, first_send_wait_s, sends_per_s, eta_s, last_activity_at,
-       stuck_since
+       stuck_since, sent_pct, outcome
 FROM edm.task_progress
 WHERE status IN ('expanding', 'scheduled', 'sending', 'paused')
    OR last_activity_at > now() - interval '1 hour'
@@ -399,3 +400,31 @@ SELECT to_regprocedure('edm.harden_functions()') IS NOT NULL
 -- Re-apply SECURITY DEFINER, the pinned search_path and the PUBLIC revoke to every writing
 -- function (CREATE OR REPLACE FUNCTION drops them); run after each migration.
 SELECT edm.harden_functions()
+
+-- unsubscribe --
+-- Unsubscribe an address from a user's mail (contact, suppression, pending subtasks).
+SELECT contact_updated, suppressed, cancelled FROM edm.unsubscribe(%s, %s, %s, %s)
+
+-- record_feedback --
+-- Record one delivery event found by Message-ID (suppressions follow in SQL).
+SELECT event_id, subtask_id, duplicate, suppressed, cancelled
+FROM edm.record_feedback(%(kind)s, %(message_id)s, %(recipient)s, %(source)s, %(raw)s,
+                         %(detail)s, %(event_key)s, %(occurred_at)s, %(now)s)
+
+-- sweep_reputation --
+-- The reputation breaker (rate-limited in SQL to reputation.check_interval).
+SELECT edm.check_reputation(%s, %s)
+
+-- reputation_status --
+-- Bounce and complaint rates per service and user, and pause reasons.
+SELECT subject, service_id, user_id, window_start, sends, hard_bounces, complaints, bounce_pct,
+       complaint_pct, judged, paused_reason
+FROM edm.reputation_rates(%s) ORDER BY subject, service_id, user_id
+
+-- reputation_resume_service --
+-- Re-enable a service the reputation breaker disabled.
+SELECT edm.reputation_resume_service(%s, %s)
+
+-- reputation_resume_user --
+-- Resume a user the reputation breaker paused.
+SELECT edm.reputation_resume_user(%s, %s)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import conninfo
+from psycopg import conninfo, sql
 from pytest_postgresql import factories
 
 from edm_sched.migrations import migrate
@@ -108,3 +109,18 @@ def empty_dsn(edm_pg_server: ServerInfo) -> Iterator[str]:
     yield edm_pg_server.dsn(name)
     with psycopg.connect(admin, autocommit=True) as c:
         c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def roles(conn: psycopg.Connection[Any], dsn: str) -> Iterator[dict[str, str]]:
+    """Login roles that are members of the three edm group roles; DSNs by job."""
+    conn.execute("SELECT edm.install_roles()")
+    tag = uuid.uuid4().hex[:8]
+    logins = {"dispatcher": f"t_disp_{tag}", "app": f"t_app_{tag}", "monitor": f"t_mon_{tag}"}
+    for job, login in logins.items():
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+            sql.Identifier(login), sql.Identifier(f"edm_{job}")))
+    yield {job: conninfo.make_conninfo(dsn, user=login) for job, login in logins.items()}
+    for login in logins.values():
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(login)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))

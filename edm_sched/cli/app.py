@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 
 from edm_sched import db, errors
-from edm_sched.cli import demo, jobs, ops, schema
+from edm_sched.cli import demo, jobs, ops, reputation, schema
 from edm_sched.cli.base import EXIT_ERROR, EXIT_UNAVAILABLE, Handler
 
 
@@ -63,7 +63,7 @@ def version_text() -> str:
 
 def _extensions() -> list[Callable[[Any, argparse.ArgumentParser], None]]:
     """The command groups, one module each."""
-    return [schema.register, demo.register, ops.register, jobs.register]
+    return [schema.register, demo.register, ops.register, jobs.register, reputation.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,13 +53,14 @@ def _status_text(st: Any) -> str:
         f"dispatchers {h.dispatchers_alive}",
         "",
         f"{'task':>7} {'user':14} {'name':20} {'status':10} {'sent':>8} {'total':>8} "
-        f"{'pct':>6} {'wait s':>8} {'eta s':>8}",
+        f"{'sent%':>6} {'wait s':>8} {'eta s':>8}",
     ]
     for t in st.tasks:
         lines.append(f"{t.task_id:>7} {t.user_id[:14]:14} {t.name[:20]:20} {t.status:10} "
-                     f"{t.sent:>8} {t.total:>8} {t.progress_pct:>6.1f} "
+                     f"{t.sent:>8} {t.total:>8} {t.sent_pct or 0:>6.1f} "
                      f"{(t.first_send_wait_s or 0):>8.1f} "
-                     f"{'' if t.eta_s is None else f'{t.eta_s:.0f}':>8}")
+                     f"{'' if t.eta_s is None else f'{t.eta_s:.0f}':>8}"
+                     + (f"  {t.outcome}" if t.outcome else ""))
     lines += ["", f"{'service':>7} {'name':20} {'state':10} {'today':>8} {'quota':>8} "
                   f"{'last h':>7} {'success':>7} {'resp ms':>8}"]
     for s in st.services:

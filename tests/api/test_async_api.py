@@ -204,6 +204,26 @@ def test_jobs_and_monitoring(api: Both, conn: psycopg.Connection[Any]) -> None:
                         ).fetchone() == (30,)
 
 
+def test_deliverability(api: Both, conn: psycopg.Connection[Any]) -> None:
+    from edm_sched.feedback import FeedbackEvent
+    from edm_sched.unsubscribe import UnsubscribeConfig, make_token
+
+    api.upsert_user("u1")
+    sid = api.create_service({"name": "s1", "from_addresses": ["s1@x.example"],
+                              "interval_seconds": 0, "daily_quota": 10, "transport": "null"})
+    api.grant(sid, "u1")
+    api.create_task({"user_id": "u1", "name": "t", "templates": [TEMPLATE],
+                     "recipients": [{"email": "a@r.example"}, {"email": "b@r.example"}]})
+    recorded = api.record_feedback(FeedbackEvent("hard_bounce", None, recipient="a@r.example"))
+    assert recorded.suppressed
+    config = UnsubscribeConfig(key=b"k" * 32, url="https://news.example/u")
+    result = api.unsubscribe(config, make_token(config, "u1", "b@r.example"))
+    assert (result.user_id, result.email) == ("u1", "b@r.example")
+    assert isinstance(api.reputation(), list)
+    assert api.resume_service_reputation(sid) is False  # not paused by the breaker
+    assert api.resume_user_reputation("u1") == 0
+
+
 def test_every_method_ran_both_ways() -> None:
     """Runs last in this file: every public method was called sync and async above."""
     expected = {n for n in public_methods(Scheduler) if n != "close"}

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from edm_sched import errors
 from edm_sched.api import Scheduler
-from tests.support.helpers import make_service, make_task
+from tests.support.helpers import fingerprint, make_service, make_task
 
 HOSTILE = settings(max_examples=25, deadline=None,
                    suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -41,21 +41,6 @@ nasty_email = st.one_of(
 )
 nasty_int = st.one_of(st.integers(min_value=-(2**70), max_value=2**70),
                       st.sampled_from([-1, 0, 2**31, 2**63, -(2**63) - 1]))
-
-
-def fingerprint(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
-    row = conn.execute("""
-        SELECT (SELECT md5(coalesce(string_agg(u::text, ',' ORDER BY u.user_id), ''))
-                FROM edm.users u),
-               (SELECT md5(coalesce(string_agg(s::text, ',' ORDER BY s.service_id), ''))
-                FROM edm.services s),
-               (SELECT count(*) FROM edm.grants), (SELECT count(*) FROM edm.tasks),
-               (SELECT count(*) FROM edm.subtasks), (SELECT count(*) FROM edm.contacts),
-               (SELECT count(*) FROM edm.suppressions), (SELECT count(*) FROM edm.templates),
-               (SELECT md5(string_agg(c.value::text, ',' ORDER BY c.key)) FROM edm.config c)
-        """).fetchone()
-    assert row is not None
-    return tuple(row)
 
 
 @pytest.fixture

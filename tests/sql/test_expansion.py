@@ -93,9 +93,17 @@ def test_rule_without_match_completes_at_once_and_reserves_nothing(
     assert task_row(conn, created.task_id)[3] == 0  # quota_reserved
 
 
-def test_empty_list_completes_at_once(sched: Scheduler) -> None:
+def test_empty_list_is_refused_at_the_door(sched: Scheduler) -> None:
+    sched.upsert_user("u", quota_limit=0)
+    with pytest.raises(errors.NoRecipients):  # issue 16: nothing to send is a caller's mistake
+        list_task(sched, "u", [])
+    assert sched.tasks("u") == []
+
+
+def test_a_list_left_empty_completes_at_once(sched: Scheduler) -> None:
     sched.upsert_user("u", quota_limit=0)  # a zero quota still allows an empty task
-    created = list_task(sched, "u", [])
+    sched.suppress("gone@x.example")
+    created = list_task(sched, "u", ["gone@x.example"])
     assert created.recipients == 0
     assert sched.task(created.task_id).status == "completed"
     assert sched.get_user("u").quota_used == 0

@@ -262,6 +262,11 @@ class LifecycleMachine(RuleBasedStateMachine):
         spec = {"user_id": user, "name": "list", "templates": [TEMPLATE] * n_templates,
                 "priority": priority, "scheduled_at": at(0),
                 "recipients": [{"email": a} for a in given]}
+        if not given:  # an empty list is refused at the door (issue 16)
+            with pytest.raises(errors.NoRecipients):
+                self.sched.create_task(spec)
+            assert self._task_count() == tasks_before
+            return
         if limit is not None and used + expected > limit:
             with pytest.raises(errors.QuotaExceeded):
                 self.sched.create_task(spec)

@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -40,21 +39,6 @@ def test_writing_functions_are_security_definer_with_fixed_search_path(
         WHERE p.pronamespace = 'edm'::regnamespace
           AND has_function_privilege('public', p.oid, 'EXECUTE')""").fetchall()
     assert public == []
-
-
-@pytest.fixture
-def roles(conn: psycopg.Connection[Any], dsn: str) -> Iterator[dict[str, str]]:
-    """Login roles that are members of the three edm group roles; DSNs by job."""
-    conn.execute("SELECT edm.install_roles()")
-    tag = uuid.uuid4().hex[:8]
-    logins = {"dispatcher": f"t_disp_{tag}", "app": f"t_app_{tag}", "monitor": f"t_mon_{tag}"}
-    for job, login in logins.items():
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
-            sql.Identifier(login), sql.Identifier(f"edm_{job}")))
-    yield {job: conninfo.make_conninfo(dsn, user=login) for job, login in logins.items()}
-    for login in logins.values():
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(login)))
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
 
 
 def _refused(dsn: str, statement: str) -> None:

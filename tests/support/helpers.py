@@ -99,3 +99,18 @@ def reset_database(conn: psycopg.Connection[Any]) -> None:
         (list(KEEP_TABLES),)).fetchall()]
     conn.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
     conn.execute("ALTER SEQUENCE edm.serve_seq RESTART")
+
+
+def fingerprint(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+    row = conn.execute("""
+        SELECT (SELECT md5(coalesce(string_agg(u::text, ',' ORDER BY u.user_id), ''))
+                FROM edm.users u),
+               (SELECT md5(coalesce(string_agg(s::text, ',' ORDER BY s.service_id), ''))
+                FROM edm.services s),
+               (SELECT count(*) FROM edm.grants), (SELECT count(*) FROM edm.tasks),
+               (SELECT count(*) FROM edm.subtasks), (SELECT count(*) FROM edm.contacts),
+               (SELECT count(*) FROM edm.suppressions), (SELECT count(*) FROM edm.templates),
+               (SELECT md5(string_agg(c.value::text, ',' ORDER BY c.key)) FROM edm.config c)
+        """).fetchone()
+    assert row is not None
+    return tuple(row)
