@@ -44,8 +44,8 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
   ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),
   ('7', 'claim_performance', 'b784140bfb7b7d14ef601d1808000dfce531fb0ef3a26ab289a4d427a3201ade'),
-  ('8', 'limits_and_slots', '896d61d0c5755d800a96f845cb7a8916bd612707dd88ec9c9ac24a74677d87e1'),
-  ('9', 'deliverability', '222a0281cec2e76596c73f812b20f51a904d5037a6027b0e3b64cf9d66c9d444');
+  ('8', 'limits_and_slots', 'b485c42f9853f9ce6955a66f719da161f5f08967a5883a981c596e867fd5705c'),
+  ('9', 'deliverability', 'cbc882eb56054a6406386d0f1d6bb0ccf792573c4745f281572d929d150a7c13');
 
 -- ==========================================================================
 -- Validation helpers
@@ -4947,16 +4947,16 @@ CREATE FUNCTION edm.rolling_buckets_add(p_idx bigint[], p_n integer[], p_window_
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
- SELECT array_agg(x.b ORDER BY x.b) AS array_agg,
-     array_agg(x.n ORDER BY x.b) AS array_agg
+ SELECT array_agg(x.b ORDER BY x.b) AS bucket_idx,
+     array_agg(x.n ORDER BY x.b) AS bucket_n
     FROM ( SELECT u.b,
              (sum(u.n))::integer AS n
             FROM ( SELECT t.b,
                      t.n
                     FROM UNNEST(rolling_buckets_add.p_idx, rolling_buckets_add.p_n) t(b, n)
                  UNION ALL
-                  SELECT (edm.epoch_ms(rolling_buckets_add.p_slot) / edm.limit_bucket_ms(rolling_buckets_add.p_window_ms)),
-                     1) u
+                  SELECT (edm.epoch_ms(rolling_buckets_add.p_slot) / edm.limit_bucket_ms(rolling_buckets_add.p_window_ms)) AS b,
+                     1 AS n) u
            WHERE ((u.b)::numeric >= ((((edm.epoch_ms(rolling_buckets_add.p_slot) / edm.limit_bucket_ms(rolling_buckets_add.p_window_ms)))::numeric - ceil(((rolling_buckets_add.p_window_ms)::numeric / (edm.limit_bucket_ms(rolling_buckets_add.p_window_ms))::numeric))) - (1)::numeric))
            GROUP BY u.b) x;
 END;
@@ -4982,8 +4982,8 @@ BEGIN ATOMIC
          CASE
              WHEN (l.kind = 'calendar_day'::text) THEN ((limits_take.p_slot AT TIME ZONE COALESCE(l.time_zone, limits_take.p_service_tz)))::date
              ELSE NULL::date
-         END, (bucket_idx, bucket_n) = ( SELECT COALESCE(r.bucket_idx, l.bucket_idx) AS "coalesce",
-             COALESCE(r.bucket_n, l.bucket_n) AS "coalesce"
+         END, (bucket_idx, bucket_n) = ( SELECT COALESCE(r.bucket_idx, l.bucket_idx) AS bucket_idx,
+             COALESCE(r.bucket_n, l.bucket_n) AS bucket_n
             FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, limits_take.p_slot) r(bucket_idx, bucket_n)
            WHERE (l.kind = 'rolling'::text)
          UNION ALL
@@ -5221,10 +5221,10 @@ BEGIN ATOMIC
             FROM edm.services s,
              cfg cfg_1
          UNION ALL
-          SELECT 'user'::text,
-             NULL::bigint AS int8,
+          SELECT 'user'::text AS subject,
+             NULL::bigint AS service_id,
              u.user_id,
-             GREATEST(cfg_1.since, u.reputation_since) AS "greatest",
+             GREATEST(cfg_1.since, u.reputation_since) AS window_start,
              u.paused_reason
             FROM edm.users u,
              cfg cfg_1
@@ -5396,12 +5396,12 @@ BEGIN ATOMIC
     FROM ( SELECT 'interval'::text AS limit_name,
              edm.ts_add_ms((service_binding_limit.s).last_sent_at, (service_binding_limit.s).interval_ms) AS free_at
          UNION ALL
-          SELECT 'daily_quota'::text,
-             edm.service_next_quota_day((service_binding_limit.s).quota_tz, COALESCE(service_binding_limit.p_now, now())) AS service_next_quota_day
+          SELECT 'daily_quota'::text AS limit_name,
+             edm.service_next_quota_day((service_binding_limit.s).quota_tz, COALESCE(service_binding_limit.p_now, now())) AS free_at
            WHERE (edm.service_sent_today(service_binding_limit.s, COALESCE(service_binding_limit.p_now, now())) >= (service_binding_limit.s).daily_quota)
          UNION ALL
-          SELECT l.name,
-             edm.limit_next(l.*, COALESCE(service_binding_limit.p_now, now()), (service_binding_limit.s).quota_tz) AS limit_next
+          SELECT l.name AS limit_name,
+             edm.limit_next(l.*, COALESCE(service_binding_limit.p_now, now()), (service_binding_limit.s).quota_tz) AS free_at
             FROM edm.service_limits l
            WHERE (l.service_id = (service_binding_limit.s).service_id)) x
    WHERE (x.free_at > COALESCE(service_binding_limit.p_now, now()))

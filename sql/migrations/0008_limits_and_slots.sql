@@ -211,12 +211,12 @@ CREATE FUNCTION edm.rolling_buckets_add(p_idx bigint[], p_n integer[], p_window_
                                         OUT bucket_idx bigint[], OUT bucket_n integer[])
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
-  SELECT array_agg(x.b ORDER BY x.b), array_agg(x.n ORDER BY x.b)
+  SELECT array_agg(x.b ORDER BY x.b) AS bucket_idx, array_agg(x.n ORDER BY x.b) AS bucket_n
   FROM (
     SELECT u.b, sum(u.n)::integer AS n FROM (
-      SELECT * FROM unnest(p_idx, p_n) AS t(b, n)
+      SELECT t.b, t.n FROM unnest(p_idx, p_n) AS t(b, n)
       UNION ALL
-      SELECT edm.epoch_ms(p_slot) / edm.limit_bucket_ms(p_window_ms), 1) u
+      SELECT edm.epoch_ms(p_slot) / edm.limit_bucket_ms(p_window_ms) AS b, 1 AS n) u
     WHERE u.b >= edm.epoch_ms(p_slot) / edm.limit_bucket_ms(p_window_ms)
                  - ceil(p_window_ms::numeric / edm.limit_bucket_ms(p_window_ms)) - 1
     GROUP BY u.b) x;
@@ -239,11 +239,12 @@ BEGIN ATOMIC
     day = CASE WHEN l.kind = 'calendar_day'
                THEN (p_slot AT TIME ZONE coalesce(l.time_zone, p_service_tz))::date END,
     (bucket_idx, bucket_n) = (
-      SELECT coalesce(r.bucket_idx, l.bucket_idx), coalesce(r.bucket_n, l.bucket_n)
+      SELECT coalesce(r.bucket_idx, l.bucket_idx) AS bucket_idx,
+             coalesce(r.bucket_n, l.bucket_n) AS bucket_n
       FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, p_slot) r
       WHERE l.kind = 'rolling'
       UNION ALL
-      SELECT l.bucket_idx, l.bucket_n WHERE l.kind <> 'rolling')
+      SELECT l.bucket_idx AS bucket_idx, l.bucket_n AS bucket_n WHERE l.kind <> 'rolling')
   WHERE l.service_id = p_service_id;
 END;
 COMMENT ON FUNCTION edm.limits_take(bigint, timestamptz, text) IS
@@ -314,10 +315,13 @@ BEGIN ATOMIC
     SELECT 'interval'::text AS limit_name,
            edm.ts_add_ms(s.last_sent_at, s.interval_ms) AS free_at
     UNION ALL
-    SELECT 'daily_quota', edm.service_next_quota_day(s.quota_tz, coalesce(p_now, now()))
+    -- every column named: a SQL-standard body deparses an unnamed UNION column
+    -- differently once reloaded (sql/schema.sql must build the same function)
+    SELECT 'daily_quota'::text AS limit_name,
+           edm.service_next_quota_day(s.quota_tz, coalesce(p_now, now())) AS free_at
     WHERE edm.service_sent_today(s, coalesce(p_now, now())) >= s.daily_quota
     UNION ALL
-    SELECT l.name, edm.limit_next(l, coalesce(p_now, now()), s.quota_tz)
+    SELECT l.name AS limit_name, edm.limit_next(l, coalesce(p_now, now()), s.quota_tz) AS free_at
     FROM edm.service_limits l WHERE l.service_id = s.service_id
   ) x
   WHERE x.free_at > coalesce(p_now, now())

@@ -568,7 +568,10 @@ BEGIN ATOMIC
            greatest(cfg.since, s.reputation_since) AS window_start, s.paused_reason
     FROM edm.services s, cfg
     UNION ALL
-    SELECT 'user', NULL::bigint, u.user_id, greatest(cfg.since, u.reputation_since), u.paused_reason
+    -- every column named: a SQL-standard body deparses an unnamed UNION column
+    -- differently once reloaded (sql/schema.sql must build the same function)
+    SELECT 'user' AS subject, NULL::bigint AS service_id, u.user_id,
+           greatest(cfg.since, u.reputation_since) AS window_start, u.paused_reason
     FROM edm.users u, cfg
   ),
   -- sends from the hourly roll-up (kept current by the sweeps): a window
