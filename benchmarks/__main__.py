@@ -17,6 +17,7 @@ SCENARIOS = {
     "expansion": "expansion",
     "render": "render",
     "claimprofile": "claimprofile",
+    "faults": "faults",
 }
 
 
