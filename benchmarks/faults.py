@@ -75,7 +75,9 @@ harness:
   answered copy.
 * ``unfinished``: tasks of the run not ``completed`` at the end (only
   possible when the run timed out).
-* ``duplicates``: copies in the server log beyond the first, per Message-ID.
+* ``duplicates``: copies in the server log beyond the first, per Message-ID;
+  ``unknown_copies``: records that belong to no subtask of the run, the
+  warm-up or the baseline (0).
 * ``duplicates_unrecorded``: per subtask, copies beyond the first and beyond
   its recorded uncertain attempts (``lease_expiries + uncertain_sends`` of
   ``edm.possible_duplicates``, the same as its ``send_events`` of kinds
@@ -94,12 +96,29 @@ harness:
   were still running at the end of the faulty run (neither exited by
   itself), every task of the run completed, and messages reached the server
   after the restart. False when there was no restart.
+* ``healthy_timing`` (where the healthy service's time went, for the faulty
+  run and the baseline): ``slot_lag_last_s``, how much later than
+  *t0* + k x interval its last slot was (the claims came late);
+  ``send_lag_median_s`` / ``send_lag_max_s``, how long after its slot each
+  MAIL FROM reached the server (the sends started late: the dispatcher's
+  event loop was busy); and which dispatcher sent it.
+* ``wire_interval_violations`` (informational, not a goal of this scenario:
+  the ``limits`` scenario is the one for I2): per service, MAIL FROM arrivals
+  at the server more than 50 ms ahead of one per interval (a token bucket of
+  that depth, as in the chaos scenario). A lane paces the starts of its
+  sends; a new connection (every send of ``drop_after_dot``, whose server
+  hangs up each time) or one of several connections to a slow server reaches
+  MAIL FROM after a varying delay, so these can be ahead on the wire.
 * per service: subtasks sent and failed, copies at the server, uncertain,
-  retry, service-failure, released and lease-expired events, and when its
-  last subtask finished.
+  retry, service-failure, released and lease-expired events, when its last
+  copy arrived and its last subtask finished, the smallest gap between two
+  MAIL FROM, and which dispatcher recorded its outcomes.
 
-The process exits 1 when ``lost``, ``unfinished``, ``duplicates_unrecorded``
-or ``duplicates_avoidable`` is not 0, ``healthy_slowdown`` is above 1.1,
+``--big-message-chars 0`` gives the drop-during-data task a short message
+(see above); ``--concurrency N`` sets ``queue.concurrent_workers``.
+
+The process exits 1 when ``lost``, ``unfinished``, ``duplicates_unrecorded``,
+``duplicates_avoidable`` or ``unknown_copies`` is not 0, ``healthy_slowdown`` is above 1.1,
 ``restart_survived`` is false (when a restart was done) or the run timed out.
 ``python -m benchmarks.faults worker ...`` is the dispatcher process.
 """
@@ -110,6 +129,7 @@ import argparse
 import bisect
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import signal
@@ -128,13 +148,14 @@ import psycopg
 from psycopg import conninfo
 
 from benchmarks import common
-from benchmarks.chaos import midday_tz, restart_embedded
+from benchmarks.chaos import midday_tz, restart_embedded, wire_lag_violations
 from edm_sched.api import Scheduler
 from edm_sched.errors import EdmSchedError
 from edm_sched.testing.faulty_smtp import Record, read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOWDOWN_GOAL = 1.1
+WIRE_TOLERANCE = 0.05  # seconds: a token bucket of this depth on MAIL FROM arrivals (I2)
 OUTAGE_MODES = ("hang_greeting", "greet_421", "tls_fail")
 FINISHED_TASK = ("completed", "cancelled", "failed")
 
@@ -161,6 +182,7 @@ class FaultsConfig:
     service_backoff_base: int = 5
     service_backoff_max: int = 60
     lead: float = 6.0  # seconds from the start of task creation to t0
+    concurrency: int | None = None  # queue.concurrent_workers; None: the product's default
     baseline: bool = True
     timeout: float = 600.0
 
@@ -317,6 +339,8 @@ def configure(dsn: str, cfg: FaultsConfig) -> None:
         "service.backoff_base": cfg.service_backoff_base,
         "service.backoff_max": cfg.service_backoff_max,
     }
+    if cfg.concurrency is not None:
+        values["queue.concurrent_workers"] = cfg.concurrency
     with psycopg.connect(dsn, autocommit=True) as conn:
         for key, value in values.items():
             cur = conn.execute("UPDATE edm.config SET value = %s WHERE key = %s",
@@ -409,10 +433,12 @@ def wait_dispatchers(dsn: str, ids: list[str], timeout: float = 60) -> None:
 class RunState:
     t0: float = 0.0  # time.time() when the run's tasks became claimable
     baseline_t0: float = 0.0
+    interval: float = 0.0  # seconds, every service's
     services: dict[str, int] = field(default_factory=dict)  # name -> service_id
     tasks: dict[str, int] = field(default_factory=dict)  # name -> task_id
     baseline_service: int | None = None
     baseline_task: int | None = None
+    warmup_task: int | None = None
     restarts: list[dict[str, float]] = field(default_factory=list)
     outage_ended_at: float | None = None  # seconds after t0
     exits: list[dict[str, Any]] = field(default_factory=list)
@@ -456,6 +482,7 @@ def run_scenario(dsn: str, cfg: FaultsConfig, workdir: Path,
             add_service(s, "warmup", healthy_port, fault_services(cfg)[0].settings, cfg, tz)
             warm = add_task(s, "warmup", 2 * cfg.dispatchers,
                             dt.datetime.now(dt.UTC))
+        state.warmup_task = warm
         if not wait_tasks(dsn, [warm], 60):
             raise RuntimeError("the warm-up messages were not sent within 60 s")
 
@@ -474,6 +501,7 @@ def run_scenario(dsn: str, cfg: FaultsConfig, workdir: Path,
             raise RuntimeError(f"building took {time.time() - build_started:.1f} s, "
                                f"more than the lead of {cfg.lead} s: raise --lead")
         state.t0 = t0
+        state.interval = cfg.interval_ms / 1000
         refuse_server, _ = start_server(
             [f"{port_of['refuse_then_open']}=refuse_then_open:"
              f"{t0 + cfg.refuse_seconds - time.time():.3f}"], refuse_log, server_err)
@@ -574,6 +602,18 @@ def analyse(dsn: str, state: RunState, records: list[Record]) -> dict[str, Any]:
         events = conn.execute(
             "SELECT subtask_id, kind, occurred_at FROM edm.send_events WHERE task_id = ANY (%s)",
             (run_tasks,)).fetchall()
+        # Where the healthy sends' time went: slots (claims) and wire starts (sends).
+        timed = [t for t in (state.tasks.get("healthy"), state.baseline_task) if t is not None]
+        slots = {sid: (tid, started.timestamp(), dispatcher)
+                 for sid, tid, started, dispatcher in conn.execute(
+                     "SELECT subtask_id, task_id, started_at, dispatcher FROM edm.send_events"
+                     " WHERE task_id = ANY (%s) AND kind = 'sent'", (timed,)).fetchall()}
+        served_by: dict[str, Counter[str]] = defaultdict(Counter)
+        for tid, dispatcher, n in conn.execute(
+                "SELECT task_id, dispatcher, count(*) FROM edm.send_events"
+                " WHERE task_id = ANY (%s) AND kind <> 'late_completion' GROUP BY 1, 2",
+                (run_tasks,)).fetchall():
+            served_by[name_of_task[tid]][dispatcher] += int(n)
         expiries = [{"subtask": sid, "kind": kind, "attempt": attempt,
                      "slot_s": None if started is None
                      else round(started.timestamp() - state.t0, 2),
@@ -590,6 +630,9 @@ def analyse(dsn: str, state: RunState, records: list[Record]) -> dict[str, Any]:
             baseline_sids = {r[0] for r in conn.execute(
                 "SELECT subtask_id FROM edm.subtasks WHERE task_id = %s",
                 (state.baseline_task,)).fetchall()}
+        warmup_sids = {r[0] for r in conn.execute(
+            "SELECT subtask_id FROM edm.subtasks WHERE task_id = %s",
+            (state.warmup_task,)).fetchall()}
 
     task_of = {sid: tid for sid, tid, *_ in subtasks}
     status_of = {sid: status for sid, _, status, *_ in subtasks}
@@ -602,8 +645,8 @@ def analyse(dsn: str, state: RunState, records: list[Record]) -> dict[str, Any]:
             copies[sid].append(r)
         elif sid in baseline_sids:
             baseline_copies.append(r)
-        else:
-            unknown += 1  # the warm-up's, or not ours
+        elif sid not in warmup_sids:
+            unknown += 1  # not a message of this benchmark
     uncertain_at: dict[int, list[float]] = defaultdict(list)
     kinds: dict[str, Counter[str]] = defaultdict(Counter)
     recorded_events: Counter[int] = Counter()
@@ -635,12 +678,17 @@ def analyse(dsn: str, state: RunState, records: list[Record]) -> dict[str, Any]:
     unfinished = sum(1 for tid in run_tasks if task_states.get(tid) != "completed")
 
     t0 = state.t0
+    interval = state.interval
+    wire_violations = 0
     per_service = []
     for name, tid in state.tasks.items():
         sids = [sid for sid, t in task_of.items() if t == tid]
         got = [r for sid in sids for r in copies.get(sid, [])]
         finished = [f for sid, t, _, _, f in subtasks if t == tid and f is not None]
         ev = kinds[name]
+        mails = sorted(r.mail_at for r in got)
+        n_wire, lag = wire_lag_violations(mails, interval, WIRE_TOLERANCE)
+        wire_violations += n_wire
         per_service.append({
             "service": name,
             "subtasks": len(sids),
@@ -655,6 +703,10 @@ def analyse(dsn: str, state: RunState, records: list[Record]) -> dict[str, Any]:
             "last_copy_s": round(max(r.dot_at for r in got) - t0, 2) if got else None,
             "finished_s": round(max(f.timestamp() for f in finished) - t0, 2)
             if finished else None,
+            "min_wire_gap_s": round(min(b - a for a, b in itertools.pairwise(mails)),
+                                    3) if len(mails) > 1 else None,
+            "wire_lag_s": round(lag, 3), "wire_violations": n_wire,
+            "dispatchers": dict(served_by.get(name, {})),
         })
     healthy = [r for sid, got in copies.items() if task_of[sid] == state.tasks["healthy"]
                for r in got if r.answered]
@@ -670,6 +722,10 @@ def analyse(dsn: str, state: RunState, records: list[Record]) -> dict[str, Any]:
                          and _subtask_of(r.message_id) in task_of) if restart_end else 0)
     restart_survived = bool(state.restarts) and state.alive_at_end == len(state.stop_codes) \
         and not state.exits and unfinished == 0 and not state.timed_out and after_restart > 0
+    timing = {label: _timing(tid, start, state.interval, slots, records)
+              for label, tid, start in (("healthy", state.tasks.get("healthy"), t0),
+                                        ("baseline", state.baseline_task, state.baseline_t0))
+              if tid is not None}
     all_kinds: Counter[str] = Counter()
     for c in kinds.values():
         all_kinds.update(c)
@@ -686,6 +742,7 @@ def analyse(dsn: str, state: RunState, records: list[Record]) -> dict[str, Any]:
         "duplicates": duplicates,
         "duplicates_unrecorded": unrecorded,
         "duplicates_avoidable": avoidable,
+        "wire_interval_violations": wire_violations,
         "possible_duplicates_rows": len(possible),
         "possible_duplicates_vs_events_mismatch": view_mismatch,
         "unknown_copies": unknown,
@@ -698,6 +755,27 @@ def analyse(dsn: str, state: RunState, records: list[Record]) -> dict[str, Any]:
         "copies_after_restart": after_restart,
         "per_service": per_service,
         "lease_expiry_log": expiries,
+        "healthy_timing": timing,
+    }
+
+
+def _timing(task_id: int, t0: float, interval: float,
+            slots: dict[int, tuple[int, float, str]], records: list[Record]) -> dict[str, Any]:
+    """Where a service's time went: ``slot_lag_s``, how much later than t0 + k x interval
+    its k-th slot was (claims: the dispatcher asked late, or the service was held
+    up in SQL), at the last slot and at worst; ``send_lag_*``, how long after its
+    slot each MAIL FROM reached the server (sends: the event loop, the connection)."""
+    mine = {sid: (at, d) for sid, (tid, at, d) in slots.items() if tid == task_id}
+    ordered = sorted(at for at, _ in mine.values())
+    slot_lags = [at - (t0 + k * interval) for k, at in enumerate(ordered)]
+    send_lags = sorted(r.mail_at - mine[sid][0] for r in records if r.answered
+                       and (sid := _subtask_of(r.message_id)) is not None and sid in mine)
+    return {
+        "slot_lag_last_s": round(slot_lags[-1], 3) if slot_lags else None,
+        "slot_lag_max_s": round(max(slot_lags), 3) if slot_lags else None,
+        "send_lag_median_s": round(send_lags[len(send_lags) // 2], 3) if send_lags else None,
+        "send_lag_max_s": round(send_lags[-1], 3) if send_lags else None,
+        "dispatchers": dict(Counter(d for _, d in mine.values())),
     }
 
 
@@ -705,7 +783,7 @@ def ok(result: dict[str, Any]) -> bool:
     slowdown = result["healthy_slowdown"]
     return (not result["timed_out"]
             and all(result[k] == 0 for k in ("lost", "unfinished", "duplicates_unrecorded",
-                                              "duplicates_avoidable"))
+                                              "duplicates_avoidable", "unknown_copies"))
             and slowdown is not None and slowdown <= SLOWDOWN_GOAL
             and (result["restart_survived"] or result["db_restarts"] == 0))
 
@@ -739,15 +817,23 @@ def print_report(result: dict[str, Any], note: str | None) -> None:
         ["healthy service: last message at +s (fault-free run)",
          result["baseline_completion_s"]],
         ["healthy_slowdown (goal <= 1.1)", result["healthy_slowdown"]],
+        *[[f"  {label}: last slot late by s / wire start after slot s (median, max)",
+           f"{t['slot_lag_last_s']} / {t['send_lag_median_s']}, {t['send_lag_max_s']}"]
+          for label, t in result["healthy_timing"].items()],
+        ["wire interval violations (I2, MAIL FROM at the server)",
+         result["wire_interval_violations"]],
         ["restart survived", result["restart_survived"]],
     ])
     common.print_table("services", [
         "service", "sent", "failed", "copies", "extra", "unanswered", "uncertain", "retry",
-        "svc fail", "released", "lease exp", "late", "last copy +s", "finished +s"],
+        "svc fail", "released", "lease exp", "late", "last copy +s", "finished +s",
+        "min gap s", "dispatchers"],
         [[s["service"], s["sent"], s["failed"], s["copies"], s["extra_copies"],
           s["unanswered_copies"], s["uncertain"], s["retry"], s["service_failure"],
           s["released"], s["lease_expired"], s["late_completion"], s["last_copy_s"],
-          s["finished_s"]] for s in result["per_service"]])
+          s["finished_s"], s["min_wire_gap_s"],
+          " ".join(f"{d.rsplit('-', 1)[-1]}:{n}" for d, n in sorted(s["dispatchers"].items()))]
+         for s in result["per_service"]])
     for e in result["dispatcher_exits"]:
         print(f"\ndispatcher {e['dispatcher']} exited by itself ({e['code']}) after "
               f"{e['after_s']} s: {e['log'][-600:]}")
@@ -764,6 +850,9 @@ def _extra_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lead", type=float, default=None,
                         help="seconds between the start of task creation and t0")
     parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="queue.concurrent_workers of the dispatchers (default: the "
+                             "product's, 10)")
     parser.add_argument("--database", default="bench_faults",
                         help="name of the database created for the run (default bench_faults)")
 
@@ -773,7 +862,7 @@ def main(argv: Sequence[str]) -> int:
                              "server, one healthy service beside, a PostgreSQL restart",
                              _extra_args)
     cfg = short_config() if args.short else full_config()
-    for name in ("recipients", "lead", "timeout", "big_message_chars"):
+    for name in ("recipients", "lead", "timeout", "big_message_chars", "concurrency"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.no_db_restart:
