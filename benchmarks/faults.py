@@ -43,7 +43,7 @@ their back-off ends. ``refuse_then_open`` resumes with no help at all.
 
 Two dispatcher processes (``run_dispatcher`` with its default transports,
 concurrency and lease, as ``edm-sched dispatch`` runs it) are started first
-and warmed up with two messages through a separate healthy service; every
+and warmed up with a few messages through a separate healthy service; every
 task is then created with ``scheduled_at`` = *t0*, a few seconds ahead, so
 that all become claimable at the same instant. ``db_restart_at`` (20 s) after
 *t0*, PostgreSQL is restarted in immediate mode (a crash: WAL replay at
