@@ -18,6 +18,7 @@ SCENARIOS = {
     "render": "render",
     "claimprofile": "claimprofile",
     "limits": "limits",
+    "faults": "faults",
 }
 
 

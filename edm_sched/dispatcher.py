@@ -9,8 +9,11 @@ One asyncio loop per process:
   allows (``concurrency``).
 * **send** — outside any transaction, in one :class:`~edm_sched.lanes.Lane`
   per service (its own queue and connection), so a slow or hung provider
-  never delays another service (I11). A lane starts each SMTP transaction at
-  its slot, an interval after the previous one, through the transport
+  never delays another service (I11). A lane builds each message (rendering
+  included) in a worker thread before its slot, so a heavy message or a slow
+  renderer holds up its own lane only, not the event loop; it starts each SMTP
+  transaction at its slot (or at once if the slot has passed), an interval
+  after the previous one, through the transport
   registered for the service's ``transport`` name, with a deterministic
   Message-ID; the transport connects ahead of the first slot.
 * **renew** — while sends wait on a slow provider, their leases (and the
@@ -419,28 +422,46 @@ class Dispatcher:
                                                          if r.contact_id is not None})
         for row in rows:
             service = services[row.service_id]
-            outcome_now: SendResult | None = None
-            message: Message | None = None
-            try:
-                template = self._templates[row.task_id][row.template_idx]
-                variables = {**contacts.get(row.contact_id or 0, {}), **(row.vars or {})}
-                ctx = RenderContext(row.subtask_id, row.task_id, row.user_id, row.email,
-                                    variables, template)
-                message = build_message(service, ctx, self.renderer(ctx))
-            except (RenderError, KeyError) as exc:
-                outcome_now = SendResult(Outcome.RENDER_ERROR, detail=f"rendering failed: {exc}")
-            except Exception as exc:  # a host renderer's bug fails that recipient only
-                outcome_now = SendResult(Outcome.RENDER_ERROR,
-                                         detail=f"renderer raised {type(exc).__name__}: {exc}")
-            if outcome_now is not None or message is None:
-                # Built before the slot: nothing was sent, and edm.complete gives
-                # back the attempt and the quota unit (render_error).
-                if self.observer:
-                    self.observer("sent", {"outcome": Outcome.RENDER_ERROR.value, "seconds": 0.0})
-                self._results.put_nowait((row, outcome_now or SendResult(Outcome.RENDER_ERROR)))
-                continue
+            # The message is built by the service's lane, before the slot, in a
+            # worker thread (_prepare): a heavy one never stalls other lanes.
+            template = self._templates.get(row.task_id, {}).get(row.template_idx)
+            variables = {**contacts.get(row.contact_id or 0, {}), **(row.vars or {})}
             self._lane(service).queue.put_nowait(
-                QueuedSend(row, message, row.slot, row.lease_deadline))
+                QueuedSend(row, None, row.slot, row.lease_deadline,
+                           context=(service, template, variables)))
+
+    def _build(self, row: Claimed, service: ServiceConfig, template: TemplateRow | None,
+               variables: dict[str, Any]) -> Message:
+        """Render and assemble one message (runs in a worker thread)."""
+        if template is None:
+            raise KeyError(f"task {row.task_id} has no template {row.template_idx}")
+        ctx = RenderContext(row.subtask_id, row.task_id, row.user_id, row.email, variables,
+                            template)
+        return build_message(service, ctx, self.renderer(ctx))
+
+    async def _prepare(self, item: QueuedSend) -> bool:
+        """Build the message of a queued send; False (and a render_error outcome) if it
+        cannot be built. Runs in the lane, before the slot, off the event loop."""
+        if item.message is not None:
+            return True
+        row: Claimed = item.claimed
+        service, template, variables = item.context
+        try:
+            item.message = await asyncio.to_thread(self._build, row, service, template,
+                                                   variables)
+            return True
+        except (RenderError, KeyError) as exc:
+            outcome = SendResult(Outcome.RENDER_ERROR, detail=f"rendering failed: {exc}")
+        except Exception as exc:  # a host renderer's bug fails that recipient only
+            outcome = SendResult(Outcome.RENDER_ERROR,
+                                 detail=f"renderer raised {type(exc).__name__}: {exc}")
+        # Built before the slot: nothing was sent, and edm.complete gives back the
+        # attempt and the quota unit (render_error).
+        if self.observer:
+            self.observer("sent", {"outcome": Outcome.RENDER_ERROR.value, "seconds": 0.0})
+        self._results.put_nowait((row, outcome))
+        self._slot_freed.set()
+        return False
 
     def _transport(self, service: ServiceConfig) -> Transport | None:
         return (self.transports.get(service.transport)
@@ -459,7 +480,7 @@ class Dispatcher:
                 await self._send(item.claimed, self._services[service.service_id][1],
                                  item.message)
 
-            lane.start(send, self._release)
+            lane.start(send, self._release, self._prepare)
             self._lanes[service.service_id] = lane
             transport = self._transport(service)
             prepare = getattr(transport, "prepare", None)

@@ -10,11 +10,13 @@ has room, so claims follow what the connection can actually send.
 
 Each queued send carries its *slot* (the instant the claim allowed it to
 start, in this process's monotonic clock) and its lease deadline. A sender
-starts the SMTP transaction no earlier than the slot and no earlier than one
-service interval after the previous start from this lane (pacing on the
-wire), and never once the lease has ended or will end within
-``LEASE_SAFETY`` seconds: such a send is handed back unsent (``released``:
-no attempt, no quota unit spent).
+first *prepares* the send (the dispatcher builds the message there, in a
+worker thread: a heavy message holds up its own lane, never the event loop
+that every lane shares), then starts the SMTP transaction no earlier than
+the slot and no earlier than one service interval after the previous start
+from this lane (pacing on the wire), and never once the lease has ended or
+will end within ``LEASE_SAFETY`` seconds: such a send is handed back unsent
+(``released``: no attempt, no quota unit spent).
 """
 
 from __future__ import annotations
@@ -32,20 +34,17 @@ log = logging.getLogger("edm_sched.lanes")
 LEASE_SAFETY = 1.0
 """Seconds of lease that must remain when a send starts."""
 
-PACE_SLACK = 0.002
-"""Seconds a lane's next start may come before one interval after the previous actual
-start: timer jitter, well inside the 5 ms a provider's own clock may see."""
-
 
 @dataclass(eq=False)  # identity: kept in a set while running
 class QueuedSend:
     """One claimed subtask waiting in its service's lane."""
 
     claimed: Any  # dispatcher.Claimed
-    message: Any  # transports.base.Message
+    message: Any  # transports.base.Message, or None until the lane's prepare step built it
     slot: float  # monotonic instant the send may start
     lease_deadline: float  # monotonic instant the lease ends (moved by renewals)
     started: bool = False
+    context: Any = None  # what the prepare step needs (the dispatcher's business)
 
 
 @dataclass(eq=False)
@@ -82,20 +81,29 @@ class Lane:
         return out
 
     def start(self, send: Callable[[QueuedSend], Awaitable[None]],
-              release: Callable[[QueuedSend, str], None]) -> None:
+              release: Callable[[QueuedSend, str], None],
+              prepare: Callable[[QueuedSend], Awaitable[bool]] | None = None) -> None:
+        """Start the sender(s). ``prepare(item)`` runs first for each send, before
+        its slot; False means the item was finished there and is not sent."""
         for _ in range(max(self.connections, 1)):
-            task = asyncio.create_task(self._work(send, release), name=f"lane-{self.service_id}")
+            task = asyncio.create_task(self._work(send, release, prepare),
+                                       name=f"lane-{self.service_id}")
             task.add_done_callback(_crashed)
             self.workers.append(task)
 
     async def _work(self, send: Callable[[QueuedSend], Awaitable[None]],
-                    release: Callable[[QueuedSend, str], None]) -> None:
+                    release: Callable[[QueuedSend, str], None],
+                    prepare: Callable[[QueuedSend], Awaitable[bool]] | None) -> None:
         while True:
             item = await self.queue.get()
             self.running.add(item)
             try:
+                if prepare is not None and not await prepare(item):
+                    continue
+                # Never before the slot, never within an interval of the previous
+                # start on the wire (a slot already past starts now, not "back then").
                 now = time.monotonic()
-                start = max(item.slot, self.next_start)
+                start = max(item.slot, self.next_start, now)
                 if start + LEASE_SAFETY > item.lease_deadline:
                     release(item, "lease would end before the send could start")
                     continue
@@ -109,9 +117,8 @@ class Lane:
                 item.started = True
                 # Pace from the actual start: a start the event loop made late
                 # pushes the next one back, so no two starts on the wire come
-                # closer than the interval (less PACE_SLACK of timer jitter).
-                self.next_start = max(self.next_start,
-                                      time.monotonic() + self.interval - PACE_SLACK)
+                # closer than the interval.
+                self.next_start = max(self.next_start, time.monotonic() + self.interval)
                 await send(item)
             finally:
                 self.running.discard(item)
@@ -131,4 +138,4 @@ def _crashed(task: asyncio.Task[None]) -> None:
         log.error("lane sender %s crashed", task.get_name(), exc_info=task.exception())
 
 
-__all__ = ["LEASE_SAFETY", "PACE_SLACK", "Lane", "QueuedSend"]
+__all__ = ["LEASE_SAFETY", "Lane", "QueuedSend"]
