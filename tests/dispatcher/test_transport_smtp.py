@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edm_sched.testing.smtp_sink import Received, SmtpSink, read_log
 from edm_sched.transports.base import Message, Outcome, SendResult, ServiceConfig
@@ -714,3 +716,17 @@ def test_a_transport_survives_a_new_event_loop(sink: SmtpSink) -> None:
 
     assert asyncio.run(second_loop()).outcome is Outcome.SENT
     assert sink.connections == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=60) | st.lists(
+    st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b".", b"x."]), max_size=20).map(b"".join))
+def test_wire_data_fast_paths_change_nothing(data: bytes) -> None:
+    """wire_data skips its substitutions when nothing needs them; the result is the one
+    the plain substitutions give."""
+    from edm_sched.transports.smtp import _LEADING_DOT, _LINE_ENDS, wire_data
+
+    expected = _LINE_ENDS.sub(b"\r\n", data)
+    if not expected.endswith(b"\r\n"):
+        expected += b"\r\n"
+    assert wire_data(data) == _LEADING_DOT.sub(b"..", expected)
