@@ -44,7 +44,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
   ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),
   ('7', 'claim_performance', 'b784140bfb7b7d14ef601d1808000dfce531fb0ef3a26ab289a4d427a3201ade'),
-  ('8', 'limits_and_slots', 'b485c42f9853f9ce6955a66f719da161f5f08967a5883a981c596e867fd5705c'),
+  ('8', 'limits_and_slots', '0e13cd6b488e3eebc37776f37a33bc021d93fd9173d120ac161ff8f009faae7d'),
   ('9', 'deliverability', 'cbc882eb56054a6406386d0f1d6bb0ccf792573c4745f281572d929d150a7c13');
 
 -- ==========================================================================
@@ -373,6 +373,7 @@ INSERT INTO edm.config (key, value, default_value, category, value_type, min_val
   ('queue.retry_backoff_max', '3600', '3600', 'queue', 'integer', '60', '86400', NULL, 'seconds', 'Cap on the retry delay of a transient failure.', NULL),
   ('queue.service_hold_seconds', '2', '2', 'queue', 'integer', '1', '60', NULL, 'seconds', 'A service claimed by a dispatcher is held by it for this long after its last slot (and while its sends run), so one process paces the service''s sends on the wire.', NULL),
   ('queue.service_reservation_timeout', '30', '30', 'queue', 'integer', '10', '120', NULL, 'seconds', 'Lease length of a claimed subtask; an expired lease is returned to pending by the sweep.', NULL),
+  ('queue.slot_lead_ms', '100', '100', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'A paced service (an interval or an extra limit) claimed while idle gets its first slot this long after the claim (at most the lookahead), so the dispatcher has rendered the message and opened the connection by then: a first slot already past when the claim reaches the dispatcher makes its send late and the next one closer than the interval on the wire.', NULL),
   ('queue.slot_lookahead_ms', '250', '250', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'How long before its slot a send may be claimed: the dispatcher renders the message and opens the connection meanwhile, and starts the SMTP transaction at the slot.', NULL),
   ('queue.small_pool_grantees', '100', '100', 'queue', 'integer', '0', '10000', NULL, 'users', 'A service granted to at most this many users finds its next user from its own grants; a larger one from the head of the user rotation. Changes speed only, never which user is chosen.', NULL),
   ('reputation.bounce_pause_pct', '5', '5', 'reputation', 'number', '0', '100', NULL, 'percent', 'Hard-bounce rate that pauses the user''s bulk tasks or disables the service.', NULL),
@@ -1856,6 +1857,7 @@ DECLARE
   b_svc   bigint[] := '{}';
   b_until timestamptz[] := '{}';
   v_horizon timestamptz;
+  v_lead_at timestamptz;
   v_slot  timestamptz;
   v_k     integer;
   v_hold  interval := make_interval(secs => edm.config_int('queue.service_hold_seconds'));
@@ -1886,6 +1888,11 @@ BEGIN
   -- send at the slot.
   v_horizon := v_now + coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms'))
                        * interval '1 millisecond';
+  -- The lead is counted from the server's clock as the claim runs (its own
+  -- statements take time), or from p_now when the caller sets the clock.
+  v_lead_at := CASE WHEN p_now IS NULL THEN clock_timestamp() ELSE v_now END
+               + least(coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms')),
+                       edm.config_int('queue.slot_lead_ms')) * interval '1 millisecond';
   PERFORM edm.start_due_tasks(v_now);
   IF NOT EXISTS (SELECT 1 FROM edm.users u WHERE u.claimable_tasks > 0) THEN
     RETURN;
@@ -1922,6 +1929,11 @@ BEGIN
     v_sub := NULL;
     -- The service's first slot: now, or its next available instant.
     v_slot := greatest(v_now, v_svc.next_available_at);
+    -- ...no earlier than the lead for a paced service that was idle (see
+    -- queue.slot_lead_ms): the dispatcher cannot start it sooner.
+    IF (v_svc.interval_ms > 0 OR v_svc.has_limits) AND v_slot < v_lead_at THEN
+      v_slot := v_lead_at;
+    END IF;
     v_k := 0;
     -- A small pool (a dedicated service, a group's few accounts) is looked up
     -- from its own grants; a large one from the head of the global rotation,

@@ -34,7 +34,8 @@
 
 INSERT INTO edm.config (key, value, default_value, category, value_type, min_value, max_value, unit, description) VALUES
   ('queue.slot_lookahead_ms', '250', '250', 'queue', 'integer', 0, 5000, 'milliseconds', 'How long before its slot a send may be claimed: the dispatcher renders the message and opens the connection meanwhile, and starts the SMTP transaction at the slot.'),
-  ('queue.service_hold_seconds', '2', '2', 'queue', 'integer', 1, 60, 'seconds', 'A service claimed by a dispatcher is held by it for this long after its last slot (and while its sends run), so one process paces the service''s sends on the wire.');
+  ('queue.service_hold_seconds', '2', '2', 'queue', 'integer', 1, 60, 'seconds', 'A service claimed by a dispatcher is held by it for this long after its last slot (and while its sends run), so one process paces the service''s sends on the wire.'),
+  ('queue.slot_lead_ms', '100', '100', 'queue', 'integer', 0, 5000, 'milliseconds', 'A paced service (an interval or an extra limit) claimed while idle gets its first slot this long after the claim (at most the lookahead), so the dispatcher has rendered the message and opened the connection by then: a first slot already past when the claim reaches the dispatcher makes its send late and the next one closer than the interval on the wire.');
 
 -- ---------------------------------------------------------------------------
 -- Columns
@@ -441,6 +442,7 @@ DECLARE
   b_svc   bigint[] := '{}';
   b_until timestamptz[] := '{}';
   v_horizon timestamptz;
+  v_lead_at timestamptz;
   v_slot  timestamptz;
   v_k     integer;
   v_hold  interval := make_interval(secs => edm.config_int('queue.service_hold_seconds'));
@@ -471,6 +473,11 @@ BEGIN
   -- send at the slot.
   v_horizon := v_now + coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms'))
                        * interval '1 millisecond';
+  -- The lead is counted from the server's clock as the claim runs (its own
+  -- statements take time), or from p_now when the caller sets the clock.
+  v_lead_at := CASE WHEN p_now IS NULL THEN clock_timestamp() ELSE v_now END
+               + least(coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms')),
+                       edm.config_int('queue.slot_lead_ms')) * interval '1 millisecond';
   PERFORM edm.start_due_tasks(v_now);
   IF NOT EXISTS (SELECT 1 FROM edm.users u WHERE u.claimable_tasks > 0) THEN
     RETURN;
@@ -507,6 +514,11 @@ BEGIN
     v_sub := NULL;
     -- The service's first slot: now, or its next available instant.
     v_slot := greatest(v_now, v_svc.next_available_at);
+    -- ...no earlier than the lead for a paced service that was idle (see
+    -- queue.slot_lead_ms): the dispatcher cannot start it sooner.
+    IF (v_svc.interval_ms > 0 OR v_svc.has_limits) AND v_slot < v_lead_at THEN
+      v_slot := v_lead_at;
+    END IF;
     v_k := 0;
     -- A small pool (a dedicated service, a group's few accounts) is looked up
     -- from its own grants; a large one from the head of the global rotation,

@@ -51,9 +51,10 @@ def test_slots_are_an_interval_apart_within_the_lookahead(
     make_task(sched, "b", 10)
     rows = claim2(conn, at(0), per_service=10, lookahead_ms=250)
     slots = [r["send_at"] for r in rows]
-    # now, +100 ms, +200 ms: the next (+300 ms) is past the horizon
-    assert slots == [at(0), at(0.1), at(0.2)]
-    assert [r["user_id"] for r in rows] in (["a", "b", "a"], ["b", "a", "b"])  # fair per slot
+    # idle: the first slot comes after the lead (queue.slot_lead_ms, 100 ms), the next an
+    # interval later; the one after (+300 ms) is past the horizon
+    assert slots == [at(0.1), at(0.2)]
+    assert [r["user_id"] for r in rows] in (["a", "b"], ["b", "a"])  # fair per slot
     assert all(r["lease_expires_at"] - r["send_at"] == dt.timedelta(seconds=30) for r in rows)
     # the service is ready again a lookahead before its next slot, not before
     assert claim2(conn, at(0.04), per_service=10, lookahead_ms=250) == []
