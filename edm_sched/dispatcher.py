@@ -84,6 +84,7 @@ COMPLETE_BATCH = 500
 SERVICE_CACHE_SECONDS = 30.0
 LANE_DEPTH = 4  # sends a service's lane may hold (queued or running) unless its settings say
 LANE_IDLE_SECONDS = 60.0  # a lane unused this long is closed
+PACE_REPORT_AFTER = 0.005  # seconds behind its slots before a lane reports its pace
 
 
 @dataclass
@@ -339,6 +340,7 @@ class Dispatcher:
             want = min(free, self.batch_size)
             full = [sid for sid, lane in self._lanes.items() if lane.room == 0]
             try:
+                await self._report_pace()
                 rows = await self._claim(want, full)
             except psycopg.OperationalError as exc:
                 log_event(log, logging.WARNING, "claim_failed", error=str(exc).strip()[:200])
@@ -374,6 +376,19 @@ class Dispatcher:
     async def _wait(self, event: asyncio.Event, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
+
+    async def _report_pace(self) -> None:
+        """Lanes of paced services running late tell the database when their next send can
+        really start, so the slots claimed next follow the wire (edm.report_pace) instead
+        of piling the delay up behind the ones already queued."""
+        late = [(sid, free) for sid, lane in self._lanes.items() if lane.interval > 0
+                for behind, free in [lane.lateness()] if behind > PACE_REPORT_AFTER]
+        if not late:
+            return
+        conn = await self._conn("_claim_conn")
+        await conn.execute(query("report_pace"), (
+            self.id, [sid for sid, _ in late],
+            [dt.datetime.fromtimestamp(free - self._clock.offset, dt.UTC) for _, free in late]))
 
     async def _claim(self, n: int, full: list[int] | None = None) -> list[Claimed]:
         conn = await self._conn("_claim_conn")
@@ -426,7 +441,7 @@ class Dispatcher:
             # worker thread (_prepare): a heavy one never stalls other lanes.
             template = self._templates.get(row.task_id, {}).get(row.template_idx)
             variables = {**contacts.get(row.contact_id or 0, {}), **(row.vars or {})}
-            self._lane(service).queue.put_nowait(
+            self._lane(service).put(
                 QueuedSend(row, None, row.slot, row.lease_deadline,
                            context=(service, template, variables)))
 

@@ -58,6 +58,7 @@ class Lane:
     queue: asyncio.Queue[QueuedSend] = field(default_factory=asyncio.Queue)
     running: set[QueuedSend] = field(default_factory=set)
     next_start: float = 0.0
+    last_slot: float = 0.0  # the latest slot handed to this lane (monotonic)
     last_used: float = field(default_factory=time.monotonic)
     workers: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -68,6 +69,18 @@ class Lane:
     @property
     def room(self) -> int:
         return max(self.depth - self.load, 0)
+
+    def put(self, item: QueuedSend) -> None:
+        self.last_slot = max(self.last_slot, item.slot)
+        self.queue.put_nowait(item)
+
+    def lateness(self) -> tuple[float, float]:
+        """(seconds this lane runs behind its slots, monotonic instant its next send could
+        start): each queued send starts at least an interval after the one before, so a
+        lane whose last start was late passes the delay on to every slot queued behind it."""
+        due = self.last_slot + self.interval
+        free = max(due, self.next_start + self.interval * self.queue.qsize())
+        return free - due, free
 
     def held(self) -> list[QueuedSend]:
         """Every send this lane holds a lease for (queued or running)."""

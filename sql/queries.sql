@@ -428,3 +428,7 @@ SELECT edm.reputation_resume_service(%s, %s)
 -- reputation_resume_user --
 -- Resume a user the reputation breaker paused.
 SELECT edm.reputation_resume_user(%s, %s)
+
+-- report_pace --
+-- Lanes running late: the next slot of each service moves to when its next send can start.
+SELECT edm.report_pace(%s, %s, %s)

@@ -44,7 +44,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
   ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),
   ('7', 'claim_performance', 'b784140bfb7b7d14ef601d1808000dfce531fb0ef3a26ab289a4d427a3201ade'),
-  ('8', 'limits_and_slots', '0e13cd6b488e3eebc37776f37a33bc021d93fd9173d120ac161ff8f009faae7d'),
+  ('8', 'limits_and_slots', '8898df7b3eab4eb31276ddbafd6219eb1872325b9f3ab4ed0de09ae7f59f689b'),
   ('9', 'deliverability', 'cbc882eb56054a6406386d0f1d6bb0ccf792573c4745f281572d929d150a7c13');
 
 -- ==========================================================================
@@ -4565,7 +4565,7 @@ DECLARE
     'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
     'job_claim', 'job_fire', 'job_finish', 'job_progress', 'job_schedule_retry',
     'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
-    'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2'];
+    'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace'];
   v_app_fns text[] := ARRAY['headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
     'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
     'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',
@@ -5214,6 +5214,38 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.renew_leases(text,bigint[],integer,timestamp with time zone) IS 'Keeps leases alive while their sends wait on a slow provider: extends each of p_owner''s live leases among p_subtask_ids to now + p_lease_seconds (default queue.service_reservation_timeout), and p_owner''s holds of their services to now + queue.service_hold_seconds. Returns the leases still held with their new expiry; a lease that already expired is not revived (nothing may be sent on it).';
 REVOKE ALL ON FUNCTION edm.renew_leases(text,bigint[],integer,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.report_pace(p_owner text, p_service_ids bigint[], p_next_starts timestamp with time zone[])
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  IF cardinality(p_service_ids) IS DISTINCT FROM cardinality(p_next_starts)
+     OR cardinality(p_service_ids) > 10000 THEN
+    RAISE EXCEPTION 'report_pace: service ids and next starts must pair up (at most 10000)'
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- Only services p_owner holds, and only later: the next slot can move back
+  -- never, so no limit can be broken by a report.
+  UPDATE edm.services s
+  SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
+  FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
+          AS y(service_id, next_start)
+        ORDER BY y.service_id) x
+  WHERE s.service_id = x.service_id AND s.held_by = p_owner
+    AND s.service_id IN (SELECT z.service_id FROM edm.services z
+                         WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
+                         ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server) tells when the service''s next send can really start; the service''s next slot moves there (never earlier), so slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
+REVOKE ALL ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) FROM PUBLIC;
 
 CREATE FUNCTION edm.reputation_rates(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(subject text, service_id bigint, user_id text, window_start timestamp with time zone, sends bigint, hard_bounces bigint, complaints bigint, bounce_pct numeric, complaint_pct numeric, judged boolean, paused_reason text)

@@ -1115,6 +1115,36 @@ $$;
 COMMENT ON FUNCTION edm.release_holds(text) IS
   'Ends every hold of dispatcher p_owner on services (at shutdown), so others may claim them at once. Returns how many were released.';
 
+CREATE FUNCTION edm.report_pace(p_owner text, p_service_ids bigint[], p_next_starts timestamptz[])
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  v_n integer;
+BEGIN
+  IF cardinality(p_service_ids) IS DISTINCT FROM cardinality(p_next_starts)
+     OR cardinality(p_service_ids) > 10000 THEN
+    RAISE EXCEPTION 'report_pace: service ids and next starts must pair up (at most 10000)'
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- Only services p_owner holds, and only later: the next slot can move back
+  -- never, so no limit can be broken by a report.
+  UPDATE edm.services s
+  SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
+  FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
+          AS y(service_id, next_start)
+        ORDER BY y.service_id) x
+  WHERE s.service_id = x.service_id AND s.held_by = p_owner
+    AND s.service_id IN (SELECT z.service_id FROM edm.services z
+                         WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
+                         ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$$;
+COMMENT ON FUNCTION edm.report_pace(text, bigint[], timestamptz[]) IS
+  'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server) tells when the service''s next send can really start; the service''s next slot moves there (never earlier), so slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
+
 CREATE FUNCTION edm.next_wakeup_v2(p_owner text, p_now timestamptz DEFAULT NULL,
                                    p_lookahead_ms integer DEFAULT NULL)
 RETURNS timestamptz
@@ -1193,7 +1223,7 @@ DECLARE
     'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
     'job_claim', 'job_fire', 'job_finish', 'job_progress', 'job_schedule_retry',
     'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
-    'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2'];
+    'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace'];
   v_app_fns text[] := ARRAY[
     'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
     'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',

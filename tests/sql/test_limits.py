@@ -228,3 +228,18 @@ def test_wait_reason_names_the_binding_limit(sched: Scheduler,
     assert reason == ("all granted services throttled: first to free is m365, "
                       "held by its per_minute limit")
     assert until == at(30)
+
+
+def test_report_pace_moves_the_holders_next_slot_later_only(
+        sched: Scheduler, conn: psycopg.Connection[Any]) -> None:
+    sched.upsert_user("a")
+    sid = make_service(sched, "svc", interval=1, users=["a"])
+    make_task(sched, "a", 10)
+    assert [r["send_at"] for r in claim2(conn, at(0), owner="d1")] == [at(0)]
+    moved = conn.execute("SELECT edm.report_pace('d2', %s, %s)", ([sid], [at(5)])).fetchone()
+    assert moved == (0,)  # not d2's service
+    conn.execute("SELECT edm.report_pace('d1', %s, %s)", ([sid], [at(0.5)]))  # earlier: no-op
+    assert claim2(conn, at(0.9), owner="d1", lookahead_ms=100)[0]["send_at"] == at(1)
+    conn.execute("SELECT edm.report_pace('d1', %s, %s)", ([sid], [at(2.4)]))
+    assert claim2(conn, at(2), owner="d1", lookahead_ms=100) == []  # next slot is 2.4 now
+    assert claim2(conn, at(2.3), owner="d1", lookahead_ms=100)[0]["send_at"] == at(2.4)
