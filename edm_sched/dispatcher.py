@@ -79,7 +79,9 @@ log = logging.getLogger("edm_sched.dispatcher")
 MAX_IDLE = 5.0  # upper bound on one sleep; NOTIFY and next_wakeup normally end it sooner
 COMPLETE_BATCH = 500
 SERVICE_CACHE_SECONDS = 30.0
-LANE_DEPTH = 4  # sends a service's lane may hold (queued or running) unless its settings say
+LANE_DEPTH = 4  # sends a paced service's lane may hold (queued or running) unless its settings say
+# A service without an interval may take a whole claim batch in one claim (one statement
+# fills its slots over users in the fair order, 0014), and its lane may hold that many.
 LANE_IDLE_SECONDS = 60.0  # a lane unused this long is closed
 
 
@@ -325,8 +327,8 @@ class Dispatcher:
         conn = await self._conn("_claim_conn")
         t0 = time.perf_counter()
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(query("claim_v2"), (self.id, n, self.lease_seconds, None, LANE_DEPTH,
-                                              None, full or []))
+        await cur.execute(query("claim_v2"), (self.id, n, self.lease_seconds, None,
+                                              max(LANE_DEPTH, n), None, full or []))
         rows = await cur.fetchall()
         m1 = time.monotonic()
         elapsed = time.perf_counter() - t0
@@ -397,9 +399,10 @@ class Dispatcher:
         lane = self._lanes.get(service.service_id)
         if lane is None:
             connections = service.settings.get("max_connections", 1)
-            lane = Lane(service.service_id, self._intervals.get(service.service_id, 0.0),
+            interval = self._intervals.get(service.service_id, 0.0)
+            lane = Lane(service.service_id, interval,
                         connections if isinstance(connections, int) and connections > 0 else 1,
-                        LANE_DEPTH)
+                        LANE_DEPTH if interval > 0 else max(LANE_DEPTH, self.batch_size))
 
             async def send(item: QueuedSend) -> None:
                 await self._send(item.claimed, self._services[service.service_id][1],
