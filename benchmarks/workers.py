@@ -24,9 +24,9 @@ from typing import Any
 
 import psycopg
 
-from edm_sched.dispatcher import LANE_DEPTH
+from edm_sched.dispatcher import slots_per_service
 
-# The dispatcher's claim: per-service slots as run_dispatcher() asks (max(LANE_DEPTH, batch)).
+# The dispatcher's claim: per-service slots as run_dispatcher() asks (slots_per_service).
 CLAIM_SQL = "SELECT subtask_id FROM edm.claim_v2(%s, %s, %s, NULL, %s, NULL, '{}')"
 COMPLETE_SQL = ("SELECT count(*) FILTER (WHERE accepted) FROM edm.complete(%s, %s, %s, NULL, "
                 "NULL, NULL, NULL, NULL)")
@@ -53,7 +53,7 @@ def raw_worker(dsn: str, owner: str, mode: str, batch: int, start_at: float, sto
             if time.time() >= stop_at:
                 break
             ids = [r[0] for r in conn.execute(CLAIM_SQL, (owner, batch, lease_seconds,
-                                                          max(LANE_DEPTH, batch)))]
+                                                          slots_per_service(batch)))]
             t1 = time.perf_counter()
             if mode == "cycle" and ids:
                 conn.execute(COMPLETE_SQL, (owner, ids, ["sent"] * len(ids)))
