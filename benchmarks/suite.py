@@ -191,8 +191,8 @@ def throughput_suite(dsn: str, *, processes: tuple[int, ...] = (1, 2, 4), second
                                 batch=dispatcher_batch) for p in processes]
     cpus = common.machine()["cpus"] or 0
     common.print_table(
-        f"Raw SQL workers (edm.claim batch {batch}; cycle = claim + complete), {seconds:.0f} s "
-        "windows",
+        f"Raw SQL workers (edm.claim_v2 batch {batch}, slots per service as the dispatcher; "
+        f"cycle = claim + complete), {seconds:.0f} s windows",
         ["processes", "claims/s", "cycles/s", "claim call p50 ms", "claim call p99 ms",
          "per subtask p50 ms", "complete call p50 ms", "mean batch"],
         [[f"{c['processes']}" + (" (oversubscribed)" if c["processes"] > cpus else ""),

@@ -1,8 +1,10 @@
 """Worker processes of the benchmarks, started with the ``spawn`` context.
 
-* :func:`raw_worker` — the scheduler's pure database cost: a loop of
-  ``edm.claim(batch)`` (``mode="claim"``) or ``edm.claim(batch)`` followed by
+* :func:`raw_worker` — the scheduler's pure database cost: a loop of the
+  dispatcher's claim, ``edm.claim_v2(batch)`` with as many slots per service
+  as the dispatcher asks for (``mode="claim"``), or that claim followed by
   ``edm.complete(all 'sent')`` (``mode="cycle"``) on its own connection.
+  (Before 0014 this loop called ``edm.claim``, one slot per service.)
 * :func:`dispatcher_worker` — the product: ``run_dispatcher()`` with a
   ``NullTransport``.
 
@@ -22,7 +24,10 @@ from typing import Any
 
 import psycopg
 
-CLAIM_SQL = "SELECT subtask_id FROM edm.claim(%s, %s, %s, NULL)"
+from edm_sched.dispatcher import slots_per_service
+
+# The dispatcher's claim: per-service slots as run_dispatcher() asks (slots_per_service).
+CLAIM_SQL = "SELECT subtask_id FROM edm.claim_v2(%s, %s, %s, NULL, %s, NULL, '{}')"
 COMPLETE_SQL = ("SELECT count(*) FILTER (WHERE accepted) FROM edm.complete(%s, %s, %s, NULL, "
                 "NULL, NULL, NULL, NULL)")
 LATENCY_SAMPLES = 200_000
@@ -47,7 +52,8 @@ def raw_worker(dsn: str, owner: str, mode: str, batch: int, start_at: float, sto
             t0 = time.perf_counter()
             if time.time() >= stop_at:
                 break
-            ids = [r[0] for r in conn.execute(CLAIM_SQL, (owner, batch, lease_seconds))]
+            ids = [r[0] for r in conn.execute(CLAIM_SQL, (owner, batch, lease_seconds,
+                                                          slots_per_service(batch)))]
             t1 = time.perf_counter()
             if mode == "cycle" and ids:
                 conn.execute(COMPLETE_SQL, (owner, ids, ["sent"] * len(ids)))

@@ -82,9 +82,20 @@ log = logging.getLogger("edm_sched.dispatcher")
 MAX_IDLE = 5.0  # upper bound on one sleep; NOTIFY and next_wakeup normally end it sooner
 COMPLETE_BATCH = 500
 SERVICE_CACHE_SECONDS = 30.0
-LANE_DEPTH = 4  # sends a service's lane may hold (queued or running) unless its settings say
+LANE_DEPTH = 4  # sends a paced service's lane may hold (queued or running) unless its settings say
+# A service without an interval may take this many slots per connection in one claim (one
+# statement fills them over users in the fair order, 0014), and its lane may hold that many:
+# enough to spread a claim's cost over few services, few enough that a slow provider's
+# queue stays well inside the lease.
+BATCH_LANE_DEPTH = 16
 LANE_IDLE_SECONDS = 60.0  # a lane unused this long is closed
 PACE_REPORT_AFTER = 0.005  # seconds behind its slots before a lane reports its pace
+
+
+def slots_per_service(n: int) -> int:
+    """Most slots one claim of ``n`` subtasks may give a single service (edm.claim_v2's
+    ``p_per_service``): a paced service only gets those within the lookahead anyway."""
+    return max(LANE_DEPTH, min(n, BATCH_LANE_DEPTH))
 
 
 @dataclass
@@ -394,8 +405,8 @@ class Dispatcher:
         conn = await self._conn("_claim_conn")
         t0 = time.perf_counter()
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(query("claim_v2"), (self.id, n, self.lease_seconds, None, LANE_DEPTH,
-                                              None, full or []))
+        await cur.execute(query("claim_v2"), (self.id, n, self.lease_seconds, None,
+                                              slots_per_service(n), None, full or []))
         rows = await cur.fetchall()
         m1 = time.monotonic()
         elapsed = time.perf_counter() - t0
@@ -487,9 +498,11 @@ class Dispatcher:
         lane = self._lanes.get(service.service_id)
         if lane is None:
             connections = service.settings.get("max_connections", 1)
-            lane = Lane(service.service_id, self._intervals.get(service.service_id, 0.0),
-                        connections if isinstance(connections, int) and connections > 0 else 1,
-                        LANE_DEPTH)
+            interval = self._intervals.get(service.service_id, 0.0)
+            connections_n = connections if isinstance(connections, int) and connections > 0 else 1
+            lane = Lane(service.service_id, interval, connections_n,
+                        LANE_DEPTH if interval > 0
+                        else max(LANE_DEPTH, BATCH_LANE_DEPTH * connections_n))
 
             async def send(item: QueuedSend) -> None:
                 await self._send(item.claimed, self._services[service.service_id][1],

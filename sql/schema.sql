@@ -38,6 +38,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('10', 'adoption', 'c230948f6d9d555e29183dad1faec2ce04b1f405a5be3d0354b178e9bc9ba17e'),
   ('11', 'jobs_security', 'ef1677dd93d453d5c66404b1d3798c92c0f1e66a0cdf7087aa960c44a23fb46c'),
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
+  ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -1861,6 +1862,12 @@ DECLARE
   v_slot  timestamptz;
   v_k     integer;
   v_hold  interval := make_interval(secs => edm.config_int('queue.service_hold_seconds'));
+  -- a batched fill (0014): how many slots to take at once, and what it found
+  v_want  integer;
+  b_user  text[];
+  b_task  bigint[];
+  b_sub   bigint[];
+  i       integer;
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -1959,11 +1966,101 @@ BEGIN
                       WHERE u.user_id = ANY (v_pool) AND u.claimable_tasks > 0
                       ORDER BY u.last_served_seq, u.user_id);
     END IF;
+    -- Batched fill (0014): a service without extra limits whose next slots
+    -- within the horizon are known in advance (all at v_slot when it has no
+    -- interval, one interval apart otherwise) takes them in ONE statement:
+    -- the next v_want users of the list below (the pool in rotation order,
+    -- or the locked rotation head) who may use it, in that order, each with
+    -- its best task and that task's due retry or else its lowest pending
+    -- subtask. These are the lookups of the loop below, made for several
+    -- users at once; the longest prefix of users who each got a subtask is
+    -- exactly what the loop would have chosen slot by slot. What is left (a
+    -- user whose best task had nothing claimable, the walk past the head,
+    -- the wrap-around to users served in this call) is the loop's.
+    IF NOT v_svc.has_limits THEN
+      v_want := least(p_per_service, p_batch - cardinality(c_sub),
+                      v_svc.daily_quota - v_svc.sent_today,
+                      CASE WHEN v_svc.interval_ms > 0
+                           THEN floor(extract(epoch FROM v_horizon - v_slot) * 1000
+                                      / v_svc.interval_ms)::integer + 1
+                           ELSE p_per_service END);
+      IF v_want > 0 THEN
+        SELECT array_agg(b.user_id ORDER BY b.n), array_agg(b.task_id ORDER BY b.n),
+               array_agg(b.sub_id ORDER BY b.n)
+        INTO b_user, b_task, b_sub
+        FROM (
+          SELECT bc.n, bc.user_id, bt.task_id, coalesce(br.sub_id, bf.sub_id) AS sub_id
+          FROM (
+            SELECT c.user_id, c.n
+            FROM unnest(coalesce(v_pool, v_cands)) WITH ORDINALITY AS c(user_id, n)
+            WHERE c.user_id <> ALL (v_skip) AND c.user_id <> ALL (r_users)
+              -- CASE keeps the loop's order: a user is locked only once it fits
+              AND CASE WHEN (
+                SELECT true FROM edm.grants g
+                WHERE g.service_id = v_svc.service_id AND g.user_id = c.user_id
+                  AND NOT EXISTS (
+                    SELECT 1 FROM edm.grants g2
+                    WHERE g2.user_id = c.user_id AND g2.priority > g.priority
+                      AND (SELECT s2.enabled AND s2.next_available_at <= v_horizon
+                                   AND edm.service_sent_today(s2, v_now) < s2.daily_quota
+                                   AND (s2.service_id <> ALL (c_svc)
+                                        OR (s2.interval_ms = 0
+                                            AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                           FROM edm.services s2 WHERE s2.service_id = g2.service_id))
+                LIMIT 1)
+              -- a pool's users are not locked yet: one locked by another
+              -- claim is being served, leave it out
+              THEN v_pool IS NULL
+                   OR coalesce((SELECT true FROM edm.users pu
+                                WHERE pu.user_id = c.user_id AND pu.claimable_tasks > 0
+                                FOR UPDATE OF pu SKIP LOCKED), false)
+              ELSE false END
+            ORDER BY c.n
+            LIMIT v_want) bc
+          LEFT JOIN LATERAL (
+            SELECT bt0.task_id FROM edm.tasks bt0
+            WHERE bt0.user_id = bc.user_id AND bt0.claimable
+            ORDER BY bt0.priority DESC, bt0.last_served_seq, bt0.task_id
+            LIMIT 1
+            FOR UPDATE OF bt0 SKIP LOCKED) bt ON true
+          LEFT JOIN LATERAL (
+            SELECT bs0.subtask_id AS sub_id FROM edm.subtasks bs0
+            WHERE bs0.task_id = bt.task_id AND bs0.status = 'pending'
+              AND bs0.not_before > '-infinity' AND bs0.not_before <= v_now
+              AND bs0.subtask_id <> ALL (c_sub)
+            ORDER BY bs0.not_before, bs0.subtask_id
+            LIMIT 1
+            FOR UPDATE OF bs0 SKIP LOCKED) br ON true
+          -- the fresh lookup runs only for a task without a due retry
+          LEFT JOIN LATERAL (
+            SELECT bs1.subtask_id AS sub_id FROM edm.subtasks bs1
+            WHERE br.sub_id IS NULL
+              AND bs1.task_id = bt.task_id AND bs1.status = 'pending'
+              AND bs1.not_before = '-infinity'
+              AND bs1.subtask_id <> ALL (c_sub)
+            ORDER BY bs1.not_before, bs1.subtask_id
+            LIMIT 1
+            FOR UPDATE OF bs1 SKIP LOCKED) bf ON true) b;
+        FOR i IN 1 .. coalesce(cardinality(b_user), 0) LOOP
+          EXIT WHEN b_sub[i] IS NULL;
+          c_svc := c_svc || v_svc.service_id;
+          c_sub := c_sub || b_sub[i];
+          c_task := c_task || b_task[i];
+          c_user := c_user || b_user[i];
+          c_slot := c_slot || v_slot;
+          r_users := r_users || b_user[i];  -- not served before in this call
+          r_tasks := r_tasks || b_task[i];
+          v_k := v_k + 1;
+          v_slot := v_slot + v_svc.interval_ms * interval '1 millisecond';
+        END LOOP;
+      END IF;
+    END IF;
     -- One iteration per slot: a service whose limits allow several sends
     -- within the horizon (a burst, or no interval) takes up to p_per_service,
     -- each to the next user in the fair order (r_users rotates).
     <<slots>>
     LOOP
+    EXIT slots WHEN v_k >= p_per_service OR cardinality(c_sub) >= p_batch;
     v_sub := NULL;
     IF v_svc.has_limits THEN
       v_slot := edm.limits_next(v_svc.service_id, v_slot, v_svc.quota_tz);

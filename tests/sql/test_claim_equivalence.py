@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 
 from edm_sched import sqlfiles
 from edm_sched.api import Scheduler
-from tests.support.helpers import at, complete, make_service, make_task, reset_database
+from tests.support.claim_worlds import build, services_st, tasks_st, users_st
+from tests.support.helpers import at, complete, reset_database
 
 # Property-based runs of the claim on many generated worlds: the slow lane.
 pytestmark = pytest.mark.slow
@@ -57,32 +58,9 @@ def ref_conn(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]
     yield conn
 
 
-users_st = st.integers(min_value=1, max_value=5)
-services_st = st.lists(
-    st.tuples(st.sampled_from([0.0, 1.0, 2.0]),          # interval, seconds
-              st.sets(st.integers(0, 4), max_size=5),     # grantees (user indexes)
-              st.sampled_from([0, 0, 5])),                # grant priority
-    min_size=1, max_size=6)
-tasks_st = st.lists(
-    st.tuples(st.integers(0, 4),                          # owner (user index)
-              st.integers(1, 6),                          # recipients
-              st.sampled_from([0, 0, 10])),               # task priority
-    min_size=1, max_size=8)
 calls_st = st.lists(st.tuples(st.sampled_from([1, 3, 10]),           # batch
                               st.sampled_from(["sent", "sent", "transient", None])),
                     min_size=5, max_size=25)
-
-
-def build(s: Scheduler, n_users: int, services: list[tuple[float, set[int], int]],
-          tasks: list[tuple[int, int, int]]) -> None:
-    users = [f"u{i}" for i in range(n_users)]
-    for u in users:
-        s.upsert_user(u)
-    for k, (interval, grantees, prio) in enumerate(services):
-        make_service(s, f"s{k}", interval=interval, priority=prio,
-                     users=[users[i] for i in sorted(grantees) if i < n_users])
-    for k, (owner, n, prio) in enumerate(tasks):
-        make_task(s, users[owner % n_users], n, name=f"t{k}", priority=prio)
 
 
 def drive(conn: psycopg.Connection[Any], fn: str,

@@ -399,7 +399,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             # the slot lies within the lookahead; the lease starts at the slot
             assert at(self.now) <= send_at <= at(self.now + lookahead_ms / 1000)
             assert expires - send_at == dt.timedelta(seconds=LEASE)
-            self.held[sid] = Lease(sid, tid, owner, self.now + LEASE, attempt, email)
+            # the lease runs from the slot (an idle paced service's is after a lead)
+            self.held[sid] = Lease(sid, tid, owner, (expires - at(0)).total_seconds(), attempt,
+                                   email)
             self.slots.setdefault(service, []).append(send_at)
         self._sync()
 

@@ -1,0 +1,103 @@
+"""Batched slot fills (0014) decide like the slot-by-slot ``edm.claim_v2`` of 0008.
+
+0014 fills several slots of a service (no interval, or several intervals
+within the lookahead) with one statement: the next users of the rotation
+head or of the service's small pool, each with its best task and that task's
+due retry or else its lowest pending subtask, keeping the longest prefix of
+users that each got a subtask and leaving the rest to 0008's loop. 0008's
+``edm.claim_v2`` is kept here, installed from the migration's own text as
+``edm_ref.claim_v2``, as the oracle: on hypothesis-generated worlds (shared
+and dedicated services with and without intervals, grant tiers, task
+priorities, retries, leases left open) both are driven through the same
+claims and completions with several slots per service and a controlled
+clock, and must return the same subtasks, services, users, tasks and slots,
+in the same order, call by call — once with every service on the
+rotation-head lookup and once with every service on its small pool.
+(``tests/sql/test_claim_equivalence.py`` does the same for one slot per service
+against 0002.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edm_sched import sqlfiles
+from edm_sched.api import Scheduler
+from tests.support.claim_worlds import build, services_st, tasks_st, users_st
+from tests.support.helpers import at, complete, reset_database
+
+Call = list[tuple[Any, ...]]
+
+
+def slot_by_slot_claim_sql() -> str:
+    """0008's ``edm.claim_v2``, renamed to ``edm_ref.claim_v2``."""
+    text = next(m for m in sqlfiles.migrations() if m.version == 8).sql
+    found = re.search(r"CREATE FUNCTION edm\.claim_v2\(.*?\n\$\$;", text, re.S)
+    assert found, "0008 no longer defines edm.claim_v2: update this oracle"
+    return found.group(0).replace("CREATE FUNCTION edm.claim_v2(",
+                                  "CREATE OR REPLACE FUNCTION edm_ref.claim_v2(", 1)
+
+
+@pytest.fixture
+def ref_conn(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]:
+    conn.execute("CREATE SCHEMA IF NOT EXISTS edm_ref")
+    conn.execute(slot_by_slot_claim_sql())
+    yield conn
+
+
+calls_st = st.lists(st.tuples(st.sampled_from([1, 3, 10]),           # batch
+                              st.sampled_from([2, 4, 7]),             # slots per service
+                              st.sampled_from([0, 250, 2500]),        # lookahead, ms
+                              st.sampled_from(["sent", "sent", "transient", None])),
+                    min_size=5, max_size=20)
+
+
+def drive(conn: psycopg.Connection[Any], fn: str,
+          calls: list[tuple[int, int, int, str | None]]) -> list[Call]:
+    """Claims every 0.5 s; what each claimed is then reported (or left leased when None)."""
+    out: list[Call] = []
+    for i, (batch, per_service, lookahead, outcome) in enumerate(calls):
+        when: dt.datetime = at(0.5 * i)
+        rows = conn.execute(f"SELECT subtask_id, service_id, user_id, task_id, attempt, send_at"
+                            f" FROM {fn}('d1', %s, 600, %s, %s, %s, '{{}}')",
+                            (batch, when, per_service, lookahead)).fetchall()
+        out.append(rows)
+        if rows and outcome is not None:
+            complete(conn, when, [r[0] for r in rows], outcome,
+                     code=451 if outcome == "transient" else 250)
+    return out
+
+
+@pytest.mark.parametrize("small_pool", [0, 10_000], ids=["rotation-head", "grants"])
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(n_users=users_st, services=services_st, tasks=tasks_st, calls=calls_st)
+def test_batched_fill_decides_like_the_slot_by_slot_claim(
+        ref_conn: psycopg.Connection[Any], dsn: str, small_pool: int, n_users: int,
+        services: list[tuple[float, set[int], int]], tasks: list[tuple[int, int, int]],
+        calls: list[tuple[int, int, int, str | None]]) -> None:
+    conn = ref_conn
+    reset_database(conn)
+    conn.execute("SELECT edm.config_set('queue.small_pool_grantees', %s::jsonb)",
+                 (str(small_pool),))
+    with Scheduler(dsn) as s:
+        build(s, n_users, services, tasks)
+    conn.autocommit = False
+    try:
+        conn.execute("SAVEPOINT world")
+        expected = drive(conn, "edm_ref.claim_v2", calls)
+        conn.execute("ROLLBACK TO SAVEPOINT world")
+        got = drive(conn, "edm.claim_v2", calls)
+    finally:
+        conn.rollback()
+        conn.autocommit = True
+    for i, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert have == want, f"call {i}: slot by slot claimed {want}, batched claimed {have}"

@@ -1,0 +1,31 @@
+"""Small random worlds for the claim equivalence tests: users, services with grants, tasks."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from edm_sched.api import Scheduler
+from tests.support.helpers import make_service, make_task
+
+users_st = st.integers(min_value=1, max_value=5)
+services_st = st.lists(
+    st.tuples(st.sampled_from([0.0, 1.0, 2.0]),          # interval, seconds
+              st.sets(st.integers(0, 4), max_size=5),     # grantees (user indexes)
+              st.sampled_from([0, 0, 5])),                # grant priority
+    min_size=1, max_size=6)
+tasks_st = st.lists(
+    st.tuples(st.integers(0, 4),                          # owner (user index)
+              st.integers(1, 6),                          # recipients
+              st.sampled_from([0, 0, 10])),               # task priority
+    min_size=1, max_size=8)
+
+def build(s: Scheduler, n_users: int, services: list[tuple[float, set[int], int]],
+          tasks: list[tuple[int, int, int]]) -> None:
+    users = [f"u{i}" for i in range(n_users)]
+    for u in users:
+        s.upsert_user(u)
+    for k, (interval, grantees, prio) in enumerate(services):
+        make_service(s, f"s{k}", interval=interval, priority=prio,
+                     users=[users[i] for i in sorted(grantees) if i < n_users])
+    for k, (owner, n, prio) in enumerate(tasks):
+        make_task(s, users[owner % n_users], n, name=f"t{k}", priority=prio)
