@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import psycopg
@@ -11,16 +10,7 @@ import psycopg
 from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.transports.null import NullTransport
-from tests.support.helpers import counters_match
-
-
-def _wait_for(pred: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
+from tests.support.helpers import counters_match, wait_for
 
 
 def test_dispatcher_sends_everything_and_stops(dsn: str, conn: psycopg.Connection[Any]) -> None:
@@ -48,7 +38,7 @@ def test_dispatcher_sends_everything_and_stops(dsn: str, conn: psycopg.Connectio
             dsn, transport, stop_event=stop, handle_signals=False)))
         th.start()
         try:
-            _wait_for(lambda: s.task(t1.task_id).status == "completed"
+            wait_for(lambda: s.task(t1.task_id).status == "completed"
                       and s.task(t2.task_id).status == "completed")
         finally:
             stop.set()
@@ -83,7 +73,7 @@ def test_render_error_fails_only_that_recipient(dsn: str) -> None:
                               kwargs={"stop_event": stop, "handle_signals": False})
         th.start()
         try:
-            _wait_for(lambda: s.task(t.task_id).status == "completed")
+            wait_for(lambda: s.task(t.task_id).status == "completed")
         finally:
             stop.set()
             th.join(30)

@@ -14,24 +14,17 @@ import asyncio
 import itertools
 import threading
 import time
-from typing import Any
 
 from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.lanes import Lane, QueuedSend
 from edm_sched.rendering import RenderContext, Rendered, RenderError, default_renderer
 from edm_sched.transports.null import NullTransport
+from tests.support.helpers import wait_for
 
 HEAVY_SECONDS = 1.0
 
 
-def _wait_for(pred: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def renderer(ctx: RenderContext) -> Rendered:
@@ -67,9 +60,9 @@ def test_a_slow_renderer_delays_only_its_own_service(dsn: str) -> None:
                                       "renderer": renderer})
         th.start()
         try:
-            _wait_for(lambda: s.task(light.task_id).status == "completed")
+            wait_for(timeout=60.0, pred=lambda: s.task(light.task_id).status == "completed")
             light_done = time.monotonic()
-            _wait_for(lambda: s.task(heavy.task_id).status == "completed")
+            wait_for(timeout=60.0, pred=lambda: s.task(heavy.task_id).status == "completed")
         finally:
             stop.set()
             th.join(30)

@@ -20,7 +20,6 @@ against 0002.)
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,27 +28,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edm_sched import sqlfiles
 from edm_sched.api import Scheduler
-from tests.support.claim_worlds import build, services_st, tasks_st, users_st
+from tests.support.claim_worlds import (
+    build,
+    reference_function_sql,
+    services_st,
+    tasks_st,
+    users_st,
+)
 from tests.support.helpers import at, complete, reset_database
 
 Call = list[tuple[Any, ...]]
 
 
-def slot_by_slot_claim_sql() -> str:
-    """0008's ``edm.claim_v2``, renamed to ``edm_ref.claim_v2``."""
-    text = next(m for m in sqlfiles.migrations() if m.version == 8).sql
-    found = re.search(r"CREATE FUNCTION edm\.claim_v2\(.*?\n\$\$;", text, re.S)
-    assert found, "0008 no longer defines edm.claim_v2: update this oracle"
-    return found.group(0).replace("CREATE FUNCTION edm.claim_v2(",
-                                  "CREATE OR REPLACE FUNCTION edm_ref.claim_v2(", 1)
-
-
 @pytest.fixture
 def ref_conn(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]:
     conn.execute("CREATE SCHEMA IF NOT EXISTS edm_ref")
-    conn.execute(slot_by_slot_claim_sql())
+    conn.execute(reference_function_sql(8, "claim_v2"))
     yield conn
 
 

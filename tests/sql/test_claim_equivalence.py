@@ -22,7 +22,6 @@ is not rolled back, but only the order of its values matters to the claim.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,9 +30,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edm_sched import sqlfiles
 from edm_sched.api import Scheduler
-from tests.support.claim_worlds import build, services_st, tasks_st, users_st
+from tests.support.claim_worlds import (
+    build,
+    reference_function_sql,
+    services_st,
+    tasks_st,
+    users_st,
+)
 from tests.support.helpers import at, complete, reset_database
 
 # Property-based runs of the claim on many generated worlds: the slow lane.
@@ -42,19 +46,10 @@ pytestmark = pytest.mark.slow
 Call = list[tuple[Any, ...]]
 
 
-def reference_claim_sql() -> str:
-    """0002's ``edm.claim``, renamed to ``edm_ref.claim``."""
-    text = next(m for m in sqlfiles.migrations() if m.version == 2).sql
-    found = re.search(r"CREATE FUNCTION edm\.claim\(.*?\n\$\$;", text, re.S)
-    assert found, "0002 no longer defines edm.claim: update this oracle"
-    return found.group(0).replace("CREATE FUNCTION edm.claim(",
-                                  "CREATE OR REPLACE FUNCTION edm_ref.claim(", 1)
-
-
 @pytest.fixture
 def ref_conn(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]]:
     conn.execute("CREATE SCHEMA IF NOT EXISTS edm_ref")
-    conn.execute(reference_claim_sql())
+    conn.execute(reference_function_sql(2, "claim"))
     yield conn
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import strategies as st
 
+from edm_sched import sqlfiles
 from edm_sched.api import Scheduler
 from tests.support.helpers import make_service, make_task
 
@@ -29,3 +32,13 @@ def build(s: Scheduler, n_users: int, services: list[tuple[float, set[int], int]
                      users=[users[i] for i in sorted(grantees) if i < n_users])
     for k, (owner, n, prio) in enumerate(tasks):
         make_task(s, users[owner % n_users], n, name=f"t{k}", priority=prio)
+
+
+def reference_function_sql(version: int, name: str) -> str:
+    """Migration ``version``'s ``edm.<name>`` as ``edm_ref.<name>``: the oracle an
+    equivalence test compares the installed function with."""
+    text = next(m for m in sqlfiles.migrations() if m.version == version).sql
+    found = re.search(rf"CREATE FUNCTION edm\.{name}\(.*?\n\$\$;", text, re.S)
+    assert found, f"migration {version:04d} no longer defines edm.{name}: update this oracle"
+    return found.group(0).replace(f"CREATE FUNCTION edm.{name}(",
+                                  f"CREATE OR REPLACE FUNCTION edm_ref.{name}(", 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import psycopg
@@ -114,3 +115,13 @@ def fingerprint(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
         """).fetchone()
     assert row is not None
     return tuple(row)
+
+
+def wait_for(pred: Any, timeout: float = 30.0) -> None:
+    """Poll ``pred`` every 50 ms until it holds; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
