@@ -219,6 +219,7 @@ class Dispatcher:
         self.config: dict[str, Any] = {}
         self.stats = DispatcherStats(self.id)
         self._lanes: dict[int, Lane] = {}
+        self._released: set[int] = set()  # services whose idle holds were released
         self._results: asyncio.Queue[tuple[Claimed, SendResult]] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -345,6 +346,7 @@ class Dispatcher:
             # queued for their slots; a full lane's service is not claimed for.
             free = 2 * self.concurrency - self._load()
             if free <= 0:
+                await self._release_idle_holds()
                 self._slot_freed.clear()
                 await self._wait(self._slot_freed, MAX_IDLE)
                 continue
@@ -387,6 +389,20 @@ class Dispatcher:
     async def _wait(self, event: asyncio.Event, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
+
+    async def _release_idle_holds(self) -> None:
+        """No room to claim: services whose lanes ran empty are released at once rather than
+        held idle until their holds end (another dispatcher may send for them now)."""
+        idle = sorted(sid for sid, lane in self._lanes.items()
+                      if lane.load == 0 and sid not in self._released)
+        if not idle:
+            return
+        try:
+            conn = await self._conn("_claim_conn")
+            await conn.execute(query("release_idle_holds"), (self.id, idle))
+        except psycopg.OperationalError:
+            return  # the holds end by themselves
+        self._released.update(idle)
 
     async def _report_pace(self) -> None:
         """Lanes of paced services running late tell the database when their next send can
@@ -452,6 +468,7 @@ class Dispatcher:
             # worker thread (_prepare): a heavy one never stalls other lanes.
             template = self._templates.get(row.task_id, {}).get(row.template_idx)
             variables = {**contacts.get(row.contact_id or 0, {}), **(row.vars or {})}
+            self._released.discard(service.service_id)
             self._lane(service).put(
                 QueuedSend(row, None, row.slot, row.lease_deadline,
                            context=(service, template, variables)))

@@ -432,3 +432,7 @@ SELECT edm.reputation_resume_user(%s, %s)
 -- report_pace --
 -- Lanes running late: the next slot of each service moves to when its next send can start.
 SELECT edm.report_pace(%s, %s, %s)
+
+-- release_idle_holds --
+-- Services whose lanes ran empty while this dispatcher has no room to claim: others may take them.
+SELECT edm.release_holds(%s, %s)

@@ -45,7 +45,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
   ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),
   ('7', 'claim_performance', 'b784140bfb7b7d14ef601d1808000dfce531fb0ef3a26ab289a4d427a3201ade'),
-  ('8', 'limits_and_slots', '8898df7b3eab4eb31276ddbafd6219eb1872325b9f3ab4ed0de09ae7f59f689b'),
+  ('8', 'limits_and_slots', '3a44c8f5f0d00d6e43511cb8f80e92ea8b78506d2543b53eae2839b111eaa48a'),
   ('9', 'deliverability', 'cbc882eb56054a6406386d0f1d6bb0ccf792573c4745f281572d929d150a7c13');
 
 -- ==========================================================================
@@ -5244,7 +5244,7 @@ $function$;
 COMMENT ON FUNCTION edm.record_feedback(text,text,text,text,text,text,text,timestamp with time zone,timestamp with time zone) IS 'Records one delivery event (hard_bounce, soft_bounce, complaint, unsubscribe, delivered) for the subtask its edm-sched Message-ID names, keeping the raw source. A hard bounce suppresses the address for everyone; a complaint suppresses it for the task''s user and unsubscribes the contact; an unsubscribe runs edm.unsubscribe; each cancels the pending subtasks it concerns. An unknown Message-ID is recorded when a recipient is given (a hard bounce still suppresses), else refused (ED001). A repeated (source, event_key) is recorded once (duplicate = true).';
 REVOKE ALL ON FUNCTION edm.record_feedback(text,text,text,text,text,text,text,timestamp with time zone,timestamp with time zone) FROM PUBLIC;
 
-CREATE FUNCTION edm.release_holds(p_owner text)
+CREATE FUNCTION edm.release_holds(p_owner text, p_service_ids bigint[] DEFAULT NULL::bigint[])
  RETURNS integer
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -5255,13 +5255,14 @@ DECLARE
 BEGIN
   UPDATE edm.services s SET held_by = NULL, held_until = NULL
   WHERE s.service_id IN (SELECT x.service_id FROM edm.services x WHERE x.held_by = p_owner
+                           AND (p_service_ids IS NULL OR x.service_id = ANY (p_service_ids))
                          ORDER BY x.service_id FOR NO KEY UPDATE);
   GET DIAGNOSTICS v_n = ROW_COUNT;
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.release_holds(text) IS 'Ends every hold of dispatcher p_owner on services (at shutdown), so others may claim them at once. Returns how many were released.';
-REVOKE ALL ON FUNCTION edm.release_holds(text) FROM PUBLIC;
+COMMENT ON FUNCTION edm.release_holds(text,bigint[]) IS 'Ends the holds of dispatcher p_owner on services p_service_ids (default: all of them, at shutdown), so others may claim them at once: a dispatcher releases the services whose lanes ran empty while it has no room to claim. Returns how many were released.';
+REVOKE ALL ON FUNCTION edm.release_holds(text,bigint[]) FROM PUBLIC;
 
 CREATE FUNCTION edm.renew_leases(p_owner text, p_subtask_ids bigint[], p_lease_seconds integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(subtask_id bigint, lease_expires_at timestamp with time zone)

@@ -1098,7 +1098,7 @@ $$;
 COMMENT ON FUNCTION edm.renew_leases(text, bigint[], integer, timestamptz) IS
   'Keeps leases alive while their sends wait on a slow provider: extends each of p_owner''s live leases among p_subtask_ids to now + p_lease_seconds (default queue.service_reservation_timeout), and p_owner''s holds of their services to now + queue.service_hold_seconds. Returns the leases still held with their new expiry; a lease that already expired is not revived (nothing may be sent on it).';
 
-CREATE FUNCTION edm.release_holds(p_owner text)
+CREATE FUNCTION edm.release_holds(p_owner text, p_service_ids bigint[] DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql
 AS $$
@@ -1107,13 +1107,14 @@ DECLARE
 BEGIN
   UPDATE edm.services s SET held_by = NULL, held_until = NULL
   WHERE s.service_id IN (SELECT x.service_id FROM edm.services x WHERE x.held_by = p_owner
+                           AND (p_service_ids IS NULL OR x.service_id = ANY (p_service_ids))
                          ORDER BY x.service_id FOR NO KEY UPDATE);
   GET DIAGNOSTICS v_n = ROW_COUNT;
   RETURN v_n;
 END;
 $$;
-COMMENT ON FUNCTION edm.release_holds(text) IS
-  'Ends every hold of dispatcher p_owner on services (at shutdown), so others may claim them at once. Returns how many were released.';
+COMMENT ON FUNCTION edm.release_holds(text, bigint[]) IS
+  'Ends the holds of dispatcher p_owner on services p_service_ids (default: all of them, at shutdown), so others may claim them at once: a dispatcher releases the services whose lanes ran empty while it has no room to claim. Returns how many were released.';
 
 CREATE FUNCTION edm.report_pace(p_owner text, p_service_ids bigint[], p_next_starts timestamptz[])
 RETURNS integer
