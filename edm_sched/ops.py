@@ -133,9 +133,9 @@ def create_service(spec: ServiceSpec | Mapping[str, Any]) -> Op[int]:
 
 def set_service_limits(service_id: int,
                        limits: Iterable[ServiceLimit | Mapping[str, Any]]) -> Op[int]:
+    # The shape of each limit is checked here for a clear message; uniqueness of the
+    # names, like every rule across limits, is edm.set_service_limits' (ED005).
     checked = [validate(ServiceLimit, lim) for lim in limits]
-    if len({lim.name for lim in checked}) != len(checked):
-        raise errors.InvalidInput("limit names must be unique per service")
     return int((yield from _scalar(query("set_service_limits"), (
         check_id(service_id, "service_id"), Jsonb([lim.as_sql() for lim in checked])))))
 

@@ -398,7 +398,7 @@ SELECT to_regprocedure('edm.harden_functions()') IS NOT NULL
 
 -- migration_harden --
 -- Re-apply SECURITY DEFINER, the pinned search_path and the PUBLIC revoke to every writing
--- function (CREATE OR REPLACE FUNCTION drops them); run after each migration.
+-- function (replacing a function loses them); run after each migration.
 SELECT edm.harden_functions()
 
 -- unsubscribe --

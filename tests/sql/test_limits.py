@@ -243,3 +243,13 @@ def test_report_pace_moves_the_holders_next_slot_later_only(
     conn.execute("SELECT edm.report_pace('d1', %s, %s)", ([sid], [at(2.4)]))
     assert claim2(conn, at(2), owner="d1", lookahead_ms=100) == []  # next slot is 2.4 now
     assert claim2(conn, at(2.3), owner="d1", lookahead_ms=100)[0]["send_at"] == at(2.4)
+
+
+def test_limit_names_are_unique_per_service(sched: Scheduler) -> None:
+    from edm_sched import errors
+
+    sid = make_service(sched, "dup", interval=0)
+    limit = {"name": "r", "kind": "rate", "max_count": 1, "window_seconds": 1}
+    with pytest.raises(errors.InvalidInput, match="unique"):
+        sched.set_service_limits(sid, [limit, limit])
+    assert [lim.limit_name for lim in sched.service_limits(sid)] == ["daily_quota"]
