@@ -39,6 +39,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('11', 'jobs_security', 'ef1677dd93d453d5c66404b1d3798c92c0f1e66a0cdf7087aa960c44a23fb46c'),
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
+  ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -4663,7 +4664,7 @@ DECLARE
     'job_claim', 'job_fire', 'job_finish', 'job_progress', 'job_schedule_retry',
     'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
     'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace'];
-  v_app_fns text[] := ARRAY['headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
+  v_app_fns text[] := ARRAY['set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
     'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
     'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',
     'add_suppression', 'remove_suppression', 'create_task_from_staged', 'create_task_from_rule',
@@ -4672,7 +4673,7 @@ DECLARE
     'rule_matches', 'service_sent_today', 'service_is_ready',
     'job_create', 'job_update', 'job_delete', 'job_trigger', 'job_pause', 'job_resume',
     'job_stop', 'job_cancel_execution', 'job_validate', 'set_service_limits'];
-  v_monitor_fns text[] := ARRAY['reputation_rates', 'task_wait_reason', 'service_sent_today', 'service_is_ready'];
+  v_monitor_fns text[] := ARRAY['suspended_sites', 'site_of', 'email_domain', 'reputation_rates', 'task_wait_reason', 'service_sent_today', 'service_is_ready'];
 BEGIN
   FOREACH v_role IN ARRAY ARRAY[p_dispatcher, p_app, p_monitor] LOOP
     IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = v_role) THEN
@@ -4692,7 +4693,7 @@ BEGIN
 
   -- Host application: everything through functions; read its objects.
   EXECUTE format('GRANT SELECT ON edm.users, edm.services, edm.grants, edm.tasks, edm.templates, '
-                 'edm.config, edm.task_progress, edm.reputation_status, edm.feedback_events, edm.service_status, edm.system_health, '
+                 'edm.config, edm.task_progress, edm.sites, edm.site_domains, edm.site_suspensions, edm.reputation_status, edm.feedback_events, edm.service_status, edm.system_health, '
                  'edm.task_wait_reasons, edm.alerts, edm.jobs, edm.job_executions, '
                  'edm.jobs_overview, edm.service_limits, edm.service_limit_status, '
                  'edm.possible_duplicates TO %I', p_app);
@@ -4814,6 +4815,155 @@ COMMENT ON COLUMN edm.service_limits.bucket_n IS 'rolling state: sends slotted i
 COMMENT ON COLUMN edm.service_limits.day IS 'calendar_day state: the local date day_count counts.';
 COMMENT ON COLUMN edm.service_limits.day_count IS 'calendar_day state: sends slotted on day.';
 COMMENT ON COLUMN edm.service_limits.created_at IS 'When the limit was set.';
+
+CREATE TABLE edm.sites (
+  site text NOT NULL,
+  description text DEFAULT ''::text NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT sites_pkey PRIMARY KEY (site),
+  CONSTRAINT sites_description_check CHECK ((length(description) <= 500)),
+  CONSTRAINT sites_site_check CHECK ((site ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'::text))
+);
+COMMENT ON TABLE edm.sites IS 'Destination sites: a receiving mail system that throttles as one (google, microsoft, yahoo...). Recipient domains map to sites in edm.site_domains; limits and suspensions are set per site. See docs/explanation/traffic-shaping.md.';
+COMMENT ON COLUMN edm.sites.site IS 'Name of the site (lower case letters, digits, _ . -; at most 64).';
+COMMENT ON COLUMN edm.sites.description IS 'Free text: whose mail system this is.';
+COMMENT ON COLUMN edm.sites.created_at IS 'When the site was defined.';
+INSERT INTO edm.sites (site, description) VALUES
+  ('apple', 'iCloud Mail'),
+  ('comcast', 'Comcast Xfinity'),
+  ('gmx', 'GMX and WEB.DE (United Internet)'),
+  ('google', 'Gmail and Google Workspace'),
+  ('mailru', 'Mail.ru Group'),
+  ('microsoft', 'Outlook.com, Hotmail, Live, MSN and Microsoft 365'),
+  ('netease', 'NetEase (163, 126, yeah.net)'),
+  ('qq', 'Tencent QQ Mail'),
+  ('yahoo', 'Yahoo Mail and AOL');
+
+CREATE TABLE edm.site_domains (
+  domain text NOT NULL,
+  site text NOT NULL,
+  source text DEFAULT 'admin'::text NOT NULL,
+  resolved_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT site_domains_pkey PRIMARY KEY (domain),
+  CONSTRAINT site_domains_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT site_domains_domain_check CHECK (((domain = lower(domain)) AND ((length(domain) >= 1) AND (length(domain) <= 253)) AND (domain !~ '[[:space:][:cntrl:]@]'::text))),
+  CONSTRAINT site_domains_source_check CHECK ((source = ANY (ARRAY['shipped'::text, 'admin'::text, 'resolved'::text])))
+);
+COMMENT ON TABLE edm.site_domains IS 'Which site a recipient domain belongs to. shipped rows come with edm-sched, admin rows are set by the host or a DBA (edm.set_site_domains), resolved rows were answered by the host''s resolver hook for a domain not mapped before (edm.cache_site_domains). A domain not listed has no site.';
+COMMENT ON COLUMN edm.site_domains.domain IS 'Recipient domain, lower case, exactly as after the @ (subdomains are separate domains).';
+COMMENT ON COLUMN edm.site_domains.site IS 'Site the domain belongs to.';
+COMMENT ON COLUMN edm.site_domains.source IS 'shipped (a default of edm-sched), admin (set by the host or a DBA) or resolved (cached answer of the host''s resolver hook).';
+COMMENT ON COLUMN edm.site_domains.resolved_at IS 'When the mapping was set or last resolved (a host may re-resolve old resolved rows).';
+CREATE INDEX site_domains_site_idx ON edm.site_domains USING btree (site);
+COMMENT ON INDEX edm.site_domains_site_idx IS 'The domains of a site (listing a site, and the ON DELETE CASCADE from edm.sites).';
+INSERT INTO edm.site_domains (domain, site, source) VALUES
+  ('126.com', 'netease', 'shipped'),
+  ('163.com', 'netease', 'shipped'),
+  ('188.com', 'netease', 'shipped'),
+  ('aim.com', 'yahoo', 'shipped'),
+  ('aol.com', 'yahoo', 'shipped'),
+  ('bk.ru', 'mailru', 'shipped'),
+  ('comcast.net', 'comcast', 'shipped'),
+  ('foxmail.com', 'qq', 'shipped'),
+  ('gmail.com', 'google', 'shipped'),
+  ('gmx.at', 'gmx', 'shipped'),
+  ('gmx.ch', 'gmx', 'shipped'),
+  ('gmx.com', 'gmx', 'shipped'),
+  ('gmx.de', 'gmx', 'shipped'),
+  ('gmx.net', 'gmx', 'shipped'),
+  ('googlemail.com', 'google', 'shipped'),
+  ('hotmail.co.uk', 'microsoft', 'shipped'),
+  ('hotmail.com', 'microsoft', 'shipped'),
+  ('hotmail.de', 'microsoft', 'shipped'),
+  ('hotmail.es', 'microsoft', 'shipped'),
+  ('hotmail.fr', 'microsoft', 'shipped'),
+  ('hotmail.it', 'microsoft', 'shipped'),
+  ('icloud.com', 'apple', 'shipped'),
+  ('inbox.ru', 'mailru', 'shipped'),
+  ('internet.ru', 'mailru', 'shipped'),
+  ('list.ru', 'mailru', 'shipped'),
+  ('live.co.uk', 'microsoft', 'shipped'),
+  ('live.com', 'microsoft', 'shipped'),
+  ('live.fr', 'microsoft', 'shipped'),
+  ('mac.com', 'apple', 'shipped'),
+  ('mail.ru', 'mailru', 'shipped'),
+  ('me.com', 'apple', 'shipped'),
+  ('msn.com', 'microsoft', 'shipped'),
+  ('outlook.com', 'microsoft', 'shipped'),
+  ('outlook.de', 'microsoft', 'shipped'),
+  ('outlook.fr', 'microsoft', 'shipped'),
+  ('passport.com', 'microsoft', 'shipped'),
+  ('qq.com', 'qq', 'shipped'),
+  ('rocketmail.com', 'yahoo', 'shipped'),
+  ('verizon.net', 'yahoo', 'shipped'),
+  ('web.de', 'gmx', 'shipped'),
+  ('yahoo.co.jp', 'yahoo', 'shipped'),
+  ('yahoo.co.uk', 'yahoo', 'shipped'),
+  ('yahoo.com', 'yahoo', 'shipped'),
+  ('yahoo.de', 'yahoo', 'shipped'),
+  ('yahoo.fr', 'yahoo', 'shipped'),
+  ('yeah.net', 'netease', 'shipped'),
+  ('ymail.com', 'yahoo', 'shipped');
+
+CREATE TABLE edm.site_suspensions (
+  service_id bigint NOT NULL,
+  site text NOT NULL,
+  until timestamp with time zone NOT NULL,
+  level integer DEFAULT 1 NOT NULL,
+  reason text NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT site_suspensions_pkey PRIMARY KEY (service_id, site),
+  CONSTRAINT site_suspensions_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT site_suspensions_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT site_suspensions_level_check CHECK (((level >= 1) AND (level <= 1000))),
+  CONSTRAINT site_suspensions_reason_check CHECK ((length(reason) <= 2000))
+);
+COMMENT ON TABLE edm.site_suspensions IS 'A (service, site) pair that must not send until a time: set by a reply rule (a throttling answer such as Gmail''s 421 4.7.28) or by hand. The claim skips the pair''s recipients and serves the service''s other sites. A row past its until no longer applies (it expires by itself) but keeps its level for escalation on repeats.';
+COMMENT ON COLUMN edm.site_suspensions.service_id IS 'Service suspended for the site.';
+COMMENT ON COLUMN edm.site_suspensions.site IS 'Site the service must not send to.';
+COMMENT ON COLUMN edm.site_suspensions.until IS 'End of the suspension (it no longer applies from then).';
+COMMENT ON COLUMN edm.site_suspensions.level IS 'How many times in a row the pair was suspended (escalation: each repeat may last longer).';
+COMMENT ON COLUMN edm.site_suspensions.reason IS 'Why: the rule and the reply that caused the suspension, or the text given by hand.';
+COMMENT ON COLUMN edm.site_suspensions.created_at IS 'When the current suspension started.';
+CREATE INDEX site_suspensions_until_idx ON edm.site_suspensions USING btree (until);
+COMMENT ON INDEX edm.site_suspensions_until_idx IS 'Suspensions by end (which are in force at a time; sweeping old ones).';
+
+CREATE FUNCTION edm.cache_site_domains(p_domains text[], p_sites text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  IF p_domains IS NULL OR p_sites IS NULL OR cardinality(p_domains) <> cardinality(p_sites)
+     OR cardinality(p_domains) > 10000 THEN
+    RAISE EXCEPTION 'cache_site_domains: domains and sites must be arrays of the same length (at most 10000)'
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF EXISTS (SELECT 1 FROM unnest(p_domains, p_sites) x(d, s)
+             WHERE d IS NULL OR length(d) NOT BETWEEN 1 AND 253 OR d ~ '[[:space:][:cntrl:]@]'
+                OR s IS NULL OR s !~ '^[a-z0-9][a-z0-9_.-]{0,63}$') THEN
+    RAISE EXCEPTION 'cache_site_domains: a domain is not a host name or a site name is not valid'
+      USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.sites (site, description)
+  SELECT DISTINCT s, 'found by the resolver hook' FROM unnest(p_sites) s
+  ON CONFLICT (site) DO NOTHING;
+  -- A resolver answer never overrides what an admin or edm-sched set.
+  INSERT INTO edm.site_domains AS d (domain, site, source, resolved_at)
+  SELECT DISTINCT ON (lower(x.d)) lower(x.d), x.s, 'resolved', coalesce(p_now, now())
+  FROM unnest(p_domains, p_sites) x(d, s)
+  ORDER BY lower(x.d)
+  ON CONFLICT (domain) DO UPDATE SET site = EXCLUDED.site, resolved_at = EXCLUDED.resolved_at
+    WHERE d.source = 'resolved';
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.cache_site_domains(text[],text[],timestamp with time zone) IS 'Caches the host resolver hook''s answers: maps each p_domains[i] to site p_sites[i] (creating unknown sites) as source resolved. Never overrides a shipped or admin mapping. Returns how many rows were written.';
+REVOKE ALL ON FUNCTION edm.cache_site_domains(text[],text[],timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.cancel_pending_to(p_email text, p_user_id text DEFAULT NULL::text, p_reason text DEFAULT 'suppressed'::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS integer
@@ -4962,6 +5112,14 @@ CREATE FUNCTION edm.config_num(p_key text)
 RETURN (SELECT ((c.value #>> '{}'::text[]))::numeric AS "numeric" FROM edm.config c WHERE (c.key = config_num.p_key));
 COMMENT ON FUNCTION edm.config_num(text) IS 'Numeric value of config key p_key (NULL when absent).';
 REVOKE ALL ON FUNCTION edm.config_num(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.email_domain(p_email text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN lower("substring"(p_email, '@([^@]*)$'::text));
+COMMENT ON FUNCTION edm.email_domain(text) IS 'The domain of an address (after its last @), lower case; NULL without an @.';
+REVOKE ALL ON FUNCTION edm.email_domain(text) FROM PUBLIC;
 
 CREATE FUNCTION edm.epoch_ms(p_ts timestamp with time zone)
  RETURNS bigint
@@ -5627,6 +5785,100 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.set_service_limits(bigint,jsonb) IS 'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
 REVOKE ALL ON FUNCTION edm.set_service_limits(bigint,jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_site_domains(p_site text, p_domains text[], p_description text DEFAULT NULL::text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  IF p_site IS NULL OR p_site !~ '^[a-z0-9][a-z0-9_.-]{0,63}$' THEN
+    RAISE EXCEPTION 'site name must be 1 to 64 of a-z 0-9 _ . - (starting with a letter or digit), got %',
+      p_site USING ERRCODE = 'ED005';
+  END IF;
+  IF p_domains IS NULL OR cardinality(p_domains) > 10000
+     OR array_position(p_domains, NULL) IS NOT NULL
+     OR EXISTS (SELECT 1 FROM unnest(p_domains) d
+                WHERE length(d) NOT BETWEEN 1 AND 253 OR d ~ '[[:space:][:cntrl:]@]') THEN
+    RAISE EXCEPTION 'domains must be at most 10000 non-empty host names (no @, no spaces)'
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF p_description IS NOT NULL AND length(p_description) > 500 THEN
+    RAISE EXCEPTION 'site description must be at most 500 characters' USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.sites (site, description) VALUES (p_site, coalesce(p_description, ''))
+  ON CONFLICT (site) DO UPDATE SET description = coalesce(p_description, edm.sites.description);
+  INSERT INTO edm.site_domains (domain, site, source, resolved_at)
+  SELECT DISTINCT lower(d), p_site, 'admin', now() FROM unnest(p_domains) d
+  ON CONFLICT (domain) DO UPDATE SET site = EXCLUDED.site, source = 'admin',
+                                     resolved_at = EXCLUDED.resolved_at;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_site_domains(text,text[],text) IS 'Defines site p_site (created if new; its description replaced when p_description is given) and maps each of p_domains to it (moving a domain from another site). Returns how many domains were mapped. Raises ED005 for a bad name or domain (nothing is changed).';
+REVOKE ALL ON FUNCTION edm.set_site_domains(text,text[],text) FROM PUBLIC;
+
+CREATE FUNCTION edm.site_of(p_email text)
+ RETURNS text
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+RETURN (SELECT d.site FROM edm.site_domains d WHERE (d.domain = edm.email_domain(site_of.p_email)));
+COMMENT ON FUNCTION edm.site_of(text) IS 'The site a recipient address belongs to (edm.site_domains, by the domain after its last @), or NULL when its domain is not mapped.';
+REVOKE ALL ON FUNCTION edm.site_of(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.suspend_site(p_service_id bigint, p_site text, p_until timestamp with time zone, p_reason text DEFAULT 'suspended by hand'::text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF p_until IS NULL OR p_reason IS NULL OR length(p_reason) > 2000 THEN
+    RAISE EXCEPTION 'suspend_site: until and a reason of at most 2000 characters are required'
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = p_service_id) THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM edm.sites s WHERE s.site = p_site) THEN
+    RAISE EXCEPTION 'unknown site %', p_site USING ERRCODE = 'ED001';
+  END IF;
+  INSERT INTO edm.site_suspensions (service_id, site, until, level, reason, created_at)
+  VALUES (p_service_id, p_site, p_until, 1, p_reason, now())
+  ON CONFLICT (service_id, site) DO UPDATE
+    SET until = EXCLUDED.until, reason = EXCLUDED.reason, created_at = EXCLUDED.created_at;
+  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+END;
+$function$;
+COMMENT ON FUNCTION edm.suspend_site(bigint,text,timestamp with time zone,text) IS 'Suspends (service, site) until p_until by hand (an until in the past lifts it). Raises ED001 for an unknown service or site.';
+REVOKE ALL ON FUNCTION edm.suspend_site(bigint,text,timestamp with time zone,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.suspended_sites(p_service_id bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS text[]
+ LANGUAGE sql
+ STABLE
+RETURN ARRAY(SELECT x.site FROM edm.site_suspensions x WHERE ((x.service_id = suspended_sites.p_service_id) AND (x.until > COALESCE(suspended_sites.p_now, now()))) ORDER BY x.site);
+COMMENT ON FUNCTION edm.suspended_sites(bigint,timestamp with time zone) IS 'The sites service p_service_id must not send to at p_now (its suspensions not yet expired).';
+REVOKE ALL ON FUNCTION edm.suspended_sites(bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.unmapped_domains(p_domains text[])
+ RETURNS SETOF text
+ LANGUAGE sql
+ STABLE
+BEGIN ATOMIC
+ SELECT DISTINCT lower(x.d) AS domain
+    FROM unnest(unmapped_domains.p_domains) x(d)
+   WHERE ((x.d IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
+            FROM edm.site_domains sd
+           WHERE (sd.domain = lower(x.d))))))
+   ORDER BY (lower(x.d));
+END;
+COMMENT ON FUNCTION edm.unmapped_domains(text[]) IS 'Those of p_domains (lower-cased, distinct) that edm.site_domains does not map: what a resolver hook has to answer.';
+REVOKE ALL ON FUNCTION edm.unmapped_domains(text[]) FROM PUBLIC;
 
 CREATE FUNCTION edm.unsubscribe(p_user_id text, p_email text, p_subtask_id bigint DEFAULT NULL::bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(contact_updated boolean, suppressed boolean, cancelled integer)
