@@ -19,6 +19,7 @@ SCENARIOS = {
     "claimprofile": "claimprofile",
     "limits": "limits",
     "faults": "faults",
+    "shaped": "shaped",
 }
 
 
