@@ -12,8 +12,9 @@ One asyncio loop per process:
   never delays another service (I11). A lane builds each message (rendering
   included) in a worker thread before its slot, so a heavy message or a slow
   renderer holds up its own lane only, not the event loop; it starts each SMTP
-  transaction at its slot (or at once if the slot has passed), an interval
-  after the previous one, through the transport
+  transaction at its slot (or at once if the slot has passed), paced from
+  the provider's acknowledgement of the previous start so that no interval or
+  rate limit is broken as the provider sees it, through the transport
   registered for the service's ``transport`` name, with a deterministic
   Message-ID; the transport connects ahead of the first slot.
 * **renew** — while sends wait on a slow provider, their leases (and the
@@ -49,7 +50,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -89,6 +90,7 @@ LANE_DEPTH = 4  # sends a paced service's lane may hold (queued or running) unle
 # queue stays well inside the lease.
 BATCH_LANE_DEPTH = 16
 LANE_IDLE_SECONDS = 60.0  # a lane unused this long is closed
+PACE_TOLERANCE_MS = 5  # default of a service's pace_tolerance_ms setting (edm_sched.lanes)
 PACE_REPORT_AFTER = 0.005  # seconds behind its slots before a lane reports its pace
 
 
@@ -227,6 +229,8 @@ class Dispatcher:
         self._templates: dict[int, dict[int, TemplateRow]] = {}
         self._services: dict[int, tuple[float, ServiceConfig]] = {}
         self._intervals: dict[int, float] = {}  # service_id -> interval in seconds
+        # service_id -> its rate limits as (emission interval, tolerance) in seconds
+        self._pacers: dict[int, tuple[tuple[float, float], ...]] = {}
         self._clock = ClockMap()
         self._claim_conn: psycopg.AsyncConnection[Any] | None = None
         self._complete_conn: psycopg.AsyncConnection[Any] | None = None
@@ -408,7 +412,8 @@ class Dispatcher:
         """Lanes of paced services running late tell the database when their next send can
         really start, so the slots claimed next follow the wire (edm.report_pace) instead
         of piling the delay up behind the ones already queued."""
-        late = [(sid, free) for sid, lane in self._lanes.items() if lane.interval > 0
+        late = [(sid, free) for sid, lane in self._lanes.items()
+                if lane.interval > 0 or lane.pacers
                 for behind, free in [lane.lateness()] if behind > PACE_REPORT_AFTER]
         if not late:
             return
@@ -517,13 +522,19 @@ class Dispatcher:
             connections = service.settings.get("max_connections", 1)
             interval = self._intervals.get(service.service_id, 0.0)
             connections_n = connections if isinstance(connections, int) and connections > 0 else 1
+            tolerance = service.settings.get("pace_tolerance_ms", PACE_TOLERANCE_MS)
+            tolerance_ms = (tolerance if isinstance(tolerance, int | float)
+                            and 0 <= tolerance <= 1000 else PACE_TOLERANCE_MS)
             lane = Lane(service.service_id, interval, connections_n,
                         LANE_DEPTH if interval > 0
-                        else max(LANE_DEPTH, BATCH_LANE_DEPTH * connections_n))
+                        else max(LANE_DEPTH, BATCH_LANE_DEPTH * connections_n),
+                        self._pacers.get(service.service_id, ()), tolerance_ms / 1000)
 
             async def send(item: QueuedSend) -> None:
-                await self._send(item.claimed, self._services[service.service_id][1],
-                                 item.message)
+                # the transport tells the lane when the provider saw the start
+                message = replace(item.message,
+                                  on_start=lambda at, item=item: lane.acknowledge(item, at))
+                await self._send(item.claimed, self._services[service.service_id][1], message)
 
             lane.start(send, self._release, self._prepare)
             self._lanes[service.service_id] = lane
@@ -580,12 +591,15 @@ class Dispatcher:
                    or now - self._services[i][0] > SERVICE_CACHE_SECONDS]
         if missing:
             cur = await conn.execute(query("dispatch_services"), (missing,))
-            for sid, name, transport, settings, cref, froms, interval_ms in await cur.fetchall():
+            for (sid, name, transport, settings, cref, froms, interval_ms,
+                 pacers) in await cur.fetchall():
                 self._services[sid] = (now, ServiceConfig(sid, name, transport, settings or {},
                                                           cref, tuple(froms)))
                 self._intervals[sid] = interval_ms / 1000
+                self._pacers[sid] = tuple((t / 1000, tau / 1000) for t, tau in pacers or ())
                 if sid in self._lanes:
                     self._lanes[sid].interval = interval_ms / 1000
+                    self._lanes[sid].pacers = self._pacers[sid]
         return {i: self._services[i][1] for i in ids}
 
     async def _load_templates(self, conn: psycopg.AsyncConnection[Any], task_ids: set[int]) -> None:

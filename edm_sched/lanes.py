@@ -13,10 +13,32 @@ start, in this process's monotonic clock) and its lease deadline. A sender
 first *prepares* the send (the dispatcher builds the message there, in a
 worker thread: a heavy message holds up its own lane, never the event loop
 that every lane shares), then starts the SMTP transaction no earlier than
-the slot and no earlier than one service interval after the previous start
-from this lane (pacing on the wire), and never once the lease has ended or
-will end within ``LEASE_SAFETY`` seconds: such a send is handed back unsent
-(``released``: no attempt, no quota unit spent).
+the slot and never once the lease has ended or will end within
+``LEASE_SAFETY`` seconds: such a send is handed back unsent (``released``: no
+attempt, no quota unit spent).
+
+Pacing on the wire is causal. A provider's limiter counts when *it* saw each
+transaction start, and that is unknowable from the sender's clock alone: a
+start may reach the server late (a busy network, a busy server, a process
+that got a CPU late). What the sender does know is an upper bound: the
+provider had seen the start by the time its answer to it arrived (SMTP: the
+reply to MAIL FROM; the transport reports it through ``Message.on_start``, or
+else the end of the send bounds it). So a lane starts a transaction only once
+the previous one's start is acknowledged, and then no earlier than one
+interval after that acknowledgement, and no earlier than every rate limit of
+the service allows when the previous starts are counted at their
+acknowledgements (a token bucket per limit, GCRA, as the claim computes it on
+slots). Counting a start later than the provider saw it can only make the
+lane wait longer than needed, never less: whatever the jitter, consecutive
+starts *as the provider sees them* are at least an interval apart and
+conform to every rate limit. The price is one round trip per gap where a
+limit has no burst to absorb it (an interval, or a rate with burst 1), plus
+the time from the lane's start to the transport's first write. A lane may
+spend a *tolerance* (``tolerance``, the service setting ``pace_tolerance_ms``,
+default 5 ms) on that price: starts are then never closer than the interval
+minus the tolerance as the provider sees them (and conform to each rate
+limit within it), still whatever the jitter. The slots of the claim keep the
+long-run pace exact; the tolerance only lets a lane that fell behind catch up.
 """
 
 from __future__ import annotations
@@ -55,12 +77,42 @@ class Lane:
     interval: float  # seconds between send starts (the service's interval_ms)
     connections: int
     depth: int  # most sends queued or running at once
+    # the service's rate limits as (emission interval T, tolerance tau) in seconds:
+    # a start at t conforms when t >= tat - tau (GCRA); T = window / max_count,
+    # tau = (burst - 1) * T
+    pacers: tuple[tuple[float, float], ...] = ()
+    tolerance: float = 0.0  # seconds a start may come early against the pacing (see above)
     queue: asyncio.Queue[QueuedSend] = field(default_factory=asyncio.Queue)
     running: set[QueuedSend] = field(default_factory=set)
     next_start: float = 0.0
     last_slot: float = 0.0  # the latest slot handed to this lane (monotonic)
     last_used: float = field(default_factory=time.monotonic)
     workers: list[asyncio.Task[None]] = field(default_factory=list)
+    # the send whose transaction start the provider has not acknowledged yet
+    _unacked: QueuedSend | None = None
+    _acked: asyncio.Event = field(default_factory=asyncio.Event)
+    _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _tats: dict[tuple[float, float], float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._acked.set()
+
+    def acknowledge(self, item: QueuedSend, at: float) -> None:
+        """The provider had seen ``item``'s transaction start by monotonic instant ``at``
+        (its answer to it arrived, or the send ended): the next start is paced from
+        there. Later calls for the same send are ignored."""
+        if self._unacked is not item:
+            return
+        self._unacked = None
+        self.next_start = max(self.next_start, at + max(self.interval - self.tolerance, 0.0))
+        for pacer in self.pacers:
+            self._tats[pacer] = max(self._tats.get(pacer, at), at) + pacer[0]
+        self._acked.set()
+
+    def _rates_allow(self) -> float:
+        """The earliest instant every rate limit admits one more start."""
+        return max((self._tats[p] - p[1] - self.tolerance for p in self.pacers
+                    if p in self._tats), default=0.0)
 
     @property
     def load(self) -> int:
@@ -75,12 +127,21 @@ class Lane:
         self.queue.put_nowait(item)
 
     def lateness(self) -> tuple[float, float]:
-        """(seconds this lane runs behind its slots, monotonic instant its next send could
-        start): each queued send starts at least an interval after the one before, so a
-        lane whose last start was late passes the delay on to every slot queued behind it."""
-        due = self.last_slot + self.interval
-        free = max(due, self.next_start + self.interval * self.queue.qsize())
-        return free - due, free
+        """(seconds the last queued send will start after its slot, monotonic instant a
+        send queued after it could start), from the lane's own pacing: a lane whose
+        starts were late (a slow server, a busy machine) passes the delay on to every
+        slot queued behind it, since the provider counts the late starts where they
+        happened."""
+        nxt = self.next_start + self.tolerance
+        tats = dict(self._tats)
+        late = 0.0
+        for item in self.queue._queue:  # type: ignore[attr-defined]
+            start = max([item.slot, nxt, *(tats[p] - p[1] for p in self.pacers if p in tats)])
+            late = start - item.slot
+            nxt = start + self.interval
+            for p in self.pacers:
+                tats[p] = max(tats.get(p, start), start) + p[0]
+        return late, max([nxt, *(tats[p] - p[1] for p in self.pacers if p in tats)])
 
     def held(self) -> list[QueuedSend]:
         """Every send this lane holds a lease for (queued or running)."""
@@ -113,26 +174,34 @@ class Lane:
             try:
                 if prepare is not None and not await prepare(item):
                     continue
-                # Never before the slot, never within an interval of the previous
-                # start on the wire (a slot already past starts now, not "back then").
-                now = time.monotonic()
-                start = max(item.slot, self.next_start, now)
-                if start + LEASE_SAFETY > item.lease_deadline:
-                    release(item, "lease would end before the send could start")
-                    continue
-                self.next_start = start + self.interval
-                if start > now:
-                    await asyncio.sleep(start - now)
-                if time.monotonic() + LEASE_SAFETY > item.lease_deadline:
-                    # a renewal failed meanwhile: the lease may be gone
-                    release(item, "lease ended while the send waited for its slot")
-                    continue
-                item.started = True
-                # Pace from the actual start: a start the event loop made late
-                # pushes the next one back, so no two starts on the wire come
-                # closer than the interval.
-                self.next_start = max(self.next_start, time.monotonic() + self.interval)
-                await send(item)
+                async with self._start_lock:
+                    # The previous start first has to be acknowledged: its
+                    # acknowledgement bounds when the provider saw it.
+                    await self._acked.wait()
+                    # Never before the slot, never within an interval of that
+                    # acknowledgement, never before the rate limits allow (a slot
+                    # already past starts now, not "back then").
+                    now = time.monotonic()
+                    start = max(item.slot, self.next_start, self._rates_allow(), now)
+                    if start + LEASE_SAFETY > item.lease_deadline:
+                        release(item, "lease would end before the send could start")
+                        continue
+                    self.next_start = start + self.interval - self.tolerance  # until acked
+                    if start > now:
+                        await asyncio.sleep(start - now)
+                    if time.monotonic() + LEASE_SAFETY > item.lease_deadline:
+                        # a renewal failed meanwhile: the lease may be gone
+                        release(item, "lease ended while the send waited for its slot")
+                        continue
+                    item.started = True
+                    self._unacked = item
+                    self._acked.clear()
+                try:
+                    await send(item)
+                finally:
+                    # a transport that does not report the acknowledgement: the
+                    # end of the send bounds it
+                    self.acknowledge(item, time.monotonic())
             finally:
                 self.running.discard(item)
                 self.last_used = time.monotonic()

@@ -224,9 +224,16 @@ FROM edm.templates WHERE task_id = ANY(%s)
 SELECT contact_id, attributes FROM edm.contacts WHERE contact_id = ANY(%s)
 
 -- dispatch_services --
--- Transport settings of some services (no secrets are stored).
-SELECT service_id, name, transport, settings, credential_ref, from_addresses, interval_ms
-FROM edm.services WHERE service_id = ANY(%s)
+-- Transport settings of some services (no secrets are stored), and the (emission
+-- interval, tolerance) in ms of each rate limit, for the lane's pacing (GCRA).
+SELECT s.service_id, s.name, s.transport, s.settings, s.credential_ref, s.from_addresses,
+       s.interval_ms,
+       ARRAY(SELECT ARRAY[l.window_ms::float8 / l.max_count,
+                          (l.burst - 1) * l.window_ms::float8 / l.max_count]
+             FROM edm.service_limits l
+             WHERE l.service_id = s.service_id AND l.kind = 'rate' AND l.max_count > 0
+             ORDER BY l.name) AS pacers
+FROM edm.services s WHERE s.service_id = ANY(%s)
 
 -- dispatcher_register --
 -- Record this dispatcher process.

@@ -41,6 +41,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
+  ('20', 'wire_pacing', '844d3cd58263a045ed06864ca9d7c017aa5ba4d7e68ed8c0e68c8cf7d906ddf7'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -5487,20 +5488,34 @@ BEGIN
   END IF;
   -- Only services p_owner holds, and only later: the next slot can move back
   -- never, so no limit can be broken by a report.
-  UPDATE edm.services s
-  SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
-  FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
-          AS y(service_id, next_start)
-        ORDER BY y.service_id) x
-  WHERE s.service_id = x.service_id AND s.held_by = p_owner
-    AND s.service_id IN (SELECT z.service_id FROM edm.services z
-                         WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
-                         ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED);
-  GET DIAGNOSTICS v_n = ROW_COUNT;
+  WITH moved AS (
+    UPDATE edm.services s
+    SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
+    FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
+            AS y(service_id, next_start)
+          ORDER BY y.service_id) x
+    WHERE s.service_id = x.service_id AND s.held_by = p_owner
+      AND s.service_id IN (SELECT z.service_id FROM edm.services z
+                           WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
+                           ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED)
+    RETURNING s.service_id, x.next_start
+  ),
+  -- each rate limit admits its next send at tat - (burst - 1) * T (GCRA): no
+  -- earlier than the reported start
+  rates AS (
+    UPDATE edm.service_limits l
+    SET tat = greatest(l.tat, m.next_start
+                              + ((l.burst - 1) * l.window_ms::double precision / l.max_count)
+                                * interval '1 millisecond')
+    FROM moved m
+    WHERE l.service_id = m.service_id AND l.kind = 'rate' AND l.max_count > 0
+    RETURNING l.service_id
+  )
+  SELECT count(*) INTO v_n FROM moved;
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server) tells when the service''s next send can really start; the service''s next slot moves there (never earlier), so slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
+COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server, a start the provider saw late) tells when the service''s next send can really start; the service''s next slot moves there (never earlier): its interval counts from there and each of its rate limits admits no send before it. Slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
 REVOKE ALL ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) FROM PUBLIC;
 
 CREATE FUNCTION edm.reputation_rates(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)

@@ -83,6 +83,10 @@ class Message:
     sender: str  # envelope sender
     recipient: str  # envelope recipient
     data: bytes  # the whole RFC 5322 message, headers and body, CRLF line ends
+    # Called by a transport that can tell, with time.monotonic(), once the provider has
+    # answered the start of the transaction (SMTP: the reply to MAIL FROM, or its failure):
+    # the lane paces the next start from there (see edm_sched.lanes). Optional.
+    on_start: Callable[[float], None] | None = field(default=None, compare=False, repr=False)
 
 
 CredentialResolver = Callable[[str], str | None]

@@ -706,7 +706,14 @@ class SmtpTransport:
             if not message.data.isascii() and smtp.supports_extension("8bitmime"):
                 options.append("BODY=8BITMIME")
             encoding = "utf-8" if utf8 else "ascii"
-            await smtp.mail(message.sender, options=options, encoding=encoding, timeout=command)
+            try:
+                await smtp.mail(message.sender, options=options, encoding=encoding,
+                                timeout=command)
+            finally:
+                # The server has seen the transaction start by now (or never will):
+                # the lane paces the next start from this instant.
+                if message.on_start is not None:
+                    message.on_start(time.monotonic())
             stage = "RCPT TO"
             await smtp.rcpt(message.recipient, encoding=encoding, timeout=command)
             stage = "DATA"

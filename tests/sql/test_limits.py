@@ -245,6 +245,27 @@ def test_report_pace_moves_the_holders_next_slot_later_only(
     assert claim2(conn, at(2.3), owner="d1", lookahead_ms=100)[0]["send_at"] == at(2.4)
 
 
+def test_report_pace_moves_a_rate_limits_bucket_so_slots_follow_the_wire(
+        sched: Scheduler, conn: psycopg.Connection[Any]) -> None:
+    """A lane whose starts reached the provider late reports its next possible start:
+    the rate limit's next slot moves there, and the slots after it keep the limit's
+    spacing from there (no burst saved up while the lane was late)."""
+    sched.upsert_user("a")
+    sid = make_service(sched, "rate", interval=0, users=["a"])
+    make_task(sched, "a", 20)
+    set_limits(conn, sid, [{"name": "per_second", "kind": "rate", "max_count": 10,
+                            "window_ms": 1000, "burst": 2}])
+    first = [r["send_at"] for r in claim2(conn, at(0), owner="d1", per_service=10,
+                                          lookahead_ms=250)]
+    # the idle lead (100 ms), the burst of 2, then one per 100 ms, within the 250 ms
+    assert first == [at(0.1), at(0.1), at(0.2)]
+    conn.execute("SELECT edm.report_pace('d1', %s, %s)", ([sid], [at(0.5)]))
+    later = [r["send_at"] for r in claim2(conn, at(0.3), owner="d1", per_service=10,
+                                          lookahead_ms=300)]
+    # unreported, the bucket would admit 0.3, 0.4, 0.5 and 0.6
+    assert later == [at(0.5), at(0.6)]
+
+
 def test_limit_names_are_unique_per_service(sched: Scheduler) -> None:
     from edm_sched import errors
 
