@@ -412,8 +412,7 @@ class Dispatcher:
         """Lanes of paced services running late tell the database when their next send can
         really start, so the slots claimed next follow the wire (edm.report_pace) instead
         of piling the delay up behind the ones already queued."""
-        late = [(sid, free) for sid, lane in self._lanes.items()
-                if lane.interval > 0 or lane.pacers
+        late = [(sid, free) for sid, lane in self._lanes.items() if lane.paced
                 for behind, free in [lane.lateness()] if behind > PACE_REPORT_AFTER]
         if not late:
             return

@@ -97,6 +97,11 @@ class Lane:
     def __post_init__(self) -> None:
         self._acked.set()
 
+    @property
+    def paced(self) -> bool:
+        """Whether the service has an interval or a rate limit to keep on the wire."""
+        return self.interval > 0 or bool(self.pacers)
+
     def acknowledge(self, item: QueuedSend, at: float) -> None:
         """The provider had seen ``item``'s transaction start by monotonic instant ``at``
         (its answer to it arrived, or the send ended): the next start is paced from
@@ -176,8 +181,10 @@ class Lane:
                     continue
                 async with self._start_lock:
                     # The previous start first has to be acknowledged: its
-                    # acknowledgement bounds when the provider saw it.
-                    await self._acked.wait()
+                    # acknowledgement bounds when the provider saw it. (Nothing to
+                    # pace, nothing to wait for: connections start in parallel.)
+                    if self.paced:
+                        await self._acked.wait()
                     # Never before the slot, never within an interval of that
                     # acknowledgement, never before the rate limits allow (a slot
                     # already past starts now, not "back then").
@@ -194,8 +201,9 @@ class Lane:
                         release(item, "lease ended while the send waited for its slot")
                         continue
                     item.started = True
-                    self._unacked = item
-                    self._acked.clear()
+                    if self.paced:
+                        self._unacked = item
+                        self._acked.clear()
                 try:
                     await send(item)
                 finally:

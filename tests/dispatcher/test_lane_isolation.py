@@ -205,3 +205,13 @@ def test_every_rate_limit_paces_starts_counted_at_their_acknowledgement() -> Non
                 assert start >= tat - 0.2 - 1e-3, (report, done)
             tat = max(tat if tat is not None else ack, ack) + 0.1
         assert starts[5] - starts[0] >= 0.3 - 1e-3, starts
+
+
+def test_an_unpaced_service_starts_its_connections_in_parallel() -> None:
+    """No interval, no rate limit: nothing to pace, so a start does not wait for the
+    previous one's acknowledgement; four connections start four sends at once."""
+    now = time.monotonic()
+    done = _run_lane(Lane(service_id=1, interval=0.0, connections=4, depth=8),
+                     [now] * 4, ack_delay=0.1, report=False)
+    starts = sorted(s for s, _ in done)
+    assert starts[-1] - starts[0] < 0.05, starts
