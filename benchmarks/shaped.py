@@ -224,8 +224,8 @@ def submit_transactional(dsn: str, stop: threading.Event, out: dict[str, float])
         while not stop.is_set():
             rcpt = f"{TX_USER}.{n:06d}@rcpt.example"
             t0 = time.time()
-            s.send_message({"user_id": TX_USER, "to": rcpt, "subject": "Your password reset",
-                            "body_text": "Here is your link.\n"})
+            s.send_message(TX_USER, rcpt, {"subject": "Your password reset",
+                                           "body_text": "Here is your link.\n"})
             out[rcpt] = t0
             n += 1
             stop.wait(max(0.0, t0 + TX_EVERY_S - time.time()))
