@@ -353,7 +353,9 @@ def set_shaping(dsn: str, on: bool) -> None:
         users = [r[0] for r in conn.execute("SELECT user_id FROM edm.users ORDER BY user_id")]
         for user in users[::10]:
             conn.execute("SELECT edm.set_user_limits(%s, %s)", (user, Jsonb(hourly if on else [])))
-        tasks = [r[0] for r in conn.execute("SELECT task_id FROM edm.tasks ORDER BY task_id")]
+        tasks = [r[0] for r in conn.execute(
+            "SELECT task_id FROM edm.tasks WHERE status NOT IN ('completed', 'cancelled', 'failed')"
+            " ORDER BY task_id")]
         for task in tasks[::10]:
             conn.execute("SELECT edm.set_task_limits(%s, %s)", (task, limits))
         for task in tasks[::100]:
