@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('18', 'warmup', '0735577fab847bc7c1853bf413db9ef474dcc11091d20ad9d27055e5842fabcd'),
+  ('18', 'warmup', '6b2b334f4d8b95d31899d0bb031feb1abdefb823d35ac7ce265c6f8173928f2a'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -4970,11 +4970,18 @@ DECLARE
   v_ceiling integer;
   v_n       integer := 0;
 BEGIN
-  -- Lock order as the claim's: the service row, then its limits.
+  -- Lock order as the claim's: the service row, then its limits. Only the
+  -- services whose limit differs from the day's ceiling are locked (claims
+  -- skip a locked service until the sweep commits): on most sweeps, none.
   FOR w IN
     SELECT x.service_id, x.ramp, x.started_on, s.quota_tz, s.quota_day, s.sent_today
     FROM edm.service_warmups x JOIN edm.services s ON s.service_id = x.service_id
-    WHERE p_service_id IS NULL OR x.service_id = p_service_id
+    WHERE (p_service_id IS NULL OR x.service_id = p_service_id)
+      AND NOT EXISTS (
+        SELECT 1 FROM edm.service_limits sl
+        WHERE sl.service_id = x.service_id AND sl.name = 'warmup'
+          AND sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on,
+                                                (v_now AT TIME ZONE s.quota_tz)::date))
     ORDER BY x.service_id
     FOR NO KEY UPDATE OF s
   LOOP

@@ -148,11 +148,18 @@ DECLARE
   v_ceiling integer;
   v_n       integer := 0;
 BEGIN
-  -- Lock order as the claim's: the service row, then its limits.
+  -- Lock order as the claim's: the service row, then its limits. Only the
+  -- services whose limit differs from the day's ceiling are locked (claims
+  -- skip a locked service until the sweep commits): on most sweeps, none.
   FOR w IN
     SELECT x.service_id, x.ramp, x.started_on, s.quota_tz, s.quota_day, s.sent_today
     FROM edm.service_warmups x JOIN edm.services s ON s.service_id = x.service_id
-    WHERE p_service_id IS NULL OR x.service_id = p_service_id
+    WHERE (p_service_id IS NULL OR x.service_id = p_service_id)
+      AND NOT EXISTS (
+        SELECT 1 FROM edm.service_limits sl
+        WHERE sl.service_id = x.service_id AND sl.name = 'warmup'
+          AND sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on,
+                                                (v_now AT TIME ZONE s.quota_tz)::date))
     ORDER BY x.service_id
     FOR NO KEY UPDATE OF s
   LOOP

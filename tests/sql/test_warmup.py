@@ -228,3 +228,21 @@ def test_above_the_ceiling_work_overflows_to_the_users_other_service(
                           " edm.service_binding_limit(s, %s) WHERE s.service_id = %s",
                           (at(7), warming)).fetchone()
     assert reason == ("warmup",)
+
+
+def test_a_sweep_with_nothing_to_change_locks_no_service(
+        sched: Scheduler, conn: psycopg.Connection[Any], dsn: str) -> None:
+    """Claims skip a locked service: the sweep locks only the services whose
+    ceiling moves, so on most sweeps it takes no service from the claims."""
+    sid = make_service(sched, "fresh-ip", interval=0)
+    set_warmup(conn, sid, [5, 10], None, at(0))
+    with psycopg.connect(dsn) as sweeper, psycopg.connect(dsn, autocommit=True) as claimer:
+        assert sweeper.execute("SELECT edm.apply_warmups(%s)", (at(60),)).fetchone() == (0,)
+        claimer.execute("SELECT 1 FROM edm.services WHERE service_id = %s FOR UPDATE NOWAIT",
+                        (sid,))
+        sweeper.rollback()
+        assert sweeper.execute("SELECT edm.apply_warmups(%s)", (at(DAY),)).fetchone() == (1,)
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            claimer.execute("SELECT 1 FROM edm.services WHERE service_id = %s"
+                            " FOR UPDATE NOWAIT", (sid,))
+        sweeper.rollback()
