@@ -6,9 +6,12 @@ import datetime as dt
 import json
 from collections.abc import Iterator
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edm_sched.api import Scheduler
 from tests.support.helpers import at, make_service, make_task
@@ -246,3 +249,58 @@ def test_a_sweep_with_nothing_to_change_locks_no_service(
             claimer.execute("SELECT 1 FROM edm.services WHERE service_id = %s"
                             " FOR UPDATE NOWAIT", (sid,))
         sweeper.rollback()
+
+
+# One step of the property below: (ms from a local midnight, what runs, how late its clock is).
+# A "late" claim runs after the steps before it with a clock up to a second behind them:
+# a claim that began before midnight and reached the service after the sweep.
+_STEP = st.tuples(st.integers(min_value=-1000, max_value=1000),
+                  st.sampled_from(["claim", "sweep", "late"]),
+                  st.integers(min_value=1, max_value=2000))
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ramp=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=4).map(sorted),
+       start_shift=st.integers(min_value=-1, max_value=1),
+       nights=st.lists(st.lists(_STEP, min_size=1, max_size=8), min_size=3, max_size=5),
+       per=st.integers(min_value=1, max_value=4))
+def test_no_local_day_ever_exceeds_its_ceiling(dsn: str, ramp: list[int], start_shift: int,
+                                               nights: list[list[tuple[int, str, int]]],
+                                               per: int) -> None:
+    """Whatever the order of claims, late claims and sweeps around each local
+    midnight (and at midday, to use the day up), every local day's slots stay
+    within that day's ceiling (I2)."""
+    tz = ZoneInfo("Asia/Tokyo")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE edm.services, edm.users, edm.tasks, edm.subtasks CASCADE")
+        with Scheduler(dsn) as s:
+            s.upsert_user("a")
+            sid = make_service(s, "fresh-ip", interval=0, users=["a"], tz="Asia/Tokyo")
+            make_task(s, "a", 400)
+        first = at(TOKYO_MIDNIGHT - 3600)  # 23:00 in Tokyo on day 0
+        started_on = first.astimezone(tz).date() + dt.timedelta(days=start_shift)
+        set_warmup(conn, sid, ramp, started_on, first)
+        slots: list[dt.datetime] = []
+        for night, steps in enumerate(nights):
+            midnight = TOKYO_MIDNIGHT + night * DAY
+            clock = at(midnight - 1.5)
+            for offset, kind, late in sorted(steps):
+                clock = max(clock, at(midnight + offset / 1000))
+                if kind == "sweep":
+                    apply(conn, clock)
+                else:
+                    when = clock - dt.timedelta(milliseconds=late if kind == "late" else 0)
+                    slots += [r["send_at"] for r in claim2(conn, when, per_service=per)]
+            apply(conn, at(midnight + 4 * 3600))  # midday: the sweep, then use the day up
+            for k in range(3):
+                slots += [r["send_at"] for r in claim2(conn, at(midnight + 4 * 3600 + k),
+                                                       per_service=per)]
+    per_day: dict[dt.date, int] = {}
+    for slot in slots:
+        day = slot.astimezone(tz).date()
+        per_day[day] = per_day.get(day, 0) + 1
+    for day, n in per_day.items():
+        index = (day - started_on).days
+        ceiling = ramp[0] if index < 0 else ramp[index] if index < len(ramp) else None
+        assert ceiling is None or n <= ceiling, (day, n, ceiling, per_day)
