@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('18', 'warmup', '6b2b334f4d8b95d31899d0bb031feb1abdefb823d35ac7ce265c6f8173928f2a'),
+  ('18', 'warmup', '275aeeec644736af0dcad761778ead637a14d059eabc5766c4967d508bb38e70'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -4971,17 +4971,22 @@ DECLARE
   v_n       integer := 0;
 BEGIN
   -- Lock order as the claim's: the service row, then its limits. Only the
-  -- services whose limit differs from the day's ceiling are locked (claims
-  -- skip a locked service until the sweep commits): on most sweeps, none.
+  -- services with something to do are locked (claims skip a locked service
+  -- until the sweep commits): on most sweeps, none. Nothing to do: the limit
+  -- holds the day's ceiling, or the ramp is over and the limit still counts
+  -- its last day (kept, see below).
   FOR w IN
     SELECT x.service_id, x.ramp, x.started_on, s.quota_tz, s.quota_day, s.sent_today
     FROM edm.service_warmups x JOIN edm.services s ON s.service_id = x.service_id
+    CROSS JOIN LATERAL (SELECT (v_now AT TIME ZONE s.quota_tz)::date AS today) d
     WHERE (p_service_id IS NULL OR x.service_id = p_service_id)
       AND NOT EXISTS (
         SELECT 1 FROM edm.service_limits sl
         WHERE sl.service_id = x.service_id AND sl.name = 'warmup'
-          AND sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on,
-                                                (v_now AT TIME ZONE s.quota_tz)::date))
+          AND (sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on, d.today)
+               OR (edm.warmup_ceiling(x.ramp, x.started_on, d.today) IS NULL
+                   AND sl.day = d.today - 1
+                   AND edm.warmup_ceiling(x.ramp, x.started_on, sl.day) IS NOT NULL)))
     ORDER BY x.service_id
     FOR NO KEY UPDATE OF s
   LOOP
@@ -6284,7 +6289,7 @@ COMMENT ON COLUMN edm.service_warmup_status.service_name IS 'Service name.';
 COMMENT ON COLUMN edm.service_warmup_status.started_on IS 'Local date of day 1.';
 COMMENT ON COLUMN edm.service_warmup_status.day IS 'Today''s day of the ramp (day n of days; below 1 before the start, above days once over).';
 COMMENT ON COLUMN edm.service_warmup_status.days IS 'Length of the ramp in days.';
-COMMENT ON COLUMN edm.service_warmup_status.state IS 'scheduled (before day 1), ramping, or ended (past the last day; the limit goes at the next sweep).';
+COMMENT ON COLUMN edm.service_warmup_status.state IS 'scheduled (before day 1), ramping, or ended (past the last day; the warm-up and its limit go at the first sweep once the limit no longer counts the last day).';
 COMMENT ON COLUMN edm.service_warmup_status.ceiling_today IS 'The ramp''s ceiling for today (NULL once ended).';
 COMMENT ON COLUMN edm.service_warmup_status.ceiling_in_force IS 'max_count of the limit ''warmup'' now: the ceiling the claim applies (an earlier, lower day''s until the first sweep of the day).';
 COMMENT ON COLUMN edm.service_warmup_status.used_today IS 'Sends counted by the limit ''warmup'' for today.';

@@ -149,17 +149,22 @@ DECLARE
   v_n       integer := 0;
 BEGIN
   -- Lock order as the claim's: the service row, then its limits. Only the
-  -- services whose limit differs from the day's ceiling are locked (claims
-  -- skip a locked service until the sweep commits): on most sweeps, none.
+  -- services with something to do are locked (claims skip a locked service
+  -- until the sweep commits): on most sweeps, none. Nothing to do: the limit
+  -- holds the day's ceiling, or the ramp is over and the limit still counts
+  -- its last day (kept, see below).
   FOR w IN
     SELECT x.service_id, x.ramp, x.started_on, s.quota_tz, s.quota_day, s.sent_today
     FROM edm.service_warmups x JOIN edm.services s ON s.service_id = x.service_id
+    CROSS JOIN LATERAL (SELECT (v_now AT TIME ZONE s.quota_tz)::date AS today) d
     WHERE (p_service_id IS NULL OR x.service_id = p_service_id)
       AND NOT EXISTS (
         SELECT 1 FROM edm.service_limits sl
         WHERE sl.service_id = x.service_id AND sl.name = 'warmup'
-          AND sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on,
-                                                (v_now AT TIME ZONE s.quota_tz)::date))
+          AND (sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on, d.today)
+               OR (edm.warmup_ceiling(x.ramp, x.started_on, d.today) IS NULL
+                   AND sl.day = d.today - 1
+                   AND edm.warmup_ceiling(x.ramp, x.started_on, sl.day) IS NOT NULL)))
     ORDER BY x.service_id
     FOR NO KEY UPDATE OF s
   LOOP
@@ -287,7 +292,7 @@ COMMENT ON COLUMN edm.service_warmup_status.service_name IS 'Service name.';
 COMMENT ON COLUMN edm.service_warmup_status.started_on IS 'Local date of day 1.';
 COMMENT ON COLUMN edm.service_warmup_status.day IS 'Today''s day of the ramp (day n of days; below 1 before the start, above days once over).';
 COMMENT ON COLUMN edm.service_warmup_status.days IS 'Length of the ramp in days.';
-COMMENT ON COLUMN edm.service_warmup_status.state IS 'scheduled (before day 1), ramping, or ended (past the last day; the limit goes at the next sweep).';
+COMMENT ON COLUMN edm.service_warmup_status.state IS 'scheduled (before day 1), ramping, or ended (past the last day; the warm-up and its limit go at the first sweep once the limit no longer counts the last day).';
 COMMENT ON COLUMN edm.service_warmup_status.ceiling_today IS 'The ramp''s ceiling for today (NULL once ended).';
 COMMENT ON COLUMN edm.service_warmup_status.ceiling_in_force IS 'max_count of the limit ''warmup'' now: the ceiling the claim applies (an earlier, lower day''s until the first sweep of the day).';
 COMMENT ON COLUMN edm.service_warmup_status.used_today IS 'Sends counted by the limit ''warmup'' for today.';
