@@ -16,13 +16,15 @@ created in a transaction that rolls back leaves nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
-from edm_sched import core, db, errors, feedback, ops, reputation, unsubscribe
+from edm_sched import core, db, errors, feedback, ops, reputation, sites, unsubscribe
 from edm_sched.feedback import FeedbackEvent, Recorded
 from edm_sched.jobs.api import AsyncJobs, Jobs
 from edm_sched.models import (
@@ -40,6 +42,7 @@ from edm_sched.models import (
 )
 from edm_sched.ops import EXPANSION_CHUNK, InvalidRecipients, check_id, check_scope
 from edm_sched.reputation import ReputationRow
+from edm_sched.sites import Site, SiteDomain, SiteResolver, Warmup
 from edm_sched.unsubscribe import UnsubscribeConfig, UnsubscribeResult
 
 if TYPE_CHECKING:
@@ -119,10 +122,15 @@ class Scheduler:
 
     def __init__(self, dsn: str | None = None, *, pool: ConnectionPool | None = None,
                  min_size: int = 1, max_size: int = 4, actor: str | None = None,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 site_resolver: SiteResolver | None = None) -> None:
         from psycopg_pool import ConnectionPool, PoolTimeout
 
         self.actor = actor  # recorded in edm.audit_log for administrative changes
+        if site_resolver is not None and inspect.iscoroutinefunction(site_resolver):
+            raise errors.ConfigurationError(
+                "Scheduler takes a plain function as site_resolver (AsyncScheduler awaits one)")
+        self.site_resolver = site_resolver
         if pool is None:
             resolved, kwargs = _pool_settings(dsn, connect_timeout)
             db.probe(resolved, connect_timeout)  # fails fast, naming host and port
@@ -251,7 +259,9 @@ class Scheduler:
         then subtasks are created in chunks, each its own transaction — or,
         under ``conn=``, all inside the caller's transaction.
         """
-        return self._run(ops.create_task(spec), conn)
+        created = self._run(ops.create_task(spec), conn)
+        self._resolve_task_sites(created.task_id, conn)
+        return created
 
     def expand(self, task_id: int, *, chunk: int = EXPANSION_CHUNK,
                conn: Conn | None = None) -> int:
@@ -308,6 +318,70 @@ class Scheduler:
         """Resume a user the reputation breaker paused; returns tasks resumed."""
         return self._run(reputation.resume_user_op(user_id), conn)
 
+    # ------------------------------------------- sites and warm-up (issue 15)
+    # Destination sites, the site resolver hook and warm-up ramps: see
+    # edm_sched/sites.py (warmup_ramp builds a ramp without a database) and
+    # docs/explanation/traffic-shaping.md.
+
+    def set_site_domains(self, site: str, domains: Iterable[str],
+                         description: str | None = None, *, conn: Conn | None = None) -> int:
+        """Define ``site`` (created if new) and map ``domains`` to it; returns domains mapped."""
+        return self._run(sites.set_site_domains(site, domains, description), conn)
+
+    def sites(self, *, conn: Conn | None = None) -> list[Site]:
+        """Every destination site, with its number of mapped domains."""
+        return self._run(sites.sites(), conn)
+
+    def site_domains(self, site: str, *, conn: Conn | None = None) -> list[SiteDomain]:
+        """The domains mapped to ``site`` (NotFound for an unknown site)."""
+        return self._run(sites.site_domains(site), conn)
+
+    def suspend_site(self, service_id: int, site: str, until: dt.datetime,
+                     reason: str = "suspended by hand", *, conn: Conn | None = None) -> None:
+        """Suspend the (service, site) pair until ``until`` (a time already past lifts it)."""
+        self._run(sites.suspend_site(service_id, site, until, reason), conn)
+
+    def set_service_warmup(self, service_id: int, ramp: list[int] | None,
+                           started_on: dt.date | None = None, *,
+                           conn: Conn | None = None) -> Warmup | None:
+        """Put a service on a warm-up ramp (daily ceilings, day 1 first; see
+        :func:`edm_sched.sites.warmup_ramp`) from ``started_on`` (default: today in its quota_tz).
+        ``None`` or ``[]`` ends the warm-up. Returns where it stands (None: no warm-up)."""
+        return self._run(sites.set_service_warmup(service_id, ramp, started_on), conn)
+
+    def warmup(self, service_id: int, *, conn: Conn | None = None) -> Warmup | None:
+        """Where a service's warm-up stands: day n of N, today's ceiling (None: no warm-up)."""
+        return self._run(sites.warmup(service_id), conn)
+
+    def resolve_sites(self, domains: Iterable[str], *, conn: Conn | None = None) -> int:
+        """Ask the site resolver about those of ``domains`` no site maps yet and cache
+        its answers; returns rows cached. The hook's errors propagate here (after a
+        task is created they are logged instead)."""
+        if self.site_resolver is None:
+            raise errors.ConfigurationError("this Scheduler has no site_resolver")
+        asked = self._run(sites.unmapped(domains), conn)
+        return self._cache_sites(asked, self.site_resolver(asked) if asked else {}, conn)
+
+    def _cache_sites(self, asked: list[str], answer: Any, conn: Conn | None) -> int:
+        if inspect.isawaitable(answer):
+            if inspect.iscoroutine(answer):
+                answer.close()
+            raise errors.ConfigurationError("site_resolver returned an awaitable: "
+                                            "use AsyncScheduler for an async resolver")
+        found, names = sites.clean_answers(asked, answer)
+        return self._run(sites.cache(found, names), conn)
+
+    def _resolve_task_sites(self, task_id: int, conn: Conn | None) -> None:
+        if self.site_resolver is None:
+            return
+        try:
+            asked = self._run(sites.unmapped_of_task(task_id), conn)
+            if asked:
+                self._cache_sites(asked, self.site_resolver(asked), conn)
+        except Exception:  # the task stands; its unresolved domains just have no site yet
+            sites.log.exception("site resolver failed for task %s; its unmapped domains "
+                                "stay without a site", task_id)
+
 
 class AsyncScheduler:
     """The methods of :class:`Scheduler`, awaited, on a psycopg ``AsyncConnectionPool``.
@@ -320,10 +394,12 @@ class AsyncScheduler:
 
     def __init__(self, dsn: str | None = None, *, pool: AsyncConnectionPool | None = None,
                  min_size: int = 1, max_size: int = 4, actor: str | None = None,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 site_resolver: SiteResolver | None = None) -> None:
         from psycopg_pool import AsyncConnectionPool
 
         self.actor = actor
+        self.site_resolver = site_resolver
         self.connect_timeout = connect_timeout
         if pool is None:
             self._dsn, kwargs = _pool_settings(dsn, connect_timeout)
@@ -437,7 +513,9 @@ class AsyncScheduler:
 
     async def create_task(self, spec: TaskSpec | Mapping[str, Any], *,
                           conn: AConn | None = None) -> CreatedTask:
-        return await self._run(ops.create_task(spec), conn)
+        created = await self._run(ops.create_task(spec), conn)
+        await self._resolve_task_sites(created.task_id, conn)
+        return created
 
     async def expand(self, task_id: int, *, chunk: int = EXPANSION_CHUNK,
                      conn: AConn | None = None) -> int:
@@ -481,6 +559,63 @@ class AsyncScheduler:
 
     async def resume_user_reputation(self, user_id: str, *, conn: AConn | None = None) -> int:
         return await self._run(reputation.resume_user_op(user_id), conn)
+
+    # ------------------------------------------- sites and warm-up (issue 15)
+
+    async def set_site_domains(self, site: str, domains: Iterable[str],
+                               description: str | None = None, *,
+                               conn: AConn | None = None) -> int:
+        return await self._run(sites.set_site_domains(site, domains, description), conn)
+
+    async def sites(self, *, conn: AConn | None = None) -> list[Site]:
+        return await self._run(sites.sites(), conn)
+
+    async def site_domains(self, site: str, *, conn: AConn | None = None) -> list[SiteDomain]:
+        return await self._run(sites.site_domains(site), conn)
+
+    async def suspend_site(self, service_id: int, site: str, until: dt.datetime,
+                           reason: str = "suspended by hand", *,
+                           conn: AConn | None = None) -> None:
+        await self._run(sites.suspend_site(service_id, site, until, reason), conn)
+
+    async def set_service_warmup(self, service_id: int, ramp: list[int] | None,
+                                 started_on: dt.date | None = None, *,
+                                 conn: AConn | None = None) -> Warmup | None:
+        return await self._run(sites.set_service_warmup(service_id, ramp, started_on), conn)
+
+    async def warmup(self, service_id: int, *, conn: AConn | None = None) -> Warmup | None:
+        return await self._run(sites.warmup(service_id), conn)
+
+    async def resolve_sites(self, domains: Iterable[str], *, conn: AConn | None = None) -> int:
+        """:meth:`Scheduler.resolve_sites`; the resolver may be async, and a plain
+        function runs in a worker thread (a DNS lookup does not stall the event loop)."""
+        if self.site_resolver is None:
+            raise errors.ConfigurationError("this AsyncScheduler has no site_resolver")
+        asked = await self._run(sites.unmapped(domains), conn)
+        return await self._cache_sites(asked, await self._ask(asked) if asked else {}, conn)
+
+    async def _ask(self, asked: list[str]) -> Any:
+        hook = self.site_resolver
+        assert hook is not None
+        if inspect.iscoroutinefunction(hook):
+            return await hook(asked)
+        answer = await asyncio.to_thread(hook, asked)
+        return await answer if inspect.isawaitable(answer) else answer
+
+    async def _cache_sites(self, asked: list[str], answer: Any, conn: AConn | None) -> int:
+        found, names = sites.clean_answers(asked, answer)
+        return await self._run(sites.cache(found, names), conn)
+
+    async def _resolve_task_sites(self, task_id: int, conn: AConn | None) -> None:
+        if self.site_resolver is None:
+            return
+        try:
+            asked = await self._run(sites.unmapped_of_task(task_id), conn)
+            if asked:
+                await self._cache_sites(asked, await self._ask(asked), conn)
+        except Exception:  # the task stands; its unresolved domains just have no site yet
+            sites.log.exception("site resolver failed for task %s; its unmapped domains "
+                                "stay without a site", task_id)
 
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "EXPANSION_CHUNK", "AsyncMonitoring", "AsyncScheduler",

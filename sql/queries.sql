@@ -443,3 +443,54 @@ SELECT edm.report_pace(%s, %s, %s)
 -- release_idle_holds --
 -- Services whose lanes ran empty while this dispatcher has no room to claim: others may take them.
 SELECT edm.release_holds(%s, %s)
+
+-- sites_set_domains --
+-- Define a destination site and map domains to it (edm.set_site_domains).
+SELECT edm.set_site_domains(%s, %s::text[], %s)
+
+-- sites_list --
+-- Every destination site with its number of mapped domains.
+SELECT s.site, s.description, s.created_at,
+       (SELECT count(*) FROM edm.site_domains d WHERE d.site = s.site)::integer AS domains
+FROM edm.sites s ORDER BY s.site
+
+-- sites_domains --
+-- The domains mapped to one site (empty when the site is unknown or has none).
+SELECT d.domain, d.site, d.source, d.resolved_at
+FROM edm.site_domains d WHERE d.site = %s ORDER BY d.domain
+
+-- sites_exists --
+-- Whether a destination site is defined.
+SELECT EXISTS (SELECT 1 FROM edm.sites s WHERE s.site = %s)
+
+-- sites_suspend --
+-- Suspend a (service, site) pair until a time (a time already past lifts it).
+SELECT edm.suspend_site(%s, %s, %s, %s)
+
+-- sites_unmapped_of_task --
+-- The recipient domains of a task that no site maps yet: what the host's resolver hook answers.
+SELECT u.domain
+FROM edm.unmapped_domains(ARRAY(SELECT DISTINCT edm.email_domain(st.email)
+                                FROM edm.subtasks st WHERE st.task_id = %s)) AS u(domain)
+
+-- sites_unmapped --
+-- Those of some domains that no site maps yet.
+SELECT u.domain FROM edm.unmapped_domains(%s::text[]) AS u(domain)
+
+-- sites_cache --
+-- Cache the resolver hook's answers (never overriding shipped or admin mappings).
+SELECT edm.cache_site_domains(%s::text[], %s::text[])
+
+-- warmup_set --
+-- Put a service on a warm-up ramp (NULL ramp: end it); returns the ceiling in force.
+SELECT edm.set_service_warmup(%s, %s::integer[], %s::date)
+
+-- warmup_status --
+-- Where a service's warm-up stands (no row when it has none).
+SELECT service_id, service_name, started_on, day, days, state, ceiling_today, ceiling_in_force,
+       used_today, ceiling_tomorrow, final_ceiling, next_day_at, ramp
+FROM edm.service_warmup_status WHERE service_id = %s
+
+-- warmup_ramp --
+-- A growing warm-up ramp from a start to a full daily volume (edm.warmup_ramp).
+SELECT edm.warmup_ramp(%s::integer, %s::integer, %s::numeric)

@@ -76,7 +76,8 @@ class Both:
 
 
 RAN: set[tuple[str, str]] = set()
-COVERING = {"test_users_services_contacts", "test_tasks", "test_jobs_and_monitoring"}
+COVERING = {"test_users_services_contacts", "test_tasks", "test_jobs_and_monitoring",
+            "test_sites_and_warmup"}
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -222,6 +223,21 @@ def test_deliverability(api: Both, conn: psycopg.Connection[Any]) -> None:
     assert isinstance(api.reputation(), list)
     assert api.resume_service_reputation(sid) is False  # not paused by the breaker
     assert api.resume_user_reputation("u1") == 0
+
+
+def test_sites_and_warmup(api: Both, conn: psycopg.Connection[Any]) -> None:
+    assert api.set_site_domains("orange", ["orange.fr"], "Orange") == 1
+    assert "orange" in {s.site for s in api.sites()}
+    assert [d.domain for d in api.site_domains("orange")] == ["orange.fr"]
+    sid = api.create_service({"name": "s1", "from_addresses": ["s1@x.example"],
+                              "interval_seconds": 0, "daily_quota": 10, "transport": "null"})
+    api.suspend_site(sid, "orange", dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5), "test")
+    assert conn.execute("SELECT edm.suspended_sites(%s)", (sid,)).fetchone() == (["orange"],)
+    assert api.warmup(sid) is None
+    w = api.set_service_warmup(sid, [2, 4])
+    assert w is not None and (w.day, w.days, w.ceiling_today) == (1, 2, 2)
+    with pytest.raises(errors.ConfigurationError):
+        api.resolve_sites(["x.example"])  # no site_resolver given
 
 
 def test_every_method_ran_both_ways() -> None:
