@@ -40,6 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
+  ('19', 'house', '3cf955aa08aea0f654e681914dac78496af50756151fe734573c1ce670d10f93'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -1351,8 +1352,8 @@ BEGIN
   UPDATE edm.tasks t SET total_count = v_n, pending_count = v_n, quota_reserved = v_n
   WHERE t.task_id = v_task;
   IF v_n = 0 THEN
+    -- nothing to send: started, and completed at once by trigger tasks_when_drained
     UPDATE edm.tasks t SET status = 'sending' WHERE t.task_id = v_task;
-    UPDATE edm.tasks t SET status = 'completed' WHERE t.task_id = v_task;
   END IF;
   RETURN QUERY SELECT v_task, v_n, v_invalid, v_dups, v_supp;
 END;
@@ -1476,8 +1477,8 @@ BEGIN
                           status = 'scheduled'
   WHERE tk.task_id = p_task_id;
   IF (SELECT tk.total_count FROM edm.tasks tk WHERE tk.task_id = p_task_id) = 0 THEN
+    -- nothing to send: started, and completed at once by trigger tasks_when_drained
     UPDATE edm.tasks tk SET status = 'sending' WHERE tk.task_id = p_task_id;
-    UPDATE edm.tasks tk SET status = 'completed' WHERE tk.task_id = p_task_id;
   END IF;
   RETURN QUERY SELECT v_added, true;
 END;
@@ -1545,11 +1546,9 @@ BEGIN
     RAISE EXCEPTION 'cannot resume task % in status %', p_task_id, t.status USING ERRCODE = 'ED003';
   END IF;
   v_status := CASE WHEN t.scheduled_at > coalesce(p_now, now()) THEN 'scheduled' ELSE 'sending' END;
-  UPDATE edm.tasks tk SET status = v_status WHERE tk.task_id = p_task_id;
-  IF v_status = 'sending' AND t.pending_count = 0 AND t.leased_count = 0 THEN
-    UPDATE edm.tasks tk SET status = 'completed' WHERE tk.task_id = p_task_id;
-    v_status := 'completed';
-  END IF;
+  -- a drained task resumed to sending comes back completed (trigger tasks_when_drained)
+  UPDATE edm.tasks tk SET status = v_status WHERE tk.task_id = p_task_id
+  RETURNING tk.status INTO v_status;
   RETURN v_status;
 END;
 $function$;
@@ -1674,6 +1673,30 @@ $function$;
 COMMENT ON FUNCTION edm.start_due_tasks(timestamp with time zone) IS 'Moves scheduled tasks whose scheduled_at has come to sending. Called at the start of every claim; returns how many started.';
 REVOKE ALL ON FUNCTION edm.start_due_tasks(timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.task_drained(p_status text, p_pending integer, p_leased integer)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ((p_status = 'sending'::text) AND (p_pending = 0) AND (p_leased = 0));
+COMMENT ON FUNCTION edm.task_drained(text,integer,integer) IS 'The rule of task completion, in one place: a task that is sending with nothing pending and nothing leased is drained, and trigger tasks_when_drained makes it completed.';
+REVOKE ALL ON FUNCTION edm.task_drained(text,integer,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.tasks_complete_drained()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  NEW.status := 'completed';
+  NEW.prev_status := 'sending';  -- it passed through sending, if only within this statement
+  NEW.started_at := coalesce(NEW.started_at, now());
+  NEW.finished_at := coalesce(NEW.finished_at, now());
+  NEW.updated_at := now();
+  RETURN NEW;
+END;
+$function$;
+COMMENT ON FUNCTION edm.tasks_complete_drained() IS 'Trigger: completes a drained task (edm.task_drained) in the row being written: status completed after sending, started_at and finished_at stamped (a finished_at given by the statement is kept).';
+REVOKE ALL ON FUNCTION edm.tasks_complete_drained() FROM PUBLIC;
+
 CREATE TRIGGER tasks_track_status_ins BEFORE INSERT ON edm.tasks FOR EACH ROW EXECUTE FUNCTION edm.tasks_track_status();
 
 CREATE TRIGGER tasks_track_status_upd BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION edm.tasks_track_status();
@@ -1725,6 +1748,9 @@ REVOKE ALL ON FUNCTION edm.tasks_reputation_hold() FROM PUBLIC;
 -- ==========================================================================
 
 CREATE TRIGGER tasks_reputation_hold BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN (((new.status = 'sending'::text) AND (old.status = ANY (ARRAY['scheduled'::text, 'paused'::text])))) EXECUTE FUNCTION edm.tasks_reputation_hold();
+
+CREATE TRIGGER tasks_when_drained BEFORE UPDATE ON edm.tasks FOR EACH ROW WHEN (edm.task_drained(new.status, new.pending_count, new.leased_count)) EXECUTE FUNCTION edm.tasks_complete_drained();
+COMMENT ON TRIGGER tasks_when_drained ON edm.tasks IS 'One place for "a drained task is completed": every update that leaves a task sending with nothing pending or leased completes it.';
 
 -- ==========================================================================
 -- Readiness and quotas
@@ -2604,10 +2630,8 @@ BEGIN
         pending_count = t.pending_count + a.n_pending,
         failed_count = t.failed_count + a.n_failed,
         cancelled_count = t.cancelled_count + a.n_cancelled,
-        quota_reserved = greatest(t.quota_reserved - a.n_failed - a.n_cancelled, 0),
-        status = CASE WHEN t.status = 'sending' AND t.pending_count + a.n_pending = 0
-                           AND t.leased_count - a.n = 0 THEN 'completed'
-                      ELSE t.status END
+        quota_reserved = greatest(t.quota_reserved - a.n_failed - a.n_cancelled, 0)
+        -- a task this drains is completed by trigger tasks_when_drained
     FROM (SELECT p.task_id, count(*) AS n,
                  count(*) FILTER (WHERE p.new_status = 'pending') AS n_pending,
                  count(*) FILTER (WHERE p.new_status = 'failed') AS n_failed,
@@ -2823,16 +2847,16 @@ AS $function$
 DECLARE
   v_n integer;
 BEGIN
-  UPDATE edm.tasks t SET status = 'completed', finished_at = coalesce(p_now, now())
+  UPDATE edm.tasks t SET finished_at = coalesce(p_now, now())
   WHERE t.task_id IN (
     SELECT x.task_id FROM edm.tasks x
-    WHERE x.status = 'sending' AND x.pending_count = 0 AND x.leased_count = 0
+    WHERE edm.task_drained(x.status, x.pending_count, x.leased_count)
     FOR NO KEY UPDATE SKIP LOCKED);
   GET DIAGNOSTICS v_n = ROW_COUNT;
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.finish_tasks(timestamp with time zone) IS 'Safety net: completes sending tasks with nothing pending or leased (completion normally does this in its own transaction).';
+COMMENT ON FUNCTION edm.finish_tasks(timestamp with time zone) IS 'Safety net: touches drained tasks left sending (e.g. by a database upgraded from before 0019) so that trigger tasks_when_drained completes them, finished at p_now. Every other path completes a task in the statement that drains it.';
 REVOKE ALL ON FUNCTION edm.finish_tasks(timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.raise_alert(p_kind text, p_severity text, p_message text, p_task_id bigint DEFAULT NULL::bigint, p_service_id bigint DEFAULT NULL::bigint, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -5004,9 +5028,8 @@ BEGIN
   upd_tasks AS (
     UPDATE edm.tasks t
     SET pending_count = t.pending_count - pt.n, cancelled_count = t.cancelled_count + pt.n,
-        quota_reserved = greatest(t.quota_reserved - pt.n, 0),
-        status = CASE WHEN t.status = 'sending' AND t.pending_count - pt.n = 0
-                           AND t.leased_count = 0 THEN 'completed' ELSE t.status END
+        quota_reserved = greatest(t.quota_reserved - pt.n, 0)
+        -- a task this drains is completed by trigger tasks_when_drained
     FROM per_task pt WHERE t.task_id = pt.task_id
     RETURNING t.user_id, pt.n
   )
