@@ -101,13 +101,14 @@ def test_create_task(world: dict[str, Any], emails: list[str], subject: str, bod
 
 
 @HOSTILE
-@given(task_id=nasty_int, op=st.sampled_from(["pause", "resume", "cancel", "task"]))
+@given(task_id=nasty_int,
+       op=st.sampled_from(["pause_task", "resume_task", "cancel_task", "get_task"]))
 def test_lifecycle_with_wrong_ids(world: dict[str, Any], task_id: int, op: str) -> None:
     s = world["s"]
     assert refused_cleanly(world, lambda: getattr(s, op)(task_id, user_id="tenant-a"))
 
 
-@pytest.mark.parametrize("op", ["pause", "resume", "cancel", "task"])
+@pytest.mark.parametrize("op", ["pause_task", "resume_task", "cancel_task", "get_task"])
 def test_another_tenants_task_is_unknown(world: dict[str, Any], op: str) -> None:
     s = world["s"]
     before = fingerprint(world["conn"])

@@ -96,7 +96,7 @@ def test_resuming_a_task_that_drained_while_paused(sched: Scheduler,
                                                    conn: psycopg.Connection[Any]) -> None:
     task = make_task(sched, "alice", 1)
     [row] = claim(conn, at(0))
-    sched.pause(task)
+    sched.pause_task(task)
     complete(conn, at(1), [row["subtask_id"]])  # a leased subtask completes normally
     assert state(conn, task)[0] == "paused"
     assert conn.execute("SELECT edm.resume_task(%s, NULL, %s)", (task, at(2))).fetchone() == (
