@@ -64,9 +64,26 @@ def edm_pg_server() -> Iterator[ServerInfo]:
     tmp = Path(tempfile.mkdtemp(prefix="edm-sched-test-"))
     try:
         with EmbeddedPostgres(tmp / "pgdata") as pg:
+            _throwaway(pg.dsn())
             yield server_from_dsn(pg.dsn())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the run leaves nothing in the temp dir
+
+
+def _throwaway(dsn: str) -> None:
+    """This server's data is removed after the run: no need to make it durable.
+
+    Without fsync and synchronous commits every test statement, and the
+    ``CREATE DATABASE ... TEMPLATE`` / ``DROP DATABASE`` around each test, stop
+    waiting for the disk (a large part of the fast lane's time on a busy
+    machine). A crash of a server process loses nothing (the data is in the
+    OS's cache); only a crash of the machine could, and then the run is lost
+    anyway. A server given by EDM_SCHED_TEST_DSN is left as it is.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = off").format(sql.Identifier(setting)))
+        conn.execute("SELECT pg_reload_conf()")
 
 
 def _load_schema(host: str, port: int, user: str, dbname: str, password: str | None,
