@@ -90,7 +90,7 @@ CONCEPTS: list[tuple[str, str, list[str]]] = [
       "task_wait_reasons"]),
     ("Recurring jobs",
      "Cron-scheduled jobs on the same database (see docs/jobs.md).",
-     ["jobs", "job_executions", "jobs_overview"]),
+     ["jobs", "job_executions", "jobs_overview", "lock_job"]),
     ("Security",
      "Least privilege: SECURITY DEFINER on every writing function, roles and their grants.",
      ["harden_functions", "share_staged", "install_roles"]),

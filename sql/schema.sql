@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('19', 'house', '3cf955aa08aea0f654e681914dac78496af50756151fe734573c1ce670d10f93'),
+  ('19', 'house', 'ba2e85dbc1e55b084767d79982bb18f097a06cf0aa5369ff66227d62c0edcfab'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -3638,6 +3638,31 @@ COMMENT ON INDEX edm.job_executions_scheduled_once_idx IS 'Exactly once: at most
 CREATE INDEX job_executions_tenant_running_idx ON edm.job_executions USING btree (tenant_id) WHERE (status = 'running'::text);
 COMMENT ON INDEX edm.job_executions_tenant_running_idx IS 'Running executions of a tenant (jobs.max_running_per_tenant, checked by edm.job_claim).';
 
+CREATE FUNCTION edm.lock_job(p_job_id bigint, p_user_id text)
+ RETURNS edm.jobs
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  j edm.jobs;
+BEGIN
+  BEGIN
+    SELECT * INTO j FROM edm.jobs x
+    WHERE x.job_id = p_job_id AND (p_user_id IS NULL OR x.tenant_id = p_user_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  RETURN j;
+END;
+$function$;
+COMMENT ON FUNCTION edm.lock_job(bigint,text) IS 'Locks (FOR NO KEY UPDATE) and returns job p_job_id, scoped to p_user_id when given (another user''s job is unknown, ED010); ED013 when it stays locked beyond the session''s lock_timeout. Internal to the job_* functions.';
+REVOKE ALL ON FUNCTION edm.lock_job(bigint,text) FROM PUBLIC;
+
 CREATE FUNCTION edm.job_cancel_execution(p_execution_id bigint, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS text
  LANGUAGE plpgsql
@@ -4163,16 +4188,7 @@ AS $function$
 DECLARE
   v_status text;
 BEGIN
-  BEGIN
-    SELECT j.status INTO v_status FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_status := (edm.lock_job(p_job_id, p_tenant_id)).status;
   IF v_status = 'inactive' THEN
     RAISE EXCEPTION 'job % is inactive: resume it instead', p_job_id USING ERRCODE = 'ED003';
   END IF;
@@ -4242,16 +4258,7 @@ DECLARE
   v_now timestamptz := coalesce(p_now, now());
   v_job record;
 BEGIN
-  BEGIN
-    SELECT j.status, j.updated_at, j.run_count, j.max_executions INTO v_job FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_job := edm.lock_job(p_job_id, p_tenant_id);
   IF v_job.status = 'active' THEN
     RETURN true;
   END IF;
@@ -4363,15 +4370,10 @@ BEGIN
     PERFORM 1 FROM edm.job_executions e
     WHERE e.job_id = p_job_id AND e.status IN ('pending', 'running')
     ORDER BY e.execution_id FOR NO KEY UPDATE;
-    PERFORM 1 FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
   EXCEPTION WHEN lock_not_available THEN
     RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
   END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  PERFORM edm.lock_job(p_job_id, p_tenant_id);
   UPDATE edm.jobs j SET status = 'inactive', inactive_reason = 'stopped', next_run_at = NULL,
                         updated_at = now()
   WHERE j.job_id = p_job_id;
@@ -4415,17 +4417,7 @@ DECLARE
   v_active integer;
   v_id     bigint;
 BEGIN
-  BEGIN
-    SELECT j.job_id, j.tenant_id, j.priority, j.max_concurrent INTO v_job
-    FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_job := edm.lock_job(p_job_id, p_tenant_id);
   SELECT count(*) INTO v_active FROM edm.job_executions e
   WHERE e.job_id = p_job_id AND e.status IN ('pending', 'running');
   IF v_active >= v_job.max_concurrent THEN
@@ -4455,16 +4447,7 @@ BEGIN
   IF p_job IS NULL OR jsonb_typeof(p_job) <> 'object' THEN
     RAISE EXCEPTION 'job_update: the job must be a JSON object' USING ERRCODE = 'ED012';
   END IF;
-  BEGIN
-    SELECT j.status, j.updated_at, j.run_count INTO v_job FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_job := edm.lock_job(p_job_id, p_tenant_id);
   IF v_job.updated_at IS DISTINCT FROM p_expected_updated_at THEN
     RETURN false;  -- changed since the caller read it: read again and retry
   END IF;

@@ -125,4 +125,95 @@ BEGIN
 END;
 $patch$;
 
+
+-- ---------------------------------------------------------------------------
+-- One place for "lock a job of this user, or say why not" (issue 18, point 3)
+-- ---------------------------------------------------------------------------
+-- job_update, job_resume, job_trigger, job_pause and job_stop each wrote the
+-- same locking block (ED013 when the job stays locked beyond lock_timeout,
+-- ED010 when it is unknown or another user's). edm.lock_job is that block,
+-- as edm.lock_task is for tasks; the functions are patched to call it.
+-- (job_delete takes a stronger lock, FOR UPDATE, for its cascade: left as is.)
+
+CREATE FUNCTION edm.lock_job(p_job_id bigint, p_user_id text)
+RETURNS edm.jobs
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  j edm.jobs;
+BEGIN
+  BEGIN
+    SELECT * INTO j FROM edm.jobs x
+    WHERE x.job_id = p_job_id AND (p_user_id IS NULL OR x.tenant_id = p_user_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  RETURN j;
+END;
+$$;
+COMMENT ON FUNCTION edm.lock_job(bigint, text) IS
+  'Locks (FOR NO KEY UPDATE) and returns job p_job_id, scoped to p_user_id when given (another user''s job is unknown, ED010); ED013 when it stays locked beyond the session''s lock_timeout. Internal to the job_* functions.';
+
+DO $patch$
+DECLARE
+  v_block text := $a$  BEGIN
+    SELECT [^;]*? INTO (v_\w+)\s+FROM edm\.jobs j
+    WHERE j\.job_id = p_job_id AND \(p_tenant_id IS NULL OR j\.tenant_id = p_tenant_id\)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;$a$;
+  v_stop text := $a$    PERFORM 1 FROM edm.jobs j
+    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;$a$;
+  v_fn text;
+  v_def text;
+  v_new text;
+BEGIN
+  FOREACH v_fn IN ARRAY ARRAY[
+      'edm.job_update(bigint, jsonb, boolean, timestamptz, timestamptz, text, timestamptz)',
+      'edm.job_resume(bigint, timestamptz, timestamptz, text, timestamptz)',
+      'edm.job_trigger(bigint, text, timestamptz)'] LOOP
+    v_def := pg_get_functiondef(v_fn::regprocedure);
+    v_new := regexp_replace(v_def, v_block, '  \1 := edm.lock_job(p_job_id, p_tenant_id);');
+    IF v_new = v_def THEN
+      RAISE EXCEPTION '0019: % no longer holds the job-locking block 0019 knows; call edm.lock_job by hand', v_fn;
+    END IF;
+    EXECUTE v_new;
+  END LOOP;
+
+  v_fn := 'edm.job_pause(bigint, text)';
+  v_def := pg_get_functiondef(v_fn::regprocedure);
+  v_new := regexp_replace(v_def, v_block, '  \1 := (edm.lock_job(p_job_id, p_tenant_id)).status;');
+  IF v_new = v_def THEN
+    RAISE EXCEPTION '0019: % no longer holds the job-locking block 0019 knows; call edm.lock_job by hand', v_fn;
+  END IF;
+  EXECUTE v_new;
+
+  -- job_stop locks the job's executions first (lock order), then the job.
+  v_fn := 'edm.job_stop(bigint, text, boolean, timestamptz)';
+  v_def := pg_get_functiondef(v_fn::regprocedure);
+  IF position(v_stop IN v_def) = 0 THEN
+    RAISE EXCEPTION '0019: % no longer holds the job-locking block 0019 knows; call edm.lock_job by hand', v_fn;
+  END IF;
+  EXECUTE replace(v_def, v_stop, $a$  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  PERFORM edm.lock_job(p_job_id, p_tenant_id);$a$);
+END;
+$patch$;
+
 SELECT edm.harden_functions();
