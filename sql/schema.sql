@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('19', 'house', 'ba2e85dbc1e55b084767d79982bb18f097a06cf0aa5369ff66227d62c0edcfab'),
+  ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -3794,6 +3794,113 @@ $function$;
 COMMENT ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) IS 'Claims up to p_limit due pending executions for runner p_worker, highest priority and earliest first, taking one of their job''s max_concurrent slots each and, when jobs.max_running_per_tenant > 0, staying within the tenant''s share of running executions; marks them running with a lease of timeout + jobs.lease_margin. Skips executions of paused jobs (except manual runs). Never waits on a lock.';
 REVOKE ALL ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.job_complete(p_execution_id bigint, p_worker text, p_status text, p_result jsonb DEFAULT NULL::jsonb, p_error text DEFAULT NULL::text, p_error_kind text DEFAULT NULL::text, p_error_type text DEFAULT NULL::text, p_error_stack text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now  timestamptz := coalesce(p_now, now());
+  v_e    record;
+  v_job  record;
+  v_retry record;
+BEGIN
+  IF p_status IS NULL OR p_status NOT IN ('succeeded', 'failed', 'timed_out') THEN
+    RAISE EXCEPTION 'job_complete: status must be succeeded, failed or timed_out' USING ERRCODE = 'ED005';
+  END IF;
+  -- Lock order: the execution, then its job.
+  SELECT e.execution_id, e.job_id, e.status, e.worker_id INTO v_e
+  FROM edm.job_executions e WHERE e.execution_id = p_execution_id
+  FOR NO KEY UPDATE;
+  IF NOT FOUND OR v_e.status <> 'running' OR v_e.worker_id IS DISTINCT FROM p_worker THEN
+    -- Cancelled, recovered by the lease sweep, or deleted meanwhile: the
+    -- outcome is not recorded and nothing is retried.
+    RETURN QUERY SELECT false, NULL::bigint, NULL::timestamptz;
+    RETURN;
+  END IF;
+
+  UPDATE edm.job_executions e
+  SET status = p_status, finished_at = v_now, lease_expires_at = NULL,
+      result = p_result,
+      error = left(p_error, 4000), error_kind = left(p_error_kind, 100),
+      error_type = left(p_error_type, 200), error_stack = left(p_error_stack, 20000),
+      progress = CASE WHEN p_status = 'succeeded' THEN 100 ELSE e.progress END
+  WHERE e.execution_id = p_execution_id;
+
+  UPDATE edm.jobs j
+  SET running_count = greatest(j.running_count - 1, 0),
+      last_finished_at = v_now, last_status = p_status,
+      success_count = j.success_count + (p_status = 'succeeded')::integer,
+      failure_count = j.failure_count + (p_status <> 'succeeded')::integer
+  WHERE j.job_id = v_e.job_id
+  RETURNING j.job_id, j.running_count, j.max_concurrent INTO v_job;
+
+  SELECT r.execution_id, r.run_after INTO v_retry FROM edm.job_schedule_retry(p_execution_id, v_now) r;
+
+  -- A slot was freed on a job whose executions may be waiting for one.
+  IF v_job.running_count + 1 >= v_job.max_concurrent
+     AND EXISTS (SELECT 1 FROM edm.job_executions e
+                 WHERE e.job_id = v_e.job_id AND e.status = 'pending') THEN
+    PERFORM pg_notify('edm_jobs', 'slot:' || v_e.job_id);
+  END IF;
+  RETURN QUERY SELECT true, v_retry.execution_id, v_retry.run_after;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_complete(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) IS 'Records the outcome of a running execution held by p_worker (succeeded, failed or timed_out), frees its max_concurrent slot, updates the job''s counters and queues a retry per the job''s policy. Returns accepted = false (and changes nothing) when the execution is no longer this worker''s running one (cancelled, lost, deleted).';
+REVOKE ALL ON FUNCTION edm.job_complete(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_complete(p_worker text, p_execution_ids bigint[], p_statuses text[], p_results jsonb DEFAULT NULL::jsonb, p_errors text[] DEFAULT NULL::text[], p_error_kinds text[] DEFAULT NULL::text[], p_error_types text[] DEFAULT NULL::text[], p_error_stacks text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(execution_id bigint, accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_n integer := coalesce(cardinality(p_execution_ids), 0);
+  v_i integer;
+BEGIN
+  IF v_n = 0 THEN
+    RETURN;
+  END IF;
+  IF v_n > 1000
+     OR cardinality(p_statuses) IS DISTINCT FROM v_n
+     OR (p_results IS NOT NULL AND (jsonb_typeof(p_results) <> 'array'
+                                    OR jsonb_array_length(p_results) <> v_n))
+     OR (p_errors IS NOT NULL AND cardinality(p_errors) <> v_n)
+     OR (p_error_kinds IS NOT NULL AND cardinality(p_error_kinds) <> v_n)
+     OR (p_error_types IS NOT NULL AND cardinality(p_error_types) <> v_n)
+     OR (p_error_stacks IS NOT NULL AND cardinality(p_error_stacks) <> v_n)
+     OR (SELECT count(DISTINCT i) FROM unnest(p_execution_ids) i) <> v_n THEN
+    RAISE EXCEPTION 'job_complete: at most 1000 distinct executions, and one entry per execution in every array'
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- Lock order: every execution (id order), then every job (id order), before
+  -- changing anything. Holding all the executions first means no job row is
+  -- held while waiting for an execution, so this cannot deadlock with the
+  -- lease sweep, a cancel or a stop, which lock executions before jobs.
+  PERFORM 1 FROM edm.job_executions e WHERE e.execution_id = ANY (p_execution_ids)
+  ORDER BY e.execution_id FOR NO KEY UPDATE;
+  PERFORM 1 FROM edm.jobs j
+  WHERE j.job_id IN (SELECT e.job_id FROM edm.job_executions e
+                     WHERE e.execution_id = ANY (p_execution_ids))
+  ORDER BY j.job_id FOR NO KEY UPDATE;
+  FOR v_i IN 1..v_n LOOP
+    RETURN QUERY
+    SELECT p_execution_ids[v_i], f.accepted, f.retry_execution_id, f.retry_at
+    FROM edm.job_complete(p_execution_ids[v_i], p_worker, p_statuses[v_i],
+                        CASE WHEN p_results IS NULL OR p_results -> (v_i - 1) = 'null'::jsonb
+                             THEN NULL ELSE p_results -> (v_i - 1) END,
+                        p_errors[v_i], p_error_kinds[v_i], p_error_types[v_i], p_error_stacks[v_i],
+                        p_now) f;
+  END LOOP;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_complete(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) IS 'edm.job_complete for a batch of executions held by one runner, in one transaction (one commit): element i of each array (and of the JSON array p_results) belongs to p_execution_ids[i]. Locks all executions, then all jobs, each in id order, so it cannot deadlock with the lease sweep or host operations.';
+REVOKE ALL ON FUNCTION edm.job_complete(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION edm.job_create(p_job jsonb, p_next_run_at timestamp with time zone, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -3953,109 +4060,20 @@ REVOKE ALL ON FUNCTION edm.job_expire_runs(timestamp with time zone,integer) FRO
 
 CREATE FUNCTION edm.job_finish(p_execution_id bigint, p_worker text, p_status text, p_result jsonb DEFAULT NULL::jsonb, p_error text DEFAULT NULL::text, p_error_kind text DEFAULT NULL::text, p_error_type text DEFAULT NULL::text, p_error_stack text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
- LANGUAGE plpgsql
+ LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-#variable_conflict use_column
-DECLARE
-  v_now  timestamptz := coalesce(p_now, now());
-  v_e    record;
-  v_job  record;
-  v_retry record;
-BEGIN
-  IF p_status IS NULL OR p_status NOT IN ('succeeded', 'failed', 'timed_out') THEN
-    RAISE EXCEPTION 'job_finish: status must be succeeded, failed or timed_out' USING ERRCODE = 'ED005';
-  END IF;
-  -- Lock order: the execution, then its job.
-  SELECT e.execution_id, e.job_id, e.status, e.worker_id INTO v_e
-  FROM edm.job_executions e WHERE e.execution_id = p_execution_id
-  FOR NO KEY UPDATE;
-  IF NOT FOUND OR v_e.status <> 'running' OR v_e.worker_id IS DISTINCT FROM p_worker THEN
-    -- Cancelled, recovered by the lease sweep, or deleted meanwhile: the
-    -- outcome is not recorded and nothing is retried.
-    RETURN QUERY SELECT false, NULL::bigint, NULL::timestamptz;
-    RETURN;
-  END IF;
-
-  UPDATE edm.job_executions e
-  SET status = p_status, finished_at = v_now, lease_expires_at = NULL,
-      result = p_result,
-      error = left(p_error, 4000), error_kind = left(p_error_kind, 100),
-      error_type = left(p_error_type, 200), error_stack = left(p_error_stack, 20000),
-      progress = CASE WHEN p_status = 'succeeded' THEN 100 ELSE e.progress END
-  WHERE e.execution_id = p_execution_id;
-
-  UPDATE edm.jobs j
-  SET running_count = greatest(j.running_count - 1, 0),
-      last_finished_at = v_now, last_status = p_status,
-      success_count = j.success_count + (p_status = 'succeeded')::integer,
-      failure_count = j.failure_count + (p_status <> 'succeeded')::integer
-  WHERE j.job_id = v_e.job_id
-  RETURNING j.job_id, j.running_count, j.max_concurrent INTO v_job;
-
-  SELECT r.execution_id, r.run_after INTO v_retry FROM edm.job_schedule_retry(p_execution_id, v_now) r;
-
-  -- A slot was freed on a job whose executions may be waiting for one.
-  IF v_job.running_count + 1 >= v_job.max_concurrent
-     AND EXISTS (SELECT 1 FROM edm.job_executions e
-                 WHERE e.job_id = v_e.job_id AND e.status = 'pending') THEN
-    PERFORM pg_notify('edm_jobs', 'slot:' || v_e.job_id);
-  END IF;
-  RETURN QUERY SELECT true, v_retry.execution_id, v_retry.run_after;
-END;
-$function$;
-COMMENT ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) IS 'Records the outcome of a running execution held by p_worker (succeeded, failed or timed_out), frees its max_concurrent slot, updates the job''s counters and queues a retry per the job''s policy. Returns accepted = false (and changes nothing) when the execution is no longer this worker''s running one (cancelled, lost, deleted).';
+AS $function$SELECT * FROM edm.job_complete($1, $2, $3, $4, $5, $6, $7, $8, $9)$function$;
+COMMENT ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) IS 'Deprecated: the older name of edm.job_complete (same arguments, same result), kept for a release.';
 REVOKE ALL ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.job_finish(p_worker text, p_execution_ids bigint[], p_statuses text[], p_results jsonb DEFAULT NULL::jsonb, p_errors text[] DEFAULT NULL::text[], p_error_kinds text[] DEFAULT NULL::text[], p_error_types text[] DEFAULT NULL::text[], p_error_stacks text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(execution_id bigint, accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
- LANGUAGE plpgsql
+ LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-#variable_conflict use_column
-DECLARE
-  v_n integer := coalesce(cardinality(p_execution_ids), 0);
-  v_i integer;
-BEGIN
-  IF v_n = 0 THEN
-    RETURN;
-  END IF;
-  IF v_n > 1000
-     OR cardinality(p_statuses) IS DISTINCT FROM v_n
-     OR (p_results IS NOT NULL AND (jsonb_typeof(p_results) <> 'array'
-                                    OR jsonb_array_length(p_results) <> v_n))
-     OR (p_errors IS NOT NULL AND cardinality(p_errors) <> v_n)
-     OR (p_error_kinds IS NOT NULL AND cardinality(p_error_kinds) <> v_n)
-     OR (p_error_types IS NOT NULL AND cardinality(p_error_types) <> v_n)
-     OR (p_error_stacks IS NOT NULL AND cardinality(p_error_stacks) <> v_n)
-     OR (SELECT count(DISTINCT i) FROM unnest(p_execution_ids) i) <> v_n THEN
-    RAISE EXCEPTION 'job_finish: at most 1000 distinct executions, and one entry per execution in every array'
-      USING ERRCODE = 'ED005';
-  END IF;
-  -- Lock order: every execution (id order), then every job (id order), before
-  -- changing anything. Holding all the executions first means no job row is
-  -- held while waiting for an execution, so this cannot deadlock with the
-  -- lease sweep, a cancel or a stop, which lock executions before jobs.
-  PERFORM 1 FROM edm.job_executions e WHERE e.execution_id = ANY (p_execution_ids)
-  ORDER BY e.execution_id FOR NO KEY UPDATE;
-  PERFORM 1 FROM edm.jobs j
-  WHERE j.job_id IN (SELECT e.job_id FROM edm.job_executions e
-                     WHERE e.execution_id = ANY (p_execution_ids))
-  ORDER BY j.job_id FOR NO KEY UPDATE;
-  FOR v_i IN 1..v_n LOOP
-    RETURN QUERY
-    SELECT p_execution_ids[v_i], f.accepted, f.retry_execution_id, f.retry_at
-    FROM edm.job_finish(p_execution_ids[v_i], p_worker, p_statuses[v_i],
-                        CASE WHEN p_results IS NULL OR p_results -> (v_i - 1) = 'null'::jsonb
-                             THEN NULL ELSE p_results -> (v_i - 1) END,
-                        p_errors[v_i], p_error_kinds[v_i], p_error_types[v_i], p_error_stacks[v_i],
-                        p_now) f;
-  END LOOP;
-END;
-$function$;
-COMMENT ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) IS 'edm.job_finish for a batch of executions held by one runner, in one transaction (one commit): element i of each array (and of the JSON array p_results) belongs to p_execution_ids[i]. Locks all executions, then all jobs, each in id order, so it cannot deadlock with the lease sweep or host operations.';
+AS $function$SELECT * FROM edm.job_complete($1, $2, $3, $4, $5, $6, $7, $8, $9)$function$;
+COMMENT ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) IS 'Deprecated: the older name of edm.job_complete (same arguments, same result), kept for a release.';
 REVOKE ALL ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.job_fire(p_job_id bigint, p_due timestamp with time zone, p_run_times timestamp with time zone[], p_next timestamp with time zone, p_end_reason text DEFAULT NULL::text, p_queue_all boolean DEFAULT false, p_missed integer DEFAULT 0, p_missed_first timestamp with time zone DEFAULT NULL::timestamp with time zone, p_missed_last timestamp with time zone DEFAULT NULL::timestamp with time zone, p_worker text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -4668,7 +4686,7 @@ DECLARE
   v_dispatcher_fns text[] := ARRAY['check_reputation', 'reputation_rates', 
     'claim', 'complete', 'expire_leases', 'next_wakeup', 'run_sweeps', 'take_alerts',
     'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
-    'job_claim', 'job_fire', 'job_finish', 'job_progress', 'job_schedule_retry',
+    'job_claim', 'job_fire', 'job_finish', 'job_complete', 'job_progress', 'job_schedule_retry',
     'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
     'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace'];
   v_app_fns text[] := ARRAY['set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 

@@ -119,7 +119,7 @@ class JobRegistry(dict[str, Callable[..., Any]]):
 
 @dataclasses.dataclass
 class Outcome:
-    """How an execution ended, as ``edm.job_finish`` records it."""
+    """How an execution ended, as ``edm.job_complete`` records it."""
 
     status: str  # succeeded, failed or timed_out
     result: Any = None

@@ -401,7 +401,7 @@ class JobRunner:
         return self._finish_many([(handle, outcome)])[handle.execution_id]
 
     def _finish_many(self, items: list[tuple[_Handle, Outcome]]) -> dict[int, str]:
-        """Record outcomes with the batch form of ``edm.job_finish``: one statement, one commit."""
+        """Record outcomes with the batch form of ``edm.job_complete`` (one statement, commit)."""
         done: dict[int, str] = {}
         if not items:
             return done

@@ -216,4 +216,56 @@ BEGIN
 END;
 $patch$;
 
+-- ---------------------------------------------------------------------------
+-- One verb (issue 18, point 5): a runner *completes* an execution it holds,
+-- as a dispatcher completes a subtask (edm.complete); *finish* is what a whole
+-- task or job does. edm.job_complete takes the body of edm.job_finish (both
+-- overloads: one execution, a batch); job_finish stays, for a release, as a
+-- wrapper of it. The jobs feature's functions keep their job_ prefix (its
+-- namespace, as the glossary says); their verbs are the house verbs.
+-- ---------------------------------------------------------------------------
+
+DO $rename$
+DECLARE
+  f record;
+BEGIN
+  FOR f IN SELECT p.oid, p.oid::regprocedure::text AS sig, pg_get_function_arguments(p.oid) AS args,
+                  pg_get_function_result(p.oid) AS result, p.pronargs AS n,
+                  obj_description(p.oid, 'pg_proc') AS comment
+           FROM pg_proc p
+           WHERE p.pronamespace = 'edm'::regnamespace AND p.proname = 'job_finish'
+           ORDER BY p.oid LOOP
+    -- the same function under its new name (the batch form calls the new single one)
+    EXECUTE replace(replace(pg_get_functiondef(f.oid), 'edm.job_finish(', 'edm.job_complete('),
+                    'job_finish:', 'job_complete:');
+    EXECUTE format('COMMENT ON FUNCTION %s IS %L',
+                   replace(f.sig, 'edm.job_finish(', 'edm.job_complete('),
+                   replace(f.comment, 'edm.job_finish', 'edm.job_complete'));
+    -- the old name: a wrapper
+    EXECUTE format('CREATE OR REPLACE FUNCTION edm.job_finish(%s) RETURNS %s LANGUAGE sql AS %L',
+                   f.args, f.result,
+                   format('SELECT * FROM edm.job_complete(%s)',
+                          (SELECT string_agg('$' || i, ', ') FROM generate_series(1, f.n) i)));
+    EXECUTE format('COMMENT ON FUNCTION %s IS %L', f.sig,
+                   'Deprecated: the older name of edm.job_complete (same arguments, same result), kept for a release.');
+  END LOOP;
+END;
+$rename$;
+
+-- Roles: whoever may run job_finish may run job_complete (the pattern of 0015).
+DO $roles$
+DECLARE
+  v_def text := pg_get_functiondef('edm.install_roles(text, text, text)'::regprocedure);
+BEGIN
+  IF position($q$'job_finish', $q$ IN v_def) = 0 THEN
+    RAISE EXCEPTION '0019: edm.install_roles does not grant job_finish; grant job_complete by hand';
+  END IF;
+  EXECUTE replace(v_def, $q$'job_finish', $q$, $q$'job_finish', 'job_complete', $q$);
+  IF (SELECT count(*) FROM pg_roles r
+      WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
+    PERFORM edm.install_roles();
+  END IF;
+END;
+$roles$;
+
 SELECT edm.harden_functions();

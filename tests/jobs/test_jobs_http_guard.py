@@ -512,7 +512,7 @@ def test_running_executions_per_tenant_are_capped_across_kinds(
     running = conn.execute("SELECT execution_id FROM edm.job_executions WHERE tenant_id = 'acme'"
                            " AND status = 'running' LIMIT 1").fetchone()
     assert running is not None
-    conn.execute("SELECT edm.job_finish(%s, 'w1', 'succeeded')", [running[0]])
+    conn.execute("SELECT edm.job_complete(%s, 'w1', 'succeeded')", [running[0]])
     again = conn.execute("SELECT tenant_id FROM edm.job_claim('w2', 10)").fetchall()
     assert again == [("acme",)]
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import psycopg
 import pytest
 
 from edm_sched import errors
@@ -63,3 +65,18 @@ def test_a_job_function_reads_the_user() -> None:
     assert old.user_id == "acme"
     with pytest.warns(DeprecationWarning):
         assert old.tenant_id == "acme"
+
+
+def test_job_finish_is_the_older_name_of_job_complete(sched: Scheduler,
+                                                      conn: psycopg.Connection[Any]) -> None:
+    job = sched.jobs.create_job({**SPEC, "user_id": "acme", "max_concurrent": 2})
+    first = sched.jobs.trigger_job(job.job_id).execution_id
+    second = sched.jobs.trigger_job(job.job_id).execution_id
+    claimed = {r[0] for r in conn.execute(
+        "SELECT execution_id FROM edm.job_claim('w1', 10)").fetchall()}
+    assert claimed == {first, second}
+    assert conn.execute("SELECT accepted FROM edm.job_finish(%s, 'w1', 'succeeded')",
+                        [first]).fetchone() == (True,)
+    assert conn.execute("SELECT accepted FROM edm.job_complete(%s, 'w1', 'succeeded')",
+                        [second]).fetchone() == (True,)
+    assert {e.status for e in sched.jobs.list_executions(job_id=job.job_id)} == {"succeeded"}
