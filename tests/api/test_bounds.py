@@ -225,3 +225,42 @@ def test_every_bounded_field_is_accounted_for() -> None:
     assert {"TaskSpec.name", "JobSpec.priority"} <= found  # the walk sees both packages
     assert found - checked - set(PYTHON_ONLY) == set(), "add them to FIELDS or PYTHON_ONLY"
     assert set(PYTHON_ONLY) - found - checked == set(), "stale PYTHON_ONLY entries"
+
+
+# Defaults a model and a column both hold (the API writes the model's value
+# explicitly, so the column default serves direct SQL): they must agree.
+DEFAULTS: list[tuple[type[pydantic.BaseModel], str, str, str]] = [
+    (models.ServiceSpec, "transport", "services", "transport"),
+    (models.ServiceSpec, "quota_tz", "services", "quota_tz"),
+    (models.ServiceSpec, "enabled", "services", "enabled"),
+    (models.ServiceLimit, "burst", "service_limits", "burst"),
+    (models.TaskSpec, "priority", "tasks", "priority"),
+    (jobs.JobSpec, "timezone", "jobs", "timezone"),
+    (jobs.JobSpec, "status", "jobs", "status"),
+    (jobs.JobSpec, "priority", "jobs", "priority"),
+    (jobs.JobSpec, "max_concurrent", "jobs", "max_concurrent"),
+    (jobs.JobSpec, "timeout_seconds", "jobs", "timeout_seconds"),
+    (jobs.JobSpec, "misfire_policy", "jobs", "misfire_policy"),
+    (jobs.JobSpec, "misfire_grace_seconds", "jobs", "misfire_grace_seconds"),
+    (jobs.RetryPolicy, "max_retries", "jobs", "max_retries"),
+    (jobs.RetryPolicy, "delay_seconds", "jobs", "retry_delay_seconds"),
+    (jobs.RetryPolicy, "backoff", "jobs", "retry_backoff"),
+    (jobs.RetryPolicy, "max_delay_seconds", "jobs", "retry_max_delay_seconds"),
+    (jobs.RetryPolicy, "retry_on", "jobs", "retry_on"),
+]
+
+
+@pytest.mark.parametrize(("model", "field", "table", "column"), DEFAULTS,
+                         ids=[f"{m.__name__}.{f}" for m, f, *_ in DEFAULTS])
+def test_model_defaults_equal_the_column_defaults(conn: psycopg.Connection[Any],
+                                                  model: type[pydantic.BaseModel], field: str,
+                                                  table: str, column: str) -> None:
+    row = conn.execute(
+        "SELECT column_default FROM information_schema.columns"
+        " WHERE table_schema = 'edm' AND table_name = %s AND column_name = %s",
+        (table, column)).fetchone()
+    assert row is not None and row[0] is not None, f"edm.{table}.{column} has no default"
+    sql_value = conn.execute(f"SELECT {row[0]}").fetchone()[0]  # a constant expression
+    py_value = model.model_fields[field].get_default(call_default_factory=True)
+    assert py_value == sql_value, (f"{model.__name__}.{field} {py_value!r}, "
+                                   f"edm.{table}.{column} {sql_value!r}")
