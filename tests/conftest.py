@@ -119,6 +119,24 @@ def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
         yield c
 
 
+@pytest.fixture(scope="module")
+def module_dsn(edm_noproc: Any, edm_pg_server: ServerInfo) -> Iterator[str]:
+    """DSN of a migrated database shared by the tests of one module, dropped afterwards.
+
+    One clone of the template instead of one per test: for tests that only read
+    the catalog, or whose checks do not depend on what the module's other tests
+    wrote (a refused call compared with the state just before it, say).
+    """
+    name = f"edm_mod_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = edm_pg_server.dsn(edm_pg_server.maintenance_dbname)
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(edm_noproc.template_dbname)))
+    yield edm_pg_server.dsn(name)
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @pytest.fixture
 def empty_dsn(edm_pg_server: ServerInfo) -> Iterator[str]:
     """DSN of an empty database (no schema), dropped afterwards."""

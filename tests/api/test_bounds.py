@@ -15,6 +15,7 @@ import importlib
 import pkgutil
 import re
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -120,6 +121,13 @@ PYTHON_ONLY: dict[str, str] = {
     "HttpTarget.max_response_bytes": "inside the target (jsonb)",
     "ShellTarget.cwd": "inside the target (jsonb)",
 }
+
+@pytest.fixture(scope="module")
+def conn(module_dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """These tests only read the catalog: one database for the whole module."""
+    with psycopg.connect(module_dsn, autocommit=True) as c:
+        yield c
+
 
 _LENGTH = re.compile(r"(length|cardinality)\((\w+)\) (>=|<=) (\d+)")
 _VALUE = re.compile(r"(?<!\w)\((\w+) (>=|<=) \(?'?(-?\d+(?:\.\d+)?)")
