@@ -43,9 +43,11 @@ nasty_int = st.one_of(st.integers(min_value=-(2**70), max_value=2**70),
                       st.sampled_from([-1, 0, 2**31, 2**63, -(2**63) - 1]))
 
 
-@pytest.fixture
-def world(dsn: str, conn: psycopg.Connection[Any]) -> Iterator[dict[str, Any]]:
-    with Scheduler(dsn) as s:
+@pytest.fixture(scope="module")
+def world(module_dsn: str) -> Iterator[dict[str, Any]]:
+    """One database for the module, as hypothesis already shares it between the examples
+    of a test: every refusal is checked against the state just before it."""
+    with Scheduler(module_dsn) as s, psycopg.connect(module_dsn, autocommit=True) as conn:
         s.upsert_user("tenant-a", quota_limit=1000)
         s.upsert_user("tenant-b", quota_limit=1000)
         svc = make_service(s, "svc", users=["tenant-a"])
