@@ -190,7 +190,7 @@ def _steady_specs() -> list[dict[str, Any]]:
     for i in range(STEADY_JOBS):
         minute, second = i % 3, (i // 3) % 60  # 695, 695 and 694 jobs per minute
         specs.append({
-            "name": f"steady-{i}", "tenant_id": f"tenant-{i % TENANTS:03d}",
+            "name": f"steady-{i}", "user_id": f"tenant-{i % TENANTS:03d}",
             "cron": f"{second} {minute}-59/3 * * * *", "status": "paused",
             "target": {"kind": "function", "function": "bench.noop"},
             "timeout_seconds": 60, "misfire_grace_seconds": 60,
@@ -236,7 +236,7 @@ def _activate_steady(dsn: str, start: dt.datetime) -> None:
 
 def _burst_specs(start: dt.datetime) -> list[dict[str, Any]]:
     return [{
-        "name": f"burst-{i}", "tenant_id": f"tenant-{i % TENANTS:03d}",
+        "name": f"burst-{i}", "user_id": f"tenant-{i % TENANTS:03d}",
         "cron": "0,30 * * * * *", "start_at": start,
         "target": {"kind": "function", "function": "bench.noop"},
         "timeout_seconds": 60, "misfire_grace_seconds": 60,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import inspect
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -57,6 +58,11 @@ DEFAULT_CONNECT_TIMEOUT = db.CONNECT_TIMEOUT
 
 Conn = psycopg.Connection[Any]
 AConn = psycopg.AsyncConnection[Any]
+
+
+def _older_verb(old: str, new: str) -> None:
+    warnings.warn(f"{old}() is deprecated: call {new}(), the verb of docs/glossary.md",
+                  DeprecationWarning, stacklevel=3)
 
 
 def _pool_settings(dsn: str | None, connect_timeout: float) -> tuple[str, dict[str, Any]]:
@@ -268,25 +274,51 @@ class Scheduler:
         """Run (or resume) the expansion of a tag-rule task; returns subtasks created."""
         return self._run(ops.expand(task_id, chunk), conn)
 
-    def pause(self, task_id: int, *, user_id: str | None = None,
-              conn: Conn | None = None) -> str:
+    def pause_task(self, task_id: int, *, user_id: str | None = None,
+                   conn: Conn | None = None) -> str:
         """Stop new claims for the task at once (in-flight sends complete)."""
         return self._run(ops.pause(task_id, user_id), conn)
 
-    def resume(self, task_id: int, *, user_id: str | None = None,
-               conn: Conn | None = None) -> str:
+    def resume_task(self, task_id: int, *, user_id: str | None = None,
+                    conn: Conn | None = None) -> str:
         """Continue a paused task where it stopped."""
         return self._run(ops.resume(task_id, user_id), conn)
 
-    def cancel(self, task_id: int, *, user_id: str | None = None,
-               conn: Conn | None = None) -> int:
+    def cancel_task(self, task_id: int, *, user_id: str | None = None,
+                    conn: Conn | None = None) -> int:
         """End the task; unsent recipients are cancelled and their quota refunded."""
         return self._run(ops.cancel(task_id, user_id), conn)
 
-    def task(self, task_id: int, *, user_id: str | None = None,
-             conn: Conn | None = None) -> TaskStatus:
+    def get_task(self, task_id: int, *, user_id: str | None = None,
+                 conn: Conn | None = None) -> TaskStatus:
         """Status and counters of a task (scoped to ``user_id`` when given)."""
         return self._run(ops.task(task_id, user_id), conn)
+
+    # The older names of the task verbs, kept for a release (CHANGELOG: Deprecated).
+
+    def pause(self, task_id: int, *, user_id: str | None = None,
+              conn: Conn | None = None) -> str:
+        """Deprecated: :meth:`pause_task`."""
+        _older_verb("pause", "pause_task")
+        return self.pause_task(task_id, user_id=user_id, conn=conn)
+
+    def resume(self, task_id: int, *, user_id: str | None = None,
+               conn: Conn | None = None) -> str:
+        """Deprecated: :meth:`resume_task`."""
+        _older_verb("resume", "resume_task")
+        return self.resume_task(task_id, user_id=user_id, conn=conn)
+
+    def cancel(self, task_id: int, *, user_id: str | None = None,
+               conn: Conn | None = None) -> int:
+        """Deprecated: :meth:`cancel_task`."""
+        _older_verb("cancel", "cancel_task")
+        return self.cancel_task(task_id, user_id=user_id, conn=conn)
+
+    def task(self, task_id: int, *, user_id: str | None = None,
+             conn: Conn | None = None) -> TaskStatus:
+        """Deprecated: :meth:`get_task`."""
+        _older_verb("task", "get_task")
+        return self.get_task(task_id, user_id=user_id, conn=conn)
 
     def tasks(self, user_id: str, *, limit: int = 100,
               conn: Conn | None = None) -> list[TaskStatus]:
@@ -521,21 +553,43 @@ class AsyncScheduler:
                      conn: AConn | None = None) -> int:
         return await self._run(ops.expand(task_id, chunk), conn)
 
+    async def pause_task(self, task_id: int, *, user_id: str | None = None,
+                         conn: AConn | None = None) -> str:
+        return await self._run(ops.pause(task_id, user_id), conn)
+
+    async def resume_task(self, task_id: int, *, user_id: str | None = None,
+                          conn: AConn | None = None) -> str:
+        return await self._run(ops.resume(task_id, user_id), conn)
+
+    async def cancel_task(self, task_id: int, *, user_id: str | None = None,
+                          conn: AConn | None = None) -> int:
+        return await self._run(ops.cancel(task_id, user_id), conn)
+
+    async def get_task(self, task_id: int, *, user_id: str | None = None,
+                       conn: AConn | None = None) -> TaskStatus:
+        return await self._run(ops.task(task_id, user_id), conn)
+
+    # The older names of the task verbs, kept for a release (CHANGELOG: Deprecated).
+
     async def pause(self, task_id: int, *, user_id: str | None = None,
                     conn: AConn | None = None) -> str:
-        return await self._run(ops.pause(task_id, user_id), conn)
+        _older_verb("pause", "pause_task")
+        return await self.pause_task(task_id, user_id=user_id, conn=conn)
 
     async def resume(self, task_id: int, *, user_id: str | None = None,
                      conn: AConn | None = None) -> str:
-        return await self._run(ops.resume(task_id, user_id), conn)
+        _older_verb("resume", "resume_task")
+        return await self.resume_task(task_id, user_id=user_id, conn=conn)
 
     async def cancel(self, task_id: int, *, user_id: str | None = None,
                      conn: AConn | None = None) -> int:
-        return await self._run(ops.cancel(task_id, user_id), conn)
+        _older_verb("cancel", "cancel_task")
+        return await self.cancel_task(task_id, user_id=user_id, conn=conn)
 
     async def task(self, task_id: int, *, user_id: str | None = None,
                    conn: AConn | None = None) -> TaskStatus:
-        return await self._run(ops.task(task_id, user_id), conn)
+        _older_verb("task", "get_task")
+        return await self.get_task(task_id, user_id=user_id, conn=conn)
 
     async def tasks(self, user_id: str, *, limit: int = 100,
                     conn: AConn | None = None) -> list[TaskStatus]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import psycopg
@@ -202,3 +202,17 @@ def using(target: ConnOrDsn) -> Iterator[psycopg.Connection[Any]]:
     else:
         with translate():
             yield target
+
+
+def setting(values: Mapping[str, Any], key: str) -> Any:
+    """Setting ``key`` from a read of ``edm.config`` (e.g. the ``config_all`` query).
+
+    ``edm.config`` holds every setting with its shipped default (the migrations
+    insert them), so Python keeps no second copy of a default: a missing key
+    means a database behind this version's migrations.
+    """
+    try:
+        return values[key]
+    except KeyError:
+        raise errors.MigrationError(
+            f"edm.config has no setting {key!r}: run the migrations (edm-sched migrate)") from None

@@ -239,11 +239,11 @@ class Dispatcher:
 
     @property
     def concurrency(self) -> int:
-        return self._concurrency_arg or int(self.config.get("queue.concurrent_workers", 10))
+        return self._concurrency_arg or int(db.setting(self.config, "queue.concurrent_workers"))
 
     @property
     def batch_size(self) -> int:
-        return self._batch_arg or int(self.config.get("queue.central_batch_size", 50))
+        return self._batch_arg or int(db.setting(self.config, "queue.central_batch_size"))
 
     async def _load_config(self, conn: psycopg.AsyncConnection[Any]) -> None:
         cur = await conn.execute(query("config_all"))
@@ -674,7 +674,7 @@ class Dispatcher:
         """Shutdown: hand back queued sends, let running ones finish (within the lease),
         then flush outcomes."""
         grace = float(self.lease_seconds
-                      or self.config.get("queue.service_reservation_timeout", 30))
+                      or db.setting(self.config, "queue.service_reservation_timeout"))
         for lane in self._lanes.values():
             for item in lane.drain_queued():
                 self._release(item, "dispatcher stopping")
@@ -717,8 +717,8 @@ class Dispatcher:
         """Keep the leases of queued and running sends alive, and close idle lanes."""
         while True:
             lease = float(self.lease_seconds
-                          or self.config.get("queue.service_reservation_timeout", 30))
-            hold = float(self.config.get("queue.service_hold_seconds", 2))
+                          or db.setting(self.config, "queue.service_reservation_timeout"))
+            hold = float(db.setting(self.config, "queue.service_hold_seconds"))
             # Often enough that neither a lease nor a hold runs out between renewals.
             await asyncio.sleep(max(min(lease / 3, hold / 2), 0.25))
             now = time.monotonic()
@@ -759,7 +759,7 @@ class Dispatcher:
         last_wait_check = time.time()
         try:
             while True:
-                interval = float(self.config.get("sweep.interval", 5))
+                interval = float(db.setting(self.config, "sweep.interval"))
                 try:
                     if self.metrics is not None:
                         conn = await self._conn("_complete_conn")

@@ -163,17 +163,17 @@ SELECT execution_id, job_id, tenant_id, job_name, kind, target, trigger, schedul
 FROM edm.job_claim(%(worker)s, %(limit)s, %(now)s)
 
 -- job_finish --
--- Record the outcome of a run held by this runner (edm.job_finish).
+-- Record the outcome of a run held by this runner (edm.job_complete).
 SELECT accepted, retry_execution_id, retry_at
-FROM edm.job_finish(%(execution_id)s, %(worker)s, %(status)s, %(result)s, %(error)s,
-                    %(error_kind)s, %(error_type)s, %(error_stack)s, %(now)s)
+FROM edm.job_complete(%(execution_id)s, %(worker)s, %(status)s, %(result)s, %(error)s,
+                      %(error_kind)s, %(error_type)s, %(error_stack)s, %(now)s)
 
 -- job_finish_many --
--- Record the outcomes of several runs held by this runner in one transaction (batch edm.job_finish).
+-- Record the outcomes of several runs held by this runner in one transaction (batch edm.job_complete).
 SELECT execution_id, accepted, retry_execution_id, retry_at
-FROM edm.job_finish(%(worker)s::text, %(execution_ids)s::bigint[], %(statuses)s::text[],
-                    %(results)s::jsonb, %(errors)s::text[], %(error_kinds)s::text[],
-                    %(error_types)s::text[], %(error_stacks)s::text[], %(now)s)
+FROM edm.job_complete(%(worker)s::text, %(execution_ids)s::bigint[], %(statuses)s::text[],
+                      %(results)s::jsonb, %(errors)s::text[], %(error_kinds)s::text[],
+                      %(error_types)s::text[], %(error_stacks)s::text[], %(now)s)
 
 -- job_progress --
 -- Record progress of a running execution; false when it is no longer running for this runner.

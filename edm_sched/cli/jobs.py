@@ -119,7 +119,7 @@ def _fields_from(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             data[field] = value
     if getattr(args, "tenant_field", None) is not None:
-        data["tenant_id"] = args.tenant_field
+        data["user_id"] = args.tenant_field
     if args.tag:
         data["tags"] = list(args.tag)
     retry = dict(data.get("retry") or {})
@@ -142,7 +142,7 @@ def _fields_from(args: argparse.Namespace) -> dict[str, Any]:
 
 def _job_text(job: Any) -> str:
     lines = [
-        f"job {job.job_id} {job.name!r}" + (f" (tenant {job.tenant_id})" if job.tenant_id else ""),
+        f"job {job.job_id} {job.name!r}" + (f" (user {job.user_id})" if job.user_id else ""),
         f"  status       {job.status}"
         + (f" ({job.inactive_reason})" if job.inactive_reason else ""),
         f"  schedule     {job.cron} in {job.timezone}",
@@ -181,7 +181,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         print("edm-sched: nothing to change", flush=True)
         return EXIT_USAGE
     with database(args) as dsn:
-        job = JobScheduler(dsn).update_job(args.job_id, changes, tenant_id=args.tenant)
+        job = JobScheduler(dsn).update_job(args.job_id, changes, user_id=args.tenant)
     emit(args, {"ok": True, "job": job.model_dump(mode="json")}, _job_text(job))
     return EXIT_OK
 
@@ -193,7 +193,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        job = JobScheduler(dsn).get_job(args.job_id, tenant_id=args.tenant)
+        job = JobScheduler(dsn).get_job(args.job_id, user_id=args.tenant)
     emit(args, {"ok": True, "job": job.model_dump(mode="json")}, _job_text(job))
     return EXIT_OK
 
@@ -202,7 +202,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        JobScheduler(dsn).delete_job(args.job_id, tenant_id=args.tenant, force=args.force)
+        JobScheduler(dsn).delete_job(args.job_id, user_id=args.tenant, force=args.force)
     emit(args, {"ok": True, "deleted": args.job_id}, f"job {args.job_id} deleted")
     return EXIT_OK
 
@@ -213,11 +213,11 @@ def cmd_action(args: argparse.Namespace) -> int:
     with database(args) as dsn:
         s = JobScheduler(dsn)
         if args.action == "pause":
-            job = s.pause_job(args.job_id, tenant_id=args.tenant)
+            job = s.pause_job(args.job_id, user_id=args.tenant)
         elif args.action == "resume":
-            job = s.resume_job(args.job_id, tenant_id=args.tenant)
+            job = s.resume_job(args.job_id, user_id=args.tenant)
         else:
-            job = s.stop_job(args.job_id, tenant_id=args.tenant,
+            job = s.stop_job(args.job_id, user_id=args.tenant,
                              cancel_running=args.cancel_running)
     emit(args, {"ok": True, "job": job.model_dump(mode="json")},
          f"job {job.job_id} is {job.status}; next run {_fmt(job.next_run_at)}")
@@ -247,7 +247,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        ex = JobScheduler(dsn).trigger_job(args.job_id, tenant_id=args.tenant)
+        ex = JobScheduler(dsn).trigger_job(args.job_id, user_id=args.tenant)
     emit(args, {"ok": True, "execution": ex.model_dump(mode="json")},
          f"execution {ex.execution_id} of job {ex.job_id} queued")
     return EXIT_OK
@@ -257,7 +257,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        ex = JobScheduler(dsn).cancel_execution(args.execution_id, tenant_id=args.tenant)
+        ex = JobScheduler(dsn).cancel_execution(args.execution_id, user_id=args.tenant)
     emit(args, {"ok": True, "execution": ex.model_dump(mode="json")},
          f"execution {ex.execution_id} {ex.status}")
     return EXIT_OK
@@ -270,12 +270,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        jobs = JobScheduler(dsn).list_jobs(tenant_id=args.tenant, status=args.status,
+        jobs = JobScheduler(dsn).list_jobs(user_id=args.tenant, status=args.status,
                                            tag=args.tag_filter, limit=args.limit)
-    lines = [f"{'id':>6} {'tenant':12} {'name':24} {'status':8} {'cron':18} {'tz':16} "
+    lines = [f"{'id':>6} {'user':12} {'name':24} {'status':8} {'cron':18} {'tz':16} "
              f"{'next run':20} {'last':10}"]
     for j in jobs:
-        lines.append(f"{j.job_id:>6} {(j.tenant_id or '-')[:12]:12} {j.name[:24]:24} "
+        lines.append(f"{j.job_id:>6} {(j.user_id or '-')[:12]:12} {j.name[:24]:24} "
                      f"{j.status:8} {j.cron[:18]:18} {j.timezone[:16]:16} "
                      f"{_fmt(j.next_run_at):20} {(j.last_status or '-')[:10]:10}")
     emit(args, {"ok": True, "jobs": [j.model_dump(mode="json") for j in jobs]}, "\n".join(lines))
@@ -286,7 +286,7 @@ def cmd_executions(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        rows = JobScheduler(dsn).list_executions(job_id=args.job, tenant_id=args.tenant,
+        rows = JobScheduler(dsn).list_executions(job_id=args.job, user_id=args.tenant,
                                                  status=args.status, limit=args.limit)
     lines = [f"{'id':>8} {'job':>6} {'trigger':9} {'status':10} {'scheduled for':20} "
              f"{'started':20} {'ms':>7} {'retry':>5} error"]
@@ -304,7 +304,7 @@ def cmd_execution(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        ex = JobScheduler(dsn).get_execution(args.execution_id, tenant_id=args.tenant)
+        ex = JobScheduler(dsn).get_execution(args.execution_id, user_id=args.tenant)
     emit(args, {"ok": True, "execution": ex.model_dump(mode="json")}, _execution_text(ex))
     return EXIT_OK
 
@@ -317,7 +317,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         since = None
         if args.hours is not None:
             since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=args.hours)
-        st = s.stats(tenant_id=args.tenant, since=since)
+        st = s.stats(user_id=args.tenant, since=since)
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"

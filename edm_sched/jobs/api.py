@@ -11,12 +11,13 @@ processes is a SQL function of ``sql/migrations/0005_jobs.sql``.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import psycopg
 
-from edm_sched import core, db
+from edm_sched import core, db, errors
 from edm_sched.jobs import ops, schedule
 from edm_sched.jobs.models import (
     CronPreview,
@@ -47,6 +48,17 @@ def validate_cron(expr: str, timezone: str = "UTC", *, count: int = 5,
         wall_clock=sched.wall_clock, description=sched.describe(), next_runs=runs,
         next_runs_local=[r.astimezone(tz).isoformat() for r in runs],
     )
+
+
+def _user(user_id: str | None, tenant_id: str | None) -> str | None:
+    """The owning user of a call: ``user_id``, or the deprecated ``tenant_id`` (warns)."""
+    if tenant_id is None:
+        return user_id
+    warnings.warn("tenant_id= is deprecated: the jobs API says user_id= like the rest of "
+                  "edm-sched", DeprecationWarning, stacklevel=3)
+    if user_id is not None and user_id != tenant_id:
+        raise errors.InvalidInput("user_id and tenant_id name different users")
+    return tenant_id
 
 
 class _JobsBase:
@@ -89,67 +101,78 @@ class Jobs(_JobsBase):
         return self._run(ops.create_jobs(specs, self._clock), conn)
 
     def update_job(self, job_id: int, changes: JobUpdate | Mapping[str, Any], *,
-                   tenant_id: str | None = None,
+                   user_id: str | None = None, tenant_id: str | None = None,
                    conn: psycopg.Connection[Any] | None = None) -> Job:
         """Change the fields given in ``changes``; a new schedule recomputes the next run."""
-        return self._run(ops.update_job(job_id, changes, tenant_id, self._clock), conn)
+        return self._run(
+            ops.update_job(job_id, changes, _user(user_id, tenant_id), self._clock), conn)
 
-    def get_job(self, job_id: int, *, tenant_id: str | None = None,
+    def get_job(self, job_id: int, *, user_id: str | None = None, tenant_id: str | None = None,
                 conn: psycopg.Connection[Any] | None = None) -> Job:
-        return self._run(ops.get_job(job_id, tenant_id), conn)
+        return self._run(ops.get_job(job_id, _user(user_id, tenant_id)), conn)
 
-    def list_jobs(self, *, tenant_id: str | None = None, status: str | None = None,
+    def list_jobs(self, *, user_id: str | None = None,
+                  tenant_id: str | None = None, status: str | None = None,
                   tag: str | None = None, limit: int = 100, after_id: int = 0,
                   conn: psycopg.Connection[Any] | None = None) -> list[Job]:
         """Jobs by id (pages: pass the last job_id as ``after_id``)."""
-        return self._run(ops.list_jobs(tenant_id, status, tag, limit, after_id), conn)
+        return self._run(
+            ops.list_jobs(_user(user_id, tenant_id), status, tag, limit, after_id), conn)
 
-    def delete_job(self, job_id: int, *, tenant_id: str | None = None, force: bool = False,
+    def delete_job(self, job_id: int, *, user_id: str | None = None,
+                   tenant_id: str | None = None, force: bool = False,
                    conn: psycopg.Connection[Any] | None = None) -> None:
         """Delete a job and its history; JOB_ALREADY_RUNNING while it runs, unless ``force``."""
-        return self._run(ops.delete_job(job_id, tenant_id, force), conn)
+        return self._run(ops.delete_job(job_id, _user(user_id, tenant_id), force), conn)
 
-    def pause_job(self, job_id: int, *, tenant_id: str | None = None,
+    def pause_job(self, job_id: int, *, user_id: str | None = None, tenant_id: str | None = None,
                   conn: psycopg.Connection[Any] | None = None) -> Job:
         """No more scheduled runs until resumed; queued retries wait; running ones continue."""
-        return self._run(ops.pause_job(job_id, tenant_id), conn)
+        return self._run(ops.pause_job(job_id, _user(user_id, tenant_id)), conn)
 
-    def resume_job(self, job_id: int, *, tenant_id: str | None = None,
+    def resume_job(self, job_id: int, *, user_id: str | None = None, tenant_id: str | None = None,
                    conn: psycopg.Connection[Any] | None = None) -> Job:
         """Activate a paused or inactive job from the first occurrence after now."""
-        return self._run(ops.resume_job(job_id, tenant_id, self._clock), conn)
+        return self._run(ops.resume_job(job_id, _user(user_id, tenant_id), self._clock), conn)
 
-    def stop_job(self, job_id: int, *, tenant_id: str | None = None,
+    def stop_job(self, job_id: int, *, user_id: str | None = None, tenant_id: str | None = None,
                  cancel_running: bool = False,
                  conn: psycopg.Connection[Any] | None = None) -> Job:
         """Make the job inactive and cancel its queued executions (and running ones if asked)."""
-        return self._run(ops.stop_job(job_id, tenant_id, cancel_running, self._clock), conn)
+        return self._run(
+            ops.stop_job(job_id, _user(user_id, tenant_id), cancel_running, self._clock), conn)
 
-    def trigger_job(self, job_id: int, *, tenant_id: str | None = None,
+    def trigger_job(self, job_id: int, *, user_id: str | None = None, tenant_id: str | None = None,
                     conn: psycopg.Connection[Any] | None = None) -> Execution:
         """Queue a run now (trigger type manual); JOB_ALREADY_RUNNING at max_concurrent."""
-        return self._run(ops.trigger_job(job_id, tenant_id, self._clock), conn)
+        return self._run(ops.trigger_job(job_id, _user(user_id, tenant_id), self._clock), conn)
 
-    def cancel_execution(self, execution_id: int, *, tenant_id: str | None = None,
+    def cancel_execution(self, execution_id: int, *, user_id: str | None = None,
+                         tenant_id: str | None = None,
                          conn: psycopg.Connection[Any] | None = None) -> Execution:
         """Cancel a pending or running execution; a running one's runner kills it."""
-        return self._run(ops.cancel_execution(execution_id, tenant_id, self._clock), conn)
+        return self._run(
+            ops.cancel_execution(execution_id, _user(user_id, tenant_id), self._clock), conn)
 
-    def get_execution(self, execution_id: int, *, tenant_id: str | None = None,
+    def get_execution(self, execution_id: int, *, user_id: str | None = None,
+                      tenant_id: str | None = None,
                       conn: psycopg.Connection[Any] | None = None) -> Execution:
-        return self._run(ops.get_execution(execution_id, tenant_id), conn)
+        return self._run(ops.get_execution(execution_id, _user(user_id, tenant_id)), conn)
 
-    def list_executions(self, *, job_id: int | None = None, tenant_id: str | None = None,
+    def list_executions(self, *, job_id: int | None = None, user_id: str | None = None,
+                        tenant_id: str | None = None,
                         status: str | None = None, limit: int = 50,
                         before_id: int | None = None,
                         conn: psycopg.Connection[Any] | None = None) -> list[Execution]:
         """Executions newest first (pages: pass the last execution_id as ``before_id``)."""
-        return self._run(ops.list_executions(job_id, tenant_id, status, limit, before_id), conn)
+        return self._run(
+            ops.list_executions(job_id, _user(user_id, tenant_id), status, limit, before_id), conn)
 
-    def stats(self, *, tenant_id: str | None = None, since: dt.datetime | None = None,
+    def stats(self, *, user_id: str | None = None,
+              tenant_id: str | None = None, since: dt.datetime | None = None,
               conn: psycopg.Connection[Any] | None = None) -> JobStats:
         """Jobs by status and executions finished since ``since`` (default: the last 24 h)."""
-        return self._run(ops.stats(tenant_id, since, self._clock), conn)
+        return self._run(ops.stats(_user(user_id, tenant_id), since, self._clock), conn)
 
     def purge_executions(self, *, conn: psycopg.Connection[Any] | None = None) -> int:
         """Delete history older than ``jobs.execution_retention_days`` now; returns the count."""
@@ -177,61 +200,77 @@ class AsyncJobs(_JobsBase):
         return await self._run(ops.create_jobs(specs, self._clock), conn)
 
     async def update_job(self, job_id: int, changes: JobUpdate | Mapping[str, Any], *,
-                         tenant_id: str | None = None,
+                         user_id: str | None = None, tenant_id: str | None = None,
                          conn: psycopg.AsyncConnection[Any] | None = None) -> Job:
-        return await self._run(ops.update_job(job_id, changes, tenant_id, self._clock), conn)
+        return await self._run(
+            ops.update_job(job_id, changes, _user(user_id, tenant_id), self._clock), conn)
 
-    async def get_job(self, job_id: int, *, tenant_id: str | None = None,
+    async def get_job(self, job_id: int, *, user_id: str | None = None,
+                      tenant_id: str | None = None,
                       conn: psycopg.AsyncConnection[Any] | None = None) -> Job:
-        return await self._run(ops.get_job(job_id, tenant_id), conn)
+        return await self._run(ops.get_job(job_id, _user(user_id, tenant_id)), conn)
 
-    async def list_jobs(self, *, tenant_id: str | None = None, status: str | None = None,
+    async def list_jobs(self, *, user_id: str | None = None,
+                        tenant_id: str | None = None, status: str | None = None,
                         tag: str | None = None, limit: int = 100, after_id: int = 0,
                         conn: psycopg.AsyncConnection[Any] | None = None) -> list[Job]:
-        return await self._run(ops.list_jobs(tenant_id, status, tag, limit, after_id), conn)
+        return await self._run(
+            ops.list_jobs(_user(user_id, tenant_id), status, tag, limit, after_id), conn)
 
-    async def delete_job(self, job_id: int, *, tenant_id: str | None = None,
+    async def delete_job(self, job_id: int, *, user_id: str | None = None,
+                         tenant_id: str | None = None,
                          force: bool = False,
                          conn: psycopg.AsyncConnection[Any] | None = None) -> None:
-        return await self._run(ops.delete_job(job_id, tenant_id, force), conn)
+        return await self._run(ops.delete_job(job_id, _user(user_id, tenant_id), force), conn)
 
-    async def pause_job(self, job_id: int, *, tenant_id: str | None = None,
+    async def pause_job(self, job_id: int, *, user_id: str | None = None,
+                        tenant_id: str | None = None,
                         conn: psycopg.AsyncConnection[Any] | None = None) -> Job:
-        return await self._run(ops.pause_job(job_id, tenant_id), conn)
+        return await self._run(ops.pause_job(job_id, _user(user_id, tenant_id)), conn)
 
-    async def resume_job(self, job_id: int, *, tenant_id: str | None = None,
+    async def resume_job(self, job_id: int, *, user_id: str | None = None,
+                         tenant_id: str | None = None,
                          conn: psycopg.AsyncConnection[Any] | None = None) -> Job:
-        return await self._run(ops.resume_job(job_id, tenant_id, self._clock), conn)
+        return await self._run(ops.resume_job(job_id, _user(user_id, tenant_id), self._clock), conn)
 
-    async def stop_job(self, job_id: int, *, tenant_id: str | None = None,
+    async def stop_job(self, job_id: int, *, user_id: str | None = None,
+                       tenant_id: str | None = None,
                        cancel_running: bool = False,
                        conn: psycopg.AsyncConnection[Any] | None = None) -> Job:
-        return await self._run(ops.stop_job(job_id, tenant_id, cancel_running, self._clock),
+        return await self._run(
+            ops.stop_job(job_id, _user(user_id, tenant_id), cancel_running, self._clock),
                                conn)
 
-    async def trigger_job(self, job_id: int, *, tenant_id: str | None = None,
+    async def trigger_job(self, job_id: int, *, user_id: str | None = None,
+                          tenant_id: str | None = None,
                           conn: psycopg.AsyncConnection[Any] | None = None) -> Execution:
-        return await self._run(ops.trigger_job(job_id, tenant_id, self._clock), conn)
+        return await self._run(
+            ops.trigger_job(job_id, _user(user_id, tenant_id), self._clock), conn)
 
-    async def cancel_execution(self, execution_id: int, *, tenant_id: str | None = None,
+    async def cancel_execution(self, execution_id: int, *, user_id: str | None = None,
+                               tenant_id: str | None = None,
                                conn: psycopg.AsyncConnection[Any] | None = None) -> Execution:
-        return await self._run(ops.cancel_execution(execution_id, tenant_id, self._clock), conn)
+        return await self._run(
+            ops.cancel_execution(execution_id, _user(user_id, tenant_id), self._clock), conn)
 
-    async def get_execution(self, execution_id: int, *, tenant_id: str | None = None,
+    async def get_execution(self, execution_id: int, *, user_id: str | None = None,
+                            tenant_id: str | None = None,
                             conn: psycopg.AsyncConnection[Any] | None = None) -> Execution:
-        return await self._run(ops.get_execution(execution_id, tenant_id), conn)
+        return await self._run(ops.get_execution(execution_id, _user(user_id, tenant_id)), conn)
 
-    async def list_executions(self, *, job_id: int | None = None, tenant_id: str | None = None,
+    async def list_executions(self, *, job_id: int | None = None, user_id: str | None = None,
+                              tenant_id: str | None = None,
                               status: str | None = None, limit: int = 50,
                               before_id: int | None = None,
                               conn: psycopg.AsyncConnection[Any] | None = None
                               ) -> list[Execution]:
         return await self._run(
-            ops.list_executions(job_id, tenant_id, status, limit, before_id), conn)
+            ops.list_executions(job_id, _user(user_id, tenant_id), status, limit, before_id), conn)
 
-    async def stats(self, *, tenant_id: str | None = None, since: dt.datetime | None = None,
+    async def stats(self, *, user_id: str | None = None,
+                    tenant_id: str | None = None, since: dt.datetime | None = None,
                     conn: psycopg.AsyncConnection[Any] | None = None) -> JobStats:
-        return await self._run(ops.stats(tenant_id, since, self._clock), conn)
+        return await self._run(ops.stats(_user(user_id, tenant_id), since, self._clock), conn)
 
     async def purge_executions(self, *,
                                conn: psycopg.AsyncConnection[Any] | None = None) -> int:

@@ -26,7 +26,13 @@ import pydantic
 
 from edm_sched.jobs import outbound
 from edm_sched.jobs.errors import PermanentJobError
-from edm_sched.jobs.models import FunctionTarget, HttpTarget, LaunchCampaignTarget, ShellTarget
+from edm_sched.jobs.models import (
+    FunctionTarget,
+    HttpTarget,
+    LaunchCampaignTarget,
+    ShellTarget,
+    deprecated_name,
+)
 from edm_sched.jobs.outbound import HttpSettings
 
 LAUNCH_CAMPAIGN = "edm.launch_campaign"
@@ -45,14 +51,19 @@ class JobContext:
     timeout, cancel or runner shutdown) and may report :meth:`progress`.
     """
 
-    def __init__(self, *, execution_id: int, job_id: int, job_name: str, tenant_id: str | None,
-                 trigger: str, scheduled_for: dt.datetime | None, retry_count: int,
+    def __init__(self, *, execution_id: int, job_id: int, job_name: str,
+                 user_id: str | None = None, trigger: str, scheduled_for: dt.datetime | None,
+                 retry_count: int,
                  args: Mapping[str, Any], timeout_seconds: float, dsn: str | None = None,
-                 progress_sink: Callable[[int, float, str | None], bool] | None = None) -> None:
+                 progress_sink: Callable[[int, float, str | None], bool] | None = None,
+                 tenant_id: str | None = None) -> None:
+        if tenant_id is not None:  # the older word, kept for a release
+            deprecated_name("JobContext(tenant_id=)", "user_id=")
+            user_id = tenant_id
         self.execution_id = execution_id
         self.job_id = job_id
         self.job_name = job_name
-        self.tenant_id = tenant_id
+        self.user_id = user_id
         self.trigger = trigger
         self.scheduled_for = scheduled_for
         self.retry_count = retry_count
@@ -62,6 +73,12 @@ class JobContext:
         self.dsn = dsn
         self.cancel_event = threading.Event()
         self._progress_sink = progress_sink
+
+    @property
+    def tenant_id(self) -> str | None:
+        """Deprecated: :attr:`user_id`."""
+        deprecated_name("JobContext.tenant_id", "user_id")
+        return self.user_id
 
     @property
     def cancelled(self) -> bool:
@@ -102,7 +119,7 @@ class JobRegistry(dict[str, Callable[..., Any]]):
 
 @dataclasses.dataclass
 class Outcome:
-    """How an execution ended, as ``edm.job_finish`` records it."""
+    """How an execution ended, as ``edm.job_complete`` records it."""
 
     status: str  # succeeded, failed or timed_out
     result: Any = None
@@ -174,7 +191,7 @@ def run_http(ctx: JobContext, target: HttpTarget, opener: Any = None, *,
     settings = settings or HttpSettings()
     timeout = max(0.01, min(target.timeout_seconds or ctx.remaining(), ctx.remaining()))
     started = time.monotonic()
-    res, secrets = outbound.request(target, tenant_id=ctx.tenant_id, timeout=timeout,
+    res, secrets = outbound.request(target, tenant_id=ctx.user_id, timeout=timeout,
                                     cancel=ctx.cancel_event, settings=settings)
 
     def clean(text: str) -> str:
@@ -233,9 +250,9 @@ def run_shell(ctx: JobContext, target: ShellTarget, *, allow_shell: bool,
     if not allow_shell:
         return Outcome.fail("shell jobs are disabled in this runner (the host must pass "
                             "allow_shell=True)", "config")
-    if ctx.tenant_id is not None and shell_tenants is not None \
-            and ctx.tenant_id not in shell_tenants and "*" not in shell_tenants:
-        return Outcome.fail(f"shell jobs are not allowed for tenant {ctx.tenant_id!r} "
+    if ctx.user_id is not None and shell_tenants is not None \
+            and ctx.user_id not in shell_tenants and "*" not in shell_tenants:
+        return Outcome.fail(f"shell jobs are not allowed for tenant {ctx.user_id!r} "
                             "(jobs.shell_tenants)", "config")
     if target.use_shell:
         argv: str | list[str] = target.command if isinstance(target.command, str) \
@@ -278,9 +295,9 @@ def run_shell(ctx: JobContext, target: ShellTarget, *, allow_shell: bool,
 def run_launch_campaign(ctx: JobContext, target: LaunchCampaignTarget,
                         registry: Mapping[str, Callable[..., Any]]) -> Outcome:
     definition = dict(target.definition)
-    if ctx.tenant_id is not None:
-        owner = definition.setdefault("user_id", ctx.tenant_id)
-        if str(owner) != ctx.tenant_id:
+    if ctx.user_id is not None:
+        owner = definition.setdefault("user_id", ctx.user_id)
+        if str(owner) != ctx.user_id:
             return Outcome.fail("the campaign definition belongs to another tenant", "config")
     launcher = registry.get(LAUNCH_CAMPAIGN)
     try:

@@ -5,9 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import re
 import urllib.parse
+import warnings
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 ErrorKind = Literal[
     "timeout", "connection", "http_status", "unexpected_status", "exception", "exit_status", "lost",
@@ -36,6 +45,23 @@ _CTRL = re.compile(r"[\x00-\x1f\x7f]")
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def deprecated_name(old: str, new: str, *, stacklevel: int = 3) -> None:
+    """Warn that ``old`` is the jobs feature's older word for ``new`` (docs/glossary.md)."""
+    warnings.warn(f"{old} is deprecated: say {new}, as the rest of edm-sched does",
+                  DeprecationWarning, stacklevel=stacklevel)
+
+
+def _renamed(data: Any, old: str, new: str) -> Any:
+    """Input given under the older name ``old`` moves to ``new`` (with a DeprecationWarning)."""
+    if not isinstance(data, Mapping) or old not in data:
+        return data
+    deprecated_name(old, new, stacklevel=6)
+    out = {k: v for k, v in data.items() if k != old}
+    if out.setdefault(new, data[old]) != data[old]:
+        raise ValueError(f"{new} and {old} (its older name) differ")
+    return out
 
 
 class RetryPolicy(_Model):
@@ -234,8 +260,8 @@ class JobSpec(_Model):
     cron: str = Field(max_length=200)
     target: JobTarget
     timezone: str = "UTC"
-    tenant_id: str | None = Field(default=None, min_length=1, max_length=128,
-                                  pattern=r"^[^\x00-\x1f\x7f]+$")
+    user_id: str | None = Field(default=None, min_length=1, max_length=128,
+                                pattern=r"^[^\x00-\x1f\x7f]+$")
     description: str | None = Field(default=None, max_length=2000)
     start_at: dt.datetime | None = None
     end_at: dt.datetime | None = None
@@ -259,15 +285,26 @@ class JobSpec(_Model):
     def _tag_list(cls, value: list[str]) -> list[str]:
         return _tags(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _older_names(cls, data: Any) -> Any:
+        return _renamed(data, "tenant_id", "user_id")
+
+    @property
+    def tenant_id(self) -> str | None:
+        """Deprecated: :attr:`user_id`."""
+        deprecated_name("JobSpec.tenant_id", "user_id")
+        return self.user_id
+
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         if self.start_at and self.end_at and self.end_at <= self.start_at:
             raise ValueError("end_at must be after start_at")
-        if isinstance(self.target, LaunchCampaignTarget) and self.tenant_id is not None:
+        if isinstance(self.target, LaunchCampaignTarget) and self.user_id is not None:
             owner = self.target.definition.get("user_id")
-            if owner is not None and str(owner) != self.tenant_id:
+            if owner is not None and str(owner) != self.user_id:
                 raise ValueError("a launch_campaign definition may only create tasks of the "
-                                 "job's own tenant (definition.user_id != tenant_id)")
+                                 "job's own user (definition.user_id != user_id)")
         return self
 
 
@@ -305,7 +342,7 @@ class Job(BaseModel):
     """A job as stored."""
 
     job_id: int
-    tenant_id: str | None
+    user_id: str | None = Field(validation_alias=AliasChoices("user_id", "tenant_id"))
     name: str
     description: str | None
     kind: str
@@ -337,11 +374,17 @@ class Job(BaseModel):
     created_at: dt.datetime
     updated_at: dt.datetime
 
+    @property
+    def tenant_id(self) -> str | None:
+        """Deprecated: :attr:`user_id`."""
+        deprecated_name("tenant_id", "user_id")
+        return self.user_id
+
     def spec(self) -> JobSpec:
         """The definition of this job, as a JobSpec (for editing and copying)."""
         return JobSpec.model_validate({
             "name": self.name, "cron": self.cron, "target": self.target,
-            "timezone": self.timezone, "tenant_id": self.tenant_id,
+            "timezone": self.timezone, "user_id": self.user_id,
             "description": self.description, "start_at": self.start_at, "end_at": self.end_at,
             "max_executions": self.max_executions,
             "status": "paused" if self.status == "paused" else "active",
@@ -357,7 +400,7 @@ class Execution(BaseModel):
 
     execution_id: int
     job_id: int
-    tenant_id: str | None
+    user_id: str | None = Field(validation_alias=AliasChoices("user_id", "tenant_id"))
     trigger: TriggerType
     status: ExecutionStatus
     scheduled_for: dt.datetime | None
@@ -380,6 +423,12 @@ class Execution(BaseModel):
     lease_expires_at: dt.datetime | None
     cancel_requested_at: dt.datetime | None
 
+    @property
+    def tenant_id(self) -> str | None:
+        """Deprecated: :attr:`user_id`."""
+        deprecated_name("tenant_id", "user_id")
+        return self.user_id
+
 
 class CronPreview(BaseModel):
     """A validated expression and its next occurrences."""
@@ -397,7 +446,7 @@ class JobStats(BaseModel):
     """Counts and timings of jobs and of their executions finished since ``since``."""
 
     since: dt.datetime
-    tenant_id: str | None
+    user_id: str | None = Field(validation_alias=AliasChoices("user_id", "tenant_id"))
     jobs_by_status: dict[str, int]
     executions_by_status: dict[str, int]
     executions_by_trigger: dict[str, int]
@@ -410,6 +459,12 @@ class JobStats(BaseModel):
     firing_delay_ms_p99: float | None
     retries: int
     misfires: int
+
+    @property
+    def tenant_id(self) -> str | None:
+        """Deprecated: :attr:`user_id`."""
+        deprecated_name("tenant_id", "user_id")
+        return self.user_id
 
 
 __all__ = [

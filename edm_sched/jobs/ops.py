@@ -93,7 +93,7 @@ def job_json(spec: JobSpec, *, status: str | None = None) -> Any:
     (keys are column names of edm.jobs)."""
     target = spec.target.model_dump(mode="json")
     data: dict[str, Any] = {
-        "tenant_id": spec.tenant_id,
+        "tenant_id": spec.user_id,
         "name": spec.name,
         "description": spec.description,
         "kind": target["kind"],
@@ -174,7 +174,7 @@ def _check_destinations(specs: list[JobSpec]) -> Op[None]:
     for spec in http_specs:
         assert isinstance(spec.target, HttpTarget)
         try:
-            guard.check_url(spec.target.url, allowlist.scope(spec.tenant_id))
+            guard.check_url(spec.target.url, allowlist.scope(spec.user_id))
         except guard.Blocked as exc:
             raise DestinationNotAllowed(
                 f"job {spec.name!r}: destination refused: {exc}",
@@ -335,7 +335,7 @@ def stats(tenant_id: str | None, since: dt.datetime | None, clock: Clock) -> Op[
     done = by_status.get("succeeded", 0) + by_status.get("failed", 0) \
         + by_status.get("timed_out", 0)
     return JobStats(
-        since=since, tenant_id=tenant_id, jobs_by_status=jobs_by_status,
+        since=since, user_id=tenant_id, jobs_by_status=jobs_by_status,
         executions_by_status=by_status, executions_by_trigger=by_trigger,
         running=running, pending=pending,
         success_rate=by_status.get("succeeded", 0) / done if done else None,

@@ -108,8 +108,10 @@ class _Handle:
 
 @dataclasses.dataclass
 class _Config:
-    max_catchup: int = 100
-    maintenance_interval: float = 300.0
+    """The jobs.* settings of edm.config (which holds their defaults; none here)."""
+
+    max_catchup: int
+    maintenance_interval: float
 
 
 def default_worker_id() -> str:
@@ -171,7 +173,7 @@ class JobRunner:
         self._pipe_r, self._pipe_w = os.pipe()
         os.set_blocking(self._pipe_r, False)
         os.set_blocking(self._pipe_w, False)
-        self._config = _Config()
+        self._config: _Config | None = None  # read with the first connection
         self._next_maintenance = 0.0
         self._leases_due = True
 
@@ -215,12 +217,18 @@ class JobRunner:
                     conn.close()
         self._conn = self._listen = self._progress_conn = None
 
+    def _settings(self) -> _Config:
+        if self._config is None:
+            self._ensure_conn()
+        assert self._config is not None
+        return self._config
+
     def _load_config(self) -> None:
         assert self._conn is not None
         values = dict(self._conn.execute(query("jobs_config")).fetchall())
         self._config = _Config(
-            max_catchup=int(values.get("jobs.max_catchup_runs", 100)),
-            maintenance_interval=float(values.get("jobs.maintenance_interval", 300)),
+            max_catchup=int(db.setting(values, "jobs.max_catchup_runs")),
+            maintenance_interval=float(db.setting(values, "jobs.maintenance_interval")),
         )
 
     # -- the passes -------------------------------------------------------
@@ -244,7 +252,7 @@ class JobRunner:
         row = conn.execute(query("job_purge"), {"now": now}).fetchone()
         if row and row[0]:
             log.info("purged %s job executions past retention", row[0])
-        self._next_maintenance = time.monotonic() + self._config.maintenance_interval
+        self._next_maintenance = time.monotonic() + self._settings().maintenance_interval
 
     def _fire(self, now: dt.datetime | None) -> list[tuple[int, dt.datetime, str]]:
         """Fire due jobs, ``fire_batch`` per transaction, until none is left due."""
@@ -275,7 +283,7 @@ class JobRunner:
                     plan = schedule.plan_fire(
                         sched, due=due_at, now=fire_now, policy=policy, grace_seconds=grace,
                         end_at=end_at, max_executions=max_exec, run_count=run_count,
-                        max_catchup=self._config.max_catchup)
+                        max_catchup=self._settings().max_catchup)
                 except (InvalidCronExpression, InvalidJobConfig) as exc:
                     log.error("job %s has an invalid schedule, deactivating it: %s", job_id, exc)
                     conn.execute(query("job_mark_invalid"), {
@@ -363,7 +371,7 @@ class JobRunner:
              retry_count, timeout_seconds, _started_at, _lease) in rows:
             ctx = JobContext(
                 execution_id=int(execution_id), job_id=int(job_id), job_name=job_name,
-                tenant_id=tenant_id, trigger=trigger, scheduled_for=scheduled_for,
+                user_id=tenant_id, trigger=trigger, scheduled_for=scheduled_for,
                 retry_count=int(retry_count), args=dict(target.get("args") or {}),
                 timeout_seconds=float(timeout_seconds), dsn=self.dsn,
                 progress_sink=self._progress)
@@ -393,7 +401,7 @@ class JobRunner:
         return self._finish_many([(handle, outcome)])[handle.execution_id]
 
     def _finish_many(self, items: list[tuple[_Handle, Outcome]]) -> dict[int, str]:
-        """Record outcomes with the batch form of ``edm.job_finish``: one statement, one commit."""
+        """Record outcomes with the batch form of ``edm.job_complete`` (one statement, commit)."""
         done: dict[int, str] = {}
         if not items:
             return done

@@ -74,7 +74,7 @@ def create_app(dsn: str) -> FastAPI:
 
     @app.get("/tasks/{task_id}")
     async def task_status(task_id: int, request: Request) -> dict[str, Any]:
-        status = await request.app.state.scheduler.task(task_id)
+        status = await request.app.state.scheduler.get_task(task_id)
         return status.model_dump(mode="json")  # type: ignore[no-any-return]
 
     return app

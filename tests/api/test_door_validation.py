@@ -18,9 +18,11 @@ from tests.support.helpers import T0, fingerprint, make_service
 GOOD = {"subject": "Hello {{ first_name | default('there') }}", "body_text": "Hi!"}
 
 
-@pytest.fixture
-def world(dsn: str, conn: psycopg.Connection[Any]) -> Iterator[dict[str, Any]]:
-    with Scheduler(dsn) as s:
+@pytest.fixture(scope="module")
+def world(module_dsn: str) -> Iterator[dict[str, Any]]:
+    """One database for the module: each refusal is checked against the state just
+    before it (refused()), and what the accepting tests create stays within u1's quota."""
+    with Scheduler(module_dsn) as s, psycopg.connect(module_dsn, autocommit=True) as conn:
         s.upsert_user("u1", quota_limit=1000)
         svc = make_service(s, "svc", users=["u1"])
         yield {"s": s, "conn": conn, "svc": svc}

@@ -67,7 +67,7 @@ def test_a_hard_bounce_suppresses_for_everyone(world: dict[str, Any]) -> None:
                        " FROM edm.feedback_events").fetchone()
     assert row == ("hard_bounce", "ann@rcpt.example", world["sent"], "u1", 1, "the DSN", "5.1.1")
     for task in world["pending"].values():  # both users' pending mail to ann: cancelled
-        st = world["s"].task(task)
+        st = world["s"].get_task(task)
         assert (st.pending_count, st.cancelled_count) == (2, 1)
     assert counters_match(conn) == []
 
@@ -78,7 +78,7 @@ def test_a_complaint_suppresses_for_the_user_only(world: dict[str, Any]) -> None
     assert (got.suppressed, got.cancelled) == (True, 1)
     assert suppressions(conn) == [("u1", "ann@rcpt.example", "complaint")]
     assert conn.execute("SELECT unsubscribed FROM edm.contacts").fetchall() == [(True,)]
-    assert s.task(world["pending"]["u2"]).pending_count == 3
+    assert s.get_task(world["pending"]["u2"]).pending_count == 3
 
 
 def test_unsubscribe_soft_bounce_and_delivery(world: dict[str, Any]) -> None:

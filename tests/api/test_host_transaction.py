@@ -79,7 +79,7 @@ def test_committed_host_transaction_is_dispatched(
     th.start()
     try:
         deadline = time.monotonic() + 30
-        while sched.task(created.task_id).status != "completed":
+        while sched.get_task(created.task_id).status != "completed":
             assert time.monotonic() < deadline, "the committed task was not dispatched"
             time.sleep(0.05)
     finally:
@@ -124,7 +124,7 @@ def test_async_conn_joins_the_host_transaction(sched: Scheduler, dsn: str,
         async with AsyncScheduler(dsn) as s, await psycopg.AsyncConnection.connect(dsn) as host:
             await host.execute("INSERT INTO public.orders (id) VALUES (4)")
             await s.create_task(_list_task("g", 4), conn=host)
-            await s.jobs.create_job({"tenant_id": "t", "name": "j", "cron": "0 3 * * *",
+            await s.jobs.create_job({"user_id": "t", "name": "j", "cron": "0 3 * * *",
                                      "target": {"kind": "function", "function": "f"}},
                                     conn=host)
             await host.rollback()
@@ -140,7 +140,7 @@ def test_async_conn_joins_the_host_transaction(sched: Scheduler, dsn: str,
 def test_jobs_and_monitoring_take_conn_too(sched: Scheduler, dsn: str,
                                            conn: psycopg.Connection[Any]) -> None:
     with psycopg.connect(dsn) as host:
-        job = sched.jobs.create_job({"tenant_id": "t", "name": "j", "cron": "0 3 * * *",
+        job = sched.jobs.create_job({"user_id": "t", "name": "j", "cron": "0 3 * * *",
                                      "target": {"kind": "function", "function": "f"}},
                                     conn=host)
         assert sched.jobs.get_job(job.job_id, conn=host).name == "j"

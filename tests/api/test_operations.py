@@ -86,9 +86,9 @@ def test_wait_reasons_in_every_situation(sched: Scheduler, conn: psycopg.Connect
     assert reason(conn, task, at(101)) == (
         "all granted services throttled: first to free is svc, held by its interval limit",
         at(160))
-    sched.pause(task)
+    sched.pause_task(task)
     assert reason(conn, task, at(101))[0] == "paused"
-    sched.resume(task)
+    sched.resume_task(task)
     claim(conn, at(160))
     why, until = reason(conn, task, at(161))
     assert why == "service quotas exhausted" and until is not None and until > at(161)
@@ -142,7 +142,7 @@ def test_stuck_task_flagged(sched: Scheduler, conn: psycopg.Connection[Any]) -> 
     task = make_task(sched, "a", 3)
     claim(conn, at(0))
     conn.execute("SELECT edm.run_sweeps(%s)", (at(599),))
-    assert sched.task(task).status == "sending"
+    assert sched.get_task(task).status == "sending"
     conn.execute("SELECT edm.run_sweeps(%s)", (at(601),))
     stuck = conn.execute("SELECT stuck_since FROM edm.tasks WHERE task_id = %s",
                          (task,)).fetchone()
@@ -229,9 +229,9 @@ def test_prometheus_metrics_endpoint(sched: Scheduler, dsn: str) -> None:
     th.start()
     try:
         deadline = time.monotonic() + 20
-        while sched.task(task).status != "completed" and time.monotonic() < deadline:
+        while sched.get_task(task).status != "completed" and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert sched.task(task).status == "completed"
+        assert sched.get_task(task).status == "completed"
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
     finally:
         stop.set()

@@ -63,12 +63,12 @@ def test_a_cancelled_task_reports_its_cancelled_recipients(dsn: str,
         task = make_task(s, "u", 5)
         drain(conn, 1, limit=1)
         (second,) = [r["subtask_id"] for r in claim(conn, at(2), batch=1)]
-        assert s.cancel(task) == 3
+        assert s.cancel_task(task) == 3
         complete(conn, at(3), [second], "transient", code=451)  # a retry after cancel
         p = progress(conn, task)
         assert (p["status"], p["sent"], p["cancelled"]) == ("cancelled", 1, 4)
         assert p["sent_pct"] == 20
         assert p["outcome"] == "cancelled: 1 sent, 0 failed, 4 cancelled"
-        st = s.task(task)
+        st = s.get_task(task)
         assert (st.sent_count, st.cancelled_count) == (1, 4)
         assert counters_match(conn) == []

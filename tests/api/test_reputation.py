@@ -87,10 +87,10 @@ def test_hard_bounces_pause_the_service_and_the_users_bulk_tasks(world: dict[str
 
     # held: a hand resume is refused, a new bulk task does not start
     with pytest.raises(errors.InvalidTransition, match="reputation"):
-        s.resume(bulk)
+        s.resume_task(bulk)
     fresh = task("bad", "fresh", 2)
     conn.execute("SELECT edm.start_due_tasks(%s)", (at(130),))
-    assert s.task(fresh).status == "paused"
+    assert s.get_task(fresh).status == "paused"
     assert counters_match(conn) == []
 
     # explicit resume: the window restarts, the breaker's pauses are lifted

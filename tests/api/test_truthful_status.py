@@ -44,7 +44,7 @@ def test_no_live_dispatcher_is_the_reason(sched: Scheduler,
     conn.execute("UPDATE edm.dispatchers SET stopped_at = %s", (now,))
     assert reason(conn, task, now).startswith("no dispatcher running")
     # Reasons that hold whatever the dispatchers do come first.
-    sched.pause(task)
+    sched.pause_task(task)
     assert reason(conn, task, now) == "paused"
     row = conn.execute("SELECT reason FROM edm.task_wait_reasons WHERE task_id = %s",
                        (task,)).fetchone()

@@ -133,7 +133,7 @@ def test_the_dispatcher_sends_the_headers_through_smtp(dsn: str) -> None:
         try:
             assert len(sink.wait_for(1, timeout=30)) == 1
             deadline = time.monotonic() + 30
-            while s.task(task).sent_count < 1 and time.monotonic() < deadline:
+            while s.get_task(task).sent_count < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
             stop.set()
@@ -143,7 +143,7 @@ def test_the_dispatcher_sends_the_headers_through_smtp(dsn: str) -> None:
         assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         assert parsed["X-Campaign"] == "spring"
         assert "token=v1." in str(parsed["List-Unsubscribe"])
-        assert s.task(task).sent_count == 1
+        assert s.get_task(task).sent_count == 1
 
 
 # ---------------------------------------------------------------- unsubscribe
@@ -176,9 +176,9 @@ def test_unsubscribe_is_scoped_to_the_user_and_idempotent(world: dict[str, Any])
     assert conn.execute("SELECT user_id, email, reason FROM edm.suppressions").fetchall() == [
         ("u1", "ann@rcpt.example", "unsubscribe")]
     assert conn.execute("SELECT unsubscribed FROM edm.contacts").fetchall() == [(True,)]
-    st = s.task(world["tasks"]["u1"])
+    st = s.get_task(world["tasks"]["u1"])
     assert (st.pending_count, st.cancelled_count) == (1, 1)
-    assert s.task(world["tasks"]["u2"]).pending_count == 2  # another tenant's mail still goes
+    assert s.get_task(world["tasks"]["u2"]).pending_count == 2  # another tenant's mail still goes
     assert s.get_user("u1").quota_used == 1  # the cancelled recipient's quota came back
     assert counters_match(conn) == []
     # and the next task of u1 leaves the address out

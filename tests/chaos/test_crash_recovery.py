@@ -138,7 +138,8 @@ def test_kill9_leases_are_recovered_within_lease_plus_one_sweep(
         assert len(held) >= 10
         assert all(killed_at < expires for _, expires in held.values())
 
-        done = wait_until(lambda: s.task(task).status == "completed", 30, "the task to complete")
+        done = wait_until(lambda: s.get_task(task).status == "completed", 30,
+                          "the task to complete")
         new_leader = sweep_lock_holders(conn)
         procs["fast"].send_signal(signal.SIGTERM)
         assert procs["fast"].wait(30) == 0

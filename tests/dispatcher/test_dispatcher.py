@@ -38,8 +38,8 @@ def test_dispatcher_sends_everything_and_stops(dsn: str, conn: psycopg.Connectio
             dsn, transport, stop_event=stop, handle_signals=False)))
         th.start()
         try:
-            wait_for(lambda: s.task(t1.task_id).status == "completed"
-                      and s.task(t2.task_id).status == "completed")
+            wait_for(lambda: s.get_task(t1.task_id).status == "completed"
+                      and s.get_task(t2.task_id).status == "completed")
         finally:
             stop.set()
             th.join(30)
@@ -73,10 +73,10 @@ def test_render_error_fails_only_that_recipient(dsn: str) -> None:
                               kwargs={"stop_event": stop, "handle_signals": False})
         th.start()
         try:
-            wait_for(lambda: s.task(t.task_id).status == "completed")
+            wait_for(lambda: s.get_task(t.task_id).status == "completed")
         finally:
             stop.set()
             th.join(30)
-        st = s.task(t.task_id)
+        st = s.get_task(t.task_id)
     assert (st.sent_count, st.failed_count) == (1, 2)
     assert [m[2] for m in transport.sent] == ["ok@r.example"]

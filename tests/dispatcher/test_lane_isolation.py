@@ -60,13 +60,13 @@ def test_a_slow_renderer_delays_only_its_own_service(dsn: str) -> None:
                                       "renderer": renderer})
         th.start()
         try:
-            wait_for(timeout=60.0, pred=lambda: s.task(light.task_id).status == "completed")
+            wait_for(timeout=60.0, pred=lambda: s.get_task(light.task_id).status == "completed")
             light_done = time.monotonic()
-            wait_for(timeout=60.0, pred=lambda: s.task(heavy.task_id).status == "completed")
+            wait_for(timeout=60.0, pred=lambda: s.get_task(heavy.task_id).status == "completed")
         finally:
             stop.set()
             th.join(30)
-        heavy_status = s.task(heavy.task_id)
+        heavy_status = s.get_task(heavy.task_id)
     assert not th.is_alive()
     light_sends = sorted(t for t, sid, *_ in transport.sent if sid == ids["light"])
     heavy_sends = sorted(t for t, sid, *_ in transport.sent if sid == ids["heavy"])

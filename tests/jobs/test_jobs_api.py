@@ -43,7 +43,7 @@ def sched(dsn: str) -> JobScheduler:
 
 def test_create_computes_and_stores_the_next_run(sched: JobScheduler,
                                                  conn: psycopg.Connection[Any]) -> None:
-    job = sched.create_job(fn_job(cron="30 2 * * *", timezone="Europe/Paris", tenant_id="t1",
+    job = sched.create_job(fn_job(cron="30 2 * * *", timezone="Europe/Paris", user_id="t1",
                                   tags=["nightly"], priority=5))
     assert job.status == "active"
     assert job.next_run_at == dt.datetime(2026, 1, 6, 1, 30, tzinfo=dt.UTC)  # 02:30 CET
@@ -95,18 +95,18 @@ def test_shell_jobs_need_the_setting(sched: JobScheduler, conn: psycopg.Connecti
 
 def test_tenant_quota(sched: JobScheduler, conn: psycopg.Connection[Any]) -> None:
     conn.execute("UPDATE edm.config SET value = '2' WHERE key = 'jobs.max_jobs_per_tenant'")
-    sched.create_job(fn_job("a", tenant_id="t1"))
-    sched.create_job(fn_job("b", tenant_id="t1"))
+    sched.create_job(fn_job("a", user_id="t1"))
+    sched.create_job(fn_job("b", user_id="t1"))
     with pytest.raises(JobQuotaExceeded) as info:
-        sched.create_job(fn_job("c", tenant_id="t1"))
+        sched.create_job(fn_job("c", user_id="t1"))
     assert info.value.code == "QUOTA_EXCEEDED"
     assert isinstance(info.value, errors.QuotaExceeded)
-    sched.create_job(fn_job("c", tenant_id="t2"))  # other tenants are not affected
+    sched.create_job(fn_job("c", user_id="t2"))  # other tenants are not affected
 
 
 def test_unknown_and_foreign_ids(sched: JobScheduler) -> None:
-    job = sched.create_job(fn_job(tenant_id="t1"))
-    for call in (lambda: sched.get_job(999), lambda: sched.get_job(job.job_id, tenant_id="t2"),
+    job = sched.create_job(fn_job(user_id="t1"))
+    for call in (lambda: sched.get_job(999), lambda: sched.get_job(job.job_id, user_id="t2"),
                  lambda: sched.trigger_job(999), lambda: sched.pause_job(999),
                  lambda: sched.resume_job(999), lambda: sched.stop_job(999),
                  lambda: sched.delete_job(999), lambda: sched.update_job(999, {"priority": 1})):
@@ -204,9 +204,9 @@ def test_delete_refuses_running_jobs_unless_forced(sched: JobScheduler,
 
 def test_listing_filters_and_pages(sched: JobScheduler) -> None:
     for i in range(5):
-        sched.create_job(fn_job(f"j{i}", tenant_id="a" if i % 2 else "b",
+        sched.create_job(fn_job(f"j{i}", user_id="a" if i % 2 else "b",
                                 tags=["odd"] if i % 2 else []))
-    assert [j.name for j in sched.list_jobs(tenant_id="a")] == ["j1", "j3"]
+    assert [j.name for j in sched.list_jobs(user_id="a")] == ["j1", "j3"]
     assert [j.name for j in sched.list_jobs(tag="odd")] == ["j1", "j3"]
     first = sched.list_jobs(limit=2)
     assert [j.name for j in sched.list_jobs(limit=10, after_id=first[-1].job_id)] == [
@@ -265,7 +265,7 @@ def test_jobs_work_with_the_least_privilege_roles(conn: psycopg.Connection[Any],
         app_dsn = conninfo.make_conninfo(dsn, user=logins["app"])
         clock = Clock(T0)
         host = JobScheduler(app_dsn, now=clock)
-        job = host.create_job(fn_job(tenant_id="t1", max_concurrent=2))
+        job = host.create_job(fn_job(user_id="t1", max_concurrent=2))
         host.update_job(job.job_id, {"priority": 2, "cron": "*/5 * * * *"})
         host.pause_job(job.job_id)
         host.resume_job(job.job_id)

@@ -126,7 +126,7 @@ def allow(conn: psycopg.Connection[Any], value: dict[str, Any]) -> None:
 def http_job(sched: JobScheduler, url: str, *, name: str = "call", tenant: str | None = "acme",
              retries: int = 0, **target: Any) -> int:
     return sched.create_job({
-        "name": name, "cron": "0 0 1 1 *", "tenant_id": tenant,
+        "name": name, "cron": "0 0 1 1 *", "user_id": tenant,
         "target": {"kind": "http", "url": url, **target},
         "retry": {"max_retries": retries, "delay_seconds": 0},
     }).job_id
@@ -215,7 +215,7 @@ def test_update_to_a_refused_url_is_refused_and_changes_nothing(sched: JobSchedu
     job_id = http_job(sched, "https://crm.example.com/hook")
     with pytest.raises(DestinationNotAllowed):
         sched.update_job(job_id, {"target": {"kind": "http", "url": "http://169.254.169.254/"}},
-                         tenant_id="acme")
+                         user_id="acme")
     assert sched.get_job(job_id).target["url"] == "https://crm.example.com/hook"
 
 
@@ -454,7 +454,7 @@ def test_total_time_is_capped_against_a_trickling_server(servers: list[Server]) 
 def test_tenant_shell_jobs_need_the_host_to_allow_the_tenant(
         sched: JobScheduler, conn: psycopg.Connection[Any]) -> None:
     def shell(tenant: str | None, name: str) -> int:
-        return sched.create_job({"name": name, "cron": "0 0 1 1 *", "tenant_id": tenant,
+        return sched.create_job({"name": name, "cron": "0 0 1 1 *", "user_id": tenant,
                                  "target": {"kind": "shell", "command": ["true"]}}).job_id
 
     with pytest.raises(InvalidJobConfig, match="disabled"):
@@ -468,7 +468,7 @@ def test_tenant_shell_jobs_need_the_host_to_allow_the_tenant(
     with pytest.raises(InvalidJobConfig, match="globex"):
         shell("globex", "g")
     # A function job cannot be turned into a tenant's shell job behind the door either.
-    fn = sched.create_job({"name": "f", "cron": "0 0 1 1 *", "tenant_id": "globex",
+    fn = sched.create_job({"name": "f", "cron": "0 0 1 1 *", "user_id": "globex",
                            "target": {"kind": "function", "function": "x"}}).job_id
     with pytest.raises(psycopg.DatabaseError, match="globex") as info:
         conn.execute("UPDATE edm.jobs SET kind = 'shell', target = "
@@ -480,7 +480,7 @@ def test_runner_refuses_a_tenant_shell_run_the_host_no_longer_allows(
         sched: JobScheduler, dsn: str, conn: psycopg.Connection[Any]) -> None:
     conn.execute("SELECT edm.config_set('jobs.shell_enabled', 'true')")
     conn.execute("SELECT edm.config_set('jobs.shell_tenants', to_jsonb(%s::text))", ['["*"]'])
-    job_id = sched.create_job({"name": "s", "cron": "0 0 1 1 *", "tenant_id": "acme",
+    job_id = sched.create_job({"name": "s", "cron": "0 0 1 1 *", "user_id": "acme",
                                "target": {"kind": "shell", "command": ["true"]}}).job_id
     conn.execute("SELECT edm.config_set('jobs.shell_tenants', to_jsonb(%s::text))", ['[]'])
     done = run_once(sched, dsn, job_id, allow_shell=True)
@@ -491,7 +491,7 @@ def test_runner_refuses_a_tenant_shell_run_the_host_no_longer_allows(
 def test_running_executions_per_tenant_are_capped_across_kinds(
         sched: JobScheduler, conn: psycopg.Connection[Any]) -> None:
     conn.execute("SELECT edm.config_set('jobs.max_running_per_tenant', '2')")
-    ids = [sched.create_job({"name": f"j{i}", "cron": "0 0 1 1 *", "tenant_id": tenant,
+    ids = [sched.create_job({"name": f"j{i}", "cron": "0 0 1 1 *", "user_id": tenant,
                              "target": target}).job_id
            for i, (tenant, target) in enumerate([
                ("acme", {"kind": "function", "function": "f"}),
@@ -512,7 +512,7 @@ def test_running_executions_per_tenant_are_capped_across_kinds(
     running = conn.execute("SELECT execution_id FROM edm.job_executions WHERE tenant_id = 'acme'"
                            " AND status = 'running' LIMIT 1").fetchone()
     assert running is not None
-    conn.execute("SELECT edm.job_finish(%s, 'w1', 'succeeded')", [running[0]])
+    conn.execute("SELECT edm.job_complete(%s, 'w1', 'succeeded')", [running[0]])
     again = conn.execute("SELECT tenant_id FROM edm.job_claim('w2', 10)").fetchall()
     assert again == [("acme",)]
 
@@ -521,7 +521,7 @@ def test_running_executions_per_tenant_are_capped_across_kinds(
 
 
 def _ctx(timeout: float = 30.0) -> JobContext:
-    return JobContext(execution_id=1, job_id=1, job_name="t", tenant_id="acme",
+    return JobContext(execution_id=1, job_id=1, job_name="t", user_id="acme",
                       trigger="manual", scheduled_for=None, retry_count=0, args={},
                       timeout_seconds=timeout)
 
@@ -613,7 +613,7 @@ def test_cli_refuses_loopback_and_stores_only_secret_references(
                  "--secret-header", "Authorization:crm-token", "--max-redirects", "2"])
     capsys.readouterr()
     assert code == 0
-    target = JobScheduler(dsn).list_jobs(tenant_id="acme")[0].target
+    target = JobScheduler(dsn).list_jobs(user_id="acme")[0].target
     assert target["headers"] == {"Authorization": {"secret_ref": "crm-token", "prefix": ""}}
     assert target["max_redirects"] == 2
 

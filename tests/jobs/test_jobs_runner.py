@@ -357,7 +357,7 @@ def test_launch_campaign_calls_the_host_launcher(sched: JobScheduler, clock: Clo
         return {"task_id": 42}
 
     definition = {"name": "weekly digest", "templates": [{"subject": "Hi", "body_text": "x"}]}
-    job = sched.create_job({"name": "digest", "cron": "*/10 * * * *", "tenant_id": "acme",
+    job = sched.create_job({"name": "digest", "cron": "*/10 * * * *", "user_id": "acme",
                             "target": {"kind": "launch_campaign", "definition": definition}})
     clock.t = utc(2026, 1, 5, 10, 10, 1)
     drain(runner_factory({"edm.launch_campaign": launcher}))

@@ -28,7 +28,7 @@ def test_interval_and_lease(sched: Scheduler, conn: psycopg.Connection[Any]) -> 
     second = claim(conn, at(10))
     assert len(second) == 1 and second[0]["subtask_id"] > first[0]["subtask_id"]
     assert complete(conn, at(11), [first[0]["subtask_id"]])[0][1:3] == (True, "sent")
-    st = sched.task(task)
+    st = sched.get_task(task)
     assert (st.status, st.sent_count, st.leased_count, st.pending_count) == ("sending", 1, 1, 1)
     assert counters_match(conn) == []
 
@@ -135,7 +135,7 @@ def test_outcomes(sched: Scheduler, conn: psycopg.Connection[Any]) -> None:
                             (ids[0],)).fetchone()
     assert attempts == (0,)  # a service-level failure does not use an attempt
     assert counters_match(conn) == []
-    assert sched.task(task).failed_count == 1
+    assert sched.get_task(task).failed_count == 1
 
 
 def test_expired_leases_return_and_are_counted(sched: Scheduler,
@@ -159,17 +159,17 @@ def test_pause_resume_cancel(sched: Scheduler, conn: psycopg.Connection[Any]) ->
     make_service(sched, "svc", interval=0, users=["a"])
     task = make_task(sched, "a", 10)
     first = claim(conn, at(0))
-    sched.pause(task)
+    sched.pause_task(task)
     assert claim(conn, at(1)) == []  # I6: pause stops claims at once
     assert complete(conn, at(1), [first[0]["subtask_id"]])[0][1] is True  # in-flight completes
-    assert sched.resume(task) == "sending"
+    assert sched.resume_task(task) == "sending"
     nxt = claim(conn, at(2))
     assert nxt[0]["subtask_id"] == first[0]["subtask_id"] + 1  # continues where it stopped
     assert sched.get_user("a").quota_used == 10
-    assert sched.cancel(task) == 8
+    assert sched.cancel_task(task) == 8
     assert sched.get_user("a").quota_used == 2  # 8 unsent refunded
     assert complete(conn, at(3), [nxt[0]["subtask_id"]], "transient")[0][2] == "cancelled"
-    st = sched.task(task)
+    st = sched.get_task(task)
     assert (st.status, st.sent_count, st.cancelled_count) == ("cancelled", 1, 9)
     assert counters_match(conn) == []
 
@@ -180,7 +180,7 @@ def test_task_completes_when_nothing_left(sched: Scheduler, conn: psycopg.Connec
     task = make_task(sched, "a", 2)
     ids = [r["subtask_id"] for when in (0, 1) for r in claim(conn, at(when))]
     complete(conn, at(2), ids)
-    assert sched.task(task).status == "completed"
+    assert sched.get_task(task).status == "completed"
 
 
 def test_bad_claim_arguments_are_typed(conn: psycopg.Connection[Any]) -> None:

@@ -71,6 +71,7 @@ def drive(conn: psycopg.Connection[Any], fn: str,
     return out
 
 
+@pytest.mark.slow  # 60 generated worlds; the fast lane has test_limits.py's batched fills
 @pytest.mark.parametrize("small_pool", [0, 10_000], ids=["rotation-head", "grants"])
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -86,7 +86,7 @@ def test_rule_without_match_completes_at_once_and_reserves_nothing(
     contacts(sched, "u", {"a@x.example": ["news"], "b@x.example": ["promo"]})
     created = rule_task(sched, "u", {"include_any": ["nobody-has-this"]})
     assert created.recipients == 0
-    st = sched.task(created.task_id)
+    st = sched.get_task(created.task_id)
     assert (st.status, st.total_count, st.pending_count) == ("completed", 0, 0)
     assert st.finished_at is not None
     assert sched.get_user("u").quota_used == 0
@@ -105,7 +105,7 @@ def test_a_list_left_empty_completes_at_once(sched: Scheduler) -> None:
     sched.suppress("gone@x.example")
     created = list_task(sched, "u", ["gone@x.example"])
     assert created.recipients == 0
-    assert sched.task(created.task_id).status == "completed"
+    assert sched.get_task(created.task_id).status == "completed"
     assert sched.get_user("u").quota_used == 0
 
 
@@ -117,11 +117,11 @@ def test_all_suppressed(sched: Scheduler, conn: psycopg.Connection[Any]) -> None
     sched.suppress("c@x.example", user_id="other")  # another tenant's: does not apply to u
     created = list_task(sched, "u", ["a@x.example", "b@x.example", " A@X.EXAMPLE"])
     assert (created.recipients, created.duplicates, created.suppressed) == (0, 1, 2)
-    assert sched.task(created.task_id).status == "completed"
+    assert sched.get_task(created.task_id).status == "completed"
     contacts(sched, "u", {"a@x.example": ["t"], "b@x.example": ["t"]})
     by_rule = rule_task(sched, "u", {"include_all": ["t"]})
     assert by_rule.recipients == 0
-    assert sched.task(by_rule.task_id).status == "completed"
+    assert sched.get_task(by_rule.task_id).status == "completed"
     assert sched.get_user("u").quota_used == 0
     # the other tenant's suppression is its own
     third = list_task(sched, "u", ["c@x.example"])
@@ -441,7 +441,7 @@ def test_cancel_during_expansion_refunds_the_unexpanded_part(
     task_id, _ = create_rule_unexpanded(conn, "u", {"include_any": ["t"]})
     conn.execute("SELECT edm.expand_task(%s, 2)", (task_id,))
     assert sched.get_user("u").quota_used == 6
-    assert sched.cancel(task_id) == 2
+    assert sched.cancel_task(task_id) == 2
     assert sched.get_user("u").quota_used == 0
     assert task_row(conn, task_id)[:4] == ("cancelled", 2, 0, 0)
     assert sched.expand(task_id) == 0  # a late expander stops

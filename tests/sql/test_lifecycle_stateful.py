@@ -481,12 +481,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         task_id = data.draw(st.sampled_from(self._busy_first()), label="task")
         before = self.status[task_id]
         if before in ("scheduled", "sending", "paused"):
-            assert self.sched.pause(task_id) == "paused"
+            assert self.sched.pause_task(task_id) == "paused"
             self._sync()
             assert self.status[task_id] == "paused"
         else:
             with pytest.raises(errors.InvalidTransition):
-                self.sched.pause(task_id)
+                self.sched.pause_task(task_id)
             self._sync()
 
     @precondition(lambda self: bool(self.status))
@@ -542,10 +542,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         pending, unexpanded = row
         if before in ("completed", "failed"):
             with pytest.raises(errors.InvalidTransition):
-                self.sched.cancel(task_id)
+                self.sched.cancel_task(task_id)
             self._sync()
             return
-        n = self.sched.cancel(task_id)
+        n = self.sched.cancel_task(task_id)
         self._sync({task_id: {"cancelled"}})
         assert self.status[task_id] == "cancelled"
         if before == "cancelled":
@@ -647,7 +647,7 @@ def test_cancel_refunds_subtasks_that_end_unsent_after_a_lease(
                               "scheduled_at": at(0),
                               "recipients": [{"email": f"r{i}@x.example"} for i in range(3)]})
         [row] = claim_rows(conn, at(0), batch=1, lease=LEASE)
-        assert s.cancel(task.task_id) == 2
+        assert s.cancel_task(task.task_id) == 2
         assert s.get_user("u").quota_used == 1  # the leased one is still in flight
         if ending == "expired":
             assert conn.execute("SELECT edm.expire_leases(%s)",
@@ -657,5 +657,5 @@ def test_cancel_refunds_subtasks_that_end_unsent_after_a_lease(
                                                  code=421)
             assert (ok, status) == (True, "cancelled")
         assert s.get_user("u").quota_used == 0
-        assert s.task(task.task_id).cancelled_count == 3
+        assert s.get_task(task.task_id).cancelled_count == 3
         assert quota_problems(conn) == [] and counters_match(conn) == []

@@ -163,6 +163,7 @@ def test_renewal_keeps_live_leases_only(sched: Scheduler, conn: psycopg.Connecti
                         (ids, at(18.5))).fetchall() == []  # expired: never revived
 
 
+@pytest.mark.slow  # 25 generated runs; test_rate_limit_with_burst_is_a_token_bucket is fast
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(gaps=st.lists(st.integers(min_value=0, max_value=400), min_size=5, max_size=40),
        rate=st.integers(min_value=1, max_value=8), burst=st.integers(min_value=1, max_value=4),

@@ -54,9 +54,9 @@ def test_each_role_can_do_its_job_and_nothing_more(roles: dict[str, str]) -> Non
         svc = make_service(app, "svc", interval=0, users=["u1"])
         task = make_task(app, "u1", 5)
         app.upsert_contacts("u1", [{"email": "c@r.example", "tags": ["t"]}])
-        assert app.task(task).total_count == 5
-        app.pause(task)
-        app.resume(task)
+        assert app.get_task(task).total_count == 5
+        app.pause_task(task)
+        app.resume_task(task)
     from edm_sched.jobs.api import JobScheduler
 
     job = JobScheduler(roles["app"]).create_job(
@@ -78,9 +78,9 @@ def test_each_role_can_do_its_job_and_nothing_more(roles: dict[str, str]) -> Non
     try:
         with Scheduler(roles["app"]) as app:
             deadline = time.monotonic() + 20
-            while app.task(task).status != "completed" and time.monotonic() < deadline:
+            while app.get_task(task).status != "completed" and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert app.task(task).sent_count == 5
+            assert app.get_task(task).sent_count == 5
     finally:
         stop.set()
         th.join(30)
@@ -141,9 +141,9 @@ def test_audit_trail_records_administrative_changes(dsn: str,
         svc = make_service(s, "svc", interval=1, users=["u"])
         s.disable_service(svc)
         task = make_task(s, "u", 3)
-        s.pause(task)
-        s.resume(task)
-        s.cancel(task)
+        s.pause_task(task)
+        s.resume_task(task)
+        s.cancel_task(task)
     conn.execute("SELECT edm.config_set('sweep.interval', '3', 'cli')")
     conn.execute("UPDATE edm.users SET last_served_seq = 99")  # runtime state: not audited
     rows = conn.execute("SELECT actor, action, object_type, object_id, before, after "
@@ -199,7 +199,7 @@ def test_secrets_never_stored_or_shown(dsn: str, conn: psycopg.Connection[Any],
         finally:
             stop.set()
             th.join(30)
-        assert s.task(task).pending_count == 1  # a service failure uses no attempt
+        assert s.get_task(task).pending_count == 1  # a service failure uses no attempt
     dump = conn.execute("""
         SELECT string_agg(x::text, ' ') FROM (
           SELECT to_jsonb(s) x FROM edm.services s UNION ALL
