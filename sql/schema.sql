@@ -40,8 +40,10 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
+  ('18', 'warmup', '275aeeec644736af0dcad761778ead637a14d059eabc5766c4967d508bb38e70'),
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
+  ('20', 'wire_pacing', '844d3cd58263a045ed06864ca9d7c017aa5ba4d7e68ed8c0e68c8cf7d906ddf7'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -2787,12 +2789,13 @@ BEGIN
   v_report := jsonb_build_object('leases_expired', edm.expire_leases(p_now));
   -- Each maintenance step runs in its own subtransaction: a failing step is
   -- reported (and logged by the dispatcher) without undoing the others.
-  FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'tasks_started', 'tasks_completed',
+  FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'warmups_applied', 'tasks_started', 'tasks_completed',
                                 'alerts_raised', 'metrics_rows', 'partitions_created',
                                 'retention_removed'] LOOP
     BEGIN
       v_value := CASE v_step
         WHEN 'quota_days_rolled' THEN edm.roll_quota_days(p_now)
+        WHEN 'warmups_applied' THEN edm.apply_warmups(p_now)
         WHEN 'tasks_started' THEN edm.start_due_tasks(p_now)
         WHEN 'tasks_completed' THEN edm.finish_tasks(p_now)
         WHEN 'alerts_raised' THEN edm.sweep_alerts(p_now)
@@ -2810,7 +2813,7 @@ BEGIN
   RETURN v_report;
 END;
 $function$;
-COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report.';
+COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report. Step warmups_applied moves warm-up ceilings to the day''s (edm.apply_warmups).';
 REVOKE ALL ON FUNCTION edm.run_sweeps(timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.roll_quota_days(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -4689,7 +4692,7 @@ DECLARE
     'job_claim', 'job_fire', 'job_finish', 'job_complete', 'job_progress', 'job_schedule_retry',
     'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
     'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace'];
-  v_app_fns text[] := ARRAY['set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
+  v_app_fns text[] := ARRAY['set_service_warmup', 'warmup_ramp', 'warmup_ceiling', 'warmup_ramp_problem', 'set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
     'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
     'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',
     'add_suppression', 'remove_suppression', 'create_task_from_staged', 'create_task_from_rule',
@@ -4698,7 +4701,7 @@ DECLARE
     'rule_matches', 'service_sent_today', 'service_is_ready',
     'job_create', 'job_update', 'job_delete', 'job_trigger', 'job_pause', 'job_resume',
     'job_stop', 'job_cancel_execution', 'job_validate', 'set_service_limits'];
-  v_monitor_fns text[] := ARRAY['suspended_sites', 'site_of', 'email_domain', 'reputation_rates', 'task_wait_reason', 'service_sent_today', 'service_is_ready'];
+  v_monitor_fns text[] := ARRAY['warmup_ramp', 'warmup_ceiling', 'warmup_ramp_problem', 'suspended_sites', 'site_of', 'email_domain', 'reputation_rates', 'task_wait_reason', 'service_sent_today', 'service_is_ready'];
 BEGIN
   FOREACH v_role IN ARRAY ARRAY[p_dispatcher, p_app, p_monitor] LOOP
     IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = v_role) THEN
@@ -4718,7 +4721,7 @@ BEGIN
 
   -- Host application: everything through functions; read its objects.
   EXECUTE format('GRANT SELECT ON edm.users, edm.services, edm.grants, edm.tasks, edm.templates, '
-                 'edm.config, edm.task_progress, edm.sites, edm.site_domains, edm.site_suspensions, edm.reputation_status, edm.feedback_events, edm.service_status, edm.system_health, '
+                 'edm.config, edm.task_progress, edm.service_warmups, edm.service_warmup_status, edm.sites, edm.site_domains, edm.site_suspensions, edm.reputation_status, edm.feedback_events, edm.service_status, edm.system_health, '
                  'edm.task_wait_reasons, edm.alerts, edm.jobs, edm.job_executions, '
                  'edm.jobs_overview, edm.service_limits, edm.service_limit_status, '
                  'edm.possible_duplicates TO %I', p_app);
@@ -4841,6 +4844,32 @@ COMMENT ON COLUMN edm.service_limits.day IS 'calendar_day state: the local date 
 COMMENT ON COLUMN edm.service_limits.day_count IS 'calendar_day state: sends slotted on day.';
 COMMENT ON COLUMN edm.service_limits.created_at IS 'When the limit was set.';
 
+CREATE FUNCTION edm.warmup_ramp_problem(p_ramp integer[])
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN ((p_ramp IS NULL) OR (cardinality(p_ramp) = 0)) THEN 'a ramp needs at least one day'::text WHEN (array_ndims(p_ramp) <> 1) THEN 'a ramp is a one-dimensional array of daily ceilings'::text WHEN (cardinality(p_ramp) > 366) THEN 'a ramp lasts at most 366 days'::text WHEN (array_position(p_ramp, NULL::integer) IS NOT NULL) THEN 'a ramp has no NULL days'::text WHEN (EXISTS (SELECT 1 FROM unnest(warmup_ramp_problem.p_ramp) c(c) WHERE ((c.c < 1) OR (c.c > 100000000)))) THEN 'each daily ceiling is between 1 and 100000000'::text WHEN (EXISTS (SELECT 1 FROM (unnest(warmup_ramp_problem.p_ramp) WITH ORDINALITY a(c, i) JOIN unnest(warmup_ramp_problem.p_ramp) WITH ORDINALITY b(c, i) ON ((b.i = (a.i + 1)))) WHERE (b.c < a.c))) THEN 'a ramp never decreases (each day''s ceiling is at least the day before''s)'::text ELSE NULL::text END;
+COMMENT ON FUNCTION edm.warmup_ramp_problem(integer[]) IS 'Why p_ramp is not a valid warm-up ramp (NULL when it is): 1 to 366 daily ceilings, each 1..100000000, never decreasing.';
+REVOKE ALL ON FUNCTION edm.warmup_ramp_problem(integer[]) FROM PUBLIC;
+
+CREATE TABLE edm.service_warmups (
+  service_id bigint NOT NULL,
+  started_on date NOT NULL,
+  ramp integer[] NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT service_warmups_pkey PRIMARY KEY (service_id),
+  CONSTRAINT service_warmups_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT service_warmups_ramp_check CHECK (((edm.warmup_ramp_problem(ramp) IS NULL) AND (array_lower(ramp, 1) = 1))),
+  CONSTRAINT service_warmups_started_on_check CHECK (isfinite(started_on))
+);
+COMMENT ON TABLE edm.service_warmups IS 'Services warming up: on local day n of the ramp (day 1 = started_on, in the service''s quota_tz) the service sends at most ramp[n]. Enforced by the calendar_day limit ''warmup'' in edm.service_limits, whose max_count edm.apply_warmups keeps at the day''s ceiling; the row and the limit go away after the last day. Set with edm.set_service_warmup; see docs/explanation/traffic-shaping.md.';
+COMMENT ON COLUMN edm.service_warmups.service_id IS 'Service warming up.';
+COMMENT ON COLUMN edm.service_warmups.started_on IS 'Local date (in the service''s quota_tz) of day 1 of the ramp.';
+COMMENT ON COLUMN edm.service_warmups.ramp IS 'Daily ceilings, day 1 first; never decreasing, 1 to 366 days.';
+COMMENT ON COLUMN edm.service_warmups.created_at IS 'When the warm-up was first set.';
+COMMENT ON COLUMN edm.service_warmups.updated_at IS 'When the ramp or its start was last changed.';
+
 CREATE TABLE edm.sites (
   site text NOT NULL,
   description text DEFAULT ''::text NOT NULL,
@@ -4952,6 +4981,84 @@ COMMENT ON COLUMN edm.site_suspensions.reason IS 'Why: the rule and the reply th
 COMMENT ON COLUMN edm.site_suspensions.created_at IS 'When the current suspension started.';
 CREATE INDEX site_suspensions_until_idx ON edm.site_suspensions USING btree (until);
 COMMENT ON INDEX edm.site_suspensions_until_idx IS 'Suspensions by end (which are in force at a time; sweeping old ones).';
+
+CREATE FUNCTION edm.apply_warmups(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_service_id bigint DEFAULT NULL::bigint)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now     timestamptz := coalesce(p_now, now());
+  w         record;
+  l         record;
+  v_today   date;
+  v_ceiling integer;
+  v_n       integer := 0;
+BEGIN
+  -- Lock order as the claim's: the service row, then its limits. Only the
+  -- services with something to do are locked (claims skip a locked service
+  -- until the sweep commits): on most sweeps, none. Nothing to do: the limit
+  -- holds the day's ceiling, or the ramp is over and the limit still counts
+  -- its last day (kept, see below).
+  FOR w IN
+    SELECT x.service_id, x.ramp, x.started_on, s.quota_tz, s.quota_day, s.sent_today
+    FROM edm.service_warmups x JOIN edm.services s ON s.service_id = x.service_id
+    CROSS JOIN LATERAL (SELECT (v_now AT TIME ZONE s.quota_tz)::date AS today) d
+    WHERE (p_service_id IS NULL OR x.service_id = p_service_id)
+      AND NOT EXISTS (
+        SELECT 1 FROM edm.service_limits sl
+        WHERE sl.service_id = x.service_id AND sl.name = 'warmup'
+          AND (sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on, d.today)
+               OR (edm.warmup_ceiling(x.ramp, x.started_on, d.today) IS NULL
+                   AND sl.day = d.today - 1
+                   AND edm.warmup_ceiling(x.ramp, x.started_on, sl.day) IS NOT NULL)))
+    ORDER BY x.service_id
+    FOR NO KEY UPDATE OF s
+  LOOP
+    v_today := (v_now AT TIME ZONE w.quota_tz)::date;
+    v_ceiling := edm.warmup_ceiling(w.ramp, w.started_on, v_today);
+    SELECT sl.max_count, sl.day INTO l FROM edm.service_limits sl
+    WHERE sl.service_id = w.service_id AND sl.name = 'warmup'
+    FOR UPDATE;
+    IF v_ceiling IS NULL THEN
+      -- The ramp is over. Keep the last ceiling while the limit still counts
+      -- the ramp's last day (a late slot of that day may come); it goes at
+      -- the first sweep after the state has moved on.
+      CONTINUE WHEN l.day IS NOT NULL AND l.day = v_today - 1
+                    AND edm.warmup_ceiling(w.ramp, w.started_on, l.day) IS NOT NULL;
+      DELETE FROM edm.service_warmups x WHERE x.service_id = w.service_id;
+      DELETE FROM edm.service_limits sl WHERE sl.service_id = w.service_id AND sl.name = 'warmup';
+      PERFORM pg_notify('edm_wakeup', 'service:' || w.service_id);
+      v_n := v_n + 1;
+    ELSIF l.max_count IS NULL THEN
+      -- New: today's sends so far count (the service's own count of its quota day).
+      INSERT INTO edm.service_limits (service_id, name, kind, max_count, day, day_count)
+      VALUES (w.service_id, 'warmup', 'calendar_day', v_ceiling, v_today,
+              CASE WHEN w.quota_day = v_today THEN w.sent_today ELSE 0 END);
+      v_n := v_n + 1;
+    ELSIF l.max_count <> v_ceiling THEN
+      -- In place, state kept. A count of an earlier day moves by the change,
+      -- so that day keeps the headroom it had under its own ceiling.
+      UPDATE edm.service_limits sl
+      SET max_count = v_ceiling,
+          day_count = CASE WHEN sl.day < v_today
+                           THEN greatest(0, sl.day_count + v_ceiling - sl.max_count)
+                           ELSE sl.day_count END
+      WHERE sl.service_id = w.service_id AND sl.name = 'warmup';
+      IF v_ceiling > l.max_count THEN
+        -- a block computed under the lower ceiling is re-decided by the next claim
+        UPDATE edm.services s SET quota_exhausted_until = NULL WHERE s.service_id = w.service_id;
+        PERFORM pg_notify('edm_wakeup', 'service:' || w.service_id);
+      END IF;
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.apply_warmups(timestamp with time zone,bigint) IS 'Sets the limit ''warmup'' of each warming-up service (or of p_service_id only) to the ceiling of its current local day at p_now, in place (its count kept); after the ramp''s last day removes the limit and the warm-up. Run by every sweep (edm.run_sweeps) and by edm.set_service_warmup. Returns how many services changed.';
+REVOKE ALL ON FUNCTION edm.apply_warmups(timestamp with time zone,bigint) FROM PUBLIC;
 
 CREATE FUNCTION edm.cache_site_domains(p_domains text[], p_sites text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS integer
@@ -5511,20 +5618,34 @@ BEGIN
   END IF;
   -- Only services p_owner holds, and only later: the next slot can move back
   -- never, so no limit can be broken by a report.
-  UPDATE edm.services s
-  SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
-  FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
-          AS y(service_id, next_start)
-        ORDER BY y.service_id) x
-  WHERE s.service_id = x.service_id AND s.held_by = p_owner
-    AND s.service_id IN (SELECT z.service_id FROM edm.services z
-                         WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
-                         ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED);
-  GET DIAGNOSTICS v_n = ROW_COUNT;
+  WITH moved AS (
+    UPDATE edm.services s
+    SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
+    FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
+            AS y(service_id, next_start)
+          ORDER BY y.service_id) x
+    WHERE s.service_id = x.service_id AND s.held_by = p_owner
+      AND s.service_id IN (SELECT z.service_id FROM edm.services z
+                           WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
+                           ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED)
+    RETURNING s.service_id, x.next_start
+  ),
+  -- each rate limit admits its next send at tat - (burst - 1) * T (GCRA): no
+  -- earlier than the reported start
+  rates AS (
+    UPDATE edm.service_limits l
+    SET tat = greatest(l.tat, m.next_start
+                              + ((l.burst - 1) * l.window_ms::double precision / l.max_count)
+                                * interval '1 millisecond')
+    FROM moved m
+    WHERE l.service_id = m.service_id AND l.kind = 'rate' AND l.max_count > 0
+    RETURNING l.service_id
+  )
+  SELECT count(*) INTO v_n FROM moved;
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server) tells when the service''s next send can really start; the service''s next slot moves there (never earlier), so slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
+COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server, a start the provider saw late) tells when the service''s next send can really start; the service''s next slot moves there (never earlier): its interval counts from there and each of its rate limits admits no send before it. Slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
 REVOKE ALL ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) FROM PUBLIC;
 
 CREATE FUNCTION edm.reputation_rates(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -5751,6 +5872,22 @@ $function$;
 COMMENT ON FUNCTION edm.service_limits_flag() IS 'Statement trigger on edm.service_limits: keeps services.has_limits in step and clears a block computed from the old limits (the next claim recomputes it).';
 REVOKE ALL ON FUNCTION edm.service_limits_flag() FROM PUBLIC;
 
+CREATE FUNCTION edm.service_limits_keep_warmup()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  -- The service row is gone when this is the cascade of its deletion: let it go.
+  IF EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = OLD.service_id)
+     AND EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = OLD.service_id) THEN
+    RETURN NULL;
+  END IF;
+  RETURN OLD;
+END;
+$function$;
+COMMENT ON FUNCTION edm.service_limits_keep_warmup() IS 'Row trigger on edm.service_limits: the limit ''warmup'' of a service that is warming up is not deleted (edm.set_service_limits replacing the other limits keeps it, with its state); it goes when the warm-up ends.';
+REVOKE ALL ON FUNCTION edm.service_limits_keep_warmup() FROM PUBLIC;
+
 CREATE FUNCTION edm.set_service_limits(p_service_id bigint, p_limits jsonb)
  RETURNS integer
  LANGUAGE plpgsql
@@ -5809,6 +5946,57 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.set_service_limits(bigint,jsonb) IS 'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
 REVOKE ALL ON FUNCTION edm.set_service_limits(bigint,jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_service_warmup(p_service_id bigint, p_ramp integer[], p_started_on date DEFAULT NULL::date, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_tz text;
+  v_problem text;
+BEGIN
+  SELECT s.quota_tz INTO v_tz FROM edm.services s WHERE s.service_id = p_service_id
+  FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  IF p_ramp IS NULL OR cardinality(p_ramp) = 0 THEN
+    -- End the warm-up now: the limit goes with it.
+    DELETE FROM edm.service_warmups w WHERE w.service_id = p_service_id;
+    IF FOUND THEN
+      DELETE FROM edm.service_limits l WHERE l.service_id = p_service_id AND l.name = 'warmup';
+      PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+    END IF;
+    RETURN NULL;
+  END IF;
+  v_problem := edm.warmup_ramp_problem(p_ramp);
+  IF v_problem IS NOT NULL THEN
+    RAISE EXCEPTION 'invalid warm-up ramp: %', v_problem USING ERRCODE = 'ED005';
+  END IF;
+  IF p_started_on IS NOT NULL AND NOT isfinite(p_started_on) THEN
+    RAISE EXCEPTION 'invalid warm-up start: %', p_started_on USING ERRCODE = 'ED005';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = p_service_id)
+     AND EXISTS (SELECT 1 FROM edm.service_limits l
+                 WHERE l.service_id = p_service_id AND l.name = 'warmup') THEN
+    RAISE EXCEPTION 'service % has a limit of its own named warmup: rename it first (edm.set_service_limits)',
+      p_service_id USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.service_warmups (service_id, started_on, ramp)
+  VALUES (p_service_id,
+          coalesce(p_started_on, (coalesce(p_now, now()) AT TIME ZONE v_tz)::date),
+          ARRAY(SELECT c FROM unnest(p_ramp) WITH ORDINALITY u(c, i) ORDER BY i))
+  ON CONFLICT (service_id) DO UPDATE
+    SET started_on = EXCLUDED.started_on, ramp = EXCLUDED.ramp, updated_at = now();
+  PERFORM edm.apply_warmups(p_now, p_service_id);
+  RETURN (SELECT l.max_count FROM edm.service_limits l
+          WHERE l.service_id = p_service_id AND l.name = 'warmup');
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) IS 'Puts service p_service_id on warm-up ramp p_ramp (daily ceilings, day 1 first, never decreasing; see edm.warmup_ramp) from local date p_started_on (default: today in its quota_tz), replacing a ramp it had, and applies today''s ceiling at once. A NULL or empty ramp ends the warm-up and removes its limit. Returns the ceiling in force (NULL when none). Raises ED001 for an unknown service, ED005 for a bad ramp (nothing is changed).';
+REVOKE ALL ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.set_site_domains(p_site text, p_domains text[], p_description text DEFAULT NULL::text)
  RETURNS integer
@@ -5939,6 +6127,44 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.unsubscribe(text,text,bigint,timestamp with time zone) IS 'Unsubscribes p_email from user p_user_id''s mail, idempotently: marks the contact unsubscribed, suppresses the address for that user (reason unsubscribe; an existing suppression is kept), and cancels its pending subtasks in the user''s tasks. Returns what changed (all false / 0 on a repeated call, or when the user no longer exists). Called by edm_sched.unsubscribe after it verified the signed token.';
 REVOKE ALL ON FUNCTION edm.unsubscribe(text,text,bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.warmup_ceiling(p_ramp integer[], p_started_on date, p_day date)
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN (p_day < p_started_on) THEN (p_ramp)[1] WHEN (((p_day - p_started_on) + 1) > cardinality(p_ramp)) THEN NULL::integer ELSE (p_ramp)[((p_day - p_started_on) + 1)] END;
+COMMENT ON FUNCTION edm.warmup_ceiling(integer[],date,date) IS 'The ceiling of local day p_day on ramp p_ramp started on p_started_on (day 1): the ramp''s first value before the start, NULL after its last day (the warm-up is over).';
+REVOKE ALL ON FUNCTION edm.warmup_ceiling(integer[],date,date) FROM PUBLIC;
+
+CREATE FUNCTION edm.warmup_ramp(p_start integer, p_full integer, p_factor numeric DEFAULT 2)
+ RETURNS integer[]
+ LANGUAGE plpgsql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+DECLARE
+  v_ramp integer[];
+  v_c integer;
+BEGIN
+  IF p_start IS NULL OR p_full IS NULL OR p_factor IS NULL OR p_start < 1
+     OR p_full < p_start OR p_full > 100000000 OR p_factor <= 1 OR p_factor > 100 THEN
+    RAISE EXCEPTION 'warmup_ramp: need 1 <= start <= full <= 100000000 and 1 < factor <= 100, got %, %, %',
+      p_start, p_full, p_factor USING ERRCODE = 'ED005';
+  END IF;
+  v_c := p_start;
+  v_ramp := ARRAY[v_c];
+  WHILE v_c < p_full LOOP
+    v_c := least(p_full, ceil(v_c * p_factor))::integer;
+    v_ramp := v_ramp || v_c;
+    IF cardinality(v_ramp) > 366 THEN
+      RAISE EXCEPTION 'warmup_ramp: from % to % by a factor of % takes more than 366 days',
+        p_start, p_full, p_factor USING ERRCODE = 'ED005';
+    END IF;
+  END LOOP;
+  RETURN v_ramp;
+END;
+$function$;
+COMMENT ON FUNCTION edm.warmup_ramp(integer,integer,numeric) IS 'A growing warm-up ramp: p_start on day 1, then each day the day before''s ceiling times p_factor (rounded up) until p_full, the last day. warmup_ramp(50, 1000) = {50,100,200,400,800,1000}. Raises ED005 for bad bounds or a ramp longer than 366 days.';
+REVOKE ALL ON FUNCTION edm.warmup_ramp(integer,integer,numeric) FROM PUBLIC;
 
 CREATE VIEW edm.possible_duplicates AS
  SELECT st.subtask_id,
@@ -6071,9 +6297,51 @@ COMMENT ON COLUMN edm.service_limit_status.used IS 'Sends counted in the current
 COMMENT ON COLUMN edm.service_limit_status.headroom IS 'max_count - used, at least 0.';
 COMMENT ON COLUMN edm.service_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now.';
 
+CREATE VIEW edm.service_warmup_status AS
+ SELECT w.service_id,
+    s.name AS service_name,
+    w.started_on,
+    ((x.today - w.started_on) + 1) AS day,
+    cardinality(w.ramp) AS days,
+        CASE
+            WHEN (x.today < w.started_on) THEN 'scheduled'::text
+            WHEN (((x.today - w.started_on) + 1) > cardinality(w.ramp)) THEN 'ended'::text
+            ELSE 'ramping'::text
+        END AS state,
+    edm.warmup_ceiling(w.ramp, w.started_on, x.today) AS ceiling_today,
+    l.max_count AS ceiling_in_force,
+        CASE
+            WHEN (l.day = x.today) THEN l.day_count
+            ELSE 0
+        END AS used_today,
+    edm.warmup_ceiling(w.ramp, w.started_on, (x.today + 1)) AS ceiling_tomorrow,
+    w.ramp[cardinality(w.ramp)] AS final_ceiling,
+    edm.service_next_quota_day(s.quota_tz, now()) AS next_day_at,
+    w.ramp
+   FROM (((edm.service_warmups w
+     JOIN edm.services s ON ((s.service_id = w.service_id)))
+     CROSS JOIN LATERAL ( SELECT ((now() AT TIME ZONE s.quota_tz))::date AS today) x)
+     LEFT JOIN edm.service_limits l ON (((l.service_id = w.service_id) AND (l.name = 'warmup'::text))));
+COMMENT ON VIEW edm.service_warmup_status IS 'Each warming-up service: day n of N of its ramp (local days in its quota_tz), today''s ceiling, the ceiling in force in its limit ''warmup'' (it follows the ramp at each sweep), sends counted today and tomorrow''s ceiling.';
+COMMENT ON COLUMN edm.service_warmup_status.service_id IS 'Service.';
+COMMENT ON COLUMN edm.service_warmup_status.service_name IS 'Service name.';
+COMMENT ON COLUMN edm.service_warmup_status.started_on IS 'Local date of day 1.';
+COMMENT ON COLUMN edm.service_warmup_status.day IS 'Today''s day of the ramp (day n of days; below 1 before the start, above days once over).';
+COMMENT ON COLUMN edm.service_warmup_status.days IS 'Length of the ramp in days.';
+COMMENT ON COLUMN edm.service_warmup_status.state IS 'scheduled (before day 1), ramping, or ended (past the last day; the warm-up and its limit go at the first sweep once the limit no longer counts the last day).';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_today IS 'The ramp''s ceiling for today (NULL once ended).';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_in_force IS 'max_count of the limit ''warmup'' now: the ceiling the claim applies (an earlier, lower day''s until the first sweep of the day).';
+COMMENT ON COLUMN edm.service_warmup_status.used_today IS 'Sends counted by the limit ''warmup'' for today.';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_tomorrow IS 'The ramp''s ceiling for tomorrow (NULL when the ramp ends today).';
+COMMENT ON COLUMN edm.service_warmup_status.final_ceiling IS 'The ramp''s last ceiling.';
+COMMENT ON COLUMN edm.service_warmup_status.next_day_at IS 'When the next local day (and its ceiling) starts.';
+COMMENT ON COLUMN edm.service_warmup_status.ramp IS 'The whole ramp, day 1 first.';
+
 CREATE TRIGGER service_limits_flag_ins AFTER INSERT ON edm.service_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
 
 CREATE TRIGGER service_limits_flag_del AFTER DELETE ON edm.service_limits REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
+
+CREATE TRIGGER service_limits_keep_warmup BEFORE DELETE ON edm.service_limits FOR EACH ROW WHEN ((old.name = 'warmup'::text)) EXECUTE FUNCTION edm.service_limits_keep_warmup();
 
 RESET check_function_bodies;
 RESET search_path;
