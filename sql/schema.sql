@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('16', 'shaping', '69c9a0720ac331fea118eb7cfecc72cee56e452133357afc1f1704b680cba6da'),
+  ('16', 'shaping', '1c43b420279b4448f988d1a1a22e748a0f9c3680b78b94f3786aa029fa54e6cc'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -1994,8 +1994,11 @@ BEGIN
     -- Shaping of this service: its suspended sites and the sites whose limits apply to it.
     v_susp := '{}';
     v_lsites := '{}';
+    -- (statements written out here, not calls of SQL functions holding
+    -- queries: those are planned again on every call)
     IF v_susp_any THEN
-      v_susp := edm.suspended_sites(v_svc.service_id, v_now);
+      v_susp := ARRAY(SELECT x.site FROM edm.site_suspensions x
+                      WHERE x.service_id = v_svc.service_id AND x.until > v_now);
     END IF;
     IF v_site_lim THEN
       v_lsites := ARRAY(SELECT DISTINCT l.site FROM edm.shaping_limits l
@@ -2014,10 +2017,12 @@ BEGIN
                       WHERE u.user_id = ANY (v_pool) AND u.claimable_tasks > 0
                       ORDER BY u.last_served_seq, u.user_id);
     END IF;
-    -- Batched fill (0014), for a service nothing shapes: no extra limit, no
-    -- suspended or limited site, no user, task or global limit in use, no
-    -- transactional work.
-    IF NOT v_svc.has_limits AND NOT v_shaped THEN
+    -- Batched fill (0014), for a service no limit shapes: no extra limit, no
+    -- limited site, no user, task or global limit in use, no transactional
+    -- work. Its suspended sites (fixed for the call) are left out as below.
+    v_blocked := v_susp;
+    IF NOT v_svc.has_limits
+       AND NOT (v_global OR v_user_lim OR v_task_lim OR v_tx OR cardinality(v_lsites) > 0) THEN
       v_want := least(p_per_service, p_batch - cardinality(c_sub),
                       v_svc.daily_quota - v_svc.sent_today,
                       CASE WHEN v_svc.interval_ms > 0
@@ -2064,6 +2069,8 @@ BEGIN
             WHERE bs0.task_id = bt.task_id AND bs0.status = 'pending'
               AND bs0.not_before > '-infinity' AND bs0.not_before <= v_now
               AND bs0.subtask_id <> ALL (c_sub)
+              AND (cardinality(v_blocked) = 0
+                   OR coalesce(edm.site_of(bs0.email), '') <> ALL (v_blocked))
             ORDER BY bs0.not_before, bs0.subtask_id
             LIMIT 1
             FOR UPDATE OF bs0 SKIP LOCKED) br ON true
@@ -2074,6 +2081,8 @@ BEGIN
               AND bs1.task_id = bt.task_id AND bs1.status = 'pending'
               AND bs1.not_before = '-infinity'
               AND bs1.subtask_id <> ALL (c_sub)
+              AND (cardinality(v_blocked) = 0
+                   OR coalesce(edm.site_of(bs1.email), '') <> ALL (v_blocked))
             ORDER BY bs1.not_before, bs1.subtask_id
             LIMIT 1
             FOR UPDATE OF bs1 SKIP LOCKED) bf ON true) b;
@@ -2111,8 +2120,16 @@ BEGIN
     -- The global limit delays the slot; past the horizon (or held by another
     -- claim) it ends this claim.
     IF v_global THEN
-      v_free := edm.shaping_lock_next(ARRAY[edm.shaping_key('global', NULL, NULL, NULL, NULL)],
-                                      v_slot);
+      -- locked without waiting; one locked by another claim: no headroom (infinity)
+      v_keys := ARRAY[edm.shaping_key('global', NULL, NULL, NULL, NULL)];
+      SELECT CASE WHEN count(*) < (SELECT count(*) FROM edm.shaping_limits a
+                                   WHERE a.scope_key = ANY (v_keys))
+                  THEN 'infinity'::timestamptz
+                  ELSE coalesce(max(edm.limit_next(edm.shaping_as_limit(x.l), v_slot, 'UTC')),
+                                v_slot) END
+      INTO v_free
+      FROM (SELECT l FROM edm.shaping_limits l WHERE l.scope_key = ANY (v_keys)
+            FOR UPDATE OF l SKIP LOCKED) x;
       IF v_free > v_horizon THEN
         v_stop := true;
         EXIT slots;
@@ -2231,10 +2248,13 @@ BEGIN
       -- User limits (0016): a user without headroom at the slot is skipped.
       v_user_has := false;
       IF v_user_lim THEN
-        SELECT u.has_limits INTO v_user_has FROM edm.users u WHERE u.user_id = v_user;
-        IF v_user_has
-           AND edm.shaping_next(ARRAY[edm.shaping_key('user', NULL, NULL, v_user, NULL)], v_slot)
-               > v_slot THEN
+        -- read under the user row lock this claim holds
+        SELECT count(*) > 0, coalesce(max(edm.limit_next(edm.shaping_as_limit(l), v_slot, 'UTC')),
+                                      v_slot)
+        INTO v_user_has, v_free
+        FROM edm.shaping_limits l
+        WHERE l.scope_key = edm.shaping_key('user', NULL, NULL, v_user, NULL);
+        IF v_free > v_slot THEN
           IF v_fixed IS NOT NULL THEN
             v_tx_tried := v_tx_tried || v_fixed;
           END IF;
@@ -2274,10 +2294,13 @@ BEGIN
         -- Task limits (0016): a task without headroom at the slot is skipped.
         v_task_has := false;
         IF v_task_lim THEN
-          SELECT t.has_limits INTO v_task_has FROM edm.tasks t WHERE t.task_id = v_task;
-          IF v_task_has
-             AND edm.shaping_next(ARRAY[edm.shaping_key('task', NULL, NULL, NULL, v_task)], v_slot)
-                 > v_slot THEN
+          -- read under the task row lock this claim holds
+          SELECT count(*) > 0, coalesce(max(edm.limit_next(edm.shaping_as_limit(l), v_slot, 'UTC')),
+                                        v_slot)
+          INTO v_task_has, v_free
+          FROM edm.shaping_limits l
+          WHERE l.scope_key = edm.shaping_key('task', NULL, NULL, NULL, v_task);
+          IF v_free > v_slot THEN
             v_tried := v_tried || v_task;
             CONTINUE;
           END IF;
@@ -2310,10 +2333,18 @@ BEGIN
           -- Site and (service, site) limits of the recipient's site at the slot.
           SELECT edm.site_of(st.email) INTO v_site FROM edm.subtasks st WHERE st.subtask_id = v_sub;
           EXIT WHEN v_site IS NULL OR NOT v_site = ANY (v_lsites) OR v_site = ANY (v_ok_sites);
-          IF edm.shaping_lock_next(
-               ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
-                     edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)],
-               v_slot) > v_slot THEN
+          -- locked without waiting; one locked by another claim: no headroom
+          v_keys := ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
+                          edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)];
+          SELECT CASE WHEN count(*) < (SELECT count(*) FROM edm.shaping_limits a
+                                       WHERE a.scope_key = ANY (v_keys))
+                      THEN 'infinity'::timestamptz
+                      ELSE coalesce(max(edm.limit_next(edm.shaping_as_limit(x.l), v_slot, 'UTC')),
+                                    v_slot) END
+          INTO v_free
+          FROM (SELECT l FROM edm.shaping_limits l WHERE l.scope_key = ANY (v_keys)
+                FOR UPDATE OF l SKIP LOCKED) x;
+          IF v_free > v_slot THEN
             v_blocked := v_blocked || v_site;
             v_sub := NULL;
           ELSE
@@ -2363,7 +2394,12 @@ BEGIN
         v_keys := v_keys || edm.shaping_key('task', NULL, NULL, NULL, v_task);
       END IF;
       IF cardinality(v_keys) > 0 THEN
-        PERFORM edm.shaping_take(v_keys, v_slot);
+        -- one send's transition (edm.limit_after), on rows this claim holds
+        UPDATE edm.shaping_limits l
+        SET (tat, bucket_idx, bucket_n, day, day_count) =
+            (SELECT a.tat, a.bucket_idx, a.bucket_n, a.day, a.day_count
+             FROM edm.limit_after(edm.shaping_as_limit(l), v_slot, 'UTC') a)
+        WHERE l.scope_key = ANY (v_keys);
       END IF;
       v_tx_run := CASE WHEN v_fixed IS NOT NULL THEN v_tx_run + 1 ELSE 0 END;
       v_site := NULL;
@@ -6256,27 +6292,6 @@ $function$;
 COMMENT ON FUNCTION edm.shaping_limits_flag() IS 'Statement trigger on edm.shaping_limits: keeps users.has_limits and tasks.has_limits in step, so the claim reads user and task limits only where there are some.';
 REVOKE ALL ON FUNCTION edm.shaping_limits_flag() FROM PUBLIC;
 
-CREATE FUNCTION edm.shaping_lock_next(p_keys text[], p_at timestamp with time zone)
- RETURNS timestamp with time zone
- LANGUAGE sql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-BEGIN ATOMIC
- SELECT
-         CASE
-             WHEN (count(*) < ( SELECT count(*) AS count
-                FROM edm.shaping_limits a
-               WHERE (a.scope_key = ANY (shaping_lock_next.p_keys)))) THEN 'infinity'::timestamp with time zone
-             ELSE COALESCE(max(edm.limit_next(edm.shaping_as_limit(x.l), shaping_lock_next.p_at, 'UTC'::text)), shaping_lock_next.p_at)
-         END AS "coalesce"
-    FROM ( SELECT l.*::edm.shaping_limits AS l
-            FROM edm.shaping_limits l
-           WHERE (l.scope_key = ANY (shaping_lock_next.p_keys))
-          FOR UPDATE OF l SKIP LOCKED) x;
-END;
-COMMENT ON FUNCTION edm.shaping_lock_next(text[],timestamp with time zone) IS 'Locks the shaping limits of the scopes p_keys without waiting (FOR UPDATE SKIP LOCKED) and returns the earliest instant at or after p_at at which all of them admit one more send; infinity when one of them is locked by another transaction (no headroom for this claim). Used by the claim for the scopes several claimers share: global, site, service_site.';
-REVOKE ALL ON FUNCTION edm.shaping_lock_next(text[],timestamp with time zone) FROM PUBLIC;
-
 CREATE FUNCTION edm.shaping_next(p_keys text[], p_at timestamp with time zone)
  RETURNS timestamp with time zone
  LANGUAGE sql
@@ -6339,23 +6354,6 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) IS 'Replaces the shaping limits of one scope with p_limits, a JSON array of {name, kind, max_count, window_ms, burst, time_zone} as edm.set_service_limits takes; an unchanged limit keeps its state. Raises ED005 for a bad limit (nothing is changed). Called by the edm.set_*_limits functions, which check the scope''s target.';
 REVOKE ALL ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) FROM PUBLIC;
-
-CREATE FUNCTION edm.shaping_take(p_keys text[], p_slot timestamp with time zone)
- RETURNS void
- LANGUAGE sql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-BEGIN ATOMIC
- UPDATE edm.shaping_limits l SET (tat, bucket_idx, bucket_n, day, day_count) = ( SELECT a.tat,
-             a.bucket_idx,
-             a.bucket_n,
-             a.day,
-             a.day_count
-            FROM edm.limit_after(edm.shaping_as_limit(l.*), shaping_take.p_slot, 'UTC'::text) a(service_id, name, kind, max_count, window_ms, burst, time_zone, tat, bucket_idx, bucket_n, day, day_count, created_at))
-   WHERE (l.scope_key = ANY (shaping_take.p_keys));
-END;
-COMMENT ON FUNCTION edm.shaping_take(text[],timestamp with time zone) IS 'Counts one send slotted at p_slot against every shaping limit of the scopes p_keys (the claim checked edm.shaping_next first and holds the rows: by their own lock for global and site scopes, by the user or task row lock for theirs).';
-REVOKE ALL ON FUNCTION edm.shaping_take(text[],timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.site_of(p_email text)
  RETURNS text

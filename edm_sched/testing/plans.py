@@ -65,7 +65,7 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_horizon", "timestamptz"),
            ("v_now", "timestamptz"), ("v_cands", "text[]"), ("v_pool", "text[]"),
            ("r_users", "text[]"), ("c_svc", "bigint[]"), ("c_sub", "bigint[]"),
-           ("v_want", "integer")),
+           ("v_want", "integer"), ("v_blocked", "text[]")),
           ("grants_pkey|grants_user_idx", "users_pkey", "tasks_rotation_idx",
            "subtasks_claim_idx"), strip_into=True),
     Inner("claim: lock a pool's user", CLAIM, "PERFORM 1 FROM edm.users u",

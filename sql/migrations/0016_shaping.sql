@@ -207,19 +207,6 @@ RETURN coalesce((SELECT max(edm.limit_next(edm.shaping_as_limit(l), p_at, 'UTC')
 COMMENT ON FUNCTION edm.shaping_next(text[], timestamptz) IS
   'The earliest instant at or after p_at at which every shaping limit of the scopes p_keys (edm.shaping_key) admits one more send.';
 
-CREATE FUNCTION edm.shaping_take(p_keys text[], p_slot timestamptz)
-RETURNS void
-LANGUAGE sql
-BEGIN ATOMIC
-  UPDATE edm.shaping_limits l
-  SET (tat, bucket_idx, bucket_n, day, day_count) =
-      (SELECT a.tat, a.bucket_idx, a.bucket_n, a.day, a.day_count
-       FROM edm.limit_after(edm.shaping_as_limit(l), p_slot, 'UTC') a)
-  WHERE l.scope_key = ANY (p_keys);
-END;
-COMMENT ON FUNCTION edm.shaping_take(text[], timestamptz) IS
-  'Counts one send slotted at p_slot against every shaping limit of the scopes p_keys (the claim checked edm.shaping_next first and holds the rows: by their own lock for global and site scopes, by the user or task row lock for theirs).';
-
 -- The shared setter: replaces one scope's limits with p_limits (the JSON form
 -- of edm.set_service_limits), keeping the state of unchanged limits.
 CREATE FUNCTION edm.shaping_replace(p_scope text, p_site text, p_service_id bigint,
@@ -384,22 +371,6 @@ RETURN s.enabled AND s.next_available_at <= p_horizon
             OR (s.interval_ms = 0 AND edm.service_sent_today(s, p_now) + 1 < s.daily_quota));
 COMMENT ON FUNCTION edm.service_free_for_tier(edm.services, timestamptz, timestamptz, bigint[]) IS
   'True when service s can take a send by p_horizon (enabled, next slot due, under its daily quota at p_now) and is not busy in this claim (p_taken: services claimed already, unless s has no interval and quota left for one more). A user with such a service on a higher-priority grant is left to it (grant tiers). Inlined by the planner.';
-
--- Locks the rows of scopes shared by several claimers (global, site,
--- service_site) without waiting, and says when they admit one more send.
-CREATE FUNCTION edm.shaping_lock_next(p_keys text[], p_at timestamptz)
-RETURNS timestamptz
-LANGUAGE sql
-BEGIN ATOMIC
-  SELECT CASE WHEN count(*) < (SELECT count(*) FROM edm.shaping_limits a
-                               WHERE a.scope_key = ANY (p_keys))
-              THEN 'infinity'::timestamptz
-              ELSE coalesce(max(edm.limit_next(edm.shaping_as_limit(x.l), p_at, 'UTC')), p_at) END
-  FROM (SELECT l FROM edm.shaping_limits l WHERE l.scope_key = ANY (p_keys)
-        FOR UPDATE OF l SKIP LOCKED) x;
-END;
-COMMENT ON FUNCTION edm.shaping_lock_next(text[], timestamptz) IS
-  'Locks the shaping limits of the scopes p_keys without waiting (FOR UPDATE SKIP LOCKED) and returns the earliest instant at or after p_at at which all of them admit one more send; infinity when one of them is locked by another transaction (no headroom for this claim). Used by the claim for the scopes several claimers share: global, site, service_site.';
 
 -- ---------------------------------------------------------------------------
 -- The claim
@@ -572,8 +543,11 @@ BEGIN
     -- Shaping of this service: its suspended sites and the sites whose limits apply to it.
     v_susp := '{}';
     v_lsites := '{}';
+    -- (statements written out here, not calls of SQL functions holding
+    -- queries: those are planned again on every call)
     IF v_susp_any THEN
-      v_susp := edm.suspended_sites(v_svc.service_id, v_now);
+      v_susp := ARRAY(SELECT x.site FROM edm.site_suspensions x
+                      WHERE x.service_id = v_svc.service_id AND x.until > v_now);
     END IF;
     IF v_site_lim THEN
       v_lsites := ARRAY(SELECT DISTINCT l.site FROM edm.shaping_limits l
@@ -592,10 +566,12 @@ BEGIN
                       WHERE u.user_id = ANY (v_pool) AND u.claimable_tasks > 0
                       ORDER BY u.last_served_seq, u.user_id);
     END IF;
-    -- Batched fill (0014), for a service nothing shapes: no extra limit, no
-    -- suspended or limited site, no user, task or global limit in use, no
-    -- transactional work.
-    IF NOT v_svc.has_limits AND NOT v_shaped THEN
+    -- Batched fill (0014), for a service no limit shapes: no extra limit, no
+    -- limited site, no user, task or global limit in use, no transactional
+    -- work. Its suspended sites (fixed for the call) are left out as below.
+    v_blocked := v_susp;
+    IF NOT v_svc.has_limits
+       AND NOT (v_global OR v_user_lim OR v_task_lim OR v_tx OR cardinality(v_lsites) > 0) THEN
       v_want := least(p_per_service, p_batch - cardinality(c_sub),
                       v_svc.daily_quota - v_svc.sent_today,
                       CASE WHEN v_svc.interval_ms > 0
@@ -642,6 +618,8 @@ BEGIN
             WHERE bs0.task_id = bt.task_id AND bs0.status = 'pending'
               AND bs0.not_before > '-infinity' AND bs0.not_before <= v_now
               AND bs0.subtask_id <> ALL (c_sub)
+              AND (cardinality(v_blocked) = 0
+                   OR coalesce(edm.site_of(bs0.email), '') <> ALL (v_blocked))
             ORDER BY bs0.not_before, bs0.subtask_id
             LIMIT 1
             FOR UPDATE OF bs0 SKIP LOCKED) br ON true
@@ -652,6 +630,8 @@ BEGIN
               AND bs1.task_id = bt.task_id AND bs1.status = 'pending'
               AND bs1.not_before = '-infinity'
               AND bs1.subtask_id <> ALL (c_sub)
+              AND (cardinality(v_blocked) = 0
+                   OR coalesce(edm.site_of(bs1.email), '') <> ALL (v_blocked))
             ORDER BY bs1.not_before, bs1.subtask_id
             LIMIT 1
             FOR UPDATE OF bs1 SKIP LOCKED) bf ON true) b;
@@ -689,8 +669,16 @@ BEGIN
     -- The global limit delays the slot; past the horizon (or held by another
     -- claim) it ends this claim.
     IF v_global THEN
-      v_free := edm.shaping_lock_next(ARRAY[edm.shaping_key('global', NULL, NULL, NULL, NULL)],
-                                      v_slot);
+      -- locked without waiting; one locked by another claim: no headroom (infinity)
+      v_keys := ARRAY[edm.shaping_key('global', NULL, NULL, NULL, NULL)];
+      SELECT CASE WHEN count(*) < (SELECT count(*) FROM edm.shaping_limits a
+                                   WHERE a.scope_key = ANY (v_keys))
+                  THEN 'infinity'::timestamptz
+                  ELSE coalesce(max(edm.limit_next(edm.shaping_as_limit(x.l), v_slot, 'UTC')),
+                                v_slot) END
+      INTO v_free
+      FROM (SELECT l FROM edm.shaping_limits l WHERE l.scope_key = ANY (v_keys)
+            FOR UPDATE OF l SKIP LOCKED) x;
       IF v_free > v_horizon THEN
         v_stop := true;
         EXIT slots;
@@ -809,10 +797,13 @@ BEGIN
       -- User limits (0016): a user without headroom at the slot is skipped.
       v_user_has := false;
       IF v_user_lim THEN
-        SELECT u.has_limits INTO v_user_has FROM edm.users u WHERE u.user_id = v_user;
-        IF v_user_has
-           AND edm.shaping_next(ARRAY[edm.shaping_key('user', NULL, NULL, v_user, NULL)], v_slot)
-               > v_slot THEN
+        -- read under the user row lock this claim holds
+        SELECT count(*) > 0, coalesce(max(edm.limit_next(edm.shaping_as_limit(l), v_slot, 'UTC')),
+                                      v_slot)
+        INTO v_user_has, v_free
+        FROM edm.shaping_limits l
+        WHERE l.scope_key = edm.shaping_key('user', NULL, NULL, v_user, NULL);
+        IF v_free > v_slot THEN
           IF v_fixed IS NOT NULL THEN
             v_tx_tried := v_tx_tried || v_fixed;
           END IF;
@@ -852,10 +843,13 @@ BEGIN
         -- Task limits (0016): a task without headroom at the slot is skipped.
         v_task_has := false;
         IF v_task_lim THEN
-          SELECT t.has_limits INTO v_task_has FROM edm.tasks t WHERE t.task_id = v_task;
-          IF v_task_has
-             AND edm.shaping_next(ARRAY[edm.shaping_key('task', NULL, NULL, NULL, v_task)], v_slot)
-                 > v_slot THEN
+          -- read under the task row lock this claim holds
+          SELECT count(*) > 0, coalesce(max(edm.limit_next(edm.shaping_as_limit(l), v_slot, 'UTC')),
+                                        v_slot)
+          INTO v_task_has, v_free
+          FROM edm.shaping_limits l
+          WHERE l.scope_key = edm.shaping_key('task', NULL, NULL, NULL, v_task);
+          IF v_free > v_slot THEN
             v_tried := v_tried || v_task;
             CONTINUE;
           END IF;
@@ -888,10 +882,18 @@ BEGIN
           -- Site and (service, site) limits of the recipient's site at the slot.
           SELECT edm.site_of(st.email) INTO v_site FROM edm.subtasks st WHERE st.subtask_id = v_sub;
           EXIT WHEN v_site IS NULL OR NOT v_site = ANY (v_lsites) OR v_site = ANY (v_ok_sites);
-          IF edm.shaping_lock_next(
-               ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
-                     edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)],
-               v_slot) > v_slot THEN
+          -- locked without waiting; one locked by another claim: no headroom
+          v_keys := ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
+                          edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)];
+          SELECT CASE WHEN count(*) < (SELECT count(*) FROM edm.shaping_limits a
+                                       WHERE a.scope_key = ANY (v_keys))
+                      THEN 'infinity'::timestamptz
+                      ELSE coalesce(max(edm.limit_next(edm.shaping_as_limit(x.l), v_slot, 'UTC')),
+                                    v_slot) END
+          INTO v_free
+          FROM (SELECT l FROM edm.shaping_limits l WHERE l.scope_key = ANY (v_keys)
+                FOR UPDATE OF l SKIP LOCKED) x;
+          IF v_free > v_slot THEN
             v_blocked := v_blocked || v_site;
             v_sub := NULL;
           ELSE
@@ -941,7 +943,12 @@ BEGIN
         v_keys := v_keys || edm.shaping_key('task', NULL, NULL, NULL, v_task);
       END IF;
       IF cardinality(v_keys) > 0 THEN
-        PERFORM edm.shaping_take(v_keys, v_slot);
+        -- one send's transition (edm.limit_after), on rows this claim holds
+        UPDATE edm.shaping_limits l
+        SET (tat, bucket_idx, bucket_n, day, day_count) =
+            (SELECT a.tat, a.bucket_idx, a.bucket_n, a.day, a.day_count
+             FROM edm.limit_after(edm.shaping_as_limit(l), v_slot, 'UTC') a)
+        WHERE l.scope_key = ANY (v_keys);
       END IF;
       v_tx_run := CASE WHEN v_fixed IS NOT NULL THEN v_tx_run + 1 ELSE 0 END;
       v_site := NULL;
