@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from edm_sched import errors
 from edm_sched.api import Scheduler
-from tests.support.helpers import TEMPLATE, T0, at, complete, counters_match, make_service
+from tests.support.helpers import T0, TEMPLATE, at, complete, counters_match, make_service
 
 
 @pytest.fixture
