@@ -226,13 +226,14 @@ def test_setters_replace_a_scope_keep_state_and_refuse_bad_input(
     make_service(sched, "svc", interval=0, users=["a"])
     tid = task(sched, "a", [f"r{i}@x.example" for i in range(5)])
     sched.set_user_limits("a", [rate("per_min", 1, 60)])
-    assert conn.execute("SELECT has_limits FROM edm.users WHERE user_id = 'a'").fetchone() == (True,)
+    flag = "SELECT has_limits FROM edm.users WHERE user_id = 'a'"
+    assert conn.execute(flag).fetchone() == (True,)
     assert len(claim2(conn, at(0), per_service=5)) == 1
     # unchanged: keeps its state (no fresh burst); a new one is added
     assert sched.set_user_limits("a", [rate("per_min", 1, 60), rate("per_day", 100, 86400)]) == 2
     assert claim2(conn, at(1), per_service=5) == []
     assert sched.set_user_limits("a", []) == 0
-    assert conn.execute("SELECT has_limits FROM edm.users WHERE user_id = 'a'").fetchone() == (False,)
+    assert conn.execute(flag).fetchone() == (False,)
     bad: list[tuple[str, tuple[Any, ...], str]] = [
         ("SELECT edm.set_user_limits('a', %s)", ('[{"name": "x"}]',), "ED005"),
         ("SELECT edm.set_user_limits('a', %s)",
