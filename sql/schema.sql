@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('16', 'shaping', '1c43b420279b4448f988d1a1a22e748a0f9c3680b78b94f3786aa029fa54e6cc'),
+  ('16', 'shaping', '8ee614109a963ca7da3d70fa1ffffde7481f8f630b72861e75d9d20f769c7ee2'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -1912,6 +1912,13 @@ DECLARE
   v_tx_tried bigint[];
   v_tx_slot  boolean;  -- this slot may still go to transactional work ahead of the rotation
   v_stop     boolean := false;
+  -- the global limits, locked and read once per call, counted here and
+  -- written back once at the end (nobody else may change them meanwhile)
+  g_lims     edm.service_limits[];
+  g_loaded   boolean := false;
+  g_taken    boolean := false;
+  g_locked   boolean;
+  v_l        edm.service_limits;
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -2120,16 +2127,25 @@ BEGIN
     -- The global limit delays the slot; past the horizon (or held by another
     -- claim) it ends this claim.
     IF v_global THEN
-      -- locked without waiting; one locked by another claim: no headroom (infinity)
-      v_keys := ARRAY[edm.shaping_key('global', NULL, NULL, NULL, NULL)];
-      SELECT CASE WHEN count(*) < (SELECT count(*) FROM edm.shaping_limits a
-                                   WHERE a.scope_key = ANY (v_keys))
-                  THEN 'infinity'::timestamptz
-                  ELSE coalesce(max(edm.limit_next(edm.shaping_as_limit(x.l), v_slot, 'UTC')),
-                                v_slot) END
-      INTO v_free
-      FROM (SELECT l FROM edm.shaping_limits l WHERE l.scope_key = ANY (v_keys)
-            FOR UPDATE OF l SKIP LOCKED) x;
+      IF NOT g_loaded THEN
+        -- locked without waiting; one locked by another claim: no headroom
+        SELECT array_agg(edm.shaping_as_limit(x.l)),
+               count(*) = (SELECT count(*) FROM edm.shaping_limits a
+                           WHERE a.scope_key = edm.shaping_key('global', NULL, NULL, NULL, NULL))
+        INTO g_lims, g_locked
+        FROM (SELECT l FROM edm.shaping_limits l
+              WHERE l.scope_key = edm.shaping_key('global', NULL, NULL, NULL, NULL)
+              FOR UPDATE OF l SKIP LOCKED) x;
+        g_loaded := true;
+        IF NOT g_locked THEN
+          v_stop := true;
+          EXIT slots;
+        END IF;
+      END IF;
+      v_free := v_slot;
+      FOREACH v_l IN ARRAY coalesce(g_lims, '{}') LOOP
+        v_free := greatest(v_free, edm.limit_next(v_l, v_slot, 'UTC'));
+      END LOOP;
       IF v_free > v_horizon THEN
         v_stop := true;
         EXIT slots;
@@ -2310,7 +2326,8 @@ BEGIN
         -- suspended for the service, or found without headroom): the slot
         -- goes to the next recipient of another site (no head-of-line blocking).
         LOOP
-          SELECT st.subtask_id INTO v_sub
+          SELECT st.subtask_id, (CASE WHEN cardinality(v_lsites) > 0 THEN edm.site_of(st.email) END)
+          INTO v_sub, v_site
           FROM edm.subtasks st
           WHERE st.task_id = v_task AND st.status = 'pending'
             AND st.not_before > '-infinity' AND st.not_before <= v_now
@@ -2320,7 +2337,8 @@ BEGIN
           LIMIT 1
           FOR UPDATE OF st SKIP LOCKED;
           IF v_sub IS NULL THEN
-            SELECT st.subtask_id INTO v_sub
+            SELECT st.subtask_id, (CASE WHEN cardinality(v_lsites) > 0 THEN edm.site_of(st.email) END)
+            INTO v_sub, v_site
             FROM edm.subtasks st
             WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before = '-infinity'
               AND st.subtask_id <> ALL (c_sub)
@@ -2331,7 +2349,6 @@ BEGIN
           END IF;
           EXIT WHEN v_sub IS NULL OR cardinality(v_lsites) = 0;
           -- Site and (service, site) limits of the recipient's site at the slot.
-          SELECT edm.site_of(st.email) INTO v_site FROM edm.subtasks st WHERE st.subtask_id = v_sub;
           EXIT WHEN v_site IS NULL OR NOT v_site = ANY (v_lsites) OR v_site = ANY (v_ok_sites);
           -- locked without waiting; one locked by another claim: no headroom
           v_keys := ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
@@ -2380,9 +2397,10 @@ BEGIN
     -- Every shaping layer counts the send (0016).
     IF v_shaped THEN
       v_keys := '{}';
-      IF v_global THEN
-        v_keys := v_keys || edm.shaping_key('global', NULL, NULL, NULL, NULL);
-      END IF;
+      FOR i IN 1 .. coalesce(cardinality(g_lims), 0) LOOP
+        g_lims[i] := edm.limit_after(g_lims[i], v_slot, 'UTC');
+        g_taken := true;
+      END LOOP;
       IF v_site IS NOT NULL AND v_site = ANY (v_ok_sites) THEN
         v_keys := v_keys || ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
                                   edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)];
@@ -2413,6 +2431,14 @@ BEGIN
     END IF;
     EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
   END LOOP;
+  -- The global limits' state after this call's sends (0016).
+  IF g_taken THEN
+    UPDATE edm.shaping_limits l
+    SET (tat, bucket_idx, bucket_n, day, day_count) = (x.tat, x.bucket_idx, x.bucket_n, x.day, x.day_count)
+    FROM unnest(g_lims) x
+    WHERE l.scope_key = edm.shaping_key('global', NULL, NULL, NULL, NULL) AND l.name = x.name;
+  END IF;
+
   -- Services an extra limit blocks: out of the ready set until it frees.
   IF cardinality(b_svc) > 0 THEN
     UPDATE edm.services s SET quota_exhausted_until = b.until

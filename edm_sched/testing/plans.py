@@ -80,14 +80,16 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           ("SELECT t.task_id FROM edm.tasks t", "SELECT t.task_id, t.priority INTO"),
           (("v_user", "text"), ("v_tried", "bigint[]"), ("r_tasks", "bigint[]")),
           ("tasks_rotation_idx",), end_before="LOOP", strip_into=True),
-    Inner("claim: the task's due retry", CLAIM, "SELECT st.subtask_id INTO v_sub",
+    Inner("claim: the task's due retry", CLAIM, "SELECT st.subtask_id, (CASE WHEN cardinality",
           (("v_task", "bigint"), ("v_now", "timestamptz"), ("c_sub", "bigint[]"),
-           ("v_blocked", "text[]")),
+           ("v_blocked", "text[]"), ("v_lsites", "text[]")),
           ("subtasks_claim_idx",), strip_into=True),
     Inner("claim: the task's next fresh subtask", CLAIM,
-          "SELECT st.subtask_id INTO v_sub\n            FROM edm.subtasks st\n"
+          "SELECT st.subtask_id, (CASE WHEN cardinality(v_lsites) > 0 THEN edm.site_of(st.email)"
+          " END)\n            INTO v_sub, v_site\n            FROM edm.subtasks st\n"
           "            WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before =",
-          (("v_task", "bigint"), ("c_sub", "bigint[]"), ("v_blocked", "text[]")),
+          (("v_task", "bigint"), ("c_sub", "bigint[]"), ("v_blocked", "text[]"),
+           ("v_lsites", "text[]")),
           ("subtasks_claim_idx",), strip_into=True),
     Inner("claim: shaping layers in use", CLAIM, "SELECT EXISTS (SELECT 1 FROM edm.shaping_limits",
           (("v_now", "timestamptz"),),
@@ -189,7 +191,7 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "v_pool": f"'{{{user[0]}}}'::text[]", "v_small": "100",
         "p_batch": "50", "v_want": "4",
         "v_horizon": "now() + interval '250 milliseconds'", "p_skip_services": "'{}'::bigint[]",
-        "v_blocked": "'{}'::text[]", "v_tx_tried": "'{}'::bigint[]",
+        "v_blocked": "'{}'::text[]", "v_tx_tried": "'{}'::bigint[]", "v_lsites": "'{}'::text[]",
         "c_slot": "ARRAY[now()]::timestamptz[]", "v_hold": "interval '2 seconds'",
     }
 

@@ -461,6 +461,13 @@ DECLARE
   v_tx_tried bigint[];
   v_tx_slot  boolean;  -- this slot may still go to transactional work ahead of the rotation
   v_stop     boolean := false;
+  -- the global limits, locked and read once per call, counted here and
+  -- written back once at the end (nobody else may change them meanwhile)
+  g_lims     edm.service_limits[];
+  g_loaded   boolean := false;
+  g_taken    boolean := false;
+  g_locked   boolean;
+  v_l        edm.service_limits;
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -669,16 +676,25 @@ BEGIN
     -- The global limit delays the slot; past the horizon (or held by another
     -- claim) it ends this claim.
     IF v_global THEN
-      -- locked without waiting; one locked by another claim: no headroom (infinity)
-      v_keys := ARRAY[edm.shaping_key('global', NULL, NULL, NULL, NULL)];
-      SELECT CASE WHEN count(*) < (SELECT count(*) FROM edm.shaping_limits a
-                                   WHERE a.scope_key = ANY (v_keys))
-                  THEN 'infinity'::timestamptz
-                  ELSE coalesce(max(edm.limit_next(edm.shaping_as_limit(x.l), v_slot, 'UTC')),
-                                v_slot) END
-      INTO v_free
-      FROM (SELECT l FROM edm.shaping_limits l WHERE l.scope_key = ANY (v_keys)
-            FOR UPDATE OF l SKIP LOCKED) x;
+      IF NOT g_loaded THEN
+        -- locked without waiting; one locked by another claim: no headroom
+        SELECT array_agg(edm.shaping_as_limit(x.l)),
+               count(*) = (SELECT count(*) FROM edm.shaping_limits a
+                           WHERE a.scope_key = edm.shaping_key('global', NULL, NULL, NULL, NULL))
+        INTO g_lims, g_locked
+        FROM (SELECT l FROM edm.shaping_limits l
+              WHERE l.scope_key = edm.shaping_key('global', NULL, NULL, NULL, NULL)
+              FOR UPDATE OF l SKIP LOCKED) x;
+        g_loaded := true;
+        IF NOT g_locked THEN
+          v_stop := true;
+          EXIT slots;
+        END IF;
+      END IF;
+      v_free := v_slot;
+      FOREACH v_l IN ARRAY coalesce(g_lims, '{}') LOOP
+        v_free := greatest(v_free, edm.limit_next(v_l, v_slot, 'UTC'));
+      END LOOP;
       IF v_free > v_horizon THEN
         v_stop := true;
         EXIT slots;
@@ -859,7 +875,8 @@ BEGIN
         -- suspended for the service, or found without headroom): the slot
         -- goes to the next recipient of another site (no head-of-line blocking).
         LOOP
-          SELECT st.subtask_id INTO v_sub
+          SELECT st.subtask_id, (CASE WHEN cardinality(v_lsites) > 0 THEN edm.site_of(st.email) END)
+          INTO v_sub, v_site
           FROM edm.subtasks st
           WHERE st.task_id = v_task AND st.status = 'pending'
             AND st.not_before > '-infinity' AND st.not_before <= v_now
@@ -869,7 +886,8 @@ BEGIN
           LIMIT 1
           FOR UPDATE OF st SKIP LOCKED;
           IF v_sub IS NULL THEN
-            SELECT st.subtask_id INTO v_sub
+            SELECT st.subtask_id, (CASE WHEN cardinality(v_lsites) > 0 THEN edm.site_of(st.email) END)
+            INTO v_sub, v_site
             FROM edm.subtasks st
             WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before = '-infinity'
               AND st.subtask_id <> ALL (c_sub)
@@ -880,7 +898,6 @@ BEGIN
           END IF;
           EXIT WHEN v_sub IS NULL OR cardinality(v_lsites) = 0;
           -- Site and (service, site) limits of the recipient's site at the slot.
-          SELECT edm.site_of(st.email) INTO v_site FROM edm.subtasks st WHERE st.subtask_id = v_sub;
           EXIT WHEN v_site IS NULL OR NOT v_site = ANY (v_lsites) OR v_site = ANY (v_ok_sites);
           -- locked without waiting; one locked by another claim: no headroom
           v_keys := ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
@@ -929,9 +946,10 @@ BEGIN
     -- Every shaping layer counts the send (0016).
     IF v_shaped THEN
       v_keys := '{}';
-      IF v_global THEN
-        v_keys := v_keys || edm.shaping_key('global', NULL, NULL, NULL, NULL);
-      END IF;
+      FOR i IN 1 .. coalesce(cardinality(g_lims), 0) LOOP
+        g_lims[i] := edm.limit_after(g_lims[i], v_slot, 'UTC');
+        g_taken := true;
+      END LOOP;
       IF v_site IS NOT NULL AND v_site = ANY (v_ok_sites) THEN
         v_keys := v_keys || ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
                                   edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)];
@@ -962,6 +980,14 @@ BEGIN
     END IF;
     EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
   END LOOP;
+  -- The global limits' state after this call's sends (0016).
+  IF g_taken THEN
+    UPDATE edm.shaping_limits l
+    SET (tat, bucket_idx, bucket_n, day, day_count) = (x.tat, x.bucket_idx, x.bucket_n, x.day, x.day_count)
+    FROM unnest(g_lims) x
+    WHERE l.scope_key = edm.shaping_key('global', NULL, NULL, NULL, NULL) AND l.name = x.name;
+  END IF;
+
   -- Services an extra limit blocks: out of the ready set until it frees.
   IF cardinality(b_svc) > 0 THEN
     UPDATE edm.services s SET quota_exhausted_until = b.until

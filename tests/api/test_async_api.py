@@ -224,6 +224,24 @@ def test_deliverability(api: Both, conn: psycopg.Connection[Any]) -> None:
     assert api.resume_user_reputation("u1") == 0
 
 
+def test_traffic_shaping(api: Both) -> None:
+    api.upsert_user("u1")
+    sid = api.create_service({"name": "s1", "from_addresses": ["s1@x.example"],
+                              "interval_seconds": 0, "daily_quota": 10, "transport": "null"})
+    api.grant(sid, "u1")
+    per_min = [{"name": "per_min", "kind": "rate", "max_count": 10, "window_seconds": 60}]
+    assert api.set_global_limits(per_min) == 1
+    assert api.set_site_limits("google", per_min) == 1
+    assert api.set_site_limits("google", per_min, service_id=sid) == 1
+    assert api.set_user_limits("u1", per_min) == 1
+    sent = api.send_message("u1", "a@gmail.com", {"subject": "Code", "body_text": "1234"})
+    assert sent.recipients == 1
+    assert api.set_task_limits(sent.task_id, per_min) == 1
+    assert api.set_task_transactional(sent.task_id, False) is False
+    rows = api.shaping_limits()
+    assert sorted(r.scope for r in rows) == ["global", "service_site", "site", "task", "user"]
+
+
 def test_every_method_ran_both_ways() -> None:
     """Runs last in this file: every public method was called sync and async above."""
     expected = {n for n in public_methods(Scheduler) if n != "close"}
