@@ -77,6 +77,23 @@ def test_a_site_without_headroom_is_skipped_not_waited_for(
     assert counters_match(conn) == []
 
 
+def test_a_site_limit_is_shared_by_every_service_in_one_claim(
+        sched: Scheduler, conn: psycopg.Connection[Any]) -> None:
+    sched.upsert_user("a")
+    s1 = make_service(sched, "s1", interval=0, users=["a"])
+    s2 = make_service(sched, "s2", interval=0, users=["a"])
+    task(sched, "a", GMAIL + [f"g{i}@googlemail.com" for i in range(5)])
+    sched.set_site_limits("google", [rate("burst", 3, 60, burst=3)])
+    sched.set_site_limits("google", [rate("own", 2, 60, burst=2)], service_id=s2)
+    rows = claim2(conn, at(0), per_service=10, batch=20)
+    assert len(rows) == 3 and {r["service_id"] for r in rows} <= {s1, s2}
+    assert sum(1 for r in rows if r["service_id"] == s2) <= 2
+    # three sends counted once each, whichever service sent them (GCRA: 20 s apiece)
+    assert conn.execute("SELECT tat FROM edm.shaping_limits WHERE name = 'burst'"
+                        ).fetchone() == (at(60),)
+    assert claim2(conn, at(1), per_service=10) == []
+
+
 def test_a_suspended_site_is_skipped_on_that_service_only(
         sched: Scheduler, conn: psycopg.Connection[Any]) -> None:
     sched.upsert_user("a")
