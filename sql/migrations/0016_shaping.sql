@@ -21,8 +21,11 @@
 --     shared by services (global, site) are locked with SKIP LOCKED: one
 --     locked by another claim counts as no headroom for this call. User and
 --     task limit rows are guarded by the user / task row locks the claim
---     already takes. When no shaping is configured the claim reads one row
---     of flags more and otherwise runs as in 0014 (batched fill included).
+--     already takes. Each limit a call needs is read once (edm.shaping_load),
+--     counted in memory slot by slot and written back once at the end. When
+--     no shaping is configured the claim reads one row of flags more and
+--     otherwise runs as in 0014 (batched fill included); a service shaped by
+--     suspensions alone keeps the batched fill too.
 --   * The tier check's readiness of a higher-priority service is written
 --     once, edm.service_free_for_tier (inlined by the planner), instead of
 --     four copies of its expression (issue 18).
@@ -372,6 +375,49 @@ RETURN s.enabled AND s.next_available_at <= p_horizon
 COMMENT ON FUNCTION edm.service_free_for_tier(edm.services, timestamptz, timestamptz, bigint[]) IS
   'True when service s can take a send by p_horizon (enabled, next slot due, under its daily quota at p_now) and is not busy in this claim (p_taken: services claimed already, unless s has no interval and quota left for one more). A user with such a service on a higher-priority grant is left to it (grant tiers). Inlined by the planner.';
 
+-- The claim reads the shaping limits it needs once per call (these two
+-- helpers) and keeps their state in memory until it writes it back.
+CREATE FUNCTION edm.shaping_load(p_keys text[], OUT keys text[], OUT lims edm.service_limits[],
+                                 OUT held text[])
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  SELECT array_agg(x.k), array_agg(x.lim) INTO keys, lims
+  FROM (SELECT l.scope_key AS k, edm.shaping_as_limit(l) AS lim
+        FROM edm.shaping_limits l WHERE l.scope_key = ANY (p_keys)
+        FOR UPDATE OF l SKIP LOCKED) x;
+  held := ARRAY(SELECT a.scope_key FROM edm.shaping_limits a
+                WHERE a.scope_key = ANY (p_keys)
+                GROUP BY a.scope_key
+                HAVING count(*) > coalesce(cardinality(array_positions(keys, a.scope_key)), 0));
+END;
+$$;
+COMMENT ON FUNCTION edm.shaping_load(text[]) IS
+  'For the claim: locks the shaping limits of the scopes p_keys without waiting (FOR UPDATE SKIP LOCKED) and returns them as edm.service_limits rows (keys: the scope_key of each) and the scopes with a limit locked by another transaction (held: no headroom for this claim).';
+
+CREATE FUNCTION edm.shaping_free(p_keys text[], p_all_keys text[], p_lims edm.service_limits[],
+                                 p_held text[], p_at timestamptz)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  v_at timestamptz := p_at;
+  i integer;
+BEGIN
+  IF p_keys && p_held THEN
+    RETURN 'infinity';
+  END IF;
+  FOR i IN 1 .. coalesce(cardinality(p_all_keys), 0) LOOP
+    IF p_all_keys[i] = ANY (p_keys) THEN
+      v_at := greatest(v_at, edm.limit_next(p_lims[i], p_at, 'UTC'));
+    END IF;
+  END LOOP;
+  RETURN v_at;
+END;
+$$;
+COMMENT ON FUNCTION edm.shaping_free(text[], text[], edm.service_limits[], text[], timestamptz) IS
+  'For the claim: the earliest instant at or after p_at at which every limit of the scopes p_keys admits one more send, from limits read by edm.shaping_load (p_all_keys[i] is the scope of p_lims[i]); infinity when one of the scopes is in p_held (locked by another transaction).';
+
 -- ---------------------------------------------------------------------------
 -- The claim
 -- ---------------------------------------------------------------------------
@@ -455,19 +501,21 @@ DECLARE
   v_site     text;
   v_free     timestamptz;
   v_keys     text[];
-  v_user_has boolean;
-  v_task_has boolean;
   v_fixed    bigint;   -- the transactional task chosen for this slot
   v_tx_tried bigint[];
   v_tx_slot  boolean;  -- this slot may still go to transactional work ahead of the rotation
   v_stop     boolean := false;
-  -- the global limits, locked and read once per call, counted here and
-  -- written back once at the end (nobody else may change them meanwhile)
-  g_lims     edm.service_limits[];
-  g_loaded   boolean := false;
-  g_taken    boolean := false;
-  g_locked   boolean;
-  v_l        edm.service_limits;
+  -- The shaping limits this call uses, read once (locked, or guarded by
+  -- the user / task row lock), counted here and written back once at the
+  -- end: nobody else may change them meanwhile.
+  m_keys     text[] := '{}';   -- scope_key of each limit read
+  m_lims     edm.service_limits[] := '{}';
+  m_dirty    boolean[] := '{}';
+  m_seen     text[] := '{}';   -- scopes read (with or without limits)
+  m_held     text[] := '{}';   -- scopes with a limit locked by another transaction
+  v_nk       text[];
+  v_nl       edm.service_limits[];
+  v_nh       text[];
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -676,25 +724,17 @@ BEGIN
     -- The global limit delays the slot; past the horizon (or held by another
     -- claim) it ends this claim.
     IF v_global THEN
-      IF NOT g_loaded THEN
-        -- locked without waiting; one locked by another claim: no headroom
-        SELECT array_agg(edm.shaping_as_limit(x.l)),
-               count(*) = (SELECT count(*) FROM edm.shaping_limits a
-                           WHERE a.scope_key = edm.shaping_key('global', NULL, NULL, NULL, NULL))
-        INTO g_lims, g_locked
-        FROM (SELECT l FROM edm.shaping_limits l
-              WHERE l.scope_key = edm.shaping_key('global', NULL, NULL, NULL, NULL)
-              FOR UPDATE OF l SKIP LOCKED) x;
-        g_loaded := true;
-        IF NOT g_locked THEN
-          v_stop := true;
-          EXIT slots;
-        END IF;
+      v_keys := ARRAY[edm.shaping_key('global', NULL, NULL, NULL, NULL)];
+      IF NOT v_keys <@ m_seen THEN
+        SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
+        FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
+        m_keys := m_keys || coalesce(v_nk, '{}');
+        m_lims := m_lims || coalesce(v_nl, '{}');
+        m_dirty := m_dirty || array_fill(false, ARRAY[coalesce(cardinality(v_nk), 0)]);
+        m_held := m_held || coalesce(v_nh, '{}');
+        m_seen := m_seen || v_keys;
       END IF;
-      v_free := v_slot;
-      FOREACH v_l IN ARRAY coalesce(g_lims, '{}') LOOP
-        v_free := greatest(v_free, edm.limit_next(v_l, v_slot, 'UTC'));
-      END LOOP;
+      v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
       IF v_free > v_horizon THEN
         v_stop := true;
         EXIT slots;
@@ -811,14 +851,18 @@ BEGIN
       EXIT WHEN v_user IS NULL;
 
       -- User limits (0016): a user without headroom at the slot is skipped.
-      v_user_has := false;
       IF v_user_lim THEN
-        -- read under the user row lock this claim holds
-        SELECT count(*) > 0, coalesce(max(edm.limit_next(edm.shaping_as_limit(l), v_slot, 'UTC')),
-                                      v_slot)
-        INTO v_user_has, v_free
-        FROM edm.shaping_limits l
-        WHERE l.scope_key = edm.shaping_key('user', NULL, NULL, v_user, NULL);
+        v_keys := ARRAY[edm.shaping_key('user', NULL, NULL, v_user, NULL)];
+        IF NOT v_keys <@ m_seen THEN
+          SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
+          FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
+          m_keys := m_keys || coalesce(v_nk, '{}');
+          m_lims := m_lims || coalesce(v_nl, '{}');
+          m_dirty := m_dirty || array_fill(false, ARRAY[coalesce(cardinality(v_nk), 0)]);
+          m_held := m_held || coalesce(v_nh, '{}');
+          m_seen := m_seen || v_keys;
+        END IF;
+        v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
         IF v_free > v_slot THEN
           IF v_fixed IS NOT NULL THEN
             v_tx_tried := v_tx_tried || v_fixed;
@@ -857,14 +901,18 @@ BEGIN
         END IF;
         EXIT WHEN v_task IS NULL;
         -- Task limits (0016): a task without headroom at the slot is skipped.
-        v_task_has := false;
         IF v_task_lim THEN
-          -- read under the task row lock this claim holds
-          SELECT count(*) > 0, coalesce(max(edm.limit_next(edm.shaping_as_limit(l), v_slot, 'UTC')),
-                                        v_slot)
-          INTO v_task_has, v_free
-          FROM edm.shaping_limits l
-          WHERE l.scope_key = edm.shaping_key('task', NULL, NULL, NULL, v_task);
+          v_keys := ARRAY[edm.shaping_key('task', NULL, NULL, NULL, v_task)];
+          IF NOT v_keys <@ m_seen THEN
+            SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
+            FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
+            m_keys := m_keys || coalesce(v_nk, '{}');
+            m_lims := m_lims || coalesce(v_nl, '{}');
+            m_dirty := m_dirty || array_fill(false, ARRAY[coalesce(cardinality(v_nk), 0)]);
+            m_held := m_held || coalesce(v_nh, '{}');
+            m_seen := m_seen || v_keys;
+          END IF;
+          v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
           IF v_free > v_slot THEN
             v_tried := v_tried || v_task;
             CONTINUE;
@@ -899,17 +947,18 @@ BEGIN
           EXIT WHEN v_sub IS NULL OR cardinality(v_lsites) = 0;
           -- Site and (service, site) limits of the recipient's site at the slot.
           EXIT WHEN v_site IS NULL OR NOT v_site = ANY (v_lsites) OR v_site = ANY (v_ok_sites);
-          -- locked without waiting; one locked by another claim: no headroom
           v_keys := ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
                           edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)];
-          SELECT CASE WHEN count(*) < (SELECT count(*) FROM edm.shaping_limits a
-                                       WHERE a.scope_key = ANY (v_keys))
-                      THEN 'infinity'::timestamptz
-                      ELSE coalesce(max(edm.limit_next(edm.shaping_as_limit(x.l), v_slot, 'UTC')),
-                                    v_slot) END
-          INTO v_free
-          FROM (SELECT l FROM edm.shaping_limits l WHERE l.scope_key = ANY (v_keys)
-                FOR UPDATE OF l SKIP LOCKED) x;
+          IF NOT v_keys <@ m_seen THEN
+            SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
+            FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
+            m_keys := m_keys || coalesce(v_nk, '{}');
+            m_lims := m_lims || coalesce(v_nl, '{}');
+            m_dirty := m_dirty || array_fill(false, ARRAY[coalesce(cardinality(v_nk), 0)]);
+            m_held := m_held || coalesce(v_nh, '{}');
+            m_seen := m_seen || v_keys;
+          END IF;
+          v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
           IF v_free > v_slot THEN
             v_blocked := v_blocked || v_site;
             v_sub := NULL;
@@ -946,28 +995,26 @@ BEGIN
     -- Every shaping layer counts the send (0016).
     IF v_shaped THEN
       v_keys := '{}';
-      FOR i IN 1 .. coalesce(cardinality(g_lims), 0) LOOP
-        g_lims[i] := edm.limit_after(g_lims[i], v_slot, 'UTC');
-        g_taken := true;
-      END LOOP;
+      IF v_global THEN
+        v_keys := v_keys || edm.shaping_key('global', NULL, NULL, NULL, NULL);
+      END IF;
       IF v_site IS NOT NULL AND v_site = ANY (v_ok_sites) THEN
         v_keys := v_keys || ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
                                   edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)];
       END IF;
-      IF v_user_has THEN
+      IF v_user_lim THEN
         v_keys := v_keys || edm.shaping_key('user', NULL, NULL, v_user, NULL);
       END IF;
-      IF v_task_has THEN
+      IF v_task_lim THEN
         v_keys := v_keys || edm.shaping_key('task', NULL, NULL, NULL, v_task);
       END IF;
-      IF cardinality(v_keys) > 0 THEN
-        -- one send's transition (edm.limit_after), on rows this claim holds
-        UPDATE edm.shaping_limits l
-        SET (tat, bucket_idx, bucket_n, day, day_count) =
-            (SELECT a.tat, a.bucket_idx, a.bucket_n, a.day, a.day_count
-             FROM edm.limit_after(edm.shaping_as_limit(l), v_slot, 'UTC') a)
-        WHERE l.scope_key = ANY (v_keys);
-      END IF;
+      -- one send's transition (edm.limit_after), in memory
+      FOR i IN 1 .. cardinality(m_keys) LOOP
+        IF m_keys[i] = ANY (v_keys) THEN
+          m_lims[i] := edm.limit_after(m_lims[i], v_slot, 'UTC');
+          m_dirty[i] := true;
+        END IF;
+      END LOOP;
       v_tx_run := CASE WHEN v_fixed IS NOT NULL THEN v_tx_run + 1 ELSE 0 END;
       v_site := NULL;
     END IF;
@@ -980,12 +1027,14 @@ BEGIN
     END IF;
     EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
   END LOOP;
-  -- The global limits' state after this call's sends (0016).
-  IF g_taken THEN
+  -- The shaping limits' state after this call's sends (0016).
+  IF true = ANY (m_dirty) THEN
     UPDATE edm.shaping_limits l
-    SET (tat, bucket_idx, bucket_n, day, day_count) = (x.tat, x.bucket_idx, x.bucket_n, x.day, x.day_count)
-    FROM unnest(g_lims) x
-    WHERE l.scope_key = edm.shaping_key('global', NULL, NULL, NULL, NULL) AND l.name = x.name;
+    SET (tat, bucket_idx, bucket_n, day, day_count) =
+        ((m_lims[x.i]).tat, (m_lims[x.i]).bucket_idx, (m_lims[x.i]).bucket_n,
+         (m_lims[x.i]).day, (m_lims[x.i]).day_count)
+    FROM generate_subscripts(m_keys, 1) AS x(i)
+    WHERE m_dirty[x.i] AND l.scope_key = m_keys[x.i] AND l.name = (m_lims[x.i]).name;
   END IF;
 
   -- Services an extra limit blocks: out of the ready set until it frees.
