@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('16', 'shaping', '8375d1600e47c576cac8d05697dfa799084422739afbe0a66e5860884ba687d3'),
+  ('16', 'shaping', '0fafae109ed3ca198e275606de5ae6b869bf076b284978f481d4ddc10b7ad139'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -1910,6 +1910,10 @@ DECLARE
   v_tx_tried bigint[];
   v_tx_slot  boolean;  -- this slot may still go to transactional work ahead of the rotation
   v_stop     boolean := false;
+  -- (a recipient's site is read as edm.site_of does, written out: a SQL
+  -- function holding a sub-select is not inlined, and a call of it is planned
+  -- again in every execution of the statement; the domain is computed once
+  -- (OFFSET 0), not once per row of the small edm.site_domains a plan scans)
   -- The shaping limits this call uses, read once (locked, or guarded by
   -- the user / task row lock), counted here and written back once at the
   -- end: nobody else may change them meanwhile.
@@ -2079,7 +2083,9 @@ BEGIN
               AND bs0.not_before > '-infinity' AND bs0.not_before <= v_now
               AND bs0.subtask_id <> ALL (c_sub)
               AND (cardinality(v_blocked) = 0
-                   OR coalesce(edm.site_of(bs0.email), '') <> ALL (v_blocked))
+                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(bs0.email) AS d OFFSET 0) e
+                                JOIN edm.site_domains sd ON sd.domain = e.d), '')
+                      <> ALL (v_blocked))
             ORDER BY bs0.not_before, bs0.subtask_id
             LIMIT 1
             FOR UPDATE OF bs0 SKIP LOCKED) br ON true
@@ -2091,7 +2097,9 @@ BEGIN
               AND bs1.not_before = '-infinity'
               AND bs1.subtask_id <> ALL (c_sub)
               AND (cardinality(v_blocked) = 0
-                   OR coalesce(edm.site_of(bs1.email), '') <> ALL (v_blocked))
+                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(bs1.email) AS d OFFSET 0) e
+                                JOIN edm.site_domains sd ON sd.domain = e.d), '')
+                      <> ALL (v_blocked))
             ORDER BY bs1.not_before, bs1.subtask_id
             LIMIT 1
             FOR UPDATE OF bs1 SKIP LOCKED) bf ON true) b;
@@ -2328,23 +2336,33 @@ BEGIN
         -- suspended for the service, or found without headroom): the slot
         -- goes to the next recipient of another site (no head-of-line blocking).
         LOOP
-          SELECT st.subtask_id, (CASE WHEN cardinality(v_lsites) > 0 THEN edm.site_of(st.email) END)
+          SELECT st.subtask_id,
+                 (CASE WHEN cardinality(v_lsites) > 0
+                       THEN (SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                             JOIN edm.site_domains sd ON sd.domain = e.d) END)
           INTO v_sub, v_site
           FROM edm.subtasks st
           WHERE st.task_id = v_task AND st.status = 'pending'
             AND st.not_before > '-infinity' AND st.not_before <= v_now
             AND st.subtask_id <> ALL (c_sub)
-            AND (cardinality(v_blocked) = 0 OR coalesce(edm.site_of(st.email), '') <> ALL (v_blocked))
+            AND (cardinality(v_blocked) = 0
+                 OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                              JOIN edm.site_domains sd ON sd.domain = e.d), '') <> ALL (v_blocked))
           ORDER BY st.not_before, st.subtask_id
           LIMIT 1
           FOR UPDATE OF st SKIP LOCKED;
           IF v_sub IS NULL THEN
-            SELECT st.subtask_id, (CASE WHEN cardinality(v_lsites) > 0 THEN edm.site_of(st.email) END)
+            SELECT st.subtask_id,
+                   (CASE WHEN cardinality(v_lsites) > 0
+                         THEN (SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                               JOIN edm.site_domains sd ON sd.domain = e.d) END)
             INTO v_sub, v_site
             FROM edm.subtasks st
             WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before = '-infinity'
               AND st.subtask_id <> ALL (c_sub)
-              AND (cardinality(v_blocked) = 0 OR coalesce(edm.site_of(st.email), '') <> ALL (v_blocked))
+              AND (cardinality(v_blocked) = 0
+                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                                JOIN edm.site_domains sd ON sd.domain = e.d), '') <> ALL (v_blocked))
             ORDER BY st.not_before, st.subtask_id
             LIMIT 1
             FOR UPDATE OF st SKIP LOCKED;

@@ -80,14 +80,12 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           ("SELECT t.task_id FROM edm.tasks t", "SELECT t.task_id, t.priority INTO"),
           (("v_user", "text"), ("v_tried", "bigint[]"), ("r_tasks", "bigint[]")),
           ("tasks_rotation_idx",), end_before="LOOP", strip_into=True),
-    Inner("claim: the task's due retry", CLAIM, "SELECT st.subtask_id, (CASE WHEN cardinality",
+    Inner("claim: the task's due retry", CLAIM, "SELECT st.subtask_id,\n                 (CASE",
           (("v_task", "bigint"), ("v_now", "timestamptz"), ("c_sub", "bigint[]"),
            ("v_blocked", "text[]"), ("v_lsites", "text[]")),
           ("subtasks_claim_idx",), strip_into=True),
     Inner("claim: the task's next fresh subtask", CLAIM,
-          "SELECT st.subtask_id, (CASE WHEN cardinality(v_lsites) > 0 THEN edm.site_of(st.email)"
-          " END)\n            INTO v_sub, v_site\n            FROM edm.subtasks st\n"
-          "            WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before =",
+          "SELECT st.subtask_id,\n                   (CASE WHEN cardinality(v_lsites) > 0",
           (("v_task", "bigint"), ("c_sub", "bigint[]"), ("v_blocked", "text[]"),
            ("v_lsites", "text[]")),
           ("subtasks_claim_idx",), strip_into=True),

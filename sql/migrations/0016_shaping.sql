@@ -505,6 +505,10 @@ DECLARE
   v_tx_tried bigint[];
   v_tx_slot  boolean;  -- this slot may still go to transactional work ahead of the rotation
   v_stop     boolean := false;
+  -- (a recipient's site is read as edm.site_of does, written out: a SQL
+  -- function holding a sub-select is not inlined, and a call of it is planned
+  -- again in every execution of the statement; the domain is computed once
+  -- (OFFSET 0), not once per row of the small edm.site_domains a plan scans)
   -- The shaping limits this call uses, read once (locked, or guarded by
   -- the user / task row lock), counted here and written back once at the
   -- end: nobody else may change them meanwhile.
@@ -674,7 +678,9 @@ BEGIN
               AND bs0.not_before > '-infinity' AND bs0.not_before <= v_now
               AND bs0.subtask_id <> ALL (c_sub)
               AND (cardinality(v_blocked) = 0
-                   OR coalesce(edm.site_of(bs0.email), '') <> ALL (v_blocked))
+                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(bs0.email) AS d OFFSET 0) e
+                                JOIN edm.site_domains sd ON sd.domain = e.d), '')
+                      <> ALL (v_blocked))
             ORDER BY bs0.not_before, bs0.subtask_id
             LIMIT 1
             FOR UPDATE OF bs0 SKIP LOCKED) br ON true
@@ -686,7 +692,9 @@ BEGIN
               AND bs1.not_before = '-infinity'
               AND bs1.subtask_id <> ALL (c_sub)
               AND (cardinality(v_blocked) = 0
-                   OR coalesce(edm.site_of(bs1.email), '') <> ALL (v_blocked))
+                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(bs1.email) AS d OFFSET 0) e
+                                JOIN edm.site_domains sd ON sd.domain = e.d), '')
+                      <> ALL (v_blocked))
             ORDER BY bs1.not_before, bs1.subtask_id
             LIMIT 1
             FOR UPDATE OF bs1 SKIP LOCKED) bf ON true) b;
@@ -923,23 +931,33 @@ BEGIN
         -- suspended for the service, or found without headroom): the slot
         -- goes to the next recipient of another site (no head-of-line blocking).
         LOOP
-          SELECT st.subtask_id, (CASE WHEN cardinality(v_lsites) > 0 THEN edm.site_of(st.email) END)
+          SELECT st.subtask_id,
+                 (CASE WHEN cardinality(v_lsites) > 0
+                       THEN (SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                             JOIN edm.site_domains sd ON sd.domain = e.d) END)
           INTO v_sub, v_site
           FROM edm.subtasks st
           WHERE st.task_id = v_task AND st.status = 'pending'
             AND st.not_before > '-infinity' AND st.not_before <= v_now
             AND st.subtask_id <> ALL (c_sub)
-            AND (cardinality(v_blocked) = 0 OR coalesce(edm.site_of(st.email), '') <> ALL (v_blocked))
+            AND (cardinality(v_blocked) = 0
+                 OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                              JOIN edm.site_domains sd ON sd.domain = e.d), '') <> ALL (v_blocked))
           ORDER BY st.not_before, st.subtask_id
           LIMIT 1
           FOR UPDATE OF st SKIP LOCKED;
           IF v_sub IS NULL THEN
-            SELECT st.subtask_id, (CASE WHEN cardinality(v_lsites) > 0 THEN edm.site_of(st.email) END)
+            SELECT st.subtask_id,
+                   (CASE WHEN cardinality(v_lsites) > 0
+                         THEN (SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                               JOIN edm.site_domains sd ON sd.domain = e.d) END)
             INTO v_sub, v_site
             FROM edm.subtasks st
             WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before = '-infinity'
               AND st.subtask_id <> ALL (c_sub)
-              AND (cardinality(v_blocked) = 0 OR coalesce(edm.site_of(st.email), '') <> ALL (v_blocked))
+              AND (cardinality(v_blocked) = 0
+                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                                JOIN edm.site_domains sd ON sd.domain = e.d), '') <> ALL (v_blocked))
             ORDER BY st.not_before, st.subtask_id
             LIMIT 1
             FOR UPDATE OF st SKIP LOCKED;
