@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('16', 'shaping', '0fafae109ed3ca198e275606de5ae6b869bf076b284978f481d4ddc10b7ad139'),
+  ('16', 'shaping', '6f7d224e15d1a639adebda102e97c9d2ed9b78f7dd474c17c20c15f639c45d0d'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -2534,7 +2534,7 @@ BEGIN
   ORDER BY o.n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.claim_v2(text,integer,integer,timestamp with time zone,integer,integer,bigint[]) IS 'Claims up to p_batch subtasks in one transaction and hands each its slot (send_at: the instant its send may start). For each ready service (next slot within p_lookahead_ms, default queue.slot_lookahead_ms; under its daily quota and every extra limit; not held by another dispatcher; not in p_skip_services), lowest quota share first: up to p_per_service slots, one interval apart and within every limit, each to the least recently served user with work and a grant, that user''s least recently served task (priority first), and its due retry or else its lowest pending subtask. Leases each from its slot for p_lease_seconds, counts the slots against the limits and holds the service for the claimer. Never waits on a lock.';
+COMMENT ON FUNCTION edm.claim_v2(text,integer,integer,timestamp with time zone,integer,integer,bigint[]) IS 'Claims up to p_batch subtasks in one transaction and hands each its slot (send_at: the instant its send may start). For each ready service (next slot within p_lookahead_ms, default queue.slot_lookahead_ms; under its daily quota and every extra limit; not held by another dispatcher; not in p_skip_services), lowest quota share first: up to p_per_service slots, one interval apart and within every limit, each to transactional work first (tasks.transactional, within queue.transactional_share of the service''s slots) or else the least recently served user with work and a grant, that user''s least recently served task (priority first), and its due retry or else its lowest pending subtask. Every shaping layer (edm.shaping_limits) holds at once: a recipient whose site is suspended for the service or without headroom is skipped for another, a user or task without headroom is skipped, the global limit delays the slot or ends the claim. Leases each from its slot for p_lease_seconds, counts the slots against the limits and holds the service for the claimer. Never waits on a lock (a shared limit locked by another claim counts as no headroom).';
 REVOKE ALL ON FUNCTION edm.claim_v2(text,integer,integer,timestamp with time zone,integer,integer,bigint[]) FROM PUBLIC;
 
 -- ==========================================================================
