@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psycopg
 
 from edm_sched import core, db, errors, feedback, ops, reputation, sites, unsubscribe
+from edm_sched import core, db, errors, feedback, ops, reputation, shaping, unsubscribe
 from edm_sched.feedback import FeedbackEvent, Recorded
 from edm_sched.jobs.api import AsyncJobs, Jobs
 from edm_sched.models import (
@@ -39,11 +40,13 @@ from edm_sched.models import (
     ServiceUpdate,
     TaskSpec,
     TaskStatus,
+    Template,
     UserInfo,
 )
 from edm_sched.ops import EXPANSION_CHUNK, InvalidRecipients, check_id, check_scope
 from edm_sched.reputation import ReputationRow
 from edm_sched.sites import Site, SiteDomain, SiteResolver, Warmup
+from edm_sched.shaping import ShapingLimitStatus
 from edm_sched.unsubscribe import UnsubscribeConfig, UnsubscribeResult
 
 if TYPE_CHECKING:
@@ -218,6 +221,49 @@ class Scheduler:
     def service_limits(self, service_id: int, *, conn: Conn | None = None) -> list[LimitStatus]:
         """Every limit of a service (interval and daily quota included), use and headroom."""
         return self._run(ops.service_limits(service_id), conn)
+
+    # ------------------------------------------------------- traffic shaping
+
+    def set_global_limits(self, limits: Iterable[ServiceLimit | Mapping[str, Any]], *,
+                          conn: Conn | None = None) -> int:
+        """Replace the global limits (every send of every service); returns how many
+        there are. A limit whose definition is unchanged keeps its state."""
+        return self._run(shaping.set_global_limits_op(limits), conn)
+
+    def set_site_limits(self, site: str, limits: Iterable[ServiceLimit | Mapping[str, Any]], *,
+                        service_id: int | None = None, conn: Conn | None = None) -> int:
+        """Replace the limits of a destination site across all services, or with
+        ``service_id`` of that service to the site; returns how many there are."""
+        return self._run(shaping.set_site_limits_op(site, limits, service_id), conn)
+
+    def set_user_limits(self, user_id: str, limits: Iterable[ServiceLimit | Mapping[str, Any]], *,
+                        conn: Conn | None = None) -> int:
+        """Replace the limits of a user (a tenant's plan: per hour, per day...)."""
+        return self._run(shaping.set_user_limits_op(user_id, limits), conn)
+
+    def set_task_limits(self, task_id: int, limits: Iterable[ServiceLimit | Mapping[str, Any]], *,
+                        conn: Conn | None = None) -> int:
+        """Replace the limits of a task (a campaign's maximum rate)."""
+        return self._run(shaping.set_task_limits_op(task_id, limits), conn)
+
+    def set_task_transactional(self, task_id: int, transactional: bool = True, *,
+                               conn: Conn | None = None) -> bool:
+        """Move a task that is not finished to the transactional lane (or back)."""
+        return self._run(shaping.set_task_transactional_op(task_id, transactional), conn)
+
+    def shaping_limits(self, scope: str | None = None, *,
+                       conn: Conn | None = None) -> list[ShapingLimitStatus]:
+        """Every shaping limit (or those of one scope) with use, headroom and next free time."""
+        return self._run(shaping.shaping_limits_op(scope), conn)
+
+    def send_message(self, user_id: str, to: str, template: Template | Mapping[str, Any], *,
+                     vars: Mapping[str, Any] | None = None, name: str | None = None,
+                     scheduled_at: dt.datetime | None = None,
+                     conn: Conn | None = None) -> CreatedTask:
+        """Send one message now, in the transactional lane: a one-recipient
+        transactional task (validated, suppressed and counted like any task)."""
+        return self._run(shaping.send_message_op(user_id, to, template, vars=vars, name=name,
+                                                 scheduled_at=scheduled_at), conn)
 
     def grant(self, service_id: int, user_id: str, *, priority: int = 0,
               conn: Conn | None = None) -> None:
@@ -514,6 +560,42 @@ class AsyncScheduler:
     async def service_limits(self, service_id: int, *,
                              conn: AConn | None = None) -> list[LimitStatus]:
         return await self._run(ops.service_limits(service_id), conn)
+
+    async def set_global_limits(self, limits: Iterable[ServiceLimit | Mapping[str, Any]], *,
+                                conn: AConn | None = None) -> int:
+        return await self._run(shaping.set_global_limits_op(limits), conn)
+
+    async def set_site_limits(self, site: str,
+                              limits: Iterable[ServiceLimit | Mapping[str, Any]], *,
+                              service_id: int | None = None, conn: AConn | None = None) -> int:
+        return await self._run(shaping.set_site_limits_op(site, limits, service_id), conn)
+
+    async def set_user_limits(self, user_id: str,
+                              limits: Iterable[ServiceLimit | Mapping[str, Any]], *,
+                              conn: AConn | None = None) -> int:
+        return await self._run(shaping.set_user_limits_op(user_id, limits), conn)
+
+    async def set_task_limits(self, task_id: int,
+                              limits: Iterable[ServiceLimit | Mapping[str, Any]], *,
+                              conn: AConn | None = None) -> int:
+        return await self._run(shaping.set_task_limits_op(task_id, limits), conn)
+
+    async def set_task_transactional(self, task_id: int, transactional: bool = True, *,
+                                     conn: AConn | None = None) -> bool:
+        return await self._run(shaping.set_task_transactional_op(task_id, transactional), conn)
+
+    async def shaping_limits(self, scope: str | None = None, *,
+                             conn: AConn | None = None) -> list[ShapingLimitStatus]:
+        return await self._run(shaping.shaping_limits_op(scope), conn)
+
+    async def send_message(self, user_id: str, to: str,
+                           template: Template | Mapping[str, Any], *,
+                           vars: Mapping[str, Any] | None = None, name: str | None = None,
+                           scheduled_at: dt.datetime | None = None,
+                           conn: AConn | None = None) -> CreatedTask:
+        return await self._run(shaping.send_message_op(user_id, to, template, vars=vars,
+                                                       name=name, scheduled_at=scheduled_at),
+                               conn)
 
     async def grant(self, service_id: int, user_id: str, *, priority: int = 0,
                     conn: AConn | None = None) -> None:

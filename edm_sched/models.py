@@ -397,6 +397,9 @@ class TaskSpec(_In):
     list_unsubscribe: bool = Field(default=True, description=(
         "Bulk mail (True) carries one-click List-Unsubscribe headers when the dispatcher "
         "is configured for them; set False for transactional mail."))
+    transactional: bool = Field(default=False, description=(
+        "Transactional lane: claimed ahead of bulk work on the services the user may use, "
+        "within queue.transactional_share of a service's slots while bulk work waits."))
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSpec:

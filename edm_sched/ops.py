@@ -287,6 +287,8 @@ def create_task(spec: TaskSpec | Mapping[str, Any]) -> Op[CreatedTask]:
         })
         assert row is not None
         task_id = int(row[0])
+        if t.transactional:  # before the first Commit: never claimed as bulk
+            yield Fetch(query("set_task_transactional"), (task_id, True))
         yield Commit()
         total = yield from _expand(task_id, EXPANSION_CHUNK)
         return CreatedTask(task_id=task_id, recipients=total)
@@ -308,6 +310,8 @@ def create_task(spec: TaskSpec | Mapping[str, Any]) -> Op[CreatedTask]:
     })
     yield Fetch(query("stage_recipients_clear"), rows="none")
     assert row is not None
+    if t.transactional and row[1]:  # same transaction: never claimed as bulk
+        yield Fetch(query("set_task_transactional"), (row[0], True))
     return CreatedTask(task_id=row[0], recipients=row[1], invalid=report,
                        duplicates=row[3], suppressed=row[4])
 

@@ -494,3 +494,31 @@ FROM edm.service_warmup_status WHERE service_id = %s
 -- warmup_ramp --
 -- A growing warm-up ramp from a start to a full daily volume (edm.warmup_ramp).
 SELECT edm.warmup_ramp(%s::integer, %s::integer, %s::numeric)
+-- set_global_limits --
+-- Replace the global limits (edm.shaping_limits, scope global); unchanged ones keep their state.
+SELECT edm.set_global_limits(%s)
+
+-- set_site_limits --
+-- Replace the limits of a site across all services (service NULL) or of one service to it.
+SELECT edm.set_site_limits(%s, %s, %s)
+
+-- set_user_limits --
+-- Replace the limits of a user (a tenant's plan).
+SELECT edm.set_user_limits(%s, %s)
+
+-- set_task_limits --
+-- Replace the limits of a task (a campaign's maximum rate).
+SELECT edm.set_task_limits(%s, %s)
+
+-- set_task_transactional --
+-- Put a task in the transactional lane (true) or the bulk lane (false).
+SELECT edm.set_task_transactional(%s, %s)
+
+-- shaping_limits --
+-- Every shaping limit with its use, headroom and next free time (optionally of one scope).
+SELECT scope, site, service_id, user_id, task_id, limit_name, kind, max_count, window_ms, burst,
+       used, headroom, next_free_at
+FROM edm.shaping_limit_status
+WHERE %(scope)s::text IS NULL OR scope = %(scope)s::text
+ORDER BY scope, site NULLS FIRST, service_id NULLS FIRST, user_id NULLS FIRST,
+         task_id NULLS FIRST, limit_name

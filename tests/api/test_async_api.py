@@ -77,7 +77,7 @@ class Both:
 
 RAN: set[tuple[str, str]] = set()
 COVERING = {"test_users_services_contacts", "test_tasks", "test_jobs_and_monitoring",
-            "test_sites_and_warmup"}
+            "test_sites_and_warmup", "test_traffic_shaping"}
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -246,6 +246,24 @@ def test_sites_and_warmup(api: Both, conn: psycopg.Connection[Any]) -> None:
     assert w is not None and (w.day, w.days, w.ceiling_today) == (1, 2, 2)
     with pytest.raises(errors.ConfigurationError):
         api.resolve_sites(["x.example"])  # no site_resolver given
+
+
+def test_traffic_shaping(api: Both) -> None:
+    api.upsert_user("u1")
+    sid = api.create_service({"name": "s1", "from_addresses": ["s1@x.example"],
+                              "interval_seconds": 0, "daily_quota": 10, "transport": "null"})
+    api.grant(sid, "u1")
+    per_min = [{"name": "per_min", "kind": "rate", "max_count": 10, "window_seconds": 60}]
+    assert api.set_global_limits(per_min) == 1
+    assert api.set_site_limits("google", per_min) == 1
+    assert api.set_site_limits("google", per_min, service_id=sid) == 1
+    assert api.set_user_limits("u1", per_min) == 1
+    sent = api.send_message("u1", "a@gmail.com", {"subject": "Code", "body_text": "1234"})
+    assert sent.recipients == 1
+    assert api.set_task_limits(sent.task_id, per_min) == 1
+    assert api.set_task_transactional(sent.task_id, False) is False
+    rows = api.shaping_limits()
+    assert sorted(r.scope for r in rows) == ["global", "service_site", "site", "task", "user"]
 
 
 def test_every_method_ran_both_ways() -> None:

@@ -12,7 +12,9 @@ priorities, retries, leases left open) both are driven through the same
 claims and completions with several slots per service and a controlled
 clock, and must return the same subtasks, services, users, tasks and slots,
 in the same order, call by call — once with every service on the
-rotation-head lookup and once with every service on its small pool.
+rotation-head lookup and once with every service on its small pool, and both
+once more with every shaping layer of 0016 configured but never binding (the
+claim's shaped path: no batched fill, every layer checked and counted per slot).
 (``tests/sql/test_claim_equivalence.py`` does the same for one slot per service
 against 0002.)
 """
@@ -71,13 +73,30 @@ def drive(conn: psycopg.Connection[Any], fn: str,
     return out
 
 
+# Every shaping layer of 0016 in use with room to spare (never binding): the
+# claim then takes its shaped path (no batched fill, every layer checked and
+# counted per slot) and must still decide exactly like the slot-by-slot claim.
+IDLE_LAYERS = (
+    "SELECT edm.set_site_domains('rcpt', ARRAY['rcpt.example'])",
+    "SELECT edm.set_site_limits('rcpt', '[{\"name\": \"d\", \"kind\": \"calendar_day\","
+    " \"max_count\": 100000000}]')",
+    "SELECT edm.set_global_limits('[{\"name\": \"g\", \"kind\": \"rate\","
+    " \"max_count\": 100000000, \"window_ms\": 2678400000, \"burst\": 100000}]')",
+    "SELECT edm.set_user_limits(u.user_id, '[{\"name\": \"u\", \"kind\": \"rolling\","
+    " \"max_count\": 100000000, \"window_ms\": 3600000}]') FROM edm.users u",
+    "SELECT edm.set_task_limits(t.task_id, '[{\"name\": \"t\", \"kind\": \"rolling\","
+    " \"max_count\": 100000000, \"window_ms\": 60000}]') FROM edm.tasks t",
+)
+
+
 @pytest.mark.slow  # 60 generated worlds; the fast lane has test_limits.py's batched fills
+@pytest.mark.parametrize("layers", ["unshaped", "idle-layers"])
 @pytest.mark.parametrize("small_pool", [0, 10_000], ids=["rotation-head", "grants"])
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(n_users=users_st, services=services_st, tasks=tasks_st, calls=calls_st)
 def test_batched_fill_decides_like_the_slot_by_slot_claim(
-        ref_conn: psycopg.Connection[Any], dsn: str, small_pool: int, n_users: int,
+        ref_conn: psycopg.Connection[Any], dsn: str, small_pool: int, layers: str, n_users: int,
         services: list[tuple[float, set[int], int]], tasks: list[tuple[int, int, int]],
         calls: list[tuple[int, int, int, str | None]]) -> None:
     conn = ref_conn
@@ -86,12 +105,19 @@ def test_batched_fill_decides_like_the_slot_by_slot_claim(
                  (str(small_pool),))
     with Scheduler(dsn) as s:
         build(s, n_users, services, tasks)
+    if layers == "idle-layers":
+        for stmt in IDLE_LAYERS:
+            conn.execute(stmt)
     conn.autocommit = False
     try:
         conn.execute("SAVEPOINT world")
         expected = drive(conn, "edm_ref.claim_v2", calls)
         conn.execute("ROLLBACK TO SAVEPOINT world")
         got = drive(conn, "edm.claim_v2", calls)
+        if layers == "idle-layers" and any(got):  # the layers were checked and counted
+            row = conn.execute("SELECT tat IS NOT NULL FROM edm.shaping_limits"
+                               " WHERE scope = 'global'").fetchone()
+            assert row == (True,)
     finally:
         conn.rollback()
         conn.autocommit = True
