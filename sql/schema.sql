@@ -41,7 +41,10 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
   ('16', 'shaping', '6f7d224e15d1a639adebda102e97c9d2ed9b78f7dd474c17c20c15f639c45d0d'),
+  ('18', 'warmup', '275aeeec644736af0dcad761778ead637a14d059eabc5766c4967d508bb38e70'),
+  ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
+  ('20', 'wire_pacing', '844d3cd58263a045ed06864ca9d7c017aa5ba4d7e68ed8c0e68c8cf7d906ddf7'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -1368,8 +1371,8 @@ BEGIN
   UPDATE edm.tasks t SET total_count = v_n, pending_count = v_n, quota_reserved = v_n
   WHERE t.task_id = v_task;
   IF v_n = 0 THEN
+    -- nothing to send: started, and completed at once by trigger tasks_when_drained
     UPDATE edm.tasks t SET status = 'sending' WHERE t.task_id = v_task;
-    UPDATE edm.tasks t SET status = 'completed' WHERE t.task_id = v_task;
   END IF;
   RETURN QUERY SELECT v_task, v_n, v_invalid, v_dups, v_supp;
 END;
@@ -1493,8 +1496,8 @@ BEGIN
                           status = 'scheduled'
   WHERE tk.task_id = p_task_id;
   IF (SELECT tk.total_count FROM edm.tasks tk WHERE tk.task_id = p_task_id) = 0 THEN
+    -- nothing to send: started, and completed at once by trigger tasks_when_drained
     UPDATE edm.tasks tk SET status = 'sending' WHERE tk.task_id = p_task_id;
-    UPDATE edm.tasks tk SET status = 'completed' WHERE tk.task_id = p_task_id;
   END IF;
   RETURN QUERY SELECT v_added, true;
 END;
@@ -1562,11 +1565,9 @@ BEGIN
     RAISE EXCEPTION 'cannot resume task % in status %', p_task_id, t.status USING ERRCODE = 'ED003';
   END IF;
   v_status := CASE WHEN t.scheduled_at > coalesce(p_now, now()) THEN 'scheduled' ELSE 'sending' END;
-  UPDATE edm.tasks tk SET status = v_status WHERE tk.task_id = p_task_id;
-  IF v_status = 'sending' AND t.pending_count = 0 AND t.leased_count = 0 THEN
-    UPDATE edm.tasks tk SET status = 'completed' WHERE tk.task_id = p_task_id;
-    v_status := 'completed';
-  END IF;
+  -- a drained task resumed to sending comes back completed (trigger tasks_when_drained)
+  UPDATE edm.tasks tk SET status = v_status WHERE tk.task_id = p_task_id
+  RETURNING tk.status INTO v_status;
   RETURN v_status;
 END;
 $function$;
@@ -1691,6 +1692,30 @@ $function$;
 COMMENT ON FUNCTION edm.start_due_tasks(timestamp with time zone) IS 'Moves scheduled tasks whose scheduled_at has come to sending. Called at the start of every claim; returns how many started.';
 REVOKE ALL ON FUNCTION edm.start_due_tasks(timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.task_drained(p_status text, p_pending integer, p_leased integer)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ((p_status = 'sending'::text) AND (p_pending = 0) AND (p_leased = 0));
+COMMENT ON FUNCTION edm.task_drained(text,integer,integer) IS 'The rule of task completion, in one place: a task that is sending with nothing pending and nothing leased is drained, and trigger tasks_when_drained makes it completed.';
+REVOKE ALL ON FUNCTION edm.task_drained(text,integer,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.tasks_complete_drained()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  NEW.status := 'completed';
+  NEW.prev_status := 'sending';  -- it passed through sending, if only within this statement
+  NEW.started_at := coalesce(NEW.started_at, now());
+  NEW.finished_at := coalesce(NEW.finished_at, now());
+  NEW.updated_at := now();
+  RETURN NEW;
+END;
+$function$;
+COMMENT ON FUNCTION edm.tasks_complete_drained() IS 'Trigger: completes a drained task (edm.task_drained) in the row being written: status completed after sending, started_at and finished_at stamped (a finished_at given by the statement is kept).';
+REVOKE ALL ON FUNCTION edm.tasks_complete_drained() FROM PUBLIC;
+
 CREATE TRIGGER tasks_track_status_ins BEFORE INSERT ON edm.tasks FOR EACH ROW EXECUTE FUNCTION edm.tasks_track_status();
 
 CREATE TRIGGER tasks_track_status_upd BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION edm.tasks_track_status();
@@ -1742,6 +1767,9 @@ REVOKE ALL ON FUNCTION edm.tasks_reputation_hold() FROM PUBLIC;
 -- ==========================================================================
 
 CREATE TRIGGER tasks_reputation_hold BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN (((new.status = 'sending'::text) AND (old.status = ANY (ARRAY['scheduled'::text, 'paused'::text])))) EXECUTE FUNCTION edm.tasks_reputation_hold();
+
+CREATE TRIGGER tasks_when_drained BEFORE UPDATE ON edm.tasks FOR EACH ROW WHEN (edm.task_drained(new.status, new.pending_count, new.leased_count)) EXECUTE FUNCTION edm.tasks_complete_drained();
+COMMENT ON TRIGGER tasks_when_drained ON edm.tasks IS 'One place for "a drained task is completed": every update that leaves a task sending with nothing pending or leased completes it.';
 
 -- ==========================================================================
 -- Readiness and quotas
@@ -2842,10 +2870,8 @@ BEGIN
         pending_count = t.pending_count + a.n_pending,
         failed_count = t.failed_count + a.n_failed,
         cancelled_count = t.cancelled_count + a.n_cancelled,
-        quota_reserved = greatest(t.quota_reserved - a.n_failed - a.n_cancelled, 0),
-        status = CASE WHEN t.status = 'sending' AND t.pending_count + a.n_pending = 0
-                           AND t.leased_count - a.n = 0 THEN 'completed'
-                      ELSE t.status END
+        quota_reserved = greatest(t.quota_reserved - a.n_failed - a.n_cancelled, 0)
+        -- a task this drains is completed by trigger tasks_when_drained
     FROM (SELECT p.task_id, count(*) AS n,
                  count(*) FILTER (WHERE p.new_status = 'pending') AS n_pending,
                  count(*) FILTER (WHERE p.new_status = 'failed') AS n_failed,
@@ -3001,12 +3027,13 @@ BEGIN
   v_report := jsonb_build_object('leases_expired', edm.expire_leases(p_now));
   -- Each maintenance step runs in its own subtransaction: a failing step is
   -- reported (and logged by the dispatcher) without undoing the others.
-  FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'tasks_started', 'tasks_completed',
+  FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'warmups_applied', 'tasks_started', 'tasks_completed',
                                 'alerts_raised', 'metrics_rows', 'partitions_created',
                                 'retention_removed'] LOOP
     BEGIN
       v_value := CASE v_step
         WHEN 'quota_days_rolled' THEN edm.roll_quota_days(p_now)
+        WHEN 'warmups_applied' THEN edm.apply_warmups(p_now)
         WHEN 'tasks_started' THEN edm.start_due_tasks(p_now)
         WHEN 'tasks_completed' THEN edm.finish_tasks(p_now)
         WHEN 'alerts_raised' THEN edm.sweep_alerts(p_now)
@@ -3024,7 +3051,7 @@ BEGIN
   RETURN v_report;
 END;
 $function$;
-COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report.';
+COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report. Step warmups_applied moves warm-up ceilings to the day''s (edm.apply_warmups).';
 REVOKE ALL ON FUNCTION edm.run_sweeps(timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.roll_quota_days(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -3061,16 +3088,16 @@ AS $function$
 DECLARE
   v_n integer;
 BEGIN
-  UPDATE edm.tasks t SET status = 'completed', finished_at = coalesce(p_now, now())
+  UPDATE edm.tasks t SET finished_at = coalesce(p_now, now())
   WHERE t.task_id IN (
     SELECT x.task_id FROM edm.tasks x
-    WHERE x.status = 'sending' AND x.pending_count = 0 AND x.leased_count = 0
+    WHERE edm.task_drained(x.status, x.pending_count, x.leased_count)
     FOR NO KEY UPDATE SKIP LOCKED);
   GET DIAGNOSTICS v_n = ROW_COUNT;
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.finish_tasks(timestamp with time zone) IS 'Safety net: completes sending tasks with nothing pending or leased (completion normally does this in its own transaction).';
+COMMENT ON FUNCTION edm.finish_tasks(timestamp with time zone) IS 'Safety net: touches drained tasks left sending (e.g. by a database upgraded from before 0019) so that trigger tasks_when_drained completes them, finished at p_now. Every other path completes a task in the statement that drains it.';
 REVOKE ALL ON FUNCTION edm.finish_tasks(timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.raise_alert(p_kind text, p_severity text, p_message text, p_task_id bigint DEFAULT NULL::bigint, p_service_id bigint DEFAULT NULL::bigint, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -3884,6 +3911,31 @@ COMMENT ON INDEX edm.job_executions_scheduled_once_idx IS 'Exactly once: at most
 CREATE INDEX job_executions_tenant_running_idx ON edm.job_executions USING btree (tenant_id) WHERE (status = 'running'::text);
 COMMENT ON INDEX edm.job_executions_tenant_running_idx IS 'Running executions of a tenant (jobs.max_running_per_tenant, checked by edm.job_claim).';
 
+CREATE FUNCTION edm.lock_job(p_job_id bigint, p_user_id text)
+ RETURNS edm.jobs
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  j edm.jobs;
+BEGIN
+  BEGIN
+    SELECT * INTO j FROM edm.jobs x
+    WHERE x.job_id = p_job_id AND (p_user_id IS NULL OR x.tenant_id = p_user_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  RETURN j;
+END;
+$function$;
+COMMENT ON FUNCTION edm.lock_job(bigint,text) IS 'Locks (FOR NO KEY UPDATE) and returns job p_job_id, scoped to p_user_id when given (another user''s job is unknown, ED010); ED013 when it stays locked beyond the session''s lock_timeout. Internal to the job_* functions.';
+REVOKE ALL ON FUNCTION edm.lock_job(bigint,text) FROM PUBLIC;
+
 CREATE FUNCTION edm.job_cancel_execution(p_execution_id bigint, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS text
  LANGUAGE plpgsql
@@ -4014,6 +4066,113 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) IS 'Claims up to p_limit due pending executions for runner p_worker, highest priority and earliest first, taking one of their job''s max_concurrent slots each and, when jobs.max_running_per_tenant > 0, staying within the tenant''s share of running executions; marks them running with a lease of timeout + jobs.lease_margin. Skips executions of paused jobs (except manual runs). Never waits on a lock.';
 REVOKE ALL ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_complete(p_execution_id bigint, p_worker text, p_status text, p_result jsonb DEFAULT NULL::jsonb, p_error text DEFAULT NULL::text, p_error_kind text DEFAULT NULL::text, p_error_type text DEFAULT NULL::text, p_error_stack text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now  timestamptz := coalesce(p_now, now());
+  v_e    record;
+  v_job  record;
+  v_retry record;
+BEGIN
+  IF p_status IS NULL OR p_status NOT IN ('succeeded', 'failed', 'timed_out') THEN
+    RAISE EXCEPTION 'job_complete: status must be succeeded, failed or timed_out' USING ERRCODE = 'ED005';
+  END IF;
+  -- Lock order: the execution, then its job.
+  SELECT e.execution_id, e.job_id, e.status, e.worker_id INTO v_e
+  FROM edm.job_executions e WHERE e.execution_id = p_execution_id
+  FOR NO KEY UPDATE;
+  IF NOT FOUND OR v_e.status <> 'running' OR v_e.worker_id IS DISTINCT FROM p_worker THEN
+    -- Cancelled, recovered by the lease sweep, or deleted meanwhile: the
+    -- outcome is not recorded and nothing is retried.
+    RETURN QUERY SELECT false, NULL::bigint, NULL::timestamptz;
+    RETURN;
+  END IF;
+
+  UPDATE edm.job_executions e
+  SET status = p_status, finished_at = v_now, lease_expires_at = NULL,
+      result = p_result,
+      error = left(p_error, 4000), error_kind = left(p_error_kind, 100),
+      error_type = left(p_error_type, 200), error_stack = left(p_error_stack, 20000),
+      progress = CASE WHEN p_status = 'succeeded' THEN 100 ELSE e.progress END
+  WHERE e.execution_id = p_execution_id;
+
+  UPDATE edm.jobs j
+  SET running_count = greatest(j.running_count - 1, 0),
+      last_finished_at = v_now, last_status = p_status,
+      success_count = j.success_count + (p_status = 'succeeded')::integer,
+      failure_count = j.failure_count + (p_status <> 'succeeded')::integer
+  WHERE j.job_id = v_e.job_id
+  RETURNING j.job_id, j.running_count, j.max_concurrent INTO v_job;
+
+  SELECT r.execution_id, r.run_after INTO v_retry FROM edm.job_schedule_retry(p_execution_id, v_now) r;
+
+  -- A slot was freed on a job whose executions may be waiting for one.
+  IF v_job.running_count + 1 >= v_job.max_concurrent
+     AND EXISTS (SELECT 1 FROM edm.job_executions e
+                 WHERE e.job_id = v_e.job_id AND e.status = 'pending') THEN
+    PERFORM pg_notify('edm_jobs', 'slot:' || v_e.job_id);
+  END IF;
+  RETURN QUERY SELECT true, v_retry.execution_id, v_retry.run_after;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_complete(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) IS 'Records the outcome of a running execution held by p_worker (succeeded, failed or timed_out), frees its max_concurrent slot, updates the job''s counters and queues a retry per the job''s policy. Returns accepted = false (and changes nothing) when the execution is no longer this worker''s running one (cancelled, lost, deleted).';
+REVOKE ALL ON FUNCTION edm.job_complete(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_complete(p_worker text, p_execution_ids bigint[], p_statuses text[], p_results jsonb DEFAULT NULL::jsonb, p_errors text[] DEFAULT NULL::text[], p_error_kinds text[] DEFAULT NULL::text[], p_error_types text[] DEFAULT NULL::text[], p_error_stacks text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(execution_id bigint, accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_n integer := coalesce(cardinality(p_execution_ids), 0);
+  v_i integer;
+BEGIN
+  IF v_n = 0 THEN
+    RETURN;
+  END IF;
+  IF v_n > 1000
+     OR cardinality(p_statuses) IS DISTINCT FROM v_n
+     OR (p_results IS NOT NULL AND (jsonb_typeof(p_results) <> 'array'
+                                    OR jsonb_array_length(p_results) <> v_n))
+     OR (p_errors IS NOT NULL AND cardinality(p_errors) <> v_n)
+     OR (p_error_kinds IS NOT NULL AND cardinality(p_error_kinds) <> v_n)
+     OR (p_error_types IS NOT NULL AND cardinality(p_error_types) <> v_n)
+     OR (p_error_stacks IS NOT NULL AND cardinality(p_error_stacks) <> v_n)
+     OR (SELECT count(DISTINCT i) FROM unnest(p_execution_ids) i) <> v_n THEN
+    RAISE EXCEPTION 'job_complete: at most 1000 distinct executions, and one entry per execution in every array'
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- Lock order: every execution (id order), then every job (id order), before
+  -- changing anything. Holding all the executions first means no job row is
+  -- held while waiting for an execution, so this cannot deadlock with the
+  -- lease sweep, a cancel or a stop, which lock executions before jobs.
+  PERFORM 1 FROM edm.job_executions e WHERE e.execution_id = ANY (p_execution_ids)
+  ORDER BY e.execution_id FOR NO KEY UPDATE;
+  PERFORM 1 FROM edm.jobs j
+  WHERE j.job_id IN (SELECT e.job_id FROM edm.job_executions e
+                     WHERE e.execution_id = ANY (p_execution_ids))
+  ORDER BY j.job_id FOR NO KEY UPDATE;
+  FOR v_i IN 1..v_n LOOP
+    RETURN QUERY
+    SELECT p_execution_ids[v_i], f.accepted, f.retry_execution_id, f.retry_at
+    FROM edm.job_complete(p_execution_ids[v_i], p_worker, p_statuses[v_i],
+                        CASE WHEN p_results IS NULL OR p_results -> (v_i - 1) = 'null'::jsonb
+                             THEN NULL ELSE p_results -> (v_i - 1) END,
+                        p_errors[v_i], p_error_kinds[v_i], p_error_types[v_i], p_error_stacks[v_i],
+                        p_now) f;
+  END LOOP;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_complete(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) IS 'edm.job_complete for a batch of executions held by one runner, in one transaction (one commit): element i of each array (and of the JSON array p_results) belongs to p_execution_ids[i]. Locks all executions, then all jobs, each in id order, so it cannot deadlock with the lease sweep or host operations.';
+REVOKE ALL ON FUNCTION edm.job_complete(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.job_create(p_job jsonb, p_next_run_at timestamp with time zone, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS bigint
@@ -4174,109 +4333,20 @@ REVOKE ALL ON FUNCTION edm.job_expire_runs(timestamp with time zone,integer) FRO
 
 CREATE FUNCTION edm.job_finish(p_execution_id bigint, p_worker text, p_status text, p_result jsonb DEFAULT NULL::jsonb, p_error text DEFAULT NULL::text, p_error_kind text DEFAULT NULL::text, p_error_type text DEFAULT NULL::text, p_error_stack text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
- LANGUAGE plpgsql
+ LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-#variable_conflict use_column
-DECLARE
-  v_now  timestamptz := coalesce(p_now, now());
-  v_e    record;
-  v_job  record;
-  v_retry record;
-BEGIN
-  IF p_status IS NULL OR p_status NOT IN ('succeeded', 'failed', 'timed_out') THEN
-    RAISE EXCEPTION 'job_finish: status must be succeeded, failed or timed_out' USING ERRCODE = 'ED005';
-  END IF;
-  -- Lock order: the execution, then its job.
-  SELECT e.execution_id, e.job_id, e.status, e.worker_id INTO v_e
-  FROM edm.job_executions e WHERE e.execution_id = p_execution_id
-  FOR NO KEY UPDATE;
-  IF NOT FOUND OR v_e.status <> 'running' OR v_e.worker_id IS DISTINCT FROM p_worker THEN
-    -- Cancelled, recovered by the lease sweep, or deleted meanwhile: the
-    -- outcome is not recorded and nothing is retried.
-    RETURN QUERY SELECT false, NULL::bigint, NULL::timestamptz;
-    RETURN;
-  END IF;
-
-  UPDATE edm.job_executions e
-  SET status = p_status, finished_at = v_now, lease_expires_at = NULL,
-      result = p_result,
-      error = left(p_error, 4000), error_kind = left(p_error_kind, 100),
-      error_type = left(p_error_type, 200), error_stack = left(p_error_stack, 20000),
-      progress = CASE WHEN p_status = 'succeeded' THEN 100 ELSE e.progress END
-  WHERE e.execution_id = p_execution_id;
-
-  UPDATE edm.jobs j
-  SET running_count = greatest(j.running_count - 1, 0),
-      last_finished_at = v_now, last_status = p_status,
-      success_count = j.success_count + (p_status = 'succeeded')::integer,
-      failure_count = j.failure_count + (p_status <> 'succeeded')::integer
-  WHERE j.job_id = v_e.job_id
-  RETURNING j.job_id, j.running_count, j.max_concurrent INTO v_job;
-
-  SELECT r.execution_id, r.run_after INTO v_retry FROM edm.job_schedule_retry(p_execution_id, v_now) r;
-
-  -- A slot was freed on a job whose executions may be waiting for one.
-  IF v_job.running_count + 1 >= v_job.max_concurrent
-     AND EXISTS (SELECT 1 FROM edm.job_executions e
-                 WHERE e.job_id = v_e.job_id AND e.status = 'pending') THEN
-    PERFORM pg_notify('edm_jobs', 'slot:' || v_e.job_id);
-  END IF;
-  RETURN QUERY SELECT true, v_retry.execution_id, v_retry.run_after;
-END;
-$function$;
-COMMENT ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) IS 'Records the outcome of a running execution held by p_worker (succeeded, failed or timed_out), frees its max_concurrent slot, updates the job''s counters and queues a retry per the job''s policy. Returns accepted = false (and changes nothing) when the execution is no longer this worker''s running one (cancelled, lost, deleted).';
+AS $function$SELECT * FROM edm.job_complete($1, $2, $3, $4, $5, $6, $7, $8, $9)$function$;
+COMMENT ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) IS 'Deprecated: the older name of edm.job_complete (same arguments, same result), kept for a release.';
 REVOKE ALL ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.job_finish(p_worker text, p_execution_ids bigint[], p_statuses text[], p_results jsonb DEFAULT NULL::jsonb, p_errors text[] DEFAULT NULL::text[], p_error_kinds text[] DEFAULT NULL::text[], p_error_types text[] DEFAULT NULL::text[], p_error_stacks text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(execution_id bigint, accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
- LANGUAGE plpgsql
+ LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-#variable_conflict use_column
-DECLARE
-  v_n integer := coalesce(cardinality(p_execution_ids), 0);
-  v_i integer;
-BEGIN
-  IF v_n = 0 THEN
-    RETURN;
-  END IF;
-  IF v_n > 1000
-     OR cardinality(p_statuses) IS DISTINCT FROM v_n
-     OR (p_results IS NOT NULL AND (jsonb_typeof(p_results) <> 'array'
-                                    OR jsonb_array_length(p_results) <> v_n))
-     OR (p_errors IS NOT NULL AND cardinality(p_errors) <> v_n)
-     OR (p_error_kinds IS NOT NULL AND cardinality(p_error_kinds) <> v_n)
-     OR (p_error_types IS NOT NULL AND cardinality(p_error_types) <> v_n)
-     OR (p_error_stacks IS NOT NULL AND cardinality(p_error_stacks) <> v_n)
-     OR (SELECT count(DISTINCT i) FROM unnest(p_execution_ids) i) <> v_n THEN
-    RAISE EXCEPTION 'job_finish: at most 1000 distinct executions, and one entry per execution in every array'
-      USING ERRCODE = 'ED005';
-  END IF;
-  -- Lock order: every execution (id order), then every job (id order), before
-  -- changing anything. Holding all the executions first means no job row is
-  -- held while waiting for an execution, so this cannot deadlock with the
-  -- lease sweep, a cancel or a stop, which lock executions before jobs.
-  PERFORM 1 FROM edm.job_executions e WHERE e.execution_id = ANY (p_execution_ids)
-  ORDER BY e.execution_id FOR NO KEY UPDATE;
-  PERFORM 1 FROM edm.jobs j
-  WHERE j.job_id IN (SELECT e.job_id FROM edm.job_executions e
-                     WHERE e.execution_id = ANY (p_execution_ids))
-  ORDER BY j.job_id FOR NO KEY UPDATE;
-  FOR v_i IN 1..v_n LOOP
-    RETURN QUERY
-    SELECT p_execution_ids[v_i], f.accepted, f.retry_execution_id, f.retry_at
-    FROM edm.job_finish(p_execution_ids[v_i], p_worker, p_statuses[v_i],
-                        CASE WHEN p_results IS NULL OR p_results -> (v_i - 1) = 'null'::jsonb
-                             THEN NULL ELSE p_results -> (v_i - 1) END,
-                        p_errors[v_i], p_error_kinds[v_i], p_error_types[v_i], p_error_stacks[v_i],
-                        p_now) f;
-  END LOOP;
-END;
-$function$;
-COMMENT ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) IS 'edm.job_finish for a batch of executions held by one runner, in one transaction (one commit): element i of each array (and of the JSON array p_results) belongs to p_execution_ids[i]. Locks all executions, then all jobs, each in id order, so it cannot deadlock with the lease sweep or host operations.';
+AS $function$SELECT * FROM edm.job_complete($1, $2, $3, $4, $5, $6, $7, $8, $9)$function$;
+COMMENT ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) IS 'Deprecated: the older name of edm.job_complete (same arguments, same result), kept for a release.';
 REVOKE ALL ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.job_fire(p_job_id bigint, p_due timestamp with time zone, p_run_times timestamp with time zone[], p_next timestamp with time zone, p_end_reason text DEFAULT NULL::text, p_queue_all boolean DEFAULT false, p_missed integer DEFAULT 0, p_missed_first timestamp with time zone DEFAULT NULL::timestamp with time zone, p_missed_last timestamp with time zone DEFAULT NULL::timestamp with time zone, p_worker text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -4409,16 +4479,7 @@ AS $function$
 DECLARE
   v_status text;
 BEGIN
-  BEGIN
-    SELECT j.status INTO v_status FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_status := (edm.lock_job(p_job_id, p_tenant_id)).status;
   IF v_status = 'inactive' THEN
     RAISE EXCEPTION 'job % is inactive: resume it instead', p_job_id USING ERRCODE = 'ED003';
   END IF;
@@ -4488,16 +4549,7 @@ DECLARE
   v_now timestamptz := coalesce(p_now, now());
   v_job record;
 BEGIN
-  BEGIN
-    SELECT j.status, j.updated_at, j.run_count, j.max_executions INTO v_job FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_job := edm.lock_job(p_job_id, p_tenant_id);
   IF v_job.status = 'active' THEN
     RETURN true;
   END IF;
@@ -4609,15 +4661,10 @@ BEGIN
     PERFORM 1 FROM edm.job_executions e
     WHERE e.job_id = p_job_id AND e.status IN ('pending', 'running')
     ORDER BY e.execution_id FOR NO KEY UPDATE;
-    PERFORM 1 FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
   EXCEPTION WHEN lock_not_available THEN
     RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
   END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  PERFORM edm.lock_job(p_job_id, p_tenant_id);
   UPDATE edm.jobs j SET status = 'inactive', inactive_reason = 'stopped', next_run_at = NULL,
                         updated_at = now()
   WHERE j.job_id = p_job_id;
@@ -4661,17 +4708,7 @@ DECLARE
   v_active integer;
   v_id     bigint;
 BEGIN
-  BEGIN
-    SELECT j.job_id, j.tenant_id, j.priority, j.max_concurrent INTO v_job
-    FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_job := edm.lock_job(p_job_id, p_tenant_id);
   SELECT count(*) INTO v_active FROM edm.job_executions e
   WHERE e.job_id = p_job_id AND e.status IN ('pending', 'running');
   IF v_active >= v_job.max_concurrent THEN
@@ -4701,16 +4738,7 @@ BEGIN
   IF p_job IS NULL OR jsonb_typeof(p_job) <> 'object' THEN
     RAISE EXCEPTION 'job_update: the job must be a JSON object' USING ERRCODE = 'ED012';
   END IF;
-  BEGIN
-    SELECT j.status, j.updated_at, j.run_count INTO v_job FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_job := edm.lock_job(p_job_id, p_tenant_id);
   IF v_job.updated_at IS DISTINCT FROM p_expected_updated_at THEN
     RETURN false;  -- changed since the caller read it: read again and retry
   END IF;
@@ -4931,10 +4959,10 @@ DECLARE
   v_dispatcher_fns text[] := ARRAY['check_reputation', 'reputation_rates', 
     'claim', 'complete', 'expire_leases', 'next_wakeup', 'run_sweeps', 'take_alerts',
     'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
-    'job_claim', 'job_fire', 'job_finish', 'job_progress', 'job_schedule_retry',
+    'job_claim', 'job_fire', 'job_finish', 'job_complete', 'job_progress', 'job_schedule_retry',
     'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
     'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace'];
-  v_app_fns text[] := ARRAY['set_global_limits', 'set_site_limits', 'set_user_limits', 'set_task_limits', 'set_task_transactional', 'shaping_as_limit', 'limit_next', 'limit_bucket_ms', 'epoch_ms', 'shaping_key', 'set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
+  v_app_fns text[] := ARRAY['set_service_warmup', 'warmup_ramp', 'warmup_ceiling', 'warmup_ramp_problem', 'set_global_limits', 'set_site_limits', 'set_user_limits', 'set_task_limits', 'set_task_transactional', 'shaping_as_limit', 'limit_next', 'limit_bucket_ms', 'epoch_ms', 'shaping_key', 'set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
     'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
     'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',
     'add_suppression', 'remove_suppression', 'create_task_from_staged', 'create_task_from_rule',
@@ -4943,7 +4971,7 @@ DECLARE
     'rule_matches', 'service_sent_today', 'service_is_ready',
     'job_create', 'job_update', 'job_delete', 'job_trigger', 'job_pause', 'job_resume',
     'job_stop', 'job_cancel_execution', 'job_validate', 'set_service_limits'];
-  v_monitor_fns text[] := ARRAY['task_site_wait', 'shaping_as_limit', 'limit_next', 'limit_bucket_ms', 'epoch_ms', 'shaping_key', 'suspended_sites', 'site_of', 'email_domain', 'reputation_rates', 'task_wait_reason', 'service_sent_today', 'service_is_ready'];
+  v_monitor_fns text[] := ARRAY['warmup_ramp', 'warmup_ceiling', 'warmup_ramp_problem', 'task_site_wait', 'shaping_as_limit', 'limit_next', 'limit_bucket_ms', 'epoch_ms', 'shaping_key', 'suspended_sites', 'site_of', 'email_domain', 'reputation_rates', 'task_wait_reason', 'service_sent_today', 'service_is_ready'];
 BEGIN
   FOREACH v_role IN ARRAY ARRAY[p_dispatcher, p_app, p_monitor] LOOP
     IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = v_role) THEN
@@ -4963,7 +4991,7 @@ BEGIN
 
   -- Host application: everything through functions; read its objects.
   EXECUTE format('GRANT SELECT ON edm.users, edm.services, edm.grants, edm.tasks, edm.templates, '
-                 'edm.config, edm.task_progress, edm.shaping_limits, edm.shaping_limit_status, edm.site_status, edm.sites, edm.site_domains, edm.site_suspensions, edm.reputation_status, edm.feedback_events, edm.service_status, edm.system_health, '
+                 'edm.config, edm.task_progress, edm.service_warmups, edm.service_warmup_status, edm.shaping_limits, edm.shaping_limit_status, edm.site_status, edm.sites, edm.site_domains, edm.site_suspensions, edm.reputation_status, edm.feedback_events, edm.service_status, edm.system_health, '
                  'edm.task_wait_reasons, edm.alerts, edm.jobs, edm.job_executions, '
                  'edm.jobs_overview, edm.service_limits, edm.service_limit_status, '
                  'edm.possible_duplicates TO %I', p_app);
@@ -5085,6 +5113,32 @@ COMMENT ON COLUMN edm.service_limits.bucket_n IS 'rolling state: sends slotted i
 COMMENT ON COLUMN edm.service_limits.day IS 'calendar_day state: the local date day_count counts.';
 COMMENT ON COLUMN edm.service_limits.day_count IS 'calendar_day state: sends slotted on day.';
 COMMENT ON COLUMN edm.service_limits.created_at IS 'When the limit was set.';
+
+CREATE FUNCTION edm.warmup_ramp_problem(p_ramp integer[])
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN ((p_ramp IS NULL) OR (cardinality(p_ramp) = 0)) THEN 'a ramp needs at least one day'::text WHEN (array_ndims(p_ramp) <> 1) THEN 'a ramp is a one-dimensional array of daily ceilings'::text WHEN (cardinality(p_ramp) > 366) THEN 'a ramp lasts at most 366 days'::text WHEN (array_position(p_ramp, NULL::integer) IS NOT NULL) THEN 'a ramp has no NULL days'::text WHEN (EXISTS (SELECT 1 FROM unnest(warmup_ramp_problem.p_ramp) c(c) WHERE ((c.c < 1) OR (c.c > 100000000)))) THEN 'each daily ceiling is between 1 and 100000000'::text WHEN (EXISTS (SELECT 1 FROM (unnest(warmup_ramp_problem.p_ramp) WITH ORDINALITY a(c, i) JOIN unnest(warmup_ramp_problem.p_ramp) WITH ORDINALITY b(c, i) ON ((b.i = (a.i + 1)))) WHERE (b.c < a.c))) THEN 'a ramp never decreases (each day''s ceiling is at least the day before''s)'::text ELSE NULL::text END;
+COMMENT ON FUNCTION edm.warmup_ramp_problem(integer[]) IS 'Why p_ramp is not a valid warm-up ramp (NULL when it is): 1 to 366 daily ceilings, each 1..100000000, never decreasing.';
+REVOKE ALL ON FUNCTION edm.warmup_ramp_problem(integer[]) FROM PUBLIC;
+
+CREATE TABLE edm.service_warmups (
+  service_id bigint NOT NULL,
+  started_on date NOT NULL,
+  ramp integer[] NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT service_warmups_pkey PRIMARY KEY (service_id),
+  CONSTRAINT service_warmups_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT service_warmups_ramp_check CHECK (((edm.warmup_ramp_problem(ramp) IS NULL) AND (array_lower(ramp, 1) = 1))),
+  CONSTRAINT service_warmups_started_on_check CHECK (isfinite(started_on))
+);
+COMMENT ON TABLE edm.service_warmups IS 'Services warming up: on local day n of the ramp (day 1 = started_on, in the service''s quota_tz) the service sends at most ramp[n]. Enforced by the calendar_day limit ''warmup'' in edm.service_limits, whose max_count edm.apply_warmups keeps at the day''s ceiling; the row and the limit go away after the last day. Set with edm.set_service_warmup; see docs/explanation/traffic-shaping.md.';
+COMMENT ON COLUMN edm.service_warmups.service_id IS 'Service warming up.';
+COMMENT ON COLUMN edm.service_warmups.started_on IS 'Local date (in the service''s quota_tz) of day 1 of the ramp.';
+COMMENT ON COLUMN edm.service_warmups.ramp IS 'Daily ceilings, day 1 first; never decreasing, 1 to 366 days.';
+COMMENT ON COLUMN edm.service_warmups.created_at IS 'When the warm-up was first set.';
+COMMENT ON COLUMN edm.service_warmups.updated_at IS 'When the ramp or its start was last changed.';
 
 CREATE TABLE edm.sites (
   site text NOT NULL,
@@ -5282,6 +5336,84 @@ COMMENT ON COLUMN edm.site_suspensions.created_at IS 'When the current suspensio
 CREATE INDEX site_suspensions_until_idx ON edm.site_suspensions USING btree (until);
 COMMENT ON INDEX edm.site_suspensions_until_idx IS 'Suspensions by end (which are in force at a time; sweeping old ones).';
 
+CREATE FUNCTION edm.apply_warmups(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_service_id bigint DEFAULT NULL::bigint)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now     timestamptz := coalesce(p_now, now());
+  w         record;
+  l         record;
+  v_today   date;
+  v_ceiling integer;
+  v_n       integer := 0;
+BEGIN
+  -- Lock order as the claim's: the service row, then its limits. Only the
+  -- services with something to do are locked (claims skip a locked service
+  -- until the sweep commits): on most sweeps, none. Nothing to do: the limit
+  -- holds the day's ceiling, or the ramp is over and the limit still counts
+  -- its last day (kept, see below).
+  FOR w IN
+    SELECT x.service_id, x.ramp, x.started_on, s.quota_tz, s.quota_day, s.sent_today
+    FROM edm.service_warmups x JOIN edm.services s ON s.service_id = x.service_id
+    CROSS JOIN LATERAL (SELECT (v_now AT TIME ZONE s.quota_tz)::date AS today) d
+    WHERE (p_service_id IS NULL OR x.service_id = p_service_id)
+      AND NOT EXISTS (
+        SELECT 1 FROM edm.service_limits sl
+        WHERE sl.service_id = x.service_id AND sl.name = 'warmup'
+          AND (sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on, d.today)
+               OR (edm.warmup_ceiling(x.ramp, x.started_on, d.today) IS NULL
+                   AND sl.day = d.today - 1
+                   AND edm.warmup_ceiling(x.ramp, x.started_on, sl.day) IS NOT NULL)))
+    ORDER BY x.service_id
+    FOR NO KEY UPDATE OF s
+  LOOP
+    v_today := (v_now AT TIME ZONE w.quota_tz)::date;
+    v_ceiling := edm.warmup_ceiling(w.ramp, w.started_on, v_today);
+    SELECT sl.max_count, sl.day INTO l FROM edm.service_limits sl
+    WHERE sl.service_id = w.service_id AND sl.name = 'warmup'
+    FOR UPDATE;
+    IF v_ceiling IS NULL THEN
+      -- The ramp is over. Keep the last ceiling while the limit still counts
+      -- the ramp's last day (a late slot of that day may come); it goes at
+      -- the first sweep after the state has moved on.
+      CONTINUE WHEN l.day IS NOT NULL AND l.day = v_today - 1
+                    AND edm.warmup_ceiling(w.ramp, w.started_on, l.day) IS NOT NULL;
+      DELETE FROM edm.service_warmups x WHERE x.service_id = w.service_id;
+      DELETE FROM edm.service_limits sl WHERE sl.service_id = w.service_id AND sl.name = 'warmup';
+      PERFORM pg_notify('edm_wakeup', 'service:' || w.service_id);
+      v_n := v_n + 1;
+    ELSIF l.max_count IS NULL THEN
+      -- New: today's sends so far count (the service's own count of its quota day).
+      INSERT INTO edm.service_limits (service_id, name, kind, max_count, day, day_count)
+      VALUES (w.service_id, 'warmup', 'calendar_day', v_ceiling, v_today,
+              CASE WHEN w.quota_day = v_today THEN w.sent_today ELSE 0 END);
+      v_n := v_n + 1;
+    ELSIF l.max_count <> v_ceiling THEN
+      -- In place, state kept. A count of an earlier day moves by the change,
+      -- so that day keeps the headroom it had under its own ceiling.
+      UPDATE edm.service_limits sl
+      SET max_count = v_ceiling,
+          day_count = CASE WHEN sl.day < v_today
+                           THEN greatest(0, sl.day_count + v_ceiling - sl.max_count)
+                           ELSE sl.day_count END
+      WHERE sl.service_id = w.service_id AND sl.name = 'warmup';
+      IF v_ceiling > l.max_count THEN
+        -- a block computed under the lower ceiling is re-decided by the next claim
+        UPDATE edm.services s SET quota_exhausted_until = NULL WHERE s.service_id = w.service_id;
+        PERFORM pg_notify('edm_wakeup', 'service:' || w.service_id);
+      END IF;
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.apply_warmups(timestamp with time zone,bigint) IS 'Sets the limit ''warmup'' of each warming-up service (or of p_service_id only) to the ceiling of its current local day at p_now, in place (its count kept); after the ramp''s last day removes the limit and the warm-up. Run by every sweep (edm.run_sweeps) and by edm.set_service_warmup. Returns how many services changed.';
+REVOKE ALL ON FUNCTION edm.apply_warmups(timestamp with time zone,bigint) FROM PUBLIC;
+
 CREATE FUNCTION edm.cache_site_domains(p_domains text[], p_sites text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS integer
  LANGUAGE plpgsql
@@ -5358,9 +5490,8 @@ BEGIN
   upd_tasks AS (
     UPDATE edm.tasks t
     SET pending_count = t.pending_count - pt.n, cancelled_count = t.cancelled_count + pt.n,
-        quota_reserved = greatest(t.quota_reserved - pt.n, 0),
-        status = CASE WHEN t.status = 'sending' AND t.pending_count - pt.n = 0
-                           AND t.leased_count = 0 THEN 'completed' ELSE t.status END
+        quota_reserved = greatest(t.quota_reserved - pt.n, 0)
+        -- a task this drains is completed by trigger tasks_when_drained
     FROM per_task pt WHERE t.task_id = pt.task_id
     RETURNING t.user_id, pt.n
   )
@@ -5866,20 +5997,34 @@ BEGIN
   END IF;
   -- Only services p_owner holds, and only later: the next slot can move back
   -- never, so no limit can be broken by a report.
-  UPDATE edm.services s
-  SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
-  FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
-          AS y(service_id, next_start)
-        ORDER BY y.service_id) x
-  WHERE s.service_id = x.service_id AND s.held_by = p_owner
-    AND s.service_id IN (SELECT z.service_id FROM edm.services z
-                         WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
-                         ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED);
-  GET DIAGNOSTICS v_n = ROW_COUNT;
+  WITH moved AS (
+    UPDATE edm.services s
+    SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
+    FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
+            AS y(service_id, next_start)
+          ORDER BY y.service_id) x
+    WHERE s.service_id = x.service_id AND s.held_by = p_owner
+      AND s.service_id IN (SELECT z.service_id FROM edm.services z
+                           WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
+                           ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED)
+    RETURNING s.service_id, x.next_start
+  ),
+  -- each rate limit admits its next send at tat - (burst - 1) * T (GCRA): no
+  -- earlier than the reported start
+  rates AS (
+    UPDATE edm.service_limits l
+    SET tat = greatest(l.tat, m.next_start
+                              + ((l.burst - 1) * l.window_ms::double precision / l.max_count)
+                                * interval '1 millisecond')
+    FROM moved m
+    WHERE l.service_id = m.service_id AND l.kind = 'rate' AND l.max_count > 0
+    RETURNING l.service_id
+  )
+  SELECT count(*) INTO v_n FROM moved;
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server) tells when the service''s next send can really start; the service''s next slot moves there (never earlier), so slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
+COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server, a start the provider saw late) tells when the service''s next send can really start; the service''s next slot moves there (never earlier): its interval counts from there and each of its rate limits admits no send before it. Slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
 REVOKE ALL ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) FROM PUBLIC;
 
 CREATE FUNCTION edm.reputation_rates(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -6114,6 +6259,22 @@ $function$;
 COMMENT ON FUNCTION edm.service_limits_flag() IS 'Statement trigger on edm.service_limits: keeps services.has_limits in step and clears a block computed from the old limits (the next claim recomputes it).';
 REVOKE ALL ON FUNCTION edm.service_limits_flag() FROM PUBLIC;
 
+CREATE FUNCTION edm.service_limits_keep_warmup()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  -- The service row is gone when this is the cascade of its deletion: let it go.
+  IF EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = OLD.service_id)
+     AND EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = OLD.service_id) THEN
+    RETURN NULL;
+  END IF;
+  RETURN OLD;
+END;
+$function$;
+COMMENT ON FUNCTION edm.service_limits_keep_warmup() IS 'Row trigger on edm.service_limits: the limit ''warmup'' of a service that is warming up is not deleted (edm.set_service_limits replacing the other limits keeps it, with its state); it goes when the warm-up ends.';
+REVOKE ALL ON FUNCTION edm.service_limits_keep_warmup() FROM PUBLIC;
+
 CREATE FUNCTION edm.set_global_limits(p_limits jsonb)
  RETURNS integer
  LANGUAGE plpgsql
@@ -6185,6 +6346,57 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.set_service_limits(bigint,jsonb) IS 'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
 REVOKE ALL ON FUNCTION edm.set_service_limits(bigint,jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_service_warmup(p_service_id bigint, p_ramp integer[], p_started_on date DEFAULT NULL::date, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_tz text;
+  v_problem text;
+BEGIN
+  SELECT s.quota_tz INTO v_tz FROM edm.services s WHERE s.service_id = p_service_id
+  FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  IF p_ramp IS NULL OR cardinality(p_ramp) = 0 THEN
+    -- End the warm-up now: the limit goes with it.
+    DELETE FROM edm.service_warmups w WHERE w.service_id = p_service_id;
+    IF FOUND THEN
+      DELETE FROM edm.service_limits l WHERE l.service_id = p_service_id AND l.name = 'warmup';
+      PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+    END IF;
+    RETURN NULL;
+  END IF;
+  v_problem := edm.warmup_ramp_problem(p_ramp);
+  IF v_problem IS NOT NULL THEN
+    RAISE EXCEPTION 'invalid warm-up ramp: %', v_problem USING ERRCODE = 'ED005';
+  END IF;
+  IF p_started_on IS NOT NULL AND NOT isfinite(p_started_on) THEN
+    RAISE EXCEPTION 'invalid warm-up start: %', p_started_on USING ERRCODE = 'ED005';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = p_service_id)
+     AND EXISTS (SELECT 1 FROM edm.service_limits l
+                 WHERE l.service_id = p_service_id AND l.name = 'warmup') THEN
+    RAISE EXCEPTION 'service % has a limit of its own named warmup: rename it first (edm.set_service_limits)',
+      p_service_id USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.service_warmups (service_id, started_on, ramp)
+  VALUES (p_service_id,
+          coalesce(p_started_on, (coalesce(p_now, now()) AT TIME ZONE v_tz)::date),
+          ARRAY(SELECT c FROM unnest(p_ramp) WITH ORDINALITY u(c, i) ORDER BY i))
+  ON CONFLICT (service_id) DO UPDATE
+    SET started_on = EXCLUDED.started_on, ramp = EXCLUDED.ramp, updated_at = now();
+  PERFORM edm.apply_warmups(p_now, p_service_id);
+  RETURN (SELECT l.max_count FROM edm.service_limits l
+          WHERE l.service_id = p_service_id AND l.name = 'warmup');
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) IS 'Puts service p_service_id on warm-up ramp p_ramp (daily ceilings, day 1 first, never decreasing; see edm.warmup_ramp) from local date p_started_on (default: today in its quota_tz), replacing a ramp it had, and applies today''s ceiling at once. A NULL or empty ramp ends the warm-up and removes its limit. Returns the ceiling in force (NULL when none). Raises ED001 for an unknown service, ED005 for a bad ramp (nothing is changed).';
+REVOKE ALL ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.set_site_domains(p_site text, p_domains text[], p_description text DEFAULT NULL::text)
  RETURNS integer
@@ -6597,6 +6809,44 @@ $function$;
 COMMENT ON FUNCTION edm.unsubscribe(text,text,bigint,timestamp with time zone) IS 'Unsubscribes p_email from user p_user_id''s mail, idempotently: marks the contact unsubscribed, suppresses the address for that user (reason unsubscribe; an existing suppression is kept), and cancels its pending subtasks in the user''s tasks. Returns what changed (all false / 0 on a repeated call, or when the user no longer exists). Called by edm_sched.unsubscribe after it verified the signed token.';
 REVOKE ALL ON FUNCTION edm.unsubscribe(text,text,bigint,timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.warmup_ceiling(p_ramp integer[], p_started_on date, p_day date)
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN (p_day < p_started_on) THEN (p_ramp)[1] WHEN (((p_day - p_started_on) + 1) > cardinality(p_ramp)) THEN NULL::integer ELSE (p_ramp)[((p_day - p_started_on) + 1)] END;
+COMMENT ON FUNCTION edm.warmup_ceiling(integer[],date,date) IS 'The ceiling of local day p_day on ramp p_ramp started on p_started_on (day 1): the ramp''s first value before the start, NULL after its last day (the warm-up is over).';
+REVOKE ALL ON FUNCTION edm.warmup_ceiling(integer[],date,date) FROM PUBLIC;
+
+CREATE FUNCTION edm.warmup_ramp(p_start integer, p_full integer, p_factor numeric DEFAULT 2)
+ RETURNS integer[]
+ LANGUAGE plpgsql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+DECLARE
+  v_ramp integer[];
+  v_c integer;
+BEGIN
+  IF p_start IS NULL OR p_full IS NULL OR p_factor IS NULL OR p_start < 1
+     OR p_full < p_start OR p_full > 100000000 OR p_factor <= 1 OR p_factor > 100 THEN
+    RAISE EXCEPTION 'warmup_ramp: need 1 <= start <= full <= 100000000 and 1 < factor <= 100, got %, %, %',
+      p_start, p_full, p_factor USING ERRCODE = 'ED005';
+  END IF;
+  v_c := p_start;
+  v_ramp := ARRAY[v_c];
+  WHILE v_c < p_full LOOP
+    v_c := least(p_full, ceil(v_c * p_factor))::integer;
+    v_ramp := v_ramp || v_c;
+    IF cardinality(v_ramp) > 366 THEN
+      RAISE EXCEPTION 'warmup_ramp: from % to % by a factor of % takes more than 366 days',
+        p_start, p_full, p_factor USING ERRCODE = 'ED005';
+    END IF;
+  END LOOP;
+  RETURN v_ramp;
+END;
+$function$;
+COMMENT ON FUNCTION edm.warmup_ramp(integer,integer,numeric) IS 'A growing warm-up ramp: p_start on day 1, then each day the day before''s ceiling times p_factor (rounded up) until p_full, the last day. warmup_ramp(50, 1000) = {50,100,200,400,800,1000}. Raises ED005 for bad bounds or a ramp longer than 366 days.';
+REVOKE ALL ON FUNCTION edm.warmup_ramp(integer,integer,numeric) FROM PUBLIC;
+
 CREATE VIEW edm.possible_duplicates AS
  SELECT st.subtask_id,
     st.task_id,
@@ -6728,6 +6978,46 @@ COMMENT ON COLUMN edm.service_limit_status.used IS 'Sends counted in the current
 COMMENT ON COLUMN edm.service_limit_status.headroom IS 'max_count - used, at least 0.';
 COMMENT ON COLUMN edm.service_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now.';
 
+CREATE VIEW edm.service_warmup_status AS
+ SELECT w.service_id,
+    s.name AS service_name,
+    w.started_on,
+    ((x.today - w.started_on) + 1) AS day,
+    cardinality(w.ramp) AS days,
+        CASE
+            WHEN (x.today < w.started_on) THEN 'scheduled'::text
+            WHEN (((x.today - w.started_on) + 1) > cardinality(w.ramp)) THEN 'ended'::text
+            ELSE 'ramping'::text
+        END AS state,
+    edm.warmup_ceiling(w.ramp, w.started_on, x.today) AS ceiling_today,
+    l.max_count AS ceiling_in_force,
+        CASE
+            WHEN (l.day = x.today) THEN l.day_count
+            ELSE 0
+        END AS used_today,
+    edm.warmup_ceiling(w.ramp, w.started_on, (x.today + 1)) AS ceiling_tomorrow,
+    w.ramp[cardinality(w.ramp)] AS final_ceiling,
+    edm.service_next_quota_day(s.quota_tz, now()) AS next_day_at,
+    w.ramp
+   FROM (((edm.service_warmups w
+     JOIN edm.services s ON ((s.service_id = w.service_id)))
+     CROSS JOIN LATERAL ( SELECT ((now() AT TIME ZONE s.quota_tz))::date AS today) x)
+     LEFT JOIN edm.service_limits l ON (((l.service_id = w.service_id) AND (l.name = 'warmup'::text))));
+COMMENT ON VIEW edm.service_warmup_status IS 'Each warming-up service: day n of N of its ramp (local days in its quota_tz), today''s ceiling, the ceiling in force in its limit ''warmup'' (it follows the ramp at each sweep), sends counted today and tomorrow''s ceiling.';
+COMMENT ON COLUMN edm.service_warmup_status.service_id IS 'Service.';
+COMMENT ON COLUMN edm.service_warmup_status.service_name IS 'Service name.';
+COMMENT ON COLUMN edm.service_warmup_status.started_on IS 'Local date of day 1.';
+COMMENT ON COLUMN edm.service_warmup_status.day IS 'Today''s day of the ramp (day n of days; below 1 before the start, above days once over).';
+COMMENT ON COLUMN edm.service_warmup_status.days IS 'Length of the ramp in days.';
+COMMENT ON COLUMN edm.service_warmup_status.state IS 'scheduled (before day 1), ramping, or ended (past the last day; the warm-up and its limit go at the first sweep once the limit no longer counts the last day).';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_today IS 'The ramp''s ceiling for today (NULL once ended).';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_in_force IS 'max_count of the limit ''warmup'' now: the ceiling the claim applies (an earlier, lower day''s until the first sweep of the day).';
+COMMENT ON COLUMN edm.service_warmup_status.used_today IS 'Sends counted by the limit ''warmup'' for today.';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_tomorrow IS 'The ramp''s ceiling for tomorrow (NULL when the ramp ends today).';
+COMMENT ON COLUMN edm.service_warmup_status.final_ceiling IS 'The ramp''s last ceiling.';
+COMMENT ON COLUMN edm.service_warmup_status.next_day_at IS 'When the next local day (and its ceiling) starts.';
+COMMENT ON COLUMN edm.service_warmup_status.ramp IS 'The whole ramp, day 1 first.';
+
 CREATE VIEW edm.shaping_limit_status AS
  SELECT scope,
     site,
@@ -6812,6 +7102,8 @@ COMMENT ON COLUMN edm.site_status.limited_until IS 'When the site''s own (all-se
 CREATE TRIGGER service_limits_flag_ins AFTER INSERT ON edm.service_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
 
 CREATE TRIGGER service_limits_flag_del AFTER DELETE ON edm.service_limits REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
+
+CREATE TRIGGER service_limits_keep_warmup BEFORE DELETE ON edm.service_limits FOR EACH ROW WHEN ((old.name = 'warmup'::text)) EXECUTE FUNCTION edm.service_limits_keep_warmup();
 
 CREATE TRIGGER shaping_limits_flag_ins AFTER INSERT ON edm.shaping_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.shaping_limits_flag();
 COMMENT ON TRIGGER shaping_limits_flag_ins ON edm.shaping_limits IS 'Sets users.has_limits / tasks.has_limits for new user and task limits.';
