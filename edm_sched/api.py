@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
-from edm_sched import core, db, errors, feedback, ops, reputation, sites, unsubscribe
-from edm_sched import core, db, errors, feedback, ops, reputation, shaping, unsubscribe
+from edm_sched import core, db, errors, feedback, ops, reputation, shaping, sites, unsubscribe
 from edm_sched.feedback import FeedbackEvent, Recorded
 from edm_sched.jobs.api import AsyncJobs, Jobs
 from edm_sched.models import (
@@ -45,8 +44,8 @@ from edm_sched.models import (
 )
 from edm_sched.ops import EXPANSION_CHUNK, InvalidRecipients, check_id, check_scope
 from edm_sched.reputation import ReputationRow
-from edm_sched.sites import Site, SiteDomain, SiteResolver, Warmup
 from edm_sched.shaping import ShapingLimitStatus
+from edm_sched.sites import Site, SiteDomain, SiteResolver, Warmup
 from edm_sched.unsubscribe import UnsubscribeConfig, UnsubscribeResult
 
 if TYPE_CHECKING:

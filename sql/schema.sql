@@ -44,7 +44,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('18', 'warmup', '275aeeec644736af0dcad761778ead637a14d059eabc5766c4967d508bb38e70'),
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
-  ('20', 'wire_pacing', '844d3cd58263a045ed06864ca9d7c017aa5ba4d7e68ed8c0e68c8cf7d906ddf7'),
+  ('20', 'wire_pacing', '57f74abbb152c96ec804424e8b231ac833d85ef0441d100d8c4e91f4cb2868d7'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -4986,7 +4986,7 @@ BEGIN
   -- Dispatcher: claim / complete / sweep through functions; read what
   -- rendering needs; keep its own heartbeat row.
   EXECUTE format('GRANT SELECT ON edm.services, edm.templates, edm.contacts, edm.config, '
-                 'edm.tasks, edm.system_health, edm.jobs, edm.job_executions TO %I', p_dispatcher);
+                 'edm.tasks, edm.system_health, edm.jobs, edm.job_executions, edm.service_limits TO %I', p_dispatcher);
   EXECUTE format('GRANT SELECT, INSERT, UPDATE ON edm.dispatchers TO %I', p_dispatcher);
 
   -- Host application: everything through functions; read its objects.

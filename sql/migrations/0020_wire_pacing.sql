@@ -56,4 +56,24 @@ $$;
 COMMENT ON FUNCTION edm.report_pace(text, bigint[], timestamptz[]) IS
   'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server, a start the provider saw late) tells when the service''s next send can really start; the service''s next slot moves there (never earlier): its interval counts from there and each of its rate limits admits no send before it. Slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
 
+-- The dispatcher reads its services' rate limits to pace its lanes
+-- (edm_sched/dispatcher.py, the dispatch_services query): the dispatcher role
+-- may read edm.service_limits (the pattern of 0009).
+DO $$
+DECLARE
+  v_new text := pg_get_functiondef('edm.install_roles(text, text, text)'::regprocedure);
+  v_old text := 'edm.tasks, edm.system_health, edm.jobs, edm.job_executions TO %I'', p_dispatcher';
+BEGIN
+  IF position(v_old IN v_new) = 0 THEN
+    RAISE EXCEPTION '0020: edm.install_roles has no %; grant the dispatcher edm.service_limits by hand', v_old;
+  END IF;
+  EXECUTE replace(v_new, v_old,
+                  'edm.tasks, edm.system_health, edm.jobs, edm.job_executions, edm.service_limits TO %I'', p_dispatcher');
+  IF (SELECT count(*) FROM pg_roles r
+      WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
+    PERFORM edm.install_roles();
+  END IF;
+END;
+$$;
+
 SELECT edm.harden_functions();
