@@ -299,7 +299,8 @@ $$;
 COMMENT ON FUNCTION edm.delete_reply_rule(text) IS
   'Deletes a reply rule by name (its log rows keep its name). Raises ED001 for an unknown name.';
 
-CREATE FUNCTION edm.match_reply_rule(p_code integer, p_detail text, p_site text DEFAULT NULL)
+CREATE FUNCTION edm.match_reply_rule(p_code integer, p_detail text, p_site text DEFAULT NULL,
+                                     p_any_site boolean DEFAULT false)
 RETURNS bigint
 LANGUAGE sql STABLE
 BEGIN ATOMIC
@@ -308,7 +309,7 @@ BEGIN ATOMIC
   CROSS JOIN LATERAL (SELECT edm.reply_enhanced_code(p_detail) AS enh,
                              edm.reply_transport_code(p_detail) AS tcode) x
   WHERE r.enabled
-    AND (r.site IS NULL OR r.site = p_site)
+    AND (r.site IS NULL OR r.site = p_site OR p_any_site)
     AND (r.smtp_code IS NULL OR r.smtp_code = p_code)
     AND (r.enhanced_code IS NULL
          OR CASE WHEN right(r.enhanced_code, 1) = '.' THEN starts_with(x.enh, r.enhanced_code)
@@ -318,8 +319,8 @@ BEGIN ATOMIC
   ORDER BY r.priority, r.rule_id
   LIMIT 1;
 END;
-COMMENT ON FUNCTION edm.match_reply_rule(integer, text, text) IS
-  'The first enabled reply rule (by priority, then rule_id) matching a reply: SMTP code p_code, reply text p_detail (its enhanced code and transport code are read from it), for a recipient of site p_site; NULL when none does. What edm.complete applies, callable to test a rule.';
+COMMENT ON FUNCTION edm.match_reply_rule(integer, text, text, boolean) IS
+  'The first enabled reply rule (by priority, then rule_id) matching a reply: SMTP code p_code, reply text p_detail (its enhanced code and transport code are read from it), for a recipient of site p_site (p_any_site: whatever the rule''s site); NULL when none does. What edm.complete applies, callable to test a rule.';
 
 CREATE FUNCTION edm.trim_shaping_actions(p_now timestamptz DEFAULT NULL)
 RETURNS integer
@@ -489,7 +490,17 @@ BEGIN
   IF EXISTS (SELECT 1 FROM unnest(p_outcomes, coalesce(p_codes, array_fill(NULL::integer, ARRAY[v_n])),
                                   coalesce(p_details, array_fill(NULL::text, ARRAY[v_n]))) x(o, c, d)
              WHERE x.o IN ('transient', 'permanent', 'service') AND (x.c IS NOT NULL OR x.d IS NOT NULL))
-     AND EXISTS (SELECT 1 FROM edm.reply_rules r WHERE r.enabled) THEN
+     -- a rule could match one of the batch's distinct replies, whatever the
+     -- recipient's site: only then are sites looked up
+     -- (OFFSET 0 keeps the match above the DISTINCT: once per reply, not per row)
+     AND EXISTS (SELECT 1
+                 FROM (SELECT DISTINCT x.c, left(x.d, 2000) AS d
+                       FROM unnest(p_outcomes, coalesce(p_codes, array_fill(NULL::integer, ARRAY[v_n])),
+                                   coalesce(p_details, array_fill(NULL::text, ARRAY[v_n]))) x(o, c, d)
+                       WHERE x.o IN ('transient', 'permanent', 'service')
+                         AND (x.c IS NOT NULL OR x.d IS NOT NULL)
+                       OFFSET 0) r
+                 WHERE edm.match_reply_rule(r.c, r.d, NULL, true) IS NOT NULL) THEN
     WITH inp AS (
       SELECT x.n, x.outcome, x.code, left(x.detail, 2000) AS detail, st.email
       FROM unnest(p_subtask_ids, p_outcomes,
@@ -599,7 +610,7 @@ BEGIN
            q.max_duration_s
     FROM (SELECT DISTINCT ON (p.service_id, p.site) p.*
           FROM plan p
-          WHERE p.ok AND p.eff = 'throttled' AND p.site IS NOT NULL
+          WHERE v_rule_ids IS NOT NULL AND p.ok AND p.eff = 'throttled' AND p.site IS NOT NULL
           ORDER BY p.service_id, p.site, p.rule_priority, p.rule_id, p.subtask_id) q
     LEFT JOIN edm.site_suspensions x ON x.service_id = q.service_id AND x.site = q.site
   ),
@@ -766,7 +777,7 @@ BEGIN
     LEFT JOIN new_pairs np ON np.service_id = p.service_id AND np.site = p.site
                           AND p.eff = 'throttled'
     LEFT JOIN upd_services us ON us.service_id = p.service_id AND p.eff = 'throttled_service'
-    WHERE p.ok AND p.rule_id IS NOT NULL
+    WHERE v_rule_ids IS NOT NULL AND p.ok AND p.rule_id IS NOT NULL
   ),
   suppress AS (
     INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id)
