@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -67,6 +68,7 @@ from edm_sched.rendering import (
     build_message,
     default_renderer,
 )
+from edm_sched.reply_rules import reply_detail
 from edm_sched.sqlfiles import query
 from edm_sched.transports.base import (
     CredentialResolver,
@@ -90,6 +92,13 @@ LANE_DEPTH = 4  # sends a paced service's lane may hold (queued or running) unle
 BATCH_LANE_DEPTH = 16
 LANE_IDLE_SECONDS = 60.0  # a lane unused this long is closed
 PACE_REPORT_AFTER = 0.005  # seconds behind its slots before a lane reports its pace
+
+
+def _reply(result: SendResult) -> str | None:
+    """The detail edm.complete records and reply rules match: a transport's error code
+    (``"[http:429] ..."``) in front of its text, at most 2000 characters."""
+    detail = reply_detail(result.detail, result.error_code)
+    return None if detail is None else detail[:2000]
 
 
 def slots_per_service(n: int) -> int:
@@ -558,8 +567,8 @@ class Dispatcher:
                 result = SendResult(Outcome.TRANSIENT,
                                     detail=f"transport raised {type(exc).__name__}: {exc}"[:500])
         if result.response_ms is None:
-            result = SendResult(result.outcome, result.code, result.detail, result.provider_id,
-                                int((time.perf_counter() - started) * 1000))
+            result = dataclasses.replace(
+                result, response_ms=int((time.perf_counter() - started) * 1000))
         if self.observer:
             self.observer("sent", {"outcome": result.outcome.value,
                                    "seconds": time.perf_counter() - started,
@@ -625,7 +634,7 @@ class Dispatcher:
             [r.outcome.value if isinstance(r.outcome, Outcome) else str(r.outcome)
              for _, r in batch],
             [r.code for _, r in batch],
-            [None if r.detail is None else r.detail[:2000] for _, r in batch],
+            [_reply(r) for _, r in batch],
             [r.response_ms for _, r in batch],
             [r.provider_id for _, r in batch],
             None,

@@ -224,6 +224,41 @@ def test_deliverability(api: Both, conn: psycopg.Connection[Any]) -> None:
     assert api.resume_user_reputation("u1") == 0
 
 
+def test_reply_rules_and_suspensions(api: Both, conn: psycopg.Connection[Any]) -> None:
+    shipped = api.reply_rules()
+    assert any(r.name == "gmail-4.7.28-rate" and r.source == "shipped" for r in shipped)
+    rid = api.set_reply_rule({"name": "slow-down", "action": "suspend_site", "smtp_code": 421,
+                              "pattern": "slow down", "priority": 1, "duration_seconds": 60,
+                              "escalation_factor": 2, "max_duration_seconds": 600})
+    assert api.reply_rules()[0].rule_id == rid
+    api.disable_reply_rule("slow-down")
+    assert not next(r for r in api.reply_rules() if r.name == "slow-down").enabled
+    api.enable_reply_rule("slow-down")
+    with pytest.raises(errors.InvalidInput):
+        api.set_reply_rule({"name": "bad", "action": "retry", "smtp_code": 421})  # no duration
+    with pytest.raises(errors.InvalidInput):  # Python accepts it; PostgreSQL's regex does not
+        api.set_reply_rule({"name": "bad", "action": "bounce", "pattern": "(unclosed"})
+    api.upsert_user("u1")
+    sid = api.create_service({"name": "s1", "from_addresses": ["s1@x.example"],
+                              "interval_seconds": 0, "daily_quota": 10, "transport": "null"})
+    api.grant(sid, "u1")
+    api.create_task({"user_id": "u1", "name": "t", "templates": [TEMPLATE],
+                     "recipients": [{"email": "a@gmail.com"}]})
+    (st,) = conn.execute("SELECT subtask_id FROM edm.claim('d1', 1)").fetchone() or (None,)
+    conn.execute("SELECT edm.complete('d1', %s, '{service}', '{421}', '{RCPT TO: 421 slow down}')",
+                 ([st],))
+    (sus,) = api.suspensions(sid, in_force=True)
+    assert (sus.site, sus.level, sus.rule_name, sus.last_code) == ("google", 1, "slow-down", 421)
+    (action,) = api.shaping_actions(sid)
+    assert (action.subtask_id, action.action, action.reply) == (
+        st, "suspend_site", "RCPT TO: 421 slow down")
+    assert api.lift_suspension(sid, "google") is True
+    assert api.suspensions(sid) == []
+    api.delete_reply_rule("slow-down")
+    with pytest.raises(errors.NotFound):
+        api.delete_reply_rule("slow-down")
+
+
 def test_every_method_ran_both_ways() -> None:
     """Runs last in this file: every public method was called sync and async above."""
     expected = {n for n in public_methods(Scheduler) if n != "close"}
