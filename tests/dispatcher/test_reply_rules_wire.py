@@ -78,7 +78,7 @@ def test_a_throttled_site_is_suspended_while_the_other_sites_keep_sending(
                               kwargs={"stop_event": stop, "handle_signals": False})
         th.start()
         try:
-            wait_for(lambda: len(sink.received) >= 24 and throttle.throttled >= 1, timeout=60)
+            wait_for(lambda: len(sink.received) >= 24 and throttle.throttled >= 1, timeout=150)
         finally:
             stop.set()
             th.join(30)
