@@ -94,6 +94,12 @@ LANE_IDLE_SECONDS = 60.0  # a lane unused this long is closed
 PACE_REPORT_AFTER = 0.005  # seconds behind its slots before a lane reports its pace
 
 
+def _may_be_ruled(result: SendResult) -> bool:
+    """A provider's answer (a reply code or a transport error code), which a reply rule
+    may turn from a service failure into a site suspension: see ``_complete``."""
+    return result.code is not None or result.error_code is not None
+
+
 def _reply(result: SendResult) -> str | None:
     """The detail edm.complete records and reply rules match: a transport's error code
     (``"[http:429] ..."``) in front of its text, at most 2000 characters."""
@@ -575,12 +581,15 @@ class Dispatcher:
                                    "lateness": time.monotonic() - row.slot
                                    - (time.perf_counter() - started)})
         self._results.put_nowait((row, result))
-        if result.outcome == Outcome.SERVICE:
+        if result.outcome == Outcome.SERVICE and not _may_be_ruled(result):
             # The service backs off (in SQL): its queued sends' slots are void.
-            lane = self._lanes.get(service.service_id)
-            for item in lane.drain_queued() if lane else []:
-                self._release(item, "service is backing off")
+            self._drain_lane(service.service_id)
         self._slot_freed.set()
+
+    def _drain_lane(self, service_id: int) -> None:
+        lane = self._lanes.get(service_id)
+        for item in lane.drain_queued() if lane else []:
+            self._release(item, "service is backing off")
 
     async def _service_configs(self, conn: psycopg.AsyncConnection[Any],
                                ids: set[int]) -> dict[int, ServiceConfig]:
@@ -660,6 +669,15 @@ class Dispatcher:
                 self.stats.sent += 1
             elif status == "failed":
                 self.stats.failed += 1
+        # A provider's answer may be a throttle a reply rule turns into a (service, site)
+        # suspension (edm.reply_rules): the lane is drained only if the service backs off.
+        ruled = {row[0]: row[3] for row in rows if row[1]}
+        for c, r in batch:
+            if r.outcome == Outcome.SERVICE and _may_be_ruled(r):
+                reason = ruled.get(c.subtask_id)
+                if not (reason and reason.startswith("reply rule ")
+                        and not reason.endswith(": suspend_service")):
+                    self._drain_lane(c.service_id)
         for _, r in batch:
             if r.outcome == Outcome.SERVICE:
                 self.stats.service_failures += 1

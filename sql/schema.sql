@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('17', 'reply_rules', '115c6280ba34ae5a3eba12e19d2a8db92b3be91dcb490606c337af84e047d64c'),
+  ('17', 'reply_rules', '0ff4a31e4d31a1cd2dcb0fb114864782f066c336d72c7132fe988d262ed26b7d'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
@@ -2533,7 +2533,7 @@ BEGIN
     INSERT INTO edm.site_suspensions AS x (service_id, site, until, level, reason, created_at)
     SELECT np.service_id, np.site, np.until, np.level,
            left('reply rule ' || np.rule_name || ' (level ' || np.level || '): '
-                || coalesce(np.code::text || ' ', '') || coalesce(np.detail, ''), 2000),
+                || coalesce(np.detail, np.code::text, ''), 2000),
            v_now
     FROM new_pairs np
     WHERE np.old_until IS NULL OR np.old_until <= v_now
@@ -2576,8 +2576,8 @@ BEGIN
              max(p.detail) FILTER (WHERE p.eff = 'service') AS last_service_error,
              max(v_now + make_interval(secs => p.duration_s))
                FILTER (WHERE p.eff = 'throttled_service') AS rule_backoff_until,
-             max(left('reply rule ' || p.rule_name || ': ' || coalesce(p.code::text || ' ', '')
-                      || coalesce(p.detail, ''), 2000))
+             max(left('reply rule ' || p.rule_name || ': ' || coalesce(p.detail, p.code::text, ''),
+                      2000))
                FILTER (WHERE p.eff = 'throttled_service') AS last_rule_error
       FROM plan p WHERE p.ok GROUP BY p.service_id
     ) a

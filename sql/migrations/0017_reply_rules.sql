@@ -627,7 +627,7 @@ BEGIN
     INSERT INTO edm.site_suspensions AS x (service_id, site, until, level, reason, created_at)
     SELECT np.service_id, np.site, np.until, np.level,
            left('reply rule ' || np.rule_name || ' (level ' || np.level || '): '
-                || coalesce(np.code::text || ' ', '') || coalesce(np.detail, ''), 2000),
+                || coalesce(np.detail, np.code::text, ''), 2000),
            v_now
     FROM new_pairs np
     WHERE np.old_until IS NULL OR np.old_until <= v_now
@@ -670,8 +670,8 @@ BEGIN
              max(p.detail) FILTER (WHERE p.eff = 'service') AS last_service_error,
              max(v_now + make_interval(secs => p.duration_s))
                FILTER (WHERE p.eff = 'throttled_service') AS rule_backoff_until,
-             max(left('reply rule ' || p.rule_name || ': ' || coalesce(p.code::text || ' ', '')
-                      || coalesce(p.detail, ''), 2000))
+             max(left('reply rule ' || p.rule_name || ': ' || coalesce(p.detail, p.code::text, ''),
+                      2000))
                FILTER (WHERE p.eff = 'throttled_service') AS last_rule_error
       FROM plan p WHERE p.ok GROUP BY p.service_id
     ) a

@@ -79,6 +79,13 @@ def test_a_throttled_site_is_suspended_while_the_other_sites_keep_sending(
         th.start()
         try:
             wait_for(lambda: len(sink.received) >= 24 and throttle.throttled >= 1, timeout=150)
+        except AssertionError:
+            state = conn.execute("SELECT status, count(*) FROM edm.subtasks GROUP BY 1"
+                                 " ORDER BY 1").fetchall()
+            raise AssertionError(
+                f"received {len(sink.received)}, refused {len(sink.refused)}, throttled "
+                f"{throttle.throttled}, dispatcher alive {th.is_alive()}, subtasks {state}, "
+                f"services {s.get_service(sid)}") from None
         finally:
             stop.set()
             th.join(30)
