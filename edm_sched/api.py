@@ -43,6 +43,19 @@ from edm_sched.models import (
     UserInfo,
 )
 from edm_sched.ops import EXPANSION_CHUNK, InvalidRecipients, check_id, check_scope
+from edm_sched.reply_rules import (
+    ReplyRule,
+    ReplyRuleSpec,
+    ShapingAction,
+    SiteSuspension,
+    delete_reply_rule_op,
+    enable_reply_rule_op,
+    lift_suspension_op,
+    reply_rules_op,
+    set_reply_rule_op,
+    shaping_actions_op,
+    suspensions_op,
+)
 from edm_sched.reputation import ReputationRow
 from edm_sched.shaping import ShapingLimitStatus
 from edm_sched.sites import Site, SiteDomain, SiteResolver, Warmup
@@ -382,6 +395,43 @@ class Scheduler:
         """Verify an unsubscribe token and unsubscribe its address (idempotent)."""
         return self._run(unsubscribe.unsubscribe_op(config, token), conn)
 
+    # -- reply rules and (service, site) suspensions (edm_sched.reply_rules) ------------
+
+    def reply_rules(self, *, conn: Conn | None = None) -> list[ReplyRule]:
+        """Every reply rule, in the order edm.complete tries them."""
+        return self._run(reply_rules_op(), conn)
+
+    def set_reply_rule(self, spec: ReplyRuleSpec | Mapping[str, Any], *,
+                       conn: Conn | None = None) -> int:
+        """Create or replace (by name) a reply rule; returns its rule_id."""
+        return self._run(set_reply_rule_op(spec), conn)
+
+    def enable_reply_rule(self, name: str, *, conn: Conn | None = None) -> None:
+        """Enable a reply rule (NotFound for an unknown name)."""
+        self._run(enable_reply_rule_op(name, True), conn)
+
+    def disable_reply_rule(self, name: str, *, conn: Conn | None = None) -> None:
+        """Disable a reply rule, shipped or not; it is kept (NotFound for an unknown name)."""
+        self._run(enable_reply_rule_op(name, False), conn)
+
+    def delete_reply_rule(self, name: str, *, conn: Conn | None = None) -> None:
+        """Delete a reply rule (NotFound for an unknown name)."""
+        self._run(delete_reply_rule_op(name), conn)
+
+    def suspensions(self, service_id: int | None = None, *, in_force: bool = False,
+                    conn: Conn | None = None) -> list[SiteSuspension]:
+        """(service, site) suspensions with the rule and reply that set them."""
+        return self._run(suspensions_op(service_id, in_force=in_force), conn)
+
+    def lift_suspension(self, service_id: int, site: str, *, conn: Conn | None = None) -> bool:
+        """End a (service, site) suspension now and reset its escalation; True if in force."""
+        return self._run(lift_suspension_op(service_id, site), conn)
+
+    def shaping_actions(self, service_id: int | None = None, *, limit: int = 100,
+                        conn: Conn | None = None) -> list[ShapingAction]:
+        """The latest reply-rule applications (newest first), with their replies."""
+        return self._run(shaping_actions_op(service_id, limit=limit), conn)
+
     def reputation(self, *, conn: Conn | None = None) -> list[ReputationRow]:
         """Bounce and complaint rates per service and user, and pause reasons."""
         return self._run(reputation.status_op(), conn)
@@ -683,6 +733,36 @@ class AsyncScheduler:
     async def unsubscribe(self, config: UnsubscribeConfig, token: str, *,
                           conn: AConn | None = None) -> UnsubscribeResult:
         return await self._run(unsubscribe.unsubscribe_op(config, token), conn)
+
+    # -- reply rules and (service, site) suspensions (edm_sched.reply_rules) ------------
+
+    async def reply_rules(self, *, conn: AConn | None = None) -> list[ReplyRule]:
+        return await self._run(reply_rules_op(), conn)
+
+    async def set_reply_rule(self, spec: ReplyRuleSpec | Mapping[str, Any], *,
+                             conn: AConn | None = None) -> int:
+        return await self._run(set_reply_rule_op(spec), conn)
+
+    async def enable_reply_rule(self, name: str, *, conn: AConn | None = None) -> None:
+        await self._run(enable_reply_rule_op(name, True), conn)
+
+    async def disable_reply_rule(self, name: str, *, conn: AConn | None = None) -> None:
+        await self._run(enable_reply_rule_op(name, False), conn)
+
+    async def delete_reply_rule(self, name: str, *, conn: AConn | None = None) -> None:
+        await self._run(delete_reply_rule_op(name), conn)
+
+    async def suspensions(self, service_id: int | None = None, *, in_force: bool = False,
+                          conn: AConn | None = None) -> list[SiteSuspension]:
+        return await self._run(suspensions_op(service_id, in_force=in_force), conn)
+
+    async def lift_suspension(self, service_id: int, site: str, *,
+                              conn: AConn | None = None) -> bool:
+        return await self._run(lift_suspension_op(service_id, site), conn)
+
+    async def shaping_actions(self, service_id: int | None = None, *, limit: int = 100,
+                              conn: AConn | None = None) -> list[ShapingAction]:
+        return await self._run(shaping_actions_op(service_id, limit=limit), conn)
 
     async def reputation(self, *, conn: AConn | None = None) -> list[ReputationRow]:
         return await self._run(reputation.status_op(), conn)

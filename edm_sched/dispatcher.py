@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -68,6 +69,7 @@ from edm_sched.rendering import (
     build_message,
     default_renderer,
 )
+from edm_sched.reply_rules import reply_detail
 from edm_sched.sqlfiles import query
 from edm_sched.transports.base import (
     CredentialResolver,
@@ -92,6 +94,19 @@ BATCH_LANE_DEPTH = 16
 LANE_IDLE_SECONDS = 60.0  # a lane unused this long is closed
 PACE_TOLERANCE_MS = 5  # default of a service's pace_tolerance_ms setting (edm_sched.lanes)
 PACE_REPORT_AFTER = 0.005  # seconds behind its slots before a lane reports its pace
+
+
+def _may_be_ruled(result: SendResult) -> bool:
+    """A provider's answer (a reply code or a transport error code), which a reply rule
+    may turn from a service failure into a site suspension: see ``_complete``."""
+    return result.code is not None or result.error_code is not None
+
+
+def _reply(result: SendResult) -> str | None:
+    """The detail edm.complete records and reply rules match: a transport's error code
+    (``"[http:429] ..."``) in front of its text, at most 2000 characters."""
+    detail = reply_detail(result.detail, result.error_code)
+    return None if detail is None else detail[:2000]
 
 
 def slots_per_service(n: int) -> int:
@@ -568,20 +583,23 @@ class Dispatcher:
                 result = SendResult(Outcome.TRANSIENT,
                                     detail=f"transport raised {type(exc).__name__}: {exc}"[:500])
         if result.response_ms is None:
-            result = SendResult(result.outcome, result.code, result.detail, result.provider_id,
-                                int((time.perf_counter() - started) * 1000))
+            result = dataclasses.replace(
+                result, response_ms=int((time.perf_counter() - started) * 1000))
         if self.observer:
             self.observer("sent", {"outcome": result.outcome.value,
                                    "seconds": time.perf_counter() - started,
                                    "lateness": time.monotonic() - row.slot
                                    - (time.perf_counter() - started)})
         self._results.put_nowait((row, result))
-        if result.outcome == Outcome.SERVICE:
+        if result.outcome == Outcome.SERVICE and not _may_be_ruled(result):
             # The service backs off (in SQL): its queued sends' slots are void.
-            lane = self._lanes.get(service.service_id)
-            for item in lane.drain_queued() if lane else []:
-                self._release(item, "service is backing off")
+            self._drain_lane(service.service_id)
         self._slot_freed.set()
+
+    def _drain_lane(self, service_id: int) -> None:
+        lane = self._lanes.get(service_id)
+        for item in lane.drain_queued() if lane else []:
+            self._release(item, "service is backing off")
 
     async def _service_configs(self, conn: psycopg.AsyncConnection[Any],
                                ids: set[int]) -> dict[int, ServiceConfig]:
@@ -638,7 +656,7 @@ class Dispatcher:
             [r.outcome.value if isinstance(r.outcome, Outcome) else str(r.outcome)
              for _, r in batch],
             [r.code for _, r in batch],
-            [None if r.detail is None else r.detail[:2000] for _, r in batch],
+            [_reply(r) for _, r in batch],
             [r.response_ms for _, r in batch],
             [r.provider_id for _, r in batch],
             None,
@@ -664,6 +682,15 @@ class Dispatcher:
                 self.stats.sent += 1
             elif status == "failed":
                 self.stats.failed += 1
+        # A provider's answer may be a throttle a reply rule turns into a (service, site)
+        # suspension (edm.reply_rules): the lane is drained only if the service backs off.
+        ruled = {row[0]: row[3] for row in rows if row[1]}
+        for c, r in batch:
+            if r.outcome == Outcome.SERVICE and _may_be_ruled(r):
+                reason = ruled.get(c.subtask_id)
+                if not (reason and reason.startswith("reply rule ")
+                        and not reason.endswith(": suspend_service")):
+                    self._drain_lane(c.service_id)
         for _, r in batch:
             if r.outcome == Outcome.SERVICE:
                 self.stats.service_failures += 1

@@ -522,3 +522,50 @@ FROM edm.shaping_limit_status
 WHERE %(scope)s::text IS NULL OR scope = %(scope)s::text
 ORDER BY scope, site NULLS FIRST, service_id NULLS FIRST, user_id NULLS FIRST,
          task_id NULLS FIRST, limit_name
+-- reply_rules --
+-- Every reply rule, in the order edm.complete tries them (reply_rules.py).
+SELECT rule_id, name, priority, enabled, source, site, smtp_code, enhanced_code, pattern,
+       transport_code, action, duration_s, escalation_factor, max_duration_s, reset_after_s,
+       description, updated_at
+FROM edm.reply_rules ORDER BY priority, rule_id
+
+-- set_reply_rule --
+-- Create or replace a reply rule by name; returns its id.
+SELECT edm.set_reply_rule(%(name)s, %(action)s, %(smtp_code)s, %(enhanced_code)s, %(pattern)s,
+                          %(transport_code)s, %(site)s, %(priority)s, %(duration_s)s,
+                          %(escalation_factor)s, %(max_duration_s)s, %(reset_after_s)s,
+                          %(enabled)s, %(description)s)
+
+-- enable_reply_rule --
+-- Enable or disable a reply rule by name.
+SELECT edm.enable_reply_rule(%s, %s)
+
+-- delete_reply_rule --
+-- Delete a reply rule by name.
+SELECT edm.delete_reply_rule(%s)
+
+-- match_reply_rule --
+-- The name of the rule edm.complete would apply to a reply (or NULL).
+SELECT r.name FROM edm.reply_rules r WHERE r.rule_id = edm.match_reply_rule(%s, %s, %s)
+
+-- site_suspensions --
+-- (service, site) suspensions with the rule and reply that set them; optionally one service, in force only.
+SELECT service_id, service_name, site, until, level, in_force, created_at, reason, rule_id,
+       rule_name, last_reply_at, last_code, last_reply
+FROM edm.site_suspension_status
+WHERE (%(service_id)s::bigint IS NULL OR service_id = %(service_id)s)
+  AND (NOT %(in_force)s OR in_force)
+ORDER BY service_id, site
+
+-- lift_site_suspension --
+-- End the suspension of a (service, site) pair now and forget its escalation level.
+SELECT edm.lift_site_suspension(%s, %s)
+
+-- shaping_actions --
+-- Latest reply-rule applications, newest first; optionally one service.
+SELECT action_id, at, rule_id, rule_name, service_id, site, subtask_id, action, until, level,
+       code, reply
+FROM edm.shaping_actions
+WHERE (%(service_id)s::bigint IS NULL OR service_id = %(service_id)s)
+ORDER BY at DESC, action_id DESC
+LIMIT %(limit)s

@@ -120,7 +120,8 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
            ("p_details", "text[]"), ("p_response_ms", "integer[]"),
            ("p_provider_ids", "text[]"), ("p_owner", "text"), ("v_now", "timestamptz"),
            ("v_n", "integer"), ("v_max_attempts", "integer"), ("v_retry_base", "integer"),
-           ("v_retry_max", "integer"), ("v_svc_base", "integer"), ("v_svc_max", "integer")),
+           ("v_retry_max", "integer"), ("v_svc_base", "integer"), ("v_svc_max", "integer"),
+           ("v_rule_ids", "bigint[]"), ("v_sites", "text[]")),
           ("subtasks_pkey", "tasks_pkey")),
 )
 
@@ -191,6 +192,8 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "v_horizon": "now() + interval '250 milliseconds'", "p_skip_services": "'{}'::bigint[]",
         "v_blocked": "'{}'::text[]", "v_tx_tried": "'{}'::bigint[]", "v_lsites": "'{}'::text[]",
         "c_slot": "ARRAY[now()]::timestamptz[]", "v_hold": "interval '2 seconds'",
+        # reply rules (0017): no rule matched, the common case
+        "v_rule_ids": "NULL::bigint[]", "v_sites": "NULL::text[]",
     }
 
 

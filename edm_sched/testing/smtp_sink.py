@@ -29,13 +29,24 @@ Misbehaviour on demand:
   first byte (port 465 style).
 * :meth:`SmtpSink.close_connections` closes every open client connection,
   as a server does to idle connections.
+* :class:`Throttle` is a ready-made ``rules`` that behaves like a throttling
+  mailbox provider: from a given time (or while switched on), RCPT TO for
+  recipients of chosen domains is answered with a throttling reply (by
+  default Gmail's ``421 4.7.28 ... rate limited``), optionally only every Nth
+  one; every other recipient is accepted. With ``log_refused=True`` the sink
+  also writes refused recipients to its log (with their ``code``; accepted
+  lines have ``code`` 250), so a run's whole conversation with the "provider"
+  can be recomputed from the file.
 
 As a separate process (used by chaos runs)::
 
     python -m edm_sched.testing.smtp_sink --port 0 --log received.jsonl
 
 prints the bound port on the first line of stdout, then runs until SIGTERM
-or SIGINT.
+or SIGINT. A throttle is set up with ``--throttle-domains gmail.com,googlemail.com``
+(plus ``--throttle-after SECONDS`` from start, ``--throttle-every N``,
+``--throttle-reply "421 4.7.28 ..."``, ``--throttle-off`` to start switched
+off), and SIGUSR1 switches it on and off; ``--log-refused`` logs refusals.
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -78,6 +89,12 @@ DROP_AFTER_DATA = "drop-after-data"
 """Recipient local part that makes the sink hang up after the body, without answering."""
 
 SERVICE_HEADER = "X-Edm-Service"
+
+THROTTLE_REPLY = (421, "4.7.28 [127.0.0.1] Our system has detected an unusual rate of "
+                       "unsolicited mail originating from your IP address. To protect our "
+                       "users from spam, mail sent from your IP address has been temporarily "
+                       "rate limited.")
+"""Gmail's throttling reply, the default of :class:`Throttle`."""
 
 _SERVER_NAME = "edm-sink.localhost"
 
@@ -222,6 +239,87 @@ class _Handler:
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
+class Throttle:
+    """A ``rules`` for :class:`SmtpSink` that throttles recipients of some domains.
+
+    ``Throttle(domains, reply=THROTTLE_REPLY, *, every=1, start_at=None, active=True)``
+    refuses a recipient (returns ``reply``, a ``(code, text)`` pair) when its
+    domain (after the last ``@``, case-insensitive) is one of ``domains``,
+    the throttle is on, and it is the 1st, (N+1)th, (2N+1)th... such recipient
+    seen while on (``every=N``; 1 refuses them all). Everything else is
+    accepted. The throttle is on when ``active`` and ``time.time() >=
+    start_at`` (``None``: at once). Thread-safe: switch it from any thread.
+
+    * :meth:`on` / :meth:`off` switch it; :meth:`start_after` turns it on
+      ``seconds`` from now (``start_at = time.time() + seconds``);
+    * :attr:`throttled` counts refusals, :attr:`seen` the recipients of the
+      throttled domains it looked at while on, :attr:`first_throttled_at`
+      is the ``time.time()`` of the first refusal (None before);
+    * ``fallback`` (another rule) decides for recipients it lets through.
+
+    The sink records each refusal in :attr:`SmtpSink.refused` (and in its log
+    with ``log_refused=True``) with the reply's code.
+    """
+
+    def __init__(self, domains: Iterable[str], reply: tuple[int, str] = THROTTLE_REPLY, *,
+                 every: int = 1, start_at: float | None = None, active: bool = True,
+                 fallback: Rule | None = None) -> None:
+        code, text = reply
+        if not 400 <= int(code) < 600 or "\r" in text or "\n" in text:
+            raise ValueError("reply must be a 4xx or 5xx code and a one-line text")
+        if every < 1:
+            raise ValueError("every must be at least 1")
+        self.domains = frozenset(d.strip().lower() for d in domains)
+        if not self.domains or "" in self.domains:
+            raise ValueError("give at least one domain")
+        self.reply = (int(code), text)
+        self.every = every
+        self.start_at = start_at
+        self.active = active
+        self.fallback = fallback
+        self.throttled = 0
+        self.seen = 0
+        self.first_throttled_at: float | None = None
+        self._lock = threading.Lock()
+
+    def on(self) -> None:
+        """Throttle from now on (clears a ``start_at`` still in the future)."""
+        with self._lock:
+            self.active = True
+            if self.start_at is not None and self.start_at > time.time():
+                self.start_at = None
+
+    def off(self) -> None:
+        """Stop throttling (accept every recipient) until :meth:`on`."""
+        with self._lock:
+            self.active = False
+
+    def start_after(self, seconds: float) -> None:
+        """Throttle from ``seconds`` from now."""
+        with self._lock:
+            self.active = True
+            self.start_at = time.time() + seconds
+
+    @property
+    def is_on(self) -> bool:
+        with self._lock:
+            return self.active and (self.start_at is None or time.time() >= self.start_at)
+
+    def __call__(self, recipient: str) -> tuple[int, str] | None:
+        domain = recipient.strip("<>").rpartition("@")[2].lower()
+        if domain in self.domains and self.is_on:
+            with self._lock:
+                self.seen += 1
+                refuse = (self.seen - 1) % self.every == 0
+                if refuse:
+                    self.throttled += 1
+                    if self.first_throttled_at is None:
+                        self.first_throttled_at = time.time()
+            if refuse:
+                return self.reply
+        return None if self.fallback is None else self.fallback(recipient)
+
+
 async def _hang_up(server: Any) -> None:
     """Close the client connection without a reply; never returns normally."""
     if server.transport is not None:
@@ -252,6 +350,7 @@ class SmtpSink:
         require_tls: bool = False,
         idle_timeout: float = 300.0,
         keep_data: bool = True,
+        log_refused: bool = False,
     ) -> None:
         if refuse_at not in ("rcpt", "data"):
             raise ValueError("refuse_at must be 'rcpt' or 'data'")
@@ -263,6 +362,7 @@ class SmtpSink:
         self.rules = rules
         self.refuse_at = refuse_at
         self.keep_data = keep_data
+        self.log_refused = log_refused
         self._credentials = dict(credentials) if credentials is not None else None
         self._tls_context = tls_context
         self._implicit_tls = implicit_tls
@@ -444,6 +544,10 @@ class SmtpSink:
             for recipient in recipients
         ]
         with self._lock:
+            if self.log_refused and self._log_file is not None:
+                for row in rows:
+                    self._log_file.write(row.to_json() + "\n")
+                self._log_file.flush()
             self._refused.extend(rows)
 
     def _record(self, sender: str | None, recipients: Sequence[str], data: bytes,
@@ -487,17 +591,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--log", type=Path, default=None, help="append received messages here")
     parser.add_argument("--idle-timeout", type=float, default=300.0)
+    parser.add_argument("--log-refused", action="store_true",
+                        help="also log refused recipients (with their code)")
+    parser.add_argument("--throttle-domains", default=None,
+                        help="comma-separated domains whose recipients get the throttle reply")
+    parser.add_argument("--throttle-reply", default=None,
+                        help='the reply, e.g. "421 4.7.28 rate limited" (default: Gmail\'s)')
+    parser.add_argument("--throttle-after", type=float, default=0.0,
+                        help="seconds after start before throttling begins")
+    parser.add_argument("--throttle-every", type=int, default=1,
+                        help="refuse only every Nth recipient of those domains")
+    parser.add_argument("--throttle-off", action="store_true",
+                        help="start with the throttle off (SIGUSR1 switches it)")
     args = parser.parse_args(argv)
+    throttle: Throttle | None = None
+    if args.throttle_domains:
+        reply = THROTTLE_REPLY
+        if args.throttle_reply:
+            code, _, text = args.throttle_reply.strip().partition(" ")
+            if not code.isdigit():
+                parser.error("--throttle-reply must start with a 3-digit code")
+            reply = (int(code), text)
+        throttle = Throttle(args.throttle_domains.split(","), reply,
+                            every=args.throttle_every, active=not args.throttle_off)
+        if args.throttle_after > 0:
+            throttle.start_at = time.time() + args.throttle_after
 
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    def on_usr1(signum: int, frame: FrameType | None) -> None:
+        if throttle is not None:
+            if throttle.is_on:
+                throttle.off()
+            else:
+                throttle.on()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, on_usr1)
     sink = SmtpSink(
-        args.host, args.port, log_path=args.log, idle_timeout=args.idle_timeout, keep_data=False
+        args.host, args.port, log_path=args.log, rules=throttle, idle_timeout=args.idle_timeout,
+        keep_data=False, log_refused=args.log_refused,
     )
     sink.start()
     try:

@@ -22,6 +22,13 @@ event loop). It never raises for a provider's answer: it returns a
   message (the final dot never left) is ``TRANSIENT`` instead: nothing could
   have been accepted.
 
+Whatever the outcome, ``code`` (the SMTP reply code) and ``detail`` (the
+reply, e.g. ``"RCPT TO: 421 4.7.28 ..."``, enhanced status code included) and,
+for a non-SMTP transport, ``error_code`` (``"http:429"``, ``"ses:Throttling"``)
+reach ``edm.complete``, where reply rules (``edm.reply_rules``, see
+:mod:`edm_sched.reply_rules`) may turn a throttling answer into a suspension
+of the (service, site) pair instead of a failure.
+
 An exception escaping ``send`` is treated by the dispatcher as ``TRANSIENT``
 with the exception text as detail, so a buggy transport never leaves a
 subtask leased forever.
@@ -59,6 +66,11 @@ class SendResult:
     detail: str | None = None
     provider_id: str | None = None
     response_ms: int | None = None
+    # A non-SMTP transport's error code, "kind:code" (e.g. "http:429",
+    # "ses:Throttling"): reply rules (edm.reply_rules) match on it. An SMTP
+    # transport leaves it None: its code and detail ("RCPT TO: 421 4.7.28 ...")
+    # carry everything.
+    error_code: str | None = None
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class Both:
 
 RAN: set[tuple[str, str]] = set()
 COVERING = {"test_users_services_contacts", "test_tasks", "test_jobs_and_monitoring",
-            "test_sites_and_warmup", "test_traffic_shaping"}
+            "test_sites_and_warmup", "test_traffic_shaping", "test_reply_rules_and_suspensions"}
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -264,6 +264,41 @@ def test_traffic_shaping(api: Both) -> None:
     assert api.set_task_transactional(sent.task_id, False) is False
     rows = api.shaping_limits()
     assert sorted(r.scope for r in rows) == ["global", "service_site", "site", "task", "user"]
+
+
+def test_reply_rules_and_suspensions(api: Both, conn: psycopg.Connection[Any]) -> None:
+    shipped = api.reply_rules()
+    assert any(r.name == "gmail-4.7.28-rate" and r.source == "shipped" for r in shipped)
+    rid = api.set_reply_rule({"name": "slow-down", "action": "suspend_site", "smtp_code": 421,
+                              "pattern": "slow down", "priority": 1, "duration_seconds": 60,
+                              "escalation_factor": 2, "max_duration_seconds": 600})
+    assert api.reply_rules()[0].rule_id == rid
+    api.disable_reply_rule("slow-down")
+    assert not next(r for r in api.reply_rules() if r.name == "slow-down").enabled
+    api.enable_reply_rule("slow-down")
+    with pytest.raises(errors.InvalidInput):
+        api.set_reply_rule({"name": "bad", "action": "retry", "smtp_code": 421})  # no duration
+    with pytest.raises(errors.InvalidInput):  # Python accepts it; PostgreSQL's regex does not
+        api.set_reply_rule({"name": "bad", "action": "bounce", "pattern": "(unclosed"})
+    api.upsert_user("u1")
+    sid = api.create_service({"name": "s1", "from_addresses": ["s1@x.example"],
+                              "interval_seconds": 0, "daily_quota": 10, "transport": "null"})
+    api.grant(sid, "u1")
+    api.create_task({"user_id": "u1", "name": "t", "templates": [TEMPLATE],
+                     "recipients": [{"email": "a@gmail.com"}]})
+    (st,) = conn.execute("SELECT subtask_id FROM edm.claim('d1', 1)").fetchone() or (None,)
+    conn.execute("SELECT edm.complete('d1', %s, '{service}', '{421}', '{RCPT TO: 421 slow down}')",
+                 ([st],))
+    (sus,) = api.suspensions(sid, in_force=True)
+    assert (sus.site, sus.level, sus.rule_name, sus.last_code) == ("google", 1, "slow-down", 421)
+    (action,) = api.shaping_actions(sid)
+    assert (action.subtask_id, action.action, action.reply) == (
+        st, "suspend_site", "RCPT TO: 421 slow down")
+    assert api.lift_suspension(sid, "google") is True
+    assert api.suspensions(sid) == []
+    api.delete_reply_rule("slow-down")
+    with pytest.raises(errors.NotFound):
+        api.delete_reply_rule("slow-down")
 
 
 def test_every_method_ran_both_ways() -> None:
