@@ -40,8 +40,12 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('17', 'reply_rules', '0ff4a31e4d31a1cd2dcb0fb114864782f066c336d72c7132fe988d262ed26b7d'),
+  ('16', 'shaping', '6f7d224e15d1a639adebda102e97c9d2ed9b78f7dd474c17c20c15f639c45d0d'),
+  ('17', 'reply_rules', '24b2eb33dec470a717654b2c71f61f6631446a05509a9cad802ada1b00509c43'),
+  ('18', 'warmup', '275aeeec644736af0dcad761778ead637a14d059eabc5766c4967d508bb38e70'),
+  ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
+  ('20', 'wire_pacing', '57f74abbb152c96ec804424e8b231ac833d85ef0441d100d8c4e91f4cb2868d7'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -379,6 +383,7 @@ INSERT INTO edm.config (key, value, default_value, category, value_type, min_val
   ('queue.slot_lead_ms', '100', '100', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'A paced service (an interval or an extra limit) claimed while idle gets its first slot this long after the claim (at most the lookahead), so the dispatcher has rendered the message and opened the connection by then: a first slot already past when the claim reaches the dispatcher makes its send late and the next one closer than the interval on the wire.', NULL),
   ('queue.slot_lookahead_ms', '250', '250', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'How long before its slot a send may be claimed: the dispatcher renders the message and opens the connection meanwhile, and starts the SMTP transaction at the slot.', NULL),
   ('queue.small_pool_grantees', '100', '100', 'queue', 'integer', '0', '10000', NULL, 'users', 'A service granted to at most this many users finds its next user from its own grants; a larger one from the head of the user rotation. Changes speed only, never which user is chosen.', NULL),
+  ('queue.transactional_share', '0.8', '0.8', 'queue', 'number', '0', '1', NULL, 'fraction', 'The most of a service''s slots transactional tasks may take ahead of bulk work while bulk work waits for that service (0.8: at most 4 transactional slots in a row, then a bulk one). 1 lets transactional work take every slot; 0 claims it in the fair rotation like bulk work.', NULL),
   ('reputation.bounce_pause_pct', '5', '5', 'reputation', 'number', '0', '100', NULL, 'percent', 'Hard-bounce rate that pauses the user''s bulk tasks or disables the service.', NULL),
   ('reputation.bounce_warn_pct', '2', '2', 'reputation', 'number', '0', '100', NULL, 'percent', 'Hard-bounce rate (hard bounces / sends) that raises a warning alert.', NULL),
   ('reputation.check_interval', '60', '60', 'reputation', 'integer', '5', '3600', NULL, 'seconds', 'Least time between two runs of the breaker (it runs from the sweeps).', NULL),
@@ -460,6 +465,7 @@ CREATE TABLE edm.users (
   created_at timestamp with time zone DEFAULT now() NOT NULL,
   paused_reason text,
   reputation_since timestamp with time zone,
+  has_limits boolean DEFAULT false NOT NULL,
   CONSTRAINT users_pkey PRIMARY KEY (user_id),
   CONSTRAINT users_claimable_tasks_check CHECK ((claimable_tasks >= 0)),
   CONSTRAINT users_display_name_check CHECK ((length(display_name) <= 200)),
@@ -479,6 +485,9 @@ COMMENT ON COLUMN edm.users.last_served_at IS 'Time of this user''s latest claim
 COMMENT ON COLUMN edm.users.created_at IS 'When the user was first seen.';
 COMMENT ON COLUMN edm.users.paused_reason IS 'Why the reputation breaker paused this user''s bulk tasks, NULL otherwise; while set, the user''s bulk tasks do not start. Cleared by edm.reputation_resume_user.';
 COMMENT ON COLUMN edm.users.reputation_since IS 'Start of the user''s reputation window after a resume: events before it no longer count.';
+COMMENT ON COLUMN edm.users.has_limits IS 'True when edm.shaping_limits has user-scope rows for this user (kept by a trigger); the claim reads them only then.';
+CREATE INDEX users_limited_idx ON edm.users USING btree (user_id) WHERE has_limits;
+COMMENT ON INDEX edm.users_limited_idx IS 'Users with user limits: one probe tells the claim whether the layer is in use.';
 CREATE INDEX users_rotation_idx ON edm.users USING btree (last_served_seq, user_id) WHERE (claimable_tasks > 0);
 COMMENT ON INDEX edm.users_rotation_idx IS 'Fair rotation: users with claimable work, least recently served first.';
 
@@ -535,6 +544,7 @@ END) STORED NOT NULL,
   has_limits boolean DEFAULT false NOT NULL,
   paused_reason text,
   reputation_since timestamp with time zone,
+  tx_run integer DEFAULT 0 NOT NULL,
   CONSTRAINT services_pkey PRIMARY KEY (service_id),
   CONSTRAINT services_name_key UNIQUE (name),
   CONSTRAINT services_consecutive_failures_check CHECK ((consecutive_failures >= 0)),
@@ -548,7 +558,8 @@ END) STORED NOT NULL,
   CONSTRAINT services_quota_tz_check CHECK (edm.is_valid_timezone(quota_tz)),
   CONSTRAINT services_sent_today_check CHECK ((sent_today >= 0)),
   CONSTRAINT services_settings_check CHECK (((jsonb_typeof(settings) = 'object'::text) AND (NOT (settings ?| ARRAY['password'::text, 'secret'::text, 'api_key'::text, 'token'::text, 'passwd'::text])))),
-  CONSTRAINT services_transport_check CHECK ((transport ~ '^[a-z][a-z0-9_]{0,31}$'::text))
+  CONSTRAINT services_transport_check CHECK ((transport ~ '^[a-z][a-z0-9_]{0,31}$'::text)),
+  CONSTRAINT services_tx_run_check CHECK ((tx_run >= 0))
 );
 COMMENT ON TABLE edm.services IS 'Sending accounts (SMTP logins or ESP API keys). Readiness = enabled AND next_available_at <= now; see edm.service_is_ready().';
 COMMENT ON COLUMN edm.services.service_id IS 'Surrogate id.';
@@ -581,6 +592,7 @@ COMMENT ON COLUMN edm.services.held_until IS 'End of the hold: queue.service_hol
 COMMENT ON COLUMN edm.services.has_limits IS 'True when edm.service_limits has rows for this service (kept by a trigger); the claim reads them only then.';
 COMMENT ON COLUMN edm.services.paused_reason IS 'Why the reputation breaker disabled the service (enabled = false), NULL otherwise. Cleared by edm.reputation_resume_service.';
 COMMENT ON COLUMN edm.services.reputation_since IS 'Start of the service''s reputation window after a resume: events before it no longer count.';
+COMMENT ON COLUMN edm.services.tx_run IS 'Transactional slots the service gave ahead of bulk work in a row (reset by a slot given in the fair rotation); with queue.transactional_share it decides when bulk work gets the next slot.';
 CREATE INDEX services_ready_idx ON edm.services USING btree (next_available_at) WHERE enabled;
 COMMENT ON INDEX edm.services_ready_idx IS 'Ready services: enabled ones by the time they become available.';
 
@@ -1032,6 +1044,8 @@ CREATE TABLE edm.tasks (
   created_at timestamp with time zone DEFAULT now() NOT NULL,
   updated_at timestamp with time zone DEFAULT now() NOT NULL,
   pause_reason text,
+  transactional boolean DEFAULT false NOT NULL,
+  has_limits boolean DEFAULT false NOT NULL,
   CONSTRAINT tasks_pkey PRIMARY KEY (task_id),
   CONSTRAINT tasks_user_id_fkey FOREIGN KEY (user_id) REFERENCES edm.users(user_id),
   CONSTRAINT tasks_cancelled_count_check CHECK ((cancelled_count >= 0)),
@@ -1077,10 +1091,16 @@ COMMENT ON COLUMN edm.tasks.error IS 'Why the task failed, when it did.';
 COMMENT ON COLUMN edm.tasks.created_at IS 'When the task was created.';
 COMMENT ON COLUMN edm.tasks.updated_at IS 'When the task''s status or settings last changed.';
 COMMENT ON COLUMN edm.tasks.pause_reason IS 'Why edm-sched paused the task (the reputation breaker), NULL for a pause by the host. Resuming the user resumes exactly these.';
+COMMENT ON COLUMN edm.tasks.transactional IS 'Transactional lane: claimed ahead of bulk work on the services its user may use, within queue.transactional_share of a service''s slots while bulk work waits. Set at creation or by edm.set_task_transactional.';
+COMMENT ON COLUMN edm.tasks.has_limits IS 'True when edm.shaping_limits has task-scope rows for this task (kept by a trigger); the claim reads them only then.';
 CREATE INDEX tasks_due_idx ON edm.tasks USING btree (scheduled_at) WHERE (status = 'scheduled'::text);
 COMMENT ON INDEX edm.tasks_due_idx IS 'Scheduled tasks by start time (promotion to sending, wake-up time).';
+CREATE INDEX tasks_limited_idx ON edm.tasks USING btree (task_id) WHERE (has_limits AND claimable);
+COMMENT ON INDEX edm.tasks_limited_idx IS 'Claimable tasks with task limits: one probe tells the claim whether the layer is in use.';
 CREATE INDEX tasks_rotation_idx ON edm.tasks USING btree (user_id, priority DESC, last_served_seq, task_id) WHERE claimable;
 COMMENT ON INDEX edm.tasks_rotation_idx IS 'Rotation among one user''s claimable tasks: priority, then least recently served.';
+CREATE INDEX tasks_transactional_idx ON edm.tasks USING btree (last_served_seq, task_id) WHERE (transactional AND claimable);
+COMMENT ON INDEX edm.tasks_transactional_idx IS 'Claimable transactional tasks, least recently served first: the transactional lane of the claim (empty when the lane is unused).';
 CREATE INDEX tasks_user_idx ON edm.tasks USING btree (user_id, task_id);
 COMMENT ON INDEX edm.tasks_user_idx IS 'A user''s tasks (host API listing).';
 
@@ -1352,8 +1372,8 @@ BEGIN
   UPDATE edm.tasks t SET total_count = v_n, pending_count = v_n, quota_reserved = v_n
   WHERE t.task_id = v_task;
   IF v_n = 0 THEN
+    -- nothing to send: started, and completed at once by trigger tasks_when_drained
     UPDATE edm.tasks t SET status = 'sending' WHERE t.task_id = v_task;
-    UPDATE edm.tasks t SET status = 'completed' WHERE t.task_id = v_task;
   END IF;
   RETURN QUERY SELECT v_task, v_n, v_invalid, v_dups, v_supp;
 END;
@@ -1477,8 +1497,8 @@ BEGIN
                           status = 'scheduled'
   WHERE tk.task_id = p_task_id;
   IF (SELECT tk.total_count FROM edm.tasks tk WHERE tk.task_id = p_task_id) = 0 THEN
+    -- nothing to send: started, and completed at once by trigger tasks_when_drained
     UPDATE edm.tasks tk SET status = 'sending' WHERE tk.task_id = p_task_id;
-    UPDATE edm.tasks tk SET status = 'completed' WHERE tk.task_id = p_task_id;
   END IF;
   RETURN QUERY SELECT v_added, true;
 END;
@@ -1546,11 +1566,9 @@ BEGIN
     RAISE EXCEPTION 'cannot resume task % in status %', p_task_id, t.status USING ERRCODE = 'ED003';
   END IF;
   v_status := CASE WHEN t.scheduled_at > coalesce(p_now, now()) THEN 'scheduled' ELSE 'sending' END;
-  UPDATE edm.tasks tk SET status = v_status WHERE tk.task_id = p_task_id;
-  IF v_status = 'sending' AND t.pending_count = 0 AND t.leased_count = 0 THEN
-    UPDATE edm.tasks tk SET status = 'completed' WHERE tk.task_id = p_task_id;
-    v_status := 'completed';
-  END IF;
+  -- a drained task resumed to sending comes back completed (trigger tasks_when_drained)
+  UPDATE edm.tasks tk SET status = v_status WHERE tk.task_id = p_task_id
+  RETURNING tk.status INTO v_status;
   RETURN v_status;
 END;
 $function$;
@@ -1675,6 +1693,30 @@ $function$;
 COMMENT ON FUNCTION edm.start_due_tasks(timestamp with time zone) IS 'Moves scheduled tasks whose scheduled_at has come to sending. Called at the start of every claim; returns how many started.';
 REVOKE ALL ON FUNCTION edm.start_due_tasks(timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.task_drained(p_status text, p_pending integer, p_leased integer)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ((p_status = 'sending'::text) AND (p_pending = 0) AND (p_leased = 0));
+COMMENT ON FUNCTION edm.task_drained(text,integer,integer) IS 'The rule of task completion, in one place: a task that is sending with nothing pending and nothing leased is drained, and trigger tasks_when_drained makes it completed.';
+REVOKE ALL ON FUNCTION edm.task_drained(text,integer,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.tasks_complete_drained()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  NEW.status := 'completed';
+  NEW.prev_status := 'sending';  -- it passed through sending, if only within this statement
+  NEW.started_at := coalesce(NEW.started_at, now());
+  NEW.finished_at := coalesce(NEW.finished_at, now());
+  NEW.updated_at := now();
+  RETURN NEW;
+END;
+$function$;
+COMMENT ON FUNCTION edm.tasks_complete_drained() IS 'Trigger: completes a drained task (edm.task_drained) in the row being written: status completed after sending, started_at and finished_at stamped (a finished_at given by the statement is kept).';
+REVOKE ALL ON FUNCTION edm.tasks_complete_drained() FROM PUBLIC;
+
 CREATE TRIGGER tasks_track_status_ins BEFORE INSERT ON edm.tasks FOR EACH ROW EXECUTE FUNCTION edm.tasks_track_status();
 
 CREATE TRIGGER tasks_track_status_upd BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION edm.tasks_track_status();
@@ -1726,6 +1768,9 @@ REVOKE ALL ON FUNCTION edm.tasks_reputation_hold() FROM PUBLIC;
 -- ==========================================================================
 
 CREATE TRIGGER tasks_reputation_hold BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN (((new.status = 'sending'::text) AND (old.status = ANY (ARRAY['scheduled'::text, 'paused'::text])))) EXECUTE FUNCTION edm.tasks_reputation_hold();
+
+CREATE TRIGGER tasks_when_drained BEFORE UPDATE ON edm.tasks FOR EACH ROW WHEN (edm.task_drained(new.status, new.pending_count, new.leased_count)) EXECUTE FUNCTION edm.tasks_complete_drained();
+COMMENT ON TRIGGER tasks_when_drained ON edm.tasks IS 'One place for "a drained task is completed": every update that leaves a task sending with nothing pending or leased completes it.';
 
 -- ==========================================================================
 -- Readiness and quotas
@@ -1870,6 +1915,45 @@ DECLARE
   b_task  bigint[];
   b_sub   bigint[];
   i       integer;
+  -- shaping (0016): which layers are in use at all (one probe each, per call)
+  v_global   boolean;
+  v_site_lim boolean;
+  v_user_lim boolean;
+  v_task_lim boolean;
+  v_tx       boolean;
+  v_susp_any boolean;
+  v_tx_max   integer;  -- transactional slots in a row a service may give while bulk waits
+  -- ...for the current service
+  v_susp     text[];   -- its suspended sites
+  v_lsites   text[];   -- sites with limits that apply to it
+  v_shaped   boolean;  -- anything beyond 0014's rules to check
+  v_tx_run   integer;
+  -- ...for the current slot
+  v_skip_call text[] := '{}';  -- users skipped for the whole call (v_skip adds this slot's)
+  v_blocked  text[];   -- sites this slot may not go to
+  v_ok_sites text[];   -- sites found with headroom at this slot
+  v_site     text;
+  v_free     timestamptz;
+  v_keys     text[];
+  v_fixed    bigint;   -- the transactional task chosen for this slot
+  v_tx_tried bigint[];
+  v_tx_slot  boolean;  -- this slot may still go to transactional work ahead of the rotation
+  v_stop     boolean := false;
+  -- (a recipient's site is read as edm.site_of does, written out: a SQL
+  -- function holding a sub-select is not inlined, and a call of it is planned
+  -- again in every execution of the statement; the domain is computed once
+  -- (OFFSET 0), not once per row of the small edm.site_domains a plan scans)
+  -- The shaping limits this call uses, read once (locked, or guarded by
+  -- the user / task row lock), counted here and written back once at the
+  -- end: nobody else may change them meanwhile.
+  m_keys     text[] := '{}';   -- scope_key of each limit read
+  m_lims     edm.service_limits[] := '{}';
+  m_dirty    boolean[] := '{}';
+  m_seen     text[] := '{}';   -- scopes read (with or without limits)
+  m_held     text[] := '{}';   -- scopes with a limit locked by another transaction
+  v_nk       text[];
+  v_nl       edm.service_limits[];
+  v_nh       text[];
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -1892,13 +1976,9 @@ BEGIN
   END IF;
   v_lease := make_interval(secs => coalesce(p_lease_seconds,
                                             edm.config_int('queue.service_reservation_timeout')));
-  -- A service whose next slot comes within the lookahead may be claimed now:
-  -- the dispatcher prepares the message and the connection, then starts the
-  -- send at the slot.
+  -- A service whose next slot comes within the lookahead may be claimed now.
   v_horizon := v_now + coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms'))
                        * interval '1 millisecond';
-  -- The lead is counted from the server's clock as the claim runs (its own
-  -- statements take time), or from p_now when the caller sets the clock.
   v_lead_at := CASE WHEN p_now IS NULL THEN clock_timestamp() ELSE v_now END
                + least(coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms')),
                        edm.config_int('queue.slot_lead_ms')) * interval '1 millisecond';
@@ -1907,11 +1987,23 @@ BEGIN
     RETURN;
   END IF;
 
+  -- Which shaping layers are in use (0016): each an index probe, empty when
+  -- unused; with none, everything below runs as in 0014.
+  SELECT EXISTS (SELECT 1 FROM edm.shaping_limits l WHERE l.scope = 'global'),
+         EXISTS (SELECT 1 FROM edm.shaping_limits l WHERE l.scope IN ('site', 'service_site')),
+         EXISTS (SELECT 1 FROM edm.users u WHERE u.has_limits),
+         EXISTS (SELECT 1 FROM edm.tasks t WHERE t.has_limits AND t.claimable),
+         EXISTS (SELECT 1 FROM edm.tasks t WHERE t.transactional AND t.claimable),
+         EXISTS (SELECT 1 FROM edm.site_suspensions x WHERE x.until > v_now)
+  INTO v_global, v_site_lim, v_user_lim, v_task_lim, v_tx, v_susp_any;
+  IF v_tx THEN
+    -- share s: at most s / (1 - s) transactional slots in a row, then one in the rotation
+    v_tx_max := (SELECT CASE WHEN x.s >= 1 THEN 2147483647 ELSE floor(x.s / (1 - x.s))::integer END
+                 FROM (SELECT coalesce(edm.config_num('queue.transactional_share'), 0.8)::numeric AS s) x);
+  END IF;
+
   -- The head of the rotation, read once per call: the next users in line
   -- (least recently served first) with claimable work, locked for this call.
-  -- Each service below takes the first of them it may serve; only when none
-  -- fits (dedicated services, or all of them served already) does it fall
-  -- back to walking the rotation index itself.
   v_cands := ARRAY(
     SELECT u.user_id FROM edm.users u
     WHERE u.claimable_tasks > 0
@@ -1923,7 +2015,7 @@ BEGIN
   -- not held by another dispatcher, not one the caller has no room for),
   -- least used quota first.
   FOR v_svc IN
-    SELECT s.service_id, s.quota_tz, s.interval_ms, s.daily_quota, s.has_limits,
+    SELECT s.service_id, s.quota_tz, s.interval_ms, s.daily_quota, s.has_limits, s.tx_run,
            s.next_available_at, edm.service_sent_today(s, v_now) AS sent_today
     FROM edm.services s
     WHERE s.enabled
@@ -1936,50 +2028,43 @@ BEGIN
     FOR UPDATE OF s SKIP LOCKED
   LOOP
     v_sub := NULL;
-    -- The service's first slot: now, or its next available instant.
     v_slot := greatest(v_now, v_svc.next_available_at);
-    -- ...no earlier than the lead for a paced service that was idle (see
-    -- queue.slot_lead_ms): the dispatcher cannot start it sooner.
     IF (v_svc.interval_ms > 0 OR v_svc.has_limits) AND v_slot < v_lead_at THEN
       v_slot := v_lead_at;
     END IF;
     v_k := 0;
-    -- A small pool (a dedicated service, a group's few accounts) is looked up
-    -- from its own grants; a large one from the head of the global rotation,
-    -- where nearly every user has a grant. Both find the same user. A pool is
-    -- small when it has no grant past the first queue.small_pool_grantees (an
-    -- index-only probe of a leaf page or two): a test that cannot go stale,
-    -- unlike a count kept by triggers (bulk loads and replicas run without).
-    -- Every lookup leaves out users with a ready service on a higher-priority
-    -- grant (grant tiers; a service claimed earlier in this call is busy
-    -- unless it has no interval). That check reads the user's few
-    -- higher-priority grants and each one's service by primary key, in a
-    -- scalar subquery: as a join, a generic plan may instead walk every ready
-    -- service per candidate (2 ms a lookup on a freshly loaded 1,000-service
-    -- world, found by python -m benchmarks claimprofile).
+    -- Shaping of this service: its suspended sites and the sites whose limits apply to it.
+    v_susp := '{}';
+    v_lsites := '{}';
+    -- (statements written out here, not calls of SQL functions holding
+    -- queries: those are planned again on every call)
+    IF v_susp_any THEN
+      v_susp := ARRAY(SELECT x.site FROM edm.site_suspensions x
+                      WHERE x.service_id = v_svc.service_id AND x.until > v_now);
+    END IF;
+    IF v_site_lim THEN
+      v_lsites := ARRAY(SELECT DISTINCT l.site FROM edm.shaping_limits l
+                        WHERE l.scope = 'site'
+                           OR (l.scope = 'service_site' AND l.service_id = v_svc.service_id));
+    END IF;
+    v_shaped := v_global OR v_user_lim OR v_task_lim OR v_tx
+                OR cardinality(v_susp) > 0 OR cardinality(v_lsites) > 0;
+    v_tx_run := v_svc.tx_run;
+    v_skip := v_skip_call;
     v_pool := NULL;
     IF NOT EXISTS (SELECT 1 FROM edm.grants g WHERE g.service_id = v_svc.service_id
                    OFFSET v_small) THEN
-      -- The pool's users with work, in rotation order. Read by primary key
-      -- (= ANY): walking users_rotation_idx for the few users of a pool, what
-      -- a planner may pick for an ORDER BY on it, costs O(users).
       v_pool := ARRAY(SELECT g.user_id FROM edm.grants g WHERE g.service_id = v_svc.service_id);
       v_pool := ARRAY(SELECT u.user_id FROM edm.users u
                       WHERE u.user_id = ANY (v_pool) AND u.claimable_tasks > 0
                       ORDER BY u.last_served_seq, u.user_id);
     END IF;
-    -- Batched fill (0014): a service without extra limits whose next slots
-    -- within the horizon are known in advance (all at v_slot when it has no
-    -- interval, one interval apart otherwise) takes them in ONE statement:
-    -- the next v_want users of the list below (the pool in rotation order,
-    -- or the locked rotation head) who may use it, in that order, each with
-    -- its best task and that task's due retry or else its lowest pending
-    -- subtask. These are the lookups of the loop below, made for several
-    -- users at once; the longest prefix of users who each got a subtask is
-    -- exactly what the loop would have chosen slot by slot. What is left (a
-    -- user whose best task had nothing claimable, the walk past the head,
-    -- the wrap-around to users served in this call) is the loop's.
-    IF NOT v_svc.has_limits THEN
+    -- Batched fill (0014), for a service no limit shapes: no extra limit, no
+    -- limited site, no user, task or global limit in use, no transactional
+    -- work. Its suspended sites (fixed for the call) are left out as below.
+    v_blocked := v_susp;
+    IF NOT v_svc.has_limits
+       AND NOT (v_global OR v_user_lim OR v_task_lim OR v_tx OR cardinality(v_lsites) > 0) THEN
       v_want := least(p_per_service, p_batch - cardinality(c_sub),
                       v_svc.daily_quota - v_svc.sent_today,
                       CASE WHEN v_svc.interval_ms > 0
@@ -2003,11 +2088,7 @@ BEGIN
                   AND NOT EXISTS (
                     SELECT 1 FROM edm.grants g2
                     WHERE g2.user_id = c.user_id AND g2.priority > g.priority
-                      AND (SELECT s2.enabled AND s2.next_available_at <= v_horizon
-                                   AND edm.service_sent_today(s2, v_now) < s2.daily_quota
-                                   AND (s2.service_id <> ALL (c_svc)
-                                        OR (s2.interval_ms = 0
-                                            AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                      AND (SELECT edm.service_free_for_tier(s2, v_horizon, v_now, c_svc)
                            FROM edm.services s2 WHERE s2.service_id = g2.service_id))
                 LIMIT 1)
               -- a pool's users are not locked yet: one locked by another
@@ -2030,6 +2111,10 @@ BEGIN
             WHERE bs0.task_id = bt.task_id AND bs0.status = 'pending'
               AND bs0.not_before > '-infinity' AND bs0.not_before <= v_now
               AND bs0.subtask_id <> ALL (c_sub)
+              AND (cardinality(v_blocked) = 0
+                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(bs0.email) AS d OFFSET 0) e
+                                JOIN edm.site_domains sd ON sd.domain = e.d), '')
+                      <> ALL (v_blocked))
             ORDER BY bs0.not_before, bs0.subtask_id
             LIMIT 1
             FOR UPDATE OF bs0 SKIP LOCKED) br ON true
@@ -2040,6 +2125,10 @@ BEGIN
               AND bs1.task_id = bt.task_id AND bs1.status = 'pending'
               AND bs1.not_before = '-infinity'
               AND bs1.subtask_id <> ALL (c_sub)
+              AND (cardinality(v_blocked) = 0
+                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(bs1.email) AS d OFFSET 0) e
+                                JOIN edm.site_domains sd ON sd.domain = e.d), '')
+                      <> ALL (v_blocked))
             ORDER BY bs1.not_before, bs1.subtask_id
             LIMIT 1
             FOR UPDATE OF bs1 SKIP LOCKED) bf ON true) b;
@@ -2057,9 +2146,8 @@ BEGIN
         END LOOP;
       END IF;
     END IF;
-    -- One iteration per slot: a service whose limits allow several sends
-    -- within the horizon (a burst, or no interval) takes up to p_per_service,
-    -- each to the next user in the fair order (r_users rotates).
+    -- One iteration per slot: each to the next user in the fair order
+    -- (r_users rotates), or ahead of it to transactional work (0016).
     <<slots>>
     LOOP
     EXIT slots WHEN v_k >= p_per_service OR cardinality(c_sub) >= p_batch;
@@ -2075,13 +2163,70 @@ BEGIN
       EXIT slots;
     END IF;
     EXIT slots WHEN v_svc.sent_today + v_k >= v_svc.daily_quota;
+    -- The global limit delays the slot; past the horizon (or held by another
+    -- claim) it ends this claim.
+    IF v_global THEN
+      v_keys := ARRAY[edm.shaping_key('global', NULL, NULL, NULL, NULL)];
+      IF NOT v_keys <@ m_seen THEN
+        SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
+        FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
+        m_keys := m_keys || coalesce(v_nk, '{}');
+        m_lims := m_lims || coalesce(v_nl, '{}');
+        m_dirty := m_dirty || array_fill(false, ARRAY[coalesce(cardinality(v_nk), 0)]);
+        m_held := m_held || coalesce(v_nh, '{}');
+        m_seen := m_seen || v_keys;
+      END IF;
+      v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
+      IF v_free > v_horizon THEN
+        v_stop := true;
+        EXIT slots;
+      END IF;
+      v_slot := v_free;
+    END IF;
+    -- Users found without work at this slot only (site or user limits, which
+    -- free later or on another service) are skipped for this slot alone.
+    v_skip := v_skip_call;
+    v_blocked := v_susp;
+    v_ok_sites := '{}';
+    v_tx_tried := '{}';
+    v_tx_slot := v_tx AND v_tx_run < v_tx_max;
     LOOP
       v_user := NULL;
+      v_fixed := NULL;
+      -- Transactional lane (0016): the least recently served transactional
+      -- task whose user may use this service, ahead of the rotation, while
+      -- the service's run of such slots stays within the share.
+      IF v_tx_slot THEN
+        SELECT t.task_id, t.user_id INTO v_fixed, v_user
+        FROM edm.tasks t
+        WHERE t.transactional AND t.claimable
+          AND t.task_id <> ALL (v_tx_tried) AND t.user_id <> ALL (v_skip)
+          AND (
+            SELECT true FROM edm.grants g
+            WHERE g.service_id = v_svc.service_id AND g.user_id = t.user_id
+              AND NOT EXISTS (
+                SELECT 1 FROM edm.grants g2
+                WHERE g2.user_id = t.user_id AND g2.priority > g.priority
+                  AND (SELECT edm.service_free_for_tier(s2, v_horizon, v_now, c_svc)
+                       FROM edm.services s2 WHERE s2.service_id = g2.service_id))
+            LIMIT 1)
+        ORDER BY t.last_served_seq, t.task_id
+        LIMIT 1
+        FOR UPDATE OF t SKIP LOCKED;
+        v_tx_slot := v_fixed IS NOT NULL;
+        IF v_fixed IS NOT NULL THEN
+          -- its user's row guards the user's limits and rotation
+          PERFORM 1 FROM edm.users u WHERE u.user_id = v_user FOR UPDATE OF u SKIP LOCKED;
+          IF NOT FOUND THEN
+            v_tx_tried := v_tx_tried || v_fixed;
+            CONTINUE;
+          END IF;
+        END IF;
+      END IF;
+      IF v_user IS NULL THEN
       -- The first user of the list (the small pool in rotation order, or the
       -- rotation head, already locked) who has a grant here and no ready
-      -- higher-tier service, each probed by a scalar subquery: as an EXISTS
-      -- it would become a semi-join, which a planner may hash over all the
-      -- service's grants instead of stopping at the first that fits.
+      -- higher-tier service, each probed by a scalar subquery.
       SELECT c.user_id INTO v_user
       FROM unnest(coalesce(v_pool, v_cands)) WITH ORDINALITY AS c(user_id, n)
       WHERE c.user_id <> ALL (v_skip) AND c.user_id <> ALL (r_users)
@@ -2091,11 +2236,7 @@ BEGIN
             AND NOT EXISTS (
               SELECT 1 FROM edm.grants g2
               WHERE g2.user_id = c.user_id AND g2.priority > g.priority
-                AND (SELECT s2.enabled AND s2.next_available_at <= v_horizon
-                             AND edm.service_sent_today(s2, v_now) < s2.daily_quota
-                             AND (s2.service_id <> ALL (c_svc)
-                                  OR (s2.interval_ms = 0
-                                      AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                AND (SELECT edm.service_free_for_tier(s2, v_horizon, v_now, c_svc)
                      FROM edm.services s2 WHERE s2.service_id = g2.service_id))
           LIMIT 1)
       ORDER BY c.n
@@ -2108,6 +2249,7 @@ BEGIN
         FOR UPDATE OF u SKIP LOCKED;
         IF NOT FOUND THEN
           v_skip := v_skip || v_user;
+          v_skip_call := v_skip_call || v_user;
           CONTINUE;
         END IF;
       END IF;
@@ -2125,11 +2267,7 @@ BEGIN
               AND NOT EXISTS (
                 SELECT 1 FROM edm.grants g2
                 WHERE g2.user_id = u.user_id AND g2.priority > g.priority
-                  AND (SELECT s2.enabled AND s2.next_available_at <= v_horizon
-                               AND edm.service_sent_today(s2, v_now) < s2.daily_quota
-                               AND (s2.service_id <> ALL (c_svc)
-                                    OR (s2.interval_ms = 0
-                                        AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                  AND (SELECT edm.service_free_for_tier(s2, v_horizon, v_now, c_svc)
                        FROM edm.services s2 WHERE s2.service_id = g2.service_id)))
         ORDER BY u.last_served_seq, u.user_id
         LIMIT 1
@@ -2146,21 +2284,46 @@ BEGIN
               AND NOT EXISTS (
                 SELECT 1 FROM edm.grants g2
                 WHERE g2.user_id = u.user_id AND g2.priority > g.priority
-                  AND (SELECT s2.enabled AND s2.next_available_at <= v_horizon
-                               AND edm.service_sent_today(s2, v_now) < s2.daily_quota
-                               AND (s2.service_id <> ALL (c_svc)
-                                    OR (s2.interval_ms = 0
-                                        AND edm.service_sent_today(s2, v_now) + 1 < s2.daily_quota))
+                  AND (SELECT edm.service_free_for_tier(s2, v_horizon, v_now, c_svc)
                        FROM edm.services s2 WHERE s2.service_id = g2.service_id)))
         ORDER BY array_position(r_users, u.user_id)
         LIMIT 1;
       END IF;
+      END IF;
       EXIT WHEN v_user IS NULL;
+
+      -- User limits (0016): a user without headroom at the slot is skipped.
+      IF v_user_lim THEN
+        v_keys := ARRAY[edm.shaping_key('user', NULL, NULL, v_user, NULL)];
+        IF NOT v_keys <@ m_seen THEN
+          SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
+          FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
+          m_keys := m_keys || coalesce(v_nk, '{}');
+          m_lims := m_lims || coalesce(v_nl, '{}');
+          m_dirty := m_dirty || array_fill(false, ARRAY[coalesce(cardinality(v_nk), 0)]);
+          m_held := m_held || coalesce(v_nh, '{}');
+          m_seen := m_seen || v_keys;
+        END IF;
+        v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
+        IF v_free > v_slot THEN
+          IF v_fixed IS NOT NULL THEN
+            v_tx_tried := v_tx_tried || v_fixed;
+          END IF;
+          v_skip := v_skip || v_user;
+          CONTINUE;
+        END IF;
+      END IF;
 
       v_tried := '{}';
       LOOP
-        -- The user's best task not served in this call (priority, then rotation)...
         v_task := NULL;
+        IF v_fixed IS NOT NULL THEN
+          -- the transactional task, once
+          IF NOT v_fixed = ANY (v_tried) THEN
+            v_task := v_fixed;
+          END IF;
+        ELSE
+        -- The user's best task not served in this call (priority, then rotation)...
         SELECT t.task_id, t.priority INTO v_task, v_prio FROM edm.tasks t
         WHERE t.user_id = v_user AND t.claimable
           AND t.task_id <> ALL (v_tried) AND t.task_id <> ALL (r_tasks)
@@ -2177,32 +2340,97 @@ BEGIN
           LIMIT 1;
           v_task := coalesce(v_task2, v_task);
         END IF;
+        END IF;
         EXIT WHEN v_task IS NULL;
-        -- Due retries first (I9: a retry goes at its due time, not behind
-        -- its task's fresh recipients), then the lowest fresh or returned
-        -- recipient (not_before = -infinity). Both walk subtasks_claim_idx.
-        SELECT st.subtask_id INTO v_sub
-        FROM edm.subtasks st
-        WHERE st.task_id = v_task AND st.status = 'pending'
-          AND st.not_before > '-infinity' AND st.not_before <= v_now
-          AND st.subtask_id <> ALL (c_sub)
-        ORDER BY st.not_before, st.subtask_id
-        LIMIT 1
-        FOR UPDATE OF st SKIP LOCKED;
-        IF v_sub IS NULL THEN
-          SELECT st.subtask_id INTO v_sub
+        -- Task limits (0016): a task without headroom at the slot is skipped.
+        IF v_task_lim THEN
+          v_keys := ARRAY[edm.shaping_key('task', NULL, NULL, NULL, v_task)];
+          IF NOT v_keys <@ m_seen THEN
+            SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
+            FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
+            m_keys := m_keys || coalesce(v_nk, '{}');
+            m_lims := m_lims || coalesce(v_nl, '{}');
+            m_dirty := m_dirty || array_fill(false, ARRAY[coalesce(cardinality(v_nk), 0)]);
+            m_held := m_held || coalesce(v_nh, '{}');
+            m_seen := m_seen || v_keys;
+          END IF;
+          v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
+          IF v_free > v_slot THEN
+            v_tried := v_tried || v_task;
+            CONTINUE;
+          END IF;
+        END IF;
+        -- Due retries first (I9), then the lowest fresh or returned recipient,
+        -- leaving out recipients of the sites this slot may not go to (0016:
+        -- suspended for the service, or found without headroom): the slot
+        -- goes to the next recipient of another site (no head-of-line blocking).
+        LOOP
+          SELECT st.subtask_id,
+                 (CASE WHEN cardinality(v_lsites) > 0
+                       THEN (SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                             JOIN edm.site_domains sd ON sd.domain = e.d) END)
+          INTO v_sub, v_site
           FROM edm.subtasks st
-          WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before = '-infinity'
+          WHERE st.task_id = v_task AND st.status = 'pending'
+            AND st.not_before > '-infinity' AND st.not_before <= v_now
             AND st.subtask_id <> ALL (c_sub)
+            AND (cardinality(v_blocked) = 0
+                 OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                              JOIN edm.site_domains sd ON sd.domain = e.d), '') <> ALL (v_blocked))
           ORDER BY st.not_before, st.subtask_id
           LIMIT 1
           FOR UPDATE OF st SKIP LOCKED;
-        END IF;
+          IF v_sub IS NULL THEN
+            SELECT st.subtask_id,
+                   (CASE WHEN cardinality(v_lsites) > 0
+                         THEN (SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                               JOIN edm.site_domains sd ON sd.domain = e.d) END)
+            INTO v_sub, v_site
+            FROM edm.subtasks st
+            WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before = '-infinity'
+              AND st.subtask_id <> ALL (c_sub)
+              AND (cardinality(v_blocked) = 0
+                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
+                                JOIN edm.site_domains sd ON sd.domain = e.d), '') <> ALL (v_blocked))
+            ORDER BY st.not_before, st.subtask_id
+            LIMIT 1
+            FOR UPDATE OF st SKIP LOCKED;
+          END IF;
+          EXIT WHEN v_sub IS NULL OR cardinality(v_lsites) = 0;
+          -- Site and (service, site) limits of the recipient's site at the slot.
+          EXIT WHEN v_site IS NULL OR NOT v_site = ANY (v_lsites) OR v_site = ANY (v_ok_sites);
+          v_keys := ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
+                          edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)];
+          IF NOT v_keys <@ m_seen THEN
+            SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
+            FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
+            m_keys := m_keys || coalesce(v_nk, '{}');
+            m_lims := m_lims || coalesce(v_nl, '{}');
+            m_dirty := m_dirty || array_fill(false, ARRAY[coalesce(cardinality(v_nk), 0)]);
+            m_held := m_held || coalesce(v_nh, '{}');
+            m_seen := m_seen || v_keys;
+          END IF;
+          v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
+          IF v_free > v_slot THEN
+            v_blocked := v_blocked || v_site;
+            v_sub := NULL;
+          ELSE
+            v_ok_sites := v_ok_sites || v_site;
+            EXIT;
+          END IF;
+        END LOOP;
         EXIT WHEN v_sub IS NOT NULL;
         v_tried := v_tried || v_task;
       END LOOP;
       EXIT WHEN v_sub IS NOT NULL;
-      v_skip := v_skip || v_user;
+      IF v_fixed IS NOT NULL THEN
+        v_tx_tried := v_tx_tried || v_fixed;
+      ELSE
+        v_skip := v_skip || v_user;
+        IF NOT v_shaped THEN
+          v_skip_call := v_skip_call || v_user;
+        END IF;
+      END IF;
     END LOOP;
     EXIT slots WHEN v_sub IS NULL;
 
@@ -2216,12 +2444,50 @@ BEGIN
     IF v_svc.has_limits THEN
       PERFORM edm.limits_take(v_svc.service_id, v_slot, v_svc.quota_tz);
     END IF;
+    -- Every shaping layer counts the send (0016).
+    IF v_shaped THEN
+      v_keys := '{}';
+      IF v_global THEN
+        v_keys := v_keys || edm.shaping_key('global', NULL, NULL, NULL, NULL);
+      END IF;
+      IF v_site IS NOT NULL AND v_site = ANY (v_ok_sites) THEN
+        v_keys := v_keys || ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
+                                  edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)];
+      END IF;
+      IF v_user_lim THEN
+        v_keys := v_keys || edm.shaping_key('user', NULL, NULL, v_user, NULL);
+      END IF;
+      IF v_task_lim THEN
+        v_keys := v_keys || edm.shaping_key('task', NULL, NULL, NULL, v_task);
+      END IF;
+      -- one send's transition (edm.limit_after), in memory
+      FOR i IN 1 .. cardinality(m_keys) LOOP
+        IF m_keys[i] = ANY (v_keys) THEN
+          m_lims[i] := edm.limit_after(m_lims[i], v_slot, 'UTC');
+          m_dirty[i] := true;
+        END IF;
+      END LOOP;
+      v_tx_run := CASE WHEN v_fixed IS NOT NULL THEN v_tx_run + 1 ELSE 0 END;
+      v_site := NULL;
+    END IF;
     v_k := v_k + 1;
     EXIT slots WHEN v_k >= p_per_service OR cardinality(c_sub) >= p_batch;
     v_slot := v_slot + v_svc.interval_ms * interval '1 millisecond';
     END LOOP slots;
-    EXIT WHEN cardinality(c_sub) >= p_batch;
+    IF v_tx AND v_tx_run IS DISTINCT FROM v_svc.tx_run THEN
+      UPDATE edm.services s SET tx_run = v_tx_run WHERE s.service_id = v_svc.service_id;
+    END IF;
+    EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
   END LOOP;
+  -- The shaping limits' state after this call's sends (0016).
+  IF true = ANY (m_dirty) THEN
+    UPDATE edm.shaping_limits l
+    SET (tat, bucket_idx, bucket_n, day, day_count) =
+        ((m_lims[x.i]).tat, (m_lims[x.i]).bucket_idx, (m_lims[x.i]).bucket_n,
+         (m_lims[x.i]).day, (m_lims[x.i]).day_count)
+    FROM generate_subscripts(m_keys, 1) AS x(i)
+    WHERE m_dirty[x.i] AND l.scope_key = m_keys[x.i] AND l.name = (m_lims[x.i]).name;
+  END IF;
 
   -- Services an extra limit blocks: out of the ready set until it frees.
   IF cardinality(b_svc) > 0 THEN
@@ -2297,7 +2563,7 @@ BEGIN
   ORDER BY o.n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.claim_v2(text,integer,integer,timestamp with time zone,integer,integer,bigint[]) IS 'Claims up to p_batch subtasks in one transaction and hands each its slot (send_at: the instant its send may start). For each ready service (next slot within p_lookahead_ms, default queue.slot_lookahead_ms; under its daily quota and every extra limit; not held by another dispatcher; not in p_skip_services), lowest quota share first: up to p_per_service slots, one interval apart and within every limit, each to the least recently served user with work and a grant, that user''s least recently served task (priority first), and its due retry or else its lowest pending subtask. Leases each from its slot for p_lease_seconds, counts the slots against the limits and holds the service for the claimer. Never waits on a lock.';
+COMMENT ON FUNCTION edm.claim_v2(text,integer,integer,timestamp with time zone,integer,integer,bigint[]) IS 'Claims up to p_batch subtasks in one transaction and hands each its slot (send_at: the instant its send may start). For each ready service (next slot within p_lookahead_ms, default queue.slot_lookahead_ms; under its daily quota and every extra limit; not held by another dispatcher; not in p_skip_services), lowest quota share first: up to p_per_service slots, one interval apart and within every limit, each to transactional work first (tasks.transactional, within queue.transactional_share of the service''s slots) or else the least recently served user with work and a grant, that user''s least recently served task (priority first), and its due retry or else its lowest pending subtask. Every shaping layer (edm.shaping_limits) holds at once: a recipient whose site is suspended for the service or without headroom is skipped for another, a user or task without headroom is skipped, the global limit delays the slot or ends the claim. Leases each from its slot for p_lease_seconds, counts the slots against the limits and holds the service for the claimer. Never waits on a lock (a shared limit locked by another claim counts as no headroom).';
 REVOKE ALL ON FUNCTION edm.claim_v2(text,integer,integer,timestamp with time zone,integer,integer,bigint[]) FROM PUBLIC;
 
 -- ==========================================================================
@@ -2593,10 +2859,8 @@ BEGIN
         cancelled_count = t.cancelled_count + a.n_cancelled,
         quota_reserved = greatest(t.quota_reserved - a.n_sent - a.n_failed - a.n_cancelled, 0),
         last_activity_at = v_now,
-        stuck_since = NULL,
-        status = CASE WHEN t.status = 'sending' AND t.pending_count + a.n_pending = 0
-                           AND t.leased_count - a.n = 0 THEN 'completed'
-                      ELSE t.status END
+        stuck_since = NULL
+        -- a task this drains is completed by trigger tasks_when_drained (0019)
     FROM (
       SELECT p.task_id, count(*) AS n,
              count(*) FILTER (WHERE p.new_status = 'sent') AS n_sent,
@@ -2756,10 +3020,8 @@ BEGIN
         pending_count = t.pending_count + a.n_pending,
         failed_count = t.failed_count + a.n_failed,
         cancelled_count = t.cancelled_count + a.n_cancelled,
-        quota_reserved = greatest(t.quota_reserved - a.n_failed - a.n_cancelled, 0),
-        status = CASE WHEN t.status = 'sending' AND t.pending_count + a.n_pending = 0
-                           AND t.leased_count - a.n = 0 THEN 'completed'
-                      ELSE t.status END
+        quota_reserved = greatest(t.quota_reserved - a.n_failed - a.n_cancelled, 0)
+        -- a task this drains is completed by trigger tasks_when_drained
     FROM (SELECT p.task_id, count(*) AS n,
                  count(*) FILTER (WHERE p.new_status = 'pending') AS n_pending,
                  count(*) FILTER (WHERE p.new_status = 'failed') AS n_failed,
@@ -2915,12 +3177,13 @@ BEGIN
   v_report := jsonb_build_object('leases_expired', edm.expire_leases(p_now));
   -- Each maintenance step runs in its own subtransaction: a failing step is
   -- reported (and logged by the dispatcher) without undoing the others.
-  FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'tasks_started', 'tasks_completed',
+  FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'warmups_applied', 'tasks_started', 'tasks_completed',
                                 'alerts_raised', 'metrics_rows', 'partitions_created',
                                 'retention_removed'] LOOP
     BEGIN
       v_value := CASE v_step
         WHEN 'quota_days_rolled' THEN edm.roll_quota_days(p_now)
+        WHEN 'warmups_applied' THEN edm.apply_warmups(p_now)
         WHEN 'tasks_started' THEN edm.start_due_tasks(p_now)
         WHEN 'tasks_completed' THEN edm.finish_tasks(p_now)
         WHEN 'alerts_raised' THEN edm.sweep_alerts(p_now)
@@ -2938,7 +3201,7 @@ BEGIN
   RETURN v_report;
 END;
 $function$;
-COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report.';
+COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report. Step warmups_applied moves warm-up ceilings to the day''s (edm.apply_warmups).';
 REVOKE ALL ON FUNCTION edm.run_sweeps(timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.roll_quota_days(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -2975,16 +3238,16 @@ AS $function$
 DECLARE
   v_n integer;
 BEGIN
-  UPDATE edm.tasks t SET status = 'completed', finished_at = coalesce(p_now, now())
+  UPDATE edm.tasks t SET finished_at = coalesce(p_now, now())
   WHERE t.task_id IN (
     SELECT x.task_id FROM edm.tasks x
-    WHERE x.status = 'sending' AND x.pending_count = 0 AND x.leased_count = 0
+    WHERE edm.task_drained(x.status, x.pending_count, x.leased_count)
     FOR NO KEY UPDATE SKIP LOCKED);
   GET DIAGNOSTICS v_n = ROW_COUNT;
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.finish_tasks(timestamp with time zone) IS 'Safety net: completes sending tasks with nothing pending or leased (completion normally does this in its own transaction).';
+COMMENT ON FUNCTION edm.finish_tasks(timestamp with time zone) IS 'Safety net: touches drained tasks left sending (e.g. by a database upgraded from before 0019) so that trigger tasks_when_drained completes them, finished at p_now. Every other path completes a task in the statement that drains it.';
 REVOKE ALL ON FUNCTION edm.finish_tasks(timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.raise_alert(p_kind text, p_severity text, p_message text, p_task_id bigint DEFAULT NULL::bigint, p_service_id bigint DEFAULT NULL::bigint, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -3276,6 +3539,7 @@ DECLARE
   v_bind_service text;
   v_bind_limit text;
   v_bind_at timestamptz;
+  v_shape record;
 BEGIN
   SELECT * INTO t FROM edm.tasks WHERE task_id = p_task_id;
   IF NOT FOUND THEN
@@ -3307,6 +3571,29 @@ BEGIN
   END IF;
   -- <<< 0010_adoption
 
+  -- >>> 0016_shaping: a global, user or task limit without headroom binds
+  -- whatever the services say (the one that frees last is named).
+  SELECT x.what, x.name, x.free INTO v_shape
+  FROM (SELECT CASE l.scope WHEN 'global' THEN 'global limit'
+                            WHEN 'user' THEN format('user limit of %s', t.user_id)
+                            ELSE 'task limit' END AS what,
+               l.name, edm.limit_next(edm.shaping_as_limit(l), v_now, 'UTC') AS free
+        FROM edm.shaping_limits l
+        WHERE l.scope_key IN (edm.shaping_key('global', NULL, NULL, NULL, NULL),
+                              edm.shaping_key('user', NULL, NULL, t.user_id, NULL),
+                              edm.shaping_key('task', NULL, NULL, NULL, t.task_id))) x
+  WHERE x.free > v_now
+  ORDER BY x.free DESC, x.what, x.name
+  LIMIT 1;
+  IF FOUND THEN
+    RETURN QUERY SELECT format('%s %s: no headroom until %s', v_shape.what, v_shape.name,
+                               CASE WHEN v_shape.free = 'infinity' THEN 'it is raised (max_count 0)'
+                                    ELSE v_shape.free::text END),
+                        CASE WHEN v_shape.free < 'infinity' THEN v_shape.free END;
+    RETURN;
+  END IF;
+  -- <<< 0016_shaping
+
   SELECT count(*), count(*) FILTER (WHERE s.enabled),
          count(*) FILTER (WHERE edm.service_is_ready(s, v_now)),
          count(*) FILTER (WHERE s.enabled AND (s.daily_quota = 0
@@ -3332,6 +3619,14 @@ BEGIN
   ELSIF v_next_retry > v_now THEN
     RETURN QUERY SELECT 'retries waiting for their back-off', v_next_retry;
   ELSIF v_ready > 0 THEN
+    -- >>> 0016_shaping: every site of the task's next recipients held back
+    -- (suspended or without headroom on each granted service) binds.
+    SELECT r.reason, r.until INTO v_shape FROM edm.task_site_wait(p_task_id, v_now) r;
+    IF FOUND THEN
+      RETURN QUERY SELECT v_shape.reason, v_shape.until;
+      RETURN;
+    END IF;
+    -- <<< 0016_shaping
     RETURN QUERY SELECT 'in rotation: a granted service is ready; waiting for its turn among users',
                         NULL::timestamptz;
   ELSIF v_exhausted = v_enabled THEN
@@ -3356,7 +3651,7 @@ BEGIN
   END IF;
 END;
 $function$;
-COMMENT ON FUNCTION edm.task_wait_reason(bigint,timestamp with time zone) IS 'Why task p_task_id is not sending right now, and until when if known: scheduled later, paused, expanding, no dispatcher running (no live heartbeat, see edm.live_dispatcher_count), no granted service, all granted services disabled, throttled until T (naming the service that frees first and its binding limit: interval, daily_quota or an extra limit of edm.service_limits), quotas exhausted until T, backing off until T, retries in back-off until T, user quota exhausted, or in rotation.';
+COMMENT ON FUNCTION edm.task_wait_reason(bigint,timestamp with time zone) IS 'Why task p_task_id is not sending right now, and until when if known: scheduled later, paused, expanding, no dispatcher running (no live heartbeat, see edm.live_dispatcher_count), a global, user or task limit without headroom until T (edm.shaping_limits, naming the limit), sites held back (the sites of its next recipients suspended or limited on every granted service, see edm.task_site_wait), no granted service, all granted services disabled, throttled until T (naming the service that frees first and its binding limit: interval, daily_quota or an extra limit of edm.service_limits), quotas exhausted until T, backing off until T, retries in back-off until T, user quota exhausted, or in rotation.';
 REVOKE ALL ON FUNCTION edm.task_wait_reason(bigint,timestamp with time zone) FROM PUBLIC;
 
 CREATE VIEW edm.task_progress AS
@@ -3766,6 +4061,31 @@ COMMENT ON INDEX edm.job_executions_scheduled_once_idx IS 'Exactly once: at most
 CREATE INDEX job_executions_tenant_running_idx ON edm.job_executions USING btree (tenant_id) WHERE (status = 'running'::text);
 COMMENT ON INDEX edm.job_executions_tenant_running_idx IS 'Running executions of a tenant (jobs.max_running_per_tenant, checked by edm.job_claim).';
 
+CREATE FUNCTION edm.lock_job(p_job_id bigint, p_user_id text)
+ RETURNS edm.jobs
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  j edm.jobs;
+BEGIN
+  BEGIN
+    SELECT * INTO j FROM edm.jobs x
+    WHERE x.job_id = p_job_id AND (p_user_id IS NULL OR x.tenant_id = p_user_id)
+    FOR NO KEY UPDATE;
+  EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
+  END;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
+  END IF;
+  RETURN j;
+END;
+$function$;
+COMMENT ON FUNCTION edm.lock_job(bigint,text) IS 'Locks (FOR NO KEY UPDATE) and returns job p_job_id, scoped to p_user_id when given (another user''s job is unknown, ED010); ED013 when it stays locked beyond the session''s lock_timeout. Internal to the job_* functions.';
+REVOKE ALL ON FUNCTION edm.lock_job(bigint,text) FROM PUBLIC;
+
 CREATE FUNCTION edm.job_cancel_execution(p_execution_id bigint, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS text
  LANGUAGE plpgsql
@@ -3896,6 +4216,113 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) IS 'Claims up to p_limit due pending executions for runner p_worker, highest priority and earliest first, taking one of their job''s max_concurrent slots each and, when jobs.max_running_per_tenant > 0, staying within the tenant''s share of running executions; marks them running with a lease of timeout + jobs.lease_margin. Skips executions of paused jobs (except manual runs). Never waits on a lock.';
 REVOKE ALL ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_complete(p_execution_id bigint, p_worker text, p_status text, p_result jsonb DEFAULT NULL::jsonb, p_error text DEFAULT NULL::text, p_error_kind text DEFAULT NULL::text, p_error_type text DEFAULT NULL::text, p_error_stack text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now  timestamptz := coalesce(p_now, now());
+  v_e    record;
+  v_job  record;
+  v_retry record;
+BEGIN
+  IF p_status IS NULL OR p_status NOT IN ('succeeded', 'failed', 'timed_out') THEN
+    RAISE EXCEPTION 'job_complete: status must be succeeded, failed or timed_out' USING ERRCODE = 'ED005';
+  END IF;
+  -- Lock order: the execution, then its job.
+  SELECT e.execution_id, e.job_id, e.status, e.worker_id INTO v_e
+  FROM edm.job_executions e WHERE e.execution_id = p_execution_id
+  FOR NO KEY UPDATE;
+  IF NOT FOUND OR v_e.status <> 'running' OR v_e.worker_id IS DISTINCT FROM p_worker THEN
+    -- Cancelled, recovered by the lease sweep, or deleted meanwhile: the
+    -- outcome is not recorded and nothing is retried.
+    RETURN QUERY SELECT false, NULL::bigint, NULL::timestamptz;
+    RETURN;
+  END IF;
+
+  UPDATE edm.job_executions e
+  SET status = p_status, finished_at = v_now, lease_expires_at = NULL,
+      result = p_result,
+      error = left(p_error, 4000), error_kind = left(p_error_kind, 100),
+      error_type = left(p_error_type, 200), error_stack = left(p_error_stack, 20000),
+      progress = CASE WHEN p_status = 'succeeded' THEN 100 ELSE e.progress END
+  WHERE e.execution_id = p_execution_id;
+
+  UPDATE edm.jobs j
+  SET running_count = greatest(j.running_count - 1, 0),
+      last_finished_at = v_now, last_status = p_status,
+      success_count = j.success_count + (p_status = 'succeeded')::integer,
+      failure_count = j.failure_count + (p_status <> 'succeeded')::integer
+  WHERE j.job_id = v_e.job_id
+  RETURNING j.job_id, j.running_count, j.max_concurrent INTO v_job;
+
+  SELECT r.execution_id, r.run_after INTO v_retry FROM edm.job_schedule_retry(p_execution_id, v_now) r;
+
+  -- A slot was freed on a job whose executions may be waiting for one.
+  IF v_job.running_count + 1 >= v_job.max_concurrent
+     AND EXISTS (SELECT 1 FROM edm.job_executions e
+                 WHERE e.job_id = v_e.job_id AND e.status = 'pending') THEN
+    PERFORM pg_notify('edm_jobs', 'slot:' || v_e.job_id);
+  END IF;
+  RETURN QUERY SELECT true, v_retry.execution_id, v_retry.run_after;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_complete(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) IS 'Records the outcome of a running execution held by p_worker (succeeded, failed or timed_out), frees its max_concurrent slot, updates the job''s counters and queues a retry per the job''s policy. Returns accepted = false (and changes nothing) when the execution is no longer this worker''s running one (cancelled, lost, deleted).';
+REVOKE ALL ON FUNCTION edm.job_complete(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.job_complete(p_worker text, p_execution_ids bigint[], p_statuses text[], p_results jsonb DEFAULT NULL::jsonb, p_errors text[] DEFAULT NULL::text[], p_error_kinds text[] DEFAULT NULL::text[], p_error_types text[] DEFAULT NULL::text[], p_error_stacks text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(execution_id bigint, accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_n integer := coalesce(cardinality(p_execution_ids), 0);
+  v_i integer;
+BEGIN
+  IF v_n = 0 THEN
+    RETURN;
+  END IF;
+  IF v_n > 1000
+     OR cardinality(p_statuses) IS DISTINCT FROM v_n
+     OR (p_results IS NOT NULL AND (jsonb_typeof(p_results) <> 'array'
+                                    OR jsonb_array_length(p_results) <> v_n))
+     OR (p_errors IS NOT NULL AND cardinality(p_errors) <> v_n)
+     OR (p_error_kinds IS NOT NULL AND cardinality(p_error_kinds) <> v_n)
+     OR (p_error_types IS NOT NULL AND cardinality(p_error_types) <> v_n)
+     OR (p_error_stacks IS NOT NULL AND cardinality(p_error_stacks) <> v_n)
+     OR (SELECT count(DISTINCT i) FROM unnest(p_execution_ids) i) <> v_n THEN
+    RAISE EXCEPTION 'job_complete: at most 1000 distinct executions, and one entry per execution in every array'
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- Lock order: every execution (id order), then every job (id order), before
+  -- changing anything. Holding all the executions first means no job row is
+  -- held while waiting for an execution, so this cannot deadlock with the
+  -- lease sweep, a cancel or a stop, which lock executions before jobs.
+  PERFORM 1 FROM edm.job_executions e WHERE e.execution_id = ANY (p_execution_ids)
+  ORDER BY e.execution_id FOR NO KEY UPDATE;
+  PERFORM 1 FROM edm.jobs j
+  WHERE j.job_id IN (SELECT e.job_id FROM edm.job_executions e
+                     WHERE e.execution_id = ANY (p_execution_ids))
+  ORDER BY j.job_id FOR NO KEY UPDATE;
+  FOR v_i IN 1..v_n LOOP
+    RETURN QUERY
+    SELECT p_execution_ids[v_i], f.accepted, f.retry_execution_id, f.retry_at
+    FROM edm.job_complete(p_execution_ids[v_i], p_worker, p_statuses[v_i],
+                        CASE WHEN p_results IS NULL OR p_results -> (v_i - 1) = 'null'::jsonb
+                             THEN NULL ELSE p_results -> (v_i - 1) END,
+                        p_errors[v_i], p_error_kinds[v_i], p_error_types[v_i], p_error_stacks[v_i],
+                        p_now) f;
+  END LOOP;
+END;
+$function$;
+COMMENT ON FUNCTION edm.job_complete(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) IS 'edm.job_complete for a batch of executions held by one runner, in one transaction (one commit): element i of each array (and of the JSON array p_results) belongs to p_execution_ids[i]. Locks all executions, then all jobs, each in id order, so it cannot deadlock with the lease sweep or host operations.';
+REVOKE ALL ON FUNCTION edm.job_complete(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.job_create(p_job jsonb, p_next_run_at timestamp with time zone, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS bigint
@@ -4056,109 +4483,20 @@ REVOKE ALL ON FUNCTION edm.job_expire_runs(timestamp with time zone,integer) FRO
 
 CREATE FUNCTION edm.job_finish(p_execution_id bigint, p_worker text, p_status text, p_result jsonb DEFAULT NULL::jsonb, p_error text DEFAULT NULL::text, p_error_kind text DEFAULT NULL::text, p_error_type text DEFAULT NULL::text, p_error_stack text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
- LANGUAGE plpgsql
+ LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-#variable_conflict use_column
-DECLARE
-  v_now  timestamptz := coalesce(p_now, now());
-  v_e    record;
-  v_job  record;
-  v_retry record;
-BEGIN
-  IF p_status IS NULL OR p_status NOT IN ('succeeded', 'failed', 'timed_out') THEN
-    RAISE EXCEPTION 'job_finish: status must be succeeded, failed or timed_out' USING ERRCODE = 'ED005';
-  END IF;
-  -- Lock order: the execution, then its job.
-  SELECT e.execution_id, e.job_id, e.status, e.worker_id INTO v_e
-  FROM edm.job_executions e WHERE e.execution_id = p_execution_id
-  FOR NO KEY UPDATE;
-  IF NOT FOUND OR v_e.status <> 'running' OR v_e.worker_id IS DISTINCT FROM p_worker THEN
-    -- Cancelled, recovered by the lease sweep, or deleted meanwhile: the
-    -- outcome is not recorded and nothing is retried.
-    RETURN QUERY SELECT false, NULL::bigint, NULL::timestamptz;
-    RETURN;
-  END IF;
-
-  UPDATE edm.job_executions e
-  SET status = p_status, finished_at = v_now, lease_expires_at = NULL,
-      result = p_result,
-      error = left(p_error, 4000), error_kind = left(p_error_kind, 100),
-      error_type = left(p_error_type, 200), error_stack = left(p_error_stack, 20000),
-      progress = CASE WHEN p_status = 'succeeded' THEN 100 ELSE e.progress END
-  WHERE e.execution_id = p_execution_id;
-
-  UPDATE edm.jobs j
-  SET running_count = greatest(j.running_count - 1, 0),
-      last_finished_at = v_now, last_status = p_status,
-      success_count = j.success_count + (p_status = 'succeeded')::integer,
-      failure_count = j.failure_count + (p_status <> 'succeeded')::integer
-  WHERE j.job_id = v_e.job_id
-  RETURNING j.job_id, j.running_count, j.max_concurrent INTO v_job;
-
-  SELECT r.execution_id, r.run_after INTO v_retry FROM edm.job_schedule_retry(p_execution_id, v_now) r;
-
-  -- A slot was freed on a job whose executions may be waiting for one.
-  IF v_job.running_count + 1 >= v_job.max_concurrent
-     AND EXISTS (SELECT 1 FROM edm.job_executions e
-                 WHERE e.job_id = v_e.job_id AND e.status = 'pending') THEN
-    PERFORM pg_notify('edm_jobs', 'slot:' || v_e.job_id);
-  END IF;
-  RETURN QUERY SELECT true, v_retry.execution_id, v_retry.run_after;
-END;
-$function$;
-COMMENT ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) IS 'Records the outcome of a running execution held by p_worker (succeeded, failed or timed_out), frees its max_concurrent slot, updates the job''s counters and queues a retry per the job''s policy. Returns accepted = false (and changes nothing) when the execution is no longer this worker''s running one (cancelled, lost, deleted).';
+AS $function$SELECT * FROM edm.job_complete($1, $2, $3, $4, $5, $6, $7, $8, $9)$function$;
+COMMENT ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) IS 'Deprecated: the older name of edm.job_complete (same arguments, same result), kept for a release.';
 REVOKE ALL ON FUNCTION edm.job_finish(bigint,text,text,jsonb,text,text,text,text,timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.job_finish(p_worker text, p_execution_ids bigint[], p_statuses text[], p_results jsonb DEFAULT NULL::jsonb, p_errors text[] DEFAULT NULL::text[], p_error_kinds text[] DEFAULT NULL::text[], p_error_types text[] DEFAULT NULL::text[], p_error_stacks text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(execution_id bigint, accepted boolean, retry_execution_id bigint, retry_at timestamp with time zone)
- LANGUAGE plpgsql
+ LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-#variable_conflict use_column
-DECLARE
-  v_n integer := coalesce(cardinality(p_execution_ids), 0);
-  v_i integer;
-BEGIN
-  IF v_n = 0 THEN
-    RETURN;
-  END IF;
-  IF v_n > 1000
-     OR cardinality(p_statuses) IS DISTINCT FROM v_n
-     OR (p_results IS NOT NULL AND (jsonb_typeof(p_results) <> 'array'
-                                    OR jsonb_array_length(p_results) <> v_n))
-     OR (p_errors IS NOT NULL AND cardinality(p_errors) <> v_n)
-     OR (p_error_kinds IS NOT NULL AND cardinality(p_error_kinds) <> v_n)
-     OR (p_error_types IS NOT NULL AND cardinality(p_error_types) <> v_n)
-     OR (p_error_stacks IS NOT NULL AND cardinality(p_error_stacks) <> v_n)
-     OR (SELECT count(DISTINCT i) FROM unnest(p_execution_ids) i) <> v_n THEN
-    RAISE EXCEPTION 'job_finish: at most 1000 distinct executions, and one entry per execution in every array'
-      USING ERRCODE = 'ED005';
-  END IF;
-  -- Lock order: every execution (id order), then every job (id order), before
-  -- changing anything. Holding all the executions first means no job row is
-  -- held while waiting for an execution, so this cannot deadlock with the
-  -- lease sweep, a cancel or a stop, which lock executions before jobs.
-  PERFORM 1 FROM edm.job_executions e WHERE e.execution_id = ANY (p_execution_ids)
-  ORDER BY e.execution_id FOR NO KEY UPDATE;
-  PERFORM 1 FROM edm.jobs j
-  WHERE j.job_id IN (SELECT e.job_id FROM edm.job_executions e
-                     WHERE e.execution_id = ANY (p_execution_ids))
-  ORDER BY j.job_id FOR NO KEY UPDATE;
-  FOR v_i IN 1..v_n LOOP
-    RETURN QUERY
-    SELECT p_execution_ids[v_i], f.accepted, f.retry_execution_id, f.retry_at
-    FROM edm.job_finish(p_execution_ids[v_i], p_worker, p_statuses[v_i],
-                        CASE WHEN p_results IS NULL OR p_results -> (v_i - 1) = 'null'::jsonb
-                             THEN NULL ELSE p_results -> (v_i - 1) END,
-                        p_errors[v_i], p_error_kinds[v_i], p_error_types[v_i], p_error_stacks[v_i],
-                        p_now) f;
-  END LOOP;
-END;
-$function$;
-COMMENT ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) IS 'edm.job_finish for a batch of executions held by one runner, in one transaction (one commit): element i of each array (and of the JSON array p_results) belongs to p_execution_ids[i]. Locks all executions, then all jobs, each in id order, so it cannot deadlock with the lease sweep or host operations.';
+AS $function$SELECT * FROM edm.job_complete($1, $2, $3, $4, $5, $6, $7, $8, $9)$function$;
+COMMENT ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) IS 'Deprecated: the older name of edm.job_complete (same arguments, same result), kept for a release.';
 REVOKE ALL ON FUNCTION edm.job_finish(text,bigint[],text[],jsonb,text[],text[],text[],text[],timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.job_fire(p_job_id bigint, p_due timestamp with time zone, p_run_times timestamp with time zone[], p_next timestamp with time zone, p_end_reason text DEFAULT NULL::text, p_queue_all boolean DEFAULT false, p_missed integer DEFAULT 0, p_missed_first timestamp with time zone DEFAULT NULL::timestamp with time zone, p_missed_last timestamp with time zone DEFAULT NULL::timestamp with time zone, p_worker text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -4291,16 +4629,7 @@ AS $function$
 DECLARE
   v_status text;
 BEGIN
-  BEGIN
-    SELECT j.status INTO v_status FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_status := (edm.lock_job(p_job_id, p_tenant_id)).status;
   IF v_status = 'inactive' THEN
     RAISE EXCEPTION 'job % is inactive: resume it instead', p_job_id USING ERRCODE = 'ED003';
   END IF;
@@ -4370,16 +4699,7 @@ DECLARE
   v_now timestamptz := coalesce(p_now, now());
   v_job record;
 BEGIN
-  BEGIN
-    SELECT j.status, j.updated_at, j.run_count, j.max_executions INTO v_job FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_job := edm.lock_job(p_job_id, p_tenant_id);
   IF v_job.status = 'active' THEN
     RETURN true;
   END IF;
@@ -4491,15 +4811,10 @@ BEGIN
     PERFORM 1 FROM edm.job_executions e
     WHERE e.job_id = p_job_id AND e.status IN ('pending', 'running')
     ORDER BY e.execution_id FOR NO KEY UPDATE;
-    PERFORM 1 FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
   EXCEPTION WHEN lock_not_available THEN
     RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
   END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  PERFORM edm.lock_job(p_job_id, p_tenant_id);
   UPDATE edm.jobs j SET status = 'inactive', inactive_reason = 'stopped', next_run_at = NULL,
                         updated_at = now()
   WHERE j.job_id = p_job_id;
@@ -4543,17 +4858,7 @@ DECLARE
   v_active integer;
   v_id     bigint;
 BEGIN
-  BEGIN
-    SELECT j.job_id, j.tenant_id, j.priority, j.max_concurrent INTO v_job
-    FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_job := edm.lock_job(p_job_id, p_tenant_id);
   SELECT count(*) INTO v_active FROM edm.job_executions e
   WHERE e.job_id = p_job_id AND e.status IN ('pending', 'running');
   IF v_active >= v_job.max_concurrent THEN
@@ -4583,16 +4888,7 @@ BEGIN
   IF p_job IS NULL OR jsonb_typeof(p_job) <> 'object' THEN
     RAISE EXCEPTION 'job_update: the job must be a JSON object' USING ERRCODE = 'ED012';
   END IF;
-  BEGIN
-    SELECT j.status, j.updated_at, j.run_count INTO v_job FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-    FOR NO KEY UPDATE;
-  EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
-  END;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'ED010';
-  END IF;
+  v_job := edm.lock_job(p_job_id, p_tenant_id);
   IF v_job.updated_at IS DISTINCT FROM p_expected_updated_at THEN
     RETURN false;  -- changed since the caller read it: read again and retry
   END IF;
@@ -4813,10 +5109,10 @@ DECLARE
   v_dispatcher_fns text[] := ARRAY['check_reputation', 'reputation_rates', 
     'claim', 'complete', 'expire_leases', 'next_wakeup', 'run_sweeps', 'take_alerts',
     'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
-    'job_claim', 'job_fire', 'job_finish', 'job_progress', 'job_schedule_retry',
+    'job_claim', 'job_fire', 'job_finish', 'job_complete', 'job_progress', 'job_schedule_retry',
     'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
     'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace'];
-  v_app_fns text[] := ARRAY['set_reply_rule', 'enable_reply_rule', 'delete_reply_rule', 'match_reply_rule', 'lift_site_suspension', 'reply_enhanced_code', 'reply_transport_code', 'set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
+  v_app_fns text[] := ARRAY['set_service_warmup', 'warmup_ramp', 'warmup_ceiling', 'warmup_ramp_problem', 'set_reply_rule', 'enable_reply_rule', 'delete_reply_rule', 'match_reply_rule', 'lift_site_suspension', 'reply_enhanced_code', 'reply_transport_code', 'set_global_limits', 'set_site_limits', 'set_user_limits', 'set_task_limits', 'set_task_transactional', 'shaping_as_limit', 'limit_next', 'limit_bucket_ms', 'epoch_ms', 'shaping_key', 'set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
     'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
     'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',
     'add_suppression', 'remove_suppression', 'create_task_from_staged', 'create_task_from_rule',
@@ -4825,7 +5121,7 @@ DECLARE
     'rule_matches', 'service_sent_today', 'service_is_ready',
     'job_create', 'job_update', 'job_delete', 'job_trigger', 'job_pause', 'job_resume',
     'job_stop', 'job_cancel_execution', 'job_validate', 'set_service_limits'];
-  v_monitor_fns text[] := ARRAY['match_reply_rule', 'reply_enhanced_code', 'reply_transport_code', 'suspended_sites', 'site_of', 'email_domain', 'reputation_rates', 'task_wait_reason', 'service_sent_today', 'service_is_ready'];
+  v_monitor_fns text[] := ARRAY['warmup_ramp', 'warmup_ceiling', 'warmup_ramp_problem', 'match_reply_rule', 'reply_enhanced_code', 'reply_transport_code', 'task_site_wait', 'shaping_as_limit', 'limit_next', 'limit_bucket_ms', 'epoch_ms', 'shaping_key', 'suspended_sites', 'site_of', 'email_domain', 'reputation_rates', 'task_wait_reason', 'service_sent_today', 'service_is_ready'];
 BEGIN
   FOREACH v_role IN ARRAY ARRAY[p_dispatcher, p_app, p_monitor] LOOP
     IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = v_role) THEN
@@ -4840,12 +5136,12 @@ BEGIN
   -- Dispatcher: claim / complete / sweep through functions; read what
   -- rendering needs; keep its own heartbeat row.
   EXECUTE format('GRANT SELECT ON edm.services, edm.templates, edm.contacts, edm.config, '
-                 'edm.tasks, edm.system_health, edm.jobs, edm.job_executions TO %I', p_dispatcher);
+                 'edm.tasks, edm.system_health, edm.jobs, edm.job_executions, edm.service_limits TO %I', p_dispatcher);
   EXECUTE format('GRANT SELECT, INSERT, UPDATE ON edm.dispatchers TO %I', p_dispatcher);
 
   -- Host application: everything through functions; read its objects.
   EXECUTE format('GRANT SELECT ON edm.users, edm.services, edm.grants, edm.tasks, edm.templates, '
-                 'edm.config, edm.task_progress, edm.reply_rules, edm.shaping_actions, edm.site_suspension_status, edm.sites, edm.site_domains, edm.site_suspensions, edm.reputation_status, edm.feedback_events, edm.service_status, edm.system_health, '
+                 'edm.config, edm.task_progress, edm.service_warmups, edm.service_warmup_status, edm.reply_rules, edm.shaping_actions, edm.site_suspension_status, edm.shaping_limits, edm.shaping_limit_status, edm.site_status, edm.sites, edm.site_domains, edm.site_suspensions, edm.reputation_status, edm.feedback_events, edm.service_status, edm.system_health, '
                  'edm.task_wait_reasons, edm.alerts, edm.jobs, edm.job_executions, '
                  'edm.jobs_overview, edm.service_limits, edm.service_limit_status, '
                  'edm.possible_duplicates TO %I', p_app);
@@ -5088,6 +5384,32 @@ COMMENT ON COLUMN edm.service_limits.day IS 'calendar_day state: the local date 
 COMMENT ON COLUMN edm.service_limits.day_count IS 'calendar_day state: sends slotted on day.';
 COMMENT ON COLUMN edm.service_limits.created_at IS 'When the limit was set.';
 
+CREATE FUNCTION edm.warmup_ramp_problem(p_ramp integer[])
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN ((p_ramp IS NULL) OR (cardinality(p_ramp) = 0)) THEN 'a ramp needs at least one day'::text WHEN (array_ndims(p_ramp) <> 1) THEN 'a ramp is a one-dimensional array of daily ceilings'::text WHEN (cardinality(p_ramp) > 366) THEN 'a ramp lasts at most 366 days'::text WHEN (array_position(p_ramp, NULL::integer) IS NOT NULL) THEN 'a ramp has no NULL days'::text WHEN (EXISTS (SELECT 1 FROM unnest(warmup_ramp_problem.p_ramp) c(c) WHERE ((c.c < 1) OR (c.c > 100000000)))) THEN 'each daily ceiling is between 1 and 100000000'::text WHEN (EXISTS (SELECT 1 FROM (unnest(warmup_ramp_problem.p_ramp) WITH ORDINALITY a(c, i) JOIN unnest(warmup_ramp_problem.p_ramp) WITH ORDINALITY b(c, i) ON ((b.i = (a.i + 1)))) WHERE (b.c < a.c))) THEN 'a ramp never decreases (each day''s ceiling is at least the day before''s)'::text ELSE NULL::text END;
+COMMENT ON FUNCTION edm.warmup_ramp_problem(integer[]) IS 'Why p_ramp is not a valid warm-up ramp (NULL when it is): 1 to 366 daily ceilings, each 1..100000000, never decreasing.';
+REVOKE ALL ON FUNCTION edm.warmup_ramp_problem(integer[]) FROM PUBLIC;
+
+CREATE TABLE edm.service_warmups (
+  service_id bigint NOT NULL,
+  started_on date NOT NULL,
+  ramp integer[] NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT service_warmups_pkey PRIMARY KEY (service_id),
+  CONSTRAINT service_warmups_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT service_warmups_ramp_check CHECK (((edm.warmup_ramp_problem(ramp) IS NULL) AND (array_lower(ramp, 1) = 1))),
+  CONSTRAINT service_warmups_started_on_check CHECK (isfinite(started_on))
+);
+COMMENT ON TABLE edm.service_warmups IS 'Services warming up: on local day n of the ramp (day 1 = started_on, in the service''s quota_tz) the service sends at most ramp[n]. Enforced by the calendar_day limit ''warmup'' in edm.service_limits, whose max_count edm.apply_warmups keeps at the day''s ceiling; the row and the limit go away after the last day. Set with edm.set_service_warmup; see docs/explanation/traffic-shaping.md.';
+COMMENT ON COLUMN edm.service_warmups.service_id IS 'Service warming up.';
+COMMENT ON COLUMN edm.service_warmups.started_on IS 'Local date (in the service''s quota_tz) of day 1 of the ramp.';
+COMMENT ON COLUMN edm.service_warmups.ramp IS 'Daily ceilings, day 1 first; never decreasing, 1 to 366 days.';
+COMMENT ON COLUMN edm.service_warmups.created_at IS 'When the warm-up was first set.';
+COMMENT ON COLUMN edm.service_warmups.updated_at IS 'When the ramp or its start was last changed.';
+
 CREATE TABLE edm.shaping_actions (
   action_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
   at timestamp with time zone NOT NULL,
@@ -5124,6 +5446,90 @@ CREATE INDEX shaping_actions_at_idx ON edm.shaping_actions USING btree (at);
 COMMENT ON INDEX edm.shaping_actions_at_idx IS 'Trimming old rows (edm.trim_shaping_actions).';
 CREATE INDEX shaping_actions_pair_idx ON edm.shaping_actions USING btree (service_id, site, at DESC);
 COMMENT ON INDEX edm.shaping_actions_pair_idx IS 'Latest actions of a (service, site) pair (edm.site_suspension_status).';
+
+CREATE FUNCTION edm.shaping_key(p_scope text, p_site text, p_service_id bigint, p_user_id text, p_task_id bigint)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ((((((((p_scope || '|'::text) || COALESCE((p_service_id)::text, ''::text)) || '|'::text) || COALESCE(p_site, ''::text)) || '|'::text) || COALESCE((p_task_id)::text, ''::text)) || '|'::text) || COALESCE(p_user_id, ''::text));
+COMMENT ON FUNCTION edm.shaping_key(text,text,bigint,text,bigint) IS 'The key of one shaping scope (edm.shaping_limits.scope_key): scope|service|site|task|user, empty where the scope has no such part.';
+REVOKE ALL ON FUNCTION edm.shaping_key(text,text,bigint,text,bigint) FROM PUBLIC;
+
+CREATE TABLE edm.shaping_limits (
+  scope text NOT NULL,
+  site text,
+  service_id bigint,
+  user_id text,
+  task_id bigint,
+  scope_key text GENERATED ALWAYS AS (edm.shaping_key(scope, site, service_id, user_id, task_id)) STORED NOT NULL,
+  name text NOT NULL,
+  kind text NOT NULL,
+  max_count integer NOT NULL,
+  window_ms bigint,
+  burst integer DEFAULT 1 NOT NULL,
+  time_zone text,
+  tat timestamp with time zone,
+  bucket_idx bigint[] DEFAULT '{}'::bigint[] NOT NULL,
+  bucket_n integer[] DEFAULT '{}'::integer[] NOT NULL,
+  day date,
+  day_count integer DEFAULT 0 NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT shaping_limits_pkey PRIMARY KEY (scope_key, name),
+  CONSTRAINT shaping_limits_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT shaping_limits_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT shaping_limits_task_id_fkey FOREIGN KEY (task_id) REFERENCES edm.tasks(task_id) ON DELETE CASCADE,
+  CONSTRAINT shaping_limits_user_id_fkey FOREIGN KEY (user_id) REFERENCES edm.users(user_id) ON DELETE CASCADE,
+  CONSTRAINT shaping_limits_buckets CHECK ((cardinality(bucket_idx) = cardinality(bucket_n))),
+  CONSTRAINT shaping_limits_burst_check CHECK (((burst >= 1) AND (burst <= 100000))),
+  CONSTRAINT shaping_limits_day_count_check CHECK ((day_count >= 0)),
+  CONSTRAINT shaping_limits_kind_check CHECK ((kind = ANY (ARRAY['rate'::text, 'rolling'::text, 'calendar_day'::text]))),
+  CONSTRAINT shaping_limits_max_count_check CHECK (((max_count >= 0) AND (max_count <= 100000000))),
+  CONSTRAINT shaping_limits_name_check CHECK ((name ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'::text)),
+  CONSTRAINT shaping_limits_scope_check CHECK ((scope = ANY (ARRAY['global'::text, 'site'::text, 'service_site'::text, 'user'::text, 'task'::text]))),
+  CONSTRAINT shaping_limits_shape CHECK (
+CASE kind
+    WHEN 'calendar_day'::text THEN ((window_ms IS NULL) AND (burst = 1))
+    WHEN 'rolling'::text THEN ((window_ms IS NOT NULL) AND (window_ms >= 1000) AND (burst = 1) AND (time_zone IS NULL))
+    ELSE ((window_ms IS NOT NULL) AND (time_zone IS NULL) AND (burst <= GREATEST(max_count, 1)))
+END),
+  CONSTRAINT shaping_limits_target CHECK (
+CASE scope
+    WHEN 'global'::text THEN ((site IS NULL) AND (service_id IS NULL) AND (user_id IS NULL) AND (task_id IS NULL))
+    WHEN 'site'::text THEN ((site IS NOT NULL) AND (service_id IS NULL) AND (user_id IS NULL) AND (task_id IS NULL))
+    WHEN 'service_site'::text THEN ((site IS NOT NULL) AND (service_id IS NOT NULL) AND (user_id IS NULL) AND (task_id IS NULL))
+    WHEN 'user'::text THEN ((user_id IS NOT NULL) AND (site IS NULL) AND (service_id IS NULL) AND (task_id IS NULL))
+    ELSE ((task_id IS NOT NULL) AND (site IS NULL) AND (service_id IS NULL) AND (user_id IS NULL))
+END),
+  CONSTRAINT shaping_limits_time_zone_check CHECK (((time_zone IS NULL) OR edm.is_valid_timezone(time_zone))),
+  CONSTRAINT shaping_limits_window_ms_check CHECK (((window_ms >= 1) AND (window_ms <= (31 * (86400000)::bigint))))
+);
+COMMENT ON TABLE edm.shaping_limits IS 'Traffic-shaping limits beyond a service''s own (edm.service_limits), in the same form (rate with burst, rolling window, calendar day) and all held at once by the claim: global (every send), site (one destination site across all services), service_site (one service to one site), user (a tenant''s plan) and task (a campaign''s maximum rate). A calendar_day limit without time_zone counts UTC days. Set with edm.set_global_limits, edm.set_site_limits, edm.set_user_limits and edm.set_task_limits; see docs/explanation/traffic-shaping.md.';
+COMMENT ON COLUMN edm.shaping_limits.scope IS 'global, site, service_site, user or task.';
+COMMENT ON COLUMN edm.shaping_limits.site IS 'site and service_site scopes: the destination site.';
+COMMENT ON COLUMN edm.shaping_limits.service_id IS 'service_site scope: the sending service.';
+COMMENT ON COLUMN edm.shaping_limits.user_id IS 'user scope: the tenant.';
+COMMENT ON COLUMN edm.shaping_limits.task_id IS 'task scope: the campaign.';
+COMMENT ON COLUMN edm.shaping_limits.scope_key IS 'The scope as one key (edm.shaping_key); with name, the primary key.';
+COMMENT ON COLUMN edm.shaping_limits.name IS 'Name of the limit, unique per scope (e.g. per_hour, per_day); waiting reasons name it.';
+COMMENT ON COLUMN edm.shaping_limits.kind IS 'rate, rolling or calendar_day (as edm.service_limits.kind).';
+COMMENT ON COLUMN edm.shaping_limits.max_count IS 'Most sends per window (0 blocks the scope).';
+COMMENT ON COLUMN edm.shaping_limits.window_ms IS 'Window length in milliseconds (rate and rolling); NULL for calendar_day.';
+COMMENT ON COLUMN edm.shaping_limits.burst IS 'rate only: most sends at once (token bucket depth).';
+COMMENT ON COLUMN edm.shaping_limits.time_zone IS 'calendar_day only: time zone whose midnight starts a day; NULL = UTC.';
+COMMENT ON COLUMN edm.shaping_limits.tat IS 'rate state: GCRA theoretical arrival time (as edm.service_limits.tat).';
+COMMENT ON COLUMN edm.shaping_limits.bucket_idx IS 'rolling state: buckets with sends, oldest first (as edm.service_limits.bucket_idx).';
+COMMENT ON COLUMN edm.shaping_limits.bucket_n IS 'rolling state: sends slotted in each bucket of bucket_idx.';
+COMMENT ON COLUMN edm.shaping_limits.day IS 'calendar_day state: the local date day_count counts.';
+COMMENT ON COLUMN edm.shaping_limits.day_count IS 'calendar_day state: sends slotted on day.';
+COMMENT ON COLUMN edm.shaping_limits.created_at IS 'When the limit was set.';
+CREATE INDEX shaping_limits_scope_idx ON edm.shaping_limits USING btree (scope, service_id);
+COMMENT ON INDEX edm.shaping_limits_scope_idx IS 'Limits by scope (is a layer in use; the site limits that apply to a service).';
+CREATE INDEX shaping_limits_site_idx ON edm.shaping_limits USING btree (site) WHERE (site IS NOT NULL);
+COMMENT ON INDEX edm.shaping_limits_site_idx IS 'The ON UPDATE / DELETE CASCADE from edm.sites.';
+CREATE INDEX shaping_limits_task_idx ON edm.shaping_limits USING btree (task_id) WHERE (task_id IS NOT NULL);
+COMMENT ON INDEX edm.shaping_limits_task_idx IS 'The ON DELETE CASCADE from edm.tasks.';
+CREATE INDEX shaping_limits_user_idx ON edm.shaping_limits USING btree (user_id) WHERE (user_id IS NOT NULL);
+COMMENT ON INDEX edm.shaping_limits_user_idx IS 'The ON DELETE CASCADE from edm.users.';
 
 CREATE TABLE edm.site_domains (
   domain text NOT NULL,
@@ -5214,6 +5620,84 @@ COMMENT ON COLUMN edm.site_suspensions.created_at IS 'When the current suspensio
 CREATE INDEX site_suspensions_until_idx ON edm.site_suspensions USING btree (until);
 COMMENT ON INDEX edm.site_suspensions_until_idx IS 'Suspensions by end (which are in force at a time; sweeping old ones).';
 
+CREATE FUNCTION edm.apply_warmups(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_service_id bigint DEFAULT NULL::bigint)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now     timestamptz := coalesce(p_now, now());
+  w         record;
+  l         record;
+  v_today   date;
+  v_ceiling integer;
+  v_n       integer := 0;
+BEGIN
+  -- Lock order as the claim's: the service row, then its limits. Only the
+  -- services with something to do are locked (claims skip a locked service
+  -- until the sweep commits): on most sweeps, none. Nothing to do: the limit
+  -- holds the day's ceiling, or the ramp is over and the limit still counts
+  -- its last day (kept, see below).
+  FOR w IN
+    SELECT x.service_id, x.ramp, x.started_on, s.quota_tz, s.quota_day, s.sent_today
+    FROM edm.service_warmups x JOIN edm.services s ON s.service_id = x.service_id
+    CROSS JOIN LATERAL (SELECT (v_now AT TIME ZONE s.quota_tz)::date AS today) d
+    WHERE (p_service_id IS NULL OR x.service_id = p_service_id)
+      AND NOT EXISTS (
+        SELECT 1 FROM edm.service_limits sl
+        WHERE sl.service_id = x.service_id AND sl.name = 'warmup'
+          AND (sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on, d.today)
+               OR (edm.warmup_ceiling(x.ramp, x.started_on, d.today) IS NULL
+                   AND sl.day = d.today - 1
+                   AND edm.warmup_ceiling(x.ramp, x.started_on, sl.day) IS NOT NULL)))
+    ORDER BY x.service_id
+    FOR NO KEY UPDATE OF s
+  LOOP
+    v_today := (v_now AT TIME ZONE w.quota_tz)::date;
+    v_ceiling := edm.warmup_ceiling(w.ramp, w.started_on, v_today);
+    SELECT sl.max_count, sl.day INTO l FROM edm.service_limits sl
+    WHERE sl.service_id = w.service_id AND sl.name = 'warmup'
+    FOR UPDATE;
+    IF v_ceiling IS NULL THEN
+      -- The ramp is over. Keep the last ceiling while the limit still counts
+      -- the ramp's last day (a late slot of that day may come); it goes at
+      -- the first sweep after the state has moved on.
+      CONTINUE WHEN l.day IS NOT NULL AND l.day = v_today - 1
+                    AND edm.warmup_ceiling(w.ramp, w.started_on, l.day) IS NOT NULL;
+      DELETE FROM edm.service_warmups x WHERE x.service_id = w.service_id;
+      DELETE FROM edm.service_limits sl WHERE sl.service_id = w.service_id AND sl.name = 'warmup';
+      PERFORM pg_notify('edm_wakeup', 'service:' || w.service_id);
+      v_n := v_n + 1;
+    ELSIF l.max_count IS NULL THEN
+      -- New: today's sends so far count (the service's own count of its quota day).
+      INSERT INTO edm.service_limits (service_id, name, kind, max_count, day, day_count)
+      VALUES (w.service_id, 'warmup', 'calendar_day', v_ceiling, v_today,
+              CASE WHEN w.quota_day = v_today THEN w.sent_today ELSE 0 END);
+      v_n := v_n + 1;
+    ELSIF l.max_count <> v_ceiling THEN
+      -- In place, state kept. A count of an earlier day moves by the change,
+      -- so that day keeps the headroom it had under its own ceiling.
+      UPDATE edm.service_limits sl
+      SET max_count = v_ceiling,
+          day_count = CASE WHEN sl.day < v_today
+                           THEN greatest(0, sl.day_count + v_ceiling - sl.max_count)
+                           ELSE sl.day_count END
+      WHERE sl.service_id = w.service_id AND sl.name = 'warmup';
+      IF v_ceiling > l.max_count THEN
+        -- a block computed under the lower ceiling is re-decided by the next claim
+        UPDATE edm.services s SET quota_exhausted_until = NULL WHERE s.service_id = w.service_id;
+        PERFORM pg_notify('edm_wakeup', 'service:' || w.service_id);
+      END IF;
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.apply_warmups(timestamp with time zone,bigint) IS 'Sets the limit ''warmup'' of each warming-up service (or of p_service_id only) to the ceiling of its current local day at p_now, in place (its count kept); after the ramp''s last day removes the limit and the warm-up. Run by every sweep (edm.run_sweeps) and by edm.set_service_warmup. Returns how many services changed.';
+REVOKE ALL ON FUNCTION edm.apply_warmups(timestamp with time zone,bigint) FROM PUBLIC;
+
 CREATE FUNCTION edm.cache_site_domains(p_domains text[], p_sites text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS integer
  LANGUAGE plpgsql
@@ -5290,9 +5774,8 @@ BEGIN
   upd_tasks AS (
     UPDATE edm.tasks t
     SET pending_count = t.pending_count - pt.n, cancelled_count = t.cancelled_count + pt.n,
-        quota_reserved = greatest(t.quota_reserved - pt.n, 0),
-        status = CASE WHEN t.status = 'sending' AND t.pending_count - pt.n = 0
-                           AND t.leased_count = 0 THEN 'completed' ELSE t.status END
+        quota_reserved = greatest(t.quota_reserved - pt.n, 0)
+        -- a task this drains is completed by trigger tasks_when_drained
     FROM per_task pt WHERE t.task_id = pt.task_id
     RETURNING t.user_id, pt.n
   )
@@ -5485,6 +5968,31 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.lift_site_suspension(bigint,text,timestamp with time zone) IS 'Ends the suspension of (service, site) now and forgets its escalation level (the row is deleted; edm.shaping_actions keeps the history); true when one was in force. Raises ED001 for an unknown service.';
 REVOKE ALL ON FUNCTION edm.lift_site_suspension(bigint,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.limit_after(l edm.service_limits, p_slot timestamp with time zone, p_tz text)
+ RETURNS edm.service_limits
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+  r edm.service_limits := l;
+  v_tz text := coalesce(l.time_zone, p_tz);
+BEGIN
+  IF l.kind = 'rate' THEN
+    r.tat := greatest(coalesce(l.tat, p_slot), p_slot)
+             + (l.window_ms::double precision / greatest(l.max_count, 1)) * interval '1 millisecond';
+  ELSIF l.kind = 'calendar_day' THEN
+    r.day_count := CASE WHEN l.day = (p_slot AT TIME ZONE v_tz)::date THEN l.day_count + 1 ELSE 1 END;
+    r.day := (p_slot AT TIME ZONE v_tz)::date;
+  ELSE
+    SELECT b.bucket_idx, b.bucket_n INTO r.bucket_idx, r.bucket_n
+    FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, p_slot) b;
+  END IF;
+  RETURN r;
+END;
+$function$;
+COMMENT ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text) IS 'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time, calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
+REVOKE ALL ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text) FROM PUBLIC;
 
 CREATE FUNCTION edm.limit_bucket_ms(p_window_ms bigint)
  RETURNS bigint
@@ -5872,20 +6380,34 @@ BEGIN
   END IF;
   -- Only services p_owner holds, and only later: the next slot can move back
   -- never, so no limit can be broken by a report.
-  UPDATE edm.services s
-  SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
-  FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
-          AS y(service_id, next_start)
-        ORDER BY y.service_id) x
-  WHERE s.service_id = x.service_id AND s.held_by = p_owner
-    AND s.service_id IN (SELECT z.service_id FROM edm.services z
-                         WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
-                         ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED);
-  GET DIAGNOSTICS v_n = ROW_COUNT;
+  WITH moved AS (
+    UPDATE edm.services s
+    SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
+    FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
+            AS y(service_id, next_start)
+          ORDER BY y.service_id) x
+    WHERE s.service_id = x.service_id AND s.held_by = p_owner
+      AND s.service_id IN (SELECT z.service_id FROM edm.services z
+                           WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
+                           ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED)
+    RETURNING s.service_id, x.next_start
+  ),
+  -- each rate limit admits its next send at tat - (burst - 1) * T (GCRA): no
+  -- earlier than the reported start
+  rates AS (
+    UPDATE edm.service_limits l
+    SET tat = greatest(l.tat, m.next_start
+                              + ((l.burst - 1) * l.window_ms::double precision / l.max_count)
+                                * interval '1 millisecond')
+    FROM moved m
+    WHERE l.service_id = m.service_id AND l.kind = 'rate' AND l.max_count > 0
+    RETURNING l.service_id
+  )
+  SELECT count(*) INTO v_n FROM moved;
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server) tells when the service''s next send can really start; the service''s next slot moves there (never earlier), so slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
+COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server, a start the provider saw late) tells when the service''s next send can really start; the service''s next slot moves there (never earlier): its interval counts from there and each of its rate limits admits no send before it. Slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
 REVOKE ALL ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) FROM PUBLIC;
 
 CREATE FUNCTION edm.reputation_rates(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -6096,6 +6618,14 @@ END;
 COMMENT ON FUNCTION edm.service_binding_limit(edm.services,timestamp with time zone) IS 'The limit that holds service s back at p_now (interval, daily_quota or the name of an extra limit) and when it frees; no row when no limit does. With several, the one that frees last binds.';
 REVOKE ALL ON FUNCTION edm.service_binding_limit(edm.services,timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.service_free_for_tier(s edm.services, p_horizon timestamp with time zone, p_now timestamp with time zone, p_taken bigint[])
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+RETURN ((s).enabled AND ((s).next_available_at <= p_horizon) AND (edm.service_sent_today(s, p_now) < (s).daily_quota) AND (((s).service_id <> ALL (p_taken)) OR (((s).interval_ms = 0) AND ((edm.service_sent_today(s, p_now) + 1) < (s).daily_quota))));
+COMMENT ON FUNCTION edm.service_free_for_tier(edm.services,timestamp with time zone,timestamp with time zone,bigint[]) IS 'True when service s can take a send by p_horizon (enabled, next slot due, under its daily quota at p_now) and is not busy in this claim (p_taken: services claimed already, unless s has no interval and quota left for one more). A user with such a service on a higher-priority grant is left to it (grant tiers). Inlined by the planner.';
+REVOKE ALL ON FUNCTION edm.service_free_for_tier(edm.services,timestamp with time zone,timestamp with time zone,bigint[]) FROM PUBLIC;
+
 CREATE FUNCTION edm.service_limits_flag()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -6111,6 +6641,35 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.service_limits_flag() IS 'Statement trigger on edm.service_limits: keeps services.has_limits in step and clears a block computed from the old limits (the next claim recomputes it).';
 REVOKE ALL ON FUNCTION edm.service_limits_flag() FROM PUBLIC;
+
+CREATE FUNCTION edm.service_limits_keep_warmup()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  -- The service row is gone when this is the cascade of its deletion: let it go.
+  IF EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = OLD.service_id)
+     AND EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = OLD.service_id) THEN
+    RETURN NULL;
+  END IF;
+  RETURN OLD;
+END;
+$function$;
+COMMENT ON FUNCTION edm.service_limits_keep_warmup() IS 'Row trigger on edm.service_limits: the limit ''warmup'' of a service that is warming up is not deleted (edm.set_service_limits replacing the other limits keeps it, with its state); it goes when the warm-up ends.';
+REVOKE ALL ON FUNCTION edm.service_limits_keep_warmup() FROM PUBLIC;
+
+CREATE FUNCTION edm.set_global_limits(p_limits jsonb)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  RETURN edm.shaping_replace('global', NULL, NULL, NULL, NULL, p_limits);
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_global_limits(jsonb) IS 'Replaces the global limits (every send of every service) with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED005 for a bad limit.';
+REVOKE ALL ON FUNCTION edm.set_global_limits(jsonb) FROM PUBLIC;
 
 CREATE FUNCTION edm.set_reply_rule(p_name text, p_action text, p_smtp_code integer DEFAULT NULL::integer, p_enhanced_code text DEFAULT NULL::text, p_pattern text DEFAULT NULL::text, p_transport_code text DEFAULT NULL::text, p_site text DEFAULT NULL::text, p_priority integer DEFAULT 100, p_duration_s integer DEFAULT NULL::integer, p_escalation_factor double precision DEFAULT 1, p_max_duration_s integer DEFAULT NULL::integer, p_reset_after_s integer DEFAULT 3600, p_enabled boolean DEFAULT true, p_description text DEFAULT ''::text)
  RETURNS bigint
@@ -6257,6 +6816,57 @@ $function$;
 COMMENT ON FUNCTION edm.set_service_limits(bigint,jsonb) IS 'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
 REVOKE ALL ON FUNCTION edm.set_service_limits(bigint,jsonb) FROM PUBLIC;
 
+CREATE FUNCTION edm.set_service_warmup(p_service_id bigint, p_ramp integer[], p_started_on date DEFAULT NULL::date, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_tz text;
+  v_problem text;
+BEGIN
+  SELECT s.quota_tz INTO v_tz FROM edm.services s WHERE s.service_id = p_service_id
+  FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  IF p_ramp IS NULL OR cardinality(p_ramp) = 0 THEN
+    -- End the warm-up now: the limit goes with it.
+    DELETE FROM edm.service_warmups w WHERE w.service_id = p_service_id;
+    IF FOUND THEN
+      DELETE FROM edm.service_limits l WHERE l.service_id = p_service_id AND l.name = 'warmup';
+      PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+    END IF;
+    RETURN NULL;
+  END IF;
+  v_problem := edm.warmup_ramp_problem(p_ramp);
+  IF v_problem IS NOT NULL THEN
+    RAISE EXCEPTION 'invalid warm-up ramp: %', v_problem USING ERRCODE = 'ED005';
+  END IF;
+  IF p_started_on IS NOT NULL AND NOT isfinite(p_started_on) THEN
+    RAISE EXCEPTION 'invalid warm-up start: %', p_started_on USING ERRCODE = 'ED005';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = p_service_id)
+     AND EXISTS (SELECT 1 FROM edm.service_limits l
+                 WHERE l.service_id = p_service_id AND l.name = 'warmup') THEN
+    RAISE EXCEPTION 'service % has a limit of its own named warmup: rename it first (edm.set_service_limits)',
+      p_service_id USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.service_warmups (service_id, started_on, ramp)
+  VALUES (p_service_id,
+          coalesce(p_started_on, (coalesce(p_now, now()) AT TIME ZONE v_tz)::date),
+          ARRAY(SELECT c FROM unnest(p_ramp) WITH ORDINALITY u(c, i) ORDER BY i))
+  ON CONFLICT (service_id) DO UPDATE
+    SET started_on = EXCLUDED.started_on, ramp = EXCLUDED.ramp, updated_at = now();
+  PERFORM edm.apply_warmups(p_now, p_service_id);
+  RETURN (SELECT l.max_count FROM edm.service_limits l
+          WHERE l.service_id = p_service_id AND l.name = 'warmup');
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) IS 'Puts service p_service_id on warm-up ramp p_ramp (daily ceilings, day 1 first, never decreasing; see edm.warmup_ramp) from local date p_started_on (default: today in its quota_tz), replacing a ramp it had, and applies today''s ceiling at once. A NULL or empty ramp ends the warm-up and removes its limit. Returns the ceiling in force (NULL when none). Raises ED001 for an unknown service, ED005 for a bad ramp (nothing is changed).';
+REVOKE ALL ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION edm.set_site_domains(p_site text, p_domains text[], p_description text DEFAULT NULL::text)
  RETURNS integer
  LANGUAGE plpgsql
@@ -6292,6 +6902,229 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.set_site_domains(text,text[],text) IS 'Defines site p_site (created if new; its description replaced when p_description is given) and maps each of p_domains to it (moving a domain from another site). Returns how many domains were mapped. Raises ED005 for a bad name or domain (nothing is changed).';
 REVOKE ALL ON FUNCTION edm.set_site_domains(text,text[],text) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_site_limits(p_site text, p_limits jsonb, p_service_id bigint DEFAULT NULL::bigint)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF p_site IS NULL THEN
+    RAISE EXCEPTION 'set_site_limits: a site is required' USING ERRCODE = 'ED005';
+  END IF;
+  PERFORM 1 FROM edm.sites s WHERE s.site = p_site;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown site %', p_site USING ERRCODE = 'ED001';
+  END IF;
+  IF p_service_id IS NULL THEN
+    RETURN edm.shaping_replace('site', p_site, NULL, NULL, NULL, p_limits);
+  END IF;
+  PERFORM 1 FROM edm.services s WHERE s.service_id = p_service_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  RETURN edm.shaping_replace('service_site', p_site, p_service_id, NULL, NULL, p_limits);
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_site_limits(text,jsonb,bigint) IS 'Replaces the limits of site p_site across all services (p_service_id NULL), or of service p_service_id to that site, with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED001 for an unknown site or service, ED005 for a bad limit.';
+REVOKE ALL ON FUNCTION edm.set_site_limits(text,jsonb,bigint) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_task_limits(p_task_id bigint, p_limits jsonb)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  -- the claim reads and advances task limits under the task row lock
+  PERFORM 1 FROM edm.tasks t WHERE t.task_id = p_task_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'ED001';
+  END IF;
+  RETURN edm.shaping_replace('task', NULL, NULL, NULL, p_task_id, p_limits);
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_task_limits(bigint,jsonb) IS 'Replaces the limits of task p_task_id (a campaign''s maximum rate) with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED001 for an unknown task, ED005 for a bad limit.';
+REVOKE ALL ON FUNCTION edm.set_task_limits(bigint,jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_task_transactional(p_task_id bigint, p_transactional boolean)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_status text;
+BEGIN
+  IF p_transactional IS NULL THEN
+    RAISE EXCEPTION 'set_task_transactional: true or false is required' USING ERRCODE = 'ED005';
+  END IF;
+  SELECT t.status INTO v_status FROM edm.tasks t WHERE t.task_id = p_task_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'ED001';
+  END IF;
+  IF v_status IN ('completed', 'cancelled', 'failed') THEN
+    RAISE EXCEPTION 'task % is finished (%)', p_task_id, v_status USING ERRCODE = 'ED003';
+  END IF;
+  UPDATE edm.tasks t SET transactional = p_transactional, updated_at = now()
+  WHERE t.task_id = p_task_id AND t.transactional IS DISTINCT FROM p_transactional;
+  RETURN p_transactional;
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_task_transactional(bigint,boolean) IS 'Puts task p_task_id in the transactional lane (true) or back in the bulk lane (false). ED001 for an unknown task, ED003 for a finished one.';
+REVOKE ALL ON FUNCTION edm.set_task_transactional(bigint,boolean) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_user_limits(p_user_id text, p_limits jsonb)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  -- the claim reads and advances user limits under the user row lock
+  PERFORM 1 FROM edm.users u WHERE u.user_id = p_user_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown user %', p_user_id USING ERRCODE = 'ED001';
+  END IF;
+  RETURN edm.shaping_replace('user', NULL, NULL, p_user_id, NULL, p_limits);
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_user_limits(text,jsonb) IS 'Replaces the limits of user p_user_id (a tenant''s plan: per hour, per day...) with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED001 for an unknown user, ED005 for a bad limit.';
+REVOKE ALL ON FUNCTION edm.set_user_limits(text,jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_as_limit(l edm.shaping_limits)
+ RETURNS edm.service_limits
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ROW(COALESCE((l).service_id, (0)::bigint), (l).name, (l).kind, (l).max_count, (l).window_ms, (l).burst, (l).time_zone, (l).tat, (l).bucket_idx, (l).bucket_n, (l).day, (l).day_count, (l).created_at)::edm.service_limits;
+COMMENT ON FUNCTION edm.shaping_as_limit(edm.shaping_limits) IS 'Shaping limit l as an edm.service_limits row, so that edm.limit_next and edm.limit_after evaluate it by the same rule as a service''s limits.';
+REVOKE ALL ON FUNCTION edm.shaping_as_limit(edm.shaping_limits) FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_free(p_keys text[], p_all_keys text[], p_lims edm.service_limits[], p_held text[], p_at timestamp with time zone)
+ RETURNS timestamp with time zone
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+  v_at timestamptz := p_at;
+  i integer;
+BEGIN
+  IF p_keys && p_held THEN
+    RETURN 'infinity';
+  END IF;
+  FOR i IN 1 .. coalesce(cardinality(p_all_keys), 0) LOOP
+    IF p_all_keys[i] = ANY (p_keys) THEN
+      v_at := greatest(v_at, edm.limit_next(p_lims[i], p_at, 'UTC'));
+    END IF;
+  END LOOP;
+  RETURN v_at;
+END;
+$function$;
+COMMENT ON FUNCTION edm.shaping_free(text[],text[],edm.service_limits[],text[],timestamp with time zone) IS 'For the claim: the earliest instant at or after p_at at which every limit of the scopes p_keys admits one more send, from limits read by edm.shaping_load (p_all_keys[i] is the scope of p_lims[i]); infinity when one of the scopes is in p_held (locked by another transaction).';
+REVOKE ALL ON FUNCTION edm.shaping_free(text[],text[],edm.service_limits[],text[],timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_limits_flag()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  UPDATE edm.users u
+  SET has_limits = EXISTS (SELECT 1 FROM edm.shaping_limits l
+                           WHERE l.scope = 'user' AND l.user_id = u.user_id)
+  WHERE u.user_id IN (SELECT x.user_id FROM changed x WHERE x.scope = 'user');
+  UPDATE edm.tasks t
+  SET has_limits = EXISTS (SELECT 1 FROM edm.shaping_limits l
+                           WHERE l.scope = 'task' AND l.task_id = t.task_id)
+  WHERE t.task_id IN (SELECT x.task_id FROM changed x WHERE x.scope = 'task');
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.shaping_limits_flag() IS 'Statement trigger on edm.shaping_limits: keeps users.has_limits and tasks.has_limits in step, so the claim reads user and task limits only where there are some.';
+REVOKE ALL ON FUNCTION edm.shaping_limits_flag() FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_load(p_keys text[], OUT keys text[], OUT lims edm.service_limits[], OUT held text[])
+ RETURNS record
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  SELECT array_agg(x.k), array_agg(x.lim) INTO keys, lims
+  FROM (SELECT l.scope_key AS k, edm.shaping_as_limit(l) AS lim
+        FROM edm.shaping_limits l WHERE l.scope_key = ANY (p_keys)
+        FOR UPDATE OF l SKIP LOCKED) x;
+  held := ARRAY(SELECT a.scope_key FROM edm.shaping_limits a
+                WHERE a.scope_key = ANY (p_keys)
+                GROUP BY a.scope_key
+                HAVING count(*) > coalesce(cardinality(array_positions(keys, a.scope_key)), 0));
+END;
+$function$;
+COMMENT ON FUNCTION edm.shaping_load(text[]) IS 'For the claim: locks the shaping limits of the scopes p_keys without waiting (FOR UPDATE SKIP LOCKED) and returns them as edm.service_limits rows (keys: the scope_key of each) and the scopes with a limit locked by another transaction (held: no headroom for this claim).';
+REVOKE ALL ON FUNCTION edm.shaping_load(text[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_next(p_keys text[], p_at timestamp with time zone)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ STABLE
+RETURN COALESCE((SELECT max(edm.limit_next(edm.shaping_as_limit(l.*), shaping_next.p_at, 'UTC'::text)) AS max FROM edm.shaping_limits l WHERE (l.scope_key = ANY (shaping_next.p_keys))), p_at);
+COMMENT ON FUNCTION edm.shaping_next(text[],timestamp with time zone) IS 'The earliest instant at or after p_at at which every shaping limit of the scopes p_keys (edm.shaping_key) admits one more send.';
+REVOKE ALL ON FUNCTION edm.shaping_next(text[],timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_replace(p_scope text, p_site text, p_service_id bigint, p_user_id text, p_task_id bigint, p_limits jsonb)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_key text := edm.shaping_key(p_scope, p_site, p_service_id, p_user_id, p_task_id);
+  v_n integer;
+BEGIN
+  IF p_limits IS NULL OR jsonb_typeof(p_limits) <> 'array' OR jsonb_array_length(p_limits) > 20 THEN
+    RAISE EXCEPTION 'limits must be a JSON array of at most 20 limits' USING ERRCODE = 'ED005';
+  END IF;
+  IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_limits) e
+             WHERE jsonb_typeof(e) <> 'object'
+                OR NOT (e ?& ARRAY['name', 'kind', 'max_count'])
+                OR EXISTS (SELECT 1 FROM jsonb_object_keys(e) k
+                           WHERE k NOT IN ('name', 'kind', 'max_count', 'window_ms', 'burst', 'time_zone'))) THEN
+    RAISE EXCEPTION 'each limit is an object with name, kind, max_count and optionally window_ms, burst, time_zone'
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF (SELECT count(DISTINCT e->>'name') FROM jsonb_array_elements(p_limits) e)
+     <> jsonb_array_length(p_limits) THEN
+    RAISE EXCEPTION 'limit names must be unique per scope' USING ERRCODE = 'ED005';
+  END IF;
+  BEGIN
+    DELETE FROM edm.shaping_limits l
+    WHERE l.scope_key = v_key
+      AND NOT EXISTS (
+        SELECT 1 FROM jsonb_array_elements(p_limits) e
+        WHERE e->>'name' = l.name AND e->>'kind' = l.kind
+          AND (e->>'max_count')::integer = l.max_count
+          AND (e->>'window_ms')::bigint IS NOT DISTINCT FROM l.window_ms
+          AND coalesce((e->>'burst')::integer, 1) = l.burst
+          AND (e->>'time_zone') IS NOT DISTINCT FROM l.time_zone);
+    INSERT INTO edm.shaping_limits (scope, site, service_id, user_id, task_id, name, kind,
+                                    max_count, window_ms, burst, time_zone)
+    SELECT p_scope, p_site, p_service_id, p_user_id, p_task_id, e->>'name', e->>'kind',
+           (e->>'max_count')::integer, (e->>'window_ms')::bigint,
+           coalesce((e->>'burst')::integer, 1), e->>'time_zone'
+    FROM jsonb_array_elements(p_limits) e
+    ON CONFLICT (scope_key, name) DO NOTHING;
+  EXCEPTION
+    WHEN check_violation OR not_null_violation OR invalid_text_representation
+         OR numeric_value_out_of_range OR cardinality_violation THEN
+      RAISE EXCEPTION 'invalid limit: %', SQLERRM USING ERRCODE = 'ED005';
+  END;
+  PERFORM pg_notify('edm_wakeup', 'shaping:' || p_scope);
+  SELECT count(*) INTO v_n FROM edm.shaping_limits l WHERE l.scope_key = v_key;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) IS 'Replaces the shaping limits of one scope with p_limits, a JSON array of {name, kind, max_count, window_ms, burst, time_zone} as edm.set_service_limits takes; an unchanged limit keeps its state. Raises ED005 for a bad limit (nothing is changed). Called by the edm.set_*_limits functions, which check the scope''s target.';
+REVOKE ALL ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) FROM PUBLIC;
 
 CREATE FUNCTION edm.site_of(p_email text)
  RETURNS text
@@ -6335,6 +7168,64 @@ CREATE FUNCTION edm.suspended_sites(p_service_id bigint, p_now timestamp with ti
 RETURN ARRAY(SELECT x.site FROM edm.site_suspensions x WHERE ((x.service_id = suspended_sites.p_service_id) AND (x.until > COALESCE(suspended_sites.p_now, now()))) ORDER BY x.site);
 COMMENT ON FUNCTION edm.suspended_sites(bigint,timestamp with time zone) IS 'The sites service p_service_id must not send to at p_now (its suspensions not yet expired).';
 REVOKE ALL ON FUNCTION edm.suspended_sites(bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.task_site_wait(p_task_id bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(reason text, until timestamp with time zone)
+ LANGUAGE sql
+ STABLE
+BEGIN ATOMIC
+ WITH next_sites AS (
+          SELECT DISTINCT edm.site_of(st.email) AS site
+            FROM ( SELECT s0.email
+                    FROM edm.subtasks s0
+                   WHERE ((s0.task_id = task_site_wait.p_task_id) AND (s0.status = 'pending'::text))
+                   ORDER BY s0.not_before, s0.subtask_id
+                  LIMIT 1000) st
+         ), services AS (
+          SELECT s.service_id
+            FROM ((edm.tasks t
+              JOIN edm.grants g ON ((g.user_id = t.user_id)))
+              JOIN edm.services s ON ((s.service_id = g.service_id)))
+           WHERE ((t.task_id = task_site_wait.p_task_id) AND s.enabled)
+         ), held AS (
+          SELECT n.site,
+             v.service_id,
+             ( SELECT max(x.until) AS max
+                    FROM edm.site_suspensions x
+                   WHERE ((x.service_id = v.service_id) AND (x.site = n.site) AND (x.until > COALESCE(task_site_wait.p_now, now())))) AS suspended_until,
+             ( SELECT max(edm.limit_next(edm.shaping_as_limit(l.*), COALESCE(task_site_wait.p_now, now()), 'UTC'::text)) AS max
+                    FROM edm.shaping_limits l
+                   WHERE (l.scope_key = ANY (ARRAY[edm.shaping_key('site'::text, n.site, NULL::bigint, NULL::text, NULL::bigint), edm.shaping_key('service_site'::text, n.site, v.service_id, NULL::text, NULL::bigint)]))) AS limit_free
+            FROM (next_sites n
+              CROSS JOIN services v)
+           WHERE (n.site IS NOT NULL)
+         ), per_site AS (
+          SELECT h.site,
+             min(GREATEST(h.suspended_until, NULLIF(h.limit_free, COALESCE(task_site_wait.p_now, now())))) AS free,
+             bool_or((h.suspended_until IS NOT NULL)) AS suspended,
+             bool_or((h.limit_free > COALESCE(task_site_wait.p_now, now()))) AS limited,
+             bool_and((GREATEST(h.suspended_until, NULLIF(h.limit_free, COALESCE(task_site_wait.p_now, now()))) IS NOT NULL)) AS held
+            FROM held h
+           GROUP BY h.site
+         )
+  SELECT ('sites held back: '::text || string_agg(format('%s %s until %s'::text, p.site,
+         CASE
+             WHEN (p.suspended AND p.limited) THEN 'suspended and limited'::text
+             WHEN p.suspended THEN 'suspended'::text
+             ELSE 'limited'::text
+         END,
+         CASE
+             WHEN (p.free = 'infinity'::timestamp with time zone) THEN 'raised'::text
+             ELSE (p.free)::text
+         END), '; '::text ORDER BY p.free, p.site)) AS reason,
+     NULLIF(min(p.free), 'infinity'::timestamp with time zone) AS until
+    FROM per_site p
+  HAVING ((count(*) > 0) AND bool_and(p.held) AND (count(*) = ( SELECT count(*) AS count
+            FROM next_sites n2)) AND (( SELECT count(*) AS count
+            FROM services) > 0));
+END;
+COMMENT ON FUNCTION edm.task_site_wait(bigint,timestamp with time zone) IS 'Why the sites of task p_task_id''s next recipients (the first 1000 pending, in claim order) hold it back at p_now: a row only when every one of them has a site that is suspended (edm.site_suspensions) or without headroom (site and service_site limits of edm.shaping_limits) on every enabled granted service, listing each site with when it frees; until is the first of them. No row when some recipient can go.';
+REVOKE ALL ON FUNCTION edm.task_site_wait(bigint,timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.trim_shaping_actions(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS integer
@@ -6406,6 +7297,44 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.unsubscribe(text,text,bigint,timestamp with time zone) IS 'Unsubscribes p_email from user p_user_id''s mail, idempotently: marks the contact unsubscribed, suppresses the address for that user (reason unsubscribe; an existing suppression is kept), and cancels its pending subtasks in the user''s tasks. Returns what changed (all false / 0 on a repeated call, or when the user no longer exists). Called by edm_sched.unsubscribe after it verified the signed token.';
 REVOKE ALL ON FUNCTION edm.unsubscribe(text,text,bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.warmup_ceiling(p_ramp integer[], p_started_on date, p_day date)
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN (p_day < p_started_on) THEN (p_ramp)[1] WHEN (((p_day - p_started_on) + 1) > cardinality(p_ramp)) THEN NULL::integer ELSE (p_ramp)[((p_day - p_started_on) + 1)] END;
+COMMENT ON FUNCTION edm.warmup_ceiling(integer[],date,date) IS 'The ceiling of local day p_day on ramp p_ramp started on p_started_on (day 1): the ramp''s first value before the start, NULL after its last day (the warm-up is over).';
+REVOKE ALL ON FUNCTION edm.warmup_ceiling(integer[],date,date) FROM PUBLIC;
+
+CREATE FUNCTION edm.warmup_ramp(p_start integer, p_full integer, p_factor numeric DEFAULT 2)
+ RETURNS integer[]
+ LANGUAGE plpgsql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+DECLARE
+  v_ramp integer[];
+  v_c integer;
+BEGIN
+  IF p_start IS NULL OR p_full IS NULL OR p_factor IS NULL OR p_start < 1
+     OR p_full < p_start OR p_full > 100000000 OR p_factor <= 1 OR p_factor > 100 THEN
+    RAISE EXCEPTION 'warmup_ramp: need 1 <= start <= full <= 100000000 and 1 < factor <= 100, got %, %, %',
+      p_start, p_full, p_factor USING ERRCODE = 'ED005';
+  END IF;
+  v_c := p_start;
+  v_ramp := ARRAY[v_c];
+  WHILE v_c < p_full LOOP
+    v_c := least(p_full, ceil(v_c * p_factor))::integer;
+    v_ramp := v_ramp || v_c;
+    IF cardinality(v_ramp) > 366 THEN
+      RAISE EXCEPTION 'warmup_ramp: from % to % by a factor of % takes more than 366 days',
+        p_start, p_full, p_factor USING ERRCODE = 'ED005';
+    END IF;
+  END LOOP;
+  RETURN v_ramp;
+END;
+$function$;
+COMMENT ON FUNCTION edm.warmup_ramp(integer,integer,numeric) IS 'A growing warm-up ramp: p_start on day 1, then each day the day before''s ceiling times p_factor (rounded up) until p_full, the last day. warmup_ramp(50, 1000) = {50,100,200,400,800,1000}. Raises ED005 for bad bounds or a ramp longer than 366 days.';
+REVOKE ALL ON FUNCTION edm.warmup_ramp(integer,integer,numeric) FROM PUBLIC;
 
 CREATE VIEW edm.possible_duplicates AS
  SELECT st.subtask_id,
@@ -6538,6 +7467,127 @@ COMMENT ON COLUMN edm.service_limit_status.used IS 'Sends counted in the current
 COMMENT ON COLUMN edm.service_limit_status.headroom IS 'max_count - used, at least 0.';
 COMMENT ON COLUMN edm.service_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now.';
 
+CREATE VIEW edm.service_warmup_status AS
+ SELECT w.service_id,
+    s.name AS service_name,
+    w.started_on,
+    ((x.today - w.started_on) + 1) AS day,
+    cardinality(w.ramp) AS days,
+        CASE
+            WHEN (x.today < w.started_on) THEN 'scheduled'::text
+            WHEN (((x.today - w.started_on) + 1) > cardinality(w.ramp)) THEN 'ended'::text
+            ELSE 'ramping'::text
+        END AS state,
+    edm.warmup_ceiling(w.ramp, w.started_on, x.today) AS ceiling_today,
+    l.max_count AS ceiling_in_force,
+        CASE
+            WHEN (l.day = x.today) THEN l.day_count
+            ELSE 0
+        END AS used_today,
+    edm.warmup_ceiling(w.ramp, w.started_on, (x.today + 1)) AS ceiling_tomorrow,
+    w.ramp[cardinality(w.ramp)] AS final_ceiling,
+    edm.service_next_quota_day(s.quota_tz, now()) AS next_day_at,
+    w.ramp
+   FROM (((edm.service_warmups w
+     JOIN edm.services s ON ((s.service_id = w.service_id)))
+     CROSS JOIN LATERAL ( SELECT ((now() AT TIME ZONE s.quota_tz))::date AS today) x)
+     LEFT JOIN edm.service_limits l ON (((l.service_id = w.service_id) AND (l.name = 'warmup'::text))));
+COMMENT ON VIEW edm.service_warmup_status IS 'Each warming-up service: day n of N of its ramp (local days in its quota_tz), today''s ceiling, the ceiling in force in its limit ''warmup'' (it follows the ramp at each sweep), sends counted today and tomorrow''s ceiling.';
+COMMENT ON COLUMN edm.service_warmup_status.service_id IS 'Service.';
+COMMENT ON COLUMN edm.service_warmup_status.service_name IS 'Service name.';
+COMMENT ON COLUMN edm.service_warmup_status.started_on IS 'Local date of day 1.';
+COMMENT ON COLUMN edm.service_warmup_status.day IS 'Today''s day of the ramp (day n of days; below 1 before the start, above days once over).';
+COMMENT ON COLUMN edm.service_warmup_status.days IS 'Length of the ramp in days.';
+COMMENT ON COLUMN edm.service_warmup_status.state IS 'scheduled (before day 1), ramping, or ended (past the last day; the warm-up and its limit go at the first sweep once the limit no longer counts the last day).';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_today IS 'The ramp''s ceiling for today (NULL once ended).';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_in_force IS 'max_count of the limit ''warmup'' now: the ceiling the claim applies (an earlier, lower day''s until the first sweep of the day).';
+COMMENT ON COLUMN edm.service_warmup_status.used_today IS 'Sends counted by the limit ''warmup'' for today.';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_tomorrow IS 'The ramp''s ceiling for tomorrow (NULL when the ramp ends today).';
+COMMENT ON COLUMN edm.service_warmup_status.final_ceiling IS 'The ramp''s last ceiling.';
+COMMENT ON COLUMN edm.service_warmup_status.next_day_at IS 'When the next local day (and its ceiling) starts.';
+COMMENT ON COLUMN edm.service_warmup_status.ramp IS 'The whole ramp, day 1 first.';
+
+CREATE VIEW edm.shaping_limit_status AS
+ SELECT scope,
+    site,
+    service_id,
+    user_id,
+    task_id,
+    limit_name,
+    kind,
+    max_count,
+    window_ms,
+    burst,
+    used,
+    GREATEST((max_count - used), 0) AS headroom,
+    next_free_at
+   FROM ( SELECT l.scope,
+            l.site,
+            l.service_id,
+            l.user_id,
+            l.task_id,
+            l.name AS limit_name,
+            l.kind,
+            l.max_count,
+            l.window_ms,
+            l.burst,
+                CASE l.kind
+                    WHEN 'calendar_day'::text THEN
+                    CASE
+                        WHEN (l.day = ((now() AT TIME ZONE COALESCE(l.time_zone, 'UTC'::text)))::date) THEN l.day_count
+                        ELSE 0
+                    END
+                    WHEN 'rolling'::text THEN ( SELECT (COALESCE(sum(b.n), (0)::bigint))::integer AS "coalesce"
+                       FROM UNNEST(l.bucket_idx, l.bucket_n) b(i, n)
+                      WHERE ((b.i)::numeric >= (((edm.epoch_ms(now()) / edm.limit_bucket_ms(l.window_ms)))::numeric - ceil(((l.window_ms)::numeric / (edm.limit_bucket_ms(l.window_ms))::numeric)))))
+                    ELSE LEAST(l.burst, (GREATEST((0)::numeric, ceil(((EXTRACT(epoch FROM (COALESCE(l.tat, now()) - now())) * (1000)::numeric) / ((l.window_ms)::numeric / (GREATEST(l.max_count, 1))::numeric)))))::integer)
+                END AS used,
+            NULLIF(edm.limit_next(edm.shaping_as_limit(l.*), now(), 'UTC'::text), now()) AS next_free_at
+           FROM edm.shaping_limits l) x;
+COMMENT ON VIEW edm.shaping_limit_status IS 'Every shaping limit (edm.shaping_limits: global, site, service_site, user, task) with its use, headroom and when it next admits a send (NULL: now).';
+COMMENT ON COLUMN edm.shaping_limit_status.scope IS 'global, site, service_site, user or task.';
+COMMENT ON COLUMN edm.shaping_limit_status.site IS 'Site (site and service_site scopes).';
+COMMENT ON COLUMN edm.shaping_limit_status.service_id IS 'Service (service_site scope).';
+COMMENT ON COLUMN edm.shaping_limit_status.user_id IS 'User (user scope).';
+COMMENT ON COLUMN edm.shaping_limit_status.task_id IS 'Task (task scope).';
+COMMENT ON COLUMN edm.shaping_limit_status.limit_name IS 'Name of the limit.';
+COMMENT ON COLUMN edm.shaping_limit_status.kind IS 'rate, rolling or calendar_day.';
+COMMENT ON COLUMN edm.shaping_limit_status.max_count IS 'Most sends per window.';
+COMMENT ON COLUMN edm.shaping_limit_status.window_ms IS 'Window in milliseconds (NULL for a calendar day).';
+COMMENT ON COLUMN edm.shaping_limit_status.burst IS 'Most sends at once (rate limits).';
+COMMENT ON COLUMN edm.shaping_limit_status.used IS 'Sends counted in the current window (rate: in the token bucket).';
+COMMENT ON COLUMN edm.shaping_limit_status.headroom IS 'max_count - used, at least 0.';
+COMMENT ON COLUMN edm.shaping_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now (infinity: max_count 0).';
+
+CREATE VIEW edm.site_status AS
+ SELECT site,
+    description,
+    (( SELECT count(*) AS count
+           FROM edm.site_domains d
+          WHERE (d.site = st.site)))::integer AS domains,
+    ARRAY( SELECT x.service_id
+           FROM edm.site_suspensions x
+          WHERE ((x.site = st.site) AND (x.until > now()))
+          ORDER BY x.service_id) AS suspended_services,
+    ( SELECT max(x.until) AS max
+           FROM edm.site_suspensions x
+          WHERE ((x.site = st.site) AND (x.until > now()))) AS suspended_until,
+    ( SELECT COALESCE(jsonb_agg(jsonb_build_object('scope', ls.scope, 'service_id', ls.service_id, 'name', ls.limit_name, 'kind', ls.kind, 'max_count', ls.max_count, 'window_ms', ls.window_ms, 'headroom', ls.headroom, 'next_free_at', ls.next_free_at) ORDER BY ls.scope, ls.service_id, ls.limit_name), '[]'::jsonb) AS "coalesce"
+           FROM edm.shaping_limit_status ls
+          WHERE (ls.site = st.site)) AS limits,
+    ( SELECT max(ls.next_free_at) AS max
+           FROM edm.shaping_limit_status ls
+          WHERE ((ls.site = st.site) AND (ls.scope = 'site'::text))) AS limited_until
+   FROM edm.sites st;
+COMMENT ON VIEW edm.site_status IS 'Per destination site: its domains, the services suspended for it now and until when, and its limits (site scope and per service) with headroom.';
+COMMENT ON COLUMN edm.site_status.site IS 'Site.';
+COMMENT ON COLUMN edm.site_status.description IS 'Whose mail system it is.';
+COMMENT ON COLUMN edm.site_status.domains IS 'Domains mapped to the site.';
+COMMENT ON COLUMN edm.site_status.suspended_services IS 'Services suspended for the site now (edm.site_suspensions).';
+COMMENT ON COLUMN edm.site_status.suspended_until IS 'End of the latest suspension in force; NULL when none.';
+COMMENT ON COLUMN edm.site_status.limits IS 'Its limits, site scope and service_site scope, as JSON objects {scope, service_id, name, kind, max_count, window_ms, headroom, next_free_at}.';
+COMMENT ON COLUMN edm.site_status.limited_until IS 'When the site''s own (all-services) limits next admit a send; NULL when they do now or there are none.';
+
 CREATE VIEW edm.site_suspension_status AS
  SELECT x.service_id,
     s.name AS service_name,
@@ -6583,6 +7633,14 @@ COMMENT ON COLUMN edm.site_suspension_status.last_reply IS 'Its text.';
 CREATE TRIGGER service_limits_flag_ins AFTER INSERT ON edm.service_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
 
 CREATE TRIGGER service_limits_flag_del AFTER DELETE ON edm.service_limits REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
+
+CREATE TRIGGER service_limits_keep_warmup BEFORE DELETE ON edm.service_limits FOR EACH ROW WHEN ((old.name = 'warmup'::text)) EXECUTE FUNCTION edm.service_limits_keep_warmup();
+
+CREATE TRIGGER shaping_limits_flag_ins AFTER INSERT ON edm.shaping_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.shaping_limits_flag();
+COMMENT ON TRIGGER shaping_limits_flag_ins ON edm.shaping_limits IS 'Sets users.has_limits / tasks.has_limits for new user and task limits.';
+
+CREATE TRIGGER shaping_limits_flag_del AFTER DELETE ON edm.shaping_limits REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.shaping_limits_flag();
+COMMENT ON TRIGGER shaping_limits_flag_del ON edm.shaping_limits IS 'Clears users.has_limits / tasks.has_limits when their last limit goes.';
 
 RESET check_function_bodies;
 RESET search_path;

@@ -687,10 +687,8 @@ BEGIN
         cancelled_count = t.cancelled_count + a.n_cancelled,
         quota_reserved = greatest(t.quota_reserved - a.n_sent - a.n_failed - a.n_cancelled, 0),
         last_activity_at = v_now,
-        stuck_since = NULL,
-        status = CASE WHEN t.status = 'sending' AND t.pending_count + a.n_pending = 0
-                           AND t.leased_count - a.n = 0 THEN 'completed'
-                      ELSE t.status END
+        stuck_since = NULL
+        -- a task this drains is completed by trigger tasks_when_drained (0019)
     FROM (
       SELECT p.task_id, count(*) AS n,
              count(*) FILTER (WHERE p.new_status = 'sent') AS n_sent,

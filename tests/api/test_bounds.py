@@ -23,7 +23,7 @@ import pydantic
 import pytest
 
 import edm_sched
-from edm_sched import models, ops
+from edm_sched import models, ops, reply_rules
 from edm_sched.jobs import models as jobs
 
 # (model, field, table, column, SQL unit per model unit); "[]" means the list's items.
@@ -76,6 +76,14 @@ FIELDS: list[tuple[type[pydantic.BaseModel], str, str, str, int]] = [
     (jobs.JobUpdate, "max_concurrent", "jobs", "max_concurrent", 1),
     (jobs.JobUpdate, "timeout_seconds", "jobs", "timeout_seconds", 1),
     (jobs.JobUpdate, "misfire_grace_seconds", "jobs", "misfire_grace_seconds", 1),
+    (reply_rules.ReplyRuleSpec, "smtp_code", "reply_rules", "smtp_code", 1),
+    (reply_rules.ReplyRuleSpec, "priority", "reply_rules", "priority", 1),
+    (reply_rules.ReplyRuleSpec, "duration_seconds", "reply_rules", "duration_s", 1),
+    (reply_rules.ReplyRuleSpec, "escalation_factor", "reply_rules", "escalation_factor", 1),
+    (reply_rules.ReplyRuleSpec, "max_duration_seconds", "reply_rules", "max_duration_s", 1),
+    (reply_rules.ReplyRuleSpec, "reset_after_seconds", "reply_rules", "reset_after_s", 1),
+    (reply_rules.ReplyRuleSpec, "pattern", "reply_rules", "pattern", 1),
+    (reply_rules.ReplyRuleSpec, "description", "reply_rules", "description", 1),
     (jobs.RetryPolicy, "max_retries", "jobs", "max_retries", 1),
     (jobs.RetryPolicy, "delay_seconds", "jobs", "retry_delay_seconds", 1),
     (jobs.RetryPolicy, "backoff", "jobs", "retry_backoff", 1),

@@ -157,9 +157,8 @@ _WRITES_COMPLETED = re.compile(
     r"\bSET\b[^;]*?\bstatus\s*=\s*(?:CASE\b[^;]*?)?'completed'|\bstatus\s*:=\s*'completed'",
     re.IGNORECASE | re.DOTALL)
 
-# The rule's place, and the copies still to remove (edm.complete belongs to
-# another change of the same release; when it drops its CASE, drop it here).
-ALLOWED = {"tasks_complete_drained", "complete"}
+# The rule's place: no function writes it but the trigger.
+ALLOWED = {"tasks_complete_drained"}
 
 
 def test_no_other_function_writes_the_rule(conn: psycopg.Connection[Any]) -> None:
