@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('16', 'shaping', '6f7d224e15d1a639adebda102e97c9d2ed9b78f7dd474c17c20c15f639c45d0d'),
+  ('16', 'shaping', '9ef14a33ee0b6e505d23bfc2d4c258c9e8cc0d9fa1db568ca06d24cf18ef8f90'),
   ('17', 'reply_rules', '24b2eb33dec470a717654b2c71f61f6631446a05509a9cad802ada1b00509c43'),
   ('18', 'warmup', '275aeeec644736af0dcad761778ead637a14d059eabc5766c4967d508bb38e70'),
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
@@ -380,6 +380,7 @@ INSERT INTO edm.config (key, value, default_value, category, value_type, min_val
   ('queue.retry_backoff_max', '3600', '3600', 'queue', 'integer', '60', '86400', NULL, 'seconds', 'Cap on the retry delay of a transient failure.', NULL),
   ('queue.service_hold_seconds', '2', '2', 'queue', 'integer', '1', '60', NULL, 'seconds', 'A service claimed by a dispatcher is held by it for this long after its last slot (and while its sends run), so one process paces the service''s sends on the wire.', NULL),
   ('queue.service_reservation_timeout', '30', '30', 'queue', 'integer', '10', '120', NULL, 'seconds', 'Lease length of a claimed subtask; an expired lease is returned to pending by the sweep.', NULL),
+  ('queue.shaping_arrival_margin_ms', '25', '25', 'queue', 'integer', '0', '10000', NULL, 'ms', 'A rate limit of a layer several lanes send against (global, site, service_site, user, task) counts a send that found its bucket idle as arriving this long after its slot: a provider''s bucket starts from the send''s arrival, and sends of different lanes and dispatchers start a few ms apart from their slots. Without it, the first send after a pause arriving late by more than the 5 ms tolerance makes the next on-time one early as the provider counts. Costs nothing while the limit binds (a saturated bucket does not start from arrivals).', NULL),
   ('queue.slot_lead_ms', '100', '100', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'A paced service (an interval or an extra limit) claimed while idle gets its first slot this long after the claim (at most the lookahead), so the dispatcher has rendered the message and opened the connection by then: a first slot already past when the claim reaches the dispatcher makes its send late and the next one closer than the interval on the wire.', NULL),
   ('queue.slot_lookahead_ms', '250', '250', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'How long before its slot a send may be claimed: the dispatcher renders the message and opens the connection meanwhile, and starts the SMTP transaction at the slot.', NULL),
   ('queue.small_pool_grantees', '100', '100', 'queue', 'integer', '0', '10000', NULL, 'users', 'A service granted to at most this many users finds its next user from its own grants; a larger one from the head of the user rotation. Changes speed only, never which user is chosen.', NULL),
@@ -1923,6 +1924,8 @@ DECLARE
   v_tx       boolean;
   v_susp_any boolean;
   v_tx_max   integer;  -- transactional slots in a row a service may give while bulk waits
+  v_margin   interval := make_interval(secs => coalesce(
+               edm.config_int('queue.shaping_arrival_margin_ms'), 25) / 1000.0);
   -- ...for the current service
   v_susp     text[];   -- its suspended sites
   v_lsites   text[];   -- sites with limits that apply to it
@@ -2463,7 +2466,7 @@ BEGIN
       -- one send's transition (edm.limit_after), in memory
       FOR i IN 1 .. cardinality(m_keys) LOOP
         IF m_keys[i] = ANY (v_keys) THEN
-          m_lims[i] := edm.limit_after(m_lims[i], v_slot, 'UTC');
+          m_lims[i] := edm.limit_after(m_lims[i], v_slot, 'UTC', v_margin);
           m_dirty[i] := true;
         END IF;
       END LOOP;
@@ -5969,7 +5972,7 @@ $function$;
 COMMENT ON FUNCTION edm.lift_site_suspension(bigint,text,timestamp with time zone) IS 'Ends the suspension of (service, site) now and forgets its escalation level (the row is deleted; edm.shaping_actions keeps the history); true when one was in force. Raises ED001 for an unknown service.';
 REVOKE ALL ON FUNCTION edm.lift_site_suspension(bigint,text,timestamp with time zone) FROM PUBLIC;
 
-CREATE FUNCTION edm.limit_after(l edm.service_limits, p_slot timestamp with time zone, p_tz text)
+CREATE FUNCTION edm.limit_after(l edm.service_limits, p_slot timestamp with time zone, p_tz text, p_margin interval DEFAULT '00:00:00'::interval)
  RETURNS edm.service_limits
  LANGUAGE plpgsql
  STABLE
@@ -5979,7 +5982,9 @@ DECLARE
   v_tz text := coalesce(l.time_zone, p_tz);
 BEGIN
   IF l.kind = 'rate' THEN
-    r.tat := greatest(coalesce(l.tat, p_slot), p_slot)
+    -- a bucket that was idle starts from the send's arrival: its slot, or up to
+    -- p_margin later (the lateness of a send no lane paces against this limit)
+    r.tat := greatest(coalesce(l.tat, p_slot + p_margin), p_slot + p_margin)
              + (l.window_ms::double precision / greatest(l.max_count, 1)) * interval '1 millisecond';
   ELSIF l.kind = 'calendar_day' THEN
     r.day_count := CASE WHEN l.day = (p_slot AT TIME ZONE v_tz)::date THEN l.day_count + 1 ELSE 1 END;
@@ -5991,8 +5996,8 @@ BEGIN
   RETURN r;
 END;
 $function$;
-COMMENT ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text) IS 'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time, calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
-REVOKE ALL ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text) FROM PUBLIC;
+COMMENT ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) IS 'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time (a bucket that was idle starts from p_slot + p_margin, the send''s latest expected arrival: see queue.shaping_arrival_margin_ms), calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
+REVOKE ALL ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) FROM PUBLIC;
 
 CREATE FUNCTION edm.limit_bucket_ms(p_window_ms bigint)
  RETURNS bigint

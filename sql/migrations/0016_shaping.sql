@@ -39,7 +39,9 @@
 
 INSERT INTO edm.config (key, value, default_value, category, value_type, min_value, max_value, unit, description) VALUES
   ('queue.transactional_share', '0.8', '0.8', 'queue', 'number', 0, 1, 'fraction',
-   'The most of a service''s slots transactional tasks may take ahead of bulk work while bulk work waits for that service (0.8: at most 4 transactional slots in a row, then a bulk one). 1 lets transactional work take every slot; 0 claims it in the fair rotation like bulk work.');
+   'The most of a service''s slots transactional tasks may take ahead of bulk work while bulk work waits for that service (0.8: at most 4 transactional slots in a row, then a bulk one). 1 lets transactional work take every slot; 0 claims it in the fair rotation like bulk work.'),
+  ('queue.shaping_arrival_margin_ms', '25', '25', 'queue', 'integer', 0, 10000, 'ms',
+   'A rate limit of a layer several lanes send against (global, site, service_site, user, task) counts a send that found its bucket idle as arriving this long after its slot: a provider''s bucket starts from the send''s arrival, and sends of different lanes and dispatchers start a few ms apart from their slots. Without it, the first send after a pause arriving late by more than the 5 ms tolerance makes the next on-time one early as the provider counts. Costs nothing while the limit binds (a saturated bucket does not start from arrivals).');
 
 ALTER TABLE edm.tasks
   ADD COLUMN transactional boolean NOT NULL DEFAULT false,
@@ -178,7 +180,8 @@ COMMENT ON FUNCTION edm.shaping_as_limit(edm.shaping_limits) IS
   'Shaping limit l as an edm.service_limits row, so that edm.limit_next and edm.limit_after evaluate it by the same rule as a service''s limits.';
 
 -- One send's state transition of a limit, written once for the shaping layers.
-CREATE FUNCTION edm.limit_after(l edm.service_limits, p_slot timestamptz, p_tz text)
+CREATE FUNCTION edm.limit_after(l edm.service_limits, p_slot timestamptz, p_tz text,
+                                p_margin interval DEFAULT '0')
 RETURNS edm.service_limits
 LANGUAGE plpgsql STABLE
 AS $$
@@ -187,7 +190,9 @@ DECLARE
   v_tz text := coalesce(l.time_zone, p_tz);
 BEGIN
   IF l.kind = 'rate' THEN
-    r.tat := greatest(coalesce(l.tat, p_slot), p_slot)
+    -- a bucket that was idle starts from the send's arrival: its slot, or up to
+    -- p_margin later (the lateness of a send no lane paces against this limit)
+    r.tat := greatest(coalesce(l.tat, p_slot + p_margin), p_slot + p_margin)
              + (l.window_ms::double precision / greatest(l.max_count, 1)) * interval '1 millisecond';
   ELSIF l.kind = 'calendar_day' THEN
     r.day_count := CASE WHEN l.day = (p_slot AT TIME ZONE v_tz)::date THEN l.day_count + 1 ELSE 1 END;
@@ -199,8 +204,8 @@ BEGIN
   RETURN r;
 END;
 $$;
-COMMENT ON FUNCTION edm.limit_after(edm.service_limits, timestamptz, text) IS
-  'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time, calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
+COMMENT ON FUNCTION edm.limit_after(edm.service_limits, timestamptz, text, interval) IS
+  'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time (a bucket that was idle starts from p_slot + p_margin, the send''s latest expected arrival: see queue.shaping_arrival_margin_ms), calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
 
 CREATE FUNCTION edm.shaping_next(p_keys text[], p_at timestamptz)
 RETURNS timestamptz
@@ -489,6 +494,8 @@ DECLARE
   v_tx       boolean;
   v_susp_any boolean;
   v_tx_max   integer;  -- transactional slots in a row a service may give while bulk waits
+  v_margin   interval := make_interval(secs => coalesce(
+               edm.config_int('queue.shaping_arrival_margin_ms'), 25) / 1000.0);
   -- ...for the current service
   v_susp     text[];   -- its suspended sites
   v_lsites   text[];   -- sites with limits that apply to it
@@ -1029,7 +1036,7 @@ BEGIN
       -- one send's transition (edm.limit_after), in memory
       FOR i IN 1 .. cardinality(m_keys) LOOP
         IF m_keys[i] = ANY (v_keys) THEN
-          m_lims[i] := edm.limit_after(m_lims[i], v_slot, 'UTC');
+          m_lims[i] := edm.limit_after(m_lims[i], v_slot, 'UTC', v_margin);
           m_dirty[i] := true;
         END IF;
       END LOOP;

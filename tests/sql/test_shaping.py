@@ -26,6 +26,8 @@ from tests.support.helpers import T0, TEMPLATE, at, complete, counters_match, ma
 @pytest.fixture
 def sched(dsn: str) -> Iterator[Scheduler]:
     with Scheduler(dsn) as s:
+        # exact clocks below: no arrival margin (its own test sets it)
+        s.monitoring.config_set("queue.shaping_arrival_margin_ms", 0)
         yield s
 
 
@@ -367,3 +369,18 @@ def test_random_claims_never_exceed_any_layer(dsn: str, layers: dict[str, Any],
             assert not bad, (layer, lim, bad)
     assert len({r["subtask_id"] for r in got}) == len(got)
     assert ta > 0
+
+
+def test_an_idle_shared_bucket_counts_a_send_as_arriving_up_to_the_margin_late(
+        sched: Scheduler, conn: psycopg.Connection[Any]) -> None:
+    """A provider's idle bucket starts from a send's arrival, which another lane may
+    make a few ms after its slot: the claim counts it queue.shaping_arrival_margin_ms
+    late, so the next on-time send is not early as the provider counts."""
+    sched.monitoring.config_set("queue.shaping_arrival_margin_ms", 25)
+    sched.upsert_user("a")
+    make_service(sched, "svc", interval=0, users=["a"])
+    task(sched, "a", GMAIL)
+    assert sched.set_site_limits("google", [rate("per_second", 1, 1)]) == 1
+    assert len(claim2(conn, at(0), per_service=10)) == 1
+    assert claim2(conn, at(1), per_service=10) == []  # 1.025 s, not 1 s
+    assert len(claim2(conn, at(1.025), per_service=10)) == 1
