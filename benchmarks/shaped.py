@@ -341,8 +341,11 @@ def spread_over_sites(dsn: str) -> None:
 
 def set_shaping(dsn: str, on: bool) -> None:
     """Every layer configured (loose enough never to bind), or none."""
-    loose = [{"name": "loose", "kind": "rate", "max_count": 1_000_000, "window_ms": 1000,
-              "burst": 1000}]
+    # a million an hour with a burst of 100,000: never binding in the run, and a
+    # tolerance (burst - 1) * T of 6 minutes (a tight one, e.g. 1,000,000 a second
+    # with a burst of 1,000, tolerates only 1 ms and binds on any lateness margin)
+    loose = [{"name": "loose", "kind": "rate", "max_count": 1_000_000, "window_ms": 3_600_000,
+              "burst": 100_000}]
     hourly = [{"name": "hourly", "kind": "rolling", "max_count": 10_000_000,
                "window_ms": 3_600_000}]
     limits = Jsonb(loose if on else [])

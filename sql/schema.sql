@@ -40,7 +40,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
   ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('16', 'shaping', '9ef14a33ee0b6e505d23bfc2d4c258c9e8cc0d9fa1db568ca06d24cf18ef8f90'),
+  ('16', 'shaping', 'e665a14de204d7f12c30c3b255dfd22565273355efdccc7d3747c361b370d04a'),
   ('17', 'reply_rules', '24b2eb33dec470a717654b2c71f61f6631446a05509a9cad802ada1b00509c43'),
   ('18', 'warmup', '275aeeec644736af0dcad761778ead637a14d059eabc5766c4967d508bb38e70'),
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
@@ -380,7 +380,7 @@ INSERT INTO edm.config (key, value, default_value, category, value_type, min_val
   ('queue.retry_backoff_max', '3600', '3600', 'queue', 'integer', '60', '86400', NULL, 'seconds', 'Cap on the retry delay of a transient failure.', NULL),
   ('queue.service_hold_seconds', '2', '2', 'queue', 'integer', '1', '60', NULL, 'seconds', 'A service claimed by a dispatcher is held by it for this long after its last slot (and while its sends run), so one process paces the service''s sends on the wire.', NULL),
   ('queue.service_reservation_timeout', '30', '30', 'queue', 'integer', '10', '120', NULL, 'seconds', 'Lease length of a claimed subtask; an expired lease is returned to pending by the sweep.', NULL),
-  ('queue.shaping_arrival_margin_ms', '25', '25', 'queue', 'integer', '0', '10000', NULL, 'ms', 'A rate limit of a layer several lanes send against (global, site, service_site, user, task) counts a send that found its bucket idle as arriving this long after its slot: a provider''s bucket starts from the send''s arrival, and sends of different lanes and dispatchers start a few ms apart from their slots. Without it, the first send after a pause arriving late by more than the 5 ms tolerance makes the next on-time one early as the provider counts. Costs nothing while the limit binds (a saturated bucket does not start from arrivals).', NULL),
+  ('queue.shaping_arrival_margin_ms', '25', '25', 'queue', 'integer', '0', '10000', NULL, 'ms', 'A rate limit of a layer several lanes send against (global, site, service_site, user, task) counts a send that found its bucket idle as arriving this long after its slot: a provider''s bucket starts from the send''s arrival, and sends of different lanes and dispatchers start a few ms apart from their slots. Without it, the first send after a pause arriving late by more than the 5 ms tolerance makes the next on-time one early as the provider counts. Capped at each limit''s burst tolerance, (burst - 1) * window / max_count, so it costs nothing while the limit binds and a limit without a burst gets none.', NULL),
   ('queue.slot_lead_ms', '100', '100', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'A paced service (an interval or an extra limit) claimed while idle gets its first slot this long after the claim (at most the lookahead), so the dispatcher has rendered the message and opened the connection by then: a first slot already past when the claim reaches the dispatcher makes its send late and the next one closer than the interval on the wire.', NULL),
   ('queue.slot_lookahead_ms', '250', '250', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'How long before its slot a send may be claimed: the dispatcher renders the message and opens the connection meanwhile, and starts the SMTP transaction at the slot.', NULL),
   ('queue.small_pool_grantees', '100', '100', 'queue', 'integer', '0', '10000', NULL, 'users', 'A service granted to at most this many users finds its next user from its own grants; a larger one from the head of the user rotation. Changes speed only, never which user is chosen.', NULL),
@@ -5982,9 +5982,13 @@ DECLARE
   v_tz text := coalesce(l.time_zone, p_tz);
 BEGIN
   IF l.kind = 'rate' THEN
-    -- a bucket that was idle starts from the send's arrival: its slot, or up to
-    -- p_margin later (the lateness of a send no lane paces against this limit)
-    r.tat := greatest(coalesce(l.tat, p_slot + p_margin), p_slot + p_margin)
+    -- A bucket that was idle starts from the send's arrival: its slot, or up to
+    -- p_margin later (the lateness of a send no lane paces against this limit).
+    -- The margin is capped at the limit's burst tolerance: it then costs
+    -- nothing while the limit binds, and a limit without a burst gets none.
+    r.tat := greatest(coalesce(l.tat, p_slot), p_slot
+                      + least(p_margin, ((l.burst - 1) * l.window_ms::double precision
+                                         / greatest(l.max_count, 1)) * interval '1 millisecond'))
              + (l.window_ms::double precision / greatest(l.max_count, 1)) * interval '1 millisecond';
   ELSIF l.kind = 'calendar_day' THEN
     r.day_count := CASE WHEN l.day = (p_slot AT TIME ZONE v_tz)::date THEN l.day_count + 1 ELSE 1 END;
@@ -5996,7 +6000,7 @@ BEGIN
   RETURN r;
 END;
 $function$;
-COMMENT ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) IS 'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time (a bucket that was idle starts from p_slot + p_margin, the send''s latest expected arrival: see queue.shaping_arrival_margin_ms), calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
+COMMENT ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) IS 'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time (a bucket that was idle starts from p_slot + p_margin, the send''s latest expected arrival, the margin capped at the burst tolerance (burst - 1) * window / max_count: see queue.shaping_arrival_margin_ms), calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
 REVOKE ALL ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) FROM PUBLIC;
 
 CREATE FUNCTION edm.limit_bucket_ms(p_window_ms bigint)

@@ -41,7 +41,7 @@ INSERT INTO edm.config (key, value, default_value, category, value_type, min_val
   ('queue.transactional_share', '0.8', '0.8', 'queue', 'number', 0, 1, 'fraction',
    'The most of a service''s slots transactional tasks may take ahead of bulk work while bulk work waits for that service (0.8: at most 4 transactional slots in a row, then a bulk one). 1 lets transactional work take every slot; 0 claims it in the fair rotation like bulk work.'),
   ('queue.shaping_arrival_margin_ms', '25', '25', 'queue', 'integer', 0, 10000, 'ms',
-   'A rate limit of a layer several lanes send against (global, site, service_site, user, task) counts a send that found its bucket idle as arriving this long after its slot: a provider''s bucket starts from the send''s arrival, and sends of different lanes and dispatchers start a few ms apart from their slots. Without it, the first send after a pause arriving late by more than the 5 ms tolerance makes the next on-time one early as the provider counts. Costs nothing while the limit binds (a saturated bucket does not start from arrivals).');
+   'A rate limit of a layer several lanes send against (global, site, service_site, user, task) counts a send that found its bucket idle as arriving this long after its slot: a provider''s bucket starts from the send''s arrival, and sends of different lanes and dispatchers start a few ms apart from their slots. Without it, the first send after a pause arriving late by more than the 5 ms tolerance makes the next on-time one early as the provider counts. Capped at each limit''s burst tolerance, (burst - 1) * window / max_count, so it costs nothing while the limit binds and a limit without a burst gets none.');
 
 ALTER TABLE edm.tasks
   ADD COLUMN transactional boolean NOT NULL DEFAULT false,
@@ -190,9 +190,13 @@ DECLARE
   v_tz text := coalesce(l.time_zone, p_tz);
 BEGIN
   IF l.kind = 'rate' THEN
-    -- a bucket that was idle starts from the send's arrival: its slot, or up to
-    -- p_margin later (the lateness of a send no lane paces against this limit)
-    r.tat := greatest(coalesce(l.tat, p_slot + p_margin), p_slot + p_margin)
+    -- A bucket that was idle starts from the send's arrival: its slot, or up to
+    -- p_margin later (the lateness of a send no lane paces against this limit).
+    -- The margin is capped at the limit's burst tolerance: it then costs
+    -- nothing while the limit binds, and a limit without a burst gets none.
+    r.tat := greatest(coalesce(l.tat, p_slot), p_slot
+                      + least(p_margin, ((l.burst - 1) * l.window_ms::double precision
+                                         / greatest(l.max_count, 1)) * interval '1 millisecond'))
              + (l.window_ms::double precision / greatest(l.max_count, 1)) * interval '1 millisecond';
   ELSIF l.kind = 'calendar_day' THEN
     r.day_count := CASE WHEN l.day = (p_slot AT TIME ZONE v_tz)::date THEN l.day_count + 1 ELSE 1 END;
@@ -205,7 +209,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION edm.limit_after(edm.service_limits, timestamptz, text, interval) IS
-  'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time (a bucket that was idle starts from p_slot + p_margin, the send''s latest expected arrival: see queue.shaping_arrival_margin_ms), calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
+  'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time (a bucket that was idle starts from p_slot + p_margin, the send''s latest expected arrival, the margin capped at the burst tolerance (burst - 1) * window / max_count: see queue.shaping_arrival_margin_ms), calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
 
 CREATE FUNCTION edm.shaping_next(p_keys text[], p_at timestamptz)
 RETURNS timestamptz

@@ -380,7 +380,12 @@ def test_an_idle_shared_bucket_counts_a_send_as_arriving_up_to_the_margin_late(
     sched.upsert_user("a")
     make_service(sched, "svc", interval=0, users=["a"])
     task(sched, "a", GMAIL)
+    # two per 2 s with a burst of 2: a tolerance of 1 s, so the whole margin applies
+    assert sched.set_site_limits("google", [rate("per_2s", 2, 2, burst=2)]) == 1
+    assert len(claim2(conn, at(0), per_service=10)) == 1  # without the margin: 2 at once
+    assert claim2(conn, at(0.02), per_service=10) == []
+    assert len(claim2(conn, at(0.025), per_service=10)) == 1
+    # a limit without a burst has no tolerance to spend: no margin
     assert sched.set_site_limits("google", [rate("per_second", 1, 1)]) == 1
-    assert len(claim2(conn, at(0), per_service=10)) == 1
-    assert claim2(conn, at(1), per_service=10) == []  # 1.025 s, not 1 s
-    assert len(claim2(conn, at(1.025), per_service=10)) == 1
+    assert len(claim2(conn, at(10), per_service=10)) == 1
+    assert len(claim2(conn, at(11), per_service=10)) == 1
