@@ -278,7 +278,7 @@ def test_setters_replace_a_scope_keep_state_and_refuse_bad_input(
         sched.set_task_limits(tid, [{"name": "x", "kind": "rate", "max_count": 1}])
     with pytest.raises(errors.InvalidInput):
         sched.shaping_limits("planet")
-    sched.cancel(tid)
+    sched.cancel_task(tid)
     with pytest.raises(errors.InvalidTransition):
         sched.set_task_transactional(tid, True)
 
