@@ -110,14 +110,12 @@ class Lane:
             return
         self._unacked = None
         self.next_start = max(self.next_start, at + max(self.interval - self.tolerance, 0.0))
-        for pacer in self.pacers:
-            self._tats[pacer] = max(self._tats.get(pacer, at), at) + pacer[0]
+        _count_start(self.pacers, self._tats, at)
         self._acked.set()
 
     def _rates_allow(self) -> float:
         """The earliest instant every rate limit admits one more start."""
-        return max((self._tats[p] - p[1] - self.tolerance for p in self.pacers
-                    if p in self._tats), default=0.0)
+        return _rates_admit(self.pacers, self._tats) - self.tolerance
 
     @property
     def load(self) -> int:
@@ -141,12 +139,11 @@ class Lane:
         tats = dict(self._tats)
         late = 0.0
         for item in self.queue._queue:  # type: ignore[attr-defined]
-            start = max([item.slot, nxt, *(tats[p] - p[1] for p in self.pacers if p in tats)])
+            start = max(item.slot, nxt, _rates_admit(self.pacers, tats))
             late = start - item.slot
             nxt = start + self.interval
-            for p in self.pacers:
-                tats[p] = max(tats.get(p, start), start) + p[0]
-        return late, max([nxt, *(tats[p] - p[1] for p in self.pacers if p in tats)])
+            _count_start(self.pacers, tats, start)
+        return late, max(nxt, _rates_admit(self.pacers, tats))
 
     def held(self) -> list[QueuedSend]:
         """Every send this lane holds a lease for (queued or running)."""
@@ -221,6 +218,19 @@ class Lane:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await w
         self.workers.clear()
+
+
+def _rates_admit(pacers: tuple[tuple[float, float], ...],
+                 tats: dict[tuple[float, float], float]) -> float:
+    """The earliest instant every rate limit admits one more start (GCRA: tat - tau)."""
+    return max((tats[p] - p[1] for p in pacers if p in tats), default=0.0)
+
+
+def _count_start(pacers: tuple[tuple[float, float], ...],
+                 tats: dict[tuple[float, float], float], at: float) -> None:
+    """Count a start at ``at`` against every rate limit (GCRA: tat = max(tat, at) + T)."""
+    for p in pacers:
+        tats[p] = max(tats.get(p, at), at) + p[0]
 
 
 def _crashed(task: asyncio.Task[None]) -> None:
