@@ -39,13 +39,13 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('11', 'jobs_security', 'ef1677dd93d453d5c66404b1d3798c92c0f1e66a0cdf7087aa960c44a23fb46c'),
   ('12', 'bounds', '19fdc73938a5b322674957811547c13127d49c4599e73bdd726ed0aa6991a9c3'),
   ('14', 'claim_batched', '4d6df83cf6aa1d964f8c7bf54d0cbfd556f7050cab3d0259636a2874070043ca'),
-  ('15', 'sites', '3b7b68944ced13e7d49f7591dfa0d0d51986786d1fd566edb7457353463c020c'),
-  ('16', 'shaping', 'e665a14de204d7f12c30c3b255dfd22565273355efdccc7d3747c361b370d04a'),
-  ('17', 'reply_rules', '24b2eb33dec470a717654b2c71f61f6631446a05509a9cad802ada1b00509c43'),
-  ('18', 'warmup', '275aeeec644736af0dcad761778ead637a14d059eabc5766c4967d508bb38e70'),
+  ('15', 'sites', 'b7e5b0ee34c22dc8c52002c31654eba699dd632dbd4b5be60233948c3d0965cb'),
+  ('16', 'shaping', '23eb702b9daed4dc1858396200b1b8f19a657044ed5985b06825065c10067098'),
+  ('17', 'reply_rules', 'c72e72fccca9da5ad3adb55af92cd6fbbb4b9f51fc97a943575ecc8ac63cda3b'),
+  ('18', 'warmup', 'bc4b6575e6756708a61ff1060ac98c0a82d50ea6a7c91f59440a8d781baea3a6'),
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
-  ('20', 'wire_pacing', '57f74abbb152c96ec804424e8b231ac833d85ef0441d100d8c4e91f4cb2868d7'),
+  ('20', 'wire_pacing', '3cef6a420fbb3d7993bf6d23f2abf007d74f375a2a05b90831e039648e4a0f00'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -5936,6 +5936,25 @@ RETURN (floor((EXTRACT(epoch FROM p_ts) * (1000)::numeric)))::bigint;
 COMMENT ON FUNCTION edm.epoch_ms(timestamp with time zone) IS 'Milliseconds since 1970-01-01 UTC (floor).';
 REVOKE ALL ON FUNCTION edm.epoch_ms(timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.extend_roles(p_patch text[], p_context text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  PERFORM edm.patch_function('edm.install_roles(text, text, text)'::regprocedure, p_patch, p_context);
+  -- Databases whose roles were installed already get the new grants now (the
+  -- default role names; with other names, call edm.install_roles(...) again).
+  IF (SELECT count(*) FROM pg_roles r
+      WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
+    PERFORM edm.install_roles();
+  END IF;
+END;
+$function$;
+COMMENT ON FUNCTION edm.extend_roles(text[],text) IS 'For migrations: adds a migration''s names to the grant lists of edm.install_roles (edm.patch_function) and re-applies the grants where the default roles exist.';
+REVOKE ALL ON FUNCTION edm.extend_roles(text[],text) FROM PUBLIC;
+
 CREATE FUNCTION edm.is_bulk_task(p_task_id bigint)
  RETURNS boolean
  LANGUAGE sql
@@ -6221,6 +6240,28 @@ BEGIN ATOMIC
 END;
 COMMENT ON FUNCTION edm.parse_message_id(text) IS 'Task and subtask of an edm-sched Message-ID (<edm.TASK.SUBTASK@domain>, angle brackets optional); no row for any other Message-ID.';
 REVOKE ALL ON FUNCTION edm.parse_message_id(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.patch_function(p_fn regprocedure, p_patch text[], p_context text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_def text := pg_get_functiondef(p_fn);
+  i integer;
+BEGIN
+  FOR i IN 1 .. coalesce(array_length(p_patch, 1), 0) LOOP
+    IF position(p_patch[i][1] IN v_def) = 0 THEN
+      RAISE EXCEPTION '%: % has no %; patch it by hand', p_context, p_fn, p_patch[i][1];
+    END IF;
+    v_def := replace(v_def, p_patch[i][1], p_patch[i][2]);
+  END LOOP;
+  EXECUTE v_def;
+END;
+$function$;
+COMMENT ON FUNCTION edm.patch_function(regprocedure,text[],text) IS 'For migrations: rewrites function p_fn as the catalog has it now, replacing each p_patch[i][1] by p_patch[i][2], so that what earlier migrations put in it is kept; fails (naming p_context, the migration) when a text to replace is not found.';
+REVOKE ALL ON FUNCTION edm.patch_function(regprocedure,text[],text) FROM PUBLIC;
 
 CREATE FUNCTION edm.record_feedback(p_kind text, p_message_id text, p_recipient text DEFAULT NULL::text, p_source text DEFAULT 'api'::text, p_raw text DEFAULT NULL::text, p_detail text DEFAULT NULL::text, p_event_key text DEFAULT NULL::text, p_occurred_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(event_id bigint, subtask_id bigint, duplicate boolean, suppressed boolean, cancelled integer)

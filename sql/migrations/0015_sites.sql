@@ -233,30 +233,49 @@ COMMENT ON FUNCTION edm.suspend_site(bigint, text, timestamptz, text) IS
 -- Roles: the new names in the group roles' grants (the pattern of 0009)
 -- ---------------------------------------------------------------------------
 
-DO $$
+CREATE FUNCTION edm.patch_function(p_fn regprocedure, p_patch text[], p_context text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
 DECLARE
-  v_new text := pg_get_functiondef('edm.install_roles(text, text, text)'::regprocedure);
-  v_patch text[][] := ARRAY[
-    ['v_app_fns text[] := ARRAY[',
-     'v_app_fns text[] := ARRAY[''set_site_domains'', ''cache_site_domains'', ''unmapped_domains'', ''suspend_site'', ''suspended_sites'', ''site_of'', ''email_domain'', '],
-    ['v_monitor_fns text[] := ARRAY[',
-     'v_monitor_fns text[] := ARRAY[''suspended_sites'', ''site_of'', ''email_domain'', '],
-    ['edm.config, edm.task_progress, ',
-     'edm.config, edm.task_progress, edm.sites, edm.site_domains, edm.site_suspensions, ']];
+  v_def text := pg_get_functiondef(p_fn);
   i integer;
 BEGIN
-  FOR i IN 1 .. array_length(v_patch, 1) LOOP
-    IF position(v_patch[i][1] IN v_new) = 0 THEN
-      RAISE EXCEPTION '0015: edm.install_roles has no %; add the site grants by hand', v_patch[i][1];
+  FOR i IN 1 .. coalesce(array_length(p_patch, 1), 0) LOOP
+    IF position(p_patch[i][1] IN v_def) = 0 THEN
+      RAISE EXCEPTION '%: % has no %; patch it by hand', p_context, p_fn, p_patch[i][1];
     END IF;
-    v_new := replace(v_new, v_patch[i][1], v_patch[i][2]);
+    v_def := replace(v_def, p_patch[i][1], p_patch[i][2]);
   END LOOP;
-  EXECUTE v_new;
+  EXECUTE v_def;
+END;
+$fn$;
+COMMENT ON FUNCTION edm.patch_function(regprocedure, text[], text) IS
+  'For migrations: rewrites function p_fn as the catalog has it now, replacing each p_patch[i][1] by p_patch[i][2], so that what earlier migrations put in it is kept; fails (naming p_context, the migration) when a text to replace is not found.';
+
+CREATE FUNCTION edm.extend_roles(p_patch text[], p_context text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+  PERFORM edm.patch_function('edm.install_roles(text, text, text)'::regprocedure, p_patch, p_context);
+  -- Databases whose roles were installed already get the new grants now (the
+  -- default role names; with other names, call edm.install_roles(...) again).
   IF (SELECT count(*) FROM pg_roles r
       WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
     PERFORM edm.install_roles();
   END IF;
 END;
-$$;
+$fn$;
+COMMENT ON FUNCTION edm.extend_roles(text[], text) IS
+  'For migrations: adds a migration''s names to the grant lists of edm.install_roles (edm.patch_function) and re-applies the grants where the default roles exist.';
+
+SELECT edm.extend_roles(ARRAY[
+    ['v_app_fns text[] := ARRAY[',
+     'v_app_fns text[] := ARRAY[''set_site_domains'', ''cache_site_domains'', ''unmapped_domains'', ''suspend_site'', ''suspended_sites'', ''site_of'', ''email_domain'', '],
+    ['v_monitor_fns text[] := ARRAY[',
+     'v_monitor_fns text[] := ARRAY[''suspended_sites'', ''site_of'', ''email_domain'', '],
+    ['edm.config, edm.task_progress, ',
+     'edm.config, edm.task_progress, edm.sites, edm.site_domains, edm.site_suspensions, ']], '0015');
 
 SELECT edm.harden_functions();

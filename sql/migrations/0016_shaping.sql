@@ -1405,30 +1405,12 @@ COMMENT ON COLUMN edm.site_status.limited_until IS 'When the site''s own (all-se
 -- Roles: the new names in the group roles' grants (the pattern of 0009)
 -- ---------------------------------------------------------------------------
 
-DO $$
-DECLARE
-  v_new text := pg_get_functiondef('edm.install_roles(text, text, text)'::regprocedure);
-  v_patch text[][] := ARRAY[
+SELECT edm.extend_roles(ARRAY[
     ['v_app_fns text[] := ARRAY[',
      'v_app_fns text[] := ARRAY[''set_global_limits'', ''set_site_limits'', ''set_user_limits'', ''set_task_limits'', ''set_task_transactional'', ''shaping_as_limit'', ''limit_next'', ''limit_bucket_ms'', ''epoch_ms'', ''shaping_key'', '],
     ['v_monitor_fns text[] := ARRAY[',
      'v_monitor_fns text[] := ARRAY[''task_site_wait'', ''shaping_as_limit'', ''limit_next'', ''limit_bucket_ms'', ''epoch_ms'', ''shaping_key'', '],
     ['edm.config, edm.task_progress, ',
-     'edm.config, edm.task_progress, edm.shaping_limits, edm.shaping_limit_status, edm.site_status, ']];
-  i integer;
-BEGIN
-  FOR i IN 1 .. array_length(v_patch, 1) LOOP
-    IF position(v_patch[i][1] IN v_new) = 0 THEN
-      RAISE EXCEPTION '0016: edm.install_roles has no %; add the shaping grants by hand', v_patch[i][1];
-    END IF;
-    v_new := replace(v_new, v_patch[i][1], v_patch[i][2]);
-  END LOOP;
-  EXECUTE v_new;
-  IF (SELECT count(*) FROM pg_roles r
-      WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
-    PERFORM edm.install_roles();
-  END IF;
-END;
-$$;
+     'edm.config, edm.task_progress, edm.shaping_limits, edm.shaping_limit_status, edm.site_status, ']], '0016');
 
 SELECT edm.harden_functions();

@@ -872,30 +872,12 @@ VALUES
 -- Roles: the new names in the group roles' grants (the pattern of 0015)
 -- ---------------------------------------------------------------------------
 
-DO $$
-DECLARE
-  v_new text := pg_get_functiondef('edm.install_roles(text, text, text)'::regprocedure);
-  v_patch text[][] := ARRAY[
+SELECT edm.extend_roles(ARRAY[
     ['v_app_fns text[] := ARRAY[',
      'v_app_fns text[] := ARRAY[''set_reply_rule'', ''enable_reply_rule'', ''delete_reply_rule'', ''match_reply_rule'', ''lift_site_suspension'', ''reply_enhanced_code'', ''reply_transport_code'', '],
     ['v_monitor_fns text[] := ARRAY[',
      'v_monitor_fns text[] := ARRAY[''match_reply_rule'', ''reply_enhanced_code'', ''reply_transport_code'', '],
     ['edm.config, edm.task_progress, ',
-     'edm.config, edm.task_progress, edm.reply_rules, edm.shaping_actions, edm.site_suspension_status, ']];
-  i integer;
-BEGIN
-  FOR i IN 1 .. array_length(v_patch, 1) LOOP
-    IF position(v_patch[i][1] IN v_new) = 0 THEN
-      RAISE EXCEPTION '0017: edm.install_roles has no %; add the reply rule grants by hand', v_patch[i][1];
-    END IF;
-    v_new := replace(v_new, v_patch[i][1], v_patch[i][2]);
-  END LOOP;
-  EXECUTE v_new;
-  IF (SELECT count(*) FROM pg_roles r
-      WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
-    PERFORM edm.install_roles();
-  END IF;
-END;
-$$;
+     'edm.config, edm.task_progress, edm.reply_rules, edm.shaping_actions, edm.site_suspension_status, ']], '0017');
 
 SELECT edm.harden_functions();

@@ -334,30 +334,12 @@ $$;
 -- Roles: the new names in the group roles' grants (the pattern of 0015)
 -- ---------------------------------------------------------------------------
 
-DO $$
-DECLARE
-  v_new text := pg_get_functiondef('edm.install_roles(text, text, text)'::regprocedure);
-  v_patch text[][] := ARRAY[
+SELECT edm.extend_roles(ARRAY[
     ['v_app_fns text[] := ARRAY[',
      'v_app_fns text[] := ARRAY[''set_service_warmup'', ''warmup_ramp'', ''warmup_ceiling'', ''warmup_ramp_problem'', '],
     ['v_monitor_fns text[] := ARRAY[',
      'v_monitor_fns text[] := ARRAY[''warmup_ramp'', ''warmup_ceiling'', ''warmup_ramp_problem'', '],
     ['edm.config, edm.task_progress, ',
-     'edm.config, edm.task_progress, edm.service_warmups, edm.service_warmup_status, ']];
-  i integer;
-BEGIN
-  FOR i IN 1 .. array_length(v_patch, 1) LOOP
-    IF position(v_patch[i][1] IN v_new) = 0 THEN
-      RAISE EXCEPTION '0018: edm.install_roles has no %; add the warm-up grants by hand', v_patch[i][1];
-    END IF;
-    v_new := replace(v_new, v_patch[i][1], v_patch[i][2]);
-  END LOOP;
-  EXECUTE v_new;
-  IF (SELECT count(*) FROM pg_roles r
-      WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
-    PERFORM edm.install_roles();
-  END IF;
-END;
-$$;
+     'edm.config, edm.task_progress, edm.service_warmups, edm.service_warmup_status, ']], '0018');
 
 SELECT edm.harden_functions();

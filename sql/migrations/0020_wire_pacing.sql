@@ -59,21 +59,9 @@ COMMENT ON FUNCTION edm.report_pace(text, bigint[], timestamptz[]) IS
 -- The dispatcher reads its services' rate limits to pace its lanes
 -- (edm_sched/dispatcher.py, the dispatch_services query): the dispatcher role
 -- may read edm.service_limits (the pattern of 0009).
-DO $$
-DECLARE
-  v_new text := pg_get_functiondef('edm.install_roles(text, text, text)'::regprocedure);
-  v_old text := 'edm.tasks, edm.system_health, edm.jobs, edm.job_executions TO %I'', p_dispatcher';
-BEGIN
-  IF position(v_old IN v_new) = 0 THEN
-    RAISE EXCEPTION '0020: edm.install_roles has no %; grant the dispatcher edm.service_limits by hand', v_old;
-  END IF;
-  EXECUTE replace(v_new, v_old,
-                  'edm.tasks, edm.system_health, edm.jobs, edm.job_executions, edm.service_limits TO %I'', p_dispatcher');
-  IF (SELECT count(*) FROM pg_roles r
-      WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
-    PERFORM edm.install_roles();
-  END IF;
-END;
-$$;
+SELECT edm.extend_roles(ARRAY[[
+  'edm.tasks, edm.system_health, edm.jobs, edm.job_executions TO %I'', p_dispatcher',
+  'edm.tasks, edm.system_health, edm.jobs, edm.job_executions, edm.service_limits TO %I'', p_dispatcher']],
+  '0020');
 
 SELECT edm.harden_functions();
