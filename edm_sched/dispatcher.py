@@ -45,6 +45,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -107,6 +108,16 @@ def _reply(result: SendResult) -> str | None:
     (``"[http:429] ..."``) in front of its text, at most 2000 characters."""
     detail = reply_detail(result.detail, result.error_code)
     return None if detail is None else detail[:2000]
+
+
+_SUSPENDED_SITE = re.compile(r"^reply rule .+: suspend_site ([a-z0-9][a-z0-9_.-]*)$")
+
+
+def _suspended_site(reason: str | None) -> str | None:
+    """The site an ``edm.complete`` reason says a reply rule has just suspended
+    (``reply rule <name>: suspend_site <site>``), or None."""
+    m = _SUSPENDED_SITE.match(reason or "")
+    return m.group(1) if m else None
 
 
 def slots_per_service(n: int) -> int:
@@ -517,6 +528,8 @@ class Dispatcher:
         except Exception as exc:  # a host renderer's bug fails that recipient only
             outcome = SendResult(Outcome.RENDER_ERROR,
                                  detail=f"renderer raised {type(exc).__name__}: {exc}")
+        if item.withdrawn:  # handed back meanwhile (Lane.withdraw): already reported
+            return False
         # Built before the slot: nothing was sent, and edm.complete gives back the
         # attempt and the quota unit (render_error).
         if self.observer:
@@ -598,7 +611,7 @@ class Dispatcher:
 
     def _drain_lane(self, service_id: int) -> None:
         lane = self._lanes.get(service_id)
-        for item in lane.drain_queued() if lane else []:
+        for item in lane.withdraw() if lane else []:
             self._release(item, "service is backing off")
 
     async def _service_configs(self, conn: psycopg.AsyncConnection[Any],
@@ -691,11 +704,36 @@ class Dispatcher:
                 if not (reason and reason.startswith("reply rule ")
                         and not reason.endswith(": suspend_service")):
                     self._drain_lane(c.service_id)
+        for service_id, site in {(c.service_id, site) for c, _ in batch
+                                 if (site := _suspended_site(ruled.get(c.subtask_id)))}:
+            await self._release_site(service_id, site)
         for _, r in batch:
             if r.outcome == Outcome.SERVICE:
                 self.stats.service_failures += 1
             elif r.outcome == Outcome.TRANSIENT:
                 self.stats.retried += 1
+
+    async def _release_site(self, service_id: int, site: str) -> None:
+        """A reply rule has just suspended (service, site): the sends queued in the
+        service's lane for that site would only meet the same refusal, so they are
+        handed back (the claim skips the pair until the suspension ends). Best effort:
+        if the database cannot say which sends those are, they go out as before."""
+        lane = self._lanes.get(service_id)
+        queued = lane.waiting() if lane else []
+        if lane is None or not queued:
+            return
+        try:
+            conn = await self._conn("_complete_conn")
+            cur = await conn.execute(query("sites_of"), ([i.claimed.email for i in queued],))
+            row = await cur.fetchone()
+        except psycopg.Error as exc:
+            log_event(log, logging.WARNING, "site_release_failed", service=service_id,
+                      site=site, error=str(exc).strip()[:200])
+            return
+        sites: list[str | None] = row[0] if row else [None] * len(queued)
+        at_site = {item for item, s in zip(queued, sites, strict=True) if s == site}
+        for item in lane.withdraw(lambda item: item in at_site):
+            self._release(item, f"site {site} is suspended for this service")
 
     async def _drain(self) -> None:
         """Shutdown: hand back queued sends, let running ones finish (within the lease),
@@ -703,7 +741,7 @@ class Dispatcher:
         grace = float(self.lease_seconds
                       or db.setting(self.config, "queue.service_reservation_timeout"))
         for lane in self._lanes.values():
-            for item in lane.drain_queued():
+            for item in lane.withdraw():
                 self._release(item, "dispatcher stopping")
         running = sum(len(lane.running) for lane in self._lanes.values())
         if running:

@@ -66,6 +66,7 @@ class QueuedSend:
     slot: float  # monotonic instant the send may start
     lease_deadline: float  # monotonic instant the lease ends (moved by renewals)
     started: bool = False
+    withdrawn: bool = False  # taken back before it started (Lane.withdraw)
     context: Any = None  # what the prepare step needs (the dispatcher's business)
 
 
@@ -149,11 +150,26 @@ class Lane:
         """Every send this lane holds a lease for (queued or running)."""
         return [*self.running, *self.queue._queue]  # type: ignore[attr-defined]
 
-    def drain_queued(self) -> list[QueuedSend]:
-        """Take every queued (not started) send out of the lane."""
-        out: list[QueuedSend] = []
+    def waiting(self) -> list[QueuedSend]:
+        """The sends not started yet: queued, or taken by a sender that waits for
+        their slot."""
+        return [*(i for i in self.running if not i.started),
+                *self.queue._queue]  # type: ignore[attr-defined]
+
+    def withdraw(self, which: Callable[[QueuedSend], bool] | None = None
+                 ) -> list[QueuedSend]:
+        """Take the sends not started yet out of the lane: every one, or those ``which``
+        picks (the others keep their order). A sender waiting for a withdrawn send's
+        slot drops it; the caller hands each one back."""
+        out = [i for i in self.running if not i.started and (which is None or which(i))]
+        for item in out:
+            item.withdrawn = True
+        keep: list[QueuedSend] = []
         while not self.queue.empty():
-            out.append(self.queue.get_nowait())
+            item = self.queue.get_nowait()
+            (out if which is None or which(item) else keep).append(item)
+        for item in keep:
+            self.queue.put_nowait(item)
         return out
 
     def start(self, send: Callable[[QueuedSend], Awaitable[None]],
@@ -187,12 +203,18 @@ class Lane:
                     # already past starts now, not "back then").
                     now = time.monotonic()
                     start = max(item.slot, self.next_start, self._rates_allow(), now)
+                    if item.withdrawn:
+                        continue
                     if start + LEASE_SAFETY > item.lease_deadline:
                         release(item, "lease would end before the send could start")
                         continue
+                    before = self.next_start
                     self.next_start = start + self.interval - self.tolerance  # until acked
                     if start > now:
                         await asyncio.sleep(start - now)
+                    if item.withdrawn:  # handed back while it waited: its slot is free again
+                        self.next_start = before
+                        continue
                     if time.monotonic() + LEASE_SAFETY > item.lease_deadline:
                         # a renewal failed meanwhile: the lease may be gone
                         release(item, "lease ended while the send waited for its slot")

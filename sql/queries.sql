@@ -444,6 +444,10 @@ SELECT edm.report_pace(%s, %s, %s)
 -- Services whose lanes ran empty while this dispatcher has no room to claim: others may take them.
 SELECT edm.release_holds(%s, %s)
 
+-- sites_of --
+-- The site of each queued recipient, to hand back those of a (service, site) pair just suspended.
+SELECT edm.sites_of(%s::text[])
+
 -- sites_set_domains --
 -- Define a destination site and map domains to it (edm.set_site_domains).
 SELECT edm.set_site_domains(%s, %s::text[], %s)

@@ -114,3 +114,58 @@ def test_a_throttled_site_is_suspended_while_the_other_sites_keep_sending(
                                  ).fetchone()
         assert throttled is not None and throttled[0] == len(actions)
         assert counters_match(conn) == []
+
+
+@pytest.mark.slow
+def test_sends_queued_for_a_site_just_suspended_are_handed_back_not_sent(
+        dsn: str, conn: psycopg.Connection[Any], tmp_path: Path) -> None:
+    # One slot a second, claimed up to 5 s ahead: the lane holds several gmail.com
+    # sends at once, and the first one's refusal comes back long before the second's slot.
+    conn.execute("SELECT edm.config_set('queue.slot_lookahead_ms', '5000')")
+    throttle = Throttle(["gmail.com"])
+    with SmtpSink(rules=throttle, log_path=tmp_path / "sink.jsonl", log_refused=True) as sink, \
+            Scheduler(dsn) as s:
+        s.upsert_user("u")
+        sid = s.create_service({
+            "name": "slow", "from_addresses": ["slow@sender.example"], "interval_seconds": 1.0,
+            "daily_quota": 100_000, "transport": "smtp",
+            "settings": {"host": "127.0.0.1", "port": sink.port, "security": "none"}})
+        s.grant(sid, "u")
+        s.create_task({"user_id": "u", "name": "gmail",
+                       "templates": [{"subject": "Hi", "body_text": "x"}],
+                       "recipients": [{"email": f"r{i}@gmail.com"} for i in range(6)]})
+        stop = threading.Event()
+        th = threading.Thread(target=run_dispatcher, args=(dsn,),
+                              kwargs={"stop_event": stop, "handle_signals": False})
+        th.start()
+
+        def released() -> list[tuple[Any, ...]]:
+            return conn.execute("SELECT subtask_id, detail FROM edm.send_events"
+                                " WHERE kind = 'released' ORDER BY subtask_id").fetchall()
+        try:
+            wait_for(lambda: throttle.throttled >= 1 and len(released()) >= 1, timeout=60)
+            time.sleep(2.5)  # two more slots of the service: nothing else may reach the server
+        finally:
+            stop.set()
+            th.join(30)
+        assert not th.is_alive()
+        assert throttle.throttled == 1, [r.recipient for r in sink.refused]
+        assert sink.received == []
+        events = released()
+        assert events and all("site google is suspended" in str(d) for _, d in events)
+        # handed back: pending, no attempt spent, and the claim leaves them alone
+        rows = conn.execute("SELECT status, attempts FROM edm.subtasks ORDER BY subtask_id"
+                            ).fetchall()
+        assert rows == [("pending", 0)] * 6
+        assert counters_match(conn) == []
+
+
+def test_the_site_a_completion_reason_names() -> None:
+    from edm_sched.dispatcher import _suspended_site
+
+    assert _suspended_site("reply rule gmail-4.7.28-rate: suspend_site google") == "google"
+    assert _suspended_site("reply rule ops:custom: suspend_site mail.ru") == "mail.ru"
+    assert _suspended_site("reply rule x: suspend_site (no site: recipient retried)") is None
+    assert _suspended_site("reply rule x: suspend_service") is None
+    assert _suspended_site("lease expired") is None
+    assert _suspended_site(None) is None
