@@ -162,14 +162,14 @@ class Lane:
         picks (the others keep their order). A sender waiting for a withdrawn send's
         slot drops it; the caller hands each one back."""
         out = [i for i in self.running if not i.started and (which is None or which(i))]
-        for item in out:
-            item.withdrawn = True
         keep: list[QueuedSend] = []
         while not self.queue.empty():
             item = self.queue.get_nowait()
             (out if which is None or which(item) else keep).append(item)
         for item in keep:
             self.queue.put_nowait(item)
+        for item in out:
+            item.withdrawn = True
         return out
 
     def start(self, send: Callable[[QueuedSend], Awaitable[None]],

@@ -215,3 +215,42 @@ def test_an_unpaced_service_starts_its_connections_in_parallel() -> None:
                      [now] * 4, ack_delay=0.1, report=False)
     starts = sorted(s for s, _ in done)
     assert starts[-1] - starts[0] < 0.05, starts
+
+
+def test_withdrawn_sends_never_start_and_free_their_slots() -> None:
+    """Lane.withdraw takes back sends not started yet: the ones queued and the one a
+    sender already holds while it waits for its slot. The sends left keep their order,
+    and the slot the held one would have used goes to the next send."""
+    async def main() -> tuple[list[tuple[int, float]], list[QueuedSend], float]:
+        starts: list[tuple[int, float]] = []
+
+        async def send(item: QueuedSend) -> None:
+            starts.append((item.claimed, time.monotonic()))
+
+        def release(item: QueuedSend, reason: str) -> None:
+            raise AssertionError(reason)
+
+        lane = Lane(service_id=1, interval=0.4, connections=1, depth=8)
+        now = time.monotonic()
+        for i, at in enumerate((0.0, 0.6, 0.7, 1.2, 1.6)):
+            lane.queue.put_nowait(QueuedSend(i, object(), now + at, float("inf")))
+        lane.start(send, release)
+        while not starts:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)  # send 1 is held by the sender, waiting for its slot
+        assert [i.claimed for i in lane.waiting()] == [1, 2, 3, 4]
+        taken = lane.withdraw(lambda item: item.claimed in (1, 3))
+        withdrawn_at = time.monotonic()
+        while len(starts) < 3:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.5)
+        await lane.stop()
+        return starts, taken, withdrawn_at
+
+    starts, taken, withdrawn_at = asyncio.run(main())
+    assert sorted(i.claimed for i in taken) == [1, 3] and all(i.withdrawn for i in taken)
+    assert [i for i, _ in starts] == [0, 2, 4]
+    # send 2 starts at its own slot (0.7 s), not an interval after the withdrawn
+    # send 1's (0.6 + 0.4 s)
+    assert starts[1][1] - starts[0][1] < 0.9, starts
+    assert starts[1][1] > withdrawn_at
