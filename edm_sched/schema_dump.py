@@ -111,7 +111,7 @@ CONCEPTS: list[tuple[str, str, list[str]]] = [
       "delete_reply_rule", "trim_shaping_actions"]),
     ("Dispatch: claim, complete, leases",
      "What every dispatcher calls: the atomic claim, fenced completion, lease recovery.",
-     ["dispatchers", "serve_seq", "send_events", "claim", "claim_v2", "subtask_outcome",
+     ["dispatchers", "serve_seq", "send_events", "claim", "claim_v2", "subtask_next_status",
       "complete", "expire_leases", "renew_leases", "release_holds", "report_pace",
       "live_dispatcher_count", "next_wakeup", "next_wakeup_v2"]),
     ("Deliverability: feedback and reputation",

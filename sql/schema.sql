@@ -46,7 +46,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('20', 'wire_pacing', '3cef6a420fbb3d7993bf6d23f2abf007d74f375a2a05b90831e039648e4a0f00'),
-  ('21', 'vocabulary', '89c3ec6158aab92efaa2c216146bc7f117c191fdac35389051f889a18bac87d9'),
+  ('21', 'vocabulary', '6ac4cd6535845339d5368f33195b768af84a41d240e77429c6d59edd61f05360'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -4494,6 +4494,14 @@ END;
 COMMENT ON FUNCTION edm.claim(text,integer,integer,timestamp with time zone) IS 'The claim of dispatchers before slots (kept for rolling upgrades and host loops): edm.claim_v2 with one slot per service and no lookahead, so every slot is now. Limits, holds and due-retries-first apply as in claim_v2.';
 REVOKE ALL ON FUNCTION edm.claim(text,integer,integer,timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.subtask_next_status(p_outcome text, p_task_status text, p_attempts integer, p_max_attempts integer)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN (p_outcome = 'sent'::text) THEN 'sent'::text WHEN (p_outcome = ANY (ARRAY['permanent'::text, 'render_error'::text])) THEN 'failed'::text WHEN (p_outcome = ANY (ARRAY['transient'::text, 'retry'::text, 'uncertain'::text])) THEN CASE WHEN (p_attempts >= p_max_attempts) THEN 'failed'::text WHEN (p_task_status = 'cancelled'::text) THEN 'cancelled'::text ELSE 'pending'::text END WHEN (p_outcome = 'lease_expired'::text) THEN CASE WHEN (p_task_status = 'cancelled'::text) THEN 'cancelled'::text WHEN (p_attempts >= p_max_attempts) THEN 'failed'::text ELSE 'pending'::text END ELSE CASE WHEN (p_task_status = 'cancelled'::text) THEN 'cancelled'::text ELSE 'pending'::text END END;
+COMMENT ON FUNCTION edm.subtask_next_status(text,text,integer,integer) IS 'The rule of a subtask''s next status, in one place: after outcome p_outcome (an outcome or effective outcome of edm.complete, or lease_expired for edm.expire_leases) of attempt p_attempts of p_max_attempts (queue.max_attempts), in a task of status p_task_status. sent; permanent and render_error fail; transient, retry and uncertain are retried (pending) until the last allowed attempt, then failed, and end cancelled when the task was cancelled; a lease that ran out ends cancelled when the task was, else like transient; anything else returns to pending, or cancelled with its task.';
+REVOKE ALL ON FUNCTION edm.subtask_next_status(text,text,integer,integer) FROM PUBLIC;
+
 CREATE FUNCTION edm.complete(p_owner text, p_subtask_ids bigint[], p_outcomes text[], p_codes integer[] DEFAULT NULL::integer[], p_details text[] DEFAULT NULL::text[], p_response_ms integer[] DEFAULT NULL::integer[], p_provider_ids text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(subtask_id bigint, accepted boolean, status text, reason text)
  LANGUAGE plpgsql
@@ -4643,23 +4651,7 @@ BEGIN
              WHEN st.lease_owner <> p_owner THEN 'leased by another dispatcher'
              WHEN st.lease_expires_at <= v_now THEN 'lease expired at ' || st.lease_expires_at
            END AS reject_reason,
-           CASE i.eff
-             WHEN 'sent' THEN 'sent'
-             WHEN 'permanent' THEN 'failed'
-             WHEN 'render_error' THEN 'failed'
-             WHEN 'transient' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
-                                        WHEN t.status = 'cancelled' THEN 'cancelled'
-                                        ELSE 'pending' END
-             WHEN 'retry' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
-                                    WHEN t.status = 'cancelled' THEN 'cancelled'
-                                    ELSE 'pending' END
-             -- the connection was lost after the final dot: retried like a
-             -- transient failure, and recorded as a possible duplicate
-             WHEN 'uncertain' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
-                                        WHEN t.status = 'cancelled' THEN 'cancelled'
-                                        ELSE 'pending' END
-             ELSE CASE WHEN t.status = 'cancelled' THEN 'cancelled' ELSE 'pending' END
-           END AS new_status,
+           edm.subtask_next_status(i.eff, t.status, st.attempts, v_max_attempts) AS new_status,
            -- service, released, render_error and throttled outcomes did not send: give the
            -- quota back when the claim counted it on the service's current quota day.
            (i.eff IN ('service', 'released', 'render_error', 'throttled', 'throttled_service')
@@ -4909,9 +4901,7 @@ BEGIN
   WITH plan AS (
     SELECT st.subtask_id, st.task_id, st.service_id, st.attempts, st.leased_at, st.lease_owner,
            t.user_id,
-           CASE WHEN t.status = 'cancelled' THEN 'cancelled'
-                WHEN st.attempts >= v_max_attempts THEN 'failed'
-                ELSE 'pending' END AS new_status
+           edm.subtask_next_status('lease_expired', t.status, st.attempts, v_max_attempts) AS new_status
     FROM edm.subtasks st JOIN edm.tasks t ON t.task_id = st.task_id
     WHERE st.subtask_id = ANY (v_ids)
   ),

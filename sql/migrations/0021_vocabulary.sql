@@ -268,6 +268,68 @@ COMMENT ON FUNCTION edm.job_cancel_execution(bigint, text, timestamptz) IS
 COMMENT ON FUNCTION edm.job_create(jsonb, timestamptz, timestamptz) IS
   'Creates a job from p_job (a JSON object whose keys are column names of edm.jobs; the older key tenant_id is read as user_id) with its first run p_next_run_at, computed by the caller with cronsim (NULL for a paused job). The CHECK constraints and the jobs_check_write trigger validate it (ED012 shell disabled, ED014 user quota). Returns the job id.';
 
+-- ---------------------------------------------------------------------------
+-- One rule, one place: what a completed subtask becomes (issue 18, point 3)
+-- ---------------------------------------------------------------------------
+-- "A transient failure is retried until queue.max_attempts, then failed" and
+-- "a subtask of a cancelled task ends cancelled" were written four times in
+-- edm.complete (transient, retry, uncertain, the rest) and once more in
+-- edm.expire_leases. edm.subtask_next_status is that rule; both call it. It
+-- is an IMMUTABLE SQL function, so the planner inlines it: the statements
+-- plan as before. The one difference between the copies is kept and now
+-- stated: a lease that ran out on a cancelled task ends cancelled even on
+-- its last attempt (the quota is refunded), where a transient, retry or
+-- uncertain outcome on the last attempt ends failed.
+
+CREATE FUNCTION edm.subtask_next_status(p_outcome text, p_task_status text, p_attempts integer,
+                                        p_max_attempts integer)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+  WHEN p_outcome = 'sent' THEN 'sent'
+  WHEN p_outcome IN ('permanent', 'render_error') THEN 'failed'
+  -- an attempt spent without success: retried until the last allowed attempt
+  WHEN p_outcome IN ('transient', 'retry', 'uncertain') THEN
+    CASE WHEN p_attempts >= p_max_attempts THEN 'failed'
+         WHEN p_task_status = 'cancelled' THEN 'cancelled'
+         ELSE 'pending' END
+  -- a lease that ran out (edm.expire_leases): the task's cancellation first
+  WHEN p_outcome = 'lease_expired' THEN
+    CASE WHEN p_task_status = 'cancelled' THEN 'cancelled'
+         WHEN p_attempts >= p_max_attempts THEN 'failed'
+         ELSE 'pending' END
+  -- nothing spent (service, released, throttled...): back to pending
+  ELSE CASE WHEN p_task_status = 'cancelled' THEN 'cancelled' ELSE 'pending' END
+END;
+COMMENT ON FUNCTION edm.subtask_next_status(text, text, integer, integer) IS
+  'The rule of a subtask''s next status, in one place: after outcome p_outcome (an outcome or effective outcome of edm.complete, or lease_expired for edm.expire_leases) of attempt p_attempts of p_max_attempts (queue.max_attempts), in a task of status p_task_status. sent; permanent and render_error fail; transient, retry and uncertain are retried (pending) until the last allowed attempt, then failed, and end cancelled when the task was cancelled; a lease that ran out ends cancelled when the task was, else like transient; anything else returns to pending, or cancelled with its task.';
+
+SELECT edm.patch_function('edm.complete(text, bigint[], text[], integer[], text[], integer[], text[], timestamptz)'::regprocedure, ARRAY[
+  [$a$           CASE i.eff
+             WHEN 'sent' THEN 'sent'
+             WHEN 'permanent' THEN 'failed'
+             WHEN 'render_error' THEN 'failed'
+             WHEN 'transient' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
+                                        WHEN t.status = 'cancelled' THEN 'cancelled'
+                                        ELSE 'pending' END
+             WHEN 'retry' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
+                                    WHEN t.status = 'cancelled' THEN 'cancelled'
+                                    ELSE 'pending' END
+             -- the connection was lost after the final dot: retried like a
+             -- transient failure, and recorded as a possible duplicate
+             WHEN 'uncertain' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
+                                        WHEN t.status = 'cancelled' THEN 'cancelled'
+                                        ELSE 'pending' END
+             ELSE CASE WHEN t.status = 'cancelled' THEN 'cancelled' ELSE 'pending' END
+           END AS new_status,$a$,
+   $a$           edm.subtask_next_status(i.eff, t.status, st.attempts, v_max_attempts) AS new_status,$a$]], '0021');
+
+SELECT edm.patch_function('edm.expire_leases(timestamptz, integer)'::regprocedure, ARRAY[
+  [$a$           CASE WHEN t.status = 'cancelled' THEN 'cancelled'
+                WHEN st.attempts >= v_max_attempts THEN 'failed'
+                ELSE 'pending' END AS new_status$a$,
+   $a$           edm.subtask_next_status('lease_expired', t.status, st.attempts, v_max_attempts) AS new_status$a$]], '0021');
+
 -- Roles: whoever reads edm.config may read the renamed names too (the
 -- Python config API looks an old name up there).
 SELECT edm.extend_roles(ARRAY[['edm.config, ', 'edm.config, edm.config_renamed, ']], '0021');

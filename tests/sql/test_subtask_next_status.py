@@ -1,0 +1,54 @@
+"""One rule in one place: what a subtask becomes after an outcome (edm.subtask_next_status),
+the rule edm.complete and edm.expire_leases both call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+# (outcome, task status, attempts, max attempts) -> next status, as edm.complete and
+# edm.expire_leases wrote it, each with its own copy, before migration 0021.
+RETRIED = ("transient", "retry", "uncertain")
+NOTHING_SPENT = ("service", "released", "throttled", "throttled_service")
+
+
+def expected(outcome: str, task: str, attempts: int | None, most: int) -> str:
+    last = attempts is not None and attempts >= most
+    cancelled = task == "cancelled"
+    if outcome == "sent":
+        return "sent"
+    if outcome in ("permanent", "render_error"):
+        return "failed"
+    if outcome in RETRIED:
+        return "failed" if last else "cancelled" if cancelled else "pending"
+    if outcome == "lease_expired":
+        return "cancelled" if cancelled else "failed" if last else "pending"
+    return "cancelled" if cancelled else "pending"
+
+
+@pytest.mark.parametrize("outcome", ["sent", "permanent", "render_error", *RETRIED,
+                                     "lease_expired", *NOTHING_SPENT])
+def test_every_outcome_follows_the_one_rule(conn: psycopg.Connection[Any], outcome: str) -> None:
+    for task in ("sending", "paused", "cancelled"):
+        for attempts in (None, 1, 2, 3, 4):
+            row = conn.execute("SELECT edm.subtask_next_status(%s, %s, %s, 3)",
+                               [outcome, task, attempts]).fetchone()
+            assert row == (expected(outcome, task, attempts, 3),), (outcome, task, attempts)
+
+
+def test_the_rule_is_inlined_so_the_callers_plan_as_before(
+        conn: psycopg.Connection[Any]) -> None:
+    plan = "\n".join(r[0] for r in conn.execute(
+        "EXPLAIN (VERBOSE) SELECT edm.subtask_next_status(o, 'sending', a, 3) "
+        "FROM (VALUES ('transient', 1), ('sent', 2)) v(o, a)").fetchall())
+    assert "subtask_next_status" not in plan and "CASE" in plan, plan
+
+
+def test_complete_and_expire_leases_call_it(conn: psycopg.Connection[Any]) -> None:
+    for fn in ("edm.complete", "edm.expire_leases"):
+        src = conn.execute("SELECT prosrc FROM pg_proc WHERE oid = %s::regproc",
+                           [fn]).fetchone()
+        assert src is not None and "edm.subtask_next_status(" in src[0], fn
+        assert "v_max_attempts THEN 'failed'" not in src[0], fn
