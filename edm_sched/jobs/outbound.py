@@ -299,11 +299,7 @@ def _exchange(checked: guard.Target, addresses: list[guard.IPAddress], method: s
                 if watch.fired:
                     break
         if conn is None:
-            if watch.fired:
-                _timed_out(result, watch)
-            else:
-                result.error = f"HTTP connection failed: {last_error}"
-                result.error_kind = "connection"
+            _failed(result, watch, str(last_error))
             return None
         conn.request(method, checked.path, body=body, headers=headers)
         response = conn.getresponse()
@@ -330,15 +326,20 @@ def _exchange(checked: guard.Target, addresses: list[guard.IPAddress], method: s
         result.bytes_read = len(data)
         return None
     except (OSError, http.client.HTTPException) as exc:
-        if watch.fired:
-            _timed_out(result, watch)
-        else:
-            result.error = f"HTTP connection failed: {type(exc).__name__}: {exc}"
-            result.error_kind = "connection"
+        _failed(result, watch, f"{type(exc).__name__}: {exc}")
         return None
     finally:
         if conn is not None:
             conn.close()
+
+
+def _failed(result: HttpResult, watch: _Watch, error: str) -> None:
+    """A connection that failed: a time-out (or cancellation) when the watch fired, for the
+    watch shuts the sockets down; else a connection error."""
+    if watch.fired:
+        _timed_out(result, watch)
+    else:
+        result.error, result.error_kind = f"HTTP connection failed: {error}", "connection"
 
 
 def _timed_out(result: HttpResult, watch: _Watch) -> None:
