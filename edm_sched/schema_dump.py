@@ -60,8 +60,8 @@ CONCEPTS: list[tuple[str, str, list[str]]] = [
      ["audit_log", "audit_log_append_only", "audit_fields", "audit_row"]),
     ("Configuration",
      "Typed, hot-reloaded settings; a refused value raises ED006 with the allowed range.",
-     ["config", "config_renamed", "config_value_ok", "config_key", "config_int", "config_num",
-      "config_set"]),
+     ["config_value_ok", "job_http_allow_ok", "job_user_list_ok", "config", "config_renamed",
+      "config_key", "config_int", "config_num", "config_set"]),
     ("Users, services and grants",
      "Users (the host platform's tenants), sending accounts, and who may send through what.",
      ["users", "services", "grants", "upsert_user", "set_user_quota", "create_service",
@@ -96,7 +96,7 @@ CONCEPTS: list[tuple[str, str, list[str]]] = [
      "of a (service, site).",
      ["sites", "site_domains", "site_suspensions", "email_domain", "site_of",
       "set_site_domains", "cache_site_domains", "unmapped_domains", "suspend_site",
-      "suspended_sites", "lift_site_suspension", "site_status", "site_suspension_status"]),
+      "suspended_sites", "lift_site_suspension"]),
     ("Traffic shaping",
      "Limits beyond a service's own — global, per site, per (service, site), per user, per "
      "task — held at once by the claim; see docs/explanation/traffic-shaping.md.",
@@ -105,26 +105,27 @@ CONCEPTS: list[tuple[str, str, list[str]]] = [
       "set_global_limits", "set_site_limits", "set_user_limits", "set_task_limits",
       "set_task_transactional", "task_site_wait", "shaping_limit_status"]),
     ("Reply rules",
-     "Patterns on a provider's answers and the actions they trigger (suspend, bounce, retry).",
+     "Patterns on a provider's answers and the actions they trigger (suspend, bounce, retry); "
+     "what a DBA reads of each site's state.",
      ["reply_rules", "shaping_actions", "reply_pattern_ok", "reply_transport_code",
       "reply_enhanced_code", "match_reply_rule", "set_reply_rule", "enable_reply_rule",
-      "delete_reply_rule", "trim_shaping_actions"]),
+      "delete_reply_rule", "trim_shaping_actions", "site_status", "site_suspension_status"]),
     ("Dispatch: claim, complete, leases",
      "What every dispatcher calls: the atomic claim, fenced completion, lease recovery.",
      ["dispatchers", "serve_seq", "send_events", "claim", "claim_v2", "subtask_next_status",
       "complete", "expire_leases", "renew_leases", "release_holds", "report_pace",
       "live_dispatcher_count", "next_wakeup", "next_wakeup_v2"]),
+    ("Sweeps, alerts and metrics",
+     "Periodic maintenance run by the elected dispatcher.",
+     ["sweep_state", "alerts", "metrics_hourly", "run_sweeps", "roll_quota_days",
+      "finish_tasks", "raise_alert", "sweep_alerts", "take_alerts", "trg_quota_day_alerts",
+      "resolve_stale_quota_alerts", "roll_up_metrics", "ensure_partitions", "apply_retention"]),
     ("Deliverability: feedback and reputation",
      "What is learned after sending (bounces, complaints, unsubscribes) and the reputation "
      "breaker that pauses a user or service above the thresholds.",
      ["feedback_events", "parse_message_id", "record_feedback", "unsubscribe",
       "cancel_pending_to", "reputation_rates", "check_reputation", "reputation_resume_service",
       "reputation_resume_user", "tasks_reputation_hold", "reputation_status"]),
-    ("Sweeps, alerts and metrics",
-     "Periodic maintenance run by the elected dispatcher.",
-     ["sweep_state", "alerts", "metrics_hourly", "run_sweeps", "roll_quota_days",
-      "finish_tasks", "raise_alert", "sweep_alerts", "take_alerts", "trg_quota_day_alerts",
-      "resolve_stale_quota_alerts", "roll_up_metrics", "ensure_partitions", "apply_retention"]),
     ("Monitoring views",
      "What a DBA reads when something looks wrong.",
      ["task_progress", "service_status", "system_health", "task_wait_reason",
@@ -158,6 +159,7 @@ class Node:
     name: str
     text: str
     deps: set[tuple[str, int]] = field(default_factory=set)
+    function: str = ""  # a trigger's function
 
 
 def _concept_of(name: str) -> tuple[int, int]:
@@ -169,6 +171,16 @@ def _concept_of(name: str) -> tuple[int, int]:
         if name.startswith(prefix):
             return [c[0] for c in CONCEPTS].index(title), 10_000
     return len(CONCEPTS) - 1, 10_000
+
+
+def _node_concept(n: Node) -> tuple[int, int]:
+    """(concept, position) of a node. A trigger goes with its table, or with its function
+    when that concept comes later (tasks_reputation_hold reads best with deliverability)."""
+    table = _concept_of(n.name)
+    if n.kind != "trigger" or not n.function:
+        return table
+    fn = _concept_of(n.function)
+    return fn if table[0] < fn[0] < len(CONCEPTS) - 1 else table
 
 
 def _rows(conn: psycopg.Connection[Any], query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -442,15 +454,16 @@ def _functions(conn: psycopg.Connection[Any]) -> list[Node]:
 
 def _triggers(conn: psycopg.Connection[Any]) -> list[Node]:
     nodes = []
-    for oid, name, relname, tgdef, descr in _rows(conn, """
+    for oid, name, relname, tgdef, descr, function in _rows(conn, """
             SELECT t.oid, t.tgname::text, c.relname::text, pg_get_triggerdef(t.oid),
-                   obj_description(t.oid, 'pg_trigger')
+                   obj_description(t.oid, 'pg_trigger'), t.tgfoid::regproc::text
             FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
             WHERE c.relnamespace = 'edm'::regnamespace AND NOT t.tgisinternal
               AND t.tgparentid = 0
             ORDER BY c.relname, t.tgname"""):
         text = f"{tgdef};\n" + _comment("TRIGGER", f"{_q(name)} ON edm.{_q(relname)}", descr)
-        nodes.append(Node(("trigger", oid), "trigger", relname, text))
+        nodes.append(Node(("trigger", oid), "trigger", relname, text,
+                          function=function.removeprefix("edm.")))
     return nodes
 
 
@@ -550,7 +563,7 @@ def unsorted(conn: psycopg.Connection[Any]) -> list[str]:
     """The objects of the database behind ``conn`` that no concept claims ("kind name")."""
     last = len(CONCEPTS) - 1
     return sorted({f"{n.kind} {n.name}" for n in _nodes(conn)
-                   if _concept_of(n.name)[0] == last})
+                   if _node_concept(n)[0] == last})
 
 
 def dump(conn: psycopg.Connection[Any]) -> str:
@@ -559,8 +572,8 @@ def dump(conn: psycopg.Connection[Any]) -> str:
     _dependencies(conn, nodes)
 
     def rank(n: Node) -> tuple[int, int, int, str, int]:
-        concept, pos = _concept_of(n.name)
-        # Triggers read best right after the functions of their table's concept.
+        concept, pos = _node_concept(n)
+        # Triggers read best right after the functions of their concept.
         return concept, _KIND_RANK[n.kind], pos, n.name, n.key[1]
 
     order: list[Node] = []
@@ -587,7 +600,7 @@ def dump(conn: psycopg.Connection[Any]) -> str:
            _grants(conn, "SCHEMA", "edm", nsp[0], nsp[1])]
     current = -1
     for n in order:
-        concept = _concept_of(n.name)[0]
+        concept = _node_concept(n)[0]
         if concept != current:
             title, intro, _ = CONCEPTS[concept]
             out.append(f"\n-- {'=' * 74}\n-- {title}\n-- {intro}\n-- {'=' * 74}\n")

@@ -46,7 +46,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('20', 'wire_pacing', '3cef6a420fbb3d7993bf6d23f2abf007d74f375a2a05b90831e039648e4a0f00'),
-  ('21', 'vocabulary', '6ac4cd6535845339d5368f33195b768af84a41d240e77429c6d59edd61f05360'),
+  ('21', 'vocabulary', 'ef24b9aa51c1dd25cefa9feebc1f4485e065393d01f9277848d54cd41f9479f5'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -320,11 +320,6 @@ RETURN CASE p_type WHEN 'integer'::text THEN ((jsonb_typeof(p_value) = 'number':
 COMMENT ON FUNCTION edm.config_value_ok(text,jsonb,numeric,numeric,text[]) IS 'True when a config value has the declared type and lies within its bounds or allowed values. Backs the CHECK on edm.config.';
 REVOKE ALL ON FUNCTION edm.config_value_ok(text,jsonb,numeric,numeric,text[]) FROM PUBLIC;
 
--- ==========================================================================
--- Recurring jobs
--- Cron-scheduled jobs on the same database (see docs/jobs.md).
--- ==========================================================================
-
 CREATE FUNCTION edm.job_http_allow_ok(p_value text)
  RETURNS boolean
  LANGUAGE plpgsql
@@ -399,11 +394,6 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.job_user_list_ok(text) IS 'True when p_value is a JSON array of non-empty user ids (the jobs.shell_users setting; "*" stands for every user). Backs a CHECK on edm.config.';
 REVOKE ALL ON FUNCTION edm.job_user_list_ok(text) FROM PUBLIC;
-
--- ==========================================================================
--- Configuration
--- Typed, hot-reloaded settings; a refused value raises ED006 with the allowed range.
--- ==========================================================================
 
 CREATE TABLE edm.config (
   key text NOT NULL,
@@ -493,7 +483,7 @@ CREATE TABLE edm.config_renamed (
   CONSTRAINT config_renamed_pkey PRIMARY KEY (old_key),
   CONSTRAINT config_renamed_key_fkey FOREIGN KEY (key) REFERENCES edm.config(key) ON UPDATE CASCADE
 );
-COMMENT ON TABLE edm.config_renamed IS 'Settings renamed by a migration: edm.config_set, edm.config_int and the Python config API accept the old name (deprecated) for the new one.';
+COMMENT ON TABLE edm.config_renamed IS 'Settings renamed by a migration: edm.config_set and the Python config API accept the old name (deprecated) for the new one; edm.config_key maps an old name to the new.';
 COMMENT ON COLUMN edm.config_renamed.old_key IS 'The name the setting had.';
 COMMENT ON COLUMN edm.config_renamed.key IS 'Its name now (edm.config.key).';
 COMMENT ON COLUMN edm.config_renamed.renamed_in IS 'The migration that renamed it.';
@@ -514,8 +504,8 @@ CREATE FUNCTION edm.config_int(p_key text)
  RETURNS integer
  LANGUAGE sql
  STABLE
-RETURN COALESCE((SELECT (((c.value #>> '{}'::text[]))::numeric)::integer AS int4 FROM edm.config c WHERE (c.key = config_int.p_key)), (SELECT (((c.value #>> '{}'::text[]))::numeric)::integer AS int4 FROM (edm.config c JOIN edm.config_renamed r ON ((r.key = c.key))) WHERE (r.old_key = config_int.p_key)));
-COMMENT ON FUNCTION edm.config_int(text) IS 'Integer value of config key p_key (NULL when absent); an old name of a renamed setting (edm.config_renamed) reads the new one.';
+RETURN (SELECT (((c.value #>> '{}'::text[]))::numeric)::integer AS int4 FROM edm.config c WHERE (c.key = config_int.p_key));
+COMMENT ON FUNCTION edm.config_int(text) IS 'Integer value of config key p_key (NULL when absent).';
 REVOKE ALL ON FUNCTION edm.config_int(text) FROM PUBLIC;
 
 CREATE FUNCTION edm.config_num(p_key text)
@@ -872,34 +862,6 @@ CREATE TRIGGER users_audit_upd AFTER UPDATE ON edm.users FOR EACH ROW WHEN (((ol
 CREATE TRIGGER services_audit AFTER INSERT OR DELETE ON edm.services FOR EACH ROW EXECUTE FUNCTION edm.audit_row('service');
 
 CREATE TRIGGER services_audit_upd AFTER UPDATE ON edm.services FOR EACH ROW WHEN ((((((((((old.name IS DISTINCT FROM new.name) OR (old.transport IS DISTINCT FROM new.transport)) OR (old.settings IS DISTINCT FROM new.settings)) OR (old.credential_ref IS DISTINCT FROM new.credential_ref)) OR (old.from_addresses IS DISTINCT FROM new.from_addresses)) OR (old.interval_ms IS DISTINCT FROM new.interval_ms)) OR (old.daily_quota IS DISTINCT FROM new.daily_quota)) OR (old.quota_tz IS DISTINCT FROM new.quota_tz)) OR (old.enabled IS DISTINCT FROM new.enabled))) EXECUTE FUNCTION edm.audit_row('service');
-
--- ==========================================================================
--- Sweeps, alerts and metrics
--- Periodic maintenance run by the elected dispatcher.
--- ==========================================================================
-
-CREATE FUNCTION edm.trg_quota_day_alerts()
- RETURNS trigger
- LANGUAGE plpgsql
-AS $function$
-BEGIN
-  UPDATE edm.alerts a
-  SET resolved_at = edm.service_next_quota_day(NEW.quota_tz, a.raised_at)
-  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND a.service_id = NEW.service_id
-    AND (a.raised_at AT TIME ZONE NEW.quota_tz)::date < NEW.quota_day;
-  RETURN NULL;
-END;
-$function$;
-COMMENT ON FUNCTION edm.trg_quota_day_alerts() IS 'Trigger: when a service starts a new quota day (quota_day moves forward, by a claim or edm.roll_quota_days), its open quota alerts of earlier days are resolved at the local midnight that ended them.';
-REVOKE ALL ON FUNCTION edm.trg_quota_day_alerts() FROM PUBLIC;
-
--- ==========================================================================
--- Users, services and grants
--- Users (the host platform's tenants), sending accounts, and who may send through what.
--- ==========================================================================
-
-CREATE TRIGGER services_quota_day_alerts AFTER UPDATE OF quota_day ON edm.services FOR EACH ROW WHEN ((new.quota_day IS DISTINCT FROM old.quota_day)) EXECUTE FUNCTION edm.trg_quota_day_alerts();
-COMMENT ON TRIGGER services_quota_day_alerts ON edm.services IS 'Resolves the quota alerts of a service''s past quota days as it starts a new one (edm.trg_quota_day_alerts).';
 
 CREATE TRIGGER grants_audit AFTER INSERT OR DELETE OR UPDATE ON edm.grants FOR EACH ROW EXECUTE FUNCTION edm.audit_row('grant');
 
@@ -1844,42 +1806,6 @@ CREATE TRIGGER tasks_audit AFTER INSERT ON edm.tasks FOR EACH ROW EXECUTE FUNCTI
 
 CREATE TRIGGER tasks_audit_upd AFTER UPDATE OF status ON edm.tasks FOR EACH ROW WHEN (((old.status IS DISTINCT FROM new.status) AND ((new.status = ANY (ARRAY['paused'::text, 'cancelled'::text])) OR (old.status = 'paused'::text)))) EXECUTE FUNCTION edm.audit_row('task');
 
--- ==========================================================================
--- Deliverability: feedback and reputation
--- What is learned after sending (bounces, complaints, unsubscribes) and the reputation breaker that pauses a user or service above the thresholds.
--- ==========================================================================
-
-CREATE FUNCTION edm.tasks_reputation_hold()
- RETURNS trigger
- LANGUAGE plpgsql
-AS $function$
-DECLARE
-  v_reason text;
-BEGIN
-  SELECT u.paused_reason INTO v_reason FROM edm.users u WHERE u.user_id = NEW.user_id;
-  IF v_reason IS NULL OR NOT edm.is_bulk_task(NEW.task_id) THEN
-    RETURN NEW;
-  END IF;
-  IF OLD.status = 'paused' THEN
-    RAISE EXCEPTION 'user % is paused by the reputation breaker (%); resume the user first',
-      NEW.user_id, v_reason USING ERRCODE = 'ED003';
-  END IF;
-  -- a bulk task due to start while its user is held: held with it
-  NEW.status := 'paused';
-  NEW.pause_reason := v_reason;
-  RETURN NEW;
-END;
-$function$;
-COMMENT ON FUNCTION edm.tasks_reputation_hold() IS 'Trigger: while the reputation breaker holds a user (users.paused_reason), the user''s bulk tasks that would start sending are paused instead (with the reason), and resuming one of them by hand is refused (ED003) until the user is resumed.';
-REVOKE ALL ON FUNCTION edm.tasks_reputation_hold() FROM PUBLIC;
-
--- ==========================================================================
--- Tasks and subtasks
--- Campaigns, their templates and one subtask per recipient; creation and lifecycle.
--- ==========================================================================
-
-CREATE TRIGGER tasks_reputation_hold BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN (((new.status = 'sending'::text) AND (old.status = ANY (ARRAY['scheduled'::text, 'paused'::text])))) EXECUTE FUNCTION edm.tasks_reputation_hold();
-
 CREATE TRIGGER tasks_when_drained BEFORE UPDATE ON edm.tasks FOR EACH ROW WHEN (edm.task_drained(new.status, new.pending_count, new.leased_count)) EXECUTE FUNCTION edm.tasks_complete_drained();
 COMMENT ON TRIGGER tasks_when_drained ON edm.tasks IS 'One place for "a drained task is completed": every update that leaves a task sending with nothing pending or leased completes it.';
 
@@ -2309,34 +2235,6 @@ CREATE TRIGGER service_limits_flag_del AFTER DELETE ON edm.service_limits REFERE
 -- Ramps of daily ceilings a new IP or account follows (the limit warmup).
 -- ==========================================================================
 
-CREATE FUNCTION edm.service_limits_keep_warmup()
- RETURNS trigger
- LANGUAGE plpgsql
-AS $function$
-BEGIN
-  -- The service row is gone when this is the cascade of its deletion: let it go.
-  IF EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = OLD.service_id)
-     AND EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = OLD.service_id) THEN
-    RETURN NULL;
-  END IF;
-  RETURN OLD;
-END;
-$function$;
-COMMENT ON FUNCTION edm.service_limits_keep_warmup() IS 'Row trigger on edm.service_limits: the limit ''warmup'' of a service that is warming up is not deleted (edm.set_service_limits replacing the other limits keeps it, with its state); it goes when the warm-up ends.';
-REVOKE ALL ON FUNCTION edm.service_limits_keep_warmup() FROM PUBLIC;
-
--- ==========================================================================
--- Rate limits
--- A service's limits (rate with burst, rolling window, calendar day) and how a claim takes them; see docs/explanation/rate-limits.md.
--- ==========================================================================
-
-CREATE TRIGGER service_limits_keep_warmup BEFORE DELETE ON edm.service_limits FOR EACH ROW WHEN ((old.name = 'warmup'::text)) EXECUTE FUNCTION edm.service_limits_keep_warmup();
-
--- ==========================================================================
--- Warm-up
--- Ramps of daily ceilings a new IP or account follows (the limit warmup).
--- ==========================================================================
-
 CREATE FUNCTION edm.warmup_ramp_problem(p_ramp integer[])
  RETURNS text
  LANGUAGE sql
@@ -2530,6 +2428,22 @@ $function$;
 COMMENT ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) IS 'Puts service p_service_id on warm-up ramp p_ramp (daily ceilings, day 1 first, never decreasing; see edm.warmup_ramp) from local date p_started_on (default: today in its quota_tz), replacing a ramp it had, and applies today''s ceiling at once. A NULL or empty ramp ends the warm-up and removes its limit. Returns the ceiling in force (NULL when none). Raises ED001 for an unknown service, ED005 for a bad ramp (nothing is changed).';
 REVOKE ALL ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.service_limits_keep_warmup()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  -- The service row is gone when this is the cascade of its deletion: let it go.
+  IF EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = OLD.service_id)
+     AND EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = OLD.service_id) THEN
+    RETURN NULL;
+  END IF;
+  RETURN OLD;
+END;
+$function$;
+COMMENT ON FUNCTION edm.service_limits_keep_warmup() IS 'Row trigger on edm.service_limits: the limit ''warmup'' of a service that is warming up is not deleted (edm.set_service_limits replacing the other limits keeps it, with its state); it goes when the warm-up ends.';
+REVOKE ALL ON FUNCTION edm.service_limits_keep_warmup() FROM PUBLIC;
+
 CREATE VIEW edm.service_warmup_status AS
  SELECT w.service_id,
     s.name AS service_name,
@@ -2569,6 +2483,8 @@ COMMENT ON COLUMN edm.service_warmup_status.ceiling_tomorrow IS 'The ramp''s cei
 COMMENT ON COLUMN edm.service_warmup_status.final_ceiling IS 'The ramp''s last ceiling.';
 COMMENT ON COLUMN edm.service_warmup_status.next_day_at IS 'When the next local day (and its ceiling) starts.';
 COMMENT ON COLUMN edm.service_warmup_status.ramp IS 'The whole ramp, day 1 first.';
+
+CREATE TRIGGER service_limits_keep_warmup BEFORE DELETE ON edm.service_limits FOR EACH ROW WHEN ((old.name = 'warmup'::text)) EXECUTE FUNCTION edm.service_limits_keep_warmup();
 
 -- ==========================================================================
 -- Sites
@@ -2951,283 +2867,6 @@ RETURN ROW(COALESCE((l).service_id, (0)::bigint), (l).name, (l).kind, (l).max_co
 COMMENT ON FUNCTION edm.shaping_as_limit(edm.shaping_limits) IS 'Shaping limit l as an edm.service_limits row, so that edm.limit_next and edm.limit_after evaluate it by the same rule as a service''s limits.';
 REVOKE ALL ON FUNCTION edm.shaping_as_limit(edm.shaping_limits) FROM PUBLIC;
 
-CREATE VIEW edm.shaping_limit_status AS
- SELECT scope,
-    site,
-    service_id,
-    user_id,
-    task_id,
-    limit_name,
-    kind,
-    max_count,
-    window_ms,
-    burst,
-    used,
-    GREATEST((max_count - used), 0) AS headroom,
-    next_free_at
-   FROM ( SELECT l.scope,
-            l.site,
-            l.service_id,
-            l.user_id,
-            l.task_id,
-            l.name AS limit_name,
-            l.kind,
-            l.max_count,
-            l.window_ms,
-            l.burst,
-                CASE l.kind
-                    WHEN 'calendar_day'::text THEN
-                    CASE
-                        WHEN (l.day = ((now() AT TIME ZONE COALESCE(l.time_zone, 'UTC'::text)))::date) THEN l.day_count
-                        ELSE 0
-                    END
-                    WHEN 'rolling'::text THEN ( SELECT (COALESCE(sum(b.n), (0)::bigint))::integer AS "coalesce"
-                       FROM UNNEST(l.bucket_idx, l.bucket_n) b(i, n)
-                      WHERE ((b.i)::numeric >= (((edm.epoch_ms(now()) / edm.limit_bucket_ms(l.window_ms)))::numeric - ceil(((l.window_ms)::numeric / (edm.limit_bucket_ms(l.window_ms))::numeric)))))
-                    ELSE LEAST(l.burst, (GREATEST((0)::numeric, ceil(((EXTRACT(epoch FROM (COALESCE(l.tat, now()) - now())) * (1000)::numeric) / ((l.window_ms)::numeric / (GREATEST(l.max_count, 1))::numeric)))))::integer)
-                END AS used,
-            NULLIF(edm.limit_next(edm.shaping_as_limit(l.*), now(), 'UTC'::text), now()) AS next_free_at
-           FROM edm.shaping_limits l) x;
-COMMENT ON VIEW edm.shaping_limit_status IS 'Every shaping limit (edm.shaping_limits: global, site, service_site, user, task) with its use, headroom and when it next admits a send (NULL: now).';
-COMMENT ON COLUMN edm.shaping_limit_status.scope IS 'global, site, service_site, user or task.';
-COMMENT ON COLUMN edm.shaping_limit_status.site IS 'Site (site and service_site scopes).';
-COMMENT ON COLUMN edm.shaping_limit_status.service_id IS 'Service (service_site scope).';
-COMMENT ON COLUMN edm.shaping_limit_status.user_id IS 'User (user scope).';
-COMMENT ON COLUMN edm.shaping_limit_status.task_id IS 'Task (task scope).';
-COMMENT ON COLUMN edm.shaping_limit_status.limit_name IS 'Name of the limit.';
-COMMENT ON COLUMN edm.shaping_limit_status.kind IS 'rate, rolling or calendar_day.';
-COMMENT ON COLUMN edm.shaping_limit_status.max_count IS 'Most sends per window.';
-COMMENT ON COLUMN edm.shaping_limit_status.window_ms IS 'Window in milliseconds (NULL for a calendar day).';
-COMMENT ON COLUMN edm.shaping_limit_status.burst IS 'Most sends at once (rate limits).';
-COMMENT ON COLUMN edm.shaping_limit_status.used IS 'Sends counted in the current window (rate: in the token bucket).';
-COMMENT ON COLUMN edm.shaping_limit_status.headroom IS 'max_count - used, at least 0.';
-COMMENT ON COLUMN edm.shaping_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now (infinity: max_count 0).';
-
--- ==========================================================================
--- Sites
--- Receiving mailbox providers: the domains that share their throttles, and suspensions of a (service, site).
--- ==========================================================================
-
-CREATE VIEW edm.site_status AS
- SELECT site,
-    description,
-    (( SELECT count(*) AS count
-           FROM edm.site_domains d
-          WHERE (d.site = st.site)))::integer AS domains,
-    ARRAY( SELECT x.service_id
-           FROM edm.site_suspensions x
-          WHERE ((x.site = st.site) AND (x.until > now()))
-          ORDER BY x.service_id) AS suspended_services,
-    ( SELECT max(x.until) AS max
-           FROM edm.site_suspensions x
-          WHERE ((x.site = st.site) AND (x.until > now()))) AS suspended_until,
-    ( SELECT COALESCE(jsonb_agg(jsonb_build_object('scope', ls.scope, 'service_id', ls.service_id, 'name', ls.limit_name, 'kind', ls.kind, 'max_count', ls.max_count, 'window_ms', ls.window_ms, 'headroom', ls.headroom, 'next_free_at', ls.next_free_at) ORDER BY ls.scope, ls.service_id, ls.limit_name), '[]'::jsonb) AS "coalesce"
-           FROM edm.shaping_limit_status ls
-          WHERE (ls.site = st.site)) AS limits,
-    ( SELECT max(ls.next_free_at) AS max
-           FROM edm.shaping_limit_status ls
-          WHERE ((ls.site = st.site) AND (ls.scope = 'site'::text))) AS limited_until
-   FROM edm.sites st;
-COMMENT ON VIEW edm.site_status IS 'Per destination site: its domains, the services suspended for it now and until when, and its limits (site scope and per service) with headroom.';
-COMMENT ON COLUMN edm.site_status.site IS 'Site.';
-COMMENT ON COLUMN edm.site_status.description IS 'Whose mail system it is.';
-COMMENT ON COLUMN edm.site_status.domains IS 'Domains mapped to the site.';
-COMMENT ON COLUMN edm.site_status.suspended_services IS 'Services suspended for the site now (edm.site_suspensions).';
-COMMENT ON COLUMN edm.site_status.suspended_until IS 'End of the latest suspension in force; NULL when none.';
-COMMENT ON COLUMN edm.site_status.limits IS 'Its limits, site scope and service_site scope, as JSON objects {scope, service_id, name, kind, max_count, window_ms, headroom, next_free_at}.';
-COMMENT ON COLUMN edm.site_status.limited_until IS 'When the site''s own (all-services) limits next admit a send; NULL when they do now or there are none.';
-
--- ==========================================================================
--- Reply rules
--- Patterns on a provider's answers and the actions they trigger (suspend, bounce, retry).
--- ==========================================================================
-
-CREATE FUNCTION edm.reply_pattern_ok(p_pattern text)
- RETURNS boolean
- LANGUAGE plpgsql
- IMMUTABLE
-AS $function$
-BEGIN
-  IF p_pattern IS NULL THEN
-    RETURN true;
-  END IF;
-  PERFORM '' ~* p_pattern;
-  RETURN true;
-EXCEPTION WHEN invalid_regular_expression THEN
-  RETURN false;
-END;
-$function$;
-COMMENT ON FUNCTION edm.reply_pattern_ok(text) IS 'True when p_pattern (or NULL) is a valid PostgreSQL regular expression: a rule with a broken pattern would make every completion fail.';
-REVOKE ALL ON FUNCTION edm.reply_pattern_ok(text) FROM PUBLIC;
-
-CREATE TABLE edm.reply_rules (
-  rule_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
-  name text NOT NULL,
-  priority integer DEFAULT 100 NOT NULL,
-  enabled boolean DEFAULT true NOT NULL,
-  source text DEFAULT 'admin'::text NOT NULL,
-  site text,
-  smtp_code integer,
-  enhanced_code text,
-  pattern text,
-  transport_code text,
-  action text NOT NULL,
-  duration_s integer,
-  escalation_factor double precision DEFAULT 1 NOT NULL,
-  max_duration_s integer,
-  reset_after_s integer DEFAULT 3600 NOT NULL,
-  description text DEFAULT ''::text NOT NULL,
-  updated_at timestamp with time zone DEFAULT now() NOT NULL,
-  CONSTRAINT reply_rules_pkey PRIMARY KEY (rule_id),
-  CONSTRAINT reply_rules_name_key UNIQUE (name),
-  CONSTRAINT reply_rules_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
-  CONSTRAINT reply_rules_action_check CHECK ((action = ANY (ARRAY['suspend_site'::text, 'suspend_service'::text, 'bounce'::text, 'retry'::text]))),
-  CONSTRAINT reply_rules_description_check CHECK ((length(description) <= 500)),
-  CONSTRAINT reply_rules_duration CHECK (((action = 'bounce'::text) = (duration_s IS NULL))),
-  CONSTRAINT reply_rules_duration_s_check CHECK (((duration_s >= 1) AND (duration_s <= 2592000))),
-  CONSTRAINT reply_rules_enhanced_code_check CHECK ((enhanced_code ~ '^[245]\.([0-9]{1,3}\.([0-9]{1,3})?)?$'::text)),
-  CONSTRAINT reply_rules_escalation_factor_check CHECK (((escalation_factor >= (1)::double precision) AND (escalation_factor <= (100)::double precision))),
-  CONSTRAINT reply_rules_matches_something CHECK (((smtp_code IS NOT NULL) OR (enhanced_code IS NOT NULL) OR (pattern IS NOT NULL) OR (transport_code IS NOT NULL))),
-  CONSTRAINT reply_rules_max_duration CHECK (((max_duration_s IS NULL) OR ((duration_s IS NOT NULL) AND (max_duration_s >= duration_s)))),
-  CONSTRAINT reply_rules_max_duration_s_check CHECK (((max_duration_s >= 1) AND (max_duration_s <= 2592000))),
-  CONSTRAINT reply_rules_name_check CHECK ((name ~ '^[a-z0-9][a-z0-9_.:-]{0,99}$'::text)),
-  CONSTRAINT reply_rules_pattern_check CHECK ((((length(pattern) >= 1) AND (length(pattern) <= 500)) AND edm.reply_pattern_ok(pattern))),
-  CONSTRAINT reply_rules_priority_check CHECK (((priority >= 0) AND (priority <= 1000000))),
-  CONSTRAINT reply_rules_reset_after_s_check CHECK (((reset_after_s >= 0) AND (reset_after_s <= 2592000))),
-  CONSTRAINT reply_rules_smtp_code_check CHECK (((smtp_code >= 200) AND (smtp_code <= 599))),
-  CONSTRAINT reply_rules_source_check CHECK ((source = ANY (ARRAY['shipped'::text, 'admin'::text]))),
-  CONSTRAINT reply_rules_transport_code_check CHECK ((transport_code ~ '^[a-z0-9_-]{1,20}:[a-z0-9_.-]{1,80}$'::text))
-);
-COMMENT ON TABLE edm.reply_rules IS 'Rules on a provider''s reply to a failed send, tried by edm.complete in (priority, rule_id) order; the first enabled rule whose every given criterion matches decides what the failure means: suspend the (service, site) pair, back the service off, bounce, or retry the recipient later. shipped rows are defaults of edm-sched for the large providers (edit, disable or delete them freely). See docs/explanation/traffic-shaping.md.';
-COMMENT ON COLUMN edm.reply_rules.rule_id IS 'Identity of the rule.';
-COMMENT ON COLUMN edm.reply_rules.name IS 'Unique name (a-z 0-9 _ . : -), the key of edm.set_reply_rule.';
-COMMENT ON COLUMN edm.reply_rules.priority IS 'Lower is tried first (ties: lower rule_id).';
-COMMENT ON COLUMN edm.reply_rules.enabled IS 'Disabled rules are kept but never match.';
-COMMENT ON COLUMN edm.reply_rules.source IS 'shipped (a default of edm-sched, as shipped) or admin (written or edited by the host or a DBA).';
-COMMENT ON COLUMN edm.reply_rules.site IS 'Only for recipients of this site (NULL: any recipient).';
-COMMENT ON COLUMN edm.reply_rules.smtp_code IS 'The SMTP reply code must be this (NULL: any).';
-COMMENT ON COLUMN edm.reply_rules.enhanced_code IS 'The enhanced status code in the reply must be this (4.7.28), or start with it when it ends with a dot (4.7. matches 4.7.0 and 4.7.650; 4. matches every persistent transient code). NULL: any.';
-COMMENT ON COLUMN edm.reply_rules.pattern IS 'Case-insensitive regular expression the reply text must match (NULL: any). The text is what the transport reported, e.g. "RCPT TO: 421 4.7.28 ..." for SMTP.';
-COMMENT ON COLUMN edm.reply_rules.transport_code IS 'A non-SMTP transport''s error code the reply must carry, kind:code in lower case (http:429, ses:throttling); NULL: any.';
-COMMENT ON COLUMN edm.reply_rules.action IS 'suspend_site (pause the service for the recipient''s site, escalating), suspend_service (back the service off), bounce (fail the subtask for good) or retry (retry the recipient after duration_s).';
-COMMENT ON COLUMN edm.reply_rules.duration_s IS 'Seconds of the suspension, back-off or retry delay (the first one for suspend_site); NULL for bounce.';
-COMMENT ON COLUMN edm.reply_rules.escalation_factor IS 'suspend_site: each repeat within reset_after_s of the previous suspension''s end lasts this many times longer (1: no escalation).';
-COMMENT ON COLUMN edm.reply_rules.max_duration_s IS 'suspend_site: longest escalated suspension in seconds (NULL: duration_s, no escalation).';
-COMMENT ON COLUMN edm.reply_rules.reset_after_s IS 'suspend_site: a pair calm for this many seconds after its last suspension ended starts again at level 1.';
-COMMENT ON COLUMN edm.reply_rules.description IS 'Free text: which reply of which provider this is, and where it is documented.';
-COMMENT ON COLUMN edm.reply_rules.updated_at IS 'When the rule was last written.';
-CREATE INDEX reply_rules_order_idx ON edm.reply_rules USING btree (priority, rule_id) WHERE enabled;
-COMMENT ON INDEX edm.reply_rules_order_idx IS 'Enabled rules in the order they are tried.';
-INSERT INTO edm.reply_rules (rule_id, name, priority, enabled, source, site, smtp_code, enhanced_code, pattern, transport_code, action, duration_s, escalation_factor, max_duration_s, reset_after_s, description) OVERRIDING SYSTEM VALUE VALUES
-  ('1', 'gmail-4.7.28-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.28', NULL, NULL, 'suspend_site', '900', '2', '14400', '21600', 'Gmail 421 4.7.28: unusual rate of unsolicited mail from the sending IP or domain; slow down.'),
-  ('10', 'microsoft-5.7.6xx-banned-ip', '5', 'true', 'shipped', NULL, '550', NULL, E'\\m5\\.7\\.6(0[6-9]|[1-4][0-9])\\M', NULL, 'suspend_service', '21600', '1', NULL, '3600', 'Microsoft 550 5.7.606-649: access denied, banned sending IP; the account must stop until delisted (no recipient is suppressed).'),
-  ('11', 'yahoo-tss-deferred', '10', 'true', 'shipped', NULL, NULL, NULL, E'\\[(TSS0[1-9]|TS0[1-3])\\]', NULL, 'suspend_site', '3600', '2', '28800', '43200', 'Yahoo/AOL 421 4.7.0 [TSS04], [TSS09], [TS01]...: temporarily deferred due to unexpected volume or user complaints (Yahoo suggests retrying hours later).'),
-  ('12', 'aol-dyn-rly-deferred', '14', 'true', 'shipped', NULL, '421', NULL, E'\\((DYN|RLY):T[12]\\)', NULL, 'suspend_site', '3600', '2', '28800', '43200', 'AOL 421 (DYN:T1) / (RLY:T1): the sending IP is temporarily deferred.'),
-  ('13', 'apple-excessive-volume', '10', 'true', 'shipped', NULL, NULL, NULL, 'deferred due to excessive volume', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Apple iCloud 421 4.7.1: messages deferred due to excessive volume; try again later.'),
-  ('14', 'apple-service-unavailable', '15', 'true', 'shipped', 'apple', '451', '4.7.1', 'service unavailable', NULL, 'suspend_site', '300', '2', '3600', '7200', 'Apple iCloud 451 4.7.1: service unavailable, try again later (busy hours).'),
-  ('15', 'comcast-throttled', '15', 'true', 'shipped', 'comcast', '421', NULL, '(throttl|rate limit|too many)', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Comcast 421 throttling replies (rate or connection limits of the sending IP).'),
-  ('16', 'ses-daily-quota', '5', 'true', 'shipped', NULL, NULL, NULL, 'daily message quota exceeded', NULL, 'suspend_service', '3600', '1', NULL, '3600', 'Amazon SES "Daily message quota exceeded": the account''s 24-hour quota is used up.'),
-  ('17', 'ses-max-send-rate', '6', 'true', 'shipped', NULL, NULL, NULL, 'maximum sending rate exceeded', NULL, 'suspend_service', '10', '1', NULL, '3600', 'Amazon SES "Throttling: Maximum sending rate exceeded": pause the account briefly.'),
-  ('18', 'ses-throttling', '50', 'true', 'shipped', NULL, NULL, NULL, NULL, 'ses:throttling', 'suspend_service', '10', '1', NULL, '3600', 'Any other Amazon SES Throttling error: pause the account briefly.'),
-  ('19', 'http-429', '50', 'true', 'shipped', NULL, NULL, NULL, NULL, 'http:429', 'suspend_service', '60', '1', NULL, '3600', 'An ESP HTTP API answered 429 Too Many Requests: pause the account briefly.'),
-  ('2', 'gmail-5.7.28-rate', '11', 'true', 'shipped', NULL, NULL, '5.7.28', NULL, NULL, 'suspend_site', '3600', '2', '86400', '86400', 'Gmail 550 5.7.28: unusual rate of unsolicited mail, refused; a send-side block, not a bad address (no suppression).'),
-  ('3', 'gmail-4.7.0-rate', '20', 'true', 'shipped', NULL, NULL, '4.7.0', '(rate[- ]?limit|unusual rate|too many|temporarily (deferred|rate))', NULL, 'suspend_site', '600', '2', '14400', '21600', '421/451 4.7.0 replies that say the sender goes too fast (Gmail and others).'),
-  ('4', 'gmail-4.7.0-reputation', '21', 'true', 'shipped', NULL, NULL, '4.7.0', 'low reputation', NULL, 'suspend_site', '3600', '2', '43200', '86400', 'Gmail 421 4.7.0: suspicious due to the very low reputation of the sending IP or domain.'),
-  ('5', 'gmail-4.2.1-recipient-rate', '30', 'true', 'shipped', NULL, NULL, '4.2.1', 'receiving mail (too quickly|at a rate)', NULL, 'retry', '1800', '1', NULL, '3600', 'Gmail 450 4.2.1: this one recipient receives mail too fast; retry it later, the site is fine.'),
-  ('6', 'microsoft-4.7.650-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.650', NULL, NULL, 'suspend_site', '1800', '2', '28800', '43200', 'Microsoft 451 4.7.650: the mail server has been temporarily rate limited due to IP reputation.'),
-  ('7', 'microsoft-4.7.651-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.651', NULL, NULL, 'suspend_site', '1800', '2', '28800', '43200', 'Microsoft 451 4.7.651: temporarily rate limited due to IP reputation.'),
-  ('8', 'microsoft-4.7.500-busy', '12', 'true', 'shipped', NULL, NULL, '4.7.500', NULL, NULL, 'suspend_site', '300', '2', '3600', '7200', 'Microsoft 451 4.7.500: server busy, please try again later.'),
-  ('9', 'microsoft-rp-rate', '13', 'true', 'shipped', NULL, '421', NULL, E'\\mRP-00[1-3]\\M', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Microsoft 421 RP-001/002/003: the sending IP exceeded a rate or connection limit tied to its reputation.');
-
-CREATE TABLE edm.shaping_actions (
-  action_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
-  at timestamp with time zone NOT NULL,
-  rule_id bigint,
-  rule_name text NOT NULL,
-  service_id bigint NOT NULL,
-  site text,
-  subtask_id bigint,
-  action text NOT NULL,
-  until timestamp with time zone,
-  level integer,
-  code integer,
-  reply text,
-  CONSTRAINT shaping_actions_pkey PRIMARY KEY (action_id),
-  CONSTRAINT shaping_actions_rule_id_fkey FOREIGN KEY (rule_id) REFERENCES edm.reply_rules(rule_id) ON DELETE SET NULL,
-  CONSTRAINT shaping_actions_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
-  CONSTRAINT shaping_actions_action_check CHECK ((action = ANY (ARRAY['suspend_site'::text, 'suspend_service'::text, 'bounce'::text, 'retry'::text]))),
-  CONSTRAINT shaping_actions_reply_check CHECK ((length(reply) <= 2000))
-);
-COMMENT ON TABLE edm.shaping_actions IS 'Log of every reply rule applied by edm.complete: one row per completed subtask a rule matched, with the reply that caused it and what it set until when. Suspensions and back-offs end by themselves at until; rows are trimmed by edm.trim_shaping_actions after monitoring.metrics_retention_days.';
-COMMENT ON COLUMN edm.shaping_actions.action_id IS 'Identity of the log row.';
-COMMENT ON COLUMN edm.shaping_actions.at IS 'When the completion applied the rule (its p_now).';
-COMMENT ON COLUMN edm.shaping_actions.rule_id IS 'Rule applied (NULL once the rule was deleted).';
-COMMENT ON COLUMN edm.shaping_actions.rule_name IS 'Name of the rule when it was applied.';
-COMMENT ON COLUMN edm.shaping_actions.service_id IS 'Service that received the reply.';
-COMMENT ON COLUMN edm.shaping_actions.site IS 'Site of the recipient (NULL: its domain is not mapped).';
-COMMENT ON COLUMN edm.shaping_actions.subtask_id IS 'Subtask whose send got the reply.';
-COMMENT ON COLUMN edm.shaping_actions.action IS 'Action of the rule: suspend_site, suspend_service, bounce or retry.';
-COMMENT ON COLUMN edm.shaping_actions.until IS 'End of what the action set: the pair''s suspension, the service''s back-off, or the recipient''s retry (NULL for bounce).';
-COMMENT ON COLUMN edm.shaping_actions.level IS 'suspend_site: escalation level of the pair''s suspension.';
-COMMENT ON COLUMN edm.shaping_actions.code IS 'SMTP reply code reported with the reply (NULL for other transports).';
-COMMENT ON COLUMN edm.shaping_actions.reply IS 'The reply text as reported by the transport.';
-CREATE INDEX shaping_actions_at_idx ON edm.shaping_actions USING btree (at);
-COMMENT ON INDEX edm.shaping_actions_at_idx IS 'Trimming old rows (edm.trim_shaping_actions).';
-CREATE INDEX shaping_actions_pair_idx ON edm.shaping_actions USING btree (service_id, site, at DESC);
-COMMENT ON INDEX edm.shaping_actions_pair_idx IS 'Latest actions of a (service, site) pair (edm.site_suspension_status).';
-
--- ==========================================================================
--- Sites
--- Receiving mailbox providers: the domains that share their throttles, and suspensions of a (service, site).
--- ==========================================================================
-
-CREATE VIEW edm.site_suspension_status AS
- SELECT x.service_id,
-    s.name AS service_name,
-    x.site,
-    x.until,
-    x.level,
-    (x.until > now()) AS in_force,
-    GREATEST((x.until - now()), '00:00:00'::interval) AS remaining,
-    x.created_at,
-    x.reason,
-    a.rule_id,
-    a.rule_name,
-    a.at AS last_reply_at,
-    a.code AS last_code,
-    a.reply AS last_reply
-   FROM ((edm.site_suspensions x
-     JOIN edm.services s ON ((s.service_id = x.service_id)))
-     LEFT JOIN LATERAL ( SELECT sa.rule_id,
-            sa.rule_name,
-            sa.at,
-            sa.code,
-            sa.reply
-           FROM edm.shaping_actions sa
-          WHERE ((sa.service_id = x.service_id) AND (sa.site = x.site) AND (sa.action = 'suspend_site'::text))
-          ORDER BY sa.at DESC, sa.action_id DESC
-         LIMIT 1) a ON (true));
-COMMENT ON VIEW edm.site_suspension_status IS 'Every (service, site) suspension, in force or expired (kept for escalation), with the rule and the latest reply that set it: what a DBA reads to see why a service does not send to a site.';
-COMMENT ON COLUMN edm.site_suspension_status.service_id IS 'Suspended service.';
-COMMENT ON COLUMN edm.site_suspension_status.service_name IS 'Its name.';
-COMMENT ON COLUMN edm.site_suspension_status.site IS 'Site it must not send to.';
-COMMENT ON COLUMN edm.site_suspension_status.until IS 'End of the suspension.';
-COMMENT ON COLUMN edm.site_suspension_status.level IS 'Escalation level (1: first suspension after a calm period).';
-COMMENT ON COLUMN edm.site_suspension_status.in_force IS 'True while the suspension applies.';
-COMMENT ON COLUMN edm.site_suspension_status.remaining IS 'Time left (0 once expired).';
-COMMENT ON COLUMN edm.site_suspension_status.created_at IS 'When the current suspension started.';
-COMMENT ON COLUMN edm.site_suspension_status.reason IS 'Why: the rule and the reply, or the text given by hand.';
-COMMENT ON COLUMN edm.site_suspension_status.rule_id IS 'Reply rule of the latest suspend_site action on the pair (NULL: set by hand or the rule was deleted).';
-COMMENT ON COLUMN edm.site_suspension_status.rule_name IS 'Its name.';
-COMMENT ON COLUMN edm.site_suspension_status.last_reply_at IS 'When that reply was completed.';
-COMMENT ON COLUMN edm.site_suspension_status.last_code IS 'Its SMTP code.';
-COMMENT ON COLUMN edm.site_suspension_status.last_reply IS 'Its text.';
-
--- ==========================================================================
--- Traffic shaping
--- Limits beyond a service's own — global, per site, per (service, site), per user, per task — held at once by the claim; see docs/explanation/traffic-shaping.md.
--- ==========================================================================
-
 CREATE FUNCTION edm.shaping_load(p_keys text[], OUT keys text[], OUT lims edm.service_limits[], OUT held text[])
  RETURNS record
  LANGUAGE plpgsql
@@ -3522,6 +3161,58 @@ END;
 COMMENT ON FUNCTION edm.task_site_wait(bigint,timestamp with time zone) IS 'Why the sites of task p_task_id''s next recipients (the first 1000 pending, in claim order) hold it back at p_now: a row only when every one of them has a site that is suspended (edm.site_suspensions) or without headroom (site and service_site limits of edm.shaping_limits) on every enabled granted service, listing each site with when it frees; until is the first of them. No row when some recipient can go.';
 REVOKE ALL ON FUNCTION edm.task_site_wait(bigint,timestamp with time zone) FROM PUBLIC;
 
+CREATE VIEW edm.shaping_limit_status AS
+ SELECT scope,
+    site,
+    service_id,
+    user_id,
+    task_id,
+    limit_name,
+    kind,
+    max_count,
+    window_ms,
+    burst,
+    used,
+    GREATEST((max_count - used), 0) AS headroom,
+    next_free_at
+   FROM ( SELECT l.scope,
+            l.site,
+            l.service_id,
+            l.user_id,
+            l.task_id,
+            l.name AS limit_name,
+            l.kind,
+            l.max_count,
+            l.window_ms,
+            l.burst,
+                CASE l.kind
+                    WHEN 'calendar_day'::text THEN
+                    CASE
+                        WHEN (l.day = ((now() AT TIME ZONE COALESCE(l.time_zone, 'UTC'::text)))::date) THEN l.day_count
+                        ELSE 0
+                    END
+                    WHEN 'rolling'::text THEN ( SELECT (COALESCE(sum(b.n), (0)::bigint))::integer AS "coalesce"
+                       FROM UNNEST(l.bucket_idx, l.bucket_n) b(i, n)
+                      WHERE ((b.i)::numeric >= (((edm.epoch_ms(now()) / edm.limit_bucket_ms(l.window_ms)))::numeric - ceil(((l.window_ms)::numeric / (edm.limit_bucket_ms(l.window_ms))::numeric)))))
+                    ELSE LEAST(l.burst, (GREATEST((0)::numeric, ceil(((EXTRACT(epoch FROM (COALESCE(l.tat, now()) - now())) * (1000)::numeric) / ((l.window_ms)::numeric / (GREATEST(l.max_count, 1))::numeric)))))::integer)
+                END AS used,
+            NULLIF(edm.limit_next(edm.shaping_as_limit(l.*), now(), 'UTC'::text), now()) AS next_free_at
+           FROM edm.shaping_limits l) x;
+COMMENT ON VIEW edm.shaping_limit_status IS 'Every shaping limit (edm.shaping_limits: global, site, service_site, user, task) with its use, headroom and when it next admits a send (NULL: now).';
+COMMENT ON COLUMN edm.shaping_limit_status.scope IS 'global, site, service_site, user or task.';
+COMMENT ON COLUMN edm.shaping_limit_status.site IS 'Site (site and service_site scopes).';
+COMMENT ON COLUMN edm.shaping_limit_status.service_id IS 'Service (service_site scope).';
+COMMENT ON COLUMN edm.shaping_limit_status.user_id IS 'User (user scope).';
+COMMENT ON COLUMN edm.shaping_limit_status.task_id IS 'Task (task scope).';
+COMMENT ON COLUMN edm.shaping_limit_status.limit_name IS 'Name of the limit.';
+COMMENT ON COLUMN edm.shaping_limit_status.kind IS 'rate, rolling or calendar_day.';
+COMMENT ON COLUMN edm.shaping_limit_status.max_count IS 'Most sends per window.';
+COMMENT ON COLUMN edm.shaping_limit_status.window_ms IS 'Window in milliseconds (NULL for a calendar day).';
+COMMENT ON COLUMN edm.shaping_limit_status.burst IS 'Most sends at once (rate limits).';
+COMMENT ON COLUMN edm.shaping_limit_status.used IS 'Sends counted in the current window (rate: in the token bucket).';
+COMMENT ON COLUMN edm.shaping_limit_status.headroom IS 'max_count - used, at least 0.';
+COMMENT ON COLUMN edm.shaping_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now (infinity: max_count 0).';
+
 CREATE TRIGGER shaping_limits_flag_ins AFTER INSERT ON edm.shaping_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.shaping_limits_flag();
 COMMENT ON TRIGGER shaping_limits_flag_ins ON edm.shaping_limits IS 'Sets users.has_limits / tasks.has_limits for new user and task limits.';
 
@@ -3530,8 +3221,142 @@ COMMENT ON TRIGGER shaping_limits_flag_del ON edm.shaping_limits IS 'Clears user
 
 -- ==========================================================================
 -- Reply rules
--- Patterns on a provider's answers and the actions they trigger (suspend, bounce, retry).
+-- Patterns on a provider's answers and the actions they trigger (suspend, bounce, retry); what a DBA reads of each site's state.
 -- ==========================================================================
+
+CREATE FUNCTION edm.reply_pattern_ok(p_pattern text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ IMMUTABLE
+AS $function$
+BEGIN
+  IF p_pattern IS NULL THEN
+    RETURN true;
+  END IF;
+  PERFORM '' ~* p_pattern;
+  RETURN true;
+EXCEPTION WHEN invalid_regular_expression THEN
+  RETURN false;
+END;
+$function$;
+COMMENT ON FUNCTION edm.reply_pattern_ok(text) IS 'True when p_pattern (or NULL) is a valid PostgreSQL regular expression: a rule with a broken pattern would make every completion fail.';
+REVOKE ALL ON FUNCTION edm.reply_pattern_ok(text) FROM PUBLIC;
+
+CREATE TABLE edm.reply_rules (
+  rule_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  name text NOT NULL,
+  priority integer DEFAULT 100 NOT NULL,
+  enabled boolean DEFAULT true NOT NULL,
+  source text DEFAULT 'admin'::text NOT NULL,
+  site text,
+  smtp_code integer,
+  enhanced_code text,
+  pattern text,
+  transport_code text,
+  action text NOT NULL,
+  duration_s integer,
+  escalation_factor double precision DEFAULT 1 NOT NULL,
+  max_duration_s integer,
+  reset_after_s integer DEFAULT 3600 NOT NULL,
+  description text DEFAULT ''::text NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT reply_rules_pkey PRIMARY KEY (rule_id),
+  CONSTRAINT reply_rules_name_key UNIQUE (name),
+  CONSTRAINT reply_rules_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT reply_rules_action_check CHECK ((action = ANY (ARRAY['suspend_site'::text, 'suspend_service'::text, 'bounce'::text, 'retry'::text]))),
+  CONSTRAINT reply_rules_description_check CHECK ((length(description) <= 500)),
+  CONSTRAINT reply_rules_duration CHECK (((action = 'bounce'::text) = (duration_s IS NULL))),
+  CONSTRAINT reply_rules_duration_s_check CHECK (((duration_s >= 1) AND (duration_s <= 2592000))),
+  CONSTRAINT reply_rules_enhanced_code_check CHECK ((enhanced_code ~ '^[245]\.([0-9]{1,3}\.([0-9]{1,3})?)?$'::text)),
+  CONSTRAINT reply_rules_escalation_factor_check CHECK (((escalation_factor >= (1)::double precision) AND (escalation_factor <= (100)::double precision))),
+  CONSTRAINT reply_rules_matches_something CHECK (((smtp_code IS NOT NULL) OR (enhanced_code IS NOT NULL) OR (pattern IS NOT NULL) OR (transport_code IS NOT NULL))),
+  CONSTRAINT reply_rules_max_duration CHECK (((max_duration_s IS NULL) OR ((duration_s IS NOT NULL) AND (max_duration_s >= duration_s)))),
+  CONSTRAINT reply_rules_max_duration_s_check CHECK (((max_duration_s >= 1) AND (max_duration_s <= 2592000))),
+  CONSTRAINT reply_rules_name_check CHECK ((name ~ '^[a-z0-9][a-z0-9_.:-]{0,99}$'::text)),
+  CONSTRAINT reply_rules_pattern_check CHECK ((((length(pattern) >= 1) AND (length(pattern) <= 500)) AND edm.reply_pattern_ok(pattern))),
+  CONSTRAINT reply_rules_priority_check CHECK (((priority >= 0) AND (priority <= 1000000))),
+  CONSTRAINT reply_rules_reset_after_s_check CHECK (((reset_after_s >= 0) AND (reset_after_s <= 2592000))),
+  CONSTRAINT reply_rules_smtp_code_check CHECK (((smtp_code >= 200) AND (smtp_code <= 599))),
+  CONSTRAINT reply_rules_source_check CHECK ((source = ANY (ARRAY['shipped'::text, 'admin'::text]))),
+  CONSTRAINT reply_rules_transport_code_check CHECK ((transport_code ~ '^[a-z0-9_-]{1,20}:[a-z0-9_.-]{1,80}$'::text))
+);
+COMMENT ON TABLE edm.reply_rules IS 'Rules on a provider''s reply to a failed send, tried by edm.complete in (priority, rule_id) order; the first enabled rule whose every given criterion matches decides what the failure means: suspend the (service, site) pair, back the service off, bounce, or retry the recipient later. shipped rows are defaults of edm-sched for the large providers (edit, disable or delete them freely). See docs/explanation/traffic-shaping.md.';
+COMMENT ON COLUMN edm.reply_rules.rule_id IS 'Identity of the rule.';
+COMMENT ON COLUMN edm.reply_rules.name IS 'Unique name (a-z 0-9 _ . : -), the key of edm.set_reply_rule.';
+COMMENT ON COLUMN edm.reply_rules.priority IS 'Lower is tried first (ties: lower rule_id).';
+COMMENT ON COLUMN edm.reply_rules.enabled IS 'Disabled rules are kept but never match.';
+COMMENT ON COLUMN edm.reply_rules.source IS 'shipped (a default of edm-sched, as shipped) or admin (written or edited by the host or a DBA).';
+COMMENT ON COLUMN edm.reply_rules.site IS 'Only for recipients of this site (NULL: any recipient).';
+COMMENT ON COLUMN edm.reply_rules.smtp_code IS 'The SMTP reply code must be this (NULL: any).';
+COMMENT ON COLUMN edm.reply_rules.enhanced_code IS 'The enhanced status code in the reply must be this (4.7.28), or start with it when it ends with a dot (4.7. matches 4.7.0 and 4.7.650; 4. matches every persistent transient code). NULL: any.';
+COMMENT ON COLUMN edm.reply_rules.pattern IS 'Case-insensitive regular expression the reply text must match (NULL: any). The text is what the transport reported, e.g. "RCPT TO: 421 4.7.28 ..." for SMTP.';
+COMMENT ON COLUMN edm.reply_rules.transport_code IS 'A non-SMTP transport''s error code the reply must carry, kind:code in lower case (http:429, ses:throttling); NULL: any.';
+COMMENT ON COLUMN edm.reply_rules.action IS 'suspend_site (pause the service for the recipient''s site, escalating), suspend_service (back the service off), bounce (fail the subtask for good) or retry (retry the recipient after duration_s).';
+COMMENT ON COLUMN edm.reply_rules.duration_s IS 'Seconds of the suspension, back-off or retry delay (the first one for suspend_site); NULL for bounce.';
+COMMENT ON COLUMN edm.reply_rules.escalation_factor IS 'suspend_site: each repeat within reset_after_s of the previous suspension''s end lasts this many times longer (1: no escalation).';
+COMMENT ON COLUMN edm.reply_rules.max_duration_s IS 'suspend_site: longest escalated suspension in seconds (NULL: duration_s, no escalation).';
+COMMENT ON COLUMN edm.reply_rules.reset_after_s IS 'suspend_site: a pair calm for this many seconds after its last suspension ended starts again at level 1.';
+COMMENT ON COLUMN edm.reply_rules.description IS 'Free text: which reply of which provider this is, and where it is documented.';
+COMMENT ON COLUMN edm.reply_rules.updated_at IS 'When the rule was last written.';
+CREATE INDEX reply_rules_order_idx ON edm.reply_rules USING btree (priority, rule_id) WHERE enabled;
+COMMENT ON INDEX edm.reply_rules_order_idx IS 'Enabled rules in the order they are tried.';
+INSERT INTO edm.reply_rules (rule_id, name, priority, enabled, source, site, smtp_code, enhanced_code, pattern, transport_code, action, duration_s, escalation_factor, max_duration_s, reset_after_s, description) OVERRIDING SYSTEM VALUE VALUES
+  ('1', 'gmail-4.7.28-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.28', NULL, NULL, 'suspend_site', '900', '2', '14400', '21600', 'Gmail 421 4.7.28: unusual rate of unsolicited mail from the sending IP or domain; slow down.'),
+  ('10', 'microsoft-5.7.6xx-banned-ip', '5', 'true', 'shipped', NULL, '550', NULL, E'\\m5\\.7\\.6(0[6-9]|[1-4][0-9])\\M', NULL, 'suspend_service', '21600', '1', NULL, '3600', 'Microsoft 550 5.7.606-649: access denied, banned sending IP; the account must stop until delisted (no recipient is suppressed).'),
+  ('11', 'yahoo-tss-deferred', '10', 'true', 'shipped', NULL, NULL, NULL, E'\\[(TSS0[1-9]|TS0[1-3])\\]', NULL, 'suspend_site', '3600', '2', '28800', '43200', 'Yahoo/AOL 421 4.7.0 [TSS04], [TSS09], [TS01]...: temporarily deferred due to unexpected volume or user complaints (Yahoo suggests retrying hours later).'),
+  ('12', 'aol-dyn-rly-deferred', '14', 'true', 'shipped', NULL, '421', NULL, E'\\((DYN|RLY):T[12]\\)', NULL, 'suspend_site', '3600', '2', '28800', '43200', 'AOL 421 (DYN:T1) / (RLY:T1): the sending IP is temporarily deferred.'),
+  ('13', 'apple-excessive-volume', '10', 'true', 'shipped', NULL, NULL, NULL, 'deferred due to excessive volume', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Apple iCloud 421 4.7.1: messages deferred due to excessive volume; try again later.'),
+  ('14', 'apple-service-unavailable', '15', 'true', 'shipped', 'apple', '451', '4.7.1', 'service unavailable', NULL, 'suspend_site', '300', '2', '3600', '7200', 'Apple iCloud 451 4.7.1: service unavailable, try again later (busy hours).'),
+  ('15', 'comcast-throttled', '15', 'true', 'shipped', 'comcast', '421', NULL, '(throttl|rate limit|too many)', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Comcast 421 throttling replies (rate or connection limits of the sending IP).'),
+  ('16', 'ses-daily-quota', '5', 'true', 'shipped', NULL, NULL, NULL, 'daily message quota exceeded', NULL, 'suspend_service', '3600', '1', NULL, '3600', 'Amazon SES "Daily message quota exceeded": the account''s 24-hour quota is used up.'),
+  ('17', 'ses-max-send-rate', '6', 'true', 'shipped', NULL, NULL, NULL, 'maximum sending rate exceeded', NULL, 'suspend_service', '10', '1', NULL, '3600', 'Amazon SES "Throttling: Maximum sending rate exceeded": pause the account briefly.'),
+  ('18', 'ses-throttling', '50', 'true', 'shipped', NULL, NULL, NULL, NULL, 'ses:throttling', 'suspend_service', '10', '1', NULL, '3600', 'Any other Amazon SES Throttling error: pause the account briefly.'),
+  ('19', 'http-429', '50', 'true', 'shipped', NULL, NULL, NULL, NULL, 'http:429', 'suspend_service', '60', '1', NULL, '3600', 'An ESP HTTP API answered 429 Too Many Requests: pause the account briefly.'),
+  ('2', 'gmail-5.7.28-rate', '11', 'true', 'shipped', NULL, NULL, '5.7.28', NULL, NULL, 'suspend_site', '3600', '2', '86400', '86400', 'Gmail 550 5.7.28: unusual rate of unsolicited mail, refused; a send-side block, not a bad address (no suppression).'),
+  ('3', 'gmail-4.7.0-rate', '20', 'true', 'shipped', NULL, NULL, '4.7.0', '(rate[- ]?limit|unusual rate|too many|temporarily (deferred|rate))', NULL, 'suspend_site', '600', '2', '14400', '21600', '421/451 4.7.0 replies that say the sender goes too fast (Gmail and others).'),
+  ('4', 'gmail-4.7.0-reputation', '21', 'true', 'shipped', NULL, NULL, '4.7.0', 'low reputation', NULL, 'suspend_site', '3600', '2', '43200', '86400', 'Gmail 421 4.7.0: suspicious due to the very low reputation of the sending IP or domain.'),
+  ('5', 'gmail-4.2.1-recipient-rate', '30', 'true', 'shipped', NULL, NULL, '4.2.1', 'receiving mail (too quickly|at a rate)', NULL, 'retry', '1800', '1', NULL, '3600', 'Gmail 450 4.2.1: this one recipient receives mail too fast; retry it later, the site is fine.'),
+  ('6', 'microsoft-4.7.650-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.650', NULL, NULL, 'suspend_site', '1800', '2', '28800', '43200', 'Microsoft 451 4.7.650: the mail server has been temporarily rate limited due to IP reputation.'),
+  ('7', 'microsoft-4.7.651-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.651', NULL, NULL, 'suspend_site', '1800', '2', '28800', '43200', 'Microsoft 451 4.7.651: temporarily rate limited due to IP reputation.'),
+  ('8', 'microsoft-4.7.500-busy', '12', 'true', 'shipped', NULL, NULL, '4.7.500', NULL, NULL, 'suspend_site', '300', '2', '3600', '7200', 'Microsoft 451 4.7.500: server busy, please try again later.'),
+  ('9', 'microsoft-rp-rate', '13', 'true', 'shipped', NULL, '421', NULL, E'\\mRP-00[1-3]\\M', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Microsoft 421 RP-001/002/003: the sending IP exceeded a rate or connection limit tied to its reputation.');
+
+CREATE TABLE edm.shaping_actions (
+  action_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  at timestamp with time zone NOT NULL,
+  rule_id bigint,
+  rule_name text NOT NULL,
+  service_id bigint NOT NULL,
+  site text,
+  subtask_id bigint,
+  action text NOT NULL,
+  until timestamp with time zone,
+  level integer,
+  code integer,
+  reply text,
+  CONSTRAINT shaping_actions_pkey PRIMARY KEY (action_id),
+  CONSTRAINT shaping_actions_rule_id_fkey FOREIGN KEY (rule_id) REFERENCES edm.reply_rules(rule_id) ON DELETE SET NULL,
+  CONSTRAINT shaping_actions_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT shaping_actions_action_check CHECK ((action = ANY (ARRAY['suspend_site'::text, 'suspend_service'::text, 'bounce'::text, 'retry'::text]))),
+  CONSTRAINT shaping_actions_reply_check CHECK ((length(reply) <= 2000))
+);
+COMMENT ON TABLE edm.shaping_actions IS 'Log of every reply rule applied by edm.complete: one row per completed subtask a rule matched, with the reply that caused it and what it set until when. Suspensions and back-offs end by themselves at until; rows are trimmed by edm.trim_shaping_actions after monitoring.metrics_retention_days.';
+COMMENT ON COLUMN edm.shaping_actions.action_id IS 'Identity of the log row.';
+COMMENT ON COLUMN edm.shaping_actions.at IS 'When the completion applied the rule (its p_now).';
+COMMENT ON COLUMN edm.shaping_actions.rule_id IS 'Rule applied (NULL once the rule was deleted).';
+COMMENT ON COLUMN edm.shaping_actions.rule_name IS 'Name of the rule when it was applied.';
+COMMENT ON COLUMN edm.shaping_actions.service_id IS 'Service that received the reply.';
+COMMENT ON COLUMN edm.shaping_actions.site IS 'Site of the recipient (NULL: its domain is not mapped).';
+COMMENT ON COLUMN edm.shaping_actions.subtask_id IS 'Subtask whose send got the reply.';
+COMMENT ON COLUMN edm.shaping_actions.action IS 'Action of the rule: suspend_site, suspend_service, bounce or retry.';
+COMMENT ON COLUMN edm.shaping_actions.until IS 'End of what the action set: the pair''s suspension, the service''s back-off, or the recipient''s retry (NULL for bounce).';
+COMMENT ON COLUMN edm.shaping_actions.level IS 'suspend_site: escalation level of the pair''s suspension.';
+COMMENT ON COLUMN edm.shaping_actions.code IS 'SMTP reply code reported with the reply (NULL for other transports).';
+COMMENT ON COLUMN edm.shaping_actions.reply IS 'The reply text as reported by the transport.';
+CREATE INDEX shaping_actions_at_idx ON edm.shaping_actions USING btree (at);
+COMMENT ON INDEX edm.shaping_actions_at_idx IS 'Trimming old rows (edm.trim_shaping_actions).';
+CREATE INDEX shaping_actions_pair_idx ON edm.shaping_actions USING btree (service_id, site, at DESC);
+COMMENT ON INDEX edm.shaping_actions_pair_idx IS 'Latest actions of a (service, site) pair (edm.site_suspension_status).';
 
 CREATE FUNCTION edm.reply_transport_code(p_detail text)
  RETURNS text
@@ -3709,6 +3534,77 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.trim_shaping_actions(timestamp with time zone) IS 'Deletes reply-rule log rows older than monitoring.metrics_retention_days whose action has ended; returns how many.';
 REVOKE ALL ON FUNCTION edm.trim_shaping_actions(timestamp with time zone) FROM PUBLIC;
+
+CREATE VIEW edm.site_status AS
+ SELECT site,
+    description,
+    (( SELECT count(*) AS count
+           FROM edm.site_domains d
+          WHERE (d.site = st.site)))::integer AS domains,
+    ARRAY( SELECT x.service_id
+           FROM edm.site_suspensions x
+          WHERE ((x.site = st.site) AND (x.until > now()))
+          ORDER BY x.service_id) AS suspended_services,
+    ( SELECT max(x.until) AS max
+           FROM edm.site_suspensions x
+          WHERE ((x.site = st.site) AND (x.until > now()))) AS suspended_until,
+    ( SELECT COALESCE(jsonb_agg(jsonb_build_object('scope', ls.scope, 'service_id', ls.service_id, 'name', ls.limit_name, 'kind', ls.kind, 'max_count', ls.max_count, 'window_ms', ls.window_ms, 'headroom', ls.headroom, 'next_free_at', ls.next_free_at) ORDER BY ls.scope, ls.service_id, ls.limit_name), '[]'::jsonb) AS "coalesce"
+           FROM edm.shaping_limit_status ls
+          WHERE (ls.site = st.site)) AS limits,
+    ( SELECT max(ls.next_free_at) AS max
+           FROM edm.shaping_limit_status ls
+          WHERE ((ls.site = st.site) AND (ls.scope = 'site'::text))) AS limited_until
+   FROM edm.sites st;
+COMMENT ON VIEW edm.site_status IS 'Per destination site: its domains, the services suspended for it now and until when, and its limits (site scope and per service) with headroom.';
+COMMENT ON COLUMN edm.site_status.site IS 'Site.';
+COMMENT ON COLUMN edm.site_status.description IS 'Whose mail system it is.';
+COMMENT ON COLUMN edm.site_status.domains IS 'Domains mapped to the site.';
+COMMENT ON COLUMN edm.site_status.suspended_services IS 'Services suspended for the site now (edm.site_suspensions).';
+COMMENT ON COLUMN edm.site_status.suspended_until IS 'End of the latest suspension in force; NULL when none.';
+COMMENT ON COLUMN edm.site_status.limits IS 'Its limits, site scope and service_site scope, as JSON objects {scope, service_id, name, kind, max_count, window_ms, headroom, next_free_at}.';
+COMMENT ON COLUMN edm.site_status.limited_until IS 'When the site''s own (all-services) limits next admit a send; NULL when they do now or there are none.';
+
+CREATE VIEW edm.site_suspension_status AS
+ SELECT x.service_id,
+    s.name AS service_name,
+    x.site,
+    x.until,
+    x.level,
+    (x.until > now()) AS in_force,
+    GREATEST((x.until - now()), '00:00:00'::interval) AS remaining,
+    x.created_at,
+    x.reason,
+    a.rule_id,
+    a.rule_name,
+    a.at AS last_reply_at,
+    a.code AS last_code,
+    a.reply AS last_reply
+   FROM ((edm.site_suspensions x
+     JOIN edm.services s ON ((s.service_id = x.service_id)))
+     LEFT JOIN LATERAL ( SELECT sa.rule_id,
+            sa.rule_name,
+            sa.at,
+            sa.code,
+            sa.reply
+           FROM edm.shaping_actions sa
+          WHERE ((sa.service_id = x.service_id) AND (sa.site = x.site) AND (sa.action = 'suspend_site'::text))
+          ORDER BY sa.at DESC, sa.action_id DESC
+         LIMIT 1) a ON (true));
+COMMENT ON VIEW edm.site_suspension_status IS 'Every (service, site) suspension, in force or expired (kept for escalation), with the rule and the latest reply that set it: what a DBA reads to see why a service does not send to a site.';
+COMMENT ON COLUMN edm.site_suspension_status.service_id IS 'Suspended service.';
+COMMENT ON COLUMN edm.site_suspension_status.service_name IS 'Its name.';
+COMMENT ON COLUMN edm.site_suspension_status.site IS 'Site it must not send to.';
+COMMENT ON COLUMN edm.site_suspension_status.until IS 'End of the suspension.';
+COMMENT ON COLUMN edm.site_suspension_status.level IS 'Escalation level (1: first suspension after a calm period).';
+COMMENT ON COLUMN edm.site_suspension_status.in_force IS 'True while the suspension applies.';
+COMMENT ON COLUMN edm.site_suspension_status.remaining IS 'Time left (0 once expired).';
+COMMENT ON COLUMN edm.site_suspension_status.created_at IS 'When the current suspension started.';
+COMMENT ON COLUMN edm.site_suspension_status.reason IS 'Why: the rule and the reply, or the text given by hand.';
+COMMENT ON COLUMN edm.site_suspension_status.rule_id IS 'Reply rule of the latest suspend_site action on the pair (NULL: set by hand or the rule was deleted).';
+COMMENT ON COLUMN edm.site_suspension_status.rule_name IS 'Its name.';
+COMMENT ON COLUMN edm.site_suspension_status.last_reply_at IS 'When that reply was completed.';
+COMMENT ON COLUMN edm.site_suspension_status.last_code IS 'Its SMTP code.';
+COMMENT ON COLUMN edm.site_suspension_status.last_reply IS 'Its text.';
 
 -- ==========================================================================
 -- Dispatch: claim, complete, leases
@@ -5144,6 +5040,469 @@ COMMENT ON FUNCTION edm.next_wakeup_v2(text,timestamp with time zone,integer) IS
 REVOKE ALL ON FUNCTION edm.next_wakeup_v2(text,timestamp with time zone,integer) FROM PUBLIC;
 
 -- ==========================================================================
+-- Sweeps, alerts and metrics
+-- Periodic maintenance run by the elected dispatcher.
+-- ==========================================================================
+
+CREATE TABLE edm.sweep_state (
+  name text NOT NULL,
+  watermark timestamp with time zone NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT sweep_state_pkey PRIMARY KEY (name)
+);
+COMMENT ON TABLE edm.sweep_state IS 'Progress markers of incremental sweeps (e.g. how far send_events were rolled up).';
+COMMENT ON COLUMN edm.sweep_state.name IS 'Sweep name.';
+COMMENT ON COLUMN edm.sweep_state.watermark IS 'Everything before this time has been processed.';
+COMMENT ON COLUMN edm.sweep_state.updated_at IS 'Last run.';
+
+CREATE TABLE edm.alerts (
+  alert_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  raised_at timestamp with time zone DEFAULT now() NOT NULL,
+  kind text NOT NULL,
+  severity text NOT NULL,
+  task_id bigint,
+  service_id bigint,
+  user_id text,
+  message text NOT NULL,
+  notified_at timestamp with time zone,
+  resolved_at timestamp with time zone,
+  CONSTRAINT alerts_pkey PRIMARY KEY (alert_id),
+  CONSTRAINT alerts_kind_check CHECK ((kind = ANY ('{quota,reputation,service,stuck,wait}'::text[]))),
+  CONSTRAINT alerts_severity_check CHECK ((severity = ANY (ARRAY['info'::text, 'warning'::text, 'critical'::text, 'emergency'::text])))
+);
+COMMENT ON TABLE edm.alerts IS 'Alerts raised by the sweeps (waits, quotas, stuck tasks), handed to the host callback once (notified_at).';
+COMMENT ON COLUMN edm.alerts.alert_id IS 'Surrogate id.';
+COMMENT ON COLUMN edm.alerts.raised_at IS 'When the alert was raised.';
+COMMENT ON COLUMN edm.alerts.kind IS 'wait, quota, stuck, service or reputation (a bounce or complaint rate over a threshold).';
+COMMENT ON COLUMN edm.alerts.severity IS 'info, warning, critical or emergency.';
+COMMENT ON COLUMN edm.alerts.task_id IS 'Task concerned, if any.';
+COMMENT ON COLUMN edm.alerts.service_id IS 'Service concerned, if any.';
+COMMENT ON COLUMN edm.alerts.user_id IS 'User concerned, if any.';
+COMMENT ON COLUMN edm.alerts.message IS 'Human-readable description.';
+COMMENT ON COLUMN edm.alerts.notified_at IS 'When the host callback received the alert.';
+COMMENT ON COLUMN edm.alerts.resolved_at IS 'When the condition cleared.';
+CREATE UNIQUE INDEX alerts_open_idx ON edm.alerts USING btree (kind, severity, COALESCE(task_id, (0)::bigint), COALESCE(service_id, (0)::bigint), COALESCE(user_id, ''::text)) WHERE (resolved_at IS NULL);
+COMMENT ON INDEX edm.alerts_open_idx IS 'At most one open alert per kind, severity and subject (task, service, user).';
+
+CREATE TABLE edm.metrics_hourly (
+  hour timestamp with time zone NOT NULL,
+  service_id bigint NOT NULL,
+  user_id text NOT NULL,
+  sent bigint DEFAULT 0 NOT NULL,
+  failed bigint DEFAULT 0 NOT NULL,
+  retried bigint DEFAULT 0 NOT NULL,
+  service_failures bigint DEFAULT 0 NOT NULL,
+  lease_expired bigint DEFAULT 0 NOT NULL,
+  response_ms_sum bigint DEFAULT 0 NOT NULL,
+  response_count bigint DEFAULT 0 NOT NULL,
+  CONSTRAINT metrics_hourly_pkey PRIMARY KEY (hour, service_id, user_id)
+);
+COMMENT ON TABLE edm.metrics_hourly IS 'Hourly roll-up of send_events per service and user, kept for monitoring.metrics_retention_days.';
+COMMENT ON COLUMN edm.metrics_hourly.hour IS 'Start of the hour (UTC).';
+COMMENT ON COLUMN edm.metrics_hourly.service_id IS 'Service.';
+COMMENT ON COLUMN edm.metrics_hourly.user_id IS 'User.';
+COMMENT ON COLUMN edm.metrics_hourly.sent IS 'Messages accepted by the provider.';
+COMMENT ON COLUMN edm.metrics_hourly.failed IS 'Permanent failures.';
+COMMENT ON COLUMN edm.metrics_hourly.retried IS 'Transient failures scheduled for retry.';
+COMMENT ON COLUMN edm.metrics_hourly.service_failures IS 'Service-level failures.';
+COMMENT ON COLUMN edm.metrics_hourly.lease_expired IS 'Expired leases (uncertain outcomes).';
+COMMENT ON COLUMN edm.metrics_hourly.response_ms_sum IS 'Sum of provider response times (ms), for averages.';
+COMMENT ON COLUMN edm.metrics_hourly.response_count IS 'Number of response times summed.';
+
+CREATE FUNCTION edm.run_sweeps(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_report jsonb;
+  v_step text;
+  v_value bigint;
+BEGIN
+  -- Recovery first, and outside the guarded steps below: nothing that goes
+  -- wrong in maintenance may keep expired leases from coming back (I7).
+  v_report := jsonb_build_object('leases_expired', edm.expire_leases(p_now));
+  -- Each maintenance step runs in its own subtransaction: a failing step is
+  -- reported (and logged by the dispatcher) without undoing the others.
+  FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'warmups_applied', 'tasks_started', 'tasks_completed',
+                                'alerts_raised', 'metrics_rows', 'partitions_created',
+                                'retention_removed'] LOOP
+    BEGIN
+      v_value := CASE v_step
+        WHEN 'quota_days_rolled' THEN edm.roll_quota_days(p_now)
+        WHEN 'warmups_applied' THEN edm.apply_warmups(p_now)
+        WHEN 'tasks_started' THEN edm.start_due_tasks(p_now)
+        WHEN 'tasks_completed' THEN edm.finish_tasks(p_now)
+        WHEN 'alerts_raised' THEN edm.sweep_alerts(p_now)
+        WHEN 'metrics_rows' THEN edm.roll_up_metrics(p_now)
+        WHEN 'partitions_created' THEN edm.ensure_partitions(p_now)
+        WHEN 'retention_removed' THEN edm.apply_retention(p_now)
+      END;
+      v_report := v_report || jsonb_build_object(v_step, v_value);
+    EXCEPTION WHEN OTHERS THEN
+      v_report := v_report || jsonb_build_object(v_step, NULL)
+                  || jsonb_build_object('errors', coalesce(v_report -> 'errors', '[]'::jsonb)
+                                                  || to_jsonb(v_step || ': ' || SQLERRM));
+    END;
+  END LOOP;
+  RETURN v_report;
+END;
+$function$;
+COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report. Step warmups_applied moves warm-up ceilings to the day''s (edm.apply_warmups).';
+REVOKE ALL ON FUNCTION edm.run_sweeps(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.roll_quota_days(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  -- Claims roll a service's quota day lazily; this makes views and alerts
+  -- right for idle services too. SKIP LOCKED: never wait on a claim.
+  UPDATE edm.services s
+  SET sent_today = 0, quota_day = (coalesce(p_now, now()) AT TIME ZONE s.quota_tz)::date,
+      quota_exhausted_until = NULL
+  WHERE s.service_id IN (
+    SELECT x.service_id FROM edm.services x
+    WHERE x.quota_day < (coalesce(p_now, now()) AT TIME ZONE x.quota_tz)::date
+    FOR NO KEY UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.roll_quota_days(timestamp with time zone) IS 'Starts a new quota day for every service whose local midnight (in its quota_tz) has passed: sent_today back to 0. Returns how many services rolled over.';
+REVOKE ALL ON FUNCTION edm.roll_quota_days(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.finish_tasks(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  UPDATE edm.tasks t SET finished_at = coalesce(p_now, now())
+  WHERE t.task_id IN (
+    SELECT x.task_id FROM edm.tasks x
+    WHERE edm.task_drained(x.status, x.pending_count, x.leased_count)
+    FOR NO KEY UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.finish_tasks(timestamp with time zone) IS 'Safety net: touches drained tasks left sending (e.g. by a database upgraded from before 0019) so that trigger tasks_when_drained completes them, finished at p_now. Every other path completes a task in the statement that drains it.';
+REVOKE ALL ON FUNCTION edm.finish_tasks(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.raise_alert(p_kind text, p_severity text, p_message text, p_task_id bigint DEFAULT NULL::bigint, p_service_id bigint DEFAULT NULL::bigint, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS boolean
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ WITH ins AS (
+          INSERT INTO edm.alerts (raised_at, kind, severity, task_id, service_id, user_id, message)
+           VALUES (COALESCE(raise_alert.p_now, now()), raise_alert.p_kind, raise_alert.p_severity, raise_alert.p_task_id, raise_alert.p_service_id, raise_alert.p_user_id, raise_alert.p_message) ON CONFLICT(kind, severity, (COALESCE(task_id, (0)::bigint)), (COALESCE(service_id, (0)::bigint)), (COALESCE(user_id, ''::text)))
+           WHERE (resolved_at IS NULL) DO NOTHING
+           RETURNING 1 AS "?column?"
+         )
+  SELECT (EXISTS ( SELECT 1
+            FROM ins)) AS "exists";
+END;
+COMMENT ON FUNCTION edm.raise_alert(text,text,text,bigint,bigint,text,timestamp with time zone) IS 'Records an alert unless the same one (kind, severity, subject: task, service, user) is already open; true when recorded.';
+REVOKE ALL ON FUNCTION edm.raise_alert(text,text,text,bigint,bigint,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.sweep_alerts(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_warn integer := edm.config_int('monitoring.wait_warning');
+  v_crit integer := edm.config_int('monitoring.wait_critical');
+  v_emer integer := edm.config_int('monitoring.wait_emergency');
+  v_quota integer := edm.config_int('monitoring.quota_alert_percent');
+  v_stuck integer := edm.config_int('monitoring.stuck_task_threshold');
+  v_n integer := 0;
+  r record;
+BEGIN
+  -- First-send waits: tasks due, with work, and nothing claimed yet.
+  FOR r IN
+    SELECT t.task_id, t.user_id, t.name, extract(epoch FROM v_now - t.scheduled_at) AS wait
+    FROM edm.tasks t
+    WHERE t.status IN ('scheduled', 'sending') AND t.first_claimed_at IS NULL
+      AND t.pending_count > 0 AND t.scheduled_at <= v_now - make_interval(secs => v_warn)
+  LOOP
+    IF edm.raise_alert('wait',
+         CASE WHEN r.wait >= v_emer THEN 'emergency' WHEN r.wait >= v_crit THEN 'critical'
+              ELSE 'warning' END,
+         format('task %s (%s) of user %s has waited %s s for its first send',
+                r.task_id, r.name, r.user_id, round(r.wait)),
+         r.task_id, NULL, r.user_id, v_now) THEN
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  UPDATE edm.alerts a SET resolved_at = v_now
+  FROM edm.tasks t
+  WHERE a.kind = 'wait' AND a.resolved_at IS NULL AND t.task_id = a.task_id
+    AND (t.first_claimed_at IS NOT NULL OR t.status NOT IN ('scheduled', 'sending'));
+
+  -- Stuck tasks: sending, with work left, no claim or completion for too long.
+  FOR r IN
+    UPDATE edm.tasks t SET stuck_since = v_now
+    WHERE t.status = 'sending' AND t.stuck_since IS NULL
+      AND t.pending_count + t.leased_count > 0
+      AND coalesce(t.last_activity_at, t.started_at, t.scheduled_at)
+          <= v_now - make_interval(secs => v_stuck)
+    RETURNING t.task_id, t.user_id, t.name
+  LOOP
+    IF edm.raise_alert('stuck', 'critical',
+         format('task %s (%s) of user %s made no progress for %s s; see edm.task_wait_reasons',
+                r.task_id, r.name, r.user_id, v_stuck),
+         r.task_id, NULL, r.user_id, v_now) THEN
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  UPDATE edm.alerts a SET resolved_at = v_now
+  FROM edm.tasks t
+  WHERE a.kind = 'stuck' AND a.resolved_at IS NULL AND t.task_id = a.task_id
+    AND t.stuck_since IS NULL;
+
+  -- Services past the quota alert share of today's quota.
+  FOR r IN
+    SELECT s.service_id, s.name, edm.service_sent_today(s, v_now) AS used, s.daily_quota
+    FROM edm.services s
+    WHERE s.enabled AND s.daily_quota > 0
+      AND edm.service_sent_today(s, v_now)::bigint * 100 >= v_quota::bigint * s.daily_quota
+  LOOP
+    IF edm.raise_alert('quota', 'warning',
+         format('service %s (%s) used %s of its daily quota of %s', r.service_id, r.name,
+                r.used, r.daily_quota),
+         NULL, r.service_id, NULL, v_now) THEN
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  UPDATE edm.alerts a SET resolved_at = v_now
+  FROM edm.services s
+  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND s.service_id = a.service_id
+    AND edm.service_sent_today(s, v_now)::bigint * 100 < v_quota::bigint * s.daily_quota;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.sweep_alerts(timestamp with time zone) IS 'Raises (and resolves) alerts: first-send waits past monitoring.wait_warning / _critical / _emergency, tasks without progress past monitoring.stuck_task_threshold (flagged in tasks.stuck_since), services past monitoring.quota_alert_percent of their daily quota. Returns how many alerts were raised.';
+REVOKE ALL ON FUNCTION edm.sweep_alerts(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.take_alerts(p_limit integer DEFAULT 100)
+ RETURNS TABLE(alert_id bigint, raised_at timestamp with time zone, kind text, severity text, task_id bigint, service_id bigint, user_id text, message text)
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ UPDATE edm.alerts a SET notified_at = now()
+   WHERE (a.alert_id IN ( SELECT x.alert_id
+            FROM edm.alerts x
+           WHERE (x.notified_at IS NULL)
+           ORDER BY x.alert_id
+          LIMIT take_alerts.p_limit
+          FOR UPDATE OF x SKIP LOCKED))
+   RETURNING a.alert_id,
+     a.raised_at,
+     a.kind,
+     a.severity,
+     a.task_id,
+     a.service_id,
+     a.user_id,
+     a.message;
+END;
+COMMENT ON FUNCTION edm.take_alerts(integer) IS 'Marks up to p_limit not-yet-notified alerts as notified and returns them, for the host''s alert callback (each alert is handed over once).';
+REVOKE ALL ON FUNCTION edm.take_alerts(integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.trg_quota_day_alerts()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  UPDATE edm.alerts a
+  SET resolved_at = edm.service_next_quota_day(NEW.quota_tz, a.raised_at)
+  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND a.service_id = NEW.service_id
+    AND (a.raised_at AT TIME ZONE NEW.quota_tz)::date < NEW.quota_day;
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.trg_quota_day_alerts() IS 'Trigger: when a service starts a new quota day (quota_day moves forward, by a claim or edm.roll_quota_days), its open quota alerts of earlier days are resolved at the local midnight that ended them.';
+REVOKE ALL ON FUNCTION edm.trg_quota_day_alerts() FROM PUBLIC;
+
+CREATE FUNCTION edm.resolve_stale_quota_alerts(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  -- An alert raised in an earlier quota day (in the service's quota_tz) than
+  -- the one at p_now is over: it ended at that day's local midnight.
+  UPDATE edm.alerts a
+  SET resolved_at = edm.service_next_quota_day(s.quota_tz, a.raised_at)
+  FROM edm.services s
+  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND s.service_id = a.service_id
+    AND (a.raised_at AT TIME ZONE s.quota_tz)::date
+        < (coalesce(p_now, now()) AT TIME ZONE s.quota_tz)::date;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.resolve_stale_quota_alerts(timestamp with time zone) IS 'Resolves open quota alerts raised in an earlier quota day (in the service''s quota_tz) than the one at p_now (default now()), dated at the local midnight that ended that day. Returns how many. The trigger services_quota_day_alerts does the same as each service starts a new quota day.';
+REVOKE ALL ON FUNCTION edm.resolve_stale_quota_alerts(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.roll_up_metrics(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_from timestamptz;
+  v_to timestamptz := coalesce(p_now, now()) - interval '5 seconds';
+  v_n integer;
+BEGIN
+  SELECT s.watermark INTO v_from FROM edm.sweep_state s WHERE s.name = 'metrics_hourly' FOR UPDATE;
+  IF NOT FOUND THEN
+    v_from := '-infinity';
+    INSERT INTO edm.sweep_state (name, watermark) VALUES ('metrics_hourly', v_to);
+  END IF;
+  IF v_from >= v_to THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO edm.metrics_hourly AS m (hour, service_id, user_id, sent, failed, retried,
+                                       service_failures, lease_expired, response_ms_sum,
+                                       response_count)
+  SELECT date_trunc('hour', e.occurred_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+         coalesce(e.service_id, 0), e.user_id,
+         count(*) FILTER (WHERE e.kind = 'sent'),
+         count(*) FILTER (WHERE e.kind = 'failed'),
+         count(*) FILTER (WHERE e.kind = 'retry'),
+         count(*) FILTER (WHERE e.kind = 'service_failure'),
+         count(*) FILTER (WHERE e.kind = 'lease_expired'),
+         coalesce(sum(e.response_ms) FILTER (WHERE e.kind = 'sent'), 0),
+         count(e.response_ms) FILTER (WHERE e.kind = 'sent')
+  FROM edm.send_events e
+  WHERE e.occurred_at >= v_from AND e.occurred_at < v_to
+  GROUP BY 1, 2, 3
+  ON CONFLICT (hour, service_id, user_id) DO UPDATE SET
+    sent = m.sent + EXCLUDED.sent, failed = m.failed + EXCLUDED.failed,
+    retried = m.retried + EXCLUDED.retried,
+    service_failures = m.service_failures + EXCLUDED.service_failures,
+    lease_expired = m.lease_expired + EXCLUDED.lease_expired,
+    response_ms_sum = m.response_ms_sum + EXCLUDED.response_ms_sum,
+    response_count = m.response_count + EXCLUDED.response_count;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  UPDATE edm.sweep_state SET watermark = v_to, updated_at = now() WHERE name = 'metrics_hourly';
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.roll_up_metrics(timestamp with time zone) IS 'Adds send_events recorded since the last roll-up (up to 5 s ago: completions commit late) into edm.metrics_hourly. Incremental; returns the number of hourly rows touched.';
+REVOKE ALL ON FUNCTION edm.roll_up_metrics(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.ensure_partitions(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_days_ahead integer DEFAULT 3)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_day date;
+  v_name text;
+  v_n integer := 0;
+BEGIN
+  -- Partitions are made for days that have not started yet, so the default
+  -- partition never holds rows of a day that later gets its own partition.
+  FOR v_day IN
+    SELECT d::date FROM generate_series((coalesce(p_now, now()) AT TIME ZONE 'UTC')::date + 1,
+                                        (coalesce(p_now, now()) AT TIME ZONE 'UTC')::date + p_days_ahead,
+                                        interval '1 day') d
+  LOOP
+    v_name := 'send_events_' || to_char(v_day, 'YYYYMMDD');
+    CONTINUE WHEN to_regclass('edm.' || v_name) IS NOT NULL;
+    BEGIN
+      EXECUTE format('CREATE TABLE edm.%I PARTITION OF edm.send_events FOR VALUES FROM (%L) TO (%L)',
+                     v_name, (v_day::timestamp AT TIME ZONE 'UTC'),
+                     ((v_day + 1)::timestamp AT TIME ZONE 'UTC'));
+      EXECUTE format('COMMENT ON TABLE edm.%I IS %L', v_name,
+                     'send_events of ' || v_day || ' (UTC); dropped after monitoring.metrics_retention_days');
+      v_n := v_n + 1;
+    EXCEPTION WHEN check_violation THEN
+      -- rows of that day already sit in the default partition (clock skew): keep them there
+      NULL;
+    END;
+  END LOOP;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.ensure_partitions(timestamp with time zone,integer) IS 'Creates the daily partitions of edm.send_events for the next p_days_ahead days (UTC), each with a comment. Returns how many were created.';
+REVOKE ALL ON FUNCTION edm.ensure_partitions(timestamp with time zone,integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.apply_retention(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_days integer := edm.config_int('monitoring.metrics_retention_days');
+  v_cut timestamptz := coalesce(p_now, now()) - make_interval(days => v_days);
+  v_part record;
+  v_n bigint := 0;
+  v_m bigint;
+BEGIN
+  -- Whole daily partitions older than the cut are dropped (no dead tuples).
+  FOR v_part IN
+    SELECT c.relname FROM pg_inherits i
+    JOIN pg_class c ON c.oid = i.inhrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE i.inhparent = 'edm.send_events'::regclass AND n.nspname = 'edm'
+      AND c.relname ~ '^send_events_[0-9]{8}$'
+      AND to_date(substr(c.relname, 13), 'YYYYMMDD') + 1 <= (v_cut AT TIME ZONE 'UTC')::date
+  LOOP
+    EXECUTE format('DROP TABLE edm.%I', v_part.relname);
+    v_n := v_n + 1;
+  END LOOP;
+  DELETE FROM edm.send_events_default e WHERE e.occurred_at < v_cut;
+  GET DIAGNOSTICS v_m = ROW_COUNT;
+  v_n := v_n + v_m;
+  DELETE FROM edm.metrics_hourly m WHERE m.hour < v_cut;
+  DELETE FROM edm.alerts a WHERE a.resolved_at < v_cut;
+  -- Finished tasks leave the hot tables (subtasks and templates cascade),
+  -- a few per sweep so that one sweep stays short.
+  DELETE FROM edm.tasks t
+  WHERE t.task_id IN (
+    SELECT x.task_id FROM edm.tasks x
+    WHERE x.status IN ('completed', 'cancelled', 'failed')
+      AND x.finished_at < coalesce(p_now, now())
+                          - make_interval(days => edm.config_int('retention.finished_task_days'))
+    ORDER BY x.finished_at
+    LIMIT edm.config_int('retention.finished_tasks_per_sweep')
+    FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_m = ROW_COUNT;
+  v_n := v_n + v_m;
+  DELETE FROM edm.dispatchers d WHERE d.heartbeat_at < coalesce(p_now, now()) - interval '1 day';
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.apply_retention(timestamp with time zone) IS 'Drops send_events partitions and deletes events, roll-ups and resolved alerts older than monitoring.metrics_retention_days; deletes up to retention.finished_tasks_per_sweep tasks finished more than retention.finished_task_days ago (their subtasks cascade) and dispatcher rows silent for a day. Returns partitions dropped plus rows deleted (events of the default partition, tasks).';
+REVOKE ALL ON FUNCTION edm.apply_retention(timestamp with time zone) FROM PUBLIC;
+
+CREATE TRIGGER services_quota_day_alerts AFTER UPDATE OF quota_day ON edm.services FOR EACH ROW WHEN ((new.quota_day IS DISTINCT FROM old.quota_day)) EXECUTE FUNCTION edm.trg_quota_day_alerts();
+COMMENT ON TRIGGER services_quota_day_alerts ON edm.services IS 'Resolves the quota alerts of a service''s past quota days as it starts a new one (edm.trg_quota_day_alerts).';
+
+-- ==========================================================================
 -- Deliverability: feedback and reputation
 -- What is learned after sending (bounces, complaints, unsubscribes) and the reputation breaker that pauses a user or service above the thresholds.
 -- ==========================================================================
@@ -5381,41 +5740,6 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.cancel_pending_to(text,text,text,timestamp with time zone) IS 'Cancels the pending subtasks addressed to p_email (of user p_user_id''s tasks, or of every task when NULL), keeping task counters and refunding the owners'' quota, so that a suppression or an unsubscribe takes effect on tasks already created. Leased subtasks finish. Returns how many were cancelled.';
 REVOKE ALL ON FUNCTION edm.cancel_pending_to(text,text,text,timestamp with time zone) FROM PUBLIC;
-
--- ==========================================================================
--- Sweeps, alerts and metrics
--- Periodic maintenance run by the elected dispatcher.
--- ==========================================================================
-
-CREATE TABLE edm.metrics_hourly (
-  hour timestamp with time zone NOT NULL,
-  service_id bigint NOT NULL,
-  user_id text NOT NULL,
-  sent bigint DEFAULT 0 NOT NULL,
-  failed bigint DEFAULT 0 NOT NULL,
-  retried bigint DEFAULT 0 NOT NULL,
-  service_failures bigint DEFAULT 0 NOT NULL,
-  lease_expired bigint DEFAULT 0 NOT NULL,
-  response_ms_sum bigint DEFAULT 0 NOT NULL,
-  response_count bigint DEFAULT 0 NOT NULL,
-  CONSTRAINT metrics_hourly_pkey PRIMARY KEY (hour, service_id, user_id)
-);
-COMMENT ON TABLE edm.metrics_hourly IS 'Hourly roll-up of send_events per service and user, kept for monitoring.metrics_retention_days.';
-COMMENT ON COLUMN edm.metrics_hourly.hour IS 'Start of the hour (UTC).';
-COMMENT ON COLUMN edm.metrics_hourly.service_id IS 'Service.';
-COMMENT ON COLUMN edm.metrics_hourly.user_id IS 'User.';
-COMMENT ON COLUMN edm.metrics_hourly.sent IS 'Messages accepted by the provider.';
-COMMENT ON COLUMN edm.metrics_hourly.failed IS 'Permanent failures.';
-COMMENT ON COLUMN edm.metrics_hourly.retried IS 'Transient failures scheduled for retry.';
-COMMENT ON COLUMN edm.metrics_hourly.service_failures IS 'Service-level failures.';
-COMMENT ON COLUMN edm.metrics_hourly.lease_expired IS 'Expired leases (uncertain outcomes).';
-COMMENT ON COLUMN edm.metrics_hourly.response_ms_sum IS 'Sum of provider response times (ms), for averages.';
-COMMENT ON COLUMN edm.metrics_hourly.response_count IS 'Number of response times summed.';
-
--- ==========================================================================
--- Deliverability: feedback and reputation
--- What is learned after sending (bounces, complaints, unsubscribes) and the reputation breaker that pauses a user or service above the thresholds.
--- ==========================================================================
 
 CREATE FUNCTION edm.reputation_rates(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(subject text, service_id bigint, user_id text, window_start timestamp with time zone, sends bigint, hard_bounces bigint, complaints bigint, bounce_pct numeric, complaint_pct numeric, judged boolean, paused_reason text)
@@ -5661,6 +5985,30 @@ $function$;
 COMMENT ON FUNCTION edm.reputation_resume_user(text,timestamp with time zone) IS 'Resumes a user the reputation breaker paused: clears the reason, restarts its reputation window now, resumes the tasks the breaker paused (not those the host paused) and resolves its reputation alerts. Returns how many tasks were resumed.';
 REVOKE ALL ON FUNCTION edm.reputation_resume_user(text,timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.tasks_reputation_hold()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  v_reason text;
+BEGIN
+  SELECT u.paused_reason INTO v_reason FROM edm.users u WHERE u.user_id = NEW.user_id;
+  IF v_reason IS NULL OR NOT edm.is_bulk_task(NEW.task_id) THEN
+    RETURN NEW;
+  END IF;
+  IF OLD.status = 'paused' THEN
+    RAISE EXCEPTION 'user % is paused by the reputation breaker (%); resume the user first',
+      NEW.user_id, v_reason USING ERRCODE = 'ED003';
+  END IF;
+  -- a bulk task due to start while its user is held: held with it
+  NEW.status := 'paused';
+  NEW.pause_reason := v_reason;
+  RETURN NEW;
+END;
+$function$;
+COMMENT ON FUNCTION edm.tasks_reputation_hold() IS 'Trigger: while the reputation breaker holds a user (users.paused_reason), the user''s bulk tasks that would start sending are paused instead (with the reason), and resuming one of them by hand is refused (ED003) until the user is resumed.';
+REVOKE ALL ON FUNCTION edm.tasks_reputation_hold() FROM PUBLIC;
+
 CREATE VIEW edm.reputation_status AS
  SELECT subject,
     service_id,
@@ -5687,425 +6035,7 @@ COMMENT ON COLUMN edm.reputation_status.complaint_pct IS 'Complaints / sends, pe
 COMMENT ON COLUMN edm.reputation_status.judged IS 'True when sends reach reputation.min_sends: only then can the rates raise alerts or pause.';
 COMMENT ON COLUMN edm.reputation_status.paused_reason IS 'Why the breaker paused the subject, if it did.';
 
--- ==========================================================================
--- Sweeps, alerts and metrics
--- Periodic maintenance run by the elected dispatcher.
--- ==========================================================================
-
-CREATE TABLE edm.sweep_state (
-  name text NOT NULL,
-  watermark timestamp with time zone NOT NULL,
-  updated_at timestamp with time zone DEFAULT now() NOT NULL,
-  CONSTRAINT sweep_state_pkey PRIMARY KEY (name)
-);
-COMMENT ON TABLE edm.sweep_state IS 'Progress markers of incremental sweeps (e.g. how far send_events were rolled up).';
-COMMENT ON COLUMN edm.sweep_state.name IS 'Sweep name.';
-COMMENT ON COLUMN edm.sweep_state.watermark IS 'Everything before this time has been processed.';
-COMMENT ON COLUMN edm.sweep_state.updated_at IS 'Last run.';
-
-CREATE TABLE edm.alerts (
-  alert_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
-  raised_at timestamp with time zone DEFAULT now() NOT NULL,
-  kind text NOT NULL,
-  severity text NOT NULL,
-  task_id bigint,
-  service_id bigint,
-  user_id text,
-  message text NOT NULL,
-  notified_at timestamp with time zone,
-  resolved_at timestamp with time zone,
-  CONSTRAINT alerts_pkey PRIMARY KEY (alert_id),
-  CONSTRAINT alerts_kind_check CHECK ((kind = ANY ('{quota,reputation,service,stuck,wait}'::text[]))),
-  CONSTRAINT alerts_severity_check CHECK ((severity = ANY (ARRAY['info'::text, 'warning'::text, 'critical'::text, 'emergency'::text])))
-);
-COMMENT ON TABLE edm.alerts IS 'Alerts raised by the sweeps (waits, quotas, stuck tasks), handed to the host callback once (notified_at).';
-COMMENT ON COLUMN edm.alerts.alert_id IS 'Surrogate id.';
-COMMENT ON COLUMN edm.alerts.raised_at IS 'When the alert was raised.';
-COMMENT ON COLUMN edm.alerts.kind IS 'wait, quota, stuck, service or reputation (a bounce or complaint rate over a threshold).';
-COMMENT ON COLUMN edm.alerts.severity IS 'info, warning, critical or emergency.';
-COMMENT ON COLUMN edm.alerts.task_id IS 'Task concerned, if any.';
-COMMENT ON COLUMN edm.alerts.service_id IS 'Service concerned, if any.';
-COMMENT ON COLUMN edm.alerts.user_id IS 'User concerned, if any.';
-COMMENT ON COLUMN edm.alerts.message IS 'Human-readable description.';
-COMMENT ON COLUMN edm.alerts.notified_at IS 'When the host callback received the alert.';
-COMMENT ON COLUMN edm.alerts.resolved_at IS 'When the condition cleared.';
-CREATE UNIQUE INDEX alerts_open_idx ON edm.alerts USING btree (kind, severity, COALESCE(task_id, (0)::bigint), COALESCE(service_id, (0)::bigint), COALESCE(user_id, ''::text)) WHERE (resolved_at IS NULL);
-COMMENT ON INDEX edm.alerts_open_idx IS 'At most one open alert per kind, severity and subject (task, service, user).';
-
-CREATE FUNCTION edm.run_sweeps(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS jsonb
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_report jsonb;
-  v_step text;
-  v_value bigint;
-BEGIN
-  -- Recovery first, and outside the guarded steps below: nothing that goes
-  -- wrong in maintenance may keep expired leases from coming back (I7).
-  v_report := jsonb_build_object('leases_expired', edm.expire_leases(p_now));
-  -- Each maintenance step runs in its own subtransaction: a failing step is
-  -- reported (and logged by the dispatcher) without undoing the others.
-  FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'warmups_applied', 'tasks_started', 'tasks_completed',
-                                'alerts_raised', 'metrics_rows', 'partitions_created',
-                                'retention_removed'] LOOP
-    BEGIN
-      v_value := CASE v_step
-        WHEN 'quota_days_rolled' THEN edm.roll_quota_days(p_now)
-        WHEN 'warmups_applied' THEN edm.apply_warmups(p_now)
-        WHEN 'tasks_started' THEN edm.start_due_tasks(p_now)
-        WHEN 'tasks_completed' THEN edm.finish_tasks(p_now)
-        WHEN 'alerts_raised' THEN edm.sweep_alerts(p_now)
-        WHEN 'metrics_rows' THEN edm.roll_up_metrics(p_now)
-        WHEN 'partitions_created' THEN edm.ensure_partitions(p_now)
-        WHEN 'retention_removed' THEN edm.apply_retention(p_now)
-      END;
-      v_report := v_report || jsonb_build_object(v_step, v_value);
-    EXCEPTION WHEN OTHERS THEN
-      v_report := v_report || jsonb_build_object(v_step, NULL)
-                  || jsonb_build_object('errors', coalesce(v_report -> 'errors', '[]'::jsonb)
-                                                  || to_jsonb(v_step || ': ' || SQLERRM));
-    END;
-  END LOOP;
-  RETURN v_report;
-END;
-$function$;
-COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report. Step warmups_applied moves warm-up ceilings to the day''s (edm.apply_warmups).';
-REVOKE ALL ON FUNCTION edm.run_sweeps(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.roll_quota_days(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_n integer;
-BEGIN
-  -- Claims roll a service's quota day lazily; this makes views and alerts
-  -- right for idle services too. SKIP LOCKED: never wait on a claim.
-  UPDATE edm.services s
-  SET sent_today = 0, quota_day = (coalesce(p_now, now()) AT TIME ZONE s.quota_tz)::date,
-      quota_exhausted_until = NULL
-  WHERE s.service_id IN (
-    SELECT x.service_id FROM edm.services x
-    WHERE x.quota_day < (coalesce(p_now, now()) AT TIME ZONE x.quota_tz)::date
-    FOR NO KEY UPDATE SKIP LOCKED);
-  GET DIAGNOSTICS v_n = ROW_COUNT;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.roll_quota_days(timestamp with time zone) IS 'Starts a new quota day for every service whose local midnight (in its quota_tz) has passed: sent_today back to 0. Returns how many services rolled over.';
-REVOKE ALL ON FUNCTION edm.roll_quota_days(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.finish_tasks(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_n integer;
-BEGIN
-  UPDATE edm.tasks t SET finished_at = coalesce(p_now, now())
-  WHERE t.task_id IN (
-    SELECT x.task_id FROM edm.tasks x
-    WHERE edm.task_drained(x.status, x.pending_count, x.leased_count)
-    FOR NO KEY UPDATE SKIP LOCKED);
-  GET DIAGNOSTICS v_n = ROW_COUNT;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.finish_tasks(timestamp with time zone) IS 'Safety net: touches drained tasks left sending (e.g. by a database upgraded from before 0019) so that trigger tasks_when_drained completes them, finished at p_now. Every other path completes a task in the statement that drains it.';
-REVOKE ALL ON FUNCTION edm.finish_tasks(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.raise_alert(p_kind text, p_severity text, p_message text, p_task_id bigint DEFAULT NULL::bigint, p_service_id bigint DEFAULT NULL::bigint, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS boolean
- LANGUAGE sql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-BEGIN ATOMIC
- WITH ins AS (
-          INSERT INTO edm.alerts (raised_at, kind, severity, task_id, service_id, user_id, message)
-           VALUES (COALESCE(raise_alert.p_now, now()), raise_alert.p_kind, raise_alert.p_severity, raise_alert.p_task_id, raise_alert.p_service_id, raise_alert.p_user_id, raise_alert.p_message) ON CONFLICT(kind, severity, (COALESCE(task_id, (0)::bigint)), (COALESCE(service_id, (0)::bigint)), (COALESCE(user_id, ''::text)))
-           WHERE (resolved_at IS NULL) DO NOTHING
-           RETURNING 1 AS "?column?"
-         )
-  SELECT (EXISTS ( SELECT 1
-            FROM ins)) AS "exists";
-END;
-COMMENT ON FUNCTION edm.raise_alert(text,text,text,bigint,bigint,text,timestamp with time zone) IS 'Records an alert unless the same one (kind, severity, subject: task, service, user) is already open; true when recorded.';
-REVOKE ALL ON FUNCTION edm.raise_alert(text,text,text,bigint,bigint,text,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.sweep_alerts(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_now timestamptz := coalesce(p_now, now());
-  v_warn integer := edm.config_int('monitoring.wait_warning');
-  v_crit integer := edm.config_int('monitoring.wait_critical');
-  v_emer integer := edm.config_int('monitoring.wait_emergency');
-  v_quota integer := edm.config_int('monitoring.quota_alert_percent');
-  v_stuck integer := edm.config_int('monitoring.stuck_task_threshold');
-  v_n integer := 0;
-  r record;
-BEGIN
-  -- First-send waits: tasks due, with work, and nothing claimed yet.
-  FOR r IN
-    SELECT t.task_id, t.user_id, t.name, extract(epoch FROM v_now - t.scheduled_at) AS wait
-    FROM edm.tasks t
-    WHERE t.status IN ('scheduled', 'sending') AND t.first_claimed_at IS NULL
-      AND t.pending_count > 0 AND t.scheduled_at <= v_now - make_interval(secs => v_warn)
-  LOOP
-    IF edm.raise_alert('wait',
-         CASE WHEN r.wait >= v_emer THEN 'emergency' WHEN r.wait >= v_crit THEN 'critical'
-              ELSE 'warning' END,
-         format('task %s (%s) of user %s has waited %s s for its first send',
-                r.task_id, r.name, r.user_id, round(r.wait)),
-         r.task_id, NULL, r.user_id, v_now) THEN
-      v_n := v_n + 1;
-    END IF;
-  END LOOP;
-  UPDATE edm.alerts a SET resolved_at = v_now
-  FROM edm.tasks t
-  WHERE a.kind = 'wait' AND a.resolved_at IS NULL AND t.task_id = a.task_id
-    AND (t.first_claimed_at IS NOT NULL OR t.status NOT IN ('scheduled', 'sending'));
-
-  -- Stuck tasks: sending, with work left, no claim or completion for too long.
-  FOR r IN
-    UPDATE edm.tasks t SET stuck_since = v_now
-    WHERE t.status = 'sending' AND t.stuck_since IS NULL
-      AND t.pending_count + t.leased_count > 0
-      AND coalesce(t.last_activity_at, t.started_at, t.scheduled_at)
-          <= v_now - make_interval(secs => v_stuck)
-    RETURNING t.task_id, t.user_id, t.name
-  LOOP
-    IF edm.raise_alert('stuck', 'critical',
-         format('task %s (%s) of user %s made no progress for %s s; see edm.task_wait_reasons',
-                r.task_id, r.name, r.user_id, v_stuck),
-         r.task_id, NULL, r.user_id, v_now) THEN
-      v_n := v_n + 1;
-    END IF;
-  END LOOP;
-  UPDATE edm.alerts a SET resolved_at = v_now
-  FROM edm.tasks t
-  WHERE a.kind = 'stuck' AND a.resolved_at IS NULL AND t.task_id = a.task_id
-    AND t.stuck_since IS NULL;
-
-  -- Services past the quota alert share of today's quota.
-  FOR r IN
-    SELECT s.service_id, s.name, edm.service_sent_today(s, v_now) AS used, s.daily_quota
-    FROM edm.services s
-    WHERE s.enabled AND s.daily_quota > 0
-      AND edm.service_sent_today(s, v_now)::bigint * 100 >= v_quota::bigint * s.daily_quota
-  LOOP
-    IF edm.raise_alert('quota', 'warning',
-         format('service %s (%s) used %s of its daily quota of %s', r.service_id, r.name,
-                r.used, r.daily_quota),
-         NULL, r.service_id, NULL, v_now) THEN
-      v_n := v_n + 1;
-    END IF;
-  END LOOP;
-  UPDATE edm.alerts a SET resolved_at = v_now
-  FROM edm.services s
-  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND s.service_id = a.service_id
-    AND edm.service_sent_today(s, v_now)::bigint * 100 < v_quota::bigint * s.daily_quota;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.sweep_alerts(timestamp with time zone) IS 'Raises (and resolves) alerts: first-send waits past monitoring.wait_warning / _critical / _emergency, tasks without progress past monitoring.stuck_task_threshold (flagged in tasks.stuck_since), services past monitoring.quota_alert_percent of their daily quota. Returns how many alerts were raised.';
-REVOKE ALL ON FUNCTION edm.sweep_alerts(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.take_alerts(p_limit integer DEFAULT 100)
- RETURNS TABLE(alert_id bigint, raised_at timestamp with time zone, kind text, severity text, task_id bigint, service_id bigint, user_id text, message text)
- LANGUAGE sql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-BEGIN ATOMIC
- UPDATE edm.alerts a SET notified_at = now()
-   WHERE (a.alert_id IN ( SELECT x.alert_id
-            FROM edm.alerts x
-           WHERE (x.notified_at IS NULL)
-           ORDER BY x.alert_id
-          LIMIT take_alerts.p_limit
-          FOR UPDATE OF x SKIP LOCKED))
-   RETURNING a.alert_id,
-     a.raised_at,
-     a.kind,
-     a.severity,
-     a.task_id,
-     a.service_id,
-     a.user_id,
-     a.message;
-END;
-COMMENT ON FUNCTION edm.take_alerts(integer) IS 'Marks up to p_limit not-yet-notified alerts as notified and returns them, for the host''s alert callback (each alert is handed over once).';
-REVOKE ALL ON FUNCTION edm.take_alerts(integer) FROM PUBLIC;
-
-CREATE FUNCTION edm.resolve_stale_quota_alerts(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_n integer;
-BEGIN
-  -- An alert raised in an earlier quota day (in the service's quota_tz) than
-  -- the one at p_now is over: it ended at that day's local midnight.
-  UPDATE edm.alerts a
-  SET resolved_at = edm.service_next_quota_day(s.quota_tz, a.raised_at)
-  FROM edm.services s
-  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND s.service_id = a.service_id
-    AND (a.raised_at AT TIME ZONE s.quota_tz)::date
-        < (coalesce(p_now, now()) AT TIME ZONE s.quota_tz)::date;
-  GET DIAGNOSTICS v_n = ROW_COUNT;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.resolve_stale_quota_alerts(timestamp with time zone) IS 'Resolves open quota alerts raised in an earlier quota day (in the service''s quota_tz) than the one at p_now (default now()), dated at the local midnight that ended that day. Returns how many. The trigger services_quota_day_alerts does the same as each service starts a new quota day.';
-REVOKE ALL ON FUNCTION edm.resolve_stale_quota_alerts(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.roll_up_metrics(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_from timestamptz;
-  v_to timestamptz := coalesce(p_now, now()) - interval '5 seconds';
-  v_n integer;
-BEGIN
-  SELECT s.watermark INTO v_from FROM edm.sweep_state s WHERE s.name = 'metrics_hourly' FOR UPDATE;
-  IF NOT FOUND THEN
-    v_from := '-infinity';
-    INSERT INTO edm.sweep_state (name, watermark) VALUES ('metrics_hourly', v_to);
-  END IF;
-  IF v_from >= v_to THEN
-    RETURN 0;
-  END IF;
-  INSERT INTO edm.metrics_hourly AS m (hour, service_id, user_id, sent, failed, retried,
-                                       service_failures, lease_expired, response_ms_sum,
-                                       response_count)
-  SELECT date_trunc('hour', e.occurred_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
-         coalesce(e.service_id, 0), e.user_id,
-         count(*) FILTER (WHERE e.kind = 'sent'),
-         count(*) FILTER (WHERE e.kind = 'failed'),
-         count(*) FILTER (WHERE e.kind = 'retry'),
-         count(*) FILTER (WHERE e.kind = 'service_failure'),
-         count(*) FILTER (WHERE e.kind = 'lease_expired'),
-         coalesce(sum(e.response_ms) FILTER (WHERE e.kind = 'sent'), 0),
-         count(e.response_ms) FILTER (WHERE e.kind = 'sent')
-  FROM edm.send_events e
-  WHERE e.occurred_at >= v_from AND e.occurred_at < v_to
-  GROUP BY 1, 2, 3
-  ON CONFLICT (hour, service_id, user_id) DO UPDATE SET
-    sent = m.sent + EXCLUDED.sent, failed = m.failed + EXCLUDED.failed,
-    retried = m.retried + EXCLUDED.retried,
-    service_failures = m.service_failures + EXCLUDED.service_failures,
-    lease_expired = m.lease_expired + EXCLUDED.lease_expired,
-    response_ms_sum = m.response_ms_sum + EXCLUDED.response_ms_sum,
-    response_count = m.response_count + EXCLUDED.response_count;
-  GET DIAGNOSTICS v_n = ROW_COUNT;
-  UPDATE edm.sweep_state SET watermark = v_to, updated_at = now() WHERE name = 'metrics_hourly';
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.roll_up_metrics(timestamp with time zone) IS 'Adds send_events recorded since the last roll-up (up to 5 s ago: completions commit late) into edm.metrics_hourly. Incremental; returns the number of hourly rows touched.';
-REVOKE ALL ON FUNCTION edm.roll_up_metrics(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.ensure_partitions(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_days_ahead integer DEFAULT 3)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_day date;
-  v_name text;
-  v_n integer := 0;
-BEGIN
-  -- Partitions are made for days that have not started yet, so the default
-  -- partition never holds rows of a day that later gets its own partition.
-  FOR v_day IN
-    SELECT d::date FROM generate_series((coalesce(p_now, now()) AT TIME ZONE 'UTC')::date + 1,
-                                        (coalesce(p_now, now()) AT TIME ZONE 'UTC')::date + p_days_ahead,
-                                        interval '1 day') d
-  LOOP
-    v_name := 'send_events_' || to_char(v_day, 'YYYYMMDD');
-    CONTINUE WHEN to_regclass('edm.' || v_name) IS NOT NULL;
-    BEGIN
-      EXECUTE format('CREATE TABLE edm.%I PARTITION OF edm.send_events FOR VALUES FROM (%L) TO (%L)',
-                     v_name, (v_day::timestamp AT TIME ZONE 'UTC'),
-                     ((v_day + 1)::timestamp AT TIME ZONE 'UTC'));
-      EXECUTE format('COMMENT ON TABLE edm.%I IS %L', v_name,
-                     'send_events of ' || v_day || ' (UTC); dropped after monitoring.metrics_retention_days');
-      v_n := v_n + 1;
-    EXCEPTION WHEN check_violation THEN
-      -- rows of that day already sit in the default partition (clock skew): keep them there
-      NULL;
-    END;
-  END LOOP;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.ensure_partitions(timestamp with time zone,integer) IS 'Creates the daily partitions of edm.send_events for the next p_days_ahead days (UTC), each with a comment. Returns how many were created.';
-REVOKE ALL ON FUNCTION edm.ensure_partitions(timestamp with time zone,integer) FROM PUBLIC;
-
-CREATE FUNCTION edm.apply_retention(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS bigint
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_days integer := edm.config_int('monitoring.metrics_retention_days');
-  v_cut timestamptz := coalesce(p_now, now()) - make_interval(days => v_days);
-  v_part record;
-  v_n bigint := 0;
-  v_m bigint;
-BEGIN
-  -- Whole daily partitions older than the cut are dropped (no dead tuples).
-  FOR v_part IN
-    SELECT c.relname FROM pg_inherits i
-    JOIN pg_class c ON c.oid = i.inhrelid
-    JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE i.inhparent = 'edm.send_events'::regclass AND n.nspname = 'edm'
-      AND c.relname ~ '^send_events_[0-9]{8}$'
-      AND to_date(substr(c.relname, 13), 'YYYYMMDD') + 1 <= (v_cut AT TIME ZONE 'UTC')::date
-  LOOP
-    EXECUTE format('DROP TABLE edm.%I', v_part.relname);
-    v_n := v_n + 1;
-  END LOOP;
-  DELETE FROM edm.send_events_default e WHERE e.occurred_at < v_cut;
-  GET DIAGNOSTICS v_m = ROW_COUNT;
-  v_n := v_n + v_m;
-  DELETE FROM edm.metrics_hourly m WHERE m.hour < v_cut;
-  DELETE FROM edm.alerts a WHERE a.resolved_at < v_cut;
-  -- Finished tasks leave the hot tables (subtasks and templates cascade),
-  -- a few per sweep so that one sweep stays short.
-  DELETE FROM edm.tasks t
-  WHERE t.task_id IN (
-    SELECT x.task_id FROM edm.tasks x
-    WHERE x.status IN ('completed', 'cancelled', 'failed')
-      AND x.finished_at < coalesce(p_now, now())
-                          - make_interval(days => edm.config_int('retention.finished_task_days'))
-    ORDER BY x.finished_at
-    LIMIT edm.config_int('retention.finished_tasks_per_sweep')
-    FOR UPDATE SKIP LOCKED);
-  GET DIAGNOSTICS v_m = ROW_COUNT;
-  v_n := v_n + v_m;
-  DELETE FROM edm.dispatchers d WHERE d.heartbeat_at < coalesce(p_now, now()) - interval '1 day';
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.apply_retention(timestamp with time zone) IS 'Drops send_events partitions and deletes events, roll-ups and resolved alerts older than monitoring.metrics_retention_days; deletes up to retention.finished_tasks_per_sweep tasks finished more than retention.finished_task_days ago (their subtasks cascade) and dispatcher rows silent for a day. Returns partitions dropped plus rows deleted (events of the default partition, tasks).';
-REVOKE ALL ON FUNCTION edm.apply_retention(timestamp with time zone) FROM PUBLIC;
+CREATE TRIGGER tasks_reputation_hold BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN (((new.status = 'sending'::text) AND (old.status = ANY (ARRAY['scheduled'::text, 'paused'::text])))) EXECUTE FUNCTION edm.tasks_reputation_hold();
 
 -- ==========================================================================
 -- Monitoring views

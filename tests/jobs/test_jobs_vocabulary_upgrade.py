@@ -80,8 +80,9 @@ def test_a_database_with_jobs_upgrades_from_0020_keeping_data_and_old_names(
             assert values["jobs.shell_users"] == '["acme"]'
             assert not {"jobs.max_jobs_per_tenant", "jobs.max_running_per_tenant",
                         "jobs.shell_tenants"} & set(values)
-            assert c.execute("SELECT edm.config_int('jobs.max_jobs_per_tenant'), "
-                             "edm.config_int('jobs.max_jobs_per_user')").fetchone() == (3, 3)
+            assert c.execute("SELECT edm.config_key('jobs.max_jobs_per_tenant'), "
+                             "edm.config_key('jobs.max_jobs_per_user')").fetchone() == (
+                "jobs.max_jobs_per_user", "jobs.max_jobs_per_user")
             c.execute("SELECT edm.config_set('jobs.max_running_per_tenant', '5')")
             assert c.execute("SELECT edm.config_int('jobs.max_running_per_user')"
                              ).fetchone() == (5,)
