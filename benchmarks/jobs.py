@@ -203,9 +203,9 @@ def _load_history(dsn: str) -> int:
     production would leave in edm.job_executions (retention keeps 30 of them)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         cur = conn.execute(
-            "INSERT INTO edm.job_executions (job_id, tenant_id, trigger, status, priority,"
+            "INSERT INTO edm.job_executions (job_id, user_id, trigger, status, priority,"
             "  scheduled_for, run_after, created_at, started_at, finished_at, result, worker_id)"
-            " SELECT j.job_id, j.tenant_id, 'scheduled', 'succeeded', 0, t, t, t,"
+            " SELECT j.job_id, j.user_id, 'scheduled', 'succeeded', 0, t, t, t,"
             "        t + interval '30 ms', t + interval '31 ms', '{\"delay_ms\": 30}', 'history'"
             " FROM edm.jobs j CROSS JOIN LATERAL generate_series("
             "   now() - interval '1 day', now() - interval '1 s', interval '180 s') t"
@@ -263,7 +263,7 @@ def main(argv: list[str]) -> int:
         dsn = server.fresh_database("bench_jobs")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("UPDATE edm.config SET value = '100000'"
-                         " WHERE key = 'jobs.max_jobs_per_tenant'")
+                         " WHERE key = 'jobs.max_jobs_per_user'")
         scale = {
             "tenants": TENANTS,
             "runs_per_day": "1,000,000 (steady 1,000,320; burst 999,360)",

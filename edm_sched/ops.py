@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -391,6 +392,10 @@ def config_list() -> Op[list[ConfigEntry]]:
 def config_get(key: str) -> Op[ConfigEntry]:
     row = yield Fetch(query("config_get"), (key,), dicts=True)
     if row is None:
+        new_key = yield from _renamed_key(key)
+        if new_key is not None:
+            row = yield Fetch(query("config_get"), (new_key,), dicts=True)
+    if row is None:
         raise errors.NotFound(f"unknown config key {key!r}")
     return ConfigEntry.model_validate(row)
 
@@ -399,7 +404,21 @@ def config_set(key: str, value: Any, actor: str | None) -> Op[Any]:
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = json.loads(value)
-    return (yield from _scalar(query("config_set"), (key, Jsonb(value), actor)))
+    row = yield Fetch(query("config_set"), (key, Jsonb(value), actor, key))
+    assert row is not None
+    if not row[1]:  # set through the name it had before a rename (edm.config_set maps it)
+        yield from _renamed_key(key)
+    return row[0]
+
+
+def _renamed_key(key: str) -> Op[str | None]:
+    """The name now of a setting renamed by a migration (edm.config_renamed), with a
+    DeprecationWarning; None for a name that was never a setting's."""
+    new_key = yield from _scalar(query("config_renamed"), (key,))
+    if new_key is not None:
+        warnings.warn(f"config key {key!r} is deprecated: it is called {new_key!r} now",
+                      DeprecationWarning, stacklevel=5)
+    return None if new_key is None else str(new_key)
 
 
 # ------------------------------------------------- argument models (internal)

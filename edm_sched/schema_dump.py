@@ -40,25 +40,30 @@ COMMAND = "python -m edm_sched.schema_dump > sql/schema.sql"
 
 # ---------------------------------------------------------------------------
 # Concepts: (title, what it is, objects in reading order). Objects not listed
-# land in the last section by name prefix (job_*) or under "Not yet sorted".
+# land in a concept by name prefix (job_*...) or under UNSORTED.
 # ---------------------------------------------------------------------------
+
+UNSORTED = "Not yet sorted"
 
 CONCEPTS: list[tuple[str, str, list[str]]] = [
     ("Migrations",
-     "Which migrations built this schema (all of them, when loaded from this file).",
-     ["schema_migrations"]),
+     "Which migrations built this schema (all of them, when loaded from this file), and the "
+     "helpers migrations use to change a function or the roles' grants in place.",
+     ["schema_migrations", "patch_function", "extend_roles"]),
     ("Validation helpers",
      "Pure functions used by CHECK constraints and by the functions below.",
      ["email_problem", "is_valid_email", "normalize_email", "is_valid_timezone",
-      "rule_matches", "task_transition_ok", "ts_add_ms", "smtp_code_suppresses"]),
+      "rule_matches", "task_transition_ok", "ts_add_ms", "epoch_ms", "smtp_code_suppresses",
+      "headers_problem"]),
     ("Audit trail",
      "The append-only record of administrative changes, written by triggers.",
      ["audit_log", "audit_log_append_only", "audit_fields", "audit_row"]),
     ("Configuration",
      "Typed, hot-reloaded settings; a refused value raises ED006 with the allowed range.",
-     ["config", "config_value_ok", "config_int", "config_set"]),
+     ["config_value_ok", "job_http_allow_ok", "job_user_list_ok", "config", "config_renamed",
+      "config_key", "config_int", "config_num", "config_set"]),
     ("Users, services and grants",
-     "Tenants of the host platform, sending accounts, and who may send through what.",
+     "Users (the host platform's tenants), sending accounts, and who may send through what.",
      ["users", "services", "grants", "upsert_user", "set_user_quota", "create_service",
       "update_service", "grant_service", "revoke_service"]),
     ("Contacts, tags and suppressions",
@@ -69,38 +74,79 @@ CONCEPTS: list[tuple[str, str, list[str]]] = [
      "Campaigns, their templates and one subtask per recipient; creation and lifecycle.",
      ["tasks", "templates", "subtasks", "require_user", "reserve_quota", "new_task",
       "create_task_from_staged", "create_task_from_rule", "expand_task", "lock_task",
-      "pause_task", "resume_task", "cancel_task", "tasks_track_status",
+      "pause_task", "resume_task", "cancel_task", "is_bulk_task", "tasks_track_status",
       "tasks_sync_claimable", "tasks_notify_scheduled", "start_due_tasks", "task_drained",
       "tasks_complete_drained"]),
     ("Readiness and quotas",
      "When a service may send: the predicates the claim uses.",
      ["service_sent_today", "service_next_quota_day", "service_is_ready"]),
+    ("Rate limits",
+     "A service's limits (rate with burst, rolling window, calendar day) and how a claim "
+     "takes them; see docs/explanation/rate-limits.md.",
+     ["service_limits", "limit_bucket_ms", "limit_next", "limits_next", "limit_after",
+      "limits_take", "rolling_buckets_add", "service_binding_limit", "service_limits_flag",
+      "set_service_limits", "service_limit_status"]),
+    ("Warm-up",
+     "Ramps of daily ceilings a new IP or account follows (the limit warmup).",
+     ["service_warmups", "warmup_ramp_problem", "warmup_ramp", "warmup_ceiling",
+      "apply_warmups", "set_service_warmup", "service_limits_keep_warmup",
+      "service_warmup_status"]),
+    ("Sites",
+     "Receiving mailbox providers: the domains that share their throttles, and suspensions "
+     "of a (service, site).",
+     ["sites", "site_domains", "site_suspensions", "email_domain", "site_of",
+      "set_site_domains", "cache_site_domains", "unmapped_domains", "suspend_site",
+      "suspended_sites", "lift_site_suspension"]),
+    ("Traffic shaping",
+     "Limits beyond a service's own — global, per site, per (service, site), per user, per "
+     "task — held at once by the claim; see docs/explanation/traffic-shaping.md.",
+     ["shaping_limits", "shaping_key", "shaping_as_limit", "shaping_load", "shaping_next",
+      "shaping_free", "shaping_replace", "shaping_limits_flag", "service_free_for_tier",
+      "set_global_limits", "set_site_limits", "set_user_limits", "set_task_limits",
+      "set_task_transactional", "task_site_wait", "shaping_limit_status"]),
+    ("Reply rules",
+     "Patterns on a provider's answers and the actions they trigger (suspend, bounce, retry); "
+     "what a DBA reads of each site's state.",
+     ["reply_rules", "shaping_actions", "reply_pattern_ok", "reply_transport_code",
+      "reply_enhanced_code", "match_reply_rule", "set_reply_rule", "enable_reply_rule",
+      "delete_reply_rule", "trim_shaping_actions", "site_status", "site_suspension_status"]),
     ("Dispatch: claim, complete, leases",
      "What every dispatcher calls: the atomic claim, fenced completion, lease recovery.",
-     ["dispatchers", "serve_seq", "send_events", "claim", "complete", "expire_leases",
-      "next_wakeup"]),
+     ["dispatchers", "serve_seq", "send_events", "claim", "claim_v2", "subtask_next_status",
+      "complete", "expire_leases", "renew_leases", "release_holds", "report_pace",
+      "live_dispatcher_count", "next_wakeup", "next_wakeup_v2"]),
     ("Sweeps, alerts and metrics",
      "Periodic maintenance run by the elected dispatcher.",
      ["sweep_state", "alerts", "metrics_hourly", "run_sweeps", "roll_quota_days",
-      "finish_tasks", "raise_alert", "sweep_alerts", "take_alerts", "roll_up_metrics",
-      "ensure_partitions", "apply_retention"]),
+      "finish_tasks", "raise_alert", "sweep_alerts", "take_alerts", "trg_quota_day_alerts",
+      "resolve_stale_quota_alerts", "roll_up_metrics", "ensure_partitions", "apply_retention"]),
+    ("Deliverability: feedback and reputation",
+     "What is learned after sending (bounces, complaints, unsubscribes) and the reputation "
+     "breaker that pauses a user or service above the thresholds.",
+     ["feedback_events", "parse_message_id", "record_feedback", "unsubscribe",
+      "cancel_pending_to", "reputation_rates", "check_reputation", "reputation_resume_service",
+      "reputation_resume_user", "tasks_reputation_hold", "reputation_status"]),
     ("Monitoring views",
      "What a DBA reads when something looks wrong.",
      ["task_progress", "service_status", "system_health", "task_wait_reason",
-      "task_wait_reasons"]),
+      "task_wait_reasons", "possible_duplicates"]),
     ("Recurring jobs",
      "Cron-scheduled jobs on the same database (see docs/jobs.md).",
      ["jobs", "job_executions", "jobs_overview", "lock_job"]),
     ("Security",
      "Least privilege: SECURITY DEFINER on every writing function, roles and their grants.",
      ["harden_functions", "share_staged", "install_roles"]),
-    ("Not yet sorted",
+    (UNSORTED,
      f"Objects not listed in CONCEPTS of edm_sched/schema_dump.py: add them there, then run "
      f"`{COMMAND}`.",
      []),
 ]
 
-_PREFIXES = {"job_": "Recurring jobs", "jobs_": "Recurring jobs"}
+# Objects not listed above land in a concept by name prefix, else under UNSORTED
+# (which tests/sql/test_schema_file.py refuses).
+_PREFIXES = {"job_": "Recurring jobs", "jobs_": "Recurring jobs", "config_": "Configuration",
+             "shaping_": "Traffic shaping", "site_": "Sites", "warmup_": "Warm-up",
+             "reply_": "Reply rules", "reputation_": "Deliverability: feedback and reputation"}
 
 # Kinds in reading order within a concept.
 _KIND_RANK = {"table": 0, "sequence": 1, "function": 2, "view": 3, "trigger": 4}
@@ -113,6 +159,7 @@ class Node:
     name: str
     text: str
     deps: set[tuple[str, int]] = field(default_factory=set)
+    function: str = ""  # a trigger's function
 
 
 def _concept_of(name: str) -> tuple[int, int]:
@@ -124,6 +171,16 @@ def _concept_of(name: str) -> tuple[int, int]:
         if name.startswith(prefix):
             return [c[0] for c in CONCEPTS].index(title), 10_000
     return len(CONCEPTS) - 1, 10_000
+
+
+def _node_concept(n: Node) -> tuple[int, int]:
+    """(concept, position) of a node. A trigger goes with its table, or with its function
+    when that concept comes later (tasks_reputation_hold reads best with deliverability)."""
+    table = _concept_of(n.name)
+    if n.kind != "trigger" or not n.function:
+        return table
+    fn = _concept_of(n.function)
+    return fn if table[0] < fn[0] < len(CONCEPTS) - 1 else table
 
 
 def _rows(conn: psycopg.Connection[Any], query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -397,15 +454,16 @@ def _functions(conn: psycopg.Connection[Any]) -> list[Node]:
 
 def _triggers(conn: psycopg.Connection[Any]) -> list[Node]:
     nodes = []
-    for oid, name, relname, tgdef, descr in _rows(conn, """
+    for oid, name, relname, tgdef, descr, function in _rows(conn, """
             SELECT t.oid, t.tgname::text, c.relname::text, pg_get_triggerdef(t.oid),
-                   obj_description(t.oid, 'pg_trigger')
+                   obj_description(t.oid, 'pg_trigger'), t.tgfoid::regproc::text
             FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
             WHERE c.relnamespace = 'edm'::regnamespace AND NOT t.tgisinternal
               AND t.tgparentid = 0
             ORDER BY c.relname, t.tgname"""):
         text = f"{tgdef};\n" + _comment("TRIGGER", f"{_q(name)} ON edm.{_q(relname)}", descr)
-        nodes.append(Node(("trigger", oid), "trigger", relname, text))
+        nodes.append(Node(("trigger", oid), "trigger", relname, text,
+                          function=function.removeprefix("edm.")))
     return nodes
 
 
@@ -491,20 +549,31 @@ def _node_index(conn: psycopg.Connection[Any],
 # ---------------------------------------------------------------------------
 
 
-def dump(conn: psycopg.Connection[Any]) -> str:
-    """The SQL text of sql/schema.sql for the database behind ``conn``."""
+def _nodes(conn: psycopg.Connection[Any]) -> list[Node]:
+    """Every object of schema edm, as the file writes it."""
     conn.execute("SET search_path = pg_catalog")
     _KEYWORDS.update(r[0] for r in _rows(conn, "SELECT word FROM pg_get_keywords() "
                                                "WHERE catcode <> 'U'"))
     _check_supported(conn)
-    all_nodes = [*_tables(conn), *_sequences(conn), *_functions(conn), *_views(conn),
-                 *_triggers(conn)]
-    nodes = {n.key: n for n in all_nodes}
+    return [*_tables(conn), *_sequences(conn), *_functions(conn), *_views(conn),
+            *_triggers(conn)]
+
+
+def unsorted(conn: psycopg.Connection[Any]) -> list[str]:
+    """The objects of the database behind ``conn`` that no concept claims ("kind name")."""
+    last = len(CONCEPTS) - 1
+    return sorted({f"{n.kind} {n.name}" for n in _nodes(conn)
+                   if _node_concept(n)[0] == last})
+
+
+def dump(conn: psycopg.Connection[Any]) -> str:
+    """The SQL text of sql/schema.sql for the database behind ``conn``."""
+    nodes = {n.key: n for n in _nodes(conn)}
     _dependencies(conn, nodes)
 
     def rank(n: Node) -> tuple[int, int, int, str, int]:
-        concept, pos = _concept_of(n.name)
-        # Triggers read best right after the functions of their table's concept.
+        concept, pos = _node_concept(n)
+        # Triggers read best right after the functions of their concept.
         return concept, _KIND_RANK[n.kind], pos, n.name, n.key[1]
 
     order: list[Node] = []
@@ -531,7 +600,7 @@ def dump(conn: psycopg.Connection[Any]) -> str:
            _grants(conn, "SCHEMA", "edm", nsp[0], nsp[1])]
     current = -1
     for n in order:
-        concept = _concept_of(n.name)[0]
+        concept = _node_concept(n)[0]
         if concept != current:
             title, intro, _ = CONCEPTS[concept]
             out.append(f"\n-- {'=' * 74}\n-- {title}\n-- {intro}\n-- {'=' * 74}\n")

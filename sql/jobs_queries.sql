@@ -19,35 +19,35 @@ SELECT coalesce(%(now)s::timestamptz, now())
 SELECT edm.job_create(%(job)s, %(next_run_at)s, %(now)s)
 
 -- job_get --
--- One job, optionally only if it belongs to the given tenant.
-SELECT job_id, tenant_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
+-- One job, optionally only if it belongs to the given user.
+SELECT job_id, user_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
        max_executions, status, inactive_reason, priority, max_concurrent, timeout_seconds,
        max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds, retry_on,
        misfire_policy, misfire_grace_seconds, tags, next_run_at, last_scheduled_for,
        last_fired_at, last_finished_at, last_status, run_count, running_count, success_count,
        failure_count, misfire_count, created_at, updated_at
 FROM edm.jobs
-WHERE job_id = %(job_id)s AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+WHERE job_id = %(job_id)s AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s)
 
 -- job_update --
 -- Replace a job's settings if it did not change since it was read (edm.job_update); false: read again.
 SELECT edm.job_update(%(job_id)s, %(job)s, %(reschedule)s, %(next_run_at)s, %(expected_updated_at)s,
-                      %(tenant_id)s, %(now)s)
+                      %(user_id)s, %(now)s)
 
 -- job_resume --
 -- Activate a paused or inactive job from its next occurrence (edm.job_resume); false: read again.
-SELECT edm.job_resume(%(job_id)s, %(next_run_at)s, %(expected_updated_at)s, %(tenant_id)s, %(now)s)
+SELECT edm.job_resume(%(job_id)s, %(next_run_at)s, %(expected_updated_at)s, %(user_id)s, %(now)s)
 
 -- jobs_list --
--- Jobs by id, filtered by tenant, status and tag, one page after after_id.
-SELECT job_id, tenant_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
+-- Jobs by id, filtered by user, status and tag, one page after after_id.
+SELECT job_id, user_id, name, description, kind, target, cron_expr, timezone, start_at, end_at,
        max_executions, status, inactive_reason, priority, max_concurrent, timeout_seconds,
        max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds, retry_on,
        misfire_policy, misfire_grace_seconds, tags, next_run_at, last_scheduled_for,
        last_fired_at, last_finished_at, last_status, run_count, running_count, success_count,
        failure_count, misfire_count, created_at, updated_at
 FROM edm.jobs
-WHERE (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+WHERE (%(user_id)s::text IS NULL OR user_id = %(user_id)s)
   AND (%(status)s::text IS NULL OR status = %(status)s)
   AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
   AND job_id > %(after_id)s
@@ -56,43 +56,43 @@ LIMIT %(limit)s
 
 -- job_pause --
 -- Pause a job (edm.job_pause); returns its previous status.
-SELECT edm.job_pause(%(job_id)s, %(tenant_id)s)
+SELECT edm.job_pause(%(job_id)s, %(user_id)s)
 
 -- job_stop --
 -- Stop a job (edm.job_stop); returns how many executions were cancelled.
 SELECT cancelled_pending, cancelled_running
-FROM edm.job_stop(%(job_id)s, %(tenant_id)s, %(cancel_running)s, %(now)s)
+FROM edm.job_stop(%(job_id)s, %(user_id)s, %(cancel_running)s, %(now)s)
 
 -- job_delete --
 -- Delete a job and its history (edm.job_delete).
-SELECT edm.job_delete(%(job_id)s, %(tenant_id)s, %(force)s)
+SELECT edm.job_delete(%(job_id)s, %(user_id)s, %(force)s)
 
 -- job_trigger --
 -- Queue a manual run now (edm.job_trigger); returns the execution id.
-SELECT edm.job_trigger(%(job_id)s, %(tenant_id)s, %(now)s)
+SELECT edm.job_trigger(%(job_id)s, %(user_id)s, %(now)s)
 
 -- job_cancel_execution --
 -- Cancel a pending or running execution (edm.job_cancel_execution); returns its former status.
-SELECT edm.job_cancel_execution(%(execution_id)s, %(tenant_id)s, %(now)s)
+SELECT edm.job_cancel_execution(%(execution_id)s, %(user_id)s, %(now)s)
 
 -- execution_get --
--- One execution, optionally only if it belongs to the given tenant.
-SELECT execution_id, job_id, tenant_id, trigger, status, scheduled_for, run_after, created_at,
+-- One execution, optionally only if it belongs to the given user.
+SELECT execution_id, job_id, user_id, trigger, status, scheduled_for, run_after, created_at,
        started_at, finished_at, duration_ms, progress, progress_message, result, error, error_kind,
        error_type, error_code, error_stack, retry_count, retry_of, worker_id, lease_expires_at,
        cancel_requested_at
 FROM edm.job_executions
-WHERE execution_id = %(execution_id)s AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+WHERE execution_id = %(execution_id)s AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s)
 
 -- executions_list --
--- Executions newest first, filtered by job, tenant and status, one page before before_id.
-SELECT execution_id, job_id, tenant_id, trigger, status, scheduled_for, run_after, created_at,
+-- Executions newest first, filtered by job, user and status, one page before before_id.
+SELECT execution_id, job_id, user_id, trigger, status, scheduled_for, run_after, created_at,
        started_at, finished_at, duration_ms, progress, progress_message, result, error, error_kind,
        error_type, error_code, error_stack, retry_count, retry_of, worker_id, lease_expires_at,
        cancel_requested_at
 FROM edm.job_executions
 WHERE (%(job_id)s::bigint IS NULL OR job_id = %(job_id)s)
-  AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+  AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s)
   AND (%(status)s::text IS NULL OR status = %(status)s)
   AND execution_id < %(before_id)s
 ORDER BY execution_id DESC
@@ -102,9 +102,9 @@ LIMIT %(limit)s
 -- Jobs by status, with the executions running and pending now.
 SELECT j.status, count(*)::bigint, coalesce(sum(j.running_count), 0)::bigint,
        (SELECT count(*) FROM edm.job_executions e
-        WHERE e.status = 'pending' AND (%(tenant_id)s::text IS NULL OR e.tenant_id = %(tenant_id)s))
+        WHERE e.status = 'pending' AND (%(user_id)s::text IS NULL OR e.user_id = %(user_id)s))
 FROM edm.jobs j
-WHERE %(tenant_id)s::text IS NULL OR j.tenant_id = %(tenant_id)s
+WHERE %(user_id)s::text IS NULL OR j.user_id = %(user_id)s
 GROUP BY j.status
 
 -- jobs_stats_executions --
@@ -123,7 +123,7 @@ SELECT e.status, e.trigger, count(*)::bigint,
                          ELSE 0 END), 0)::bigint
 FROM edm.job_executions e
 WHERE e.finished_at >= %(since)s
-  AND (%(tenant_id)s::text IS NULL OR e.tenant_id = %(tenant_id)s)
+  AND (%(user_id)s::text IS NULL OR e.user_id = %(user_id)s)
 GROUP BY GROUPING SETS ((e.status, e.trigger), ())
 
 -- jobs_config --
@@ -158,7 +158,7 @@ SELECT edm.job_set_next_run(%(job_id)s, %(due)s, NULL, %(reason)s)
 
 -- job_claim --
 -- Claim due pending executions for this runner (edm.job_claim).
-SELECT execution_id, job_id, tenant_id, job_name, kind, target, trigger, scheduled_for,
+SELECT execution_id, job_id, user_id, job_name, kind, target, trigger, scheduled_for,
        retry_count, timeout_seconds, started_at, lease_expires_at
 FROM edm.job_claim(%(worker)s, %(limit)s, %(now)s)
 
@@ -198,5 +198,5 @@ SELECT coalesce(%(now)s::timestamptz, statement_timestamp()),
                  AND e.lease_expires_at <= coalesce(%(now)s::timestamptz, statement_timestamp()))
 
 -- jobs_security_config --
--- The outbound guard's allowlist and the tenants allowed shell jobs (jobs.http_allow, jobs.shell_tenants), as text; read when HTTP or shell runs start.
-SELECT key, value #>> '{}' AS value FROM edm.config WHERE key IN ('jobs.http_allow', 'jobs.shell_tenants')
+-- The outbound guard's allowlist and the users allowed shell jobs (jobs.http_allow, jobs.shell_users), as text; read when HTTP or shell runs start.
+SELECT key, value #>> '{}' AS value FROM edm.config WHERE key IN ('jobs.http_allow', 'jobs.shell_users')

@@ -324,6 +324,10 @@ SELECT key, value, default_value, category, value_type, min_value, max_value, al
        unit, description, updated_at, updated_by
 FROM edm.config WHERE key = %s
 
+-- config_renamed --
+-- The name now of a setting a migration renamed (NULL: not an old name).
+SELECT key FROM edm.config_renamed WHERE old_key = %s
+
 -- config_list --
 -- Every config entry.
 SELECT key, value, default_value, category, value_type, min_value, max_value, allowed_values,
@@ -331,8 +335,8 @@ SELECT key, value, default_value, category, value_type, min_value, max_value, al
 FROM edm.config ORDER BY key
 
 -- config_set --
--- Change a config value (checked in SQL, dispatchers notified).
-SELECT edm.config_set(%s, %s, %s)
+-- Change a config value (checked in SQL, dispatchers notified); false when set by an old name.
+SELECT edm.config_set(%s, %s, %s), EXISTS (SELECT FROM edm.config c WHERE c.key = %s)
 
 -- system_health --
 -- The one-row system health view.

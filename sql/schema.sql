@@ -18,7 +18,7 @@ COMMENT ON SCHEMA edm IS 'edm-sched: fair, rate-limited, crash-safe scheduling o
 
 -- ==========================================================================
 -- Migrations
--- Which migrations built this schema (all of them, when loaded from this file).
+-- Which migrations built this schema (all of them, when loaded from this file), and the helpers migrations use to change a function or the roles' grants in place.
 -- ==========================================================================
 
 CREATE TABLE edm.schema_migrations (
@@ -46,7 +46,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('20', 'wire_pacing', '3cef6a420fbb3d7993bf6d23f2abf007d74f375a2a05b90831e039648e4a0f00'),
-  ('23', 'site_release', '8f42f833ddc9da64422459dc722d9ea6225ad9f8ea4e4367c3b09b21f1ef9f5b'),
+  ('21', 'vocabulary', 'ef24b9aa51c1dd25cefa9feebc1f4485e065393d01f9277848d54cd41f9479f5'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -54,6 +54,74 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('7', 'claim_performance', 'b784140bfb7b7d14ef601d1808000dfce531fb0ef3a26ab289a4d427a3201ade'),
   ('8', 'limits_and_slots', '3a44c8f5f0d00d6e43511cb8f80e92ea8b78506d2543b53eae2839b111eaa48a'),
   ('9', 'deliverability', 'cbc882eb56054a6406386d0f1d6bb0ccf792573c4745f281572d929d150a7c13');
+
+CREATE FUNCTION edm.patch_function(p_fn regprocedure, p_patch text[], p_context text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_def text := pg_get_functiondef(p_fn);
+  v_sig text := p_fn::text;
+  v_comment text := obj_description(p_fn, 'pg_proc');
+  v_acl aclitem[] := (SELECT p.proacl FROM pg_proc p WHERE p.oid = p_fn);
+  v_new regprocedure;
+  g record;
+  i integer;
+BEGIN
+  FOR i IN 1 .. coalesce(array_length(p_patch, 1), 0) LOOP
+    IF position(p_patch[i][1] IN v_def) = 0 THEN
+      RAISE EXCEPTION '%: % has no %; patch it by hand', p_context, p_fn, p_patch[i][1];
+    END IF;
+    v_def := replace(v_def, p_patch[i][1], p_patch[i][2]);
+  END LOOP;
+  BEGIN
+    EXECUTE v_def;
+  EXCEPTION WHEN invalid_function_definition THEN
+    -- a parameter renamed or the result changed: drop, create, restore
+    EXECUTE format('DROP FUNCTION %s', v_sig);
+    EXECUTE v_def;
+    v_new := to_regprocedure(v_sig);
+    IF v_new IS NULL THEN
+      RAISE EXCEPTION '%: the patch changed the argument types of %; patch it by hand',
+        p_context, v_sig;
+    END IF;
+    EXECUTE format('COMMENT ON FUNCTION %s IS %L', v_new, v_comment);
+    IF v_acl IS NOT NULL THEN
+      EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_new);
+      FOR g IN SELECT a.grantee, a.is_grantable FROM aclexplode(v_acl) a
+               WHERE a.privilege_type = 'EXECUTE'
+                 AND a.grantee <> (SELECT p.proowner FROM pg_proc p WHERE p.oid = v_new) LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s%s', v_new,
+                       CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(g.grantee::regrole::text) END,
+                       CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+      END LOOP;
+    END IF;
+  END;
+END;
+$function$;
+COMMENT ON FUNCTION edm.patch_function(regprocedure,text[],text) IS 'For migrations: rewrites function p_fn as the catalog has it now, replacing each p_patch[i][1] by p_patch[i][2], so that what earlier migrations put in it is kept; fails (naming p_context, the migration) when a text to replace is not found. A patch that renames parameters or changes the result drops and recreates the function, keeping its comment and grants.';
+REVOKE ALL ON FUNCTION edm.patch_function(regprocedure,text[],text) FROM PUBLIC;
+
+CREATE FUNCTION edm.extend_roles(p_patch text[], p_context text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  PERFORM edm.patch_function('edm.install_roles(text, text, text)'::regprocedure, p_patch, p_context);
+  -- Databases whose roles were installed already get the new grants now (the
+  -- default role names; with other names, call edm.install_roles(...) again).
+  IF (SELECT count(*) FROM pg_roles r
+      WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
+    PERFORM edm.install_roles();
+  END IF;
+END;
+$function$;
+COMMENT ON FUNCTION edm.extend_roles(text[],text) IS 'For migrations: adds a migration''s names to the grant lists of edm.install_roles (edm.patch_function) and re-applies the grants where the default roles exist.';
+REVOKE ALL ON FUNCTION edm.extend_roles(text[],text) FROM PUBLIC;
 
 -- ==========================================================================
 -- Validation helpers
@@ -126,6 +194,14 @@ RETURN (p_ts + ((p_ms)::double precision * '00:00:00.001'::interval));
 COMMENT ON FUNCTION edm.ts_add_ms(timestamp with time zone,bigint) IS 'p_ts + p_ms milliseconds. Immutable because a pure-time interval does not depend on the session time zone; used by generated columns.';
 REVOKE ALL ON FUNCTION edm.ts_add_ms(timestamp with time zone,bigint) FROM PUBLIC;
 
+CREATE FUNCTION edm.epoch_ms(p_ts timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN (floor((EXTRACT(epoch FROM p_ts) * (1000)::numeric)))::bigint;
+COMMENT ON FUNCTION edm.epoch_ms(timestamp with time zone) IS 'Milliseconds since 1970-01-01 UTC (floor).';
+REVOKE ALL ON FUNCTION edm.epoch_ms(timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION edm.smtp_code_suppresses(p_code integer)
  RETURNS boolean
  LANGUAGE sql
@@ -133,6 +209,14 @@ CREATE FUNCTION edm.smtp_code_suppresses(p_code integer)
 RETURN (p_code = ANY (ARRAY[550, 551, 553]));
 COMMENT ON FUNCTION edm.smtp_code_suppresses(integer) IS 'True for permanent reply codes that mean the address itself is bad (550 mailbox unavailable, 551 user not local, 553 mailbox name not allowed): the address is suppressed for everyone.';
 REVOKE ALL ON FUNCTION edm.smtp_code_suppresses(integer) FROM PUBLIC;
+
+CREATE FUNCTION edm.headers_problem(p_headers jsonb)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN ((p_headers IS NULL) OR (p_headers = 'null'::jsonb)) THEN NULL::text WHEN (jsonb_typeof(p_headers) <> 'object'::text) THEN 'headers must be a JSON object'::text WHEN ((SELECT count(*) AS count FROM jsonb_object_keys(headers_problem.p_headers) jsonb_object_keys(jsonb_object_keys)) > 50) THEN 'at most 50 header fields'::text WHEN (SELECT (count(DISTINCT lower(k.k)) <> count(*)) FROM jsonb_object_keys(headers_problem.p_headers) k(k)) THEN 'a header field is given twice'::text ELSE (SELECT CASE WHEN (h.k !~ '^[!-9;-~]{1,76}$'::text) THEN format('header name %s is not 1-76 printable ASCII characters without ":"'::text, quote_literal(h.k)) WHEN ((lower(h.k) = ANY (ARRAY['from'::text, 'to'::text, 'cc'::text, 'bcc'::text, 'subject'::text, 'reply-to'::text, 'sender'::text, 'message-id'::text, 'date'::text, 'mime-version'::text, 'content-type'::text, 'content-transfer-encoding'::text, 'content-disposition'::text, 'content-id'::text, 'list-unsubscribe'::text, 'list-unsubscribe-post'::text, 'return-path'::text, 'received'::text, 'received-spf'::text, 'authentication-results'::text, 'dkim-signature'::text, 'domainkey-signature'::text, 'arc-seal'::text, 'arc-message-signature'::text, 'arc-authentication-results'::text, 'delivered-to'::text, 'x-original-to'::text, 'bounces-to'::text, 'errors-to'::text])) OR (lower(h.k) ~ '^(resent-|x-edm-)'::text)) THEN format('header %s is set by edm-sched or by relays and may not be given'::text, h.k) WHEN (jsonb_typeof(h.v) <> 'string'::text) THEN format('header %s: the value must be a string'::text, h.k) WHEN ((h.v #>> '{}'::text[]) ~ '[\x01-\x08\x0a-\x1f\x7f\u0085\u2028\u2029]'::text) THEN format('header %s: the value contains a line break or a control character'::text, h.k) WHEN (length((h.v #>> '{}'::text[])) > 900) THEN format('header %s: the value is longer than 900 characters'::text, h.k) ELSE NULL::text END AS "case" FROM jsonb_each(headers_problem.p_headers) h(k, v) ORDER BY CASE WHEN (h.k !~ '^[!-9;-~]{1,76}$'::text) THEN format('header name %s is not 1-76 printable ASCII characters without ":"'::text, quote_literal(h.k)) WHEN ((lower(h.k) = ANY (ARRAY['from'::text, 'to'::text, 'cc'::text, 'bcc'::text, 'subject'::text, 'reply-to'::text, 'sender'::text, 'message-id'::text, 'date'::text, 'mime-version'::text, 'content-type'::text, 'content-transfer-encoding'::text, 'content-disposition'::text, 'content-id'::text, 'list-unsubscribe'::text, 'list-unsubscribe-post'::text, 'return-path'::text, 'received'::text, 'received-spf'::text, 'authentication-results'::text, 'dkim-signature'::text, 'domainkey-signature'::text, 'arc-seal'::text, 'arc-message-signature'::text, 'arc-authentication-results'::text, 'delivered-to'::text, 'x-original-to'::text, 'bounces-to'::text, 'errors-to'::text])) OR (lower(h.k) ~ '^(resent-|x-edm-)'::text)) THEN format('header %s is set by edm-sched or by relays and may not be given'::text, h.k) WHEN (jsonb_typeof(h.v) <> 'string'::text) THEN format('header %s: the value must be a string'::text, h.k) WHEN ((h.v #>> '{}'::text[]) ~ '[\x01-\x08\x0a-\x1f\x7f\u0085\u2028\u2029]'::text) THEN format('header %s: the value contains a line break or a control character'::text, h.k) WHEN (length((h.v #>> '{}'::text[])) > 900) THEN format('header %s: the value is longer than 900 characters'::text, h.k) ELSE NULL::text END LIMIT 1) END;
+COMMENT ON FUNCTION edm.headers_problem(jsonb) IS 'Why p_headers (custom header fields, {"Name": "value"}) may not be added to messages, or NULL: not an object, more than 50 fields, a name given twice, a name that is not RFC 5322 field-name syntax, a field edm-sched or relays set (From, To, Cc, Bcc, Subject, Reply-To, Sender, Message-ID, Date, MIME and Content-* fields, List-Unsubscribe[-Post], Return-Path, Received*, Authentication-Results, DKIM/ARC signatures, Delivered-To, Resent-*, X-Edm-*), a value that is not a string, holds a line break or control character, or is longer than 900 characters. The Python models apply the same rules (edm_sched.rendering.header_problem).';
+REVOKE ALL ON FUNCTION edm.headers_problem(jsonb) FROM PUBLIC;
 
 -- ==========================================================================
 -- Audit trail
@@ -236,11 +320,6 @@ RETURN CASE p_type WHEN 'integer'::text THEN ((jsonb_typeof(p_value) = 'number':
 COMMENT ON FUNCTION edm.config_value_ok(text,jsonb,numeric,numeric,text[]) IS 'True when a config value has the declared type and lies within its bounds or allowed values. Backs the CHECK on edm.config.';
 REVOKE ALL ON FUNCTION edm.config_value_ok(text,jsonb,numeric,numeric,text[]) FROM PUBLIC;
 
--- ==========================================================================
--- Recurring jobs
--- Cron-scheduled jobs on the same database (see docs/jobs.md).
--- ==========================================================================
-
 CREATE FUNCTION edm.job_http_allow_ok(p_value text)
  RETURNS boolean
  LANGUAGE plpgsql
@@ -257,13 +336,15 @@ BEGIN
     RETURN false;
   END;
   IF jsonb_typeof(v_doc) <> 'object'
-     OR EXISTS (SELECT 1 FROM jsonb_object_keys(v_doc) k WHERE k NOT IN ('all', 'platform', 'tenants'))
+     OR EXISTS (SELECT 1 FROM jsonb_object_keys(v_doc) k WHERE k NOT IN ('all', 'platform', 'users', 'tenants'))
+     OR (v_doc ? 'users' AND jsonb_typeof(v_doc -> 'users') <> 'object')
      OR (v_doc ? 'tenants' AND jsonb_typeof(v_doc -> 'tenants') <> 'object') THEN
     RETURN false;
   END IF;
   FOR v_list IN
     SELECT v_doc -> 'all' WHERE v_doc ? 'all'
     UNION ALL SELECT v_doc -> 'platform' WHERE v_doc ? 'platform'
+    UNION ALL SELECT t.value FROM jsonb_each(coalesce(v_doc -> 'users', '{}')) t
     UNION ALL SELECT t.value FROM jsonb_each(coalesce(v_doc -> 'tenants', '{}')) t
   LOOP
     IF jsonb_typeof(v_list) <> 'array' THEN
@@ -290,10 +371,10 @@ BEGIN
   RETURN true;
 END;
 $function$;
-COMMENT ON FUNCTION edm.job_http_allow_ok(text) IS 'True when p_value is a valid jobs.http_allow setting: a JSON object {"all": [...], "platform": [...], "tenants": {"<tenant>": [...]}} whose lists hold networks (10.20.0.0/16, 127.0.0.1, fd00::/8) or host names (crm.intranet.example, *.intranet.example). Backs a CHECK on edm.config.';
+COMMENT ON FUNCTION edm.job_http_allow_ok(text) IS 'True when p_value is a valid jobs.http_allow setting: a JSON object {"all": [...], "platform": [...], "users": {"<user>": [...]}} whose lists hold networks (10.20.0.0/16, 127.0.0.1, fd00::/8) or host names (crm.intranet.example, *.intranet.example); "tenants", the older word for "users", is read too. Backs a CHECK on edm.config.';
 REVOKE ALL ON FUNCTION edm.job_http_allow_ok(text) FROM PUBLIC;
 
-CREATE FUNCTION edm.job_tenant_list_ok(p_value text)
+CREATE FUNCTION edm.job_user_list_ok(p_value text)
  RETURNS boolean
  LANGUAGE plpgsql
  IMMUTABLE
@@ -311,13 +392,8 @@ BEGIN
                      WHERE jsonb_typeof(e) <> 'string' OR length(e #>> '{}') = 0);
 END;
 $function$;
-COMMENT ON FUNCTION edm.job_tenant_list_ok(text) IS 'True when p_value is a JSON array of non-empty tenant ids (the jobs.shell_tenants setting; "*" stands for every tenant). Backs a CHECK on edm.config.';
-REVOKE ALL ON FUNCTION edm.job_tenant_list_ok(text) FROM PUBLIC;
-
--- ==========================================================================
--- Configuration
--- Typed, hot-reloaded settings; a refused value raises ED006 with the allowed range.
--- ==========================================================================
+COMMENT ON FUNCTION edm.job_user_list_ok(text) IS 'True when p_value is a JSON array of non-empty user ids (the jobs.shell_users setting; "*" stands for every user). Backs a CHECK on edm.config.';
+REVOKE ALL ON FUNCTION edm.job_user_list_ok(text) FROM PUBLIC;
 
 CREATE TABLE edm.config (
   key text NOT NULL,
@@ -337,7 +413,7 @@ CREATE TABLE edm.config (
   CONSTRAINT config_jobs_security_values CHECK (
 CASE key
     WHEN 'jobs.http_allow'::text THEN edm.job_http_allow_ok((value #>> '{}'::text[]))
-    WHEN 'jobs.shell_tenants'::text THEN edm.job_tenant_list_ok((value #>> '{}'::text[]))
+    WHEN 'jobs.shell_users'::text THEN edm.job_user_list_ok((value #>> '{}'::text[]))
     ELSE true
 END),
   CONSTRAINT config_key_check CHECK ((key ~ '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$'::text)),
@@ -357,17 +433,17 @@ COMMENT ON COLUMN edm.config.unit IS 'Unit of the value (seconds, percent, rows)
 COMMENT ON COLUMN edm.config.description IS 'What the setting controls.';
 COMMENT ON COLUMN edm.config.updated_at IS 'When the value last changed.';
 COMMENT ON COLUMN edm.config.updated_by IS 'Actor of the last change, as given to edm.config_set().';
-COMMENT ON CONSTRAINT config_jobs_security_values ON edm.config IS 'jobs.http_allow and jobs.shell_tenants hold well-formed JSON text (edm.job_http_allow_ok, edm.job_tenant_list_ok).';
+COMMENT ON CONSTRAINT config_jobs_security_values ON edm.config IS 'jobs.http_allow and jobs.shell_users hold well-formed JSON text (edm.job_http_allow_ok, edm.job_user_list_ok).';
 INSERT INTO edm.config (key, value, default_value, category, value_type, min_value, max_value, allowed_values, unit, description, updated_by) VALUES
   ('jobs.execution_retention_days', '30', '30', 'jobs', 'integer', '1', '3650', NULL, 'days', 'Finished job executions older than this are deleted by edm.job_purge_executions() (runners call it every jobs.maintenance_interval).', NULL),
-  ('jobs.http_allow', '"{}"', '"{}"', 'jobs', 'text', NULL, NULL, NULL, NULL, 'Destinations opened to http jobs despite the outbound guard (which refuses loopback, private, carrier-grade NAT, link-local, multicast, reserved and unspecified addresses): JSON text {"all": [...], "platform": [...], "tenants": {"<tenant>": [...]}} of networks or host names. See docs/jobs.md#security.', NULL),
+  ('jobs.http_allow', '"{}"', '"{}"', 'jobs', 'text', NULL, NULL, NULL, NULL, 'Destinations opened to http jobs despite the outbound guard (which refuses loopback, private, carrier-grade NAT, link-local, multicast, reserved and unspecified addresses): JSON text {"all": [...], "platform": [...], "users": {"<user>": [...]}} of networks or host names ("tenants" is the older word for "users"). See docs/jobs.md#security.', NULL),
   ('jobs.lease_margin', '30', '30', 'jobs', 'integer', '5', '3600', NULL, 'seconds', 'Time after a run''s timeout before its lease expires and the run counts as lost (its worker crashed).', NULL),
   ('jobs.maintenance_interval', '300', '300', 'jobs', 'integer', '10', '86400', NULL, 'seconds', 'How often runners purge expired execution history (one runner at a time).', NULL),
   ('jobs.max_catchup_runs', '100', '100', 'jobs', 'integer', '1', '10000', NULL, 'runs', 'Most missed runs of one job replayed after downtime under the run_all misfire policy (the most recent ones).', NULL),
-  ('jobs.max_jobs_per_tenant', '1000', '1000', 'jobs', 'integer', '1', '1000000', NULL, 'jobs', 'Most jobs one tenant may own; creating more raises QUOTA_EXCEEDED.', NULL),
-  ('jobs.max_running_per_tenant', '0', '0', 'jobs', 'integer', '0', '100000', NULL, 'executions', 'Most executions of one tenant''s jobs running at once, all kinds together and across all runners (0: no limit). Executions over it wait, pending.', NULL),
+  ('jobs.max_jobs_per_user', '1000', '1000', 'jobs', 'integer', '1', '1000000', NULL, 'jobs', 'Most jobs one user may own; creating more raises QUOTA_EXCEEDED.', NULL),
+  ('jobs.max_running_per_user', '0', '0', 'jobs', 'integer', '0', '100000', NULL, 'executions', 'Most executions of one user''s jobs running at once, all kinds together and across all runners (0: no limit). Executions over it wait, pending.', NULL),
   ('jobs.shell_enabled', 'false', 'false', 'jobs', 'boolean', NULL, NULL, NULL, NULL, 'Whether shell-command jobs may be created or edited. Runners additionally need allow_shell=True from the host to execute them.', NULL),
-  ('jobs.shell_tenants', '"[]"', '"[]"', 'jobs', 'text', NULL, NULL, NULL, NULL, 'Tenants whose jobs may be shell commands, as JSON text ["acme", ...] ("*": every tenant). A tenant''s shell job also needs jobs.shell_enabled, and runners allow_shell=True.', NULL),
+  ('jobs.shell_users', '"[]"', '"[]"', 'jobs', 'text', NULL, NULL, NULL, NULL, 'Users whose jobs may be shell commands, as JSON text ["acme", ...] ("*": every user). A user''s shell job also needs jobs.shell_enabled, and runners allow_shell=True.', NULL),
   ('monitoring.metrics_retention_days', '30', '30', 'monitoring', 'integer', '7', '90', NULL, 'days', 'Days of send events and metric roll-ups kept.', NULL),
   ('monitoring.quota_alert_percent', '90', '90', 'monitoring', 'integer', '50', '100', NULL, 'percent', 'Share of a service''s daily quota that raises an alert.', NULL),
   ('monitoring.stuck_task_threshold', '600', '600', 'monitoring', 'integer', '300', '1800', NULL, 'seconds', 'A sending task without progress for this long is flagged stuck.', NULL),
@@ -400,6 +476,30 @@ INSERT INTO edm.config (key, value, default_value, category, value_type, min_val
   ('service.backoff_max', '1800', '1800', 'service', 'integer', '60', '86400', NULL, 'seconds', 'Cap on the back-off of a failing service.', NULL),
   ('sweep.interval', '5', '5', 'sweep', 'integer', '1', '300', NULL, 'seconds', 'How often the elected dispatcher runs the sweeps.', NULL);
 
+CREATE TABLE edm.config_renamed (
+  old_key text NOT NULL,
+  key text NOT NULL,
+  renamed_in integer NOT NULL,
+  CONSTRAINT config_renamed_pkey PRIMARY KEY (old_key),
+  CONSTRAINT config_renamed_key_fkey FOREIGN KEY (key) REFERENCES edm.config(key) ON UPDATE CASCADE
+);
+COMMENT ON TABLE edm.config_renamed IS 'Settings renamed by a migration: edm.config_set and the Python config API accept the old name (deprecated) for the new one; edm.config_key maps an old name to the new.';
+COMMENT ON COLUMN edm.config_renamed.old_key IS 'The name the setting had.';
+COMMENT ON COLUMN edm.config_renamed.key IS 'Its name now (edm.config.key).';
+COMMENT ON COLUMN edm.config_renamed.renamed_in IS 'The migration that renamed it.';
+INSERT INTO edm.config_renamed (old_key, key, renamed_in) VALUES
+  ('jobs.max_jobs_per_tenant', 'jobs.max_jobs_per_user', '21'),
+  ('jobs.max_running_per_tenant', 'jobs.max_running_per_user', '21'),
+  ('jobs.shell_tenants', 'jobs.shell_users', '21');
+
+CREATE FUNCTION edm.config_key(p_key text)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+RETURN COALESCE((SELECT r.key FROM edm.config_renamed r WHERE (r.old_key = config_key.p_key)), p_key);
+COMMENT ON FUNCTION edm.config_key(text) IS 'The current name of setting p_key: itself, or the new name of a renamed setting (edm.config_renamed).';
+REVOKE ALL ON FUNCTION edm.config_key(text) FROM PUBLIC;
+
 CREATE FUNCTION edm.config_int(p_key text)
  RETURNS integer
  LANGUAGE sql
@@ -407,6 +507,14 @@ CREATE FUNCTION edm.config_int(p_key text)
 RETURN (SELECT (((c.value #>> '{}'::text[]))::numeric)::integer AS int4 FROM edm.config c WHERE (c.key = config_int.p_key));
 COMMENT ON FUNCTION edm.config_int(text) IS 'Integer value of config key p_key (NULL when absent).';
 REVOKE ALL ON FUNCTION edm.config_int(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.config_num(p_key text)
+ RETURNS numeric
+ LANGUAGE sql
+ STABLE
+RETURN (SELECT ((c.value #>> '{}'::text[]))::numeric AS "numeric" FROM edm.config c WHERE (c.key = config_num.p_key));
+COMMENT ON FUNCTION edm.config_num(text) IS 'Numeric value of config key p_key (NULL when absent).';
+REVOKE ALL ON FUNCTION edm.config_num(text) FROM PUBLIC;
 
 CREATE FUNCTION edm.config_set(p_key text, p_value jsonb, p_actor text DEFAULT NULL::text)
  RETURNS jsonb
@@ -417,6 +525,7 @@ AS $function$
 DECLARE
   c edm.config;
 BEGIN
+  p_key := edm.config_key(p_key);  -- a renamed setting answers to its old name
   SELECT * INTO c FROM edm.config WHERE key = p_key FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'unknown config key %', quote_literal(p_key) USING ERRCODE = 'ED001';
@@ -446,14 +555,14 @@ BEGIN
   RETURN p_value;
 END;
 $function$;
-COMMENT ON FUNCTION edm.config_set(text,jsonb,text) IS 'Sets config p_key after checking type and range (ED006 with the allowed range when refused, ED001 for an unknown key) and notifies running dispatchers (NOTIFY edm_config) so they reload.';
+COMMENT ON FUNCTION edm.config_set(text,jsonb,text) IS 'Sets config p_key after checking type and range (ED006 with the allowed range when refused, ED001 for an unknown key) and notifies running dispatchers (NOTIFY edm_config) so they reload. The old name of a renamed setting (edm.config_renamed) sets the new one.';
 REVOKE ALL ON FUNCTION edm.config_set(text,jsonb,text) FROM PUBLIC;
 
 CREATE TRIGGER config_audit AFTER UPDATE ON edm.config FOR EACH ROW WHEN ((old.value IS DISTINCT FROM new.value)) EXECUTE FUNCTION edm.audit_row('config');
 
 -- ==========================================================================
 -- Users, services and grants
--- Tenants of the host platform, sending accounts, and who may send through what.
+-- Users (the host platform's tenants), sending accounts, and who may send through what.
 -- ==========================================================================
 
 CREATE TABLE edm.users (
@@ -492,24 +601,6 @@ CREATE INDEX users_limited_idx ON edm.users USING btree (user_id) WHERE has_limi
 COMMENT ON INDEX edm.users_limited_idx IS 'Users with user limits: one probe tells the claim whether the layer is in use.';
 CREATE INDEX users_rotation_idx ON edm.users USING btree (last_served_seq, user_id) WHERE (claimable_tasks > 0);
 COMMENT ON INDEX edm.users_rotation_idx IS 'Fair rotation: users with claimable work, least recently served first.';
-
--- ==========================================================================
--- Not yet sorted
--- Objects not listed in CONCEPTS of edm_sched/schema_dump.py: add them there, then run `python -m edm_sched.schema_dump > sql/schema.sql`.
--- ==========================================================================
-
-CREATE FUNCTION edm.headers_problem(p_headers jsonb)
- RETURNS text
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN CASE WHEN ((p_headers IS NULL) OR (p_headers = 'null'::jsonb)) THEN NULL::text WHEN (jsonb_typeof(p_headers) <> 'object'::text) THEN 'headers must be a JSON object'::text WHEN ((SELECT count(*) AS count FROM jsonb_object_keys(headers_problem.p_headers) jsonb_object_keys(jsonb_object_keys)) > 50) THEN 'at most 50 header fields'::text WHEN (SELECT (count(DISTINCT lower(k.k)) <> count(*)) FROM jsonb_object_keys(headers_problem.p_headers) k(k)) THEN 'a header field is given twice'::text ELSE (SELECT CASE WHEN (h.k !~ '^[!-9;-~]{1,76}$'::text) THEN format('header name %s is not 1-76 printable ASCII characters without ":"'::text, quote_literal(h.k)) WHEN ((lower(h.k) = ANY (ARRAY['from'::text, 'to'::text, 'cc'::text, 'bcc'::text, 'subject'::text, 'reply-to'::text, 'sender'::text, 'message-id'::text, 'date'::text, 'mime-version'::text, 'content-type'::text, 'content-transfer-encoding'::text, 'content-disposition'::text, 'content-id'::text, 'list-unsubscribe'::text, 'list-unsubscribe-post'::text, 'return-path'::text, 'received'::text, 'received-spf'::text, 'authentication-results'::text, 'dkim-signature'::text, 'domainkey-signature'::text, 'arc-seal'::text, 'arc-message-signature'::text, 'arc-authentication-results'::text, 'delivered-to'::text, 'x-original-to'::text, 'bounces-to'::text, 'errors-to'::text])) OR (lower(h.k) ~ '^(resent-|x-edm-)'::text)) THEN format('header %s is set by edm-sched or by relays and may not be given'::text, h.k) WHEN (jsonb_typeof(h.v) <> 'string'::text) THEN format('header %s: the value must be a string'::text, h.k) WHEN ((h.v #>> '{}'::text[]) ~ '[\x01-\x08\x0a-\x1f\x7f\u0085\u2028\u2029]'::text) THEN format('header %s: the value contains a line break or a control character'::text, h.k) WHEN (length((h.v #>> '{}'::text[])) > 900) THEN format('header %s: the value is longer than 900 characters'::text, h.k) ELSE NULL::text END AS "case" FROM jsonb_each(headers_problem.p_headers) h(k, v) ORDER BY CASE WHEN (h.k !~ '^[!-9;-~]{1,76}$'::text) THEN format('header name %s is not 1-76 printable ASCII characters without ":"'::text, quote_literal(h.k)) WHEN ((lower(h.k) = ANY (ARRAY['from'::text, 'to'::text, 'cc'::text, 'bcc'::text, 'subject'::text, 'reply-to'::text, 'sender'::text, 'message-id'::text, 'date'::text, 'mime-version'::text, 'content-type'::text, 'content-transfer-encoding'::text, 'content-disposition'::text, 'content-id'::text, 'list-unsubscribe'::text, 'list-unsubscribe-post'::text, 'return-path'::text, 'received'::text, 'received-spf'::text, 'authentication-results'::text, 'dkim-signature'::text, 'domainkey-signature'::text, 'arc-seal'::text, 'arc-message-signature'::text, 'arc-authentication-results'::text, 'delivered-to'::text, 'x-original-to'::text, 'bounces-to'::text, 'errors-to'::text])) OR (lower(h.k) ~ '^(resent-|x-edm-)'::text)) THEN format('header %s is set by edm-sched or by relays and may not be given'::text, h.k) WHEN (jsonb_typeof(h.v) <> 'string'::text) THEN format('header %s: the value must be a string'::text, h.k) WHEN ((h.v #>> '{}'::text[]) ~ '[\x01-\x08\x0a-\x1f\x7f\u0085\u2028\u2029]'::text) THEN format('header %s: the value contains a line break or a control character'::text, h.k) WHEN (length((h.v #>> '{}'::text[])) > 900) THEN format('header %s: the value is longer than 900 characters'::text, h.k) ELSE NULL::text END LIMIT 1) END;
-COMMENT ON FUNCTION edm.headers_problem(jsonb) IS 'Why p_headers (custom header fields, {"Name": "value"}) may not be added to messages, or NULL: not an object, more than 50 fields, a name given twice, a name that is not RFC 5322 field-name syntax, a field edm-sched or relays set (From, To, Cc, Bcc, Subject, Reply-To, Sender, Message-ID, Date, MIME and Content-* fields, List-Unsubscribe[-Post], Return-Path, Received*, Authentication-Results, DKIM/ARC signatures, Delivered-To, Resent-*, X-Edm-*), a value that is not a string, holds a line break or control character, or is longer than 900 characters. The Python models apply the same rules (edm_sched.rendering.header_problem).';
-REVOKE ALL ON FUNCTION edm.headers_problem(jsonb) FROM PUBLIC;
-
--- ==========================================================================
--- Users, services and grants
--- Tenants of the host platform, sending accounts, and who may send through what.
--- ==========================================================================
 
 CREATE TABLE edm.services (
   service_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
@@ -771,34 +862,6 @@ CREATE TRIGGER users_audit_upd AFTER UPDATE ON edm.users FOR EACH ROW WHEN (((ol
 CREATE TRIGGER services_audit AFTER INSERT OR DELETE ON edm.services FOR EACH ROW EXECUTE FUNCTION edm.audit_row('service');
 
 CREATE TRIGGER services_audit_upd AFTER UPDATE ON edm.services FOR EACH ROW WHEN ((((((((((old.name IS DISTINCT FROM new.name) OR (old.transport IS DISTINCT FROM new.transport)) OR (old.settings IS DISTINCT FROM new.settings)) OR (old.credential_ref IS DISTINCT FROM new.credential_ref)) OR (old.from_addresses IS DISTINCT FROM new.from_addresses)) OR (old.interval_ms IS DISTINCT FROM new.interval_ms)) OR (old.daily_quota IS DISTINCT FROM new.daily_quota)) OR (old.quota_tz IS DISTINCT FROM new.quota_tz)) OR (old.enabled IS DISTINCT FROM new.enabled))) EXECUTE FUNCTION edm.audit_row('service');
-
--- ==========================================================================
--- Not yet sorted
--- Objects not listed in CONCEPTS of edm_sched/schema_dump.py: add them there, then run `python -m edm_sched.schema_dump > sql/schema.sql`.
--- ==========================================================================
-
-CREATE FUNCTION edm.trg_quota_day_alerts()
- RETURNS trigger
- LANGUAGE plpgsql
-AS $function$
-BEGIN
-  UPDATE edm.alerts a
-  SET resolved_at = edm.service_next_quota_day(NEW.quota_tz, a.raised_at)
-  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND a.service_id = NEW.service_id
-    AND (a.raised_at AT TIME ZONE NEW.quota_tz)::date < NEW.quota_day;
-  RETURN NULL;
-END;
-$function$;
-COMMENT ON FUNCTION edm.trg_quota_day_alerts() IS 'Trigger: when a service starts a new quota day (quota_day moves forward, by a claim or edm.roll_quota_days), its open quota alerts of earlier days are resolved at the local midnight that ended them.';
-REVOKE ALL ON FUNCTION edm.trg_quota_day_alerts() FROM PUBLIC;
-
--- ==========================================================================
--- Users, services and grants
--- Tenants of the host platform, sending accounts, and who may send through what.
--- ==========================================================================
-
-CREATE TRIGGER services_quota_day_alerts AFTER UPDATE OF quota_day ON edm.services FOR EACH ROW WHEN ((new.quota_day IS DISTINCT FROM old.quota_day)) EXECUTE FUNCTION edm.trg_quota_day_alerts();
-COMMENT ON TRIGGER services_quota_day_alerts ON edm.services IS 'Resolves the quota alerts of a service''s past quota days as it starts a new one (edm.trg_quota_day_alerts).';
 
 CREATE TRIGGER grants_audit AFTER INSERT OR DELETE OR UPDATE ON edm.grants FOR EACH ROW EXECUTE FUNCTION edm.audit_row('grant');
 
@@ -1615,6 +1678,14 @@ $function$;
 COMMENT ON FUNCTION edm.cancel_task(bigint,text,timestamp with time zone) IS 'Cancels a task: its pending subtasks become cancelled and their reserved quota is refunded to the user; leased subtasks finish (a retry after cancel becomes cancelled). Returns how many subtasks were cancelled.';
 REVOKE ALL ON FUNCTION edm.cancel_task(bigint,text,timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION edm.is_bulk_task(p_task_id bigint)
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+RETURN (EXISTS (SELECT 1 FROM edm.templates tp WHERE ((tp.task_id = is_bulk_task.p_task_id) AND tp.list_unsubscribe)));
+COMMENT ON FUNCTION edm.is_bulk_task(bigint) IS 'True for bulk (marketing) tasks: a template with list_unsubscribe. Transactional tasks (list_unsubscribe = false) are never paused by the reputation breaker.';
+REVOKE ALL ON FUNCTION edm.is_bulk_task(bigint) FROM PUBLIC;
+
 CREATE FUNCTION edm.tasks_track_status()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1735,42 +1806,6 @@ CREATE TRIGGER tasks_audit AFTER INSERT ON edm.tasks FOR EACH ROW EXECUTE FUNCTI
 
 CREATE TRIGGER tasks_audit_upd AFTER UPDATE OF status ON edm.tasks FOR EACH ROW WHEN (((old.status IS DISTINCT FROM new.status) AND ((new.status = ANY (ARRAY['paused'::text, 'cancelled'::text])) OR (old.status = 'paused'::text)))) EXECUTE FUNCTION edm.audit_row('task');
 
--- ==========================================================================
--- Not yet sorted
--- Objects not listed in CONCEPTS of edm_sched/schema_dump.py: add them there, then run `python -m edm_sched.schema_dump > sql/schema.sql`.
--- ==========================================================================
-
-CREATE FUNCTION edm.tasks_reputation_hold()
- RETURNS trigger
- LANGUAGE plpgsql
-AS $function$
-DECLARE
-  v_reason text;
-BEGIN
-  SELECT u.paused_reason INTO v_reason FROM edm.users u WHERE u.user_id = NEW.user_id;
-  IF v_reason IS NULL OR NOT edm.is_bulk_task(NEW.task_id) THEN
-    RETURN NEW;
-  END IF;
-  IF OLD.status = 'paused' THEN
-    RAISE EXCEPTION 'user % is paused by the reputation breaker (%); resume the user first',
-      NEW.user_id, v_reason USING ERRCODE = 'ED003';
-  END IF;
-  -- a bulk task due to start while its user is held: held with it
-  NEW.status := 'paused';
-  NEW.pause_reason := v_reason;
-  RETURN NEW;
-END;
-$function$;
-COMMENT ON FUNCTION edm.tasks_reputation_hold() IS 'Trigger: while the reputation breaker holds a user (users.paused_reason), the user''s bulk tasks that would start sending are paused instead (with the reason), and resuming one of them by hand is refused (ED003) until the user is resumed.';
-REVOKE ALL ON FUNCTION edm.tasks_reputation_hold() FROM PUBLIC;
-
--- ==========================================================================
--- Tasks and subtasks
--- Campaigns, their templates and one subtask per recipient; creation and lifecycle.
--- ==========================================================================
-
-CREATE TRIGGER tasks_reputation_hold BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN (((new.status = 'sending'::text) AND (old.status = ANY (ARRAY['scheduled'::text, 'paused'::text])))) EXECUTE FUNCTION edm.tasks_reputation_hold();
-
 CREATE TRIGGER tasks_when_drained BEFORE UPDATE ON edm.tasks FOR EACH ROW WHEN (edm.task_drained(new.status, new.pending_count, new.leased_count)) EXECUTE FUNCTION edm.tasks_complete_drained();
 COMMENT ON TRIGGER tasks_when_drained ON edm.tasks IS 'One place for "a drained task is completed": every update that leaves a task sending with nothing pending or leased completes it.';
 
@@ -1802,6 +1837,1774 @@ CREATE FUNCTION edm.service_is_ready(s edm.services, p_now timestamp with time z
 RETURN ((s).enabled AND ((s).next_available_at <= COALESCE(p_now, now())) AND (edm.service_sent_today(s, p_now) < (s).daily_quota));
 COMMENT ON FUNCTION edm.service_is_ready(edm.services,timestamp with time zone) IS 'A ready service: enabled, healthy (not backing off), under its daily quota for its current quota day, and its interval elapsed. The same predicate as the claim''s service scan.';
 REVOKE ALL ON FUNCTION edm.service_is_ready(edm.services,timestamp with time zone) FROM PUBLIC;
+
+-- ==========================================================================
+-- Rate limits
+-- A service's limits (rate with burst, rolling window, calendar day) and how a claim takes them; see docs/explanation/rate-limits.md.
+-- ==========================================================================
+
+CREATE TABLE edm.service_limits (
+  service_id bigint NOT NULL,
+  name text NOT NULL,
+  kind text NOT NULL,
+  max_count integer NOT NULL,
+  window_ms bigint,
+  burst integer DEFAULT 1 NOT NULL,
+  time_zone text,
+  tat timestamp with time zone,
+  bucket_idx bigint[] DEFAULT '{}'::bigint[] NOT NULL,
+  bucket_n integer[] DEFAULT '{}'::integer[] NOT NULL,
+  day date,
+  day_count integer DEFAULT 0 NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT service_limits_pkey PRIMARY KEY (service_id, name),
+  CONSTRAINT service_limits_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT service_limits_buckets CHECK ((cardinality(bucket_idx) = cardinality(bucket_n))),
+  CONSTRAINT service_limits_burst_check CHECK (((burst >= 1) AND (burst <= 100000))),
+  CONSTRAINT service_limits_day_count_check CHECK ((day_count >= 0)),
+  CONSTRAINT service_limits_kind_check CHECK ((kind = ANY (ARRAY['rate'::text, 'rolling'::text, 'calendar_day'::text]))),
+  CONSTRAINT service_limits_max_count_check CHECK (((max_count >= 0) AND (max_count <= 100000000))),
+  CONSTRAINT service_limits_name_check CHECK ((name ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'::text)),
+  CONSTRAINT service_limits_shape CHECK (
+CASE kind
+    WHEN 'calendar_day'::text THEN ((window_ms IS NULL) AND (burst = 1))
+    WHEN 'rolling'::text THEN ((window_ms IS NOT NULL) AND (window_ms >= 1000) AND (burst = 1) AND (time_zone IS NULL))
+    ELSE ((window_ms IS NOT NULL) AND (time_zone IS NULL) AND (burst <= GREATEST(max_count, 1)))
+END),
+  CONSTRAINT service_limits_time_zone_check CHECK (((time_zone IS NULL) OR edm.is_valid_timezone(time_zone))),
+  CONSTRAINT service_limits_window_ms_check CHECK (((window_ms >= 1) AND (window_ms <= (31 * (86400000)::bigint))))
+);
+COMMENT ON TABLE edm.service_limits IS 'Limits of a service beyond its built-in interval_ms and daily_quota, all held at once (the smallest headroom wins). rate: at most max_count per window_ms, in bursts of at most burst (a token bucket, checked by GCRA; burst 1 spaces sends window_ms/max_count apart, so no window of window_ms holds more than max_count). rolling: at most max_count in any window of window_ms (e.g. SES Max24HourSend). calendar_day: at most max_count per calendar day in time_zone (default: the service''s quota_tz). Set with edm.set_service_limits; see docs/explanation/rate-limits.md.';
+COMMENT ON COLUMN edm.service_limits.service_id IS 'Service limited.';
+COMMENT ON COLUMN edm.service_limits.name IS 'Name of the limit, unique per service (e.g. per_second, per_minute, rolling_24h); waiting reasons name it.';
+COMMENT ON COLUMN edm.service_limits.kind IS 'rate, rolling or calendar_day.';
+COMMENT ON COLUMN edm.service_limits.max_count IS 'Most sends per window (0 blocks the service).';
+COMMENT ON COLUMN edm.service_limits.window_ms IS 'Window length in milliseconds (rate and rolling); NULL for calendar_day.';
+COMMENT ON COLUMN edm.service_limits.burst IS 'rate only: most sends at once (token bucket depth); 1 spaces sends evenly.';
+COMMENT ON COLUMN edm.service_limits.time_zone IS 'calendar_day only: time zone whose midnight starts a day; NULL = the service''s quota_tz.';
+COMMENT ON COLUMN edm.service_limits.tat IS 'rate state: GCRA theoretical arrival time (a send at t is allowed when t >= tat - (burst - 1) * window_ms / max_count).';
+COMMENT ON COLUMN edm.service_limits.bucket_idx IS 'rolling state: indexes (epoch milliseconds / bucket width) of the buckets with sends, oldest first; the bucket width is window_ms / 200 rounded up.';
+COMMENT ON COLUMN edm.service_limits.bucket_n IS 'rolling state: sends slotted in each bucket of bucket_idx.';
+COMMENT ON COLUMN edm.service_limits.day IS 'calendar_day state: the local date day_count counts.';
+COMMENT ON COLUMN edm.service_limits.day_count IS 'calendar_day state: sends slotted on day.';
+COMMENT ON COLUMN edm.service_limits.created_at IS 'When the limit was set.';
+
+CREATE FUNCTION edm.limit_bucket_ms(p_window_ms bigint)
+ RETURNS bigint
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN GREATEST((1)::bigint, (ceil(((p_window_ms)::numeric / 200.0)))::bigint);
+COMMENT ON FUNCTION edm.limit_bucket_ms(bigint) IS 'Bucket width of a rolling limit of p_window_ms: window / 200, rounded up (at least 1 ms).';
+REVOKE ALL ON FUNCTION edm.limit_bucket_ms(bigint) FROM PUBLIC;
+
+CREATE FUNCTION edm.limit_next(l edm.service_limits, p_at timestamp with time zone, p_service_tz text)
+ RETURNS timestamp with time zone
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+  v_tz   text := coalesce(l.time_zone, p_service_tz);
+  v_bms  bigint;
+  v_span bigint;
+  v_b    bigint;
+  v_sum  bigint := 0;
+  v_need bigint;
+  i      integer;
+BEGIN
+  IF l.max_count = 0 THEN
+    RETURN 'infinity';
+  END IF;
+  IF l.kind = 'rate' THEN
+    -- GCRA: allowed at t when t >= tat - tau, tau = (burst - 1) * T.
+    RETURN greatest(p_at, l.tat - ((l.burst - 1) * l.window_ms::double precision / l.max_count)
+                                   * interval '1 millisecond');
+  ELSIF l.kind = 'calendar_day' THEN
+    IF l.day = (p_at AT TIME ZONE v_tz)::date AND l.day_count >= l.max_count THEN
+      RETURN edm.service_next_quota_day(v_tz, p_at);
+    END IF;
+    RETURN p_at;
+  END IF;
+  -- rolling: the sends counted at t are those of buckets b >= b(t) - span,
+  -- which cover (t - window, t] and at most one bucket more (an upper bound).
+  v_bms := edm.limit_bucket_ms(l.window_ms);
+  v_span := ceil(l.window_ms::numeric / v_bms)::bigint;
+  v_b := edm.epoch_ms(p_at) / v_bms;
+  FOR i IN 1 .. cardinality(l.bucket_idx) LOOP
+    IF l.bucket_idx[i] >= v_b - v_span THEN
+      v_sum := v_sum + l.bucket_n[i];
+    END IF;
+  END LOOP;
+  IF v_sum < l.max_count THEN
+    RETURN p_at;
+  END IF;
+  -- Full: wait until enough of the oldest buckets have left the window.
+  v_need := v_sum - l.max_count + 1;
+  FOR i IN 1 .. cardinality(l.bucket_idx) LOOP
+    CONTINUE WHEN l.bucket_idx[i] < v_b - v_span;
+    v_need := v_need - l.bucket_n[i];
+    IF v_need <= 0 THEN
+      -- bucket i no longer counts once b(t) - span > bucket_idx[i]
+      RETURN greatest(p_at, to_timestamp((l.bucket_idx[i] + v_span + 1) * v_bms / 1000.0));
+    END IF;
+  END LOOP;
+  RETURN 'infinity';
+END;
+$function$;
+COMMENT ON FUNCTION edm.limit_next(edm.service_limits,timestamp with time zone,text) IS 'The earliest instant at or after p_at at which limit l admits one more send (infinity when max_count is 0). p_service_tz is the service''s quota_tz, the default day boundary of a calendar_day limit.';
+REVOKE ALL ON FUNCTION edm.limit_next(edm.service_limits,timestamp with time zone,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.limits_next(p_service_id bigint, p_at timestamp with time zone, p_service_tz text)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ STABLE
+RETURN COALESCE((SELECT max(edm.limit_next(l.*, limits_next.p_at, limits_next.p_service_tz)) AS max FROM edm.service_limits l WHERE (l.service_id = limits_next.p_service_id)), p_at);
+COMMENT ON FUNCTION edm.limits_next(bigint,timestamp with time zone,text) IS 'The earliest instant at or after p_at at which every limit of the service in edm.service_limits admits one more send.';
+REVOKE ALL ON FUNCTION edm.limits_next(bigint,timestamp with time zone,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.limit_after(l edm.service_limits, p_slot timestamp with time zone, p_tz text, p_margin interval DEFAULT '00:00:00'::interval)
+ RETURNS edm.service_limits
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+  r edm.service_limits := l;
+  v_tz text := coalesce(l.time_zone, p_tz);
+BEGIN
+  IF l.kind = 'rate' THEN
+    -- A bucket that was idle starts from the send's arrival: its slot, or up to
+    -- p_margin later (the lateness of a send no lane paces against this limit).
+    -- The margin is capped at the limit's burst tolerance: it then costs
+    -- nothing while the limit binds, and a limit without a burst gets none.
+    r.tat := greatest(coalesce(l.tat, p_slot), p_slot
+                      + least(p_margin, ((l.burst - 1) * l.window_ms::double precision
+                                         / greatest(l.max_count, 1)) * interval '1 millisecond'))
+             + (l.window_ms::double precision / greatest(l.max_count, 1)) * interval '1 millisecond';
+  ELSIF l.kind = 'calendar_day' THEN
+    r.day_count := CASE WHEN l.day = (p_slot AT TIME ZONE v_tz)::date THEN l.day_count + 1 ELSE 1 END;
+    r.day := (p_slot AT TIME ZONE v_tz)::date;
+  ELSE
+    SELECT b.bucket_idx, b.bucket_n INTO r.bucket_idx, r.bucket_n
+    FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, p_slot) b;
+  END IF;
+  RETURN r;
+END;
+$function$;
+COMMENT ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) IS 'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time (a bucket that was idle starts from p_slot + p_margin, the send''s latest expected arrival, the margin capped at the burst tolerance (burst - 1) * window / max_count: see queue.shaping_arrival_margin_ms), calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
+REVOKE ALL ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) FROM PUBLIC;
+
+CREATE FUNCTION edm.rolling_buckets_add(p_idx bigint[], p_n integer[], p_window_ms bigint, p_slot timestamp with time zone, OUT bucket_idx bigint[], OUT bucket_n integer[])
+ RETURNS record
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+ SELECT array_agg(x.b ORDER BY x.b) AS bucket_idx,
+     array_agg(x.n ORDER BY x.b) AS bucket_n
+    FROM ( SELECT u.b,
+             (sum(u.n))::integer AS n
+            FROM ( SELECT t.b,
+                     t.n
+                    FROM UNNEST(rolling_buckets_add.p_idx, rolling_buckets_add.p_n) t(b, n)
+                 UNION ALL
+                  SELECT (edm.epoch_ms(rolling_buckets_add.p_slot) / edm.limit_bucket_ms(rolling_buckets_add.p_window_ms)) AS b,
+                     1 AS n) u
+           WHERE ((u.b)::numeric >= ((((edm.epoch_ms(rolling_buckets_add.p_slot) / edm.limit_bucket_ms(rolling_buckets_add.p_window_ms)))::numeric - ceil(((rolling_buckets_add.p_window_ms)::numeric / (edm.limit_bucket_ms(rolling_buckets_add.p_window_ms))::numeric))) - (1)::numeric))
+           GROUP BY u.b) x;
+END;
+COMMENT ON FUNCTION edm.rolling_buckets_add(bigint[],integer[],bigint,timestamp with time zone) IS 'The bucket arrays of a rolling limit (edm.service_limits.bucket_idx, bucket_n) after one more send slotted at p_slot: its bucket gains one, buckets older than any window that can still count are dropped.';
+REVOKE ALL ON FUNCTION edm.rolling_buckets_add(bigint[],integer[],bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.limits_take(p_service_id bigint, p_slot timestamp with time zone, p_service_tz text)
+ RETURNS void
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ UPDATE edm.service_limits l SET tat =
+         CASE
+             WHEN (l.kind = 'rate'::text) THEN (GREATEST(COALESCE(l.tat, limits_take.p_slot), limits_take.p_slot) + (((l.window_ms)::double precision / (GREATEST(l.max_count, 1))::double precision) * '00:00:00.001'::interval))
+             ELSE l.tat
+         END, day_count =
+         CASE
+             WHEN (l.kind <> 'calendar_day'::text) THEN 0
+             WHEN (l.day = ((limits_take.p_slot AT TIME ZONE COALESCE(l.time_zone, limits_take.p_service_tz)))::date) THEN (l.day_count + 1)
+             ELSE 1
+         END, day =
+         CASE
+             WHEN (l.kind = 'calendar_day'::text) THEN ((limits_take.p_slot AT TIME ZONE COALESCE(l.time_zone, limits_take.p_service_tz)))::date
+             ELSE NULL::date
+         END, (bucket_idx, bucket_n) = ( SELECT COALESCE(r.bucket_idx, l.bucket_idx) AS bucket_idx,
+             COALESCE(r.bucket_n, l.bucket_n) AS bucket_n
+            FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, limits_take.p_slot) r(bucket_idx, bucket_n)
+           WHERE (l.kind = 'rolling'::text)
+         UNION ALL
+          SELECT l.bucket_idx,
+             l.bucket_n
+           WHERE (l.kind <> 'rolling'::text))
+   WHERE (l.service_id = limits_take.p_service_id);
+END;
+COMMENT ON FUNCTION edm.limits_take(bigint,timestamp with time zone,text) IS 'Counts one send slotted at p_slot against every limit of the service (the caller, the claim, checked edm.limits_next first and holds the service row lock).';
+REVOKE ALL ON FUNCTION edm.limits_take(bigint,timestamp with time zone,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.service_binding_limit(s edm.services, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(limit_name text, free_at timestamp with time zone)
+ LANGUAGE sql
+ STABLE
+BEGIN ATOMIC
+ SELECT x.limit_name,
+     x.free_at
+    FROM ( SELECT 'interval'::text AS limit_name,
+             edm.ts_add_ms((service_binding_limit.s).last_sent_at, (service_binding_limit.s).interval_ms) AS free_at
+         UNION ALL
+          SELECT 'daily_quota'::text AS limit_name,
+             edm.service_next_quota_day((service_binding_limit.s).quota_tz, COALESCE(service_binding_limit.p_now, now())) AS free_at
+           WHERE (edm.service_sent_today(service_binding_limit.s, COALESCE(service_binding_limit.p_now, now())) >= (service_binding_limit.s).daily_quota)
+         UNION ALL
+          SELECT l.name AS limit_name,
+             edm.limit_next(l.*, COALESCE(service_binding_limit.p_now, now()), (service_binding_limit.s).quota_tz) AS free_at
+            FROM edm.service_limits l
+           WHERE (l.service_id = (service_binding_limit.s).service_id)) x
+   WHERE (x.free_at > COALESCE(service_binding_limit.p_now, now()))
+   ORDER BY x.free_at DESC, x.limit_name
+  LIMIT 1;
+END;
+COMMENT ON FUNCTION edm.service_binding_limit(edm.services,timestamp with time zone) IS 'The limit that holds service s back at p_now (interval, daily_quota or the name of an extra limit) and when it frees; no row when no limit does. With several, the one that frees last binds.';
+REVOKE ALL ON FUNCTION edm.service_binding_limit(edm.services,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.service_limits_flag()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  UPDATE edm.services s
+  SET has_limits = EXISTS (SELECT 1 FROM edm.service_limits l WHERE l.service_id = s.service_id),
+      -- re-decide from scratch: the next claim recomputes any block
+      quota_exhausted_until = NULL
+  WHERE s.service_id IN (SELECT x.service_id FROM changed x);
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.service_limits_flag() IS 'Statement trigger on edm.service_limits: keeps services.has_limits in step and clears a block computed from the old limits (the next claim recomputes it).';
+REVOKE ALL ON FUNCTION edm.service_limits_flag() FROM PUBLIC;
+
+CREATE FUNCTION edm.set_service_limits(p_service_id bigint, p_limits jsonb)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  IF p_limits IS NULL OR jsonb_typeof(p_limits) <> 'array' OR jsonb_array_length(p_limits) > 20 THEN
+    RAISE EXCEPTION 'limits must be a JSON array of at most 20 limits' USING ERRCODE = 'ED005';
+  END IF;
+  PERFORM 1 FROM edm.services s WHERE s.service_id = p_service_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_limits) e
+             WHERE jsonb_typeof(e) <> 'object'
+                OR NOT (e ?& ARRAY['name', 'kind', 'max_count'])
+                OR EXISTS (SELECT 1 FROM jsonb_object_keys(e) k
+                           WHERE k NOT IN ('name', 'kind', 'max_count', 'window_ms', 'burst', 'time_zone'))) THEN
+    RAISE EXCEPTION 'each limit is an object with name, kind, max_count and optionally window_ms, burst, time_zone'
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- Keep the state of limits that did not change shape (no fresh burst on an edit).
+  DELETE FROM edm.service_limits l
+  WHERE l.service_id = p_service_id
+    AND NOT EXISTS (
+      SELECT 1 FROM jsonb_array_elements(p_limits) e
+      WHERE e->>'name' = l.name AND e->>'kind' = l.kind
+        AND (e->>'max_count')::integer = l.max_count
+        AND (e->>'window_ms')::bigint IS NOT DISTINCT FROM l.window_ms
+        AND coalesce((e->>'burst')::integer, 1) = l.burst
+        AND (e->>'time_zone') IS NOT DISTINCT FROM l.time_zone);
+  BEGIN
+    INSERT INTO edm.service_limits (service_id, name, kind, max_count, window_ms, burst, time_zone)
+    SELECT p_service_id, e->>'name', e->>'kind', (e->>'max_count')::integer,
+           (e->>'window_ms')::bigint, coalesce((e->>'burst')::integer, 1), e->>'time_zone'
+    FROM jsonb_array_elements(p_limits) e
+    ON CONFLICT (service_id, name) DO NOTHING;
+  EXCEPTION
+    WHEN check_violation OR not_null_violation OR invalid_text_representation
+         OR numeric_value_out_of_range OR cardinality_violation THEN
+      RAISE EXCEPTION 'invalid limit: %', SQLERRM USING ERRCODE = 'ED005';
+  END;
+  IF (SELECT count(DISTINCT e->>'name') FROM jsonb_array_elements(p_limits) e)
+     <> jsonb_array_length(p_limits) THEN
+    RAISE EXCEPTION 'limit names must be unique per service' USING ERRCODE = 'ED005';
+  END IF;
+  UPDATE edm.services s SET updated_at = now(), quota_exhausted_until = NULL
+  WHERE s.service_id = p_service_id;
+  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+  SELECT count(*) INTO v_n FROM edm.service_limits l WHERE l.service_id = p_service_id;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_service_limits(bigint,jsonb) IS 'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
+REVOKE ALL ON FUNCTION edm.set_service_limits(bigint,jsonb) FROM PUBLIC;
+
+CREATE VIEW edm.service_limit_status AS
+ SELECT s.service_id,
+    s.name AS service_name,
+    'interval'::text AS limit_name,
+    'rate'::text AS kind,
+    1 AS max_count,
+    s.interval_ms AS window_ms,
+    1 AS burst,
+        CASE
+            WHEN (s.last_sent_at > (now() - ((s.interval_ms)::double precision * '00:00:00.001'::interval))) THEN 1
+            ELSE 0
+        END AS used,
+        CASE
+            WHEN (s.last_sent_at > (now() - ((s.interval_ms)::double precision * '00:00:00.001'::interval))) THEN 0
+            ELSE 1
+        END AS headroom,
+        CASE
+            WHEN (s.last_sent_at > (now() - ((s.interval_ms)::double precision * '00:00:00.001'::interval))) THEN (s.last_sent_at + ((s.interval_ms)::double precision * '00:00:00.001'::interval))
+            ELSE NULL::timestamp with time zone
+        END AS next_free_at
+   FROM edm.services s
+  WHERE (s.interval_ms > 0)
+UNION ALL
+ SELECT s.service_id,
+    s.name AS service_name,
+    'daily_quota'::text AS limit_name,
+    'calendar_day'::text AS kind,
+    s.daily_quota AS max_count,
+    NULL::bigint AS window_ms,
+    1 AS burst,
+    edm.service_sent_today(s.*) AS used,
+    GREATEST((s.daily_quota - edm.service_sent_today(s.*)), 0) AS headroom,
+        CASE
+            WHEN (edm.service_sent_today(s.*) >= s.daily_quota) THEN edm.service_next_quota_day(s.quota_tz, now())
+            ELSE NULL::timestamp with time zone
+        END AS next_free_at
+   FROM edm.services s
+UNION ALL
+ SELECT x.service_id,
+    x.service_name,
+    x.limit_name,
+    x.kind,
+    x.max_count,
+    x.window_ms,
+    x.burst,
+    x.used,
+    GREATEST((x.max_count - x.used), 0) AS headroom,
+    x.next_free_at
+   FROM ( SELECT s.service_id,
+            s.name AS service_name,
+            l.name AS limit_name,
+            l.kind,
+            l.max_count,
+            l.window_ms,
+            l.burst,
+                CASE l.kind
+                    WHEN 'calendar_day'::text THEN
+                    CASE
+                        WHEN (l.day = ((now() AT TIME ZONE COALESCE(l.time_zone, s.quota_tz)))::date) THEN l.day_count
+                        ELSE 0
+                    END
+                    WHEN 'rolling'::text THEN ( SELECT (COALESCE(sum(b.n), (0)::bigint))::integer AS "coalesce"
+                       FROM UNNEST(l.bucket_idx, l.bucket_n) b(i, n)
+                      WHERE ((b.i)::numeric >= (((edm.epoch_ms(now()) / edm.limit_bucket_ms(l.window_ms)))::numeric - ceil(((l.window_ms)::numeric / (edm.limit_bucket_ms(l.window_ms))::numeric)))))
+                    ELSE LEAST(l.burst, (GREATEST((0)::numeric, ceil(((EXTRACT(epoch FROM (COALESCE(l.tat, now()) - now())) * (1000)::numeric) / ((l.window_ms)::numeric / (GREATEST(l.max_count, 1))::numeric)))))::integer)
+                END AS used,
+            NULLIF(edm.limit_next(l.*, now(), s.quota_tz), now()) AS next_free_at
+           FROM (edm.service_limits l
+             JOIN edm.services s ON ((s.service_id = l.service_id)))) x;
+COMMENT ON VIEW edm.service_limit_status IS 'Every limit of every service, built-in (interval, daily_quota) and extra (edm.service_limits), with its use, headroom and when it next admits a send (NULL: now). The limit with the latest next_free_at binds.';
+COMMENT ON COLUMN edm.service_limit_status.service_id IS 'Service.';
+COMMENT ON COLUMN edm.service_limit_status.service_name IS 'Service name.';
+COMMENT ON COLUMN edm.service_limit_status.limit_name IS 'interval, daily_quota, or the name of an extra limit.';
+COMMENT ON COLUMN edm.service_limit_status.kind IS 'rate, rolling or calendar_day.';
+COMMENT ON COLUMN edm.service_limit_status.max_count IS 'Most sends per window.';
+COMMENT ON COLUMN edm.service_limit_status.window_ms IS 'Window in milliseconds (NULL for a calendar day).';
+COMMENT ON COLUMN edm.service_limit_status.burst IS 'Most sends at once (rate limits).';
+COMMENT ON COLUMN edm.service_limit_status.used IS 'Sends counted in the current window (rate: in the token bucket).';
+COMMENT ON COLUMN edm.service_limit_status.headroom IS 'max_count - used, at least 0.';
+COMMENT ON COLUMN edm.service_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now.';
+
+CREATE TRIGGER service_limits_flag_ins AFTER INSERT ON edm.service_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
+
+CREATE TRIGGER service_limits_flag_del AFTER DELETE ON edm.service_limits REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
+
+-- ==========================================================================
+-- Warm-up
+-- Ramps of daily ceilings a new IP or account follows (the limit warmup).
+-- ==========================================================================
+
+CREATE FUNCTION edm.warmup_ramp_problem(p_ramp integer[])
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN ((p_ramp IS NULL) OR (cardinality(p_ramp) = 0)) THEN 'a ramp needs at least one day'::text WHEN (array_ndims(p_ramp) <> 1) THEN 'a ramp is a one-dimensional array of daily ceilings'::text WHEN (cardinality(p_ramp) > 366) THEN 'a ramp lasts at most 366 days'::text WHEN (array_position(p_ramp, NULL::integer) IS NOT NULL) THEN 'a ramp has no NULL days'::text WHEN (EXISTS (SELECT 1 FROM unnest(warmup_ramp_problem.p_ramp) c(c) WHERE ((c.c < 1) OR (c.c > 100000000)))) THEN 'each daily ceiling is between 1 and 100000000'::text WHEN (EXISTS (SELECT 1 FROM (unnest(warmup_ramp_problem.p_ramp) WITH ORDINALITY a(c, i) JOIN unnest(warmup_ramp_problem.p_ramp) WITH ORDINALITY b(c, i) ON ((b.i = (a.i + 1)))) WHERE (b.c < a.c))) THEN 'a ramp never decreases (each day''s ceiling is at least the day before''s)'::text ELSE NULL::text END;
+COMMENT ON FUNCTION edm.warmup_ramp_problem(integer[]) IS 'Why p_ramp is not a valid warm-up ramp (NULL when it is): 1 to 366 daily ceilings, each 1..100000000, never decreasing.';
+REVOKE ALL ON FUNCTION edm.warmup_ramp_problem(integer[]) FROM PUBLIC;
+
+CREATE TABLE edm.service_warmups (
+  service_id bigint NOT NULL,
+  started_on date NOT NULL,
+  ramp integer[] NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT service_warmups_pkey PRIMARY KEY (service_id),
+  CONSTRAINT service_warmups_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT service_warmups_ramp_check CHECK (((edm.warmup_ramp_problem(ramp) IS NULL) AND (array_lower(ramp, 1) = 1))),
+  CONSTRAINT service_warmups_started_on_check CHECK (isfinite(started_on))
+);
+COMMENT ON TABLE edm.service_warmups IS 'Services warming up: on local day n of the ramp (day 1 = started_on, in the service''s quota_tz) the service sends at most ramp[n]. Enforced by the calendar_day limit ''warmup'' in edm.service_limits, whose max_count edm.apply_warmups keeps at the day''s ceiling; the row and the limit go away after the last day. Set with edm.set_service_warmup; see docs/explanation/traffic-shaping.md.';
+COMMENT ON COLUMN edm.service_warmups.service_id IS 'Service warming up.';
+COMMENT ON COLUMN edm.service_warmups.started_on IS 'Local date (in the service''s quota_tz) of day 1 of the ramp.';
+COMMENT ON COLUMN edm.service_warmups.ramp IS 'Daily ceilings, day 1 first; never decreasing, 1 to 366 days.';
+COMMENT ON COLUMN edm.service_warmups.created_at IS 'When the warm-up was first set.';
+COMMENT ON COLUMN edm.service_warmups.updated_at IS 'When the ramp or its start was last changed.';
+
+CREATE FUNCTION edm.warmup_ramp(p_start integer, p_full integer, p_factor numeric DEFAULT 2)
+ RETURNS integer[]
+ LANGUAGE plpgsql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+DECLARE
+  v_ramp integer[];
+  v_c integer;
+BEGIN
+  IF p_start IS NULL OR p_full IS NULL OR p_factor IS NULL OR p_start < 1
+     OR p_full < p_start OR p_full > 100000000 OR p_factor <= 1 OR p_factor > 100 THEN
+    RAISE EXCEPTION 'warmup_ramp: need 1 <= start <= full <= 100000000 and 1 < factor <= 100, got %, %, %',
+      p_start, p_full, p_factor USING ERRCODE = 'ED005';
+  END IF;
+  v_c := p_start;
+  v_ramp := ARRAY[v_c];
+  WHILE v_c < p_full LOOP
+    v_c := least(p_full, ceil(v_c * p_factor))::integer;
+    v_ramp := v_ramp || v_c;
+    IF cardinality(v_ramp) > 366 THEN
+      RAISE EXCEPTION 'warmup_ramp: from % to % by a factor of % takes more than 366 days',
+        p_start, p_full, p_factor USING ERRCODE = 'ED005';
+    END IF;
+  END LOOP;
+  RETURN v_ramp;
+END;
+$function$;
+COMMENT ON FUNCTION edm.warmup_ramp(integer,integer,numeric) IS 'A growing warm-up ramp: p_start on day 1, then each day the day before''s ceiling times p_factor (rounded up) until p_full, the last day. warmup_ramp(50, 1000) = {50,100,200,400,800,1000}. Raises ED005 for bad bounds or a ramp longer than 366 days.';
+REVOKE ALL ON FUNCTION edm.warmup_ramp(integer,integer,numeric) FROM PUBLIC;
+
+CREATE FUNCTION edm.warmup_ceiling(p_ramp integer[], p_started_on date, p_day date)
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN (p_day < p_started_on) THEN (p_ramp)[1] WHEN (((p_day - p_started_on) + 1) > cardinality(p_ramp)) THEN NULL::integer ELSE (p_ramp)[((p_day - p_started_on) + 1)] END;
+COMMENT ON FUNCTION edm.warmup_ceiling(integer[],date,date) IS 'The ceiling of local day p_day on ramp p_ramp started on p_started_on (day 1): the ramp''s first value before the start, NULL after its last day (the warm-up is over).';
+REVOKE ALL ON FUNCTION edm.warmup_ceiling(integer[],date,date) FROM PUBLIC;
+
+CREATE FUNCTION edm.apply_warmups(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_service_id bigint DEFAULT NULL::bigint)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now     timestamptz := coalesce(p_now, now());
+  w         record;
+  l         record;
+  v_today   date;
+  v_ceiling integer;
+  v_n       integer := 0;
+BEGIN
+  -- Lock order as the claim's: the service row, then its limits. Only the
+  -- services with something to do are locked (claims skip a locked service
+  -- until the sweep commits): on most sweeps, none. Nothing to do: the limit
+  -- holds the day's ceiling, or the ramp is over and the limit still counts
+  -- its last day (kept, see below).
+  FOR w IN
+    SELECT x.service_id, x.ramp, x.started_on, s.quota_tz, s.quota_day, s.sent_today
+    FROM edm.service_warmups x JOIN edm.services s ON s.service_id = x.service_id
+    CROSS JOIN LATERAL (SELECT (v_now AT TIME ZONE s.quota_tz)::date AS today) d
+    WHERE (p_service_id IS NULL OR x.service_id = p_service_id)
+      AND NOT EXISTS (
+        SELECT 1 FROM edm.service_limits sl
+        WHERE sl.service_id = x.service_id AND sl.name = 'warmup'
+          AND (sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on, d.today)
+               OR (edm.warmup_ceiling(x.ramp, x.started_on, d.today) IS NULL
+                   AND sl.day = d.today - 1
+                   AND edm.warmup_ceiling(x.ramp, x.started_on, sl.day) IS NOT NULL)))
+    ORDER BY x.service_id
+    FOR NO KEY UPDATE OF s
+  LOOP
+    v_today := (v_now AT TIME ZONE w.quota_tz)::date;
+    v_ceiling := edm.warmup_ceiling(w.ramp, w.started_on, v_today);
+    SELECT sl.max_count, sl.day INTO l FROM edm.service_limits sl
+    WHERE sl.service_id = w.service_id AND sl.name = 'warmup'
+    FOR UPDATE;
+    IF v_ceiling IS NULL THEN
+      -- The ramp is over. Keep the last ceiling while the limit still counts
+      -- the ramp's last day (a late slot of that day may come); it goes at
+      -- the first sweep after the state has moved on.
+      CONTINUE WHEN l.day IS NOT NULL AND l.day = v_today - 1
+                    AND edm.warmup_ceiling(w.ramp, w.started_on, l.day) IS NOT NULL;
+      DELETE FROM edm.service_warmups x WHERE x.service_id = w.service_id;
+      DELETE FROM edm.service_limits sl WHERE sl.service_id = w.service_id AND sl.name = 'warmup';
+      PERFORM pg_notify('edm_wakeup', 'service:' || w.service_id);
+      v_n := v_n + 1;
+    ELSIF l.max_count IS NULL THEN
+      -- New: today's sends so far count (the service's own count of its quota day).
+      INSERT INTO edm.service_limits (service_id, name, kind, max_count, day, day_count)
+      VALUES (w.service_id, 'warmup', 'calendar_day', v_ceiling, v_today,
+              CASE WHEN w.quota_day = v_today THEN w.sent_today ELSE 0 END);
+      v_n := v_n + 1;
+    ELSIF l.max_count <> v_ceiling THEN
+      -- In place, state kept. A count of an earlier day moves by the change,
+      -- so that day keeps the headroom it had under its own ceiling.
+      UPDATE edm.service_limits sl
+      SET max_count = v_ceiling,
+          day_count = CASE WHEN sl.day < v_today
+                           THEN greatest(0, sl.day_count + v_ceiling - sl.max_count)
+                           ELSE sl.day_count END
+      WHERE sl.service_id = w.service_id AND sl.name = 'warmup';
+      IF v_ceiling > l.max_count THEN
+        -- a block computed under the lower ceiling is re-decided by the next claim
+        UPDATE edm.services s SET quota_exhausted_until = NULL WHERE s.service_id = w.service_id;
+        PERFORM pg_notify('edm_wakeup', 'service:' || w.service_id);
+      END IF;
+      v_n := v_n + 1;
+    END IF;
+  END LOOP;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.apply_warmups(timestamp with time zone,bigint) IS 'Sets the limit ''warmup'' of each warming-up service (or of p_service_id only) to the ceiling of its current local day at p_now, in place (its count kept); after the ramp''s last day removes the limit and the warm-up. Run by every sweep (edm.run_sweeps) and by edm.set_service_warmup. Returns how many services changed.';
+REVOKE ALL ON FUNCTION edm.apply_warmups(timestamp with time zone,bigint) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_service_warmup(p_service_id bigint, p_ramp integer[], p_started_on date DEFAULT NULL::date, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_tz text;
+  v_problem text;
+BEGIN
+  SELECT s.quota_tz INTO v_tz FROM edm.services s WHERE s.service_id = p_service_id
+  FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  IF p_ramp IS NULL OR cardinality(p_ramp) = 0 THEN
+    -- End the warm-up now: the limit goes with it.
+    DELETE FROM edm.service_warmups w WHERE w.service_id = p_service_id;
+    IF FOUND THEN
+      DELETE FROM edm.service_limits l WHERE l.service_id = p_service_id AND l.name = 'warmup';
+      PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+    END IF;
+    RETURN NULL;
+  END IF;
+  v_problem := edm.warmup_ramp_problem(p_ramp);
+  IF v_problem IS NOT NULL THEN
+    RAISE EXCEPTION 'invalid warm-up ramp: %', v_problem USING ERRCODE = 'ED005';
+  END IF;
+  IF p_started_on IS NOT NULL AND NOT isfinite(p_started_on) THEN
+    RAISE EXCEPTION 'invalid warm-up start: %', p_started_on USING ERRCODE = 'ED005';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = p_service_id)
+     AND EXISTS (SELECT 1 FROM edm.service_limits l
+                 WHERE l.service_id = p_service_id AND l.name = 'warmup') THEN
+    RAISE EXCEPTION 'service % has a limit of its own named warmup: rename it first (edm.set_service_limits)',
+      p_service_id USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.service_warmups (service_id, started_on, ramp)
+  VALUES (p_service_id,
+          coalesce(p_started_on, (coalesce(p_now, now()) AT TIME ZONE v_tz)::date),
+          ARRAY(SELECT c FROM unnest(p_ramp) WITH ORDINALITY u(c, i) ORDER BY i))
+  ON CONFLICT (service_id) DO UPDATE
+    SET started_on = EXCLUDED.started_on, ramp = EXCLUDED.ramp, updated_at = now();
+  PERFORM edm.apply_warmups(p_now, p_service_id);
+  RETURN (SELECT l.max_count FROM edm.service_limits l
+          WHERE l.service_id = p_service_id AND l.name = 'warmup');
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) IS 'Puts service p_service_id on warm-up ramp p_ramp (daily ceilings, day 1 first, never decreasing; see edm.warmup_ramp) from local date p_started_on (default: today in its quota_tz), replacing a ramp it had, and applies today''s ceiling at once. A NULL or empty ramp ends the warm-up and removes its limit. Returns the ceiling in force (NULL when none). Raises ED001 for an unknown service, ED005 for a bad ramp (nothing is changed).';
+REVOKE ALL ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.service_limits_keep_warmup()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  -- The service row is gone when this is the cascade of its deletion: let it go.
+  IF EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = OLD.service_id)
+     AND EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = OLD.service_id) THEN
+    RETURN NULL;
+  END IF;
+  RETURN OLD;
+END;
+$function$;
+COMMENT ON FUNCTION edm.service_limits_keep_warmup() IS 'Row trigger on edm.service_limits: the limit ''warmup'' of a service that is warming up is not deleted (edm.set_service_limits replacing the other limits keeps it, with its state); it goes when the warm-up ends.';
+REVOKE ALL ON FUNCTION edm.service_limits_keep_warmup() FROM PUBLIC;
+
+CREATE VIEW edm.service_warmup_status AS
+ SELECT w.service_id,
+    s.name AS service_name,
+    w.started_on,
+    ((x.today - w.started_on) + 1) AS day,
+    cardinality(w.ramp) AS days,
+        CASE
+            WHEN (x.today < w.started_on) THEN 'scheduled'::text
+            WHEN (((x.today - w.started_on) + 1) > cardinality(w.ramp)) THEN 'ended'::text
+            ELSE 'ramping'::text
+        END AS state,
+    edm.warmup_ceiling(w.ramp, w.started_on, x.today) AS ceiling_today,
+    l.max_count AS ceiling_in_force,
+        CASE
+            WHEN (l.day = x.today) THEN l.day_count
+            ELSE 0
+        END AS used_today,
+    edm.warmup_ceiling(w.ramp, w.started_on, (x.today + 1)) AS ceiling_tomorrow,
+    w.ramp[cardinality(w.ramp)] AS final_ceiling,
+    edm.service_next_quota_day(s.quota_tz, now()) AS next_day_at,
+    w.ramp
+   FROM (((edm.service_warmups w
+     JOIN edm.services s ON ((s.service_id = w.service_id)))
+     CROSS JOIN LATERAL ( SELECT ((now() AT TIME ZONE s.quota_tz))::date AS today) x)
+     LEFT JOIN edm.service_limits l ON (((l.service_id = w.service_id) AND (l.name = 'warmup'::text))));
+COMMENT ON VIEW edm.service_warmup_status IS 'Each warming-up service: day n of N of its ramp (local days in its quota_tz), today''s ceiling, the ceiling in force in its limit ''warmup'' (it follows the ramp at each sweep), sends counted today and tomorrow''s ceiling.';
+COMMENT ON COLUMN edm.service_warmup_status.service_id IS 'Service.';
+COMMENT ON COLUMN edm.service_warmup_status.service_name IS 'Service name.';
+COMMENT ON COLUMN edm.service_warmup_status.started_on IS 'Local date of day 1.';
+COMMENT ON COLUMN edm.service_warmup_status.day IS 'Today''s day of the ramp (day n of days; below 1 before the start, above days once over).';
+COMMENT ON COLUMN edm.service_warmup_status.days IS 'Length of the ramp in days.';
+COMMENT ON COLUMN edm.service_warmup_status.state IS 'scheduled (before day 1), ramping, or ended (past the last day; the warm-up and its limit go at the first sweep once the limit no longer counts the last day).';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_today IS 'The ramp''s ceiling for today (NULL once ended).';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_in_force IS 'max_count of the limit ''warmup'' now: the ceiling the claim applies (an earlier, lower day''s until the first sweep of the day).';
+COMMENT ON COLUMN edm.service_warmup_status.used_today IS 'Sends counted by the limit ''warmup'' for today.';
+COMMENT ON COLUMN edm.service_warmup_status.ceiling_tomorrow IS 'The ramp''s ceiling for tomorrow (NULL when the ramp ends today).';
+COMMENT ON COLUMN edm.service_warmup_status.final_ceiling IS 'The ramp''s last ceiling.';
+COMMENT ON COLUMN edm.service_warmup_status.next_day_at IS 'When the next local day (and its ceiling) starts.';
+COMMENT ON COLUMN edm.service_warmup_status.ramp IS 'The whole ramp, day 1 first.';
+
+CREATE TRIGGER service_limits_keep_warmup BEFORE DELETE ON edm.service_limits FOR EACH ROW WHEN ((old.name = 'warmup'::text)) EXECUTE FUNCTION edm.service_limits_keep_warmup();
+
+-- ==========================================================================
+-- Sites
+-- Receiving mailbox providers: the domains that share their throttles, and suspensions of a (service, site).
+-- ==========================================================================
+
+CREATE TABLE edm.sites (
+  site text NOT NULL,
+  description text DEFAULT ''::text NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT sites_pkey PRIMARY KEY (site),
+  CONSTRAINT sites_description_check CHECK ((length(description) <= 500)),
+  CONSTRAINT sites_site_check CHECK ((site ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'::text))
+);
+COMMENT ON TABLE edm.sites IS 'Destination sites: a receiving mail system that throttles as one (google, microsoft, yahoo...). Recipient domains map to sites in edm.site_domains; limits and suspensions are set per site. See docs/explanation/traffic-shaping.md.';
+COMMENT ON COLUMN edm.sites.site IS 'Name of the site (lower case letters, digits, _ . -; at most 64).';
+COMMENT ON COLUMN edm.sites.description IS 'Free text: whose mail system this is.';
+COMMENT ON COLUMN edm.sites.created_at IS 'When the site was defined.';
+INSERT INTO edm.sites (site, description) VALUES
+  ('apple', 'iCloud Mail'),
+  ('comcast', 'Comcast Xfinity'),
+  ('gmx', 'GMX and WEB.DE (United Internet)'),
+  ('google', 'Gmail and Google Workspace'),
+  ('mailru', 'Mail.ru Group'),
+  ('microsoft', 'Outlook.com, Hotmail, Live, MSN and Microsoft 365'),
+  ('netease', 'NetEase (163, 126, yeah.net)'),
+  ('qq', 'Tencent QQ Mail'),
+  ('yahoo', 'Yahoo Mail and AOL');
+
+CREATE TABLE edm.site_domains (
+  domain text NOT NULL,
+  site text NOT NULL,
+  source text DEFAULT 'admin'::text NOT NULL,
+  resolved_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT site_domains_pkey PRIMARY KEY (domain),
+  CONSTRAINT site_domains_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT site_domains_domain_check CHECK (((domain = lower(domain)) AND ((length(domain) >= 1) AND (length(domain) <= 253)) AND (domain !~ '[[:space:][:cntrl:]@]'::text))),
+  CONSTRAINT site_domains_source_check CHECK ((source = ANY (ARRAY['shipped'::text, 'admin'::text, 'resolved'::text])))
+);
+COMMENT ON TABLE edm.site_domains IS 'Which site a recipient domain belongs to. shipped rows come with edm-sched, admin rows are set by the host or a DBA (edm.set_site_domains), resolved rows were answered by the host''s resolver hook for a domain not mapped before (edm.cache_site_domains). A domain not listed has no site.';
+COMMENT ON COLUMN edm.site_domains.domain IS 'Recipient domain, lower case, exactly as after the @ (subdomains are separate domains).';
+COMMENT ON COLUMN edm.site_domains.site IS 'Site the domain belongs to.';
+COMMENT ON COLUMN edm.site_domains.source IS 'shipped (a default of edm-sched), admin (set by the host or a DBA) or resolved (cached answer of the host''s resolver hook).';
+COMMENT ON COLUMN edm.site_domains.resolved_at IS 'When the mapping was set or last resolved (a host may re-resolve old resolved rows).';
+CREATE INDEX site_domains_site_idx ON edm.site_domains USING btree (site);
+COMMENT ON INDEX edm.site_domains_site_idx IS 'The domains of a site (listing a site, and the ON DELETE CASCADE from edm.sites).';
+INSERT INTO edm.site_domains (domain, site, source) VALUES
+  ('126.com', 'netease', 'shipped'),
+  ('163.com', 'netease', 'shipped'),
+  ('188.com', 'netease', 'shipped'),
+  ('aim.com', 'yahoo', 'shipped'),
+  ('aol.com', 'yahoo', 'shipped'),
+  ('bk.ru', 'mailru', 'shipped'),
+  ('comcast.net', 'comcast', 'shipped'),
+  ('foxmail.com', 'qq', 'shipped'),
+  ('gmail.com', 'google', 'shipped'),
+  ('gmx.at', 'gmx', 'shipped'),
+  ('gmx.ch', 'gmx', 'shipped'),
+  ('gmx.com', 'gmx', 'shipped'),
+  ('gmx.de', 'gmx', 'shipped'),
+  ('gmx.net', 'gmx', 'shipped'),
+  ('googlemail.com', 'google', 'shipped'),
+  ('hotmail.co.uk', 'microsoft', 'shipped'),
+  ('hotmail.com', 'microsoft', 'shipped'),
+  ('hotmail.de', 'microsoft', 'shipped'),
+  ('hotmail.es', 'microsoft', 'shipped'),
+  ('hotmail.fr', 'microsoft', 'shipped'),
+  ('hotmail.it', 'microsoft', 'shipped'),
+  ('icloud.com', 'apple', 'shipped'),
+  ('inbox.ru', 'mailru', 'shipped'),
+  ('internet.ru', 'mailru', 'shipped'),
+  ('list.ru', 'mailru', 'shipped'),
+  ('live.co.uk', 'microsoft', 'shipped'),
+  ('live.com', 'microsoft', 'shipped'),
+  ('live.fr', 'microsoft', 'shipped'),
+  ('mac.com', 'apple', 'shipped'),
+  ('mail.ru', 'mailru', 'shipped'),
+  ('me.com', 'apple', 'shipped'),
+  ('msn.com', 'microsoft', 'shipped'),
+  ('outlook.com', 'microsoft', 'shipped'),
+  ('outlook.de', 'microsoft', 'shipped'),
+  ('outlook.fr', 'microsoft', 'shipped'),
+  ('passport.com', 'microsoft', 'shipped'),
+  ('qq.com', 'qq', 'shipped'),
+  ('rocketmail.com', 'yahoo', 'shipped'),
+  ('verizon.net', 'yahoo', 'shipped'),
+  ('web.de', 'gmx', 'shipped'),
+  ('yahoo.co.jp', 'yahoo', 'shipped'),
+  ('yahoo.co.uk', 'yahoo', 'shipped'),
+  ('yahoo.com', 'yahoo', 'shipped'),
+  ('yahoo.de', 'yahoo', 'shipped'),
+  ('yahoo.fr', 'yahoo', 'shipped'),
+  ('yeah.net', 'netease', 'shipped'),
+  ('ymail.com', 'yahoo', 'shipped');
+
+CREATE TABLE edm.site_suspensions (
+  service_id bigint NOT NULL,
+  site text NOT NULL,
+  until timestamp with time zone NOT NULL,
+  level integer DEFAULT 1 NOT NULL,
+  reason text NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT site_suspensions_pkey PRIMARY KEY (service_id, site),
+  CONSTRAINT site_suspensions_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT site_suspensions_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT site_suspensions_level_check CHECK (((level >= 1) AND (level <= 1000))),
+  CONSTRAINT site_suspensions_reason_check CHECK ((length(reason) <= 2000))
+);
+COMMENT ON TABLE edm.site_suspensions IS 'A (service, site) pair that must not send until a time: set by a reply rule (a throttling answer such as Gmail''s 421 4.7.28) or by hand. The claim skips the pair''s recipients and serves the service''s other sites. A row past its until no longer applies (it expires by itself) but keeps its level for escalation on repeats.';
+COMMENT ON COLUMN edm.site_suspensions.service_id IS 'Service suspended for the site.';
+COMMENT ON COLUMN edm.site_suspensions.site IS 'Site the service must not send to.';
+COMMENT ON COLUMN edm.site_suspensions.until IS 'End of the suspension (it no longer applies from then).';
+COMMENT ON COLUMN edm.site_suspensions.level IS 'How many times in a row the pair was suspended (escalation: each repeat may last longer).';
+COMMENT ON COLUMN edm.site_suspensions.reason IS 'Why: the rule and the reply that caused the suspension, or the text given by hand.';
+COMMENT ON COLUMN edm.site_suspensions.created_at IS 'When the current suspension started.';
+CREATE INDEX site_suspensions_until_idx ON edm.site_suspensions USING btree (until);
+COMMENT ON INDEX edm.site_suspensions_until_idx IS 'Suspensions by end (which are in force at a time; sweeping old ones).';
+
+CREATE FUNCTION edm.email_domain(p_email text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN lower("substring"(p_email, '@([^@]*)$'::text));
+COMMENT ON FUNCTION edm.email_domain(text) IS 'The domain of an address (after its last @), lower case; NULL without an @.';
+REVOKE ALL ON FUNCTION edm.email_domain(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.site_of(p_email text)
+ RETURNS text
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+RETURN (SELECT d.site FROM edm.site_domains d WHERE (d.domain = edm.email_domain(site_of.p_email)));
+COMMENT ON FUNCTION edm.site_of(text) IS 'The site a recipient address belongs to (edm.site_domains, by the domain after its last @), or NULL when its domain is not mapped.';
+REVOKE ALL ON FUNCTION edm.site_of(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_site_domains(p_site text, p_domains text[], p_description text DEFAULT NULL::text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  IF p_site IS NULL OR p_site !~ '^[a-z0-9][a-z0-9_.-]{0,63}$' THEN
+    RAISE EXCEPTION 'site name must be 1 to 64 of a-z 0-9 _ . - (starting with a letter or digit), got %',
+      p_site USING ERRCODE = 'ED005';
+  END IF;
+  IF p_domains IS NULL OR cardinality(p_domains) > 10000
+     OR array_position(p_domains, NULL) IS NOT NULL
+     OR EXISTS (SELECT 1 FROM unnest(p_domains) d
+                WHERE length(d) NOT BETWEEN 1 AND 253 OR d ~ '[[:space:][:cntrl:]@]') THEN
+    RAISE EXCEPTION 'domains must be at most 10000 non-empty host names (no @, no spaces)'
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF p_description IS NOT NULL AND length(p_description) > 500 THEN
+    RAISE EXCEPTION 'site description must be at most 500 characters' USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.sites (site, description) VALUES (p_site, coalesce(p_description, ''))
+  ON CONFLICT (site) DO UPDATE SET description = coalesce(p_description, edm.sites.description);
+  INSERT INTO edm.site_domains (domain, site, source, resolved_at)
+  SELECT DISTINCT lower(d), p_site, 'admin', now() FROM unnest(p_domains) d
+  ON CONFLICT (domain) DO UPDATE SET site = EXCLUDED.site, source = 'admin',
+                                     resolved_at = EXCLUDED.resolved_at;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_site_domains(text,text[],text) IS 'Defines site p_site (created if new; its description replaced when p_description is given) and maps each of p_domains to it (moving a domain from another site). Returns how many domains were mapped. Raises ED005 for a bad name or domain (nothing is changed).';
+REVOKE ALL ON FUNCTION edm.set_site_domains(text,text[],text) FROM PUBLIC;
+
+CREATE FUNCTION edm.cache_site_domains(p_domains text[], p_sites text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  IF p_domains IS NULL OR p_sites IS NULL OR cardinality(p_domains) <> cardinality(p_sites)
+     OR cardinality(p_domains) > 10000 THEN
+    RAISE EXCEPTION 'cache_site_domains: domains and sites must be arrays of the same length (at most 10000)'
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF EXISTS (SELECT 1 FROM unnest(p_domains, p_sites) x(d, s)
+             WHERE d IS NULL OR length(d) NOT BETWEEN 1 AND 253 OR d ~ '[[:space:][:cntrl:]@]'
+                OR s IS NULL OR s !~ '^[a-z0-9][a-z0-9_.-]{0,63}$') THEN
+    RAISE EXCEPTION 'cache_site_domains: a domain is not a host name or a site name is not valid'
+      USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.sites (site, description)
+  SELECT DISTINCT s, 'found by the resolver hook' FROM unnest(p_sites) s
+  ON CONFLICT (site) DO NOTHING;
+  -- A resolver answer never overrides what an admin or edm-sched set.
+  INSERT INTO edm.site_domains AS d (domain, site, source, resolved_at)
+  SELECT DISTINCT ON (lower(x.d)) lower(x.d), x.s, 'resolved', coalesce(p_now, now())
+  FROM unnest(p_domains, p_sites) x(d, s)
+  ORDER BY lower(x.d)
+  ON CONFLICT (domain) DO UPDATE SET site = EXCLUDED.site, resolved_at = EXCLUDED.resolved_at
+    WHERE d.source = 'resolved';
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.cache_site_domains(text[],text[],timestamp with time zone) IS 'Caches the host resolver hook''s answers: maps each p_domains[i] to site p_sites[i] (creating unknown sites) as source resolved. Never overrides a shipped or admin mapping. Returns how many rows were written.';
+REVOKE ALL ON FUNCTION edm.cache_site_domains(text[],text[],timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.unmapped_domains(p_domains text[])
+ RETURNS SETOF text
+ LANGUAGE sql
+ STABLE
+BEGIN ATOMIC
+ SELECT DISTINCT lower(x.d) AS domain
+    FROM unnest(unmapped_domains.p_domains) x(d)
+   WHERE ((x.d IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
+            FROM edm.site_domains sd
+           WHERE (sd.domain = lower(x.d))))))
+   ORDER BY (lower(x.d));
+END;
+COMMENT ON FUNCTION edm.unmapped_domains(text[]) IS 'Those of p_domains (lower-cased, distinct) that edm.site_domains does not map: what a resolver hook has to answer.';
+REVOKE ALL ON FUNCTION edm.unmapped_domains(text[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.suspend_site(p_service_id bigint, p_site text, p_until timestamp with time zone, p_reason text DEFAULT 'suspended by hand'::text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF p_until IS NULL OR p_reason IS NULL OR length(p_reason) > 2000 THEN
+    RAISE EXCEPTION 'suspend_site: until and a reason of at most 2000 characters are required'
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = p_service_id) THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM edm.sites s WHERE s.site = p_site) THEN
+    RAISE EXCEPTION 'unknown site %', p_site USING ERRCODE = 'ED001';
+  END IF;
+  INSERT INTO edm.site_suspensions (service_id, site, until, level, reason, created_at)
+  VALUES (p_service_id, p_site, p_until, 1, p_reason, now())
+  ON CONFLICT (service_id, site) DO UPDATE
+    SET until = EXCLUDED.until, reason = EXCLUDED.reason, created_at = EXCLUDED.created_at;
+  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+END;
+$function$;
+COMMENT ON FUNCTION edm.suspend_site(bigint,text,timestamp with time zone,text) IS 'Suspends (service, site) until p_until by hand (an until in the past lifts it). Raises ED001 for an unknown service or site.';
+REVOKE ALL ON FUNCTION edm.suspend_site(bigint,text,timestamp with time zone,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.suspended_sites(p_service_id bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS text[]
+ LANGUAGE sql
+ STABLE
+RETURN ARRAY(SELECT x.site FROM edm.site_suspensions x WHERE ((x.service_id = suspended_sites.p_service_id) AND (x.until > COALESCE(suspended_sites.p_now, now()))) ORDER BY x.site);
+COMMENT ON FUNCTION edm.suspended_sites(bigint,timestamp with time zone) IS 'The sites service p_service_id must not send to at p_now (its suspensions not yet expired).';
+REVOKE ALL ON FUNCTION edm.suspended_sites(bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.lift_site_suspension(p_service_id bigint, p_site text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_in_force boolean;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = p_service_id) THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  -- The row goes, and with it the escalation level: the next throttle starts
+  -- from the rule's base duration (the action log keeps the history).
+  DELETE FROM edm.site_suspensions x
+  WHERE x.service_id = p_service_id AND x.site = p_site
+  RETURNING x.until > v_now INTO v_in_force;
+  IF NOT coalesce(v_in_force, false) THEN
+    RETURN false;
+  END IF;
+  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+  RETURN true;
+END;
+$function$;
+COMMENT ON FUNCTION edm.lift_site_suspension(bigint,text,timestamp with time zone) IS 'Ends the suspension of (service, site) now and forgets its escalation level (the row is deleted; edm.shaping_actions keeps the history); true when one was in force. Raises ED001 for an unknown service.';
+REVOKE ALL ON FUNCTION edm.lift_site_suspension(bigint,text,timestamp with time zone) FROM PUBLIC;
+
+-- ==========================================================================
+-- Traffic shaping
+-- Limits beyond a service's own — global, per site, per (service, site), per user, per task — held at once by the claim; see docs/explanation/traffic-shaping.md.
+-- ==========================================================================
+
+CREATE FUNCTION edm.shaping_key(p_scope text, p_site text, p_service_id bigint, p_user_id text, p_task_id bigint)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ((((((((p_scope || '|'::text) || COALESCE((p_service_id)::text, ''::text)) || '|'::text) || COALESCE(p_site, ''::text)) || '|'::text) || COALESCE((p_task_id)::text, ''::text)) || '|'::text) || COALESCE(p_user_id, ''::text));
+COMMENT ON FUNCTION edm.shaping_key(text,text,bigint,text,bigint) IS 'The key of one shaping scope (edm.shaping_limits.scope_key): scope|service|site|task|user, empty where the scope has no such part.';
+REVOKE ALL ON FUNCTION edm.shaping_key(text,text,bigint,text,bigint) FROM PUBLIC;
+
+CREATE TABLE edm.shaping_limits (
+  scope text NOT NULL,
+  site text,
+  service_id bigint,
+  user_id text,
+  task_id bigint,
+  scope_key text GENERATED ALWAYS AS (edm.shaping_key(scope, site, service_id, user_id, task_id)) STORED NOT NULL,
+  name text NOT NULL,
+  kind text NOT NULL,
+  max_count integer NOT NULL,
+  window_ms bigint,
+  burst integer DEFAULT 1 NOT NULL,
+  time_zone text,
+  tat timestamp with time zone,
+  bucket_idx bigint[] DEFAULT '{}'::bigint[] NOT NULL,
+  bucket_n integer[] DEFAULT '{}'::integer[] NOT NULL,
+  day date,
+  day_count integer DEFAULT 0 NOT NULL,
+  created_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT shaping_limits_pkey PRIMARY KEY (scope_key, name),
+  CONSTRAINT shaping_limits_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT shaping_limits_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT shaping_limits_task_id_fkey FOREIGN KEY (task_id) REFERENCES edm.tasks(task_id) ON DELETE CASCADE,
+  CONSTRAINT shaping_limits_user_id_fkey FOREIGN KEY (user_id) REFERENCES edm.users(user_id) ON DELETE CASCADE,
+  CONSTRAINT shaping_limits_buckets CHECK ((cardinality(bucket_idx) = cardinality(bucket_n))),
+  CONSTRAINT shaping_limits_burst_check CHECK (((burst >= 1) AND (burst <= 100000))),
+  CONSTRAINT shaping_limits_day_count_check CHECK ((day_count >= 0)),
+  CONSTRAINT shaping_limits_kind_check CHECK ((kind = ANY (ARRAY['rate'::text, 'rolling'::text, 'calendar_day'::text]))),
+  CONSTRAINT shaping_limits_max_count_check CHECK (((max_count >= 0) AND (max_count <= 100000000))),
+  CONSTRAINT shaping_limits_name_check CHECK ((name ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'::text)),
+  CONSTRAINT shaping_limits_scope_check CHECK ((scope = ANY (ARRAY['global'::text, 'site'::text, 'service_site'::text, 'user'::text, 'task'::text]))),
+  CONSTRAINT shaping_limits_shape CHECK (
+CASE kind
+    WHEN 'calendar_day'::text THEN ((window_ms IS NULL) AND (burst = 1))
+    WHEN 'rolling'::text THEN ((window_ms IS NOT NULL) AND (window_ms >= 1000) AND (burst = 1) AND (time_zone IS NULL))
+    ELSE ((window_ms IS NOT NULL) AND (time_zone IS NULL) AND (burst <= GREATEST(max_count, 1)))
+END),
+  CONSTRAINT shaping_limits_target CHECK (
+CASE scope
+    WHEN 'global'::text THEN ((site IS NULL) AND (service_id IS NULL) AND (user_id IS NULL) AND (task_id IS NULL))
+    WHEN 'site'::text THEN ((site IS NOT NULL) AND (service_id IS NULL) AND (user_id IS NULL) AND (task_id IS NULL))
+    WHEN 'service_site'::text THEN ((site IS NOT NULL) AND (service_id IS NOT NULL) AND (user_id IS NULL) AND (task_id IS NULL))
+    WHEN 'user'::text THEN ((user_id IS NOT NULL) AND (site IS NULL) AND (service_id IS NULL) AND (task_id IS NULL))
+    ELSE ((task_id IS NOT NULL) AND (site IS NULL) AND (service_id IS NULL) AND (user_id IS NULL))
+END),
+  CONSTRAINT shaping_limits_time_zone_check CHECK (((time_zone IS NULL) OR edm.is_valid_timezone(time_zone))),
+  CONSTRAINT shaping_limits_window_ms_check CHECK (((window_ms >= 1) AND (window_ms <= (31 * (86400000)::bigint))))
+);
+COMMENT ON TABLE edm.shaping_limits IS 'Traffic-shaping limits beyond a service''s own (edm.service_limits), in the same form (rate with burst, rolling window, calendar day) and all held at once by the claim: global (every send), site (one destination site across all services), service_site (one service to one site), user (a tenant''s plan) and task (a campaign''s maximum rate). A calendar_day limit without time_zone counts UTC days. Set with edm.set_global_limits, edm.set_site_limits, edm.set_user_limits and edm.set_task_limits; see docs/explanation/traffic-shaping.md.';
+COMMENT ON COLUMN edm.shaping_limits.scope IS 'global, site, service_site, user or task.';
+COMMENT ON COLUMN edm.shaping_limits.site IS 'site and service_site scopes: the destination site.';
+COMMENT ON COLUMN edm.shaping_limits.service_id IS 'service_site scope: the sending service.';
+COMMENT ON COLUMN edm.shaping_limits.user_id IS 'user scope: the tenant.';
+COMMENT ON COLUMN edm.shaping_limits.task_id IS 'task scope: the campaign.';
+COMMENT ON COLUMN edm.shaping_limits.scope_key IS 'The scope as one key (edm.shaping_key); with name, the primary key.';
+COMMENT ON COLUMN edm.shaping_limits.name IS 'Name of the limit, unique per scope (e.g. per_hour, per_day); waiting reasons name it.';
+COMMENT ON COLUMN edm.shaping_limits.kind IS 'rate, rolling or calendar_day (as edm.service_limits.kind).';
+COMMENT ON COLUMN edm.shaping_limits.max_count IS 'Most sends per window (0 blocks the scope).';
+COMMENT ON COLUMN edm.shaping_limits.window_ms IS 'Window length in milliseconds (rate and rolling); NULL for calendar_day.';
+COMMENT ON COLUMN edm.shaping_limits.burst IS 'rate only: most sends at once (token bucket depth).';
+COMMENT ON COLUMN edm.shaping_limits.time_zone IS 'calendar_day only: time zone whose midnight starts a day; NULL = UTC.';
+COMMENT ON COLUMN edm.shaping_limits.tat IS 'rate state: GCRA theoretical arrival time (as edm.service_limits.tat).';
+COMMENT ON COLUMN edm.shaping_limits.bucket_idx IS 'rolling state: buckets with sends, oldest first (as edm.service_limits.bucket_idx).';
+COMMENT ON COLUMN edm.shaping_limits.bucket_n IS 'rolling state: sends slotted in each bucket of bucket_idx.';
+COMMENT ON COLUMN edm.shaping_limits.day IS 'calendar_day state: the local date day_count counts.';
+COMMENT ON COLUMN edm.shaping_limits.day_count IS 'calendar_day state: sends slotted on day.';
+COMMENT ON COLUMN edm.shaping_limits.created_at IS 'When the limit was set.';
+CREATE INDEX shaping_limits_scope_idx ON edm.shaping_limits USING btree (scope, service_id);
+COMMENT ON INDEX edm.shaping_limits_scope_idx IS 'Limits by scope (is a layer in use; the site limits that apply to a service).';
+CREATE INDEX shaping_limits_site_idx ON edm.shaping_limits USING btree (site) WHERE (site IS NOT NULL);
+COMMENT ON INDEX edm.shaping_limits_site_idx IS 'The ON UPDATE / DELETE CASCADE from edm.sites.';
+CREATE INDEX shaping_limits_task_idx ON edm.shaping_limits USING btree (task_id) WHERE (task_id IS NOT NULL);
+COMMENT ON INDEX edm.shaping_limits_task_idx IS 'The ON DELETE CASCADE from edm.tasks.';
+CREATE INDEX shaping_limits_user_idx ON edm.shaping_limits USING btree (user_id) WHERE (user_id IS NOT NULL);
+COMMENT ON INDEX edm.shaping_limits_user_idx IS 'The ON DELETE CASCADE from edm.users.';
+
+CREATE FUNCTION edm.shaping_as_limit(l edm.shaping_limits)
+ RETURNS edm.service_limits
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN ROW(COALESCE((l).service_id, (0)::bigint), (l).name, (l).kind, (l).max_count, (l).window_ms, (l).burst, (l).time_zone, (l).tat, (l).bucket_idx, (l).bucket_n, (l).day, (l).day_count, (l).created_at)::edm.service_limits;
+COMMENT ON FUNCTION edm.shaping_as_limit(edm.shaping_limits) IS 'Shaping limit l as an edm.service_limits row, so that edm.limit_next and edm.limit_after evaluate it by the same rule as a service''s limits.';
+REVOKE ALL ON FUNCTION edm.shaping_as_limit(edm.shaping_limits) FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_load(p_keys text[], OUT keys text[], OUT lims edm.service_limits[], OUT held text[])
+ RETURNS record
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  SELECT array_agg(x.k), array_agg(x.lim) INTO keys, lims
+  FROM (SELECT l.scope_key AS k, edm.shaping_as_limit(l) AS lim
+        FROM edm.shaping_limits l WHERE l.scope_key = ANY (p_keys)
+        FOR UPDATE OF l SKIP LOCKED) x;
+  held := ARRAY(SELECT a.scope_key FROM edm.shaping_limits a
+                WHERE a.scope_key = ANY (p_keys)
+                GROUP BY a.scope_key
+                HAVING count(*) > coalesce(cardinality(array_positions(keys, a.scope_key)), 0));
+END;
+$function$;
+COMMENT ON FUNCTION edm.shaping_load(text[]) IS 'For the claim: locks the shaping limits of the scopes p_keys without waiting (FOR UPDATE SKIP LOCKED) and returns them as edm.service_limits rows (keys: the scope_key of each) and the scopes with a limit locked by another transaction (held: no headroom for this claim).';
+REVOKE ALL ON FUNCTION edm.shaping_load(text[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_next(p_keys text[], p_at timestamp with time zone)
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ STABLE
+RETURN COALESCE((SELECT max(edm.limit_next(edm.shaping_as_limit(l.*), shaping_next.p_at, 'UTC'::text)) AS max FROM edm.shaping_limits l WHERE (l.scope_key = ANY (shaping_next.p_keys))), p_at);
+COMMENT ON FUNCTION edm.shaping_next(text[],timestamp with time zone) IS 'The earliest instant at or after p_at at which every shaping limit of the scopes p_keys (edm.shaping_key) admits one more send.';
+REVOKE ALL ON FUNCTION edm.shaping_next(text[],timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_free(p_keys text[], p_all_keys text[], p_lims edm.service_limits[], p_held text[], p_at timestamp with time zone)
+ RETURNS timestamp with time zone
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+  v_at timestamptz := p_at;
+  i integer;
+BEGIN
+  IF p_keys && p_held THEN
+    RETURN 'infinity';
+  END IF;
+  FOR i IN 1 .. coalesce(cardinality(p_all_keys), 0) LOOP
+    IF p_all_keys[i] = ANY (p_keys) THEN
+      v_at := greatest(v_at, edm.limit_next(p_lims[i], p_at, 'UTC'));
+    END IF;
+  END LOOP;
+  RETURN v_at;
+END;
+$function$;
+COMMENT ON FUNCTION edm.shaping_free(text[],text[],edm.service_limits[],text[],timestamp with time zone) IS 'For the claim: the earliest instant at or after p_at at which every limit of the scopes p_keys admits one more send, from limits read by edm.shaping_load (p_all_keys[i] is the scope of p_lims[i]); infinity when one of the scopes is in p_held (locked by another transaction).';
+REVOKE ALL ON FUNCTION edm.shaping_free(text[],text[],edm.service_limits[],text[],timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_replace(p_scope text, p_site text, p_service_id bigint, p_user_id text, p_task_id bigint, p_limits jsonb)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_key text := edm.shaping_key(p_scope, p_site, p_service_id, p_user_id, p_task_id);
+  v_n integer;
+BEGIN
+  IF p_limits IS NULL OR jsonb_typeof(p_limits) <> 'array' OR jsonb_array_length(p_limits) > 20 THEN
+    RAISE EXCEPTION 'limits must be a JSON array of at most 20 limits' USING ERRCODE = 'ED005';
+  END IF;
+  IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_limits) e
+             WHERE jsonb_typeof(e) <> 'object'
+                OR NOT (e ?& ARRAY['name', 'kind', 'max_count'])
+                OR EXISTS (SELECT 1 FROM jsonb_object_keys(e) k
+                           WHERE k NOT IN ('name', 'kind', 'max_count', 'window_ms', 'burst', 'time_zone'))) THEN
+    RAISE EXCEPTION 'each limit is an object with name, kind, max_count and optionally window_ms, burst, time_zone'
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF (SELECT count(DISTINCT e->>'name') FROM jsonb_array_elements(p_limits) e)
+     <> jsonb_array_length(p_limits) THEN
+    RAISE EXCEPTION 'limit names must be unique per scope' USING ERRCODE = 'ED005';
+  END IF;
+  BEGIN
+    DELETE FROM edm.shaping_limits l
+    WHERE l.scope_key = v_key
+      AND NOT EXISTS (
+        SELECT 1 FROM jsonb_array_elements(p_limits) e
+        WHERE e->>'name' = l.name AND e->>'kind' = l.kind
+          AND (e->>'max_count')::integer = l.max_count
+          AND (e->>'window_ms')::bigint IS NOT DISTINCT FROM l.window_ms
+          AND coalesce((e->>'burst')::integer, 1) = l.burst
+          AND (e->>'time_zone') IS NOT DISTINCT FROM l.time_zone);
+    INSERT INTO edm.shaping_limits (scope, site, service_id, user_id, task_id, name, kind,
+                                    max_count, window_ms, burst, time_zone)
+    SELECT p_scope, p_site, p_service_id, p_user_id, p_task_id, e->>'name', e->>'kind',
+           (e->>'max_count')::integer, (e->>'window_ms')::bigint,
+           coalesce((e->>'burst')::integer, 1), e->>'time_zone'
+    FROM jsonb_array_elements(p_limits) e
+    ON CONFLICT (scope_key, name) DO NOTHING;
+  EXCEPTION
+    WHEN check_violation OR not_null_violation OR invalid_text_representation
+         OR numeric_value_out_of_range OR cardinality_violation THEN
+      RAISE EXCEPTION 'invalid limit: %', SQLERRM USING ERRCODE = 'ED005';
+  END;
+  PERFORM pg_notify('edm_wakeup', 'shaping:' || p_scope);
+  SELECT count(*) INTO v_n FROM edm.shaping_limits l WHERE l.scope_key = v_key;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) IS 'Replaces the shaping limits of one scope with p_limits, a JSON array of {name, kind, max_count, window_ms, burst, time_zone} as edm.set_service_limits takes; an unchanged limit keeps its state. Raises ED005 for a bad limit (nothing is changed). Called by the edm.set_*_limits functions, which check the scope''s target.';
+REVOKE ALL ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.shaping_limits_flag()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  UPDATE edm.users u
+  SET has_limits = EXISTS (SELECT 1 FROM edm.shaping_limits l
+                           WHERE l.scope = 'user' AND l.user_id = u.user_id)
+  WHERE u.user_id IN (SELECT x.user_id FROM changed x WHERE x.scope = 'user');
+  UPDATE edm.tasks t
+  SET has_limits = EXISTS (SELECT 1 FROM edm.shaping_limits l
+                           WHERE l.scope = 'task' AND l.task_id = t.task_id)
+  WHERE t.task_id IN (SELECT x.task_id FROM changed x WHERE x.scope = 'task');
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.shaping_limits_flag() IS 'Statement trigger on edm.shaping_limits: keeps users.has_limits and tasks.has_limits in step, so the claim reads user and task limits only where there are some.';
+REVOKE ALL ON FUNCTION edm.shaping_limits_flag() FROM PUBLIC;
+
+CREATE FUNCTION edm.service_free_for_tier(s edm.services, p_horizon timestamp with time zone, p_now timestamp with time zone, p_taken bigint[])
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+RETURN ((s).enabled AND ((s).next_available_at <= p_horizon) AND (edm.service_sent_today(s, p_now) < (s).daily_quota) AND (((s).service_id <> ALL (p_taken)) OR (((s).interval_ms = 0) AND ((edm.service_sent_today(s, p_now) + 1) < (s).daily_quota))));
+COMMENT ON FUNCTION edm.service_free_for_tier(edm.services,timestamp with time zone,timestamp with time zone,bigint[]) IS 'True when service s can take a send by p_horizon (enabled, next slot due, under its daily quota at p_now) and is not busy in this claim (p_taken: services claimed already, unless s has no interval and quota left for one more). A user with such a service on a higher-priority grant is left to it (grant tiers). Inlined by the planner.';
+REVOKE ALL ON FUNCTION edm.service_free_for_tier(edm.services,timestamp with time zone,timestamp with time zone,bigint[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_global_limits(p_limits jsonb)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  RETURN edm.shaping_replace('global', NULL, NULL, NULL, NULL, p_limits);
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_global_limits(jsonb) IS 'Replaces the global limits (every send of every service) with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED005 for a bad limit.';
+REVOKE ALL ON FUNCTION edm.set_global_limits(jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_site_limits(p_site text, p_limits jsonb, p_service_id bigint DEFAULT NULL::bigint)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF p_site IS NULL THEN
+    RAISE EXCEPTION 'set_site_limits: a site is required' USING ERRCODE = 'ED005';
+  END IF;
+  PERFORM 1 FROM edm.sites s WHERE s.site = p_site;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown site %', p_site USING ERRCODE = 'ED001';
+  END IF;
+  IF p_service_id IS NULL THEN
+    RETURN edm.shaping_replace('site', p_site, NULL, NULL, NULL, p_limits);
+  END IF;
+  PERFORM 1 FROM edm.services s WHERE s.service_id = p_service_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  RETURN edm.shaping_replace('service_site', p_site, p_service_id, NULL, NULL, p_limits);
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_site_limits(text,jsonb,bigint) IS 'Replaces the limits of site p_site across all services (p_service_id NULL), or of service p_service_id to that site, with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED001 for an unknown site or service, ED005 for a bad limit.';
+REVOKE ALL ON FUNCTION edm.set_site_limits(text,jsonb,bigint) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_user_limits(p_user_id text, p_limits jsonb)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  -- the claim reads and advances user limits under the user row lock
+  PERFORM 1 FROM edm.users u WHERE u.user_id = p_user_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown user %', p_user_id USING ERRCODE = 'ED001';
+  END IF;
+  RETURN edm.shaping_replace('user', NULL, NULL, p_user_id, NULL, p_limits);
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_user_limits(text,jsonb) IS 'Replaces the limits of user p_user_id (a tenant''s plan: per hour, per day...) with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED001 for an unknown user, ED005 for a bad limit.';
+REVOKE ALL ON FUNCTION edm.set_user_limits(text,jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_task_limits(p_task_id bigint, p_limits jsonb)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  -- the claim reads and advances task limits under the task row lock
+  PERFORM 1 FROM edm.tasks t WHERE t.task_id = p_task_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'ED001';
+  END IF;
+  RETURN edm.shaping_replace('task', NULL, NULL, NULL, p_task_id, p_limits);
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_task_limits(bigint,jsonb) IS 'Replaces the limits of task p_task_id (a campaign''s maximum rate) with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED001 for an unknown task, ED005 for a bad limit.';
+REVOKE ALL ON FUNCTION edm.set_task_limits(bigint,jsonb) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_task_transactional(p_task_id bigint, p_transactional boolean)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_status text;
+BEGIN
+  IF p_transactional IS NULL THEN
+    RAISE EXCEPTION 'set_task_transactional: true or false is required' USING ERRCODE = 'ED005';
+  END IF;
+  SELECT t.status INTO v_status FROM edm.tasks t WHERE t.task_id = p_task_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'ED001';
+  END IF;
+  IF v_status IN ('completed', 'cancelled', 'failed') THEN
+    RAISE EXCEPTION 'task % is finished (%)', p_task_id, v_status USING ERRCODE = 'ED003';
+  END IF;
+  UPDATE edm.tasks t SET transactional = p_transactional, updated_at = now()
+  WHERE t.task_id = p_task_id AND t.transactional IS DISTINCT FROM p_transactional;
+  RETURN p_transactional;
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_task_transactional(bigint,boolean) IS 'Puts task p_task_id in the transactional lane (true) or back in the bulk lane (false). ED001 for an unknown task, ED003 for a finished one.';
+REVOKE ALL ON FUNCTION edm.set_task_transactional(bigint,boolean) FROM PUBLIC;
+
+CREATE FUNCTION edm.task_site_wait(p_task_id bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(reason text, until timestamp with time zone)
+ LANGUAGE sql
+ STABLE
+BEGIN ATOMIC
+ WITH next_sites AS (
+          SELECT DISTINCT edm.site_of(st.email) AS site
+            FROM ( SELECT s0.email
+                    FROM edm.subtasks s0
+                   WHERE ((s0.task_id = task_site_wait.p_task_id) AND (s0.status = 'pending'::text))
+                   ORDER BY s0.not_before, s0.subtask_id
+                  LIMIT 1000) st
+         ), services AS (
+          SELECT s.service_id
+            FROM ((edm.tasks t
+              JOIN edm.grants g ON ((g.user_id = t.user_id)))
+              JOIN edm.services s ON ((s.service_id = g.service_id)))
+           WHERE ((t.task_id = task_site_wait.p_task_id) AND s.enabled)
+         ), held AS (
+          SELECT n.site,
+             v.service_id,
+             ( SELECT max(x.until) AS max
+                    FROM edm.site_suspensions x
+                   WHERE ((x.service_id = v.service_id) AND (x.site = n.site) AND (x.until > COALESCE(task_site_wait.p_now, now())))) AS suspended_until,
+             ( SELECT max(edm.limit_next(edm.shaping_as_limit(l.*), COALESCE(task_site_wait.p_now, now()), 'UTC'::text)) AS max
+                    FROM edm.shaping_limits l
+                   WHERE (l.scope_key = ANY (ARRAY[edm.shaping_key('site'::text, n.site, NULL::bigint, NULL::text, NULL::bigint), edm.shaping_key('service_site'::text, n.site, v.service_id, NULL::text, NULL::bigint)]))) AS limit_free
+            FROM (next_sites n
+              CROSS JOIN services v)
+           WHERE (n.site IS NOT NULL)
+         ), per_site AS (
+          SELECT h.site,
+             min(GREATEST(h.suspended_until, NULLIF(h.limit_free, COALESCE(task_site_wait.p_now, now())))) AS free,
+             bool_or((h.suspended_until IS NOT NULL)) AS suspended,
+             bool_or((h.limit_free > COALESCE(task_site_wait.p_now, now()))) AS limited,
+             bool_and((GREATEST(h.suspended_until, NULLIF(h.limit_free, COALESCE(task_site_wait.p_now, now()))) IS NOT NULL)) AS held
+            FROM held h
+           GROUP BY h.site
+         )
+  SELECT ('sites held back: '::text || string_agg(format('%s %s until %s'::text, p.site,
+         CASE
+             WHEN (p.suspended AND p.limited) THEN 'suspended and limited'::text
+             WHEN p.suspended THEN 'suspended'::text
+             ELSE 'limited'::text
+         END,
+         CASE
+             WHEN (p.free = 'infinity'::timestamp with time zone) THEN 'raised'::text
+             ELSE (p.free)::text
+         END), '; '::text ORDER BY p.free, p.site)) AS reason,
+     NULLIF(min(p.free), 'infinity'::timestamp with time zone) AS until
+    FROM per_site p
+  HAVING ((count(*) > 0) AND bool_and(p.held) AND (count(*) = ( SELECT count(*) AS count
+            FROM next_sites n2)) AND (( SELECT count(*) AS count
+            FROM services) > 0));
+END;
+COMMENT ON FUNCTION edm.task_site_wait(bigint,timestamp with time zone) IS 'Why the sites of task p_task_id''s next recipients (the first 1000 pending, in claim order) hold it back at p_now: a row only when every one of them has a site that is suspended (edm.site_suspensions) or without headroom (site and service_site limits of edm.shaping_limits) on every enabled granted service, listing each site with when it frees; until is the first of them. No row when some recipient can go.';
+REVOKE ALL ON FUNCTION edm.task_site_wait(bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE VIEW edm.shaping_limit_status AS
+ SELECT scope,
+    site,
+    service_id,
+    user_id,
+    task_id,
+    limit_name,
+    kind,
+    max_count,
+    window_ms,
+    burst,
+    used,
+    GREATEST((max_count - used), 0) AS headroom,
+    next_free_at
+   FROM ( SELECT l.scope,
+            l.site,
+            l.service_id,
+            l.user_id,
+            l.task_id,
+            l.name AS limit_name,
+            l.kind,
+            l.max_count,
+            l.window_ms,
+            l.burst,
+                CASE l.kind
+                    WHEN 'calendar_day'::text THEN
+                    CASE
+                        WHEN (l.day = ((now() AT TIME ZONE COALESCE(l.time_zone, 'UTC'::text)))::date) THEN l.day_count
+                        ELSE 0
+                    END
+                    WHEN 'rolling'::text THEN ( SELECT (COALESCE(sum(b.n), (0)::bigint))::integer AS "coalesce"
+                       FROM UNNEST(l.bucket_idx, l.bucket_n) b(i, n)
+                      WHERE ((b.i)::numeric >= (((edm.epoch_ms(now()) / edm.limit_bucket_ms(l.window_ms)))::numeric - ceil(((l.window_ms)::numeric / (edm.limit_bucket_ms(l.window_ms))::numeric)))))
+                    ELSE LEAST(l.burst, (GREATEST((0)::numeric, ceil(((EXTRACT(epoch FROM (COALESCE(l.tat, now()) - now())) * (1000)::numeric) / ((l.window_ms)::numeric / (GREATEST(l.max_count, 1))::numeric)))))::integer)
+                END AS used,
+            NULLIF(edm.limit_next(edm.shaping_as_limit(l.*), now(), 'UTC'::text), now()) AS next_free_at
+           FROM edm.shaping_limits l) x;
+COMMENT ON VIEW edm.shaping_limit_status IS 'Every shaping limit (edm.shaping_limits: global, site, service_site, user, task) with its use, headroom and when it next admits a send (NULL: now).';
+COMMENT ON COLUMN edm.shaping_limit_status.scope IS 'global, site, service_site, user or task.';
+COMMENT ON COLUMN edm.shaping_limit_status.site IS 'Site (site and service_site scopes).';
+COMMENT ON COLUMN edm.shaping_limit_status.service_id IS 'Service (service_site scope).';
+COMMENT ON COLUMN edm.shaping_limit_status.user_id IS 'User (user scope).';
+COMMENT ON COLUMN edm.shaping_limit_status.task_id IS 'Task (task scope).';
+COMMENT ON COLUMN edm.shaping_limit_status.limit_name IS 'Name of the limit.';
+COMMENT ON COLUMN edm.shaping_limit_status.kind IS 'rate, rolling or calendar_day.';
+COMMENT ON COLUMN edm.shaping_limit_status.max_count IS 'Most sends per window.';
+COMMENT ON COLUMN edm.shaping_limit_status.window_ms IS 'Window in milliseconds (NULL for a calendar day).';
+COMMENT ON COLUMN edm.shaping_limit_status.burst IS 'Most sends at once (rate limits).';
+COMMENT ON COLUMN edm.shaping_limit_status.used IS 'Sends counted in the current window (rate: in the token bucket).';
+COMMENT ON COLUMN edm.shaping_limit_status.headroom IS 'max_count - used, at least 0.';
+COMMENT ON COLUMN edm.shaping_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now (infinity: max_count 0).';
+
+CREATE TRIGGER shaping_limits_flag_ins AFTER INSERT ON edm.shaping_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.shaping_limits_flag();
+COMMENT ON TRIGGER shaping_limits_flag_ins ON edm.shaping_limits IS 'Sets users.has_limits / tasks.has_limits for new user and task limits.';
+
+CREATE TRIGGER shaping_limits_flag_del AFTER DELETE ON edm.shaping_limits REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.shaping_limits_flag();
+COMMENT ON TRIGGER shaping_limits_flag_del ON edm.shaping_limits IS 'Clears users.has_limits / tasks.has_limits when their last limit goes.';
+
+-- ==========================================================================
+-- Reply rules
+-- Patterns on a provider's answers and the actions they trigger (suspend, bounce, retry); what a DBA reads of each site's state.
+-- ==========================================================================
+
+CREATE FUNCTION edm.reply_pattern_ok(p_pattern text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ IMMUTABLE
+AS $function$
+BEGIN
+  IF p_pattern IS NULL THEN
+    RETURN true;
+  END IF;
+  PERFORM '' ~* p_pattern;
+  RETURN true;
+EXCEPTION WHEN invalid_regular_expression THEN
+  RETURN false;
+END;
+$function$;
+COMMENT ON FUNCTION edm.reply_pattern_ok(text) IS 'True when p_pattern (or NULL) is a valid PostgreSQL regular expression: a rule with a broken pattern would make every completion fail.';
+REVOKE ALL ON FUNCTION edm.reply_pattern_ok(text) FROM PUBLIC;
+
+CREATE TABLE edm.reply_rules (
+  rule_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  name text NOT NULL,
+  priority integer DEFAULT 100 NOT NULL,
+  enabled boolean DEFAULT true NOT NULL,
+  source text DEFAULT 'admin'::text NOT NULL,
+  site text,
+  smtp_code integer,
+  enhanced_code text,
+  pattern text,
+  transport_code text,
+  action text NOT NULL,
+  duration_s integer,
+  escalation_factor double precision DEFAULT 1 NOT NULL,
+  max_duration_s integer,
+  reset_after_s integer DEFAULT 3600 NOT NULL,
+  description text DEFAULT ''::text NOT NULL,
+  updated_at timestamp with time zone DEFAULT now() NOT NULL,
+  CONSTRAINT reply_rules_pkey PRIMARY KEY (rule_id),
+  CONSTRAINT reply_rules_name_key UNIQUE (name),
+  CONSTRAINT reply_rules_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT reply_rules_action_check CHECK ((action = ANY (ARRAY['suspend_site'::text, 'suspend_service'::text, 'bounce'::text, 'retry'::text]))),
+  CONSTRAINT reply_rules_description_check CHECK ((length(description) <= 500)),
+  CONSTRAINT reply_rules_duration CHECK (((action = 'bounce'::text) = (duration_s IS NULL))),
+  CONSTRAINT reply_rules_duration_s_check CHECK (((duration_s >= 1) AND (duration_s <= 2592000))),
+  CONSTRAINT reply_rules_enhanced_code_check CHECK ((enhanced_code ~ '^[245]\.([0-9]{1,3}\.([0-9]{1,3})?)?$'::text)),
+  CONSTRAINT reply_rules_escalation_factor_check CHECK (((escalation_factor >= (1)::double precision) AND (escalation_factor <= (100)::double precision))),
+  CONSTRAINT reply_rules_matches_something CHECK (((smtp_code IS NOT NULL) OR (enhanced_code IS NOT NULL) OR (pattern IS NOT NULL) OR (transport_code IS NOT NULL))),
+  CONSTRAINT reply_rules_max_duration CHECK (((max_duration_s IS NULL) OR ((duration_s IS NOT NULL) AND (max_duration_s >= duration_s)))),
+  CONSTRAINT reply_rules_max_duration_s_check CHECK (((max_duration_s >= 1) AND (max_duration_s <= 2592000))),
+  CONSTRAINT reply_rules_name_check CHECK ((name ~ '^[a-z0-9][a-z0-9_.:-]{0,99}$'::text)),
+  CONSTRAINT reply_rules_pattern_check CHECK ((((length(pattern) >= 1) AND (length(pattern) <= 500)) AND edm.reply_pattern_ok(pattern))),
+  CONSTRAINT reply_rules_priority_check CHECK (((priority >= 0) AND (priority <= 1000000))),
+  CONSTRAINT reply_rules_reset_after_s_check CHECK (((reset_after_s >= 0) AND (reset_after_s <= 2592000))),
+  CONSTRAINT reply_rules_smtp_code_check CHECK (((smtp_code >= 200) AND (smtp_code <= 599))),
+  CONSTRAINT reply_rules_source_check CHECK ((source = ANY (ARRAY['shipped'::text, 'admin'::text]))),
+  CONSTRAINT reply_rules_transport_code_check CHECK ((transport_code ~ '^[a-z0-9_-]{1,20}:[a-z0-9_.-]{1,80}$'::text))
+);
+COMMENT ON TABLE edm.reply_rules IS 'Rules on a provider''s reply to a failed send, tried by edm.complete in (priority, rule_id) order; the first enabled rule whose every given criterion matches decides what the failure means: suspend the (service, site) pair, back the service off, bounce, or retry the recipient later. shipped rows are defaults of edm-sched for the large providers (edit, disable or delete them freely). See docs/explanation/traffic-shaping.md.';
+COMMENT ON COLUMN edm.reply_rules.rule_id IS 'Identity of the rule.';
+COMMENT ON COLUMN edm.reply_rules.name IS 'Unique name (a-z 0-9 _ . : -), the key of edm.set_reply_rule.';
+COMMENT ON COLUMN edm.reply_rules.priority IS 'Lower is tried first (ties: lower rule_id).';
+COMMENT ON COLUMN edm.reply_rules.enabled IS 'Disabled rules are kept but never match.';
+COMMENT ON COLUMN edm.reply_rules.source IS 'shipped (a default of edm-sched, as shipped) or admin (written or edited by the host or a DBA).';
+COMMENT ON COLUMN edm.reply_rules.site IS 'Only for recipients of this site (NULL: any recipient).';
+COMMENT ON COLUMN edm.reply_rules.smtp_code IS 'The SMTP reply code must be this (NULL: any).';
+COMMENT ON COLUMN edm.reply_rules.enhanced_code IS 'The enhanced status code in the reply must be this (4.7.28), or start with it when it ends with a dot (4.7. matches 4.7.0 and 4.7.650; 4. matches every persistent transient code). NULL: any.';
+COMMENT ON COLUMN edm.reply_rules.pattern IS 'Case-insensitive regular expression the reply text must match (NULL: any). The text is what the transport reported, e.g. "RCPT TO: 421 4.7.28 ..." for SMTP.';
+COMMENT ON COLUMN edm.reply_rules.transport_code IS 'A non-SMTP transport''s error code the reply must carry, kind:code in lower case (http:429, ses:throttling); NULL: any.';
+COMMENT ON COLUMN edm.reply_rules.action IS 'suspend_site (pause the service for the recipient''s site, escalating), suspend_service (back the service off), bounce (fail the subtask for good) or retry (retry the recipient after duration_s).';
+COMMENT ON COLUMN edm.reply_rules.duration_s IS 'Seconds of the suspension, back-off or retry delay (the first one for suspend_site); NULL for bounce.';
+COMMENT ON COLUMN edm.reply_rules.escalation_factor IS 'suspend_site: each repeat within reset_after_s of the previous suspension''s end lasts this many times longer (1: no escalation).';
+COMMENT ON COLUMN edm.reply_rules.max_duration_s IS 'suspend_site: longest escalated suspension in seconds (NULL: duration_s, no escalation).';
+COMMENT ON COLUMN edm.reply_rules.reset_after_s IS 'suspend_site: a pair calm for this many seconds after its last suspension ended starts again at level 1.';
+COMMENT ON COLUMN edm.reply_rules.description IS 'Free text: which reply of which provider this is, and where it is documented.';
+COMMENT ON COLUMN edm.reply_rules.updated_at IS 'When the rule was last written.';
+CREATE INDEX reply_rules_order_idx ON edm.reply_rules USING btree (priority, rule_id) WHERE enabled;
+COMMENT ON INDEX edm.reply_rules_order_idx IS 'Enabled rules in the order they are tried.';
+INSERT INTO edm.reply_rules (rule_id, name, priority, enabled, source, site, smtp_code, enhanced_code, pattern, transport_code, action, duration_s, escalation_factor, max_duration_s, reset_after_s, description) OVERRIDING SYSTEM VALUE VALUES
+  ('1', 'gmail-4.7.28-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.28', NULL, NULL, 'suspend_site', '900', '2', '14400', '21600', 'Gmail 421 4.7.28: unusual rate of unsolicited mail from the sending IP or domain; slow down.'),
+  ('10', 'microsoft-5.7.6xx-banned-ip', '5', 'true', 'shipped', NULL, '550', NULL, E'\\m5\\.7\\.6(0[6-9]|[1-4][0-9])\\M', NULL, 'suspend_service', '21600', '1', NULL, '3600', 'Microsoft 550 5.7.606-649: access denied, banned sending IP; the account must stop until delisted (no recipient is suppressed).'),
+  ('11', 'yahoo-tss-deferred', '10', 'true', 'shipped', NULL, NULL, NULL, E'\\[(TSS0[1-9]|TS0[1-3])\\]', NULL, 'suspend_site', '3600', '2', '28800', '43200', 'Yahoo/AOL 421 4.7.0 [TSS04], [TSS09], [TS01]...: temporarily deferred due to unexpected volume or user complaints (Yahoo suggests retrying hours later).'),
+  ('12', 'aol-dyn-rly-deferred', '14', 'true', 'shipped', NULL, '421', NULL, E'\\((DYN|RLY):T[12]\\)', NULL, 'suspend_site', '3600', '2', '28800', '43200', 'AOL 421 (DYN:T1) / (RLY:T1): the sending IP is temporarily deferred.'),
+  ('13', 'apple-excessive-volume', '10', 'true', 'shipped', NULL, NULL, NULL, 'deferred due to excessive volume', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Apple iCloud 421 4.7.1: messages deferred due to excessive volume; try again later.'),
+  ('14', 'apple-service-unavailable', '15', 'true', 'shipped', 'apple', '451', '4.7.1', 'service unavailable', NULL, 'suspend_site', '300', '2', '3600', '7200', 'Apple iCloud 451 4.7.1: service unavailable, try again later (busy hours).'),
+  ('15', 'comcast-throttled', '15', 'true', 'shipped', 'comcast', '421', NULL, '(throttl|rate limit|too many)', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Comcast 421 throttling replies (rate or connection limits of the sending IP).'),
+  ('16', 'ses-daily-quota', '5', 'true', 'shipped', NULL, NULL, NULL, 'daily message quota exceeded', NULL, 'suspend_service', '3600', '1', NULL, '3600', 'Amazon SES "Daily message quota exceeded": the account''s 24-hour quota is used up.'),
+  ('17', 'ses-max-send-rate', '6', 'true', 'shipped', NULL, NULL, NULL, 'maximum sending rate exceeded', NULL, 'suspend_service', '10', '1', NULL, '3600', 'Amazon SES "Throttling: Maximum sending rate exceeded": pause the account briefly.'),
+  ('18', 'ses-throttling', '50', 'true', 'shipped', NULL, NULL, NULL, NULL, 'ses:throttling', 'suspend_service', '10', '1', NULL, '3600', 'Any other Amazon SES Throttling error: pause the account briefly.'),
+  ('19', 'http-429', '50', 'true', 'shipped', NULL, NULL, NULL, NULL, 'http:429', 'suspend_service', '60', '1', NULL, '3600', 'An ESP HTTP API answered 429 Too Many Requests: pause the account briefly.'),
+  ('2', 'gmail-5.7.28-rate', '11', 'true', 'shipped', NULL, NULL, '5.7.28', NULL, NULL, 'suspend_site', '3600', '2', '86400', '86400', 'Gmail 550 5.7.28: unusual rate of unsolicited mail, refused; a send-side block, not a bad address (no suppression).'),
+  ('3', 'gmail-4.7.0-rate', '20', 'true', 'shipped', NULL, NULL, '4.7.0', '(rate[- ]?limit|unusual rate|too many|temporarily (deferred|rate))', NULL, 'suspend_site', '600', '2', '14400', '21600', '421/451 4.7.0 replies that say the sender goes too fast (Gmail and others).'),
+  ('4', 'gmail-4.7.0-reputation', '21', 'true', 'shipped', NULL, NULL, '4.7.0', 'low reputation', NULL, 'suspend_site', '3600', '2', '43200', '86400', 'Gmail 421 4.7.0: suspicious due to the very low reputation of the sending IP or domain.'),
+  ('5', 'gmail-4.2.1-recipient-rate', '30', 'true', 'shipped', NULL, NULL, '4.2.1', 'receiving mail (too quickly|at a rate)', NULL, 'retry', '1800', '1', NULL, '3600', 'Gmail 450 4.2.1: this one recipient receives mail too fast; retry it later, the site is fine.'),
+  ('6', 'microsoft-4.7.650-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.650', NULL, NULL, 'suspend_site', '1800', '2', '28800', '43200', 'Microsoft 451 4.7.650: the mail server has been temporarily rate limited due to IP reputation.'),
+  ('7', 'microsoft-4.7.651-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.651', NULL, NULL, 'suspend_site', '1800', '2', '28800', '43200', 'Microsoft 451 4.7.651: temporarily rate limited due to IP reputation.'),
+  ('8', 'microsoft-4.7.500-busy', '12', 'true', 'shipped', NULL, NULL, '4.7.500', NULL, NULL, 'suspend_site', '300', '2', '3600', '7200', 'Microsoft 451 4.7.500: server busy, please try again later.'),
+  ('9', 'microsoft-rp-rate', '13', 'true', 'shipped', NULL, '421', NULL, E'\\mRP-00[1-3]\\M', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Microsoft 421 RP-001/002/003: the sending IP exceeded a rate or connection limit tied to its reputation.');
+
+CREATE TABLE edm.shaping_actions (
+  action_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  at timestamp with time zone NOT NULL,
+  rule_id bigint,
+  rule_name text NOT NULL,
+  service_id bigint NOT NULL,
+  site text,
+  subtask_id bigint,
+  action text NOT NULL,
+  until timestamp with time zone,
+  level integer,
+  code integer,
+  reply text,
+  CONSTRAINT shaping_actions_pkey PRIMARY KEY (action_id),
+  CONSTRAINT shaping_actions_rule_id_fkey FOREIGN KEY (rule_id) REFERENCES edm.reply_rules(rule_id) ON DELETE SET NULL,
+  CONSTRAINT shaping_actions_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
+  CONSTRAINT shaping_actions_action_check CHECK ((action = ANY (ARRAY['suspend_site'::text, 'suspend_service'::text, 'bounce'::text, 'retry'::text]))),
+  CONSTRAINT shaping_actions_reply_check CHECK ((length(reply) <= 2000))
+);
+COMMENT ON TABLE edm.shaping_actions IS 'Log of every reply rule applied by edm.complete: one row per completed subtask a rule matched, with the reply that caused it and what it set until when. Suspensions and back-offs end by themselves at until; rows are trimmed by edm.trim_shaping_actions after monitoring.metrics_retention_days.';
+COMMENT ON COLUMN edm.shaping_actions.action_id IS 'Identity of the log row.';
+COMMENT ON COLUMN edm.shaping_actions.at IS 'When the completion applied the rule (its p_now).';
+COMMENT ON COLUMN edm.shaping_actions.rule_id IS 'Rule applied (NULL once the rule was deleted).';
+COMMENT ON COLUMN edm.shaping_actions.rule_name IS 'Name of the rule when it was applied.';
+COMMENT ON COLUMN edm.shaping_actions.service_id IS 'Service that received the reply.';
+COMMENT ON COLUMN edm.shaping_actions.site IS 'Site of the recipient (NULL: its domain is not mapped).';
+COMMENT ON COLUMN edm.shaping_actions.subtask_id IS 'Subtask whose send got the reply.';
+COMMENT ON COLUMN edm.shaping_actions.action IS 'Action of the rule: suspend_site, suspend_service, bounce or retry.';
+COMMENT ON COLUMN edm.shaping_actions.until IS 'End of what the action set: the pair''s suspension, the service''s back-off, or the recipient''s retry (NULL for bounce).';
+COMMENT ON COLUMN edm.shaping_actions.level IS 'suspend_site: escalation level of the pair''s suspension.';
+COMMENT ON COLUMN edm.shaping_actions.code IS 'SMTP reply code reported with the reply (NULL for other transports).';
+COMMENT ON COLUMN edm.shaping_actions.reply IS 'The reply text as reported by the transport.';
+CREATE INDEX shaping_actions_at_idx ON edm.shaping_actions USING btree (at);
+COMMENT ON INDEX edm.shaping_actions_at_idx IS 'Trimming old rows (edm.trim_shaping_actions).';
+CREATE INDEX shaping_actions_pair_idx ON edm.shaping_actions USING btree (service_id, site, at DESC);
+COMMENT ON INDEX edm.shaping_actions_pair_idx IS 'Latest actions of a (service, site) pair (edm.site_suspension_status).';
+
+CREATE FUNCTION edm.reply_transport_code(p_detail text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN lower("substring"(p_detail, '^\[([A-Za-z0-9_-]{1,20}:[A-Za-z0-9_.-]{1,80})\]'::text));
+COMMENT ON FUNCTION edm.reply_transport_code(text) IS 'A non-SMTP transport''s error code at the start of a reply text, in brackets ("[http:429] Too Many Requests", "[ses:Throttling] Maximum sending rate exceeded"), lower case; NULL when there is none.';
+REVOKE ALL ON FUNCTION edm.reply_transport_code(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.reply_enhanced_code(p_detail text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN "substring"(p_detail, '(?:^|[^0-9.])([245]\.[0-9]{1,3}\.[0-9]{1,3})(?:[^0-9.]|\.(?![0-9])|$)'::text);
+COMMENT ON FUNCTION edm.reply_enhanced_code(text) IS 'The first RFC 3463 enhanced status code (class.subject.detail, e.g. 4.7.28) standing alone in a reply text, or NULL. The SMTP transport reports replies as "<command>: <code> <enhanced code> <text>".';
+REVOKE ALL ON FUNCTION edm.reply_enhanced_code(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.match_reply_rule(p_code integer, p_detail text, p_site text DEFAULT NULL::text, p_any_site boolean DEFAULT false)
+ RETURNS bigint
+ LANGUAGE sql
+ STABLE
+BEGIN ATOMIC
+ SELECT r.rule_id
+    FROM (edm.reply_rules r
+      CROSS JOIN LATERAL ( SELECT edm.reply_enhanced_code(match_reply_rule.p_detail) AS enh,
+             edm.reply_transport_code(match_reply_rule.p_detail) AS tcode) x)
+   WHERE (r.enabled AND ((r.site IS NULL) OR (r.site = match_reply_rule.p_site) OR match_reply_rule.p_any_site) AND ((r.smtp_code IS NULL) OR (r.smtp_code = match_reply_rule.p_code)) AND ((r.enhanced_code IS NULL) OR
+         CASE
+             WHEN ("right"(r.enhanced_code, 1) = '.'::text) THEN starts_with(x.enh, r.enhanced_code)
+             ELSE (x.enh = r.enhanced_code)
+         END) AND ((r.transport_code IS NULL) OR (x.tcode = r.transport_code)) AND ((r.pattern IS NULL) OR (match_reply_rule.p_detail ~* r.pattern)))
+   ORDER BY r.priority, r.rule_id
+  LIMIT 1;
+END;
+COMMENT ON FUNCTION edm.match_reply_rule(integer,text,text,boolean) IS 'The first enabled reply rule (by priority, then rule_id) matching a reply: SMTP code p_code, reply text p_detail (its enhanced code and transport code are read from it), for a recipient of site p_site (p_any_site: whatever the rule''s site); NULL when none does. What edm.complete applies, callable to test a rule.';
+REVOKE ALL ON FUNCTION edm.match_reply_rule(integer,text,text,boolean) FROM PUBLIC;
+
+CREATE FUNCTION edm.set_reply_rule(p_name text, p_action text, p_smtp_code integer DEFAULT NULL::integer, p_enhanced_code text DEFAULT NULL::text, p_pattern text DEFAULT NULL::text, p_transport_code text DEFAULT NULL::text, p_site text DEFAULT NULL::text, p_priority integer DEFAULT 100, p_duration_s integer DEFAULT NULL::integer, p_escalation_factor double precision DEFAULT 1, p_max_duration_s integer DEFAULT NULL::integer, p_reset_after_s integer DEFAULT 3600, p_enabled boolean DEFAULT true, p_description text DEFAULT ''::text)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_id bigint;
+  v_tcode text := lower(p_transport_code);
+BEGIN
+  IF p_name IS NULL OR p_name !~ '^[a-z0-9][a-z0-9_.:-]{0,99}$' THEN
+    RAISE EXCEPTION 'reply rule name must be 1 to 100 of a-z 0-9 _ . : - (starting with a letter or digit), got %',
+      p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF p_action IS NULL OR p_action NOT IN ('suspend_site', 'suspend_service', 'bounce', 'retry') THEN
+    RAISE EXCEPTION 'reply rule action must be suspend_site, suspend_service, bounce or retry, got %',
+      p_action USING ERRCODE = 'ED005';
+  END IF;
+  IF p_smtp_code IS NULL AND p_enhanced_code IS NULL AND p_pattern IS NULL AND p_transport_code IS NULL THEN
+    RAISE EXCEPTION 'reply rule %: give at least one of smtp_code, enhanced_code, pattern, transport_code',
+      p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF p_smtp_code IS NOT NULL AND p_smtp_code NOT BETWEEN 200 AND 599 THEN
+    RAISE EXCEPTION 'reply rule %: smtp_code must be a reply code 200 to 599', p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF p_enhanced_code IS NOT NULL AND p_enhanced_code !~ '^[245]\.([0-9]{1,3}\.([0-9]{1,3})?)?$' THEN
+    RAISE EXCEPTION 'reply rule %: enhanced_code must be like 4.7.28, or a class prefix ending with a dot like 4.7.',
+      p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF p_pattern IS NOT NULL AND (length(p_pattern) NOT BETWEEN 1 AND 500 OR NOT edm.reply_pattern_ok(p_pattern)) THEN
+    RAISE EXCEPTION 'reply rule %: pattern must be a valid regular expression of 1 to 500 characters',
+      p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF v_tcode IS NOT NULL AND v_tcode !~ '^[a-z0-9_-]{1,20}:[a-z0-9_.-]{1,80}$' THEN
+    RAISE EXCEPTION 'reply rule %: transport_code must be kind:code, e.g. http:429 or ses:throttling',
+      p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF p_site IS NOT NULL AND NOT EXISTS (SELECT 1 FROM edm.sites s WHERE s.site = p_site) THEN
+    RAISE EXCEPTION 'unknown site %', p_site USING ERRCODE = 'ED001';
+  END IF;
+  IF p_priority IS NULL OR p_priority NOT BETWEEN 0 AND 1000000 THEN
+    RAISE EXCEPTION 'reply rule %: priority must be 0 to 1000000', p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF (p_action = 'bounce') <> (p_duration_s IS NULL) THEN
+    RAISE EXCEPTION 'reply rule %: % needs %', p_name, p_action,
+      CASE WHEN p_action = 'bounce' THEN 'no duration' ELSE 'a duration in seconds' END
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF p_duration_s IS NOT NULL AND p_duration_s NOT BETWEEN 1 AND 2592000 THEN
+    RAISE EXCEPTION 'reply rule %: duration must be 1 s to 30 days', p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF p_escalation_factor IS NULL OR NOT (p_escalation_factor BETWEEN 1 AND 100) THEN
+    RAISE EXCEPTION 'reply rule %: escalation factor must be 1 to 100', p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF p_max_duration_s IS NOT NULL AND (p_duration_s IS NULL OR p_max_duration_s NOT BETWEEN p_duration_s AND 2592000) THEN
+    RAISE EXCEPTION 'reply rule %: max duration must be at least the duration and at most 30 days',
+      p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF p_reset_after_s IS NULL OR p_reset_after_s NOT BETWEEN 0 AND 2592000 THEN
+    RAISE EXCEPTION 'reply rule %: reset_after must be 0 s to 30 days', p_name USING ERRCODE = 'ED005';
+  END IF;
+  IF p_enabled IS NULL OR p_description IS NULL OR length(p_description) > 500 THEN
+    RAISE EXCEPTION 'reply rule %: enabled and a description of at most 500 characters are required',
+      p_name USING ERRCODE = 'ED005';
+  END IF;
+  INSERT INTO edm.reply_rules AS r
+    (name, priority, enabled, source, site, smtp_code, enhanced_code, pattern, transport_code,
+     action, duration_s, escalation_factor, max_duration_s, reset_after_s, description, updated_at)
+  VALUES (p_name, p_priority, p_enabled, 'admin', p_site, p_smtp_code, p_enhanced_code, p_pattern,
+          v_tcode, p_action, p_duration_s, p_escalation_factor, p_max_duration_s, p_reset_after_s,
+          p_description, now())
+  ON CONFLICT (name) DO UPDATE
+    SET priority = EXCLUDED.priority, enabled = EXCLUDED.enabled, source = 'admin',
+        site = EXCLUDED.site, smtp_code = EXCLUDED.smtp_code,
+        enhanced_code = EXCLUDED.enhanced_code, pattern = EXCLUDED.pattern,
+        transport_code = EXCLUDED.transport_code, action = EXCLUDED.action,
+        duration_s = EXCLUDED.duration_s, escalation_factor = EXCLUDED.escalation_factor,
+        max_duration_s = EXCLUDED.max_duration_s, reset_after_s = EXCLUDED.reset_after_s,
+        description = EXCLUDED.description, updated_at = EXCLUDED.updated_at
+  RETURNING r.rule_id INTO v_id;
+  RETURN v_id;
+END;
+$function$;
+COMMENT ON FUNCTION edm.set_reply_rule(text,text,integer,text,text,text,text,integer,integer,double precision,integer,integer,boolean,text) IS 'Creates or replaces (by name) a reply rule; an edited shipped rule becomes source admin. Returns its rule_id. Raises ED005 for a bad name, action, code, pattern (an invalid regular expression), duration or escalation, and ED001 for an unknown site; nothing is written then.';
+REVOKE ALL ON FUNCTION edm.set_reply_rule(text,text,integer,text,text,text,text,integer,integer,double precision,integer,integer,boolean,text) FROM PUBLIC;
+
+CREATE FUNCTION edm.enable_reply_rule(p_name text, p_enabled boolean DEFAULT true)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  IF p_enabled IS NULL THEN
+    RAISE EXCEPTION 'enable_reply_rule: enabled must be true or false' USING ERRCODE = 'ED005';
+  END IF;
+  UPDATE edm.reply_rules r SET enabled = p_enabled, updated_at = now() WHERE r.name = p_name;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown reply rule %', p_name USING ERRCODE = 'ED001';
+  END IF;
+END;
+$function$;
+COMMENT ON FUNCTION edm.enable_reply_rule(text,boolean) IS 'Enables (p_enabled true) or disables a reply rule by name; its source is kept. Raises ED001 for an unknown name.';
+REVOKE ALL ON FUNCTION edm.enable_reply_rule(text,boolean) FROM PUBLIC;
+
+CREATE FUNCTION edm.delete_reply_rule(p_name text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+  DELETE FROM edm.reply_rules r WHERE r.name = p_name;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown reply rule %', p_name USING ERRCODE = 'ED001';
+  END IF;
+END;
+$function$;
+COMMENT ON FUNCTION edm.delete_reply_rule(text) IS 'Deletes a reply rule by name (its log rows keep its name). Raises ED001 for an unknown name.';
+REVOKE ALL ON FUNCTION edm.delete_reply_rule(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.trim_shaping_actions(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  DELETE FROM edm.shaping_actions a
+  WHERE a.at < coalesce(p_now, now())
+               - make_interval(days => edm.config_int('monitoring.metrics_retention_days'))
+    AND (a.until IS NULL OR a.until < coalesce(p_now, now()));
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.trim_shaping_actions(timestamp with time zone) IS 'Deletes reply-rule log rows older than monitoring.metrics_retention_days whose action has ended; returns how many.';
+REVOKE ALL ON FUNCTION edm.trim_shaping_actions(timestamp with time zone) FROM PUBLIC;
+
+CREATE VIEW edm.site_status AS
+ SELECT site,
+    description,
+    (( SELECT count(*) AS count
+           FROM edm.site_domains d
+          WHERE (d.site = st.site)))::integer AS domains,
+    ARRAY( SELECT x.service_id
+           FROM edm.site_suspensions x
+          WHERE ((x.site = st.site) AND (x.until > now()))
+          ORDER BY x.service_id) AS suspended_services,
+    ( SELECT max(x.until) AS max
+           FROM edm.site_suspensions x
+          WHERE ((x.site = st.site) AND (x.until > now()))) AS suspended_until,
+    ( SELECT COALESCE(jsonb_agg(jsonb_build_object('scope', ls.scope, 'service_id', ls.service_id, 'name', ls.limit_name, 'kind', ls.kind, 'max_count', ls.max_count, 'window_ms', ls.window_ms, 'headroom', ls.headroom, 'next_free_at', ls.next_free_at) ORDER BY ls.scope, ls.service_id, ls.limit_name), '[]'::jsonb) AS "coalesce"
+           FROM edm.shaping_limit_status ls
+          WHERE (ls.site = st.site)) AS limits,
+    ( SELECT max(ls.next_free_at) AS max
+           FROM edm.shaping_limit_status ls
+          WHERE ((ls.site = st.site) AND (ls.scope = 'site'::text))) AS limited_until
+   FROM edm.sites st;
+COMMENT ON VIEW edm.site_status IS 'Per destination site: its domains, the services suspended for it now and until when, and its limits (site scope and per service) with headroom.';
+COMMENT ON COLUMN edm.site_status.site IS 'Site.';
+COMMENT ON COLUMN edm.site_status.description IS 'Whose mail system it is.';
+COMMENT ON COLUMN edm.site_status.domains IS 'Domains mapped to the site.';
+COMMENT ON COLUMN edm.site_status.suspended_services IS 'Services suspended for the site now (edm.site_suspensions).';
+COMMENT ON COLUMN edm.site_status.suspended_until IS 'End of the latest suspension in force; NULL when none.';
+COMMENT ON COLUMN edm.site_status.limits IS 'Its limits, site scope and service_site scope, as JSON objects {scope, service_id, name, kind, max_count, window_ms, headroom, next_free_at}.';
+COMMENT ON COLUMN edm.site_status.limited_until IS 'When the site''s own (all-services) limits next admit a send; NULL when they do now or there are none.';
+
+CREATE VIEW edm.site_suspension_status AS
+ SELECT x.service_id,
+    s.name AS service_name,
+    x.site,
+    x.until,
+    x.level,
+    (x.until > now()) AS in_force,
+    GREATEST((x.until - now()), '00:00:00'::interval) AS remaining,
+    x.created_at,
+    x.reason,
+    a.rule_id,
+    a.rule_name,
+    a.at AS last_reply_at,
+    a.code AS last_code,
+    a.reply AS last_reply
+   FROM ((edm.site_suspensions x
+     JOIN edm.services s ON ((s.service_id = x.service_id)))
+     LEFT JOIN LATERAL ( SELECT sa.rule_id,
+            sa.rule_name,
+            sa.at,
+            sa.code,
+            sa.reply
+           FROM edm.shaping_actions sa
+          WHERE ((sa.service_id = x.service_id) AND (sa.site = x.site) AND (sa.action = 'suspend_site'::text))
+          ORDER BY sa.at DESC, sa.action_id DESC
+         LIMIT 1) a ON (true));
+COMMENT ON VIEW edm.site_suspension_status IS 'Every (service, site) suspension, in force or expired (kept for escalation), with the rule and the latest reply that set it: what a DBA reads to see why a service does not send to a site.';
+COMMENT ON COLUMN edm.site_suspension_status.service_id IS 'Suspended service.';
+COMMENT ON COLUMN edm.site_suspension_status.service_name IS 'Its name.';
+COMMENT ON COLUMN edm.site_suspension_status.site IS 'Site it must not send to.';
+COMMENT ON COLUMN edm.site_suspension_status.until IS 'End of the suspension.';
+COMMENT ON COLUMN edm.site_suspension_status.level IS 'Escalation level (1: first suspension after a calm period).';
+COMMENT ON COLUMN edm.site_suspension_status.in_force IS 'True while the suspension applies.';
+COMMENT ON COLUMN edm.site_suspension_status.remaining IS 'Time left (0 once expired).';
+COMMENT ON COLUMN edm.site_suspension_status.created_at IS 'When the current suspension started.';
+COMMENT ON COLUMN edm.site_suspension_status.reason IS 'Why: the rule and the reply, or the text given by hand.';
+COMMENT ON COLUMN edm.site_suspension_status.rule_id IS 'Reply rule of the latest suspend_site action on the pair (NULL: set by hand or the rule was deleted).';
+COMMENT ON COLUMN edm.site_suspension_status.rule_name IS 'Its name.';
+COMMENT ON COLUMN edm.site_suspension_status.last_reply_at IS 'When that reply was completed.';
+COMMENT ON COLUMN edm.site_suspension_status.last_code IS 'Its SMTP code.';
+COMMENT ON COLUMN edm.site_suspension_status.last_reply IS 'Its text.';
 
 -- ==========================================================================
 -- Dispatch: claim, complete, leases
@@ -1863,11 +3666,6 @@ COMMENT ON INDEX edm.send_events_time_idx IS 'Windows of history per service (mo
 
 CREATE SEQUENCE edm.serve_seq;
 COMMENT ON SEQUENCE edm.serve_seq IS 'Strictly increasing stamp of claims; orders users and tasks by how recently they were served.';
-
--- ==========================================================================
--- Not yet sorted
--- Objects not listed in CONCEPTS of edm_sched/schema_dump.py: add them there, then run `python -m edm_sched.schema_dump > sql/schema.sql`.
--- ==========================================================================
 
 CREATE FUNCTION edm.claim_v2(p_owner text, p_batch integer DEFAULT 1, p_lease_seconds integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_per_service integer DEFAULT 1, p_lookahead_ms integer DEFAULT NULL::integer, p_skip_services bigint[] DEFAULT '{}'::bigint[])
  RETURNS TABLE(subtask_id bigint, task_id bigint, user_id text, service_id bigint, email text, contact_id bigint, template_idx smallint, vars jsonb, attempt smallint, send_at timestamp with time zone, lease_expires_at timestamp with time zone)
@@ -2570,11 +4368,6 @@ $function$;
 COMMENT ON FUNCTION edm.claim_v2(text,integer,integer,timestamp with time zone,integer,integer,bigint[]) IS 'Claims up to p_batch subtasks in one transaction and hands each its slot (send_at: the instant its send may start). For each ready service (next slot within p_lookahead_ms, default queue.slot_lookahead_ms; under its daily quota and every extra limit; not held by another dispatcher; not in p_skip_services), lowest quota share first: up to p_per_service slots, one interval apart and within every limit, each to transactional work first (tasks.transactional, within queue.transactional_share of the service''s slots) or else the least recently served user with work and a grant, that user''s least recently served task (priority first), and its due retry or else its lowest pending subtask. Every shaping layer (edm.shaping_limits) holds at once: a recipient whose site is suspended for the service or without headroom is skipped for another, a user or task without headroom is skipped, the global limit delays the slot or ends the claim. Leases each from its slot for p_lease_seconds, counts the slots against the limits and holds the service for the claimer. Never waits on a lock (a shared limit locked by another claim counts as no headroom).';
 REVOKE ALL ON FUNCTION edm.claim_v2(text,integer,integer,timestamp with time zone,integer,integer,bigint[]) FROM PUBLIC;
 
--- ==========================================================================
--- Dispatch: claim, complete, leases
--- What every dispatcher calls: the atomic claim, fenced completion, lease recovery.
--- ==========================================================================
-
 CREATE FUNCTION edm.claim(p_owner text, p_batch integer DEFAULT 1, p_lease_seconds integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(subtask_id bigint, task_id bigint, user_id text, service_id bigint, email text, contact_id bigint, template_idx smallint, vars jsonb, attempt smallint, leased_at timestamp with time zone, lease_expires_at timestamp with time zone)
  LANGUAGE sql
@@ -2596,6 +4389,14 @@ BEGIN ATOMIC
 END;
 COMMENT ON FUNCTION edm.claim(text,integer,integer,timestamp with time zone) IS 'The claim of dispatchers before slots (kept for rolling upgrades and host loops): edm.claim_v2 with one slot per service and no lookahead, so every slot is now. Limits, holds and due-retries-first apply as in claim_v2.';
 REVOKE ALL ON FUNCTION edm.claim(text,integer,integer,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.subtask_next_status(p_outcome text, p_task_status text, p_attempts integer, p_max_attempts integer)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN (p_outcome = 'sent'::text) THEN 'sent'::text WHEN (p_outcome = ANY (ARRAY['permanent'::text, 'render_error'::text])) THEN 'failed'::text WHEN (p_outcome = ANY (ARRAY['transient'::text, 'retry'::text, 'uncertain'::text])) THEN CASE WHEN (p_attempts >= p_max_attempts) THEN 'failed'::text WHEN (p_task_status = 'cancelled'::text) THEN 'cancelled'::text ELSE 'pending'::text END WHEN (p_outcome = 'lease_expired'::text) THEN CASE WHEN (p_task_status = 'cancelled'::text) THEN 'cancelled'::text WHEN (p_attempts >= p_max_attempts) THEN 'failed'::text ELSE 'pending'::text END ELSE CASE WHEN (p_task_status = 'cancelled'::text) THEN 'cancelled'::text ELSE 'pending'::text END END;
+COMMENT ON FUNCTION edm.subtask_next_status(text,text,integer,integer) IS 'The rule of a subtask''s next status, in one place: after outcome p_outcome (an outcome or effective outcome of edm.complete, or lease_expired for edm.expire_leases) of attempt p_attempts of p_max_attempts (queue.max_attempts), in a task of status p_task_status. sent; permanent and render_error fail; transient, retry and uncertain are retried (pending) until the last allowed attempt, then failed, and end cancelled when the task was cancelled; a lease that ran out ends cancelled when the task was, else like transient; anything else returns to pending, or cancelled with its task.';
+REVOKE ALL ON FUNCTION edm.subtask_next_status(text,text,integer,integer) FROM PUBLIC;
 
 CREATE FUNCTION edm.complete(p_owner text, p_subtask_ids bigint[], p_outcomes text[], p_codes integer[] DEFAULT NULL::integer[], p_details text[] DEFAULT NULL::text[], p_response_ms integer[] DEFAULT NULL::integer[], p_provider_ids text[] DEFAULT NULL::text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(subtask_id bigint, accepted boolean, status text, reason text)
@@ -2746,23 +4547,7 @@ BEGIN
              WHEN st.lease_owner <> p_owner THEN 'leased by another dispatcher'
              WHEN st.lease_expires_at <= v_now THEN 'lease expired at ' || st.lease_expires_at
            END AS reject_reason,
-           CASE i.eff
-             WHEN 'sent' THEN 'sent'
-             WHEN 'permanent' THEN 'failed'
-             WHEN 'render_error' THEN 'failed'
-             WHEN 'transient' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
-                                        WHEN t.status = 'cancelled' THEN 'cancelled'
-                                        ELSE 'pending' END
-             WHEN 'retry' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
-                                    WHEN t.status = 'cancelled' THEN 'cancelled'
-                                    ELSE 'pending' END
-             -- the connection was lost after the final dot: retried like a
-             -- transient failure, and recorded as a possible duplicate
-             WHEN 'uncertain' THEN CASE WHEN st.attempts >= v_max_attempts THEN 'failed'
-                                        WHEN t.status = 'cancelled' THEN 'cancelled'
-                                        ELSE 'pending' END
-             ELSE CASE WHEN t.status = 'cancelled' THEN 'cancelled' ELSE 'pending' END
-           END AS new_status,
+           edm.subtask_next_status(i.eff, t.status, st.attempts, v_max_attempts) AS new_status,
            -- service, released, render_error and throttled outcomes did not send: give the
            -- quota back when the claim counted it on the service's current quota day.
            (i.eff IN ('service', 'released', 'render_error', 'throttled', 'throttled_service')
@@ -3012,9 +4797,7 @@ BEGIN
   WITH plan AS (
     SELECT st.subtask_id, st.task_id, st.service_id, st.attempts, st.leased_at, st.lease_owner,
            t.user_id,
-           CASE WHEN t.status = 'cancelled' THEN 'cancelled'
-                WHEN st.attempts >= v_max_attempts THEN 'failed'
-                ELSE 'pending' END AS new_status
+           edm.subtask_next_status('lease_expired', t.status, st.attempts, v_max_attempts) AS new_status
     FROM edm.subtasks st JOIN edm.tasks t ON t.task_id = st.task_id
     WHERE st.subtask_id = ANY (v_ids)
   ),
@@ -3064,6 +4847,129 @@ $function$;
 COMMENT ON FUNCTION edm.expire_leases(timestamp with time zone,integer) IS 'Returns subtasks whose lease expired to pending (or failed after queue.max_attempts, or cancelled when their task was, refunding the owner''s quota), counting lease_expiries and recording a lease_expired event: the uncertain outcomes of I1. Returns how many it handled.';
 REVOKE ALL ON FUNCTION edm.expire_leases(timestamp with time zone,integer) FROM PUBLIC;
 
+CREATE FUNCTION edm.renew_leases(p_owner text, p_subtask_ids bigint[], p_lease_seconds integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(subtask_id bigint, lease_expires_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now   timestamptz := coalesce(p_now, now());
+  v_lease interval;
+  v_hold  interval := make_interval(secs => edm.config_int('queue.service_hold_seconds'));
+BEGIN
+  IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
+    RAISE EXCEPTION 'renew_leases: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
+  END IF;
+  IF p_lease_seconds IS NOT NULL AND p_lease_seconds NOT BETWEEN 1 AND 86400 THEN
+    RAISE EXCEPTION 'renew_leases: lease must be between 1 and 86400 seconds, got %', p_lease_seconds
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF cardinality(p_subtask_ids) > 10000 THEN
+    RAISE EXCEPTION 'renew_leases: at most 10000 subtasks per call' USING ERRCODE = 'ED005';
+  END IF;
+  v_lease := make_interval(secs => coalesce(p_lease_seconds,
+                                            edm.config_int('queue.service_reservation_timeout')));
+  -- Lock order of the header of 0002: subtasks, then services by id.
+  PERFORM 1 FROM edm.subtasks st WHERE st.subtask_id = ANY (p_subtask_ids)
+  ORDER BY st.subtask_id FOR NO KEY UPDATE;
+  PERFORM 1 FROM edm.services s
+  WHERE s.held_by = p_owner
+    AND s.service_id IN (SELECT st.service_id FROM edm.subtasks st
+                         WHERE st.subtask_id = ANY (p_subtask_ids))
+  ORDER BY s.service_id FOR NO KEY UPDATE;
+  UPDATE edm.services s SET held_until = greatest(s.held_until, v_now + v_hold)
+  WHERE s.held_by = p_owner
+    AND s.service_id IN (SELECT st.service_id FROM edm.subtasks st
+                         WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased'
+                           AND st.lease_owner = p_owner AND st.lease_expires_at > v_now);
+  -- Fenced like a completion: only the holder's live leases are extended;
+  -- one that already ran out stays expired (the sweep records it).
+  RETURN QUERY
+  UPDATE edm.subtasks st SET lease_expires_at = greatest(st.lease_expires_at, v_now + v_lease)
+  WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased'
+    AND st.lease_owner = p_owner AND st.lease_expires_at > v_now
+  RETURNING st.subtask_id, st.lease_expires_at;
+END;
+$function$;
+COMMENT ON FUNCTION edm.renew_leases(text,bigint[],integer,timestamp with time zone) IS 'Keeps leases alive while their sends wait on a slow provider: extends each of p_owner''s live leases among p_subtask_ids to now + p_lease_seconds (default queue.service_reservation_timeout), and p_owner''s holds of their services to now + queue.service_hold_seconds. Returns the leases still held with their new expiry; a lease that already expired is not revived (nothing may be sent on it).';
+REVOKE ALL ON FUNCTION edm.renew_leases(text,bigint[],integer,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.release_holds(p_owner text, p_service_ids bigint[] DEFAULT NULL::bigint[])
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  UPDATE edm.services s SET held_by = NULL, held_until = NULL
+  WHERE s.service_id IN (SELECT x.service_id FROM edm.services x WHERE x.held_by = p_owner
+                           AND (p_service_ids IS NULL OR x.service_id = ANY (p_service_ids))
+                         ORDER BY x.service_id FOR NO KEY UPDATE);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.release_holds(text,bigint[]) IS 'Ends the holds of dispatcher p_owner on services p_service_ids (default: all of them, at shutdown), so others may claim them at once: a dispatcher releases the services whose lanes ran empty while it has no room to claim. Returns how many were released.';
+REVOKE ALL ON FUNCTION edm.release_holds(text,bigint[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.report_pace(p_owner text, p_service_ids bigint[], p_next_starts timestamp with time zone[])
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  IF cardinality(p_service_ids) IS DISTINCT FROM cardinality(p_next_starts)
+     OR cardinality(p_service_ids) > 10000 THEN
+    RAISE EXCEPTION 'report_pace: service ids and next starts must pair up (at most 10000)'
+      USING ERRCODE = 'ED005';
+  END IF;
+  -- Only services p_owner holds, and only later: the next slot can move back
+  -- never, so no limit can be broken by a report.
+  WITH moved AS (
+    UPDATE edm.services s
+    SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
+    FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
+            AS y(service_id, next_start)
+          ORDER BY y.service_id) x
+    WHERE s.service_id = x.service_id AND s.held_by = p_owner
+      AND s.service_id IN (SELECT z.service_id FROM edm.services z
+                           WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
+                           ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED)
+    RETURNING s.service_id, x.next_start
+  ),
+  -- each rate limit admits its next send at tat - (burst - 1) * T (GCRA): no
+  -- earlier than the reported start
+  rates AS (
+    UPDATE edm.service_limits l
+    SET tat = greatest(l.tat, m.next_start
+                              + ((l.burst - 1) * l.window_ms::double precision / l.max_count)
+                                * interval '1 millisecond')
+    FROM moved m
+    WHERE l.service_id = m.service_id AND l.kind = 'rate' AND l.max_count > 0
+    RETURNING l.service_id
+  )
+  SELECT count(*) INTO v_n FROM moved;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server, a start the provider saw late) tells when the service''s next send can really start; the service''s next slot moves there (never earlier): its interval counts from there and each of its rate limits admits no send before it. Slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
+REVOKE ALL ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.live_dispatcher_count(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE sql
+ STABLE
+RETURN (SELECT count(*) AS count FROM edm.dispatchers d WHERE ((d.stopped_at IS NULL) AND (d.heartbeat_at > (COALESCE(live_dispatcher_count.p_now, now()) - '00:00:30'::interval))));
+COMMENT ON FUNCTION edm.live_dispatcher_count(timestamp with time zone) IS 'Dispatchers not stopped whose heartbeat (every 10 s) is less than 30 s old at p_now (default now()): the same rule as edm.system_health.dispatchers_alive. 0 means nothing is sending.';
+REVOKE ALL ON FUNCTION edm.live_dispatcher_count(timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION edm.next_wakeup(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS timestamp with time zone
  LANGUAGE plpgsql
@@ -3094,6 +5000,44 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.next_wakeup(timestamp with time zone) IS 'The earliest time a claim or a lease expiry could next have work: a service with work becoming ready, a scheduled task starting, or a lease expiring. NULL when nothing is waiting. Dispatchers sleep until then (or a NOTIFY).';
 REVOKE ALL ON FUNCTION edm.next_wakeup(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.next_wakeup_v2(p_owner text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_lookahead_ms integer DEFAULT NULL::integer)
+ RETURNS timestamp with time zone
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now  timestamptz := coalesce(p_now, now());
+  v_look interval := coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms'))
+                     * interval '1 millisecond';
+  v_at   timestamptz;
+BEGIN
+  v_at := least(
+    -- Walk services_ready_idx in time order and stop at the first service
+    -- this dispatcher may claim (not held by another) that some user with
+    -- work may use; it becomes claimable a lookahead before its slot.
+    (SELECT s.next_available_at - v_look FROM edm.services s
+     WHERE s.enabled AND s.daily_quota > 0
+       AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
+       AND (SELECT true FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
+            WHERE g.service_id = s.service_id AND u.claimable_tasks > 0 LIMIT 1)
+     ORDER BY s.next_available_at LIMIT 1),
+    -- Services held by others: claimable by us when the hold ends.
+    (SELECT min(s.held_until) FROM edm.services s
+     WHERE s.enabled AND s.held_until > v_now AND s.held_by <> p_owner
+       AND (SELECT true FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
+            WHERE g.service_id = s.service_id AND u.claimable_tasks > 0 LIMIT 1)),
+    (SELECT min(t.scheduled_at) FROM edm.tasks t WHERE t.status = 'scheduled'),
+    (SELECT min(st.lease_expires_at) FROM edm.subtasks st WHERE st.status = 'leased'));
+  IF v_at IS NULL THEN
+    RETURN NULL;  -- nothing is waiting
+  END IF;
+  RETURN greatest(v_at, v_now);
+END;
+$function$;
+COMMENT ON FUNCTION edm.next_wakeup_v2(text,timestamp with time zone,integer) IS 'For dispatcher p_owner: the earliest time a claim_v2 or a lease expiry could next have work (a service with work coming within the slot lookahead, a hold of another dispatcher ending, a scheduled task starting, a lease expiring). NULL when nothing is waiting.';
+REVOKE ALL ON FUNCTION edm.next_wakeup_v2(text,timestamp with time zone,integer) FROM PUBLIC;
 
 -- ==========================================================================
 -- Sweeps, alerts and metrics
@@ -3379,6 +5323,45 @@ END;
 COMMENT ON FUNCTION edm.take_alerts(integer) IS 'Marks up to p_limit not-yet-notified alerts as notified and returns them, for the host''s alert callback (each alert is handed over once).';
 REVOKE ALL ON FUNCTION edm.take_alerts(integer) FROM PUBLIC;
 
+CREATE FUNCTION edm.trg_quota_day_alerts()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  UPDATE edm.alerts a
+  SET resolved_at = edm.service_next_quota_day(NEW.quota_tz, a.raised_at)
+  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND a.service_id = NEW.service_id
+    AND (a.raised_at AT TIME ZONE NEW.quota_tz)::date < NEW.quota_day;
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.trg_quota_day_alerts() IS 'Trigger: when a service starts a new quota day (quota_day moves forward, by a claim or edm.roll_quota_days), its open quota alerts of earlier days are resolved at the local midnight that ended them.';
+REVOKE ALL ON FUNCTION edm.trg_quota_day_alerts() FROM PUBLIC;
+
+CREATE FUNCTION edm.resolve_stale_quota_alerts(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_n integer;
+BEGIN
+  -- An alert raised in an earlier quota day (in the service's quota_tz) than
+  -- the one at p_now is over: it ended at that day's local midnight.
+  UPDATE edm.alerts a
+  SET resolved_at = edm.service_next_quota_day(s.quota_tz, a.raised_at)
+  FROM edm.services s
+  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND s.service_id = a.service_id
+    AND (a.raised_at AT TIME ZONE s.quota_tz)::date
+        < (coalesce(p_now, now()) AT TIME ZONE s.quota_tz)::date;
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.resolve_stale_quota_alerts(timestamp with time zone) IS 'Resolves open quota alerts raised in an earlier quota day (in the service''s quota_tz) than the one at p_now (default now()), dated at the local midnight that ended that day. Returns how many. The trigger services_quota_day_alerts does the same as each service starts a new quota day.';
+REVOKE ALL ON FUNCTION edm.resolve_stale_quota_alerts(timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION edm.roll_up_metrics(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS integer
  LANGUAGE plpgsql
@@ -3515,6 +5498,544 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.apply_retention(timestamp with time zone) IS 'Drops send_events partitions and deletes events, roll-ups and resolved alerts older than monitoring.metrics_retention_days; deletes up to retention.finished_tasks_per_sweep tasks finished more than retention.finished_task_days ago (their subtasks cascade) and dispatcher rows silent for a day. Returns partitions dropped plus rows deleted (events of the default partition, tasks).';
 REVOKE ALL ON FUNCTION edm.apply_retention(timestamp with time zone) FROM PUBLIC;
+
+CREATE TRIGGER services_quota_day_alerts AFTER UPDATE OF quota_day ON edm.services FOR EACH ROW WHEN ((new.quota_day IS DISTINCT FROM old.quota_day)) EXECUTE FUNCTION edm.trg_quota_day_alerts();
+COMMENT ON TRIGGER services_quota_day_alerts ON edm.services IS 'Resolves the quota alerts of a service''s past quota days as it starts a new one (edm.trg_quota_day_alerts).';
+
+-- ==========================================================================
+-- Deliverability: feedback and reputation
+-- What is learned after sending (bounces, complaints, unsubscribes) and the reputation breaker that pauses a user or service above the thresholds.
+-- ==========================================================================
+
+CREATE TABLE edm.feedback_events (
+  event_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+  received_at timestamp with time zone DEFAULT now() NOT NULL,
+  occurred_at timestamp with time zone,
+  kind text NOT NULL,
+  source text NOT NULL,
+  message_id text,
+  recipient text,
+  subtask_id bigint,
+  task_id bigint,
+  user_id text,
+  service_id bigint,
+  event_key text,
+  detail text,
+  suppressed boolean DEFAULT false NOT NULL,
+  raw text NOT NULL,
+  CONSTRAINT feedback_events_pkey PRIMARY KEY (event_id),
+  CONSTRAINT feedback_events_detail_check CHECK ((length(detail) <= 10000)),
+  CONSTRAINT feedback_events_event_key_check CHECK ((length(event_key) <= 500)),
+  CONSTRAINT feedback_events_kind_check CHECK ((kind = ANY (ARRAY['hard_bounce'::text, 'soft_bounce'::text, 'complaint'::text, 'unsubscribe'::text, 'delivered'::text]))),
+  CONSTRAINT feedback_events_message_id_check CHECK ((length(message_id) <= 998)),
+  CONSTRAINT feedback_events_raw_check CHECK ((length(raw) <= 1000000)),
+  CONSTRAINT feedback_events_recipient_check CHECK ((length(recipient) <= 320)),
+  CONSTRAINT feedback_events_source_check CHECK ((source ~ '^[a-z][a-z0-9_]{0,31}$'::text))
+);
+COMMENT ON TABLE edm.feedback_events IS 'What was learned after sending, one row per recipient and event: hard and soft bounces, complaints, unsubscribes, deliveries, from DSNs, ARF reports, ESP webhooks or the host. Found by Message-ID; keeps the raw source. Recorded by edm.record_feedback.';
+COMMENT ON COLUMN edm.feedback_events.event_id IS 'Surrogate id.';
+COMMENT ON COLUMN edm.feedback_events.received_at IS 'When edm-sched recorded the event; the reputation breaker''s windows count from here.';
+COMMENT ON COLUMN edm.feedback_events.occurred_at IS 'When the provider says it happened, if it says.';
+COMMENT ON COLUMN edm.feedback_events.kind IS 'hard_bounce, soft_bounce, complaint, unsubscribe or delivered.';
+COMMENT ON COLUMN edm.feedback_events.source IS 'Where it came from: dsn, arf, ses, sendgrid, mailgun, postmark, api...';
+COMMENT ON COLUMN edm.feedback_events.message_id IS 'Message-ID the event names, as given (edm-sched''s are <edm.TASK.SUBTASK@domain>).';
+COMMENT ON COLUMN edm.feedback_events.recipient IS 'Normalised recipient address: the subtask''s when found, else as given.';
+COMMENT ON COLUMN edm.feedback_events.subtask_id IS 'Subtask the Message-ID names, NULL when unknown (another sender''s message, or a task already deleted by retention). No foreign key: subtasks are deleted by retention.';
+COMMENT ON COLUMN edm.feedback_events.task_id IS 'Task of the subtask.';
+COMMENT ON COLUMN edm.feedback_events.user_id IS 'Owner of the task.';
+COMMENT ON COLUMN edm.feedback_events.service_id IS 'Service that sent the subtask (its latest attempt).';
+COMMENT ON COLUMN edm.feedback_events.event_key IS 'The provider''s id of the event (with the recipient); a repeated delivery of the same webhook is recorded once.';
+COMMENT ON COLUMN edm.feedback_events.detail IS 'Status and diagnostic text (e.g. 5.1.1 user unknown, a complaint''s feedback type).';
+COMMENT ON COLUMN edm.feedback_events.suppressed IS 'True when this event suppressed the address (hard bounce: for everyone; complaint, unsubscribe: for the user).';
+COMMENT ON COLUMN edm.feedback_events.raw IS 'The raw source: the DSN or ARF message, or the webhook''s JSON (at most 1,000,000 characters).';
+CREATE UNIQUE INDEX feedback_events_key_idx ON edm.feedback_events USING btree (source, event_key) WHERE (event_key IS NOT NULL);
+COMMENT ON INDEX edm.feedback_events_key_idx IS 'A provider event is recorded once however often its webhook is delivered.';
+CREATE INDEX feedback_events_service_idx ON edm.feedback_events USING btree (service_id, received_at) WHERE (kind = ANY (ARRAY['hard_bounce'::text, 'complaint'::text]));
+COMMENT ON INDEX edm.feedback_events_service_idx IS 'Reputation breaker: a service''s bounces and complaints in a window.';
+CREATE INDEX feedback_events_subtask_idx ON edm.feedback_events USING btree (subtask_id);
+COMMENT ON INDEX edm.feedback_events_subtask_idx IS 'The feedback of one subtask.';
+CREATE INDEX feedback_events_user_idx ON edm.feedback_events USING btree (user_id, received_at) WHERE (kind = ANY (ARRAY['hard_bounce'::text, 'complaint'::text]));
+COMMENT ON INDEX edm.feedback_events_user_idx IS 'Reputation breaker: a user''s bounces and complaints in a window.';
+
+CREATE FUNCTION edm.parse_message_id(p_message_id text)
+ RETURNS TABLE(task_id bigint, subtask_id bigint)
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+ SELECT (m.m[1])::bigint AS m,
+     (m.m[2])::bigint AS m
+    FROM regexp_match(parse_message_id.p_message_id, '^\s*<?edm\.([0-9]{1,18})\.([0-9]{1,18})@[^<>@\s]+>?\s*$'::text) m(m);
+END;
+COMMENT ON FUNCTION edm.parse_message_id(text) IS 'Task and subtask of an edm-sched Message-ID (<edm.TASK.SUBTASK@domain>, angle brackets optional); no row for any other Message-ID.';
+REVOKE ALL ON FUNCTION edm.parse_message_id(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.record_feedback(p_kind text, p_message_id text, p_recipient text DEFAULT NULL::text, p_source text DEFAULT 'api'::text, p_raw text DEFAULT NULL::text, p_detail text DEFAULT NULL::text, p_event_key text DEFAULT NULL::text, p_occurred_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(event_id bigint, subtask_id bigint, duplicate boolean, suppressed boolean, cancelled integer)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_ref record;
+  v_email text;
+  v_event bigint;
+  v_suppressed boolean := false;
+  v_cancelled integer := 0;
+BEGIN
+  IF p_kind IS NULL OR p_kind NOT IN ('hard_bounce', 'soft_bounce', 'complaint', 'unsubscribe',
+                                      'delivered') THEN
+    RAISE EXCEPTION 'feedback kind must be hard_bounce, soft_bounce, complaint, unsubscribe or delivered, got %',
+      coalesce(quote_literal(p_kind), 'NULL') USING ERRCODE = 'ED005';
+  END IF;
+  IF p_source IS NULL OR p_source !~ '^[a-z][a-z0-9_]{0,31}$' THEN
+    RAISE EXCEPTION 'feedback source must match [a-z][a-z0-9_]{0,31}' USING ERRCODE = 'ED005';
+  END IF;
+  IF p_recipient IS NOT NULL AND edm.email_problem(p_recipient) IS NOT NULL THEN
+    RAISE EXCEPTION 'invalid recipient %: %', quote_literal(p_recipient),
+      edm.email_problem(p_recipient) USING ERRCODE = 'ED005';
+  END IF;
+
+  SELECT st.subtask_id, st.task_id, t.user_id, st.service_id, st.email INTO v_ref
+  FROM edm.parse_message_id(p_message_id) m
+  JOIN edm.subtasks st ON st.subtask_id = m.subtask_id AND st.task_id = m.task_id
+  JOIN edm.tasks t ON t.task_id = st.task_id;
+  IF v_ref.subtask_id IS NULL AND p_recipient IS NULL THEN
+    RAISE EXCEPTION 'no message of edm-sched has Message-ID %, and no recipient was given',
+      coalesce(quote_literal(p_message_id), 'NULL') USING ERRCODE = 'ED001';
+  END IF;
+  v_email := coalesce(v_ref.email, edm.normalize_email(p_recipient));
+
+  INSERT INTO edm.feedback_events AS f (received_at, occurred_at, kind, source, message_id,
+                                        recipient, subtask_id, task_id, user_id, service_id,
+                                        event_key, detail, raw)
+  VALUES (v_now, p_occurred_at, p_kind, p_source, left(p_message_id, 998), v_email,
+          v_ref.subtask_id, v_ref.task_id, v_ref.user_id, v_ref.service_id,
+          left(p_event_key, 500), left(p_detail, 10000), coalesce(p_raw, ''))
+  ON CONFLICT (source, event_key) WHERE event_key IS NOT NULL DO NOTHING
+  RETURNING f.event_id INTO v_event;
+  IF v_event IS NULL THEN  -- the same provider event again: nothing more to do
+    RETURN QUERY SELECT f.event_id, f.subtask_id, true, false, 0 FROM edm.feedback_events f
+                 WHERE f.source = p_source AND f.event_key = left(p_event_key, 500);
+    RETURN;
+  END IF;
+
+  IF p_kind = 'hard_bounce' THEN
+    -- the mailbox does not exist: nobody sends to it any more
+    INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id, created_at)
+    VALUES (NULL, v_email, 'hard_bounce', v_ref.subtask_id, v_now)
+    ON CONFLICT (user_id, email) DO NOTHING;
+    v_suppressed := FOUND;
+    v_cancelled := edm.cancel_pending_to(v_email, NULL, 'hard bounced', v_now);
+  ELSIF p_kind = 'complaint' THEN
+    -- the recipient called this sender's mail spam: that user stops mailing
+    -- it (everyone, when the message is not known)
+    IF v_ref.user_id IS NOT NULL THEN
+      UPDATE edm.contacts c SET unsubscribed = true, updated_at = v_now
+      WHERE c.user_id = v_ref.user_id AND c.email = v_email AND NOT c.unsubscribed;
+    END IF;
+    INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id, created_at)
+    VALUES (v_ref.user_id, v_email, 'complaint', v_ref.subtask_id, v_now)
+    ON CONFLICT (user_id, email) DO NOTHING;
+    v_suppressed := FOUND;
+    v_cancelled := edm.cancel_pending_to(v_email, v_ref.user_id, 'complained', v_now);
+  ELSIF p_kind = 'unsubscribe' AND v_ref.user_id IS NOT NULL THEN
+    SELECT u.suppressed, u.cancelled INTO v_suppressed, v_cancelled
+    FROM edm.unsubscribe(v_ref.user_id, v_email, v_ref.subtask_id, v_now) u;
+  END IF;
+  UPDATE edm.feedback_events f SET suppressed = v_suppressed WHERE f.event_id = v_event;
+  RETURN QUERY SELECT v_event, v_ref.subtask_id, false, v_suppressed, v_cancelled;
+END;
+$function$;
+COMMENT ON FUNCTION edm.record_feedback(text,text,text,text,text,text,text,timestamp with time zone,timestamp with time zone) IS 'Records one delivery event (hard_bounce, soft_bounce, complaint, unsubscribe, delivered) for the subtask its edm-sched Message-ID names, keeping the raw source. A hard bounce suppresses the address for everyone; a complaint suppresses it for the task''s user and unsubscribes the contact; an unsubscribe runs edm.unsubscribe; each cancels the pending subtasks it concerns. An unknown Message-ID is recorded when a recipient is given (a hard bounce still suppresses), else refused (ED001). A repeated (source, event_key) is recorded once (duplicate = true).';
+REVOKE ALL ON FUNCTION edm.record_feedback(text,text,text,text,text,text,text,timestamp with time zone,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.unsubscribe(p_user_id text, p_email text, p_subtask_id bigint DEFAULT NULL::bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(contact_updated boolean, suppressed boolean, cancelled integer)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_email text := edm.normalize_email(p_email);
+  v_contact boolean;
+  v_suppressed boolean;
+  v_cancelled integer;
+BEGIN
+  IF edm.email_problem(p_email) IS NOT NULL THEN
+    RAISE EXCEPTION 'invalid address %: %', quote_literal(p_email), edm.email_problem(p_email)
+      USING ERRCODE = 'ED005';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM edm.users u WHERE u.user_id = p_user_id) THEN
+    -- the tenant is gone: nothing of it can be sent any more
+    RETURN QUERY SELECT false, false, 0;
+    RETURN;
+  END IF;
+  UPDATE edm.contacts c SET unsubscribed = true, updated_at = coalesce(p_now, now())
+  WHERE c.user_id = p_user_id AND c.email = v_email AND NOT c.unsubscribed;
+  v_contact := FOUND;
+  INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id, created_at)
+  VALUES (p_user_id, v_email, 'unsubscribe', p_subtask_id, coalesce(p_now, now()))
+  ON CONFLICT (user_id, email) DO NOTHING;
+  v_suppressed := FOUND;
+  v_cancelled := edm.cancel_pending_to(v_email, p_user_id, 'unsubscribed', p_now);
+  RETURN QUERY SELECT v_contact, v_suppressed, v_cancelled;
+END;
+$function$;
+COMMENT ON FUNCTION edm.unsubscribe(text,text,bigint,timestamp with time zone) IS 'Unsubscribes p_email from user p_user_id''s mail, idempotently: marks the contact unsubscribed, suppresses the address for that user (reason unsubscribe; an existing suppression is kept), and cancels its pending subtasks in the user''s tasks. Returns what changed (all false / 0 on a repeated call, or when the user no longer exists). Called by edm_sched.unsubscribe after it verified the signed token.';
+REVOKE ALL ON FUNCTION edm.unsubscribe(text,text,bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.cancel_pending_to(p_email text, p_user_id text DEFAULT NULL::text, p_reason text DEFAULT 'suppressed'::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_ids bigint[];
+BEGIN
+  -- Lock order as everywhere: subtasks, then tasks by id, then users.
+  -- Live tasks first, then one probe of the unique (task_id, email) index
+  -- each: subtasks has no index on the address alone (it would cost every
+  -- subtask insert), and a scan of it would cost a feedback event seconds.
+  SELECT array_agg(x.subtask_id) INTO v_ids FROM (
+    SELECT st.subtask_id FROM edm.tasks t
+    JOIN edm.subtasks st ON st.task_id = t.task_id AND st.email = edm.normalize_email(p_email)
+    WHERE t.status IN ('draft', 'expanding', 'scheduled', 'sending', 'paused')
+      AND (p_user_id IS NULL OR t.user_id = p_user_id)
+      AND st.status = 'pending'
+    ORDER BY st.subtask_id
+    FOR NO KEY UPDATE OF st) x;
+  IF v_ids IS NULL THEN
+    RETURN 0;
+  END IF;
+  PERFORM 1 FROM edm.tasks t
+  WHERE t.task_id IN (SELECT st.task_id FROM edm.subtasks st WHERE st.subtask_id = ANY (v_ids))
+  ORDER BY t.task_id FOR NO KEY UPDATE;
+  WITH sub AS (
+    UPDATE edm.subtasks st
+    SET status = 'cancelled', finished_at = v_now,
+        outcome_detail = 'not sent: address ' || p_reason
+    WHERE st.subtask_id = ANY (v_ids) AND st.status = 'pending'
+    RETURNING st.task_id
+  ),
+  per_task AS (SELECT sub.task_id, count(*) AS n FROM sub GROUP BY sub.task_id),
+  upd_tasks AS (
+    UPDATE edm.tasks t
+    SET pending_count = t.pending_count - pt.n, cancelled_count = t.cancelled_count + pt.n,
+        quota_reserved = greatest(t.quota_reserved - pt.n, 0)
+        -- a task this drains is completed by trigger tasks_when_drained
+    FROM per_task pt WHERE t.task_id = pt.task_id
+    RETURNING t.user_id, pt.n
+  )
+  -- never sent: the reserved quota goes back to the owner, as cancel_task does
+  UPDATE edm.users u SET quota_used = greatest(u.quota_used - r.n, 0)
+  FROM (SELECT ut.user_id, sum(ut.n) AS n FROM upd_tasks ut GROUP BY ut.user_id) r
+  WHERE u.user_id = r.user_id;
+  RETURN cardinality(v_ids);
+END;
+$function$;
+COMMENT ON FUNCTION edm.cancel_pending_to(text,text,text,timestamp with time zone) IS 'Cancels the pending subtasks addressed to p_email (of user p_user_id''s tasks, or of every task when NULL), keeping task counters and refunding the owners'' quota, so that a suppression or an unsubscribe takes effect on tasks already created. Leased subtasks finish. Returns how many were cancelled.';
+REVOKE ALL ON FUNCTION edm.cancel_pending_to(text,text,text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.reputation_rates(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS TABLE(subject text, service_id bigint, user_id text, window_start timestamp with time zone, sends bigint, hard_bounces bigint, complaints bigint, bounce_pct numeric, complaint_pct numeric, judged boolean, paused_reason text)
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ WITH cfg AS (
+          SELECT (COALESCE(reputation_rates.p_now, now()) - make_interval(hours => edm.config_int('reputation.window_hours'::text))) AS since,
+             edm.config_int('reputation.min_sends'::text) AS min_sends
+         ), subjects AS (
+          SELECT 'service'::text AS subject,
+             s.service_id,
+             NULL::text AS user_id,
+             GREATEST(cfg_1.since, s.reputation_since) AS window_start,
+             s.paused_reason
+            FROM edm.services s,
+             cfg cfg_1
+         UNION ALL
+          SELECT 'user'::text AS subject,
+             NULL::bigint AS service_id,
+             u.user_id,
+             GREATEST(cfg_1.since, u.reputation_since) AS window_start,
+             u.paused_reason
+            FROM edm.users u,
+             cfg cfg_1
+         ), svc_sends AS (
+          SELECT x.service_id,
+             (sum(m.sent))::bigint AS n
+            FROM (subjects x
+              JOIN edm.metrics_hourly m ON ((m.service_id = x.service_id)))
+           WHERE ((x.subject = 'service'::text) AND (m.hour >= ( SELECT (date_trunc('hour'::text, (cfg_1.since AT TIME ZONE 'UTC'::text)) AT TIME ZONE 'UTC'::text) AS timezone
+                    FROM cfg cfg_1)) AND (m.hour >= (date_trunc('hour'::text, (x.window_start AT TIME ZONE 'UTC'::text)) AT TIME ZONE 'UTC'::text)))
+           GROUP BY x.service_id
+         ), usr_sends AS (
+          SELECT x.user_id,
+             (sum(m.sent))::bigint AS n
+            FROM (subjects x
+              JOIN edm.metrics_hourly m ON ((m.user_id = x.user_id)))
+           WHERE ((x.subject = 'user'::text) AND (m.hour >= ( SELECT (date_trunc('hour'::text, (cfg_1.since AT TIME ZONE 'UTC'::text)) AT TIME ZONE 'UTC'::text) AS timezone
+                    FROM cfg cfg_1)) AND (m.hour >= (date_trunc('hour'::text, (x.window_start AT TIME ZONE 'UTC'::text)) AT TIME ZONE 'UTC'::text)))
+           GROUP BY x.user_id
+         ), svc_fb AS (
+          SELECT x.service_id,
+             count(*) FILTER (WHERE (f.kind = 'hard_bounce'::text)) AS hb,
+             count(*) FILTER (WHERE (f.kind = 'complaint'::text)) AS c
+            FROM (subjects x
+              JOIN edm.feedback_events f ON ((f.service_id = x.service_id)))
+           WHERE ((x.subject = 'service'::text) AND (f.kind = ANY (ARRAY['hard_bounce'::text, 'complaint'::text])) AND (f.received_at >= ( SELECT cfg_1.since
+                    FROM cfg cfg_1)) AND (f.received_at >= x.window_start))
+           GROUP BY x.service_id
+         ), usr_fb AS (
+          SELECT x.user_id,
+             count(*) FILTER (WHERE (f.kind = 'hard_bounce'::text)) AS hb,
+             count(*) FILTER (WHERE (f.kind = 'complaint'::text)) AS c
+            FROM (subjects x
+              JOIN edm.feedback_events f ON ((f.user_id = x.user_id)))
+           WHERE ((x.subject = 'user'::text) AND (f.kind = ANY (ARRAY['hard_bounce'::text, 'complaint'::text])) AND (f.received_at >= ( SELECT cfg_1.since
+                    FROM cfg cfg_1)) AND (f.received_at >= x.window_start))
+           GROUP BY x.user_id
+         ), counted AS (
+          SELECT x.subject,
+             x.service_id,
+             x.user_id,
+             x.window_start,
+             x.paused_reason,
+             COALESCE(ss.n, us.n, (0)::bigint) AS sends,
+             COALESCE(sf.hb, uf.hb, (0)::bigint) AS hard_bounces,
+             COALESCE(sf.c, uf.c, (0)::bigint) AS complaints
+            FROM ((((subjects x
+              LEFT JOIN svc_sends ss ON (((x.subject = 'service'::text) AND (ss.service_id = x.service_id))))
+              LEFT JOIN usr_sends us ON (((x.subject = 'user'::text) AND (us.user_id = x.user_id))))
+              LEFT JOIN svc_fb sf ON (((x.subject = 'service'::text) AND (sf.service_id = x.service_id))))
+              LEFT JOIN usr_fb uf ON (((x.subject = 'user'::text) AND (uf.user_id = x.user_id))))
+         )
+  SELECT c.subject,
+     c.service_id,
+     c.user_id,
+     c.window_start,
+     c.sends,
+     c.hard_bounces,
+     c.complaints,
+         CASE
+             WHEN (c.sends > 0) THEN round(((100.0 * (c.hard_bounces)::numeric) / (c.sends)::numeric), 3)
+             ELSE NULL::numeric
+         END AS "case",
+         CASE
+             WHEN (c.sends > 0) THEN round(((100.0 * (c.complaints)::numeric) / (c.sends)::numeric), 3)
+             ELSE NULL::numeric
+         END AS "case",
+     (c.sends >= cfg.min_sends),
+     c.paused_reason
+    FROM counted c,
+     cfg
+   WHERE ((c.sends > 0) OR (c.hard_bounces > 0) OR (c.complaints > 0) OR (c.paused_reason IS NOT NULL));
+END;
+COMMENT ON FUNCTION edm.reputation_rates(timestamp with time zone) IS 'Per service and per user with activity: sends (from edm.metrics_hourly, whole hours), hard bounces and complaints (edm.feedback_events) in the reputation window (reputation.window_hours, or since the last resume), their rates in percent, and whether the sample is large enough to judge (reputation.min_sends).';
+REVOKE ALL ON FUNCTION edm.reputation_rates(timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.check_reputation(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_force boolean DEFAULT false)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_now timestamptz := coalesce(p_now, now());
+  v_window integer := edm.config_int('reputation.window_hours');
+  v_bw numeric := edm.config_num('reputation.bounce_warn_pct');
+  v_bp numeric := edm.config_num('reputation.bounce_pause_pct');
+  v_cw numeric := edm.config_num('reputation.complaint_warn_pct');
+  v_cp numeric := edm.config_num('reputation.complaint_pause_pct');
+  v_last timestamptz;
+  v_n integer := 0;
+  v_reason text;
+  r record;
+BEGIN
+  IF NOT (SELECT (c.value #>> '{}')::boolean FROM edm.config c WHERE c.key = 'reputation.enabled') THEN
+    RETURN 0;
+  END IF;
+  -- At most once per reputation.check_interval (the sweeps run every few seconds).
+  SELECT s.watermark INTO v_last FROM edm.sweep_state s WHERE s.name = 'reputation' FOR UPDATE;
+  IF NOT coalesce(p_force, false)
+     AND v_last > v_now - make_interval(secs => edm.config_int('reputation.check_interval')) THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO edm.sweep_state (name, watermark) VALUES ('reputation', v_now)
+  ON CONFLICT (name) DO UPDATE SET watermark = EXCLUDED.watermark, updated_at = now();
+
+  -- A service re-enabled by hand (update_service) counts as resumed.
+  UPDATE edm.services s SET paused_reason = NULL, reputation_since = v_now
+  WHERE s.paused_reason IS NOT NULL AND s.enabled;
+
+  FOR r IN SELECT x.subject, x.service_id, x.user_id, x.sends, x.hard_bounces, x.complaints,
+                  x.bounce_pct, x.complaint_pct, x.paused_reason
+           FROM edm.reputation_rates(v_now) x WHERE x.judged
+           ORDER BY x.subject, x.service_id, x.user_id LOOP
+    v_reason := NULL;
+    IF r.complaint_pct >= v_cp OR r.bounce_pct >= v_bp THEN
+      v_reason := format('reputation: %s%% hard bounces (%s) and %s%% complaints (%s) in %s sends over the last %s h; pauses at %s%% / %s%%',
+                         r.bounce_pct, r.hard_bounces, r.complaint_pct, r.complaints, r.sends,
+                         v_window, v_bp, v_cp);
+    END IF;
+    IF v_reason IS NOT NULL AND r.paused_reason IS NULL THEN
+      IF r.subject = 'service' THEN
+        UPDATE edm.services s SET enabled = false, paused_reason = v_reason, updated_at = v_now
+        WHERE s.service_id = r.service_id;
+        PERFORM edm.raise_alert('reputation', 'critical',
+          format('service %s disabled: %s', r.service_id, v_reason), NULL, r.service_id, NULL, v_now);
+      ELSE
+        UPDATE edm.users u SET paused_reason = v_reason WHERE u.user_id = r.user_id;
+        UPDATE edm.tasks t SET status = 'paused', pause_reason = v_reason
+        WHERE t.task_id IN (SELECT x.task_id FROM edm.tasks x
+                            WHERE x.user_id = r.user_id AND x.status IN ('scheduled', 'sending')
+                              AND edm.is_bulk_task(x.task_id)
+                            ORDER BY x.task_id FOR NO KEY UPDATE);
+        PERFORM edm.raise_alert('reputation', 'critical',
+          format('user %s: bulk tasks paused: %s', r.user_id, v_reason), NULL, NULL, r.user_id, v_now);
+      END IF;
+      v_n := v_n + 1;
+    ELSIF v_reason IS NULL AND (r.complaint_pct >= v_cw OR r.bounce_pct >= v_bw) THEN
+      IF edm.raise_alert('reputation', 'warning',
+           format('%s %s: %s%% hard bounces (%s) and %s%% complaints (%s) in %s sends over the last %s h; warns at %s%% / %s%%, pauses at %s%% / %s%%',
+                  r.subject, coalesce(r.service_id::text, r.user_id), r.bounce_pct, r.hard_bounces,
+                  r.complaint_pct, r.complaints, r.sends, v_window, v_bw, v_cw, v_bp, v_cp),
+           NULL, r.service_id, r.user_id, v_now) THEN
+        v_n := v_n + 1;
+      END IF;
+    END IF;
+  END LOOP;
+
+  -- Warnings whose rates came back under the thresholds are resolved.
+  UPDATE edm.alerts a SET resolved_at = v_now
+  WHERE a.kind = 'reputation' AND a.severity = 'warning' AND a.resolved_at IS NULL
+    AND NOT EXISTS (SELECT 1 FROM edm.reputation_rates(v_now) x
+                    WHERE x.judged AND x.service_id IS NOT DISTINCT FROM a.service_id
+                      AND x.user_id IS NOT DISTINCT FROM a.user_id
+                      AND (x.complaint_pct >= v_cw OR x.bounce_pct >= v_bw));
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.check_reputation(timestamp with time zone,boolean) IS 'The reputation breaker, run from the sweeps at most every reputation.check_interval seconds (p_force: now): for each service and user with at least reputation.min_sends sends in the window, a hard-bounce or complaint rate at or above its pause threshold disables the service (enabled = false, paused_reason) or pauses the user''s bulk tasks (users.paused_reason, tasks.pause_reason; new bulk tasks are held too), with a critical alert; at or above its warning threshold raises a warning alert. Returns the number of pauses and warnings raised.';
+REVOKE ALL ON FUNCTION edm.check_reputation(timestamp with time zone,boolean) FROM PUBLIC;
+
+CREATE FUNCTION edm.reputation_resume_service(p_service_id bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_was text;
+BEGIN
+  SELECT s.paused_reason INTO v_was FROM edm.services s WHERE s.service_id = p_service_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
+  END IF;
+  UPDATE edm.services s
+  SET enabled = CASE WHEN v_was IS NOT NULL THEN true ELSE s.enabled END,
+      paused_reason = NULL, reputation_since = coalesce(p_now, now()),
+      updated_at = coalesce(p_now, now())
+  WHERE s.service_id = p_service_id;
+  UPDATE edm.alerts a SET resolved_at = coalesce(p_now, now())
+  WHERE a.kind = 'reputation' AND a.service_id = p_service_id AND a.resolved_at IS NULL;
+  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
+  RETURN v_was IS NOT NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.reputation_resume_service(bigint,timestamp with time zone) IS 'Resumes a service the reputation breaker disabled (enabled again, reason cleared) and restarts its reputation window now, so past bounces and complaints no longer count; resolves its reputation alerts. True when it was paused by the breaker.';
+REVOKE ALL ON FUNCTION edm.reputation_resume_service(bigint,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.reputation_resume_user(p_user_id text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+  v_task bigint;
+  v_n integer := 0;
+BEGIN
+  PERFORM 1 FROM edm.users u WHERE u.user_id = p_user_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'unknown user %', p_user_id USING ERRCODE = 'ED001';
+  END IF;
+  UPDATE edm.users u SET paused_reason = NULL, reputation_since = coalesce(p_now, now())
+  WHERE u.user_id = p_user_id;
+  FOR v_task IN
+    SELECT t.task_id FROM edm.tasks t
+    WHERE t.user_id = p_user_id AND t.status = 'paused' AND t.pause_reason IS NOT NULL
+    ORDER BY t.task_id
+  LOOP
+    UPDATE edm.tasks t SET pause_reason = NULL WHERE t.task_id = v_task;
+    PERFORM edm.resume_task(v_task, p_user_id, p_now);
+    v_n := v_n + 1;
+  END LOOP;
+  UPDATE edm.alerts a SET resolved_at = coalesce(p_now, now())
+  WHERE a.kind = 'reputation' AND a.user_id = p_user_id AND a.service_id IS NULL
+    AND a.resolved_at IS NULL;
+  RETURN v_n;
+END;
+$function$;
+COMMENT ON FUNCTION edm.reputation_resume_user(text,timestamp with time zone) IS 'Resumes a user the reputation breaker paused: clears the reason, restarts its reputation window now, resumes the tasks the breaker paused (not those the host paused) and resolves its reputation alerts. Returns how many tasks were resumed.';
+REVOKE ALL ON FUNCTION edm.reputation_resume_user(text,timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION edm.tasks_reputation_hold()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  v_reason text;
+BEGIN
+  SELECT u.paused_reason INTO v_reason FROM edm.users u WHERE u.user_id = NEW.user_id;
+  IF v_reason IS NULL OR NOT edm.is_bulk_task(NEW.task_id) THEN
+    RETURN NEW;
+  END IF;
+  IF OLD.status = 'paused' THEN
+    RAISE EXCEPTION 'user % is paused by the reputation breaker (%); resume the user first',
+      NEW.user_id, v_reason USING ERRCODE = 'ED003';
+  END IF;
+  -- a bulk task due to start while its user is held: held with it
+  NEW.status := 'paused';
+  NEW.pause_reason := v_reason;
+  RETURN NEW;
+END;
+$function$;
+COMMENT ON FUNCTION edm.tasks_reputation_hold() IS 'Trigger: while the reputation breaker holds a user (users.paused_reason), the user''s bulk tasks that would start sending are paused instead (with the reason), and resuming one of them by hand is refused (ED003) until the user is resumed.';
+REVOKE ALL ON FUNCTION edm.tasks_reputation_hold() FROM PUBLIC;
+
+CREATE VIEW edm.reputation_status AS
+ SELECT subject,
+    service_id,
+    user_id,
+    window_start,
+    sends,
+    hard_bounces,
+    complaints,
+    bounce_pct,
+    complaint_pct,
+    judged,
+    paused_reason
+   FROM edm.reputation_rates() r(subject, service_id, user_id, window_start, sends, hard_bounces, complaints, bounce_pct, complaint_pct, judged, paused_reason);
+COMMENT ON VIEW edm.reputation_status IS 'The reputation breaker''s view right now: per service and per user, sends, hard bounces and complaints in the window, rates, whether judged, and the pause reason if paused.';
+COMMENT ON COLUMN edm.reputation_status.subject IS 'service or user.';
+COMMENT ON COLUMN edm.reputation_status.service_id IS 'The service (subject service).';
+COMMENT ON COLUMN edm.reputation_status.user_id IS 'The user (subject user).';
+COMMENT ON COLUMN edm.reputation_status.window_start IS 'Start of the window: reputation.window_hours ago, or the last resume.';
+COMMENT ON COLUMN edm.reputation_status.sends IS 'Messages sent in the window (whole hours).';
+COMMENT ON COLUMN edm.reputation_status.hard_bounces IS 'Hard bounces recorded in the window.';
+COMMENT ON COLUMN edm.reputation_status.complaints IS 'Complaints recorded in the window.';
+COMMENT ON COLUMN edm.reputation_status.bounce_pct IS 'Hard bounces / sends, percent.';
+COMMENT ON COLUMN edm.reputation_status.complaint_pct IS 'Complaints / sends, percent.';
+COMMENT ON COLUMN edm.reputation_status.judged IS 'True when sends reach reputation.min_sends: only then can the rates raise alerts or pause.';
+COMMENT ON COLUMN edm.reputation_status.paused_reason IS 'Why the breaker paused the subject, if it did.';
+
+CREATE TRIGGER tasks_reputation_hold BEFORE UPDATE OF status ON edm.tasks FOR EACH ROW WHEN (((new.status = 'sending'::text) AND (old.status = ANY (ARRAY['scheduled'::text, 'paused'::text])))) EXECUTE FUNCTION edm.tasks_reputation_hold();
 
 -- ==========================================================================
 -- Monitoring views
@@ -3843,6 +6364,30 @@ COMMENT ON COLUMN edm.task_wait_reasons.status IS 'Task status.';
 COMMENT ON COLUMN edm.task_wait_reasons.reason IS 'Why it waits.';
 COMMENT ON COLUMN edm.task_wait_reasons.until IS 'When the reason ends, if known.';
 
+CREATE VIEW edm.possible_duplicates AS
+ SELECT st.subtask_id,
+    st.task_id,
+    t.user_id,
+    st.email,
+    st.status,
+    st.service_id,
+    st.lease_expiries,
+    st.uncertain_sends,
+    (st.lease_expiries + st.uncertain_sends) AS uncertain_attempts
+   FROM (edm.subtasks st
+     JOIN edm.tasks t ON ((t.task_id = st.task_id)))
+  WHERE ((st.lease_expiries > 0) OR (st.uncertain_sends > 0));
+COMMENT ON VIEW edm.possible_duplicates IS 'Every subtask that may have reached its recipient more than once (I1): one of its attempts ended with an outcome nobody can know, a lease that expired on a crashed or cut-off dispatcher (lease_expiries) or a connection lost after the final dot (uncertain_sends), and it was or may be sent again. Each such attempt was recorded (send_events kinds lease_expired and uncertain) before any resend.';
+COMMENT ON COLUMN edm.possible_duplicates.subtask_id IS 'Subtask.';
+COMMENT ON COLUMN edm.possible_duplicates.task_id IS 'Task.';
+COMMENT ON COLUMN edm.possible_duplicates.user_id IS 'Owner of the task.';
+COMMENT ON COLUMN edm.possible_duplicates.email IS 'Recipient.';
+COMMENT ON COLUMN edm.possible_duplicates.status IS 'Current status of the subtask.';
+COMMENT ON COLUMN edm.possible_duplicates.service_id IS 'Service of the latest attempt.';
+COMMENT ON COLUMN edm.possible_duplicates.lease_expiries IS 'Leases that expired (outcome unknown).';
+COMMENT ON COLUMN edm.possible_duplicates.uncertain_sends IS 'Connections lost after the final dot.';
+COMMENT ON COLUMN edm.possible_duplicates.uncertain_attempts IS 'lease_expiries + uncertain_sends: the most extra copies the recipient may have.';
+
 -- ==========================================================================
 -- Recurring jobs
 -- Cron-scheduled jobs on the same database (see docs/jobs.md).
@@ -3866,7 +6411,7 @@ REVOKE ALL ON FUNCTION edm.job_tags_ok(text[]) FROM PUBLIC;
 
 CREATE TABLE edm.jobs (
   job_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
-  tenant_id text,
+  user_id text,
   name text NOT NULL,
   description text,
   kind text NOT NULL,
@@ -3902,7 +6447,7 @@ CREATE TABLE edm.jobs (
   created_at timestamp with time zone DEFAULT now() NOT NULL,
   updated_at timestamp with time zone DEFAULT now() NOT NULL,
   CONSTRAINT jobs_pkey PRIMARY KEY (job_id),
-  CONSTRAINT jobs_tenant_name_unique UNIQUE NULLS NOT DISTINCT (tenant_id, name),
+  CONSTRAINT jobs_user_name_unique UNIQUE NULLS NOT DISTINCT (user_id, name),
   CONSTRAINT jobs_active_has_next_run CHECK (((status = 'active'::text) = (next_run_at IS NOT NULL))),
   CONSTRAINT jobs_check CHECK (((jsonb_typeof(target) = 'object'::text) AND ((target ->> 'kind'::text) = kind) AND (pg_column_size(target) <= 65536))),
   CONSTRAINT jobs_cron_expr_check CHECK ((((length(cron_expr) >= 1) AND (length(cron_expr) <= 200)) AND (cron_expr !~ '[[:cntrl:]]'::text))),
@@ -3929,14 +6474,14 @@ CREATE TABLE edm.jobs (
   CONSTRAINT jobs_status_check CHECK ((status = ANY (ARRAY['active'::text, 'paused'::text, 'inactive'::text]))),
   CONSTRAINT jobs_success_count_check CHECK ((success_count >= 0)),
   CONSTRAINT jobs_tags_check CHECK (edm.job_tags_ok(tags)),
-  CONSTRAINT jobs_tenant_id_check CHECK ((((length(tenant_id) >= 1) AND (length(tenant_id) <= 128)) AND (tenant_id !~ '[[:cntrl:]]'::text))),
   CONSTRAINT jobs_timeout_seconds_check CHECK (((timeout_seconds >= 1) AND (timeout_seconds <= 86400))),
-  CONSTRAINT jobs_timezone_check CHECK (edm.is_valid_timezone(timezone))
+  CONSTRAINT jobs_timezone_check CHECK (edm.is_valid_timezone(timezone)),
+  CONSTRAINT jobs_user_id_check CHECK ((((length(user_id) >= 1) AND (length(user_id) <= 128)) AND (user_id !~ '[[:cntrl:]]'::text)))
 );
 COMMENT ON TABLE edm.jobs IS 'Recurring jobs: a cron schedule in a time zone and what to run. next_run_at is computed by edm-sched in Python (cronsim) and stored; an active job always has one. Change jobs through the Python API or CLI so next_run_at is recomputed; see docs/jobs.md.';
 COMMENT ON COLUMN edm.jobs.job_id IS 'Surrogate id.';
-COMMENT ON COLUMN edm.jobs.tenant_id IS 'Owning tenant (the host''s user id as text), NULL for platform jobs. Limited by jobs.max_jobs_per_tenant.';
-COMMENT ON COLUMN edm.jobs.name IS 'Name, unique per tenant.';
+COMMENT ON COLUMN edm.jobs.user_id IS 'Owning user (the host''s user id, as edm.users.user_id), NULL for platform jobs. Limited by jobs.max_jobs_per_user. Called tenant_id before 0021.';
+COMMENT ON COLUMN edm.jobs.name IS 'Name, unique per user.';
 COMMENT ON COLUMN edm.jobs.description IS 'Free text for people.';
 COMMENT ON COLUMN edm.jobs.kind IS 'function (host-registered Python callable), http, shell or launch_campaign.';
 COMMENT ON COLUMN edm.jobs.target IS 'What to run, as JSON with a "kind" equal to the kind column: {"kind":"function","function":name,"args":{}}, an HTTP request, a shell command, or a campaign definition. Never an import path: functions are looked up in the host''s registry.';
@@ -3974,13 +6519,13 @@ CREATE INDEX jobs_due_idx ON edm.jobs USING btree (next_run_at) WHERE (status = 
 COMMENT ON INDEX edm.jobs_due_idx IS 'Due jobs by next run: the firing scan and the runners'' wake-up time.';
 CREATE INDEX jobs_tags_idx ON edm.jobs USING gin (tags);
 COMMENT ON INDEX edm.jobs_tags_idx IS 'Jobs by tag.';
-CREATE INDEX jobs_tenant_idx ON edm.jobs USING btree (tenant_id, job_id);
-COMMENT ON INDEX edm.jobs_tenant_idx IS 'A tenant''s jobs (listing, quota count).';
+CREATE INDEX jobs_user_idx ON edm.jobs USING btree (user_id, job_id);
+COMMENT ON INDEX edm.jobs_user_idx IS 'A user''s jobs (listing, quota count).';
 
 CREATE TABLE edm.job_executions (
   execution_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
   job_id bigint NOT NULL,
-  tenant_id text,
+  user_id text,
   trigger text NOT NULL,
   status text DEFAULT 'pending'::text NOT NULL,
   priority integer DEFAULT 0 NOT NULL,
@@ -4025,7 +6570,7 @@ CREATE TABLE edm.job_executions (
 COMMENT ON TABLE edm.job_executions IS 'Execution history of jobs: one row per scheduled occurrence (run or skipped), manual run and retry. Pending rows are the queue runners claim from; finished rows are kept jobs.execution_retention_days.';
 COMMENT ON COLUMN edm.job_executions.execution_id IS 'Surrogate id.';
 COMMENT ON COLUMN edm.job_executions.job_id IS 'The job.';
-COMMENT ON COLUMN edm.job_executions.tenant_id IS 'Tenant of the job when the execution was created (for per-tenant history and stats).';
+COMMENT ON COLUMN edm.job_executions.user_id IS 'User of the job when the execution was created (for per-user history and stats). Called tenant_id before 0021.';
 COMMENT ON COLUMN edm.job_executions.trigger IS 'scheduled (a cron occurrence), manual (trigger now) or retry (of a failed execution).';
 COMMENT ON COLUMN edm.job_executions.status IS 'pending, running, succeeded, failed, timed_out, cancelled or skipped (not run: misfire or max_concurrent; see error_code).';
 COMMENT ON COLUMN edm.job_executions.priority IS 'The job''s priority when the execution was queued; the claim takes higher first.';
@@ -4062,8 +6607,8 @@ CREATE UNIQUE INDEX job_executions_retry_once_idx ON edm.job_executions USING bt
 COMMENT ON INDEX edm.job_executions_retry_once_idx IS 'At most one retry per failed execution.';
 CREATE UNIQUE INDEX job_executions_scheduled_once_idx ON edm.job_executions USING btree (job_id, scheduled_for) WHERE (trigger = 'scheduled'::text);
 COMMENT ON INDEX edm.job_executions_scheduled_once_idx IS 'Exactly once: at most one scheduled execution per job and occurrence, whatever the number of runners.';
-CREATE INDEX job_executions_tenant_running_idx ON edm.job_executions USING btree (tenant_id) WHERE (status = 'running'::text);
-COMMENT ON INDEX edm.job_executions_tenant_running_idx IS 'Running executions of a tenant (jobs.max_running_per_tenant, checked by edm.job_claim).';
+CREATE INDEX job_executions_user_running_idx ON edm.job_executions USING btree (user_id) WHERE (status = 'running'::text);
+COMMENT ON INDEX edm.job_executions_user_running_idx IS 'Running executions of a user (jobs.max_running_per_user, checked by edm.job_claim).';
 
 CREATE FUNCTION edm.lock_job(p_job_id bigint, p_user_id text)
  RETURNS edm.jobs
@@ -4076,7 +6621,7 @@ DECLARE
 BEGIN
   BEGIN
     SELECT * INTO j FROM edm.jobs x
-    WHERE x.job_id = p_job_id AND (p_user_id IS NULL OR x.tenant_id = p_user_id)
+    WHERE x.job_id = p_job_id AND (p_user_id IS NULL OR x.user_id = p_user_id)
     FOR NO KEY UPDATE;
   EXCEPTION WHEN lock_not_available THEN
     RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
@@ -4090,7 +6635,7 @@ $function$;
 COMMENT ON FUNCTION edm.lock_job(bigint,text) IS 'Locks (FOR NO KEY UPDATE) and returns job p_job_id, scoped to p_user_id when given (another user''s job is unknown, ED010); ED013 when it stays locked beyond the session''s lock_timeout. Internal to the job_* functions.';
 REVOKE ALL ON FUNCTION edm.lock_job(bigint,text) FROM PUBLIC;
 
-CREATE FUNCTION edm.job_cancel_execution(p_execution_id bigint, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+CREATE FUNCTION edm.job_cancel_execution(p_execution_id bigint, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS text
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -4101,13 +6646,13 @@ DECLARE
   v_e   record;
 BEGIN
   BEGIN
-    SELECT e.execution_id, e.job_id, e.status, e.tenant_id INTO v_e
+    SELECT e.execution_id, e.job_id, e.status, e.user_id INTO v_e
     FROM edm.job_executions e WHERE e.execution_id = p_execution_id
     FOR NO KEY UPDATE;
   EXCEPTION WHEN lock_not_available THEN
     RAISE EXCEPTION 'execution % is locked by another session', p_execution_id USING ERRCODE = 'ED013';
   END;
-  IF NOT FOUND OR (p_tenant_id IS NOT NULL AND v_e.tenant_id IS DISTINCT FROM p_tenant_id) THEN
+  IF NOT FOUND OR (p_user_id IS NOT NULL AND v_e.user_id IS DISTINCT FROM p_user_id) THEN
     RAISE EXCEPTION 'execution % not found', p_execution_id USING ERRCODE = 'ED015';
   END IF;
   IF v_e.status NOT IN ('pending', 'running') THEN
@@ -4128,11 +6673,11 @@ BEGIN
   RETURN v_e.status;
 END;
 $function$;
-COMMENT ON FUNCTION edm.job_cancel_execution(bigint,text,timestamp with time zone) IS 'Cancels a pending or running execution (of tenant p_tenant_id when given) at once: it is recorded as cancelled, its slot is freed, and the runner holding it is told (NOTIFY edm_jobs_cancel) to kill the process or signal the function. Returns the status it had. ED015 unknown execution, ED003 already finished.';
+COMMENT ON FUNCTION edm.job_cancel_execution(bigint,text,timestamp with time zone) IS 'Cancels a pending or running execution (of user p_user_id when given) at once: it is recorded as cancelled, its slot is freed, and the runner holding it is told (NOTIFY edm_jobs_cancel) to kill the process or signal the function. Returns the status it had. ED015 unknown execution, ED003 already finished.';
 REVOKE ALL ON FUNCTION edm.job_cancel_execution(bigint,text,timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.job_claim(p_worker text, p_limit integer DEFAULT 1, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS TABLE(execution_id bigint, job_id bigint, tenant_id text, job_name text, kind text, target jsonb, trigger text, scheduled_for timestamp with time zone, retry_count integer, timeout_seconds integer, started_at timestamp with time zone, lease_expires_at timestamp with time zone)
+ RETURNS TABLE(execution_id bigint, job_id bigint, user_id text, job_name text, kind text, target jsonb, trigger text, scheduled_for timestamp with time zone, retry_count integer, timeout_seconds integer, started_at timestamp with time zone, lease_expires_at timestamp with time zone)
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
@@ -4141,12 +6686,12 @@ AS $function$
 DECLARE
   v_now     timestamptz := coalesce(p_now, now());
   v_margin  interval := make_interval(secs => edm.config_int('jobs.lease_margin'));
-  v_per_tenant integer := edm.config_int('jobs.max_running_per_tenant');
+  v_per_user integer := edm.config_int('jobs.max_running_per_user');
   v_c       record;
   v_n       integer := 0;
   v_running bigint;
   v_full    bigint[] := '{}';
-  v_full_tenants text[] := '{}';
+  v_full_users text[] := '{}';
 BEGIN
   IF p_worker IS NULL OR length(p_worker) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'job_claim: worker id must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -4159,7 +6704,7 @@ BEGIN
   -- far as this snapshot knows. SKIP LOCKED: a row another runner is claiming
   -- is theirs. The LIMIT bounds the rows locked by one call.
   FOR v_c IN
-    SELECT e.execution_id, e.job_id, e.trigger, e.tenant_id
+    SELECT e.execution_id, e.job_id, e.trigger, e.user_id
     FROM edm.job_executions e
     JOIN edm.jobs j ON j.job_id = e.job_id
     WHERE e.status = 'pending' AND e.run_after <= v_now
@@ -4170,21 +6715,21 @@ BEGIN
     FOR UPDATE OF e SKIP LOCKED
   LOOP
     CONTINUE WHEN v_c.job_id = ANY (v_full);
-    -- The tenant's share of running executions (jobs.max_running_per_tenant).
-    -- A transaction-scoped advisory lock per tenant serialises the check with
-    -- other claimers; taken with try, so a claim never waits: a tenant another
+    -- The user's share of running executions (jobs.max_running_per_user).
+    -- A transaction-scoped advisory lock per user serialises the check with
+    -- other claimers; taken with try, so a claim never waits: a user another
     -- runner is claiming for right now is left for the next call. Holding the
     -- lock, the count (a new snapshot per statement) sees every committed claim.
-    IF v_per_tenant > 0 AND v_c.tenant_id IS NOT NULL THEN
-      CONTINUE WHEN v_c.tenant_id = ANY (v_full_tenants);
-      IF NOT pg_try_advisory_xact_lock(hashtextextended('edm.jobs.running:' || v_c.tenant_id, 0)) THEN
-        v_full_tenants := v_full_tenants || v_c.tenant_id;
+    IF v_per_user > 0 AND v_c.user_id IS NOT NULL THEN
+      CONTINUE WHEN v_c.user_id = ANY (v_full_users);
+      IF NOT pg_try_advisory_xact_lock(hashtextextended('edm.jobs.running:' || v_c.user_id, 0)) THEN
+        v_full_users := v_full_users || v_c.user_id;
         CONTINUE;
       END IF;
       SELECT count(*) INTO v_running FROM edm.job_executions e
-      WHERE e.tenant_id = v_c.tenant_id AND e.status = 'running';
-      IF v_running >= v_per_tenant THEN
-        v_full_tenants := v_full_tenants || v_c.tenant_id;
+      WHERE e.user_id = v_c.user_id AND e.status = 'running';
+      IF v_running >= v_per_user THEN
+        v_full_users := v_full_users || v_c.user_id;
         CONTINUE;
       END IF;
     END IF;
@@ -4211,14 +6756,14 @@ BEGIN
         lease_expires_at = v_now + make_interval(secs => j.timeout_seconds) + v_margin
     FROM edm.jobs j
     WHERE e.execution_id = v_c.execution_id AND j.job_id = e.job_id
-    RETURNING e.execution_id, e.job_id, e.tenant_id, j.name, j.kind, j.target, e.trigger,
+    RETURNING e.execution_id, e.job_id, e.user_id, j.name, j.kind, j.target, e.trigger,
               e.scheduled_for, e.retry_count, j.timeout_seconds, e.started_at, e.lease_expires_at;
     v_n := v_n + 1;
     EXIT WHEN v_n >= p_limit;
   END LOOP;
 END;
 $function$;
-COMMENT ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) IS 'Claims up to p_limit due pending executions for runner p_worker, highest priority and earliest first, taking one of their job''s max_concurrent slots each and, when jobs.max_running_per_tenant > 0, staying within the tenant''s share of running executions; marks them running with a lease of timeout + jobs.lease_margin. Skips executions of paused jobs (except manual runs). Never waits on a lock.';
+COMMENT ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) IS 'Claims up to p_limit due pending executions for runner p_worker, highest priority and earliest first, taking one of their job''s max_concurrent slots each and, when jobs.max_running_per_user > 0, staying within the user''s share of running executions; marks them running with a lease of timeout + jobs.lease_margin. Skips executions of paused jobs (except manual runs). Never waits on a lock.';
 REVOKE ALL ON FUNCTION edm.job_claim(text,integer,timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.job_complete(p_execution_id bigint, p_worker text, p_status text, p_result jsonb DEFAULT NULL::jsonb, p_error text DEFAULT NULL::text, p_error_kind text DEFAULT NULL::text, p_error_type text DEFAULT NULL::text, p_error_stack text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -4341,14 +6886,19 @@ BEGIN
   IF p_job IS NULL OR jsonb_typeof(p_job) <> 'object' THEN
     RAISE EXCEPTION 'job_create: the job must be a JSON object' USING ERRCODE = 'ED012';
   END IF;
+  IF p_job ? 'tenant_id' AND p_job ? 'user_id'
+     AND p_job -> 'tenant_id' IS DISTINCT FROM p_job -> 'user_id' THEN
+    RAISE EXCEPTION 'job_create: user_id and tenant_id (its older name) name different users'
+      USING ERRCODE = 'ED012';
+  END IF;
   -- Every setting comes from p_job (keys named like the columns); the
   -- column defaults apply to the keys left out.
-  INSERT INTO edm.jobs (tenant_id, name, description, kind, target, cron_expr, timezone, start_at,
+  INSERT INTO edm.jobs (user_id, name, description, kind, target, cron_expr, timezone, start_at,
                         end_at, max_executions, status, priority, max_concurrent, timeout_seconds,
                         max_retries, retry_delay_seconds, retry_backoff, retry_max_delay_seconds,
                         retry_on, misfire_policy, misfire_grace_seconds, tags, next_run_at,
                         created_at, updated_at)
-  SELECT r.tenant_id, r.name, r.description, r.kind, r.target, r.cron_expr,
+  SELECT coalesce(r.user_id, p_job ->> 'tenant_id'), r.name, r.description, r.kind, r.target, r.cron_expr,
          coalesce(r.timezone, 'UTC'), r.start_at, r.end_at, r.max_executions,
          coalesce(r.status, 'active'), coalesce(r.priority, 0), coalesce(r.max_concurrent, 1),
          coalesce(r.timeout_seconds, 300), coalesce(r.max_retries, 0),
@@ -4362,10 +6912,10 @@ BEGIN
   RETURN v_id;
 END;
 $function$;
-COMMENT ON FUNCTION edm.job_create(jsonb,timestamp with time zone,timestamp with time zone) IS 'Creates a job from p_job (a JSON object whose keys are column names of edm.jobs) with its first run p_next_run_at, computed by the caller with cronsim (NULL for a paused job). The CHECK constraints and the jobs_check_write trigger validate it (ED012 shell disabled, ED014 tenant quota). Returns the job id.';
+COMMENT ON FUNCTION edm.job_create(jsonb,timestamp with time zone,timestamp with time zone) IS 'Creates a job from p_job (a JSON object whose keys are column names of edm.jobs; the older key tenant_id is read as user_id) with its first run p_next_run_at, computed by the caller with cronsim (NULL for a paused job). The CHECK constraints and the jobs_check_write trigger validate it (ED012 shell disabled, ED014 user quota). Returns the job id.';
 REVOKE ALL ON FUNCTION edm.job_create(jsonb,timestamp with time zone,timestamp with time zone) FROM PUBLIC;
 
-CREATE FUNCTION edm.job_delete(p_job_id bigint, p_tenant_id text DEFAULT NULL::text, p_force boolean DEFAULT false)
+CREATE FUNCTION edm.job_delete(p_job_id bigint, p_user_id text DEFAULT NULL::text, p_force boolean DEFAULT false)
  RETURNS boolean
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -4382,7 +6932,7 @@ BEGIN
       WHERE e.job_id = p_job_id AND e.status = 'running'
       ORDER BY e.execution_id FOR NO KEY UPDATE) x;
     PERFORM 1 FROM edm.jobs j
-    WHERE j.job_id = p_job_id AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+    WHERE j.job_id = p_job_id AND (p_user_id IS NULL OR j.user_id = p_user_id)
     FOR UPDATE;
   EXCEPTION WHEN lock_not_available THEN
     RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
@@ -4557,7 +7107,7 @@ BEGIN
       last_scheduled_for = coalesce(v_last, j.last_scheduled_for),
       last_fired_at = v_now
   WHERE j.job_id = p_job_id AND j.status = 'active' AND j.next_run_at = p_due
-  RETURNING j.job_id, j.tenant_id, j.priority, j.max_concurrent, j.max_executions, j.run_count,
+  RETURNING j.job_id, j.user_id, j.priority, j.max_concurrent, j.max_executions, j.run_count,
             j.misfire_policy, j.misfire_grace_seconds
   INTO v_job;
   IF NOT FOUND THEN
@@ -4570,9 +7120,9 @@ BEGIN
 
   IF p_missed > 0 THEN
     RETURN QUERY
-    INSERT INTO edm.job_executions AS e (job_id, tenant_id, trigger, status, priority, scheduled_for,
+    INSERT INTO edm.job_executions AS e (job_id, user_id, trigger, status, priority, scheduled_for,
                                          run_after, created_at, finished_at, error, error_code, worker_id)
-    VALUES (p_job_id, v_job.tenant_id, 'scheduled', 'skipped', v_job.priority, p_missed_first, v_now,
+    VALUES (p_job_id, v_job.user_id, 'scheduled', 'skipped', v_job.priority, p_missed_first, v_now,
             v_now, v_now,
             format('%s occurrence(s) from %s to %s missed by more than %s s (misfire policy %s)',
                    p_missed, p_missed_first, coalesce(p_missed_last, p_missed_first),
@@ -4587,18 +7137,18 @@ BEGIN
   FOREACH v_t IN ARRAY v_runs LOOP
     IF p_queue_all OR v_active < v_job.max_concurrent THEN
       RETURN QUERY
-      INSERT INTO edm.job_executions AS e (job_id, tenant_id, trigger, status, priority, scheduled_for,
+      INSERT INTO edm.job_executions AS e (job_id, user_id, trigger, status, priority, scheduled_for,
                                            run_after, created_at, worker_id)
-      VALUES (p_job_id, v_job.tenant_id, 'scheduled', 'pending', v_job.priority, v_t, v_t, v_now, p_worker)
+      VALUES (p_job_id, v_job.user_id, 'scheduled', 'pending', v_job.priority, v_t, v_t, v_now, p_worker)
       RETURNING e.execution_id, e.scheduled_for, e.status;
       v_active := v_active + 1;
       v_pending := v_pending + 1;
     ELSE
       RETURN QUERY
-      INSERT INTO edm.job_executions AS e (job_id, tenant_id, trigger, status, priority, scheduled_for,
+      INSERT INTO edm.job_executions AS e (job_id, user_id, trigger, status, priority, scheduled_for,
                                            run_after, created_at, finished_at, error, error_code,
                                            worker_id)
-      VALUES (p_job_id, v_job.tenant_id, 'scheduled', 'skipped', v_job.priority, v_t, v_t, v_now, v_now,
+      VALUES (p_job_id, v_job.user_id, 'scheduled', 'skipped', v_job.priority, v_t, v_t, v_now, v_now,
               format('not run: %s execution(s) already pending or running (max_concurrent %s)',
                      v_active, v_job.max_concurrent),
               'JOB_ALREADY_RUNNING', p_worker)
@@ -4620,11 +7170,11 @@ CREATE FUNCTION edm.job_next_wakeup(p_now timestamp with time zone DEFAULT NULL:
  LANGUAGE sql
  STABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
-RETURN LEAST((SELECT min(j.next_run_at) AS min FROM edm.jobs j WHERE (j.status = 'active'::text)), (SELECT min(e.run_after) AS min FROM (edm.job_executions e JOIN edm.jobs j ON ((j.job_id = e.job_id))) WHERE ((e.status = 'pending'::text) AND (j.running_count < j.max_concurrent) AND ((j.status <> 'paused'::text) OR (e.trigger = 'manual'::text)) AND ((e.tenant_id IS NULL) OR (COALESCE(edm.config_int('jobs.max_running_per_tenant'::text), 0) = 0) OR ((SELECT count(*) AS count FROM edm.job_executions r WHERE ((r.tenant_id = e.tenant_id) AND (r.status = 'running'::text))) < edm.config_int('jobs.max_running_per_tenant'::text))))), (SELECT min(e.lease_expires_at) AS min FROM edm.job_executions e WHERE (e.status = 'running'::text)));
-COMMENT ON FUNCTION edm.job_next_wakeup(timestamp with time zone) IS 'The earliest time a runner could have work: a job''s next run, a claimable pending execution (manual run, retry, catch-up; not one of a tenant at jobs.max_running_per_tenant), or a lease expiring. NULL when nothing is scheduled. Runners sleep until then or a NOTIFY edm_jobs.';
+RETURN LEAST((SELECT min(j.next_run_at) AS min FROM edm.jobs j WHERE (j.status = 'active'::text)), (SELECT min(e.run_after) AS min FROM (edm.job_executions e JOIN edm.jobs j ON ((j.job_id = e.job_id))) WHERE ((e.status = 'pending'::text) AND (j.running_count < j.max_concurrent) AND ((j.status <> 'paused'::text) OR (e.trigger = 'manual'::text)) AND ((e.user_id IS NULL) OR (COALESCE(edm.config_int('jobs.max_running_per_user'::text), 0) = 0) OR ((SELECT count(*) AS count FROM edm.job_executions r WHERE ((r.user_id = e.user_id) AND (r.status = 'running'::text))) < edm.config_int('jobs.max_running_per_user'::text))))), (SELECT min(e.lease_expires_at) AS min FROM edm.job_executions e WHERE (e.status = 'running'::text)));
+COMMENT ON FUNCTION edm.job_next_wakeup(timestamp with time zone) IS 'The earliest time a runner could have work: a job''s next run, a claimable pending execution (manual run, retry, catch-up; not one of a user at jobs.max_running_per_user), or a lease expiring. NULL when nothing is scheduled. Runners sleep until then or a NOTIFY edm_jobs.';
 REVOKE ALL ON FUNCTION edm.job_next_wakeup(timestamp with time zone) FROM PUBLIC;
 
-CREATE FUNCTION edm.job_pause(p_job_id bigint, p_tenant_id text DEFAULT NULL::text)
+CREATE FUNCTION edm.job_pause(p_job_id bigint, p_user_id text DEFAULT NULL::text)
  RETURNS text
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -4633,7 +7183,7 @@ AS $function$
 DECLARE
   v_status text;
 BEGIN
-  v_status := (edm.lock_job(p_job_id, p_tenant_id)).status;
+  v_status := (edm.lock_job(p_job_id, p_user_id)).status;
   IF v_status = 'inactive' THEN
     RAISE EXCEPTION 'job % is inactive: resume it instead', p_job_id USING ERRCODE = 'ED003';
   END IF;
@@ -4693,7 +7243,7 @@ $function$;
 COMMENT ON FUNCTION edm.job_purge_executions(timestamp with time zone,integer) IS 'Deletes up to p_limit finished executions older than jobs.execution_retention_days (oldest first). One caller at a time (advisory lock); returns how many it deleted.';
 REVOKE ALL ON FUNCTION edm.job_purge_executions(timestamp with time zone,integer) FROM PUBLIC;
 
-CREATE FUNCTION edm.job_resume(p_job_id bigint, p_next_run_at timestamp with time zone, p_expected_updated_at timestamp with time zone, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+CREATE FUNCTION edm.job_resume(p_job_id bigint, p_next_run_at timestamp with time zone, p_expected_updated_at timestamp with time zone, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS boolean
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -4703,7 +7253,7 @@ DECLARE
   v_now timestamptz := coalesce(p_now, now());
   v_job record;
 BEGIN
-  v_job := edm.lock_job(p_job_id, p_tenant_id);
+  v_job := edm.lock_job(p_job_id, p_user_id);
   IF v_job.status = 'active' THEN
     RETURN true;
   END IF;
@@ -4748,7 +7298,7 @@ DECLARE
   v_e   record;
   v_at  timestamptz;
 BEGIN
-  SELECT e.execution_id, e.job_id, e.tenant_id, e.status, e.retry_count, e.scheduled_for,
+  SELECT e.execution_id, e.job_id, e.user_id, e.status, e.retry_count, e.scheduled_for,
          e.error_kind, e.error_type, j.status AS job_status, j.priority, j.max_retries,
          j.retry_delay_seconds, j.retry_backoff, j.retry_max_delay_seconds, j.retry_on
   INTO v_e
@@ -4766,9 +7316,9 @@ BEGIN
   v_at := v_now + make_interval(secs => edm.job_retry_delay(
             v_e.retry_delay_seconds, v_e.retry_backoff, v_e.retry_max_delay_seconds, v_e.retry_count));
   RETURN QUERY
-  INSERT INTO edm.job_executions AS e (job_id, tenant_id, trigger, status, priority, scheduled_for,
+  INSERT INTO edm.job_executions AS e (job_id, user_id, trigger, status, priority, scheduled_for,
                                        run_after, created_at, retry_count, retry_of)
-  VALUES (v_e.job_id, v_e.tenant_id, 'retry', 'pending', v_e.priority, v_e.scheduled_for, v_at, v_now,
+  VALUES (v_e.job_id, v_e.user_id, 'retry', 'pending', v_e.priority, v_e.scheduled_for, v_at, v_now,
           v_e.retry_count + 1, v_e.execution_id)
   ON CONFLICT (retry_of) WHERE retry_of IS NOT NULL DO NOTHING
   RETURNING e.execution_id, e.run_after;
@@ -4798,7 +7348,7 @@ $function$;
 COMMENT ON FUNCTION edm.job_set_next_run(bigint,timestamp with time zone,timestamp with time zone,text) IS 'Moves the next run of an active job from p_due to p_next_run_at without firing (compare-and-set, like edm.job_fire); NULL deactivates the job with p_reason. Runners use it for a job whose stored schedule can no longer be computed. Returns whether the job was changed.';
 REVOKE ALL ON FUNCTION edm.job_set_next_run(bigint,timestamp with time zone,timestamp with time zone,text) FROM PUBLIC;
 
-CREATE FUNCTION edm.job_stop(p_job_id bigint, p_tenant_id text DEFAULT NULL::text, p_cancel_running boolean DEFAULT false, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+CREATE FUNCTION edm.job_stop(p_job_id bigint, p_user_id text DEFAULT NULL::text, p_cancel_running boolean DEFAULT false, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(cancelled_pending integer, cancelled_running integer)
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -4818,7 +7368,7 @@ BEGIN
   EXCEPTION WHEN lock_not_available THEN
     RAISE EXCEPTION 'job % is locked by another session', p_job_id USING ERRCODE = 'ED013';
   END;
-  PERFORM edm.lock_job(p_job_id, p_tenant_id);
+  PERFORM edm.lock_job(p_job_id, p_user_id);
   UPDATE edm.jobs j SET status = 'inactive', inactive_reason = 'stopped', next_run_at = NULL,
                         updated_at = now()
   WHERE j.job_id = p_job_id;
@@ -4850,7 +7400,7 @@ $function$;
 COMMENT ON FUNCTION edm.job_stop(bigint,text,boolean,timestamp with time zone) IS 'Stops a job: inactive (reason stopped), no next run, pending executions cancelled; running ones too when p_cancel_running (their runners are told through NOTIFY edm_jobs_cancel). Returns how many were cancelled.';
 REVOKE ALL ON FUNCTION edm.job_stop(bigint,text,boolean,timestamp with time zone) FROM PUBLIC;
 
-CREATE FUNCTION edm.job_trigger(p_job_id bigint, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+CREATE FUNCTION edm.job_trigger(p_job_id bigint, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS bigint
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -4862,15 +7412,15 @@ DECLARE
   v_active integer;
   v_id     bigint;
 BEGIN
-  v_job := edm.lock_job(p_job_id, p_tenant_id);
+  v_job := edm.lock_job(p_job_id, p_user_id);
   SELECT count(*) INTO v_active FROM edm.job_executions e
   WHERE e.job_id = p_job_id AND e.status IN ('pending', 'running');
   IF v_active >= v_job.max_concurrent THEN
     RAISE EXCEPTION 'job % already has % pending or running execution(s) (max_concurrent %)',
       p_job_id, v_active, v_job.max_concurrent USING ERRCODE = 'ED011';
   END IF;
-  INSERT INTO edm.job_executions (job_id, tenant_id, trigger, status, priority, run_after, created_at)
-  VALUES (p_job_id, v_job.tenant_id, 'manual', 'pending', v_job.priority, v_now, v_now)
+  INSERT INTO edm.job_executions (job_id, user_id, trigger, status, priority, run_after, created_at)
+  VALUES (p_job_id, v_job.user_id, 'manual', 'pending', v_job.priority, v_now, v_now)
   RETURNING execution_id INTO v_id;
   PERFORM pg_notify('edm_jobs', 'manual:' || p_job_id);
   RETURN v_id;
@@ -4879,7 +7429,7 @@ $function$;
 COMMENT ON FUNCTION edm.job_trigger(bigint,text,timestamp with time zone) IS 'Queues a manual run of a job now, whatever its status or schedule (it does not move next_run_at). ED010 unknown job, ED011 when max_concurrent executions are already pending or running, ED013 when the job stays locked beyond the session''s lock_timeout (the Python API sets one).';
 REVOKE ALL ON FUNCTION edm.job_trigger(bigint,text,timestamp with time zone) FROM PUBLIC;
 
-CREATE FUNCTION edm.job_update(p_job_id bigint, p_job jsonb, p_reschedule boolean, p_next_run_at timestamp with time zone, p_expected_updated_at timestamp with time zone, p_tenant_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
+CREATE FUNCTION edm.job_update(p_job_id bigint, p_job jsonb, p_reschedule boolean, p_next_run_at timestamp with time zone, p_expected_updated_at timestamp with time zone, p_user_id text DEFAULT NULL::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS boolean
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -4892,7 +7442,7 @@ BEGIN
   IF p_job IS NULL OR jsonb_typeof(p_job) <> 'object' THEN
     RAISE EXCEPTION 'job_update: the job must be a JSON object' USING ERRCODE = 'ED012';
   END IF;
-  v_job := edm.lock_job(p_job_id, p_tenant_id);
+  v_job := edm.lock_job(p_job_id, p_user_id);
   IF v_job.updated_at IS DISTINCT FROM p_expected_updated_at THEN
     RETURN false;  -- changed since the caller read it: read again and retry
   END IF;
@@ -4937,40 +7487,40 @@ AS $function$
 DECLARE
   v_max     integer;
   v_n       bigint;
-  v_tenants jsonb;
+  v_users jsonb;
 BEGIN
   IF NEW.kind = 'shell'
      AND (TG_OP = 'INSERT' OR OLD.kind IS DISTINCT FROM NEW.kind OR OLD.target IS DISTINCT FROM NEW.target
-          OR OLD.tenant_id IS DISTINCT FROM NEW.tenant_id) THEN
+          OR OLD.user_id IS DISTINCT FROM NEW.user_id) THEN
     IF NOT coalesce((SELECT (c.value #>> '{}')::boolean FROM edm.config c
                      WHERE c.key = 'jobs.shell_enabled'), false) THEN
       RAISE EXCEPTION 'shell jobs are disabled: set jobs.shell_enabled to true to allow them'
         USING ERRCODE = 'ED012';
     END IF;
-    IF NEW.tenant_id IS NOT NULL THEN
-      SELECT (c.value #>> '{}')::jsonb INTO v_tenants FROM edm.config c
-      WHERE c.key = 'jobs.shell_tenants';
-      IF NOT coalesce(v_tenants ? NEW.tenant_id OR v_tenants ? '*', false) THEN
-        RAISE EXCEPTION 'shell jobs are not allowed for tenant %: add it to jobs.shell_tenants',
-          quote_literal(NEW.tenant_id) USING ERRCODE = 'ED012';
+    IF NEW.user_id IS NOT NULL THEN
+      SELECT (c.value #>> '{}')::jsonb INTO v_users FROM edm.config c
+      WHERE c.key = 'jobs.shell_users';
+      IF NOT coalesce(v_users ? NEW.user_id OR v_users ? '*', false) THEN
+        RAISE EXCEPTION 'shell jobs are not allowed for user %: add it to jobs.shell_users',
+          quote_literal(NEW.user_id) USING ERRCODE = 'ED012';
       END IF;
     END IF;
   END IF;
-  IF NEW.tenant_id IS NOT NULL AND (TG_OP = 'INSERT' OR OLD.tenant_id IS DISTINCT FROM NEW.tenant_id) THEN
-    -- Serialise job creation per tenant, so two concurrent creations cannot
-    -- both take the tenant's last slot.
-    PERFORM pg_advisory_xact_lock(hashtextextended('edm.jobs.tenant:' || NEW.tenant_id, 0));
-    v_max := edm.config_int('jobs.max_jobs_per_tenant');
-    SELECT count(*) INTO v_n FROM edm.jobs j WHERE j.tenant_id = NEW.tenant_id;
+  IF NEW.user_id IS NOT NULL AND (TG_OP = 'INSERT' OR OLD.user_id IS DISTINCT FROM NEW.user_id) THEN
+    -- Serialise job creation per user, so two concurrent creations cannot
+    -- both take the user's last slot.
+    PERFORM pg_advisory_xact_lock(hashtextextended('edm.jobs.user:' || NEW.user_id, 0));
+    v_max := edm.config_int('jobs.max_jobs_per_user');
+    SELECT count(*) INTO v_n FROM edm.jobs j WHERE j.user_id = NEW.user_id;
     IF v_n >= v_max THEN
-      RAISE EXCEPTION 'tenant % already has % jobs (jobs.max_jobs_per_tenant = %)',
-        NEW.tenant_id, v_n, v_max USING ERRCODE = 'ED014';
+      RAISE EXCEPTION 'user % already has % jobs (jobs.max_jobs_per_user = %)',
+        NEW.user_id, v_n, v_max USING ERRCODE = 'ED014';
     END IF;
   END IF;
   RETURN NEW;
 END;
 $function$;
-COMMENT ON FUNCTION edm.jobs_check_write() IS 'Trigger: refuses shell jobs unless jobs.shell_enabled, and a tenant''s shell job unless the tenant is in jobs.shell_tenants (ED012); refuses a tenant''s job beyond jobs.max_jobs_per_tenant (ED014, serialised per tenant by an advisory lock).';
+COMMENT ON FUNCTION edm.jobs_check_write() IS 'Trigger: refuses shell jobs unless jobs.shell_enabled, and a user''s shell job unless the user is in jobs.shell_users (ED012); refuses a user''s job beyond jobs.max_jobs_per_user (ED014, serialised per user by an advisory lock).';
 REVOKE ALL ON FUNCTION edm.jobs_check_write() FROM PUBLIC;
 
 CREATE FUNCTION edm.jobs_notify()
@@ -4993,7 +7543,7 @@ REVOKE ALL ON FUNCTION edm.jobs_notify() FROM PUBLIC;
 
 CREATE VIEW edm.jobs_overview AS
  SELECT job_id,
-    tenant_id,
+    user_id,
     name,
     kind,
     status,
@@ -5016,11 +7566,12 @@ CREATE VIEW edm.jobs_overview AS
             WHEN (status = 'inactive'::text) THEN ('inactive: '::text || inactive_reason)
             WHEN (next_run_at > now()) THEN ('waiting for its next run at '::text || next_run_at)
             ELSE (('due since '::text || next_run_at) || ': no runner has fired it (are runners running?)'::text)
-        END AS why_not_running
+        END AS why_not_running,
+    user_id AS tenant_id
    FROM edm.jobs j;
 COMMENT ON VIEW edm.jobs_overview IS 'One line per job for DBAs: schedule, next run (UTC and local), last outcome, slots in use, queue, counters, and why it is not running right now.';
 COMMENT ON COLUMN edm.jobs_overview.job_id IS 'The job.';
-COMMENT ON COLUMN edm.jobs_overview.tenant_id IS 'Owning tenant.';
+COMMENT ON COLUMN edm.jobs_overview.user_id IS 'Owning user (NULL: a platform job).';
 COMMENT ON COLUMN edm.jobs_overview.name IS 'Job name.';
 COMMENT ON COLUMN edm.jobs_overview.kind IS 'function, http, shell or launch_campaign.';
 COMMENT ON COLUMN edm.jobs_overview.status IS 'active, paused or inactive.';
@@ -5037,14 +7588,15 @@ COMMENT ON COLUMN edm.jobs_overview.success_count IS 'Executions that succeeded.
 COMMENT ON COLUMN edm.jobs_overview.failure_count IS 'Executions that failed or timed out.';
 COMMENT ON COLUMN edm.jobs_overview.misfire_count IS 'Occurrences not run because of downtime.';
 COMMENT ON COLUMN edm.jobs_overview.why_not_running IS 'Why no execution of the job is starting now.';
+COMMENT ON COLUMN edm.jobs_overview.tenant_id IS 'Deprecated: the older name of user_id, kept for a release.';
 
-CREATE TRIGGER jobs_check_write BEFORE INSERT OR UPDATE OF kind, target, tenant_id ON edm.jobs FOR EACH ROW EXECUTE FUNCTION edm.jobs_check_write();
+CREATE TRIGGER jobs_check_write BEFORE INSERT OR UPDATE OF kind, target, user_id ON edm.jobs FOR EACH ROW EXECUTE FUNCTION edm.jobs_check_write();
 
 CREATE TRIGGER jobs_notify AFTER INSERT OR UPDATE OF status, next_run_at ON edm.jobs FOR EACH ROW EXECUTE FUNCTION edm.jobs_notify();
 
 CREATE TRIGGER jobs_audit AFTER INSERT OR DELETE ON edm.jobs FOR EACH ROW EXECUTE FUNCTION edm.audit_row('job');
 
-CREATE TRIGGER jobs_audit_upd AFTER UPDATE ON edm.jobs FOR EACH ROW WHEN ((((((((((((((((((((((((old.tenant_id IS DISTINCT FROM new.tenant_id) OR (old.name IS DISTINCT FROM new.name)) OR (old.description IS DISTINCT FROM new.description)) OR (old.kind IS DISTINCT FROM new.kind)) OR (old.target IS DISTINCT FROM new.target)) OR (old.cron_expr IS DISTINCT FROM new.cron_expr)) OR (old.timezone IS DISTINCT FROM new.timezone)) OR (old.start_at IS DISTINCT FROM new.start_at)) OR (old.end_at IS DISTINCT FROM new.end_at)) OR (old.max_executions IS DISTINCT FROM new.max_executions)) OR (old.status IS DISTINCT FROM new.status)) OR (old.inactive_reason IS DISTINCT FROM new.inactive_reason)) OR (old.priority IS DISTINCT FROM new.priority)) OR (old.max_concurrent IS DISTINCT FROM new.max_concurrent)) OR (old.timeout_seconds IS DISTINCT FROM new.timeout_seconds)) OR (old.max_retries IS DISTINCT FROM new.max_retries)) OR (old.retry_delay_seconds IS DISTINCT FROM new.retry_delay_seconds)) OR (old.retry_backoff IS DISTINCT FROM new.retry_backoff)) OR (old.retry_max_delay_seconds IS DISTINCT FROM new.retry_max_delay_seconds)) OR (old.retry_on IS DISTINCT FROM new.retry_on)) OR (old.misfire_policy IS DISTINCT FROM new.misfire_policy)) OR (old.misfire_grace_seconds IS DISTINCT FROM new.misfire_grace_seconds)) OR (old.tags IS DISTINCT FROM new.tags))) EXECUTE FUNCTION edm.audit_row('job');
+CREATE TRIGGER jobs_audit_upd AFTER UPDATE ON edm.jobs FOR EACH ROW WHEN ((((((((((((((((((((((((old.user_id IS DISTINCT FROM new.user_id) OR (old.name IS DISTINCT FROM new.name)) OR (old.description IS DISTINCT FROM new.description)) OR (old.kind IS DISTINCT FROM new.kind)) OR (old.target IS DISTINCT FROM new.target)) OR (old.cron_expr IS DISTINCT FROM new.cron_expr)) OR (old.timezone IS DISTINCT FROM new.timezone)) OR (old.start_at IS DISTINCT FROM new.start_at)) OR (old.end_at IS DISTINCT FROM new.end_at)) OR (old.max_executions IS DISTINCT FROM new.max_executions)) OR (old.status IS DISTINCT FROM new.status)) OR (old.inactive_reason IS DISTINCT FROM new.inactive_reason)) OR (old.priority IS DISTINCT FROM new.priority)) OR (old.max_concurrent IS DISTINCT FROM new.max_concurrent)) OR (old.timeout_seconds IS DISTINCT FROM new.timeout_seconds)) OR (old.max_retries IS DISTINCT FROM new.max_retries)) OR (old.retry_delay_seconds IS DISTINCT FROM new.retry_delay_seconds)) OR (old.retry_backoff IS DISTINCT FROM new.retry_backoff)) OR (old.retry_max_delay_seconds IS DISTINCT FROM new.retry_max_delay_seconds)) OR (old.retry_on IS DISTINCT FROM new.retry_on)) OR (old.misfire_policy IS DISTINCT FROM new.misfire_policy)) OR (old.misfire_grace_seconds IS DISTINCT FROM new.misfire_grace_seconds)) OR (old.tags IS DISTINCT FROM new.tags))) EXECUTE FUNCTION edm.audit_row('job');
 
 -- ==========================================================================
 -- Security
@@ -5115,8 +7667,8 @@ DECLARE
     'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
     'job_claim', 'job_fire', 'job_finish', 'job_complete', 'job_progress', 'job_schedule_retry',
     'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
-    'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace', 'sites_of'];
-  v_app_fns text[] := ARRAY['set_service_warmup', 'warmup_ramp', 'warmup_ceiling', 'warmup_ramp_problem', 'set_reply_rule', 'enable_reply_rule', 'delete_reply_rule', 'match_reply_rule', 'lift_site_suspension', 'reply_enhanced_code', 'reply_transport_code', 'set_global_limits', 'set_site_limits', 'set_user_limits', 'set_task_limits', 'set_task_transactional', 'shaping_as_limit', 'limit_next', 'limit_bucket_ms', 'epoch_ms', 'shaping_key', 'set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'sites_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
+    'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace'];
+  v_app_fns text[] := ARRAY['set_service_warmup', 'warmup_ramp', 'warmup_ceiling', 'warmup_ramp_problem', 'set_reply_rule', 'enable_reply_rule', 'delete_reply_rule', 'match_reply_rule', 'lift_site_suspension', 'reply_enhanced_code', 'reply_transport_code', 'set_global_limits', 'set_site_limits', 'set_user_limits', 'set_task_limits', 'set_task_transactional', 'shaping_as_limit', 'limit_next', 'limit_bucket_ms', 'epoch_ms', 'shaping_key', 'set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
     'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
     'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',
     'add_suppression', 'remove_suppression', 'create_task_from_staged', 'create_task_from_rule',
@@ -5139,13 +7691,13 @@ BEGIN
 
   -- Dispatcher: claim / complete / sweep through functions; read what
   -- rendering needs; keep its own heartbeat row.
-  EXECUTE format('GRANT SELECT ON edm.services, edm.templates, edm.contacts, edm.config, '
+  EXECUTE format('GRANT SELECT ON edm.services, edm.templates, edm.contacts, edm.config, edm.config_renamed, '
                  'edm.tasks, edm.system_health, edm.jobs, edm.job_executions, edm.service_limits TO %I', p_dispatcher);
   EXECUTE format('GRANT SELECT, INSERT, UPDATE ON edm.dispatchers TO %I', p_dispatcher);
 
   -- Host application: everything through functions; read its objects.
   EXECUTE format('GRANT SELECT ON edm.users, edm.services, edm.grants, edm.tasks, edm.templates, '
-                 'edm.config, edm.task_progress, edm.service_warmups, edm.service_warmup_status, edm.reply_rules, edm.shaping_actions, edm.site_suspension_status, edm.shaping_limits, edm.shaping_limit_status, edm.site_status, edm.sites, edm.site_domains, edm.site_suspensions, edm.reputation_status, edm.feedback_events, edm.service_status, edm.system_health, '
+                 'edm.config, edm.config_renamed, edm.task_progress, edm.service_warmups, edm.service_warmup_status, edm.reply_rules, edm.shaping_actions, edm.site_suspension_status, edm.shaping_limits, edm.shaping_limit_status, edm.site_status, edm.sites, edm.site_domains, edm.site_suspensions, edm.reputation_status, edm.feedback_events, edm.service_status, edm.system_health, '
                  'edm.task_wait_reasons, edm.alerts, edm.jobs, edm.job_executions, '
                  'edm.jobs_overview, edm.service_limits, edm.service_limit_status, '
                  'edm.possible_duplicates TO %I', p_app);
@@ -5166,2541 +7718,6 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.install_roles(text,text,text) IS 'Creates (when missing) the NOLOGIN group roles for the dispatcher, the host application and monitoring, and grants each exactly what its job needs. Needs CREATEROLE (or existing roles) and the schema owner''s rights; idempotent. Grant the groups to your login roles: GRANT edm_dispatcher TO my_sidecar_login.';
 REVOKE ALL ON FUNCTION edm.install_roles(text,text,text) FROM PUBLIC;
-
--- ==========================================================================
--- Not yet sorted
--- Objects not listed in CONCEPTS of edm_sched/schema_dump.py: add them there, then run `python -m edm_sched.schema_dump > sql/schema.sql`.
--- ==========================================================================
-
-CREATE TABLE edm.feedback_events (
-  event_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
-  received_at timestamp with time zone DEFAULT now() NOT NULL,
-  occurred_at timestamp with time zone,
-  kind text NOT NULL,
-  source text NOT NULL,
-  message_id text,
-  recipient text,
-  subtask_id bigint,
-  task_id bigint,
-  user_id text,
-  service_id bigint,
-  event_key text,
-  detail text,
-  suppressed boolean DEFAULT false NOT NULL,
-  raw text NOT NULL,
-  CONSTRAINT feedback_events_pkey PRIMARY KEY (event_id),
-  CONSTRAINT feedback_events_detail_check CHECK ((length(detail) <= 10000)),
-  CONSTRAINT feedback_events_event_key_check CHECK ((length(event_key) <= 500)),
-  CONSTRAINT feedback_events_kind_check CHECK ((kind = ANY (ARRAY['hard_bounce'::text, 'soft_bounce'::text, 'complaint'::text, 'unsubscribe'::text, 'delivered'::text]))),
-  CONSTRAINT feedback_events_message_id_check CHECK ((length(message_id) <= 998)),
-  CONSTRAINT feedback_events_raw_check CHECK ((length(raw) <= 1000000)),
-  CONSTRAINT feedback_events_recipient_check CHECK ((length(recipient) <= 320)),
-  CONSTRAINT feedback_events_source_check CHECK ((source ~ '^[a-z][a-z0-9_]{0,31}$'::text))
-);
-COMMENT ON TABLE edm.feedback_events IS 'What was learned after sending, one row per recipient and event: hard and soft bounces, complaints, unsubscribes, deliveries, from DSNs, ARF reports, ESP webhooks or the host. Found by Message-ID; keeps the raw source. Recorded by edm.record_feedback.';
-COMMENT ON COLUMN edm.feedback_events.event_id IS 'Surrogate id.';
-COMMENT ON COLUMN edm.feedback_events.received_at IS 'When edm-sched recorded the event; the reputation breaker''s windows count from here.';
-COMMENT ON COLUMN edm.feedback_events.occurred_at IS 'When the provider says it happened, if it says.';
-COMMENT ON COLUMN edm.feedback_events.kind IS 'hard_bounce, soft_bounce, complaint, unsubscribe or delivered.';
-COMMENT ON COLUMN edm.feedback_events.source IS 'Where it came from: dsn, arf, ses, sendgrid, mailgun, postmark, api...';
-COMMENT ON COLUMN edm.feedback_events.message_id IS 'Message-ID the event names, as given (edm-sched''s are <edm.TASK.SUBTASK@domain>).';
-COMMENT ON COLUMN edm.feedback_events.recipient IS 'Normalised recipient address: the subtask''s when found, else as given.';
-COMMENT ON COLUMN edm.feedback_events.subtask_id IS 'Subtask the Message-ID names, NULL when unknown (another sender''s message, or a task already deleted by retention). No foreign key: subtasks are deleted by retention.';
-COMMENT ON COLUMN edm.feedback_events.task_id IS 'Task of the subtask.';
-COMMENT ON COLUMN edm.feedback_events.user_id IS 'Owner of the task.';
-COMMENT ON COLUMN edm.feedback_events.service_id IS 'Service that sent the subtask (its latest attempt).';
-COMMENT ON COLUMN edm.feedback_events.event_key IS 'The provider''s id of the event (with the recipient); a repeated delivery of the same webhook is recorded once.';
-COMMENT ON COLUMN edm.feedback_events.detail IS 'Status and diagnostic text (e.g. 5.1.1 user unknown, a complaint''s feedback type).';
-COMMENT ON COLUMN edm.feedback_events.suppressed IS 'True when this event suppressed the address (hard bounce: for everyone; complaint, unsubscribe: for the user).';
-COMMENT ON COLUMN edm.feedback_events.raw IS 'The raw source: the DSN or ARF message, or the webhook''s JSON (at most 1,000,000 characters).';
-CREATE UNIQUE INDEX feedback_events_key_idx ON edm.feedback_events USING btree (source, event_key) WHERE (event_key IS NOT NULL);
-COMMENT ON INDEX edm.feedback_events_key_idx IS 'A provider event is recorded once however often its webhook is delivered.';
-CREATE INDEX feedback_events_service_idx ON edm.feedback_events USING btree (service_id, received_at) WHERE (kind = ANY (ARRAY['hard_bounce'::text, 'complaint'::text]));
-COMMENT ON INDEX edm.feedback_events_service_idx IS 'Reputation breaker: a service''s bounces and complaints in a window.';
-CREATE INDEX feedback_events_subtask_idx ON edm.feedback_events USING btree (subtask_id);
-COMMENT ON INDEX edm.feedback_events_subtask_idx IS 'The feedback of one subtask.';
-CREATE INDEX feedback_events_user_idx ON edm.feedback_events USING btree (user_id, received_at) WHERE (kind = ANY (ARRAY['hard_bounce'::text, 'complaint'::text]));
-COMMENT ON INDEX edm.feedback_events_user_idx IS 'Reputation breaker: a user''s bounces and complaints in a window.';
-
-CREATE TABLE edm.sites (
-  site text NOT NULL,
-  description text DEFAULT ''::text NOT NULL,
-  created_at timestamp with time zone DEFAULT now() NOT NULL,
-  CONSTRAINT sites_pkey PRIMARY KEY (site),
-  CONSTRAINT sites_description_check CHECK ((length(description) <= 500)),
-  CONSTRAINT sites_site_check CHECK ((site ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'::text))
-);
-COMMENT ON TABLE edm.sites IS 'Destination sites: a receiving mail system that throttles as one (google, microsoft, yahoo...). Recipient domains map to sites in edm.site_domains; limits and suspensions are set per site. See docs/explanation/traffic-shaping.md.';
-COMMENT ON COLUMN edm.sites.site IS 'Name of the site (lower case letters, digits, _ . -; at most 64).';
-COMMENT ON COLUMN edm.sites.description IS 'Free text: whose mail system this is.';
-COMMENT ON COLUMN edm.sites.created_at IS 'When the site was defined.';
-INSERT INTO edm.sites (site, description) VALUES
-  ('apple', 'iCloud Mail'),
-  ('comcast', 'Comcast Xfinity'),
-  ('gmx', 'GMX and WEB.DE (United Internet)'),
-  ('google', 'Gmail and Google Workspace'),
-  ('mailru', 'Mail.ru Group'),
-  ('microsoft', 'Outlook.com, Hotmail, Live, MSN and Microsoft 365'),
-  ('netease', 'NetEase (163, 126, yeah.net)'),
-  ('qq', 'Tencent QQ Mail'),
-  ('yahoo', 'Yahoo Mail and AOL');
-
-CREATE FUNCTION edm.reply_pattern_ok(p_pattern text)
- RETURNS boolean
- LANGUAGE plpgsql
- IMMUTABLE
-AS $function$
-BEGIN
-  IF p_pattern IS NULL THEN
-    RETURN true;
-  END IF;
-  PERFORM '' ~* p_pattern;
-  RETURN true;
-EXCEPTION WHEN invalid_regular_expression THEN
-  RETURN false;
-END;
-$function$;
-COMMENT ON FUNCTION edm.reply_pattern_ok(text) IS 'True when p_pattern (or NULL) is a valid PostgreSQL regular expression: a rule with a broken pattern would make every completion fail.';
-REVOKE ALL ON FUNCTION edm.reply_pattern_ok(text) FROM PUBLIC;
-
-CREATE TABLE edm.reply_rules (
-  rule_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
-  name text NOT NULL,
-  priority integer DEFAULT 100 NOT NULL,
-  enabled boolean DEFAULT true NOT NULL,
-  source text DEFAULT 'admin'::text NOT NULL,
-  site text,
-  smtp_code integer,
-  enhanced_code text,
-  pattern text,
-  transport_code text,
-  action text NOT NULL,
-  duration_s integer,
-  escalation_factor double precision DEFAULT 1 NOT NULL,
-  max_duration_s integer,
-  reset_after_s integer DEFAULT 3600 NOT NULL,
-  description text DEFAULT ''::text NOT NULL,
-  updated_at timestamp with time zone DEFAULT now() NOT NULL,
-  CONSTRAINT reply_rules_pkey PRIMARY KEY (rule_id),
-  CONSTRAINT reply_rules_name_key UNIQUE (name),
-  CONSTRAINT reply_rules_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
-  CONSTRAINT reply_rules_action_check CHECK ((action = ANY (ARRAY['suspend_site'::text, 'suspend_service'::text, 'bounce'::text, 'retry'::text]))),
-  CONSTRAINT reply_rules_description_check CHECK ((length(description) <= 500)),
-  CONSTRAINT reply_rules_duration CHECK (((action = 'bounce'::text) = (duration_s IS NULL))),
-  CONSTRAINT reply_rules_duration_s_check CHECK (((duration_s >= 1) AND (duration_s <= 2592000))),
-  CONSTRAINT reply_rules_enhanced_code_check CHECK ((enhanced_code ~ '^[245]\.([0-9]{1,3}\.([0-9]{1,3})?)?$'::text)),
-  CONSTRAINT reply_rules_escalation_factor_check CHECK (((escalation_factor >= (1)::double precision) AND (escalation_factor <= (100)::double precision))),
-  CONSTRAINT reply_rules_matches_something CHECK (((smtp_code IS NOT NULL) OR (enhanced_code IS NOT NULL) OR (pattern IS NOT NULL) OR (transport_code IS NOT NULL))),
-  CONSTRAINT reply_rules_max_duration CHECK (((max_duration_s IS NULL) OR ((duration_s IS NOT NULL) AND (max_duration_s >= duration_s)))),
-  CONSTRAINT reply_rules_max_duration_s_check CHECK (((max_duration_s >= 1) AND (max_duration_s <= 2592000))),
-  CONSTRAINT reply_rules_name_check CHECK ((name ~ '^[a-z0-9][a-z0-9_.:-]{0,99}$'::text)),
-  CONSTRAINT reply_rules_pattern_check CHECK ((((length(pattern) >= 1) AND (length(pattern) <= 500)) AND edm.reply_pattern_ok(pattern))),
-  CONSTRAINT reply_rules_priority_check CHECK (((priority >= 0) AND (priority <= 1000000))),
-  CONSTRAINT reply_rules_reset_after_s_check CHECK (((reset_after_s >= 0) AND (reset_after_s <= 2592000))),
-  CONSTRAINT reply_rules_smtp_code_check CHECK (((smtp_code >= 200) AND (smtp_code <= 599))),
-  CONSTRAINT reply_rules_source_check CHECK ((source = ANY (ARRAY['shipped'::text, 'admin'::text]))),
-  CONSTRAINT reply_rules_transport_code_check CHECK ((transport_code ~ '^[a-z0-9_-]{1,20}:[a-z0-9_.-]{1,80}$'::text))
-);
-COMMENT ON TABLE edm.reply_rules IS 'Rules on a provider''s reply to a failed send, tried by edm.complete in (priority, rule_id) order; the first enabled rule whose every given criterion matches decides what the failure means: suspend the (service, site) pair, back the service off, bounce, or retry the recipient later. shipped rows are defaults of edm-sched for the large providers (edit, disable or delete them freely). See docs/explanation/traffic-shaping.md.';
-COMMENT ON COLUMN edm.reply_rules.rule_id IS 'Identity of the rule.';
-COMMENT ON COLUMN edm.reply_rules.name IS 'Unique name (a-z 0-9 _ . : -), the key of edm.set_reply_rule.';
-COMMENT ON COLUMN edm.reply_rules.priority IS 'Lower is tried first (ties: lower rule_id).';
-COMMENT ON COLUMN edm.reply_rules.enabled IS 'Disabled rules are kept but never match.';
-COMMENT ON COLUMN edm.reply_rules.source IS 'shipped (a default of edm-sched, as shipped) or admin (written or edited by the host or a DBA).';
-COMMENT ON COLUMN edm.reply_rules.site IS 'Only for recipients of this site (NULL: any recipient).';
-COMMENT ON COLUMN edm.reply_rules.smtp_code IS 'The SMTP reply code must be this (NULL: any).';
-COMMENT ON COLUMN edm.reply_rules.enhanced_code IS 'The enhanced status code in the reply must be this (4.7.28), or start with it when it ends with a dot (4.7. matches 4.7.0 and 4.7.650; 4. matches every persistent transient code). NULL: any.';
-COMMENT ON COLUMN edm.reply_rules.pattern IS 'Case-insensitive regular expression the reply text must match (NULL: any). The text is what the transport reported, e.g. "RCPT TO: 421 4.7.28 ..." for SMTP.';
-COMMENT ON COLUMN edm.reply_rules.transport_code IS 'A non-SMTP transport''s error code the reply must carry, kind:code in lower case (http:429, ses:throttling); NULL: any.';
-COMMENT ON COLUMN edm.reply_rules.action IS 'suspend_site (pause the service for the recipient''s site, escalating), suspend_service (back the service off), bounce (fail the subtask for good) or retry (retry the recipient after duration_s).';
-COMMENT ON COLUMN edm.reply_rules.duration_s IS 'Seconds of the suspension, back-off or retry delay (the first one for suspend_site); NULL for bounce.';
-COMMENT ON COLUMN edm.reply_rules.escalation_factor IS 'suspend_site: each repeat within reset_after_s of the previous suspension''s end lasts this many times longer (1: no escalation).';
-COMMENT ON COLUMN edm.reply_rules.max_duration_s IS 'suspend_site: longest escalated suspension in seconds (NULL: duration_s, no escalation).';
-COMMENT ON COLUMN edm.reply_rules.reset_after_s IS 'suspend_site: a pair calm for this many seconds after its last suspension ended starts again at level 1.';
-COMMENT ON COLUMN edm.reply_rules.description IS 'Free text: which reply of which provider this is, and where it is documented.';
-COMMENT ON COLUMN edm.reply_rules.updated_at IS 'When the rule was last written.';
-CREATE INDEX reply_rules_order_idx ON edm.reply_rules USING btree (priority, rule_id) WHERE enabled;
-COMMENT ON INDEX edm.reply_rules_order_idx IS 'Enabled rules in the order they are tried.';
-INSERT INTO edm.reply_rules (rule_id, name, priority, enabled, source, site, smtp_code, enhanced_code, pattern, transport_code, action, duration_s, escalation_factor, max_duration_s, reset_after_s, description) OVERRIDING SYSTEM VALUE VALUES
-  ('1', 'gmail-4.7.28-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.28', NULL, NULL, 'suspend_site', '900', '2', '14400', '21600', 'Gmail 421 4.7.28: unusual rate of unsolicited mail from the sending IP or domain; slow down.'),
-  ('10', 'microsoft-5.7.6xx-banned-ip', '5', 'true', 'shipped', NULL, '550', NULL, E'\\m5\\.7\\.6(0[6-9]|[1-4][0-9])\\M', NULL, 'suspend_service', '21600', '1', NULL, '3600', 'Microsoft 550 5.7.606-649: access denied, banned sending IP; the account must stop until delisted (no recipient is suppressed).'),
-  ('11', 'yahoo-tss-deferred', '10', 'true', 'shipped', NULL, NULL, NULL, E'\\[(TSS0[1-9]|TS0[1-3])\\]', NULL, 'suspend_site', '3600', '2', '28800', '43200', 'Yahoo/AOL 421 4.7.0 [TSS04], [TSS09], [TS01]...: temporarily deferred due to unexpected volume or user complaints (Yahoo suggests retrying hours later).'),
-  ('12', 'aol-dyn-rly-deferred', '14', 'true', 'shipped', NULL, '421', NULL, E'\\((DYN|RLY):T[12]\\)', NULL, 'suspend_site', '3600', '2', '28800', '43200', 'AOL 421 (DYN:T1) / (RLY:T1): the sending IP is temporarily deferred.'),
-  ('13', 'apple-excessive-volume', '10', 'true', 'shipped', NULL, NULL, NULL, 'deferred due to excessive volume', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Apple iCloud 421 4.7.1: messages deferred due to excessive volume; try again later.'),
-  ('14', 'apple-service-unavailable', '15', 'true', 'shipped', 'apple', '451', '4.7.1', 'service unavailable', NULL, 'suspend_site', '300', '2', '3600', '7200', 'Apple iCloud 451 4.7.1: service unavailable, try again later (busy hours).'),
-  ('15', 'comcast-throttled', '15', 'true', 'shipped', 'comcast', '421', NULL, '(throttl|rate limit|too many)', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Comcast 421 throttling replies (rate or connection limits of the sending IP).'),
-  ('16', 'ses-daily-quota', '5', 'true', 'shipped', NULL, NULL, NULL, 'daily message quota exceeded', NULL, 'suspend_service', '3600', '1', NULL, '3600', 'Amazon SES "Daily message quota exceeded": the account''s 24-hour quota is used up.'),
-  ('17', 'ses-max-send-rate', '6', 'true', 'shipped', NULL, NULL, NULL, 'maximum sending rate exceeded', NULL, 'suspend_service', '10', '1', NULL, '3600', 'Amazon SES "Throttling: Maximum sending rate exceeded": pause the account briefly.'),
-  ('18', 'ses-throttling', '50', 'true', 'shipped', NULL, NULL, NULL, NULL, 'ses:throttling', 'suspend_service', '10', '1', NULL, '3600', 'Any other Amazon SES Throttling error: pause the account briefly.'),
-  ('19', 'http-429', '50', 'true', 'shipped', NULL, NULL, NULL, NULL, 'http:429', 'suspend_service', '60', '1', NULL, '3600', 'An ESP HTTP API answered 429 Too Many Requests: pause the account briefly.'),
-  ('2', 'gmail-5.7.28-rate', '11', 'true', 'shipped', NULL, NULL, '5.7.28', NULL, NULL, 'suspend_site', '3600', '2', '86400', '86400', 'Gmail 550 5.7.28: unusual rate of unsolicited mail, refused; a send-side block, not a bad address (no suppression).'),
-  ('3', 'gmail-4.7.0-rate', '20', 'true', 'shipped', NULL, NULL, '4.7.0', '(rate[- ]?limit|unusual rate|too many|temporarily (deferred|rate))', NULL, 'suspend_site', '600', '2', '14400', '21600', '421/451 4.7.0 replies that say the sender goes too fast (Gmail and others).'),
-  ('4', 'gmail-4.7.0-reputation', '21', 'true', 'shipped', NULL, NULL, '4.7.0', 'low reputation', NULL, 'suspend_site', '3600', '2', '43200', '86400', 'Gmail 421 4.7.0: suspicious due to the very low reputation of the sending IP or domain.'),
-  ('5', 'gmail-4.2.1-recipient-rate', '30', 'true', 'shipped', NULL, NULL, '4.2.1', 'receiving mail (too quickly|at a rate)', NULL, 'retry', '1800', '1', NULL, '3600', 'Gmail 450 4.2.1: this one recipient receives mail too fast; retry it later, the site is fine.'),
-  ('6', 'microsoft-4.7.650-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.650', NULL, NULL, 'suspend_site', '1800', '2', '28800', '43200', 'Microsoft 451 4.7.650: the mail server has been temporarily rate limited due to IP reputation.'),
-  ('7', 'microsoft-4.7.651-rate', '10', 'true', 'shipped', NULL, NULL, '4.7.651', NULL, NULL, 'suspend_site', '1800', '2', '28800', '43200', 'Microsoft 451 4.7.651: temporarily rate limited due to IP reputation.'),
-  ('8', 'microsoft-4.7.500-busy', '12', 'true', 'shipped', NULL, NULL, '4.7.500', NULL, NULL, 'suspend_site', '300', '2', '3600', '7200', 'Microsoft 451 4.7.500: server busy, please try again later.'),
-  ('9', 'microsoft-rp-rate', '13', 'true', 'shipped', NULL, '421', NULL, E'\\mRP-00[1-3]\\M', NULL, 'suspend_site', '900', '2', '14400', '21600', 'Microsoft 421 RP-001/002/003: the sending IP exceeded a rate or connection limit tied to its reputation.');
-
-CREATE TABLE edm.service_limits (
-  service_id bigint NOT NULL,
-  name text NOT NULL,
-  kind text NOT NULL,
-  max_count integer NOT NULL,
-  window_ms bigint,
-  burst integer DEFAULT 1 NOT NULL,
-  time_zone text,
-  tat timestamp with time zone,
-  bucket_idx bigint[] DEFAULT '{}'::bigint[] NOT NULL,
-  bucket_n integer[] DEFAULT '{}'::integer[] NOT NULL,
-  day date,
-  day_count integer DEFAULT 0 NOT NULL,
-  created_at timestamp with time zone DEFAULT now() NOT NULL,
-  CONSTRAINT service_limits_pkey PRIMARY KEY (service_id, name),
-  CONSTRAINT service_limits_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
-  CONSTRAINT service_limits_buckets CHECK ((cardinality(bucket_idx) = cardinality(bucket_n))),
-  CONSTRAINT service_limits_burst_check CHECK (((burst >= 1) AND (burst <= 100000))),
-  CONSTRAINT service_limits_day_count_check CHECK ((day_count >= 0)),
-  CONSTRAINT service_limits_kind_check CHECK ((kind = ANY (ARRAY['rate'::text, 'rolling'::text, 'calendar_day'::text]))),
-  CONSTRAINT service_limits_max_count_check CHECK (((max_count >= 0) AND (max_count <= 100000000))),
-  CONSTRAINT service_limits_name_check CHECK ((name ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'::text)),
-  CONSTRAINT service_limits_shape CHECK (
-CASE kind
-    WHEN 'calendar_day'::text THEN ((window_ms IS NULL) AND (burst = 1))
-    WHEN 'rolling'::text THEN ((window_ms IS NOT NULL) AND (window_ms >= 1000) AND (burst = 1) AND (time_zone IS NULL))
-    ELSE ((window_ms IS NOT NULL) AND (time_zone IS NULL) AND (burst <= GREATEST(max_count, 1)))
-END),
-  CONSTRAINT service_limits_time_zone_check CHECK (((time_zone IS NULL) OR edm.is_valid_timezone(time_zone))),
-  CONSTRAINT service_limits_window_ms_check CHECK (((window_ms >= 1) AND (window_ms <= (31 * (86400000)::bigint))))
-);
-COMMENT ON TABLE edm.service_limits IS 'Limits of a service beyond its built-in interval_ms and daily_quota, all held at once (the smallest headroom wins). rate: at most max_count per window_ms, in bursts of at most burst (a token bucket, checked by GCRA; burst 1 spaces sends window_ms/max_count apart, so no window of window_ms holds more than max_count). rolling: at most max_count in any window of window_ms (e.g. SES Max24HourSend). calendar_day: at most max_count per calendar day in time_zone (default: the service''s quota_tz). Set with edm.set_service_limits; see docs/explanation/rate-limits.md.';
-COMMENT ON COLUMN edm.service_limits.service_id IS 'Service limited.';
-COMMENT ON COLUMN edm.service_limits.name IS 'Name of the limit, unique per service (e.g. per_second, per_minute, rolling_24h); waiting reasons name it.';
-COMMENT ON COLUMN edm.service_limits.kind IS 'rate, rolling or calendar_day.';
-COMMENT ON COLUMN edm.service_limits.max_count IS 'Most sends per window (0 blocks the service).';
-COMMENT ON COLUMN edm.service_limits.window_ms IS 'Window length in milliseconds (rate and rolling); NULL for calendar_day.';
-COMMENT ON COLUMN edm.service_limits.burst IS 'rate only: most sends at once (token bucket depth); 1 spaces sends evenly.';
-COMMENT ON COLUMN edm.service_limits.time_zone IS 'calendar_day only: time zone whose midnight starts a day; NULL = the service''s quota_tz.';
-COMMENT ON COLUMN edm.service_limits.tat IS 'rate state: GCRA theoretical arrival time (a send at t is allowed when t >= tat - (burst - 1) * window_ms / max_count).';
-COMMENT ON COLUMN edm.service_limits.bucket_idx IS 'rolling state: indexes (epoch milliseconds / bucket width) of the buckets with sends, oldest first; the bucket width is window_ms / 200 rounded up.';
-COMMENT ON COLUMN edm.service_limits.bucket_n IS 'rolling state: sends slotted in each bucket of bucket_idx.';
-COMMENT ON COLUMN edm.service_limits.day IS 'calendar_day state: the local date day_count counts.';
-COMMENT ON COLUMN edm.service_limits.day_count IS 'calendar_day state: sends slotted on day.';
-COMMENT ON COLUMN edm.service_limits.created_at IS 'When the limit was set.';
-
-CREATE FUNCTION edm.warmup_ramp_problem(p_ramp integer[])
- RETURNS text
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN CASE WHEN ((p_ramp IS NULL) OR (cardinality(p_ramp) = 0)) THEN 'a ramp needs at least one day'::text WHEN (array_ndims(p_ramp) <> 1) THEN 'a ramp is a one-dimensional array of daily ceilings'::text WHEN (cardinality(p_ramp) > 366) THEN 'a ramp lasts at most 366 days'::text WHEN (array_position(p_ramp, NULL::integer) IS NOT NULL) THEN 'a ramp has no NULL days'::text WHEN (EXISTS (SELECT 1 FROM unnest(warmup_ramp_problem.p_ramp) c(c) WHERE ((c.c < 1) OR (c.c > 100000000)))) THEN 'each daily ceiling is between 1 and 100000000'::text WHEN (EXISTS (SELECT 1 FROM (unnest(warmup_ramp_problem.p_ramp) WITH ORDINALITY a(c, i) JOIN unnest(warmup_ramp_problem.p_ramp) WITH ORDINALITY b(c, i) ON ((b.i = (a.i + 1)))) WHERE (b.c < a.c))) THEN 'a ramp never decreases (each day''s ceiling is at least the day before''s)'::text ELSE NULL::text END;
-COMMENT ON FUNCTION edm.warmup_ramp_problem(integer[]) IS 'Why p_ramp is not a valid warm-up ramp (NULL when it is): 1 to 366 daily ceilings, each 1..100000000, never decreasing.';
-REVOKE ALL ON FUNCTION edm.warmup_ramp_problem(integer[]) FROM PUBLIC;
-
-CREATE TABLE edm.service_warmups (
-  service_id bigint NOT NULL,
-  started_on date NOT NULL,
-  ramp integer[] NOT NULL,
-  created_at timestamp with time zone DEFAULT now() NOT NULL,
-  updated_at timestamp with time zone DEFAULT now() NOT NULL,
-  CONSTRAINT service_warmups_pkey PRIMARY KEY (service_id),
-  CONSTRAINT service_warmups_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
-  CONSTRAINT service_warmups_ramp_check CHECK (((edm.warmup_ramp_problem(ramp) IS NULL) AND (array_lower(ramp, 1) = 1))),
-  CONSTRAINT service_warmups_started_on_check CHECK (isfinite(started_on))
-);
-COMMENT ON TABLE edm.service_warmups IS 'Services warming up: on local day n of the ramp (day 1 = started_on, in the service''s quota_tz) the service sends at most ramp[n]. Enforced by the calendar_day limit ''warmup'' in edm.service_limits, whose max_count edm.apply_warmups keeps at the day''s ceiling; the row and the limit go away after the last day. Set with edm.set_service_warmup; see docs/explanation/traffic-shaping.md.';
-COMMENT ON COLUMN edm.service_warmups.service_id IS 'Service warming up.';
-COMMENT ON COLUMN edm.service_warmups.started_on IS 'Local date (in the service''s quota_tz) of day 1 of the ramp.';
-COMMENT ON COLUMN edm.service_warmups.ramp IS 'Daily ceilings, day 1 first; never decreasing, 1 to 366 days.';
-COMMENT ON COLUMN edm.service_warmups.created_at IS 'When the warm-up was first set.';
-COMMENT ON COLUMN edm.service_warmups.updated_at IS 'When the ramp or its start was last changed.';
-
-CREATE TABLE edm.shaping_actions (
-  action_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
-  at timestamp with time zone NOT NULL,
-  rule_id bigint,
-  rule_name text NOT NULL,
-  service_id bigint NOT NULL,
-  site text,
-  subtask_id bigint,
-  action text NOT NULL,
-  until timestamp with time zone,
-  level integer,
-  code integer,
-  reply text,
-  CONSTRAINT shaping_actions_pkey PRIMARY KEY (action_id),
-  CONSTRAINT shaping_actions_rule_id_fkey FOREIGN KEY (rule_id) REFERENCES edm.reply_rules(rule_id) ON DELETE SET NULL,
-  CONSTRAINT shaping_actions_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
-  CONSTRAINT shaping_actions_action_check CHECK ((action = ANY (ARRAY['suspend_site'::text, 'suspend_service'::text, 'bounce'::text, 'retry'::text]))),
-  CONSTRAINT shaping_actions_reply_check CHECK ((length(reply) <= 2000))
-);
-COMMENT ON TABLE edm.shaping_actions IS 'Log of every reply rule applied by edm.complete: one row per completed subtask a rule matched, with the reply that caused it and what it set until when. Suspensions and back-offs end by themselves at until; rows are trimmed by edm.trim_shaping_actions after monitoring.metrics_retention_days.';
-COMMENT ON COLUMN edm.shaping_actions.action_id IS 'Identity of the log row.';
-COMMENT ON COLUMN edm.shaping_actions.at IS 'When the completion applied the rule (its p_now).';
-COMMENT ON COLUMN edm.shaping_actions.rule_id IS 'Rule applied (NULL once the rule was deleted).';
-COMMENT ON COLUMN edm.shaping_actions.rule_name IS 'Name of the rule when it was applied.';
-COMMENT ON COLUMN edm.shaping_actions.service_id IS 'Service that received the reply.';
-COMMENT ON COLUMN edm.shaping_actions.site IS 'Site of the recipient (NULL: its domain is not mapped).';
-COMMENT ON COLUMN edm.shaping_actions.subtask_id IS 'Subtask whose send got the reply.';
-COMMENT ON COLUMN edm.shaping_actions.action IS 'Action of the rule: suspend_site, suspend_service, bounce or retry.';
-COMMENT ON COLUMN edm.shaping_actions.until IS 'End of what the action set: the pair''s suspension, the service''s back-off, or the recipient''s retry (NULL for bounce).';
-COMMENT ON COLUMN edm.shaping_actions.level IS 'suspend_site: escalation level of the pair''s suspension.';
-COMMENT ON COLUMN edm.shaping_actions.code IS 'SMTP reply code reported with the reply (NULL for other transports).';
-COMMENT ON COLUMN edm.shaping_actions.reply IS 'The reply text as reported by the transport.';
-CREATE INDEX shaping_actions_at_idx ON edm.shaping_actions USING btree (at);
-COMMENT ON INDEX edm.shaping_actions_at_idx IS 'Trimming old rows (edm.trim_shaping_actions).';
-CREATE INDEX shaping_actions_pair_idx ON edm.shaping_actions USING btree (service_id, site, at DESC);
-COMMENT ON INDEX edm.shaping_actions_pair_idx IS 'Latest actions of a (service, site) pair (edm.site_suspension_status).';
-
-CREATE FUNCTION edm.shaping_key(p_scope text, p_site text, p_service_id bigint, p_user_id text, p_task_id bigint)
- RETURNS text
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN ((((((((p_scope || '|'::text) || COALESCE((p_service_id)::text, ''::text)) || '|'::text) || COALESCE(p_site, ''::text)) || '|'::text) || COALESCE((p_task_id)::text, ''::text)) || '|'::text) || COALESCE(p_user_id, ''::text));
-COMMENT ON FUNCTION edm.shaping_key(text,text,bigint,text,bigint) IS 'The key of one shaping scope (edm.shaping_limits.scope_key): scope|service|site|task|user, empty where the scope has no such part.';
-REVOKE ALL ON FUNCTION edm.shaping_key(text,text,bigint,text,bigint) FROM PUBLIC;
-
-CREATE TABLE edm.shaping_limits (
-  scope text NOT NULL,
-  site text,
-  service_id bigint,
-  user_id text,
-  task_id bigint,
-  scope_key text GENERATED ALWAYS AS (edm.shaping_key(scope, site, service_id, user_id, task_id)) STORED NOT NULL,
-  name text NOT NULL,
-  kind text NOT NULL,
-  max_count integer NOT NULL,
-  window_ms bigint,
-  burst integer DEFAULT 1 NOT NULL,
-  time_zone text,
-  tat timestamp with time zone,
-  bucket_idx bigint[] DEFAULT '{}'::bigint[] NOT NULL,
-  bucket_n integer[] DEFAULT '{}'::integer[] NOT NULL,
-  day date,
-  day_count integer DEFAULT 0 NOT NULL,
-  created_at timestamp with time zone DEFAULT now() NOT NULL,
-  CONSTRAINT shaping_limits_pkey PRIMARY KEY (scope_key, name),
-  CONSTRAINT shaping_limits_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
-  CONSTRAINT shaping_limits_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
-  CONSTRAINT shaping_limits_task_id_fkey FOREIGN KEY (task_id) REFERENCES edm.tasks(task_id) ON DELETE CASCADE,
-  CONSTRAINT shaping_limits_user_id_fkey FOREIGN KEY (user_id) REFERENCES edm.users(user_id) ON DELETE CASCADE,
-  CONSTRAINT shaping_limits_buckets CHECK ((cardinality(bucket_idx) = cardinality(bucket_n))),
-  CONSTRAINT shaping_limits_burst_check CHECK (((burst >= 1) AND (burst <= 100000))),
-  CONSTRAINT shaping_limits_day_count_check CHECK ((day_count >= 0)),
-  CONSTRAINT shaping_limits_kind_check CHECK ((kind = ANY (ARRAY['rate'::text, 'rolling'::text, 'calendar_day'::text]))),
-  CONSTRAINT shaping_limits_max_count_check CHECK (((max_count >= 0) AND (max_count <= 100000000))),
-  CONSTRAINT shaping_limits_name_check CHECK ((name ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'::text)),
-  CONSTRAINT shaping_limits_scope_check CHECK ((scope = ANY (ARRAY['global'::text, 'site'::text, 'service_site'::text, 'user'::text, 'task'::text]))),
-  CONSTRAINT shaping_limits_shape CHECK (
-CASE kind
-    WHEN 'calendar_day'::text THEN ((window_ms IS NULL) AND (burst = 1))
-    WHEN 'rolling'::text THEN ((window_ms IS NOT NULL) AND (window_ms >= 1000) AND (burst = 1) AND (time_zone IS NULL))
-    ELSE ((window_ms IS NOT NULL) AND (time_zone IS NULL) AND (burst <= GREATEST(max_count, 1)))
-END),
-  CONSTRAINT shaping_limits_target CHECK (
-CASE scope
-    WHEN 'global'::text THEN ((site IS NULL) AND (service_id IS NULL) AND (user_id IS NULL) AND (task_id IS NULL))
-    WHEN 'site'::text THEN ((site IS NOT NULL) AND (service_id IS NULL) AND (user_id IS NULL) AND (task_id IS NULL))
-    WHEN 'service_site'::text THEN ((site IS NOT NULL) AND (service_id IS NOT NULL) AND (user_id IS NULL) AND (task_id IS NULL))
-    WHEN 'user'::text THEN ((user_id IS NOT NULL) AND (site IS NULL) AND (service_id IS NULL) AND (task_id IS NULL))
-    ELSE ((task_id IS NOT NULL) AND (site IS NULL) AND (service_id IS NULL) AND (user_id IS NULL))
-END),
-  CONSTRAINT shaping_limits_time_zone_check CHECK (((time_zone IS NULL) OR edm.is_valid_timezone(time_zone))),
-  CONSTRAINT shaping_limits_window_ms_check CHECK (((window_ms >= 1) AND (window_ms <= (31 * (86400000)::bigint))))
-);
-COMMENT ON TABLE edm.shaping_limits IS 'Traffic-shaping limits beyond a service''s own (edm.service_limits), in the same form (rate with burst, rolling window, calendar day) and all held at once by the claim: global (every send), site (one destination site across all services), service_site (one service to one site), user (a tenant''s plan) and task (a campaign''s maximum rate). A calendar_day limit without time_zone counts UTC days. Set with edm.set_global_limits, edm.set_site_limits, edm.set_user_limits and edm.set_task_limits; see docs/explanation/traffic-shaping.md.';
-COMMENT ON COLUMN edm.shaping_limits.scope IS 'global, site, service_site, user or task.';
-COMMENT ON COLUMN edm.shaping_limits.site IS 'site and service_site scopes: the destination site.';
-COMMENT ON COLUMN edm.shaping_limits.service_id IS 'service_site scope: the sending service.';
-COMMENT ON COLUMN edm.shaping_limits.user_id IS 'user scope: the tenant.';
-COMMENT ON COLUMN edm.shaping_limits.task_id IS 'task scope: the campaign.';
-COMMENT ON COLUMN edm.shaping_limits.scope_key IS 'The scope as one key (edm.shaping_key); with name, the primary key.';
-COMMENT ON COLUMN edm.shaping_limits.name IS 'Name of the limit, unique per scope (e.g. per_hour, per_day); waiting reasons name it.';
-COMMENT ON COLUMN edm.shaping_limits.kind IS 'rate, rolling or calendar_day (as edm.service_limits.kind).';
-COMMENT ON COLUMN edm.shaping_limits.max_count IS 'Most sends per window (0 blocks the scope).';
-COMMENT ON COLUMN edm.shaping_limits.window_ms IS 'Window length in milliseconds (rate and rolling); NULL for calendar_day.';
-COMMENT ON COLUMN edm.shaping_limits.burst IS 'rate only: most sends at once (token bucket depth).';
-COMMENT ON COLUMN edm.shaping_limits.time_zone IS 'calendar_day only: time zone whose midnight starts a day; NULL = UTC.';
-COMMENT ON COLUMN edm.shaping_limits.tat IS 'rate state: GCRA theoretical arrival time (as edm.service_limits.tat).';
-COMMENT ON COLUMN edm.shaping_limits.bucket_idx IS 'rolling state: buckets with sends, oldest first (as edm.service_limits.bucket_idx).';
-COMMENT ON COLUMN edm.shaping_limits.bucket_n IS 'rolling state: sends slotted in each bucket of bucket_idx.';
-COMMENT ON COLUMN edm.shaping_limits.day IS 'calendar_day state: the local date day_count counts.';
-COMMENT ON COLUMN edm.shaping_limits.day_count IS 'calendar_day state: sends slotted on day.';
-COMMENT ON COLUMN edm.shaping_limits.created_at IS 'When the limit was set.';
-CREATE INDEX shaping_limits_scope_idx ON edm.shaping_limits USING btree (scope, service_id);
-COMMENT ON INDEX edm.shaping_limits_scope_idx IS 'Limits by scope (is a layer in use; the site limits that apply to a service).';
-CREATE INDEX shaping_limits_site_idx ON edm.shaping_limits USING btree (site) WHERE (site IS NOT NULL);
-COMMENT ON INDEX edm.shaping_limits_site_idx IS 'The ON UPDATE / DELETE CASCADE from edm.sites.';
-CREATE INDEX shaping_limits_task_idx ON edm.shaping_limits USING btree (task_id) WHERE (task_id IS NOT NULL);
-COMMENT ON INDEX edm.shaping_limits_task_idx IS 'The ON DELETE CASCADE from edm.tasks.';
-CREATE INDEX shaping_limits_user_idx ON edm.shaping_limits USING btree (user_id) WHERE (user_id IS NOT NULL);
-COMMENT ON INDEX edm.shaping_limits_user_idx IS 'The ON DELETE CASCADE from edm.users.';
-
-CREATE TABLE edm.site_domains (
-  domain text NOT NULL,
-  site text NOT NULL,
-  source text DEFAULT 'admin'::text NOT NULL,
-  resolved_at timestamp with time zone DEFAULT now() NOT NULL,
-  CONSTRAINT site_domains_pkey PRIMARY KEY (domain),
-  CONSTRAINT site_domains_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
-  CONSTRAINT site_domains_domain_check CHECK (((domain = lower(domain)) AND ((length(domain) >= 1) AND (length(domain) <= 253)) AND (domain !~ '[[:space:][:cntrl:]@]'::text))),
-  CONSTRAINT site_domains_source_check CHECK ((source = ANY (ARRAY['shipped'::text, 'admin'::text, 'resolved'::text])))
-);
-COMMENT ON TABLE edm.site_domains IS 'Which site a recipient domain belongs to. shipped rows come with edm-sched, admin rows are set by the host or a DBA (edm.set_site_domains), resolved rows were answered by the host''s resolver hook for a domain not mapped before (edm.cache_site_domains). A domain not listed has no site.';
-COMMENT ON COLUMN edm.site_domains.domain IS 'Recipient domain, lower case, exactly as after the @ (subdomains are separate domains).';
-COMMENT ON COLUMN edm.site_domains.site IS 'Site the domain belongs to.';
-COMMENT ON COLUMN edm.site_domains.source IS 'shipped (a default of edm-sched), admin (set by the host or a DBA) or resolved (cached answer of the host''s resolver hook).';
-COMMENT ON COLUMN edm.site_domains.resolved_at IS 'When the mapping was set or last resolved (a host may re-resolve old resolved rows).';
-CREATE INDEX site_domains_site_idx ON edm.site_domains USING btree (site);
-COMMENT ON INDEX edm.site_domains_site_idx IS 'The domains of a site (listing a site, and the ON DELETE CASCADE from edm.sites).';
-INSERT INTO edm.site_domains (domain, site, source) VALUES
-  ('126.com', 'netease', 'shipped'),
-  ('163.com', 'netease', 'shipped'),
-  ('188.com', 'netease', 'shipped'),
-  ('aim.com', 'yahoo', 'shipped'),
-  ('aol.com', 'yahoo', 'shipped'),
-  ('bk.ru', 'mailru', 'shipped'),
-  ('comcast.net', 'comcast', 'shipped'),
-  ('foxmail.com', 'qq', 'shipped'),
-  ('gmail.com', 'google', 'shipped'),
-  ('gmx.at', 'gmx', 'shipped'),
-  ('gmx.ch', 'gmx', 'shipped'),
-  ('gmx.com', 'gmx', 'shipped'),
-  ('gmx.de', 'gmx', 'shipped'),
-  ('gmx.net', 'gmx', 'shipped'),
-  ('googlemail.com', 'google', 'shipped'),
-  ('hotmail.co.uk', 'microsoft', 'shipped'),
-  ('hotmail.com', 'microsoft', 'shipped'),
-  ('hotmail.de', 'microsoft', 'shipped'),
-  ('hotmail.es', 'microsoft', 'shipped'),
-  ('hotmail.fr', 'microsoft', 'shipped'),
-  ('hotmail.it', 'microsoft', 'shipped'),
-  ('icloud.com', 'apple', 'shipped'),
-  ('inbox.ru', 'mailru', 'shipped'),
-  ('internet.ru', 'mailru', 'shipped'),
-  ('list.ru', 'mailru', 'shipped'),
-  ('live.co.uk', 'microsoft', 'shipped'),
-  ('live.com', 'microsoft', 'shipped'),
-  ('live.fr', 'microsoft', 'shipped'),
-  ('mac.com', 'apple', 'shipped'),
-  ('mail.ru', 'mailru', 'shipped'),
-  ('me.com', 'apple', 'shipped'),
-  ('msn.com', 'microsoft', 'shipped'),
-  ('outlook.com', 'microsoft', 'shipped'),
-  ('outlook.de', 'microsoft', 'shipped'),
-  ('outlook.fr', 'microsoft', 'shipped'),
-  ('passport.com', 'microsoft', 'shipped'),
-  ('qq.com', 'qq', 'shipped'),
-  ('rocketmail.com', 'yahoo', 'shipped'),
-  ('verizon.net', 'yahoo', 'shipped'),
-  ('web.de', 'gmx', 'shipped'),
-  ('yahoo.co.jp', 'yahoo', 'shipped'),
-  ('yahoo.co.uk', 'yahoo', 'shipped'),
-  ('yahoo.com', 'yahoo', 'shipped'),
-  ('yahoo.de', 'yahoo', 'shipped'),
-  ('yahoo.fr', 'yahoo', 'shipped'),
-  ('yeah.net', 'netease', 'shipped'),
-  ('ymail.com', 'yahoo', 'shipped');
-
-CREATE TABLE edm.site_suspensions (
-  service_id bigint NOT NULL,
-  site text NOT NULL,
-  until timestamp with time zone NOT NULL,
-  level integer DEFAULT 1 NOT NULL,
-  reason text NOT NULL,
-  created_at timestamp with time zone DEFAULT now() NOT NULL,
-  CONSTRAINT site_suspensions_pkey PRIMARY KEY (service_id, site),
-  CONSTRAINT site_suspensions_service_id_fkey FOREIGN KEY (service_id) REFERENCES edm.services(service_id) ON DELETE CASCADE,
-  CONSTRAINT site_suspensions_site_fkey FOREIGN KEY (site) REFERENCES edm.sites(site) ON UPDATE CASCADE ON DELETE CASCADE,
-  CONSTRAINT site_suspensions_level_check CHECK (((level >= 1) AND (level <= 1000))),
-  CONSTRAINT site_suspensions_reason_check CHECK ((length(reason) <= 2000))
-);
-COMMENT ON TABLE edm.site_suspensions IS 'A (service, site) pair that must not send until a time: set by a reply rule (a throttling answer such as Gmail''s 421 4.7.28) or by hand. The claim skips the pair''s recipients and serves the service''s other sites. A row past its until no longer applies (it expires by itself) but keeps its level for escalation on repeats.';
-COMMENT ON COLUMN edm.site_suspensions.service_id IS 'Service suspended for the site.';
-COMMENT ON COLUMN edm.site_suspensions.site IS 'Site the service must not send to.';
-COMMENT ON COLUMN edm.site_suspensions.until IS 'End of the suspension (it no longer applies from then).';
-COMMENT ON COLUMN edm.site_suspensions.level IS 'How many times in a row the pair was suspended (escalation: each repeat may last longer).';
-COMMENT ON COLUMN edm.site_suspensions.reason IS 'Why: the rule and the reply that caused the suspension, or the text given by hand.';
-COMMENT ON COLUMN edm.site_suspensions.created_at IS 'When the current suspension started.';
-CREATE INDEX site_suspensions_until_idx ON edm.site_suspensions USING btree (until);
-COMMENT ON INDEX edm.site_suspensions_until_idx IS 'Suspensions by end (which are in force at a time; sweeping old ones).';
-
-CREATE FUNCTION edm.apply_warmups(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_service_id bigint DEFAULT NULL::bigint)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_now     timestamptz := coalesce(p_now, now());
-  w         record;
-  l         record;
-  v_today   date;
-  v_ceiling integer;
-  v_n       integer := 0;
-BEGIN
-  -- Lock order as the claim's: the service row, then its limits. Only the
-  -- services with something to do are locked (claims skip a locked service
-  -- until the sweep commits): on most sweeps, none. Nothing to do: the limit
-  -- holds the day's ceiling, or the ramp is over and the limit still counts
-  -- its last day (kept, see below).
-  FOR w IN
-    SELECT x.service_id, x.ramp, x.started_on, s.quota_tz, s.quota_day, s.sent_today
-    FROM edm.service_warmups x JOIN edm.services s ON s.service_id = x.service_id
-    CROSS JOIN LATERAL (SELECT (v_now AT TIME ZONE s.quota_tz)::date AS today) d
-    WHERE (p_service_id IS NULL OR x.service_id = p_service_id)
-      AND NOT EXISTS (
-        SELECT 1 FROM edm.service_limits sl
-        WHERE sl.service_id = x.service_id AND sl.name = 'warmup'
-          AND (sl.max_count = edm.warmup_ceiling(x.ramp, x.started_on, d.today)
-               OR (edm.warmup_ceiling(x.ramp, x.started_on, d.today) IS NULL
-                   AND sl.day = d.today - 1
-                   AND edm.warmup_ceiling(x.ramp, x.started_on, sl.day) IS NOT NULL)))
-    ORDER BY x.service_id
-    FOR NO KEY UPDATE OF s
-  LOOP
-    v_today := (v_now AT TIME ZONE w.quota_tz)::date;
-    v_ceiling := edm.warmup_ceiling(w.ramp, w.started_on, v_today);
-    SELECT sl.max_count, sl.day INTO l FROM edm.service_limits sl
-    WHERE sl.service_id = w.service_id AND sl.name = 'warmup'
-    FOR UPDATE;
-    IF v_ceiling IS NULL THEN
-      -- The ramp is over. Keep the last ceiling while the limit still counts
-      -- the ramp's last day (a late slot of that day may come); it goes at
-      -- the first sweep after the state has moved on.
-      CONTINUE WHEN l.day IS NOT NULL AND l.day = v_today - 1
-                    AND edm.warmup_ceiling(w.ramp, w.started_on, l.day) IS NOT NULL;
-      DELETE FROM edm.service_warmups x WHERE x.service_id = w.service_id;
-      DELETE FROM edm.service_limits sl WHERE sl.service_id = w.service_id AND sl.name = 'warmup';
-      PERFORM pg_notify('edm_wakeup', 'service:' || w.service_id);
-      v_n := v_n + 1;
-    ELSIF l.max_count IS NULL THEN
-      -- New: today's sends so far count (the service's own count of its quota day).
-      INSERT INTO edm.service_limits (service_id, name, kind, max_count, day, day_count)
-      VALUES (w.service_id, 'warmup', 'calendar_day', v_ceiling, v_today,
-              CASE WHEN w.quota_day = v_today THEN w.sent_today ELSE 0 END);
-      v_n := v_n + 1;
-    ELSIF l.max_count <> v_ceiling THEN
-      -- In place, state kept. A count of an earlier day moves by the change,
-      -- so that day keeps the headroom it had under its own ceiling.
-      UPDATE edm.service_limits sl
-      SET max_count = v_ceiling,
-          day_count = CASE WHEN sl.day < v_today
-                           THEN greatest(0, sl.day_count + v_ceiling - sl.max_count)
-                           ELSE sl.day_count END
-      WHERE sl.service_id = w.service_id AND sl.name = 'warmup';
-      IF v_ceiling > l.max_count THEN
-        -- a block computed under the lower ceiling is re-decided by the next claim
-        UPDATE edm.services s SET quota_exhausted_until = NULL WHERE s.service_id = w.service_id;
-        PERFORM pg_notify('edm_wakeup', 'service:' || w.service_id);
-      END IF;
-      v_n := v_n + 1;
-    END IF;
-  END LOOP;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.apply_warmups(timestamp with time zone,bigint) IS 'Sets the limit ''warmup'' of each warming-up service (or of p_service_id only) to the ceiling of its current local day at p_now, in place (its count kept); after the ramp''s last day removes the limit and the warm-up. Run by every sweep (edm.run_sweeps) and by edm.set_service_warmup. Returns how many services changed.';
-REVOKE ALL ON FUNCTION edm.apply_warmups(timestamp with time zone,bigint) FROM PUBLIC;
-
-CREATE FUNCTION edm.cache_site_domains(p_domains text[], p_sites text[], p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_n integer;
-BEGIN
-  IF p_domains IS NULL OR p_sites IS NULL OR cardinality(p_domains) <> cardinality(p_sites)
-     OR cardinality(p_domains) > 10000 THEN
-    RAISE EXCEPTION 'cache_site_domains: domains and sites must be arrays of the same length (at most 10000)'
-      USING ERRCODE = 'ED005';
-  END IF;
-  IF EXISTS (SELECT 1 FROM unnest(p_domains, p_sites) x(d, s)
-             WHERE d IS NULL OR length(d) NOT BETWEEN 1 AND 253 OR d ~ '[[:space:][:cntrl:]@]'
-                OR s IS NULL OR s !~ '^[a-z0-9][a-z0-9_.-]{0,63}$') THEN
-    RAISE EXCEPTION 'cache_site_domains: a domain is not a host name or a site name is not valid'
-      USING ERRCODE = 'ED005';
-  END IF;
-  INSERT INTO edm.sites (site, description)
-  SELECT DISTINCT s, 'found by the resolver hook' FROM unnest(p_sites) s
-  ON CONFLICT (site) DO NOTHING;
-  -- A resolver answer never overrides what an admin or edm-sched set.
-  INSERT INTO edm.site_domains AS d (domain, site, source, resolved_at)
-  SELECT DISTINCT ON (lower(x.d)) lower(x.d), x.s, 'resolved', coalesce(p_now, now())
-  FROM unnest(p_domains, p_sites) x(d, s)
-  ORDER BY lower(x.d)
-  ON CONFLICT (domain) DO UPDATE SET site = EXCLUDED.site, resolved_at = EXCLUDED.resolved_at
-    WHERE d.source = 'resolved';
-  GET DIAGNOSTICS v_n = ROW_COUNT;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.cache_site_domains(text[],text[],timestamp with time zone) IS 'Caches the host resolver hook''s answers: maps each p_domains[i] to site p_sites[i] (creating unknown sites) as source resolved. Never overrides a shipped or admin mapping. Returns how many rows were written.';
-REVOKE ALL ON FUNCTION edm.cache_site_domains(text[],text[],timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.cancel_pending_to(p_email text, p_user_id text DEFAULT NULL::text, p_reason text DEFAULT 'suppressed'::text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_now timestamptz := coalesce(p_now, now());
-  v_ids bigint[];
-BEGIN
-  -- Lock order as everywhere: subtasks, then tasks by id, then users.
-  -- Live tasks first, then one probe of the unique (task_id, email) index
-  -- each: subtasks has no index on the address alone (it would cost every
-  -- subtask insert), and a scan of it would cost a feedback event seconds.
-  SELECT array_agg(x.subtask_id) INTO v_ids FROM (
-    SELECT st.subtask_id FROM edm.tasks t
-    JOIN edm.subtasks st ON st.task_id = t.task_id AND st.email = edm.normalize_email(p_email)
-    WHERE t.status IN ('draft', 'expanding', 'scheduled', 'sending', 'paused')
-      AND (p_user_id IS NULL OR t.user_id = p_user_id)
-      AND st.status = 'pending'
-    ORDER BY st.subtask_id
-    FOR NO KEY UPDATE OF st) x;
-  IF v_ids IS NULL THEN
-    RETURN 0;
-  END IF;
-  PERFORM 1 FROM edm.tasks t
-  WHERE t.task_id IN (SELECT st.task_id FROM edm.subtasks st WHERE st.subtask_id = ANY (v_ids))
-  ORDER BY t.task_id FOR NO KEY UPDATE;
-  WITH sub AS (
-    UPDATE edm.subtasks st
-    SET status = 'cancelled', finished_at = v_now,
-        outcome_detail = 'not sent: address ' || p_reason
-    WHERE st.subtask_id = ANY (v_ids) AND st.status = 'pending'
-    RETURNING st.task_id
-  ),
-  per_task AS (SELECT sub.task_id, count(*) AS n FROM sub GROUP BY sub.task_id),
-  upd_tasks AS (
-    UPDATE edm.tasks t
-    SET pending_count = t.pending_count - pt.n, cancelled_count = t.cancelled_count + pt.n,
-        quota_reserved = greatest(t.quota_reserved - pt.n, 0)
-        -- a task this drains is completed by trigger tasks_when_drained
-    FROM per_task pt WHERE t.task_id = pt.task_id
-    RETURNING t.user_id, pt.n
-  )
-  -- never sent: the reserved quota goes back to the owner, as cancel_task does
-  UPDATE edm.users u SET quota_used = greatest(u.quota_used - r.n, 0)
-  FROM (SELECT ut.user_id, sum(ut.n) AS n FROM upd_tasks ut GROUP BY ut.user_id) r
-  WHERE u.user_id = r.user_id;
-  RETURN cardinality(v_ids);
-END;
-$function$;
-COMMENT ON FUNCTION edm.cancel_pending_to(text,text,text,timestamp with time zone) IS 'Cancels the pending subtasks addressed to p_email (of user p_user_id''s tasks, or of every task when NULL), keeping task counters and refunding the owners'' quota, so that a suppression or an unsubscribe takes effect on tasks already created. Leased subtasks finish. Returns how many were cancelled.';
-REVOKE ALL ON FUNCTION edm.cancel_pending_to(text,text,text,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.check_reputation(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_force boolean DEFAULT false)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_now timestamptz := coalesce(p_now, now());
-  v_window integer := edm.config_int('reputation.window_hours');
-  v_bw numeric := edm.config_num('reputation.bounce_warn_pct');
-  v_bp numeric := edm.config_num('reputation.bounce_pause_pct');
-  v_cw numeric := edm.config_num('reputation.complaint_warn_pct');
-  v_cp numeric := edm.config_num('reputation.complaint_pause_pct');
-  v_last timestamptz;
-  v_n integer := 0;
-  v_reason text;
-  r record;
-BEGIN
-  IF NOT (SELECT (c.value #>> '{}')::boolean FROM edm.config c WHERE c.key = 'reputation.enabled') THEN
-    RETURN 0;
-  END IF;
-  -- At most once per reputation.check_interval (the sweeps run every few seconds).
-  SELECT s.watermark INTO v_last FROM edm.sweep_state s WHERE s.name = 'reputation' FOR UPDATE;
-  IF NOT coalesce(p_force, false)
-     AND v_last > v_now - make_interval(secs => edm.config_int('reputation.check_interval')) THEN
-    RETURN 0;
-  END IF;
-  INSERT INTO edm.sweep_state (name, watermark) VALUES ('reputation', v_now)
-  ON CONFLICT (name) DO UPDATE SET watermark = EXCLUDED.watermark, updated_at = now();
-
-  -- A service re-enabled by hand (update_service) counts as resumed.
-  UPDATE edm.services s SET paused_reason = NULL, reputation_since = v_now
-  WHERE s.paused_reason IS NOT NULL AND s.enabled;
-
-  FOR r IN SELECT x.subject, x.service_id, x.user_id, x.sends, x.hard_bounces, x.complaints,
-                  x.bounce_pct, x.complaint_pct, x.paused_reason
-           FROM edm.reputation_rates(v_now) x WHERE x.judged
-           ORDER BY x.subject, x.service_id, x.user_id LOOP
-    v_reason := NULL;
-    IF r.complaint_pct >= v_cp OR r.bounce_pct >= v_bp THEN
-      v_reason := format('reputation: %s%% hard bounces (%s) and %s%% complaints (%s) in %s sends over the last %s h; pauses at %s%% / %s%%',
-                         r.bounce_pct, r.hard_bounces, r.complaint_pct, r.complaints, r.sends,
-                         v_window, v_bp, v_cp);
-    END IF;
-    IF v_reason IS NOT NULL AND r.paused_reason IS NULL THEN
-      IF r.subject = 'service' THEN
-        UPDATE edm.services s SET enabled = false, paused_reason = v_reason, updated_at = v_now
-        WHERE s.service_id = r.service_id;
-        PERFORM edm.raise_alert('reputation', 'critical',
-          format('service %s disabled: %s', r.service_id, v_reason), NULL, r.service_id, NULL, v_now);
-      ELSE
-        UPDATE edm.users u SET paused_reason = v_reason WHERE u.user_id = r.user_id;
-        UPDATE edm.tasks t SET status = 'paused', pause_reason = v_reason
-        WHERE t.task_id IN (SELECT x.task_id FROM edm.tasks x
-                            WHERE x.user_id = r.user_id AND x.status IN ('scheduled', 'sending')
-                              AND edm.is_bulk_task(x.task_id)
-                            ORDER BY x.task_id FOR NO KEY UPDATE);
-        PERFORM edm.raise_alert('reputation', 'critical',
-          format('user %s: bulk tasks paused: %s', r.user_id, v_reason), NULL, NULL, r.user_id, v_now);
-      END IF;
-      v_n := v_n + 1;
-    ELSIF v_reason IS NULL AND (r.complaint_pct >= v_cw OR r.bounce_pct >= v_bw) THEN
-      IF edm.raise_alert('reputation', 'warning',
-           format('%s %s: %s%% hard bounces (%s) and %s%% complaints (%s) in %s sends over the last %s h; warns at %s%% / %s%%, pauses at %s%% / %s%%',
-                  r.subject, coalesce(r.service_id::text, r.user_id), r.bounce_pct, r.hard_bounces,
-                  r.complaint_pct, r.complaints, r.sends, v_window, v_bw, v_cw, v_bp, v_cp),
-           NULL, r.service_id, r.user_id, v_now) THEN
-        v_n := v_n + 1;
-      END IF;
-    END IF;
-  END LOOP;
-
-  -- Warnings whose rates came back under the thresholds are resolved.
-  UPDATE edm.alerts a SET resolved_at = v_now
-  WHERE a.kind = 'reputation' AND a.severity = 'warning' AND a.resolved_at IS NULL
-    AND NOT EXISTS (SELECT 1 FROM edm.reputation_rates(v_now) x
-                    WHERE x.judged AND x.service_id IS NOT DISTINCT FROM a.service_id
-                      AND x.user_id IS NOT DISTINCT FROM a.user_id
-                      AND (x.complaint_pct >= v_cw OR x.bounce_pct >= v_bw));
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.check_reputation(timestamp with time zone,boolean) IS 'The reputation breaker, run from the sweeps at most every reputation.check_interval seconds (p_force: now): for each service and user with at least reputation.min_sends sends in the window, a hard-bounce or complaint rate at or above its pause threshold disables the service (enabled = false, paused_reason) or pauses the user''s bulk tasks (users.paused_reason, tasks.pause_reason; new bulk tasks are held too), with a critical alert; at or above its warning threshold raises a warning alert. Returns the number of pauses and warnings raised.';
-REVOKE ALL ON FUNCTION edm.check_reputation(timestamp with time zone,boolean) FROM PUBLIC;
-
-CREATE FUNCTION edm.config_num(p_key text)
- RETURNS numeric
- LANGUAGE sql
- STABLE
-RETURN (SELECT ((c.value #>> '{}'::text[]))::numeric AS "numeric" FROM edm.config c WHERE (c.key = config_num.p_key));
-COMMENT ON FUNCTION edm.config_num(text) IS 'Numeric value of config key p_key (NULL when absent).';
-REVOKE ALL ON FUNCTION edm.config_num(text) FROM PUBLIC;
-
-CREATE FUNCTION edm.delete_reply_rule(p_name text)
- RETURNS void
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-BEGIN
-  DELETE FROM edm.reply_rules r WHERE r.name = p_name;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown reply rule %', p_name USING ERRCODE = 'ED001';
-  END IF;
-END;
-$function$;
-COMMENT ON FUNCTION edm.delete_reply_rule(text) IS 'Deletes a reply rule by name (its log rows keep its name). Raises ED001 for an unknown name.';
-REVOKE ALL ON FUNCTION edm.delete_reply_rule(text) FROM PUBLIC;
-
-CREATE FUNCTION edm.email_domain(p_email text)
- RETURNS text
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN lower("substring"(p_email, '@([^@]*)$'::text));
-COMMENT ON FUNCTION edm.email_domain(text) IS 'The domain of an address (after its last @), lower case; NULL without an @.';
-REVOKE ALL ON FUNCTION edm.email_domain(text) FROM PUBLIC;
-
-CREATE FUNCTION edm.enable_reply_rule(p_name text, p_enabled boolean DEFAULT true)
- RETURNS void
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-BEGIN
-  IF p_enabled IS NULL THEN
-    RAISE EXCEPTION 'enable_reply_rule: enabled must be true or false' USING ERRCODE = 'ED005';
-  END IF;
-  UPDATE edm.reply_rules r SET enabled = p_enabled, updated_at = now() WHERE r.name = p_name;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown reply rule %', p_name USING ERRCODE = 'ED001';
-  END IF;
-END;
-$function$;
-COMMENT ON FUNCTION edm.enable_reply_rule(text,boolean) IS 'Enables (p_enabled true) or disables a reply rule by name; its source is kept. Raises ED001 for an unknown name.';
-REVOKE ALL ON FUNCTION edm.enable_reply_rule(text,boolean) FROM PUBLIC;
-
-CREATE FUNCTION edm.epoch_ms(p_ts timestamp with time zone)
- RETURNS bigint
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN (floor((EXTRACT(epoch FROM p_ts) * (1000)::numeric)))::bigint;
-COMMENT ON FUNCTION edm.epoch_ms(timestamp with time zone) IS 'Milliseconds since 1970-01-01 UTC (floor).';
-REVOKE ALL ON FUNCTION edm.epoch_ms(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.extend_roles(p_patch text[], p_context text)
- RETURNS void
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-BEGIN
-  PERFORM edm.patch_function('edm.install_roles(text, text, text)'::regprocedure, p_patch, p_context);
-  -- Databases whose roles were installed already get the new grants now (the
-  -- default role names; with other names, call edm.install_roles(...) again).
-  IF (SELECT count(*) FROM pg_roles r
-      WHERE r.rolname IN ('edm_dispatcher', 'edm_app', 'edm_monitor')) = 3 THEN
-    PERFORM edm.install_roles();
-  END IF;
-END;
-$function$;
-COMMENT ON FUNCTION edm.extend_roles(text[],text) IS 'For migrations: adds a migration''s names to the grant lists of edm.install_roles (edm.patch_function) and re-applies the grants where the default roles exist.';
-REVOKE ALL ON FUNCTION edm.extend_roles(text[],text) FROM PUBLIC;
-
-CREATE FUNCTION edm.is_bulk_task(p_task_id bigint)
- RETURNS boolean
- LANGUAGE sql
- STABLE
-RETURN (EXISTS (SELECT 1 FROM edm.templates tp WHERE ((tp.task_id = is_bulk_task.p_task_id) AND tp.list_unsubscribe)));
-COMMENT ON FUNCTION edm.is_bulk_task(bigint) IS 'True for bulk (marketing) tasks: a template with list_unsubscribe. Transactional tasks (list_unsubscribe = false) are never paused by the reputation breaker.';
-REVOKE ALL ON FUNCTION edm.is_bulk_task(bigint) FROM PUBLIC;
-
-CREATE FUNCTION edm.lift_site_suspension(p_service_id bigint, p_site text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS boolean
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_now timestamptz := coalesce(p_now, now());
-  v_in_force boolean;
-BEGIN
-  IF NOT EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = p_service_id) THEN
-    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
-  END IF;
-  -- The row goes, and with it the escalation level: the next throttle starts
-  -- from the rule's base duration (the action log keeps the history).
-  DELETE FROM edm.site_suspensions x
-  WHERE x.service_id = p_service_id AND x.site = p_site
-  RETURNING x.until > v_now INTO v_in_force;
-  IF NOT coalesce(v_in_force, false) THEN
-    RETURN false;
-  END IF;
-  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
-  RETURN true;
-END;
-$function$;
-COMMENT ON FUNCTION edm.lift_site_suspension(bigint,text,timestamp with time zone) IS 'Ends the suspension of (service, site) now and forgets its escalation level (the row is deleted; edm.shaping_actions keeps the history); true when one was in force. Raises ED001 for an unknown service.';
-REVOKE ALL ON FUNCTION edm.lift_site_suspension(bigint,text,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.limit_after(l edm.service_limits, p_slot timestamp with time zone, p_tz text, p_margin interval DEFAULT '00:00:00'::interval)
- RETURNS edm.service_limits
- LANGUAGE plpgsql
- STABLE
-AS $function$
-DECLARE
-  r edm.service_limits := l;
-  v_tz text := coalesce(l.time_zone, p_tz);
-BEGIN
-  IF l.kind = 'rate' THEN
-    -- A bucket that was idle starts from the send's arrival: its slot, or up to
-    -- p_margin later (the lateness of a send no lane paces against this limit).
-    -- The margin is capped at the limit's burst tolerance: it then costs
-    -- nothing while the limit binds, and a limit without a burst gets none.
-    r.tat := greatest(coalesce(l.tat, p_slot), p_slot
-                      + least(p_margin, ((l.burst - 1) * l.window_ms::double precision
-                                         / greatest(l.max_count, 1)) * interval '1 millisecond'))
-             + (l.window_ms::double precision / greatest(l.max_count, 1)) * interval '1 millisecond';
-  ELSIF l.kind = 'calendar_day' THEN
-    r.day_count := CASE WHEN l.day = (p_slot AT TIME ZONE v_tz)::date THEN l.day_count + 1 ELSE 1 END;
-    r.day := (p_slot AT TIME ZONE v_tz)::date;
-  ELSE
-    SELECT b.bucket_idx, b.bucket_n INTO r.bucket_idx, r.bucket_n
-    FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, p_slot) b;
-  END IF;
-  RETURN r;
-END;
-$function$;
-COMMENT ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) IS 'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time (a bucket that was idle starts from p_slot + p_margin, the send''s latest expected arrival, the margin capped at the burst tolerance (burst - 1) * window / max_count: see queue.shaping_arrival_margin_ms), calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
-REVOKE ALL ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) FROM PUBLIC;
-
-CREATE FUNCTION edm.limit_bucket_ms(p_window_ms bigint)
- RETURNS bigint
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN GREATEST((1)::bigint, (ceil(((p_window_ms)::numeric / 200.0)))::bigint);
-COMMENT ON FUNCTION edm.limit_bucket_ms(bigint) IS 'Bucket width of a rolling limit of p_window_ms: window / 200, rounded up (at least 1 ms).';
-REVOKE ALL ON FUNCTION edm.limit_bucket_ms(bigint) FROM PUBLIC;
-
-CREATE FUNCTION edm.limit_next(l edm.service_limits, p_at timestamp with time zone, p_service_tz text)
- RETURNS timestamp with time zone
- LANGUAGE plpgsql
- STABLE
-AS $function$
-DECLARE
-  v_tz   text := coalesce(l.time_zone, p_service_tz);
-  v_bms  bigint;
-  v_span bigint;
-  v_b    bigint;
-  v_sum  bigint := 0;
-  v_need bigint;
-  i      integer;
-BEGIN
-  IF l.max_count = 0 THEN
-    RETURN 'infinity';
-  END IF;
-  IF l.kind = 'rate' THEN
-    -- GCRA: allowed at t when t >= tat - tau, tau = (burst - 1) * T.
-    RETURN greatest(p_at, l.tat - ((l.burst - 1) * l.window_ms::double precision / l.max_count)
-                                   * interval '1 millisecond');
-  ELSIF l.kind = 'calendar_day' THEN
-    IF l.day = (p_at AT TIME ZONE v_tz)::date AND l.day_count >= l.max_count THEN
-      RETURN edm.service_next_quota_day(v_tz, p_at);
-    END IF;
-    RETURN p_at;
-  END IF;
-  -- rolling: the sends counted at t are those of buckets b >= b(t) - span,
-  -- which cover (t - window, t] and at most one bucket more (an upper bound).
-  v_bms := edm.limit_bucket_ms(l.window_ms);
-  v_span := ceil(l.window_ms::numeric / v_bms)::bigint;
-  v_b := edm.epoch_ms(p_at) / v_bms;
-  FOR i IN 1 .. cardinality(l.bucket_idx) LOOP
-    IF l.bucket_idx[i] >= v_b - v_span THEN
-      v_sum := v_sum + l.bucket_n[i];
-    END IF;
-  END LOOP;
-  IF v_sum < l.max_count THEN
-    RETURN p_at;
-  END IF;
-  -- Full: wait until enough of the oldest buckets have left the window.
-  v_need := v_sum - l.max_count + 1;
-  FOR i IN 1 .. cardinality(l.bucket_idx) LOOP
-    CONTINUE WHEN l.bucket_idx[i] < v_b - v_span;
-    v_need := v_need - l.bucket_n[i];
-    IF v_need <= 0 THEN
-      -- bucket i no longer counts once b(t) - span > bucket_idx[i]
-      RETURN greatest(p_at, to_timestamp((l.bucket_idx[i] + v_span + 1) * v_bms / 1000.0));
-    END IF;
-  END LOOP;
-  RETURN 'infinity';
-END;
-$function$;
-COMMENT ON FUNCTION edm.limit_next(edm.service_limits,timestamp with time zone,text) IS 'The earliest instant at or after p_at at which limit l admits one more send (infinity when max_count is 0). p_service_tz is the service''s quota_tz, the default day boundary of a calendar_day limit.';
-REVOKE ALL ON FUNCTION edm.limit_next(edm.service_limits,timestamp with time zone,text) FROM PUBLIC;
-
-CREATE FUNCTION edm.limits_next(p_service_id bigint, p_at timestamp with time zone, p_service_tz text)
- RETURNS timestamp with time zone
- LANGUAGE sql
- STABLE
-RETURN COALESCE((SELECT max(edm.limit_next(l.*, limits_next.p_at, limits_next.p_service_tz)) AS max FROM edm.service_limits l WHERE (l.service_id = limits_next.p_service_id)), p_at);
-COMMENT ON FUNCTION edm.limits_next(bigint,timestamp with time zone,text) IS 'The earliest instant at or after p_at at which every limit of the service in edm.service_limits admits one more send.';
-REVOKE ALL ON FUNCTION edm.limits_next(bigint,timestamp with time zone,text) FROM PUBLIC;
-
-CREATE FUNCTION edm.rolling_buckets_add(p_idx bigint[], p_n integer[], p_window_ms bigint, p_slot timestamp with time zone, OUT bucket_idx bigint[], OUT bucket_n integer[])
- RETURNS record
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-BEGIN ATOMIC
- SELECT array_agg(x.b ORDER BY x.b) AS bucket_idx,
-     array_agg(x.n ORDER BY x.b) AS bucket_n
-    FROM ( SELECT u.b,
-             (sum(u.n))::integer AS n
-            FROM ( SELECT t.b,
-                     t.n
-                    FROM UNNEST(rolling_buckets_add.p_idx, rolling_buckets_add.p_n) t(b, n)
-                 UNION ALL
-                  SELECT (edm.epoch_ms(rolling_buckets_add.p_slot) / edm.limit_bucket_ms(rolling_buckets_add.p_window_ms)) AS b,
-                     1 AS n) u
-           WHERE ((u.b)::numeric >= ((((edm.epoch_ms(rolling_buckets_add.p_slot) / edm.limit_bucket_ms(rolling_buckets_add.p_window_ms)))::numeric - ceil(((rolling_buckets_add.p_window_ms)::numeric / (edm.limit_bucket_ms(rolling_buckets_add.p_window_ms))::numeric))) - (1)::numeric))
-           GROUP BY u.b) x;
-END;
-COMMENT ON FUNCTION edm.rolling_buckets_add(bigint[],integer[],bigint,timestamp with time zone) IS 'The bucket arrays of a rolling limit (edm.service_limits.bucket_idx, bucket_n) after one more send slotted at p_slot: its bucket gains one, buckets older than any window that can still count are dropped.';
-REVOKE ALL ON FUNCTION edm.rolling_buckets_add(bigint[],integer[],bigint,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.limits_take(p_service_id bigint, p_slot timestamp with time zone, p_service_tz text)
- RETURNS void
- LANGUAGE sql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-BEGIN ATOMIC
- UPDATE edm.service_limits l SET tat =
-         CASE
-             WHEN (l.kind = 'rate'::text) THEN (GREATEST(COALESCE(l.tat, limits_take.p_slot), limits_take.p_slot) + (((l.window_ms)::double precision / (GREATEST(l.max_count, 1))::double precision) * '00:00:00.001'::interval))
-             ELSE l.tat
-         END, day_count =
-         CASE
-             WHEN (l.kind <> 'calendar_day'::text) THEN 0
-             WHEN (l.day = ((limits_take.p_slot AT TIME ZONE COALESCE(l.time_zone, limits_take.p_service_tz)))::date) THEN (l.day_count + 1)
-             ELSE 1
-         END, day =
-         CASE
-             WHEN (l.kind = 'calendar_day'::text) THEN ((limits_take.p_slot AT TIME ZONE COALESCE(l.time_zone, limits_take.p_service_tz)))::date
-             ELSE NULL::date
-         END, (bucket_idx, bucket_n) = ( SELECT COALESCE(r.bucket_idx, l.bucket_idx) AS bucket_idx,
-             COALESCE(r.bucket_n, l.bucket_n) AS bucket_n
-            FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, limits_take.p_slot) r(bucket_idx, bucket_n)
-           WHERE (l.kind = 'rolling'::text)
-         UNION ALL
-          SELECT l.bucket_idx,
-             l.bucket_n
-           WHERE (l.kind <> 'rolling'::text))
-   WHERE (l.service_id = limits_take.p_service_id);
-END;
-COMMENT ON FUNCTION edm.limits_take(bigint,timestamp with time zone,text) IS 'Counts one send slotted at p_slot against every limit of the service (the caller, the claim, checked edm.limits_next first and holds the service row lock).';
-REVOKE ALL ON FUNCTION edm.limits_take(bigint,timestamp with time zone,text) FROM PUBLIC;
-
-CREATE FUNCTION edm.live_dispatcher_count(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE sql
- STABLE
-RETURN (SELECT count(*) AS count FROM edm.dispatchers d WHERE ((d.stopped_at IS NULL) AND (d.heartbeat_at > (COALESCE(live_dispatcher_count.p_now, now()) - '00:00:30'::interval))));
-COMMENT ON FUNCTION edm.live_dispatcher_count(timestamp with time zone) IS 'Dispatchers not stopped whose heartbeat (every 10 s) is less than 30 s old at p_now (default now()): the same rule as edm.system_health.dispatchers_alive. 0 means nothing is sending.';
-REVOKE ALL ON FUNCTION edm.live_dispatcher_count(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.reply_enhanced_code(p_detail text)
- RETURNS text
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN "substring"(p_detail, '(?:^|[^0-9.])([245]\.[0-9]{1,3}\.[0-9]{1,3})(?:[^0-9.]|\.(?![0-9])|$)'::text);
-COMMENT ON FUNCTION edm.reply_enhanced_code(text) IS 'The first RFC 3463 enhanced status code (class.subject.detail, e.g. 4.7.28) standing alone in a reply text, or NULL. The SMTP transport reports replies as "<command>: <code> <enhanced code> <text>".';
-REVOKE ALL ON FUNCTION edm.reply_enhanced_code(text) FROM PUBLIC;
-
-CREATE FUNCTION edm.reply_transport_code(p_detail text)
- RETURNS text
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN lower("substring"(p_detail, '^\[([A-Za-z0-9_-]{1,20}:[A-Za-z0-9_.-]{1,80})\]'::text));
-COMMENT ON FUNCTION edm.reply_transport_code(text) IS 'A non-SMTP transport''s error code at the start of a reply text, in brackets ("[http:429] Too Many Requests", "[ses:Throttling] Maximum sending rate exceeded"), lower case; NULL when there is none.';
-REVOKE ALL ON FUNCTION edm.reply_transport_code(text) FROM PUBLIC;
-
-CREATE FUNCTION edm.match_reply_rule(p_code integer, p_detail text, p_site text DEFAULT NULL::text, p_any_site boolean DEFAULT false)
- RETURNS bigint
- LANGUAGE sql
- STABLE
-BEGIN ATOMIC
- SELECT r.rule_id
-    FROM (edm.reply_rules r
-      CROSS JOIN LATERAL ( SELECT edm.reply_enhanced_code(match_reply_rule.p_detail) AS enh,
-             edm.reply_transport_code(match_reply_rule.p_detail) AS tcode) x)
-   WHERE (r.enabled AND ((r.site IS NULL) OR (r.site = match_reply_rule.p_site) OR match_reply_rule.p_any_site) AND ((r.smtp_code IS NULL) OR (r.smtp_code = match_reply_rule.p_code)) AND ((r.enhanced_code IS NULL) OR
-         CASE
-             WHEN ("right"(r.enhanced_code, 1) = '.'::text) THEN starts_with(x.enh, r.enhanced_code)
-             ELSE (x.enh = r.enhanced_code)
-         END) AND ((r.transport_code IS NULL) OR (x.tcode = r.transport_code)) AND ((r.pattern IS NULL) OR (match_reply_rule.p_detail ~* r.pattern)))
-   ORDER BY r.priority, r.rule_id
-  LIMIT 1;
-END;
-COMMENT ON FUNCTION edm.match_reply_rule(integer,text,text,boolean) IS 'The first enabled reply rule (by priority, then rule_id) matching a reply: SMTP code p_code, reply text p_detail (its enhanced code and transport code are read from it), for a recipient of site p_site (p_any_site: whatever the rule''s site); NULL when none does. What edm.complete applies, callable to test a rule.';
-REVOKE ALL ON FUNCTION edm.match_reply_rule(integer,text,text,boolean) FROM PUBLIC;
-
-CREATE FUNCTION edm.next_wakeup_v2(p_owner text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_lookahead_ms integer DEFAULT NULL::integer)
- RETURNS timestamp with time zone
- LANGUAGE plpgsql
- STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_now  timestamptz := coalesce(p_now, now());
-  v_look interval := coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms'))
-                     * interval '1 millisecond';
-  v_at   timestamptz;
-BEGIN
-  v_at := least(
-    -- Walk services_ready_idx in time order and stop at the first service
-    -- this dispatcher may claim (not held by another) that some user with
-    -- work may use; it becomes claimable a lookahead before its slot.
-    (SELECT s.next_available_at - v_look FROM edm.services s
-     WHERE s.enabled AND s.daily_quota > 0
-       AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
-       AND (SELECT true FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
-            WHERE g.service_id = s.service_id AND u.claimable_tasks > 0 LIMIT 1)
-     ORDER BY s.next_available_at LIMIT 1),
-    -- Services held by others: claimable by us when the hold ends.
-    (SELECT min(s.held_until) FROM edm.services s
-     WHERE s.enabled AND s.held_until > v_now AND s.held_by <> p_owner
-       AND (SELECT true FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
-            WHERE g.service_id = s.service_id AND u.claimable_tasks > 0 LIMIT 1)),
-    (SELECT min(t.scheduled_at) FROM edm.tasks t WHERE t.status = 'scheduled'),
-    (SELECT min(st.lease_expires_at) FROM edm.subtasks st WHERE st.status = 'leased'));
-  IF v_at IS NULL THEN
-    RETURN NULL;  -- nothing is waiting
-  END IF;
-  RETURN greatest(v_at, v_now);
-END;
-$function$;
-COMMENT ON FUNCTION edm.next_wakeup_v2(text,timestamp with time zone,integer) IS 'For dispatcher p_owner: the earliest time a claim_v2 or a lease expiry could next have work (a service with work coming within the slot lookahead, a hold of another dispatcher ending, a scheduled task starting, a lease expiring). NULL when nothing is waiting.';
-REVOKE ALL ON FUNCTION edm.next_wakeup_v2(text,timestamp with time zone,integer) FROM PUBLIC;
-
-CREATE FUNCTION edm.parse_message_id(p_message_id text)
- RETURNS TABLE(task_id bigint, subtask_id bigint)
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-BEGIN ATOMIC
- SELECT (m.m[1])::bigint AS m,
-     (m.m[2])::bigint AS m
-    FROM regexp_match(parse_message_id.p_message_id, '^\s*<?edm\.([0-9]{1,18})\.([0-9]{1,18})@[^<>@\s]+>?\s*$'::text) m(m);
-END;
-COMMENT ON FUNCTION edm.parse_message_id(text) IS 'Task and subtask of an edm-sched Message-ID (<edm.TASK.SUBTASK@domain>, angle brackets optional); no row for any other Message-ID.';
-REVOKE ALL ON FUNCTION edm.parse_message_id(text) FROM PUBLIC;
-
-CREATE FUNCTION edm.patch_function(p_fn regprocedure, p_patch text[], p_context text)
- RETURNS void
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_def text := pg_get_functiondef(p_fn);
-  i integer;
-BEGIN
-  FOR i IN 1 .. coalesce(array_length(p_patch, 1), 0) LOOP
-    IF position(p_patch[i][1] IN v_def) = 0 THEN
-      RAISE EXCEPTION '%: % has no %; patch it by hand', p_context, p_fn, p_patch[i][1];
-    END IF;
-    v_def := replace(v_def, p_patch[i][1], p_patch[i][2]);
-  END LOOP;
-  EXECUTE v_def;
-END;
-$function$;
-COMMENT ON FUNCTION edm.patch_function(regprocedure,text[],text) IS 'For migrations: rewrites function p_fn as the catalog has it now, replacing each p_patch[i][1] by p_patch[i][2], so that what earlier migrations put in it is kept; fails (naming p_context, the migration) when a text to replace is not found.';
-REVOKE ALL ON FUNCTION edm.patch_function(regprocedure,text[],text) FROM PUBLIC;
-
-CREATE FUNCTION edm.record_feedback(p_kind text, p_message_id text, p_recipient text DEFAULT NULL::text, p_source text DEFAULT 'api'::text, p_raw text DEFAULT NULL::text, p_detail text DEFAULT NULL::text, p_event_key text DEFAULT NULL::text, p_occurred_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS TABLE(event_id bigint, subtask_id bigint, duplicate boolean, suppressed boolean, cancelled integer)
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-#variable_conflict use_column
-DECLARE
-  v_now timestamptz := coalesce(p_now, now());
-  v_ref record;
-  v_email text;
-  v_event bigint;
-  v_suppressed boolean := false;
-  v_cancelled integer := 0;
-BEGIN
-  IF p_kind IS NULL OR p_kind NOT IN ('hard_bounce', 'soft_bounce', 'complaint', 'unsubscribe',
-                                      'delivered') THEN
-    RAISE EXCEPTION 'feedback kind must be hard_bounce, soft_bounce, complaint, unsubscribe or delivered, got %',
-      coalesce(quote_literal(p_kind), 'NULL') USING ERRCODE = 'ED005';
-  END IF;
-  IF p_source IS NULL OR p_source !~ '^[a-z][a-z0-9_]{0,31}$' THEN
-    RAISE EXCEPTION 'feedback source must match [a-z][a-z0-9_]{0,31}' USING ERRCODE = 'ED005';
-  END IF;
-  IF p_recipient IS NOT NULL AND edm.email_problem(p_recipient) IS NOT NULL THEN
-    RAISE EXCEPTION 'invalid recipient %: %', quote_literal(p_recipient),
-      edm.email_problem(p_recipient) USING ERRCODE = 'ED005';
-  END IF;
-
-  SELECT st.subtask_id, st.task_id, t.user_id, st.service_id, st.email INTO v_ref
-  FROM edm.parse_message_id(p_message_id) m
-  JOIN edm.subtasks st ON st.subtask_id = m.subtask_id AND st.task_id = m.task_id
-  JOIN edm.tasks t ON t.task_id = st.task_id;
-  IF v_ref.subtask_id IS NULL AND p_recipient IS NULL THEN
-    RAISE EXCEPTION 'no message of edm-sched has Message-ID %, and no recipient was given',
-      coalesce(quote_literal(p_message_id), 'NULL') USING ERRCODE = 'ED001';
-  END IF;
-  v_email := coalesce(v_ref.email, edm.normalize_email(p_recipient));
-
-  INSERT INTO edm.feedback_events AS f (received_at, occurred_at, kind, source, message_id,
-                                        recipient, subtask_id, task_id, user_id, service_id,
-                                        event_key, detail, raw)
-  VALUES (v_now, p_occurred_at, p_kind, p_source, left(p_message_id, 998), v_email,
-          v_ref.subtask_id, v_ref.task_id, v_ref.user_id, v_ref.service_id,
-          left(p_event_key, 500), left(p_detail, 10000), coalesce(p_raw, ''))
-  ON CONFLICT (source, event_key) WHERE event_key IS NOT NULL DO NOTHING
-  RETURNING f.event_id INTO v_event;
-  IF v_event IS NULL THEN  -- the same provider event again: nothing more to do
-    RETURN QUERY SELECT f.event_id, f.subtask_id, true, false, 0 FROM edm.feedback_events f
-                 WHERE f.source = p_source AND f.event_key = left(p_event_key, 500);
-    RETURN;
-  END IF;
-
-  IF p_kind = 'hard_bounce' THEN
-    -- the mailbox does not exist: nobody sends to it any more
-    INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id, created_at)
-    VALUES (NULL, v_email, 'hard_bounce', v_ref.subtask_id, v_now)
-    ON CONFLICT (user_id, email) DO NOTHING;
-    v_suppressed := FOUND;
-    v_cancelled := edm.cancel_pending_to(v_email, NULL, 'hard bounced', v_now);
-  ELSIF p_kind = 'complaint' THEN
-    -- the recipient called this sender's mail spam: that user stops mailing
-    -- it (everyone, when the message is not known)
-    IF v_ref.user_id IS NOT NULL THEN
-      UPDATE edm.contacts c SET unsubscribed = true, updated_at = v_now
-      WHERE c.user_id = v_ref.user_id AND c.email = v_email AND NOT c.unsubscribed;
-    END IF;
-    INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id, created_at)
-    VALUES (v_ref.user_id, v_email, 'complaint', v_ref.subtask_id, v_now)
-    ON CONFLICT (user_id, email) DO NOTHING;
-    v_suppressed := FOUND;
-    v_cancelled := edm.cancel_pending_to(v_email, v_ref.user_id, 'complained', v_now);
-  ELSIF p_kind = 'unsubscribe' AND v_ref.user_id IS NOT NULL THEN
-    SELECT u.suppressed, u.cancelled INTO v_suppressed, v_cancelled
-    FROM edm.unsubscribe(v_ref.user_id, v_email, v_ref.subtask_id, v_now) u;
-  END IF;
-  UPDATE edm.feedback_events f SET suppressed = v_suppressed WHERE f.event_id = v_event;
-  RETURN QUERY SELECT v_event, v_ref.subtask_id, false, v_suppressed, v_cancelled;
-END;
-$function$;
-COMMENT ON FUNCTION edm.record_feedback(text,text,text,text,text,text,text,timestamp with time zone,timestamp with time zone) IS 'Records one delivery event (hard_bounce, soft_bounce, complaint, unsubscribe, delivered) for the subtask its edm-sched Message-ID names, keeping the raw source. A hard bounce suppresses the address for everyone; a complaint suppresses it for the task''s user and unsubscribes the contact; an unsubscribe runs edm.unsubscribe; each cancels the pending subtasks it concerns. An unknown Message-ID is recorded when a recipient is given (a hard bounce still suppresses), else refused (ED001). A repeated (source, event_key) is recorded once (duplicate = true).';
-REVOKE ALL ON FUNCTION edm.record_feedback(text,text,text,text,text,text,text,timestamp with time zone,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.release_holds(p_owner text, p_service_ids bigint[] DEFAULT NULL::bigint[])
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_n integer;
-BEGIN
-  UPDATE edm.services s SET held_by = NULL, held_until = NULL
-  WHERE s.service_id IN (SELECT x.service_id FROM edm.services x WHERE x.held_by = p_owner
-                           AND (p_service_ids IS NULL OR x.service_id = ANY (p_service_ids))
-                         ORDER BY x.service_id FOR NO KEY UPDATE);
-  GET DIAGNOSTICS v_n = ROW_COUNT;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.release_holds(text,bigint[]) IS 'Ends the holds of dispatcher p_owner on services p_service_ids (default: all of them, at shutdown), so others may claim them at once: a dispatcher releases the services whose lanes ran empty while it has no room to claim. Returns how many were released.';
-REVOKE ALL ON FUNCTION edm.release_holds(text,bigint[]) FROM PUBLIC;
-
-CREATE FUNCTION edm.renew_leases(p_owner text, p_subtask_ids bigint[], p_lease_seconds integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS TABLE(subtask_id bigint, lease_expires_at timestamp with time zone)
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-#variable_conflict use_column
-DECLARE
-  v_now   timestamptz := coalesce(p_now, now());
-  v_lease interval;
-  v_hold  interval := make_interval(secs => edm.config_int('queue.service_hold_seconds'));
-BEGIN
-  IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
-    RAISE EXCEPTION 'renew_leases: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
-  END IF;
-  IF p_lease_seconds IS NOT NULL AND p_lease_seconds NOT BETWEEN 1 AND 86400 THEN
-    RAISE EXCEPTION 'renew_leases: lease must be between 1 and 86400 seconds, got %', p_lease_seconds
-      USING ERRCODE = 'ED005';
-  END IF;
-  IF cardinality(p_subtask_ids) > 10000 THEN
-    RAISE EXCEPTION 'renew_leases: at most 10000 subtasks per call' USING ERRCODE = 'ED005';
-  END IF;
-  v_lease := make_interval(secs => coalesce(p_lease_seconds,
-                                            edm.config_int('queue.service_reservation_timeout')));
-  -- Lock order of the header of 0002: subtasks, then services by id.
-  PERFORM 1 FROM edm.subtasks st WHERE st.subtask_id = ANY (p_subtask_ids)
-  ORDER BY st.subtask_id FOR NO KEY UPDATE;
-  PERFORM 1 FROM edm.services s
-  WHERE s.held_by = p_owner
-    AND s.service_id IN (SELECT st.service_id FROM edm.subtasks st
-                         WHERE st.subtask_id = ANY (p_subtask_ids))
-  ORDER BY s.service_id FOR NO KEY UPDATE;
-  UPDATE edm.services s SET held_until = greatest(s.held_until, v_now + v_hold)
-  WHERE s.held_by = p_owner
-    AND s.service_id IN (SELECT st.service_id FROM edm.subtasks st
-                         WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased'
-                           AND st.lease_owner = p_owner AND st.lease_expires_at > v_now);
-  -- Fenced like a completion: only the holder's live leases are extended;
-  -- one that already ran out stays expired (the sweep records it).
-  RETURN QUERY
-  UPDATE edm.subtasks st SET lease_expires_at = greatest(st.lease_expires_at, v_now + v_lease)
-  WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased'
-    AND st.lease_owner = p_owner AND st.lease_expires_at > v_now
-  RETURNING st.subtask_id, st.lease_expires_at;
-END;
-$function$;
-COMMENT ON FUNCTION edm.renew_leases(text,bigint[],integer,timestamp with time zone) IS 'Keeps leases alive while their sends wait on a slow provider: extends each of p_owner''s live leases among p_subtask_ids to now + p_lease_seconds (default queue.service_reservation_timeout), and p_owner''s holds of their services to now + queue.service_hold_seconds. Returns the leases still held with their new expiry; a lease that already expired is not revived (nothing may be sent on it).';
-REVOKE ALL ON FUNCTION edm.renew_leases(text,bigint[],integer,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.report_pace(p_owner text, p_service_ids bigint[], p_next_starts timestamp with time zone[])
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_n integer;
-BEGIN
-  IF cardinality(p_service_ids) IS DISTINCT FROM cardinality(p_next_starts)
-     OR cardinality(p_service_ids) > 10000 THEN
-    RAISE EXCEPTION 'report_pace: service ids and next starts must pair up (at most 10000)'
-      USING ERRCODE = 'ED005';
-  END IF;
-  -- Only services p_owner holds, and only later: the next slot can move back
-  -- never, so no limit can be broken by a report.
-  WITH moved AS (
-    UPDATE edm.services s
-    SET last_sent_at = greatest(s.last_sent_at, x.next_start - s.interval_ms * interval '1 millisecond')
-    FROM (SELECT y.service_id, y.next_start FROM unnest(p_service_ids, p_next_starts)
-            AS y(service_id, next_start)
-          ORDER BY y.service_id) x
-    WHERE s.service_id = x.service_id AND s.held_by = p_owner
-      AND s.service_id IN (SELECT z.service_id FROM edm.services z
-                           WHERE z.service_id = ANY (p_service_ids) AND z.held_by = p_owner
-                           ORDER BY z.service_id FOR NO KEY UPDATE SKIP LOCKED)
-    RETURNING s.service_id, x.next_start
-  ),
-  -- each rate limit admits its next send at tat - (burst - 1) * T (GCRA): no
-  -- earlier than the reported start
-  rates AS (
-    UPDATE edm.service_limits l
-    SET tat = greatest(l.tat, m.next_start
-                              + ((l.burst - 1) * l.window_ms::double precision / l.max_count)
-                                * interval '1 millisecond')
-    FROM moved m
-    WHERE l.service_id = m.service_id AND l.kind = 'rate' AND l.max_count > 0
-    RETURNING l.service_id
-  )
-  SELECT count(*) INTO v_n FROM moved;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) IS 'A dispatcher whose lane of a held service runs late (its sends start after their slots: a stalled event loop, a slow server, a start the provider saw late) tells when the service''s next send can really start; the service''s next slot moves there (never earlier): its interval counts from there and each of its rate limits admits no send before it. Slots claimed afterwards follow the wire instead of piling up lateness. Services not held by p_owner, or locked by a claim, are left alone. Returns how many moved.';
-REVOKE ALL ON FUNCTION edm.report_pace(text,bigint[],timestamp with time zone[]) FROM PUBLIC;
-
-CREATE FUNCTION edm.reputation_rates(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS TABLE(subject text, service_id bigint, user_id text, window_start timestamp with time zone, sends bigint, hard_bounces bigint, complaints bigint, bounce_pct numeric, complaint_pct numeric, judged boolean, paused_reason text)
- LANGUAGE sql
- STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-BEGIN ATOMIC
- WITH cfg AS (
-          SELECT (COALESCE(reputation_rates.p_now, now()) - make_interval(hours => edm.config_int('reputation.window_hours'::text))) AS since,
-             edm.config_int('reputation.min_sends'::text) AS min_sends
-         ), subjects AS (
-          SELECT 'service'::text AS subject,
-             s.service_id,
-             NULL::text AS user_id,
-             GREATEST(cfg_1.since, s.reputation_since) AS window_start,
-             s.paused_reason
-            FROM edm.services s,
-             cfg cfg_1
-         UNION ALL
-          SELECT 'user'::text AS subject,
-             NULL::bigint AS service_id,
-             u.user_id,
-             GREATEST(cfg_1.since, u.reputation_since) AS window_start,
-             u.paused_reason
-            FROM edm.users u,
-             cfg cfg_1
-         ), svc_sends AS (
-          SELECT x.service_id,
-             (sum(m.sent))::bigint AS n
-            FROM (subjects x
-              JOIN edm.metrics_hourly m ON ((m.service_id = x.service_id)))
-           WHERE ((x.subject = 'service'::text) AND (m.hour >= ( SELECT (date_trunc('hour'::text, (cfg_1.since AT TIME ZONE 'UTC'::text)) AT TIME ZONE 'UTC'::text) AS timezone
-                    FROM cfg cfg_1)) AND (m.hour >= (date_trunc('hour'::text, (x.window_start AT TIME ZONE 'UTC'::text)) AT TIME ZONE 'UTC'::text)))
-           GROUP BY x.service_id
-         ), usr_sends AS (
-          SELECT x.user_id,
-             (sum(m.sent))::bigint AS n
-            FROM (subjects x
-              JOIN edm.metrics_hourly m ON ((m.user_id = x.user_id)))
-           WHERE ((x.subject = 'user'::text) AND (m.hour >= ( SELECT (date_trunc('hour'::text, (cfg_1.since AT TIME ZONE 'UTC'::text)) AT TIME ZONE 'UTC'::text) AS timezone
-                    FROM cfg cfg_1)) AND (m.hour >= (date_trunc('hour'::text, (x.window_start AT TIME ZONE 'UTC'::text)) AT TIME ZONE 'UTC'::text)))
-           GROUP BY x.user_id
-         ), svc_fb AS (
-          SELECT x.service_id,
-             count(*) FILTER (WHERE (f.kind = 'hard_bounce'::text)) AS hb,
-             count(*) FILTER (WHERE (f.kind = 'complaint'::text)) AS c
-            FROM (subjects x
-              JOIN edm.feedback_events f ON ((f.service_id = x.service_id)))
-           WHERE ((x.subject = 'service'::text) AND (f.kind = ANY (ARRAY['hard_bounce'::text, 'complaint'::text])) AND (f.received_at >= ( SELECT cfg_1.since
-                    FROM cfg cfg_1)) AND (f.received_at >= x.window_start))
-           GROUP BY x.service_id
-         ), usr_fb AS (
-          SELECT x.user_id,
-             count(*) FILTER (WHERE (f.kind = 'hard_bounce'::text)) AS hb,
-             count(*) FILTER (WHERE (f.kind = 'complaint'::text)) AS c
-            FROM (subjects x
-              JOIN edm.feedback_events f ON ((f.user_id = x.user_id)))
-           WHERE ((x.subject = 'user'::text) AND (f.kind = ANY (ARRAY['hard_bounce'::text, 'complaint'::text])) AND (f.received_at >= ( SELECT cfg_1.since
-                    FROM cfg cfg_1)) AND (f.received_at >= x.window_start))
-           GROUP BY x.user_id
-         ), counted AS (
-          SELECT x.subject,
-             x.service_id,
-             x.user_id,
-             x.window_start,
-             x.paused_reason,
-             COALESCE(ss.n, us.n, (0)::bigint) AS sends,
-             COALESCE(sf.hb, uf.hb, (0)::bigint) AS hard_bounces,
-             COALESCE(sf.c, uf.c, (0)::bigint) AS complaints
-            FROM ((((subjects x
-              LEFT JOIN svc_sends ss ON (((x.subject = 'service'::text) AND (ss.service_id = x.service_id))))
-              LEFT JOIN usr_sends us ON (((x.subject = 'user'::text) AND (us.user_id = x.user_id))))
-              LEFT JOIN svc_fb sf ON (((x.subject = 'service'::text) AND (sf.service_id = x.service_id))))
-              LEFT JOIN usr_fb uf ON (((x.subject = 'user'::text) AND (uf.user_id = x.user_id))))
-         )
-  SELECT c.subject,
-     c.service_id,
-     c.user_id,
-     c.window_start,
-     c.sends,
-     c.hard_bounces,
-     c.complaints,
-         CASE
-             WHEN (c.sends > 0) THEN round(((100.0 * (c.hard_bounces)::numeric) / (c.sends)::numeric), 3)
-             ELSE NULL::numeric
-         END AS "case",
-         CASE
-             WHEN (c.sends > 0) THEN round(((100.0 * (c.complaints)::numeric) / (c.sends)::numeric), 3)
-             ELSE NULL::numeric
-         END AS "case",
-     (c.sends >= cfg.min_sends),
-     c.paused_reason
-    FROM counted c,
-     cfg
-   WHERE ((c.sends > 0) OR (c.hard_bounces > 0) OR (c.complaints > 0) OR (c.paused_reason IS NOT NULL));
-END;
-COMMENT ON FUNCTION edm.reputation_rates(timestamp with time zone) IS 'Per service and per user with activity: sends (from edm.metrics_hourly, whole hours), hard bounces and complaints (edm.feedback_events) in the reputation window (reputation.window_hours, or since the last resume), their rates in percent, and whether the sample is large enough to judge (reputation.min_sends).';
-REVOKE ALL ON FUNCTION edm.reputation_rates(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.reputation_resume_service(p_service_id bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS boolean
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_was text;
-BEGIN
-  SELECT s.paused_reason INTO v_was FROM edm.services s WHERE s.service_id = p_service_id FOR UPDATE;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
-  END IF;
-  UPDATE edm.services s
-  SET enabled = CASE WHEN v_was IS NOT NULL THEN true ELSE s.enabled END,
-      paused_reason = NULL, reputation_since = coalesce(p_now, now()),
-      updated_at = coalesce(p_now, now())
-  WHERE s.service_id = p_service_id;
-  UPDATE edm.alerts a SET resolved_at = coalesce(p_now, now())
-  WHERE a.kind = 'reputation' AND a.service_id = p_service_id AND a.resolved_at IS NULL;
-  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
-  RETURN v_was IS NOT NULL;
-END;
-$function$;
-COMMENT ON FUNCTION edm.reputation_resume_service(bigint,timestamp with time zone) IS 'Resumes a service the reputation breaker disabled (enabled again, reason cleared) and restarts its reputation window now, so past bounces and complaints no longer count; resolves its reputation alerts. True when it was paused by the breaker.';
-REVOKE ALL ON FUNCTION edm.reputation_resume_service(bigint,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.reputation_resume_user(p_user_id text, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_task bigint;
-  v_n integer := 0;
-BEGIN
-  PERFORM 1 FROM edm.users u WHERE u.user_id = p_user_id FOR NO KEY UPDATE;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown user %', p_user_id USING ERRCODE = 'ED001';
-  END IF;
-  UPDATE edm.users u SET paused_reason = NULL, reputation_since = coalesce(p_now, now())
-  WHERE u.user_id = p_user_id;
-  FOR v_task IN
-    SELECT t.task_id FROM edm.tasks t
-    WHERE t.user_id = p_user_id AND t.status = 'paused' AND t.pause_reason IS NOT NULL
-    ORDER BY t.task_id
-  LOOP
-    UPDATE edm.tasks t SET pause_reason = NULL WHERE t.task_id = v_task;
-    PERFORM edm.resume_task(v_task, p_user_id, p_now);
-    v_n := v_n + 1;
-  END LOOP;
-  UPDATE edm.alerts a SET resolved_at = coalesce(p_now, now())
-  WHERE a.kind = 'reputation' AND a.user_id = p_user_id AND a.service_id IS NULL
-    AND a.resolved_at IS NULL;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.reputation_resume_user(text,timestamp with time zone) IS 'Resumes a user the reputation breaker paused: clears the reason, restarts its reputation window now, resumes the tasks the breaker paused (not those the host paused) and resolves its reputation alerts. Returns how many tasks were resumed.';
-REVOKE ALL ON FUNCTION edm.reputation_resume_user(text,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.resolve_stale_quota_alerts(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_n integer;
-BEGIN
-  -- An alert raised in an earlier quota day (in the service's quota_tz) than
-  -- the one at p_now is over: it ended at that day's local midnight.
-  UPDATE edm.alerts a
-  SET resolved_at = edm.service_next_quota_day(s.quota_tz, a.raised_at)
-  FROM edm.services s
-  WHERE a.kind = 'quota' AND a.resolved_at IS NULL AND s.service_id = a.service_id
-    AND (a.raised_at AT TIME ZONE s.quota_tz)::date
-        < (coalesce(p_now, now()) AT TIME ZONE s.quota_tz)::date;
-  GET DIAGNOSTICS v_n = ROW_COUNT;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.resolve_stale_quota_alerts(timestamp with time zone) IS 'Resolves open quota alerts raised in an earlier quota day (in the service''s quota_tz) than the one at p_now (default now()), dated at the local midnight that ended that day. Returns how many. The trigger services_quota_day_alerts does the same as each service starts a new quota day.';
-REVOKE ALL ON FUNCTION edm.resolve_stale_quota_alerts(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.service_binding_limit(s edm.services, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS TABLE(limit_name text, free_at timestamp with time zone)
- LANGUAGE sql
- STABLE
-BEGIN ATOMIC
- SELECT x.limit_name,
-     x.free_at
-    FROM ( SELECT 'interval'::text AS limit_name,
-             edm.ts_add_ms((service_binding_limit.s).last_sent_at, (service_binding_limit.s).interval_ms) AS free_at
-         UNION ALL
-          SELECT 'daily_quota'::text AS limit_name,
-             edm.service_next_quota_day((service_binding_limit.s).quota_tz, COALESCE(service_binding_limit.p_now, now())) AS free_at
-           WHERE (edm.service_sent_today(service_binding_limit.s, COALESCE(service_binding_limit.p_now, now())) >= (service_binding_limit.s).daily_quota)
-         UNION ALL
-          SELECT l.name AS limit_name,
-             edm.limit_next(l.*, COALESCE(service_binding_limit.p_now, now()), (service_binding_limit.s).quota_tz) AS free_at
-            FROM edm.service_limits l
-           WHERE (l.service_id = (service_binding_limit.s).service_id)) x
-   WHERE (x.free_at > COALESCE(service_binding_limit.p_now, now()))
-   ORDER BY x.free_at DESC, x.limit_name
-  LIMIT 1;
-END;
-COMMENT ON FUNCTION edm.service_binding_limit(edm.services,timestamp with time zone) IS 'The limit that holds service s back at p_now (interval, daily_quota or the name of an extra limit) and when it frees; no row when no limit does. With several, the one that frees last binds.';
-REVOKE ALL ON FUNCTION edm.service_binding_limit(edm.services,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.service_free_for_tier(s edm.services, p_horizon timestamp with time zone, p_now timestamp with time zone, p_taken bigint[])
- RETURNS boolean
- LANGUAGE sql
- STABLE
-RETURN ((s).enabled AND ((s).next_available_at <= p_horizon) AND (edm.service_sent_today(s, p_now) < (s).daily_quota) AND (((s).service_id <> ALL (p_taken)) OR (((s).interval_ms = 0) AND ((edm.service_sent_today(s, p_now) + 1) < (s).daily_quota))));
-COMMENT ON FUNCTION edm.service_free_for_tier(edm.services,timestamp with time zone,timestamp with time zone,bigint[]) IS 'True when service s can take a send by p_horizon (enabled, next slot due, under its daily quota at p_now) and is not busy in this claim (p_taken: services claimed already, unless s has no interval and quota left for one more). A user with such a service on a higher-priority grant is left to it (grant tiers). Inlined by the planner.';
-REVOKE ALL ON FUNCTION edm.service_free_for_tier(edm.services,timestamp with time zone,timestamp with time zone,bigint[]) FROM PUBLIC;
-
-CREATE FUNCTION edm.service_limits_flag()
- RETURNS trigger
- LANGUAGE plpgsql
-AS $function$
-BEGIN
-  UPDATE edm.services s
-  SET has_limits = EXISTS (SELECT 1 FROM edm.service_limits l WHERE l.service_id = s.service_id),
-      -- re-decide from scratch: the next claim recomputes any block
-      quota_exhausted_until = NULL
-  WHERE s.service_id IN (SELECT x.service_id FROM changed x);
-  RETURN NULL;
-END;
-$function$;
-COMMENT ON FUNCTION edm.service_limits_flag() IS 'Statement trigger on edm.service_limits: keeps services.has_limits in step and clears a block computed from the old limits (the next claim recomputes it).';
-REVOKE ALL ON FUNCTION edm.service_limits_flag() FROM PUBLIC;
-
-CREATE FUNCTION edm.service_limits_keep_warmup()
- RETURNS trigger
- LANGUAGE plpgsql
-AS $function$
-BEGIN
-  -- The service row is gone when this is the cascade of its deletion: let it go.
-  IF EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = OLD.service_id)
-     AND EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = OLD.service_id) THEN
-    RETURN NULL;
-  END IF;
-  RETURN OLD;
-END;
-$function$;
-COMMENT ON FUNCTION edm.service_limits_keep_warmup() IS 'Row trigger on edm.service_limits: the limit ''warmup'' of a service that is warming up is not deleted (edm.set_service_limits replacing the other limits keeps it, with its state); it goes when the warm-up ends.';
-REVOKE ALL ON FUNCTION edm.service_limits_keep_warmup() FROM PUBLIC;
-
-CREATE FUNCTION edm.set_global_limits(p_limits jsonb)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-BEGIN
-  RETURN edm.shaping_replace('global', NULL, NULL, NULL, NULL, p_limits);
-END;
-$function$;
-COMMENT ON FUNCTION edm.set_global_limits(jsonb) IS 'Replaces the global limits (every send of every service) with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED005 for a bad limit.';
-REVOKE ALL ON FUNCTION edm.set_global_limits(jsonb) FROM PUBLIC;
-
-CREATE FUNCTION edm.set_reply_rule(p_name text, p_action text, p_smtp_code integer DEFAULT NULL::integer, p_enhanced_code text DEFAULT NULL::text, p_pattern text DEFAULT NULL::text, p_transport_code text DEFAULT NULL::text, p_site text DEFAULT NULL::text, p_priority integer DEFAULT 100, p_duration_s integer DEFAULT NULL::integer, p_escalation_factor double precision DEFAULT 1, p_max_duration_s integer DEFAULT NULL::integer, p_reset_after_s integer DEFAULT 3600, p_enabled boolean DEFAULT true, p_description text DEFAULT ''::text)
- RETURNS bigint
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_id bigint;
-  v_tcode text := lower(p_transport_code);
-BEGIN
-  IF p_name IS NULL OR p_name !~ '^[a-z0-9][a-z0-9_.:-]{0,99}$' THEN
-    RAISE EXCEPTION 'reply rule name must be 1 to 100 of a-z 0-9 _ . : - (starting with a letter or digit), got %',
-      p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF p_action IS NULL OR p_action NOT IN ('suspend_site', 'suspend_service', 'bounce', 'retry') THEN
-    RAISE EXCEPTION 'reply rule action must be suspend_site, suspend_service, bounce or retry, got %',
-      p_action USING ERRCODE = 'ED005';
-  END IF;
-  IF p_smtp_code IS NULL AND p_enhanced_code IS NULL AND p_pattern IS NULL AND p_transport_code IS NULL THEN
-    RAISE EXCEPTION 'reply rule %: give at least one of smtp_code, enhanced_code, pattern, transport_code',
-      p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF p_smtp_code IS NOT NULL AND p_smtp_code NOT BETWEEN 200 AND 599 THEN
-    RAISE EXCEPTION 'reply rule %: smtp_code must be a reply code 200 to 599', p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF p_enhanced_code IS NOT NULL AND p_enhanced_code !~ '^[245]\.([0-9]{1,3}\.([0-9]{1,3})?)?$' THEN
-    RAISE EXCEPTION 'reply rule %: enhanced_code must be like 4.7.28, or a class prefix ending with a dot like 4.7.',
-      p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF p_pattern IS NOT NULL AND (length(p_pattern) NOT BETWEEN 1 AND 500 OR NOT edm.reply_pattern_ok(p_pattern)) THEN
-    RAISE EXCEPTION 'reply rule %: pattern must be a valid regular expression of 1 to 500 characters',
-      p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF v_tcode IS NOT NULL AND v_tcode !~ '^[a-z0-9_-]{1,20}:[a-z0-9_.-]{1,80}$' THEN
-    RAISE EXCEPTION 'reply rule %: transport_code must be kind:code, e.g. http:429 or ses:throttling',
-      p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF p_site IS NOT NULL AND NOT EXISTS (SELECT 1 FROM edm.sites s WHERE s.site = p_site) THEN
-    RAISE EXCEPTION 'unknown site %', p_site USING ERRCODE = 'ED001';
-  END IF;
-  IF p_priority IS NULL OR p_priority NOT BETWEEN 0 AND 1000000 THEN
-    RAISE EXCEPTION 'reply rule %: priority must be 0 to 1000000', p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF (p_action = 'bounce') <> (p_duration_s IS NULL) THEN
-    RAISE EXCEPTION 'reply rule %: % needs %', p_name, p_action,
-      CASE WHEN p_action = 'bounce' THEN 'no duration' ELSE 'a duration in seconds' END
-      USING ERRCODE = 'ED005';
-  END IF;
-  IF p_duration_s IS NOT NULL AND p_duration_s NOT BETWEEN 1 AND 2592000 THEN
-    RAISE EXCEPTION 'reply rule %: duration must be 1 s to 30 days', p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF p_escalation_factor IS NULL OR NOT (p_escalation_factor BETWEEN 1 AND 100) THEN
-    RAISE EXCEPTION 'reply rule %: escalation factor must be 1 to 100', p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF p_max_duration_s IS NOT NULL AND (p_duration_s IS NULL OR p_max_duration_s NOT BETWEEN p_duration_s AND 2592000) THEN
-    RAISE EXCEPTION 'reply rule %: max duration must be at least the duration and at most 30 days',
-      p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF p_reset_after_s IS NULL OR p_reset_after_s NOT BETWEEN 0 AND 2592000 THEN
-    RAISE EXCEPTION 'reply rule %: reset_after must be 0 s to 30 days', p_name USING ERRCODE = 'ED005';
-  END IF;
-  IF p_enabled IS NULL OR p_description IS NULL OR length(p_description) > 500 THEN
-    RAISE EXCEPTION 'reply rule %: enabled and a description of at most 500 characters are required',
-      p_name USING ERRCODE = 'ED005';
-  END IF;
-  INSERT INTO edm.reply_rules AS r
-    (name, priority, enabled, source, site, smtp_code, enhanced_code, pattern, transport_code,
-     action, duration_s, escalation_factor, max_duration_s, reset_after_s, description, updated_at)
-  VALUES (p_name, p_priority, p_enabled, 'admin', p_site, p_smtp_code, p_enhanced_code, p_pattern,
-          v_tcode, p_action, p_duration_s, p_escalation_factor, p_max_duration_s, p_reset_after_s,
-          p_description, now())
-  ON CONFLICT (name) DO UPDATE
-    SET priority = EXCLUDED.priority, enabled = EXCLUDED.enabled, source = 'admin',
-        site = EXCLUDED.site, smtp_code = EXCLUDED.smtp_code,
-        enhanced_code = EXCLUDED.enhanced_code, pattern = EXCLUDED.pattern,
-        transport_code = EXCLUDED.transport_code, action = EXCLUDED.action,
-        duration_s = EXCLUDED.duration_s, escalation_factor = EXCLUDED.escalation_factor,
-        max_duration_s = EXCLUDED.max_duration_s, reset_after_s = EXCLUDED.reset_after_s,
-        description = EXCLUDED.description, updated_at = EXCLUDED.updated_at
-  RETURNING r.rule_id INTO v_id;
-  RETURN v_id;
-END;
-$function$;
-COMMENT ON FUNCTION edm.set_reply_rule(text,text,integer,text,text,text,text,integer,integer,double precision,integer,integer,boolean,text) IS 'Creates or replaces (by name) a reply rule; an edited shipped rule becomes source admin. Returns its rule_id. Raises ED005 for a bad name, action, code, pattern (an invalid regular expression), duration or escalation, and ED001 for an unknown site; nothing is written then.';
-REVOKE ALL ON FUNCTION edm.set_reply_rule(text,text,integer,text,text,text,text,integer,integer,double precision,integer,integer,boolean,text) FROM PUBLIC;
-
-CREATE FUNCTION edm.set_service_limits(p_service_id bigint, p_limits jsonb)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_n integer;
-BEGIN
-  IF p_limits IS NULL OR jsonb_typeof(p_limits) <> 'array' OR jsonb_array_length(p_limits) > 20 THEN
-    RAISE EXCEPTION 'limits must be a JSON array of at most 20 limits' USING ERRCODE = 'ED005';
-  END IF;
-  PERFORM 1 FROM edm.services s WHERE s.service_id = p_service_id FOR NO KEY UPDATE;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
-  END IF;
-  IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_limits) e
-             WHERE jsonb_typeof(e) <> 'object'
-                OR NOT (e ?& ARRAY['name', 'kind', 'max_count'])
-                OR EXISTS (SELECT 1 FROM jsonb_object_keys(e) k
-                           WHERE k NOT IN ('name', 'kind', 'max_count', 'window_ms', 'burst', 'time_zone'))) THEN
-    RAISE EXCEPTION 'each limit is an object with name, kind, max_count and optionally window_ms, burst, time_zone'
-      USING ERRCODE = 'ED005';
-  END IF;
-  -- Keep the state of limits that did not change shape (no fresh burst on an edit).
-  DELETE FROM edm.service_limits l
-  WHERE l.service_id = p_service_id
-    AND NOT EXISTS (
-      SELECT 1 FROM jsonb_array_elements(p_limits) e
-      WHERE e->>'name' = l.name AND e->>'kind' = l.kind
-        AND (e->>'max_count')::integer = l.max_count
-        AND (e->>'window_ms')::bigint IS NOT DISTINCT FROM l.window_ms
-        AND coalesce((e->>'burst')::integer, 1) = l.burst
-        AND (e->>'time_zone') IS NOT DISTINCT FROM l.time_zone);
-  BEGIN
-    INSERT INTO edm.service_limits (service_id, name, kind, max_count, window_ms, burst, time_zone)
-    SELECT p_service_id, e->>'name', e->>'kind', (e->>'max_count')::integer,
-           (e->>'window_ms')::bigint, coalesce((e->>'burst')::integer, 1), e->>'time_zone'
-    FROM jsonb_array_elements(p_limits) e
-    ON CONFLICT (service_id, name) DO NOTHING;
-  EXCEPTION
-    WHEN check_violation OR not_null_violation OR invalid_text_representation
-         OR numeric_value_out_of_range OR cardinality_violation THEN
-      RAISE EXCEPTION 'invalid limit: %', SQLERRM USING ERRCODE = 'ED005';
-  END;
-  IF (SELECT count(DISTINCT e->>'name') FROM jsonb_array_elements(p_limits) e)
-     <> jsonb_array_length(p_limits) THEN
-    RAISE EXCEPTION 'limit names must be unique per service' USING ERRCODE = 'ED005';
-  END IF;
-  UPDATE edm.services s SET updated_at = now(), quota_exhausted_until = NULL
-  WHERE s.service_id = p_service_id;
-  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
-  SELECT count(*) INTO v_n FROM edm.service_limits l WHERE l.service_id = p_service_id;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.set_service_limits(bigint,jsonb) IS 'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
-REVOKE ALL ON FUNCTION edm.set_service_limits(bigint,jsonb) FROM PUBLIC;
-
-CREATE FUNCTION edm.set_service_warmup(p_service_id bigint, p_ramp integer[], p_started_on date DEFAULT NULL::date, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_tz text;
-  v_problem text;
-BEGIN
-  SELECT s.quota_tz INTO v_tz FROM edm.services s WHERE s.service_id = p_service_id
-  FOR NO KEY UPDATE;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
-  END IF;
-  IF p_ramp IS NULL OR cardinality(p_ramp) = 0 THEN
-    -- End the warm-up now: the limit goes with it.
-    DELETE FROM edm.service_warmups w WHERE w.service_id = p_service_id;
-    IF FOUND THEN
-      DELETE FROM edm.service_limits l WHERE l.service_id = p_service_id AND l.name = 'warmup';
-      PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
-    END IF;
-    RETURN NULL;
-  END IF;
-  v_problem := edm.warmup_ramp_problem(p_ramp);
-  IF v_problem IS NOT NULL THEN
-    RAISE EXCEPTION 'invalid warm-up ramp: %', v_problem USING ERRCODE = 'ED005';
-  END IF;
-  IF p_started_on IS NOT NULL AND NOT isfinite(p_started_on) THEN
-    RAISE EXCEPTION 'invalid warm-up start: %', p_started_on USING ERRCODE = 'ED005';
-  END IF;
-  IF NOT EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = p_service_id)
-     AND EXISTS (SELECT 1 FROM edm.service_limits l
-                 WHERE l.service_id = p_service_id AND l.name = 'warmup') THEN
-    RAISE EXCEPTION 'service % has a limit of its own named warmup: rename it first (edm.set_service_limits)',
-      p_service_id USING ERRCODE = 'ED005';
-  END IF;
-  INSERT INTO edm.service_warmups (service_id, started_on, ramp)
-  VALUES (p_service_id,
-          coalesce(p_started_on, (coalesce(p_now, now()) AT TIME ZONE v_tz)::date),
-          ARRAY(SELECT c FROM unnest(p_ramp) WITH ORDINALITY u(c, i) ORDER BY i))
-  ON CONFLICT (service_id) DO UPDATE
-    SET started_on = EXCLUDED.started_on, ramp = EXCLUDED.ramp, updated_at = now();
-  PERFORM edm.apply_warmups(p_now, p_service_id);
-  RETURN (SELECT l.max_count FROM edm.service_limits l
-          WHERE l.service_id = p_service_id AND l.name = 'warmup');
-END;
-$function$;
-COMMENT ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) IS 'Puts service p_service_id on warm-up ramp p_ramp (daily ceilings, day 1 first, never decreasing; see edm.warmup_ramp) from local date p_started_on (default: today in its quota_tz), replacing a ramp it had, and applies today''s ceiling at once. A NULL or empty ramp ends the warm-up and removes its limit. Returns the ceiling in force (NULL when none). Raises ED001 for an unknown service, ED005 for a bad ramp (nothing is changed).';
-REVOKE ALL ON FUNCTION edm.set_service_warmup(bigint,integer[],date,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.set_site_domains(p_site text, p_domains text[], p_description text DEFAULT NULL::text)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_n integer;
-BEGIN
-  IF p_site IS NULL OR p_site !~ '^[a-z0-9][a-z0-9_.-]{0,63}$' THEN
-    RAISE EXCEPTION 'site name must be 1 to 64 of a-z 0-9 _ . - (starting with a letter or digit), got %',
-      p_site USING ERRCODE = 'ED005';
-  END IF;
-  IF p_domains IS NULL OR cardinality(p_domains) > 10000
-     OR array_position(p_domains, NULL) IS NOT NULL
-     OR EXISTS (SELECT 1 FROM unnest(p_domains) d
-                WHERE length(d) NOT BETWEEN 1 AND 253 OR d ~ '[[:space:][:cntrl:]@]') THEN
-    RAISE EXCEPTION 'domains must be at most 10000 non-empty host names (no @, no spaces)'
-      USING ERRCODE = 'ED005';
-  END IF;
-  IF p_description IS NOT NULL AND length(p_description) > 500 THEN
-    RAISE EXCEPTION 'site description must be at most 500 characters' USING ERRCODE = 'ED005';
-  END IF;
-  INSERT INTO edm.sites (site, description) VALUES (p_site, coalesce(p_description, ''))
-  ON CONFLICT (site) DO UPDATE SET description = coalesce(p_description, edm.sites.description);
-  INSERT INTO edm.site_domains (domain, site, source, resolved_at)
-  SELECT DISTINCT lower(d), p_site, 'admin', now() FROM unnest(p_domains) d
-  ON CONFLICT (domain) DO UPDATE SET site = EXCLUDED.site, source = 'admin',
-                                     resolved_at = EXCLUDED.resolved_at;
-  GET DIAGNOSTICS v_n = ROW_COUNT;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.set_site_domains(text,text[],text) IS 'Defines site p_site (created if new; its description replaced when p_description is given) and maps each of p_domains to it (moving a domain from another site). Returns how many domains were mapped. Raises ED005 for a bad name or domain (nothing is changed).';
-REVOKE ALL ON FUNCTION edm.set_site_domains(text,text[],text) FROM PUBLIC;
-
-CREATE FUNCTION edm.set_site_limits(p_site text, p_limits jsonb, p_service_id bigint DEFAULT NULL::bigint)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-BEGIN
-  IF p_site IS NULL THEN
-    RAISE EXCEPTION 'set_site_limits: a site is required' USING ERRCODE = 'ED005';
-  END IF;
-  PERFORM 1 FROM edm.sites s WHERE s.site = p_site;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown site %', p_site USING ERRCODE = 'ED001';
-  END IF;
-  IF p_service_id IS NULL THEN
-    RETURN edm.shaping_replace('site', p_site, NULL, NULL, NULL, p_limits);
-  END IF;
-  PERFORM 1 FROM edm.services s WHERE s.service_id = p_service_id;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
-  END IF;
-  RETURN edm.shaping_replace('service_site', p_site, p_service_id, NULL, NULL, p_limits);
-END;
-$function$;
-COMMENT ON FUNCTION edm.set_site_limits(text,jsonb,bigint) IS 'Replaces the limits of site p_site across all services (p_service_id NULL), or of service p_service_id to that site, with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED001 for an unknown site or service, ED005 for a bad limit.';
-REVOKE ALL ON FUNCTION edm.set_site_limits(text,jsonb,bigint) FROM PUBLIC;
-
-CREATE FUNCTION edm.set_task_limits(p_task_id bigint, p_limits jsonb)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-BEGIN
-  -- the claim reads and advances task limits under the task row lock
-  PERFORM 1 FROM edm.tasks t WHERE t.task_id = p_task_id FOR NO KEY UPDATE;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'ED001';
-  END IF;
-  RETURN edm.shaping_replace('task', NULL, NULL, NULL, p_task_id, p_limits);
-END;
-$function$;
-COMMENT ON FUNCTION edm.set_task_limits(bigint,jsonb) IS 'Replaces the limits of task p_task_id (a campaign''s maximum rate) with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED001 for an unknown task, ED005 for a bad limit.';
-REVOKE ALL ON FUNCTION edm.set_task_limits(bigint,jsonb) FROM PUBLIC;
-
-CREATE FUNCTION edm.set_task_transactional(p_task_id bigint, p_transactional boolean)
- RETURNS boolean
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_status text;
-BEGIN
-  IF p_transactional IS NULL THEN
-    RAISE EXCEPTION 'set_task_transactional: true or false is required' USING ERRCODE = 'ED005';
-  END IF;
-  SELECT t.status INTO v_status FROM edm.tasks t WHERE t.task_id = p_task_id FOR NO KEY UPDATE;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown task %', p_task_id USING ERRCODE = 'ED001';
-  END IF;
-  IF v_status IN ('completed', 'cancelled', 'failed') THEN
-    RAISE EXCEPTION 'task % is finished (%)', p_task_id, v_status USING ERRCODE = 'ED003';
-  END IF;
-  UPDATE edm.tasks t SET transactional = p_transactional, updated_at = now()
-  WHERE t.task_id = p_task_id AND t.transactional IS DISTINCT FROM p_transactional;
-  RETURN p_transactional;
-END;
-$function$;
-COMMENT ON FUNCTION edm.set_task_transactional(bigint,boolean) IS 'Puts task p_task_id in the transactional lane (true) or back in the bulk lane (false). ED001 for an unknown task, ED003 for a finished one.';
-REVOKE ALL ON FUNCTION edm.set_task_transactional(bigint,boolean) FROM PUBLIC;
-
-CREATE FUNCTION edm.set_user_limits(p_user_id text, p_limits jsonb)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-BEGIN
-  -- the claim reads and advances user limits under the user row lock
-  PERFORM 1 FROM edm.users u WHERE u.user_id = p_user_id FOR NO KEY UPDATE;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION 'unknown user %', p_user_id USING ERRCODE = 'ED001';
-  END IF;
-  RETURN edm.shaping_replace('user', NULL, NULL, p_user_id, NULL, p_limits);
-END;
-$function$;
-COMMENT ON FUNCTION edm.set_user_limits(text,jsonb) IS 'Replaces the limits of user p_user_id (a tenant''s plan: per hour, per day...) with p_limits (the JSON form of edm.set_service_limits; [] removes them). Returns how many are set. ED001 for an unknown user, ED005 for a bad limit.';
-REVOKE ALL ON FUNCTION edm.set_user_limits(text,jsonb) FROM PUBLIC;
-
-CREATE FUNCTION edm.shaping_as_limit(l edm.shaping_limits)
- RETURNS edm.service_limits
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN ROW(COALESCE((l).service_id, (0)::bigint), (l).name, (l).kind, (l).max_count, (l).window_ms, (l).burst, (l).time_zone, (l).tat, (l).bucket_idx, (l).bucket_n, (l).day, (l).day_count, (l).created_at)::edm.service_limits;
-COMMENT ON FUNCTION edm.shaping_as_limit(edm.shaping_limits) IS 'Shaping limit l as an edm.service_limits row, so that edm.limit_next and edm.limit_after evaluate it by the same rule as a service''s limits.';
-REVOKE ALL ON FUNCTION edm.shaping_as_limit(edm.shaping_limits) FROM PUBLIC;
-
-CREATE FUNCTION edm.shaping_free(p_keys text[], p_all_keys text[], p_lims edm.service_limits[], p_held text[], p_at timestamp with time zone)
- RETURNS timestamp with time zone
- LANGUAGE plpgsql
- STABLE
-AS $function$
-DECLARE
-  v_at timestamptz := p_at;
-  i integer;
-BEGIN
-  IF p_keys && p_held THEN
-    RETURN 'infinity';
-  END IF;
-  FOR i IN 1 .. coalesce(cardinality(p_all_keys), 0) LOOP
-    IF p_all_keys[i] = ANY (p_keys) THEN
-      v_at := greatest(v_at, edm.limit_next(p_lims[i], p_at, 'UTC'));
-    END IF;
-  END LOOP;
-  RETURN v_at;
-END;
-$function$;
-COMMENT ON FUNCTION edm.shaping_free(text[],text[],edm.service_limits[],text[],timestamp with time zone) IS 'For the claim: the earliest instant at or after p_at at which every limit of the scopes p_keys admits one more send, from limits read by edm.shaping_load (p_all_keys[i] is the scope of p_lims[i]); infinity when one of the scopes is in p_held (locked by another transaction).';
-REVOKE ALL ON FUNCTION edm.shaping_free(text[],text[],edm.service_limits[],text[],timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.shaping_limits_flag()
- RETURNS trigger
- LANGUAGE plpgsql
-AS $function$
-BEGIN
-  UPDATE edm.users u
-  SET has_limits = EXISTS (SELECT 1 FROM edm.shaping_limits l
-                           WHERE l.scope = 'user' AND l.user_id = u.user_id)
-  WHERE u.user_id IN (SELECT x.user_id FROM changed x WHERE x.scope = 'user');
-  UPDATE edm.tasks t
-  SET has_limits = EXISTS (SELECT 1 FROM edm.shaping_limits l
-                           WHERE l.scope = 'task' AND l.task_id = t.task_id)
-  WHERE t.task_id IN (SELECT x.task_id FROM changed x WHERE x.scope = 'task');
-  RETURN NULL;
-END;
-$function$;
-COMMENT ON FUNCTION edm.shaping_limits_flag() IS 'Statement trigger on edm.shaping_limits: keeps users.has_limits and tasks.has_limits in step, so the claim reads user and task limits only where there are some.';
-REVOKE ALL ON FUNCTION edm.shaping_limits_flag() FROM PUBLIC;
-
-CREATE FUNCTION edm.shaping_load(p_keys text[], OUT keys text[], OUT lims edm.service_limits[], OUT held text[])
- RETURNS record
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-BEGIN
-  SELECT array_agg(x.k), array_agg(x.lim) INTO keys, lims
-  FROM (SELECT l.scope_key AS k, edm.shaping_as_limit(l) AS lim
-        FROM edm.shaping_limits l WHERE l.scope_key = ANY (p_keys)
-        FOR UPDATE OF l SKIP LOCKED) x;
-  held := ARRAY(SELECT a.scope_key FROM edm.shaping_limits a
-                WHERE a.scope_key = ANY (p_keys)
-                GROUP BY a.scope_key
-                HAVING count(*) > coalesce(cardinality(array_positions(keys, a.scope_key)), 0));
-END;
-$function$;
-COMMENT ON FUNCTION edm.shaping_load(text[]) IS 'For the claim: locks the shaping limits of the scopes p_keys without waiting (FOR UPDATE SKIP LOCKED) and returns them as edm.service_limits rows (keys: the scope_key of each) and the scopes with a limit locked by another transaction (held: no headroom for this claim).';
-REVOKE ALL ON FUNCTION edm.shaping_load(text[]) FROM PUBLIC;
-
-CREATE FUNCTION edm.shaping_next(p_keys text[], p_at timestamp with time zone)
- RETURNS timestamp with time zone
- LANGUAGE sql
- STABLE
-RETURN COALESCE((SELECT max(edm.limit_next(edm.shaping_as_limit(l.*), shaping_next.p_at, 'UTC'::text)) AS max FROM edm.shaping_limits l WHERE (l.scope_key = ANY (shaping_next.p_keys))), p_at);
-COMMENT ON FUNCTION edm.shaping_next(text[],timestamp with time zone) IS 'The earliest instant at or after p_at at which every shaping limit of the scopes p_keys (edm.shaping_key) admits one more send.';
-REVOKE ALL ON FUNCTION edm.shaping_next(text[],timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.shaping_replace(p_scope text, p_site text, p_service_id bigint, p_user_id text, p_task_id bigint, p_limits jsonb)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_key text := edm.shaping_key(p_scope, p_site, p_service_id, p_user_id, p_task_id);
-  v_n integer;
-BEGIN
-  IF p_limits IS NULL OR jsonb_typeof(p_limits) <> 'array' OR jsonb_array_length(p_limits) > 20 THEN
-    RAISE EXCEPTION 'limits must be a JSON array of at most 20 limits' USING ERRCODE = 'ED005';
-  END IF;
-  IF EXISTS (SELECT 1 FROM jsonb_array_elements(p_limits) e
-             WHERE jsonb_typeof(e) <> 'object'
-                OR NOT (e ?& ARRAY['name', 'kind', 'max_count'])
-                OR EXISTS (SELECT 1 FROM jsonb_object_keys(e) k
-                           WHERE k NOT IN ('name', 'kind', 'max_count', 'window_ms', 'burst', 'time_zone'))) THEN
-    RAISE EXCEPTION 'each limit is an object with name, kind, max_count and optionally window_ms, burst, time_zone'
-      USING ERRCODE = 'ED005';
-  END IF;
-  IF (SELECT count(DISTINCT e->>'name') FROM jsonb_array_elements(p_limits) e)
-     <> jsonb_array_length(p_limits) THEN
-    RAISE EXCEPTION 'limit names must be unique per scope' USING ERRCODE = 'ED005';
-  END IF;
-  BEGIN
-    DELETE FROM edm.shaping_limits l
-    WHERE l.scope_key = v_key
-      AND NOT EXISTS (
-        SELECT 1 FROM jsonb_array_elements(p_limits) e
-        WHERE e->>'name' = l.name AND e->>'kind' = l.kind
-          AND (e->>'max_count')::integer = l.max_count
-          AND (e->>'window_ms')::bigint IS NOT DISTINCT FROM l.window_ms
-          AND coalesce((e->>'burst')::integer, 1) = l.burst
-          AND (e->>'time_zone') IS NOT DISTINCT FROM l.time_zone);
-    INSERT INTO edm.shaping_limits (scope, site, service_id, user_id, task_id, name, kind,
-                                    max_count, window_ms, burst, time_zone)
-    SELECT p_scope, p_site, p_service_id, p_user_id, p_task_id, e->>'name', e->>'kind',
-           (e->>'max_count')::integer, (e->>'window_ms')::bigint,
-           coalesce((e->>'burst')::integer, 1), e->>'time_zone'
-    FROM jsonb_array_elements(p_limits) e
-    ON CONFLICT (scope_key, name) DO NOTHING;
-  EXCEPTION
-    WHEN check_violation OR not_null_violation OR invalid_text_representation
-         OR numeric_value_out_of_range OR cardinality_violation THEN
-      RAISE EXCEPTION 'invalid limit: %', SQLERRM USING ERRCODE = 'ED005';
-  END;
-  PERFORM pg_notify('edm_wakeup', 'shaping:' || p_scope);
-  SELECT count(*) INTO v_n FROM edm.shaping_limits l WHERE l.scope_key = v_key;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) IS 'Replaces the shaping limits of one scope with p_limits, a JSON array of {name, kind, max_count, window_ms, burst, time_zone} as edm.set_service_limits takes; an unchanged limit keeps its state. Raises ED005 for a bad limit (nothing is changed). Called by the edm.set_*_limits functions, which check the scope''s target.';
-REVOKE ALL ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) FROM PUBLIC;
-
-CREATE FUNCTION edm.site_of(p_email text)
- RETURNS text
- LANGUAGE sql
- STABLE PARALLEL SAFE
-RETURN (SELECT d.site FROM edm.site_domains d WHERE (d.domain = edm.email_domain(site_of.p_email)));
-COMMENT ON FUNCTION edm.site_of(text) IS 'The site a recipient address belongs to (edm.site_domains, by the domain after its last @), or NULL when its domain is not mapped.';
-REVOKE ALL ON FUNCTION edm.site_of(text) FROM PUBLIC;
-
-CREATE FUNCTION edm.sites_of(p_emails text[])
- RETURNS text[]
- LANGUAGE sql
- STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-RETURN (SELECT COALESCE(array_agg(edm.site_of(e.email) ORDER BY e.n), '{}'::text[]) AS "coalesce" FROM unnest(sites_of.p_emails) WITH ORDINALITY e(email, n));
-COMMENT ON FUNCTION edm.sites_of(text[]) IS 'The site of each address of p_emails (edm.site_of), in order, NULL where its domain is not mapped. Used by the dispatcher to hand back the queued sends of a (service, site) pair a reply rule has just suspended. Runs with the owner''s rights, so the dispatcher role needs no read access to edm.site_domains.';
-REVOKE ALL ON FUNCTION edm.sites_of(text[]) FROM PUBLIC;
-
-CREATE FUNCTION edm.suspend_site(p_service_id bigint, p_site text, p_until timestamp with time zone, p_reason text DEFAULT 'suspended by hand'::text)
- RETURNS void
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-BEGIN
-  IF p_until IS NULL OR p_reason IS NULL OR length(p_reason) > 2000 THEN
-    RAISE EXCEPTION 'suspend_site: until and a reason of at most 2000 characters are required'
-      USING ERRCODE = 'ED005';
-  END IF;
-  IF NOT EXISTS (SELECT 1 FROM edm.services s WHERE s.service_id = p_service_id) THEN
-    RAISE EXCEPTION 'unknown service %', p_service_id USING ERRCODE = 'ED001';
-  END IF;
-  IF NOT EXISTS (SELECT 1 FROM edm.sites s WHERE s.site = p_site) THEN
-    RAISE EXCEPTION 'unknown site %', p_site USING ERRCODE = 'ED001';
-  END IF;
-  INSERT INTO edm.site_suspensions (service_id, site, until, level, reason, created_at)
-  VALUES (p_service_id, p_site, p_until, 1, p_reason, now())
-  ON CONFLICT (service_id, site) DO UPDATE
-    SET until = EXCLUDED.until, reason = EXCLUDED.reason, created_at = EXCLUDED.created_at;
-  PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
-END;
-$function$;
-COMMENT ON FUNCTION edm.suspend_site(bigint,text,timestamp with time zone,text) IS 'Suspends (service, site) until p_until by hand (an until in the past lifts it). Raises ED001 for an unknown service or site.';
-REVOKE ALL ON FUNCTION edm.suspend_site(bigint,text,timestamp with time zone,text) FROM PUBLIC;
-
-CREATE FUNCTION edm.suspended_sites(p_service_id bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS text[]
- LANGUAGE sql
- STABLE
-RETURN ARRAY(SELECT x.site FROM edm.site_suspensions x WHERE ((x.service_id = suspended_sites.p_service_id) AND (x.until > COALESCE(suspended_sites.p_now, now()))) ORDER BY x.site);
-COMMENT ON FUNCTION edm.suspended_sites(bigint,timestamp with time zone) IS 'The sites service p_service_id must not send to at p_now (its suspensions not yet expired).';
-REVOKE ALL ON FUNCTION edm.suspended_sites(bigint,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.task_site_wait(p_task_id bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS TABLE(reason text, until timestamp with time zone)
- LANGUAGE sql
- STABLE
-BEGIN ATOMIC
- WITH next_sites AS (
-          SELECT DISTINCT edm.site_of(st.email) AS site
-            FROM ( SELECT s0.email
-                    FROM edm.subtasks s0
-                   WHERE ((s0.task_id = task_site_wait.p_task_id) AND (s0.status = 'pending'::text))
-                   ORDER BY s0.not_before, s0.subtask_id
-                  LIMIT 1000) st
-         ), services AS (
-          SELECT s.service_id
-            FROM ((edm.tasks t
-              JOIN edm.grants g ON ((g.user_id = t.user_id)))
-              JOIN edm.services s ON ((s.service_id = g.service_id)))
-           WHERE ((t.task_id = task_site_wait.p_task_id) AND s.enabled)
-         ), held AS (
-          SELECT n.site,
-             v.service_id,
-             ( SELECT max(x.until) AS max
-                    FROM edm.site_suspensions x
-                   WHERE ((x.service_id = v.service_id) AND (x.site = n.site) AND (x.until > COALESCE(task_site_wait.p_now, now())))) AS suspended_until,
-             ( SELECT max(edm.limit_next(edm.shaping_as_limit(l.*), COALESCE(task_site_wait.p_now, now()), 'UTC'::text)) AS max
-                    FROM edm.shaping_limits l
-                   WHERE (l.scope_key = ANY (ARRAY[edm.shaping_key('site'::text, n.site, NULL::bigint, NULL::text, NULL::bigint), edm.shaping_key('service_site'::text, n.site, v.service_id, NULL::text, NULL::bigint)]))) AS limit_free
-            FROM (next_sites n
-              CROSS JOIN services v)
-           WHERE (n.site IS NOT NULL)
-         ), per_site AS (
-          SELECT h.site,
-             min(GREATEST(h.suspended_until, NULLIF(h.limit_free, COALESCE(task_site_wait.p_now, now())))) AS free,
-             bool_or((h.suspended_until IS NOT NULL)) AS suspended,
-             bool_or((h.limit_free > COALESCE(task_site_wait.p_now, now()))) AS limited,
-             bool_and((GREATEST(h.suspended_until, NULLIF(h.limit_free, COALESCE(task_site_wait.p_now, now()))) IS NOT NULL)) AS held
-            FROM held h
-           GROUP BY h.site
-         )
-  SELECT ('sites held back: '::text || string_agg(format('%s %s until %s'::text, p.site,
-         CASE
-             WHEN (p.suspended AND p.limited) THEN 'suspended and limited'::text
-             WHEN p.suspended THEN 'suspended'::text
-             ELSE 'limited'::text
-         END,
-         CASE
-             WHEN (p.free = 'infinity'::timestamp with time zone) THEN 'raised'::text
-             ELSE (p.free)::text
-         END), '; '::text ORDER BY p.free, p.site)) AS reason,
-     NULLIF(min(p.free), 'infinity'::timestamp with time zone) AS until
-    FROM per_site p
-  HAVING ((count(*) > 0) AND bool_and(p.held) AND (count(*) = ( SELECT count(*) AS count
-            FROM next_sites n2)) AND (( SELECT count(*) AS count
-            FROM services) > 0));
-END;
-COMMENT ON FUNCTION edm.task_site_wait(bigint,timestamp with time zone) IS 'Why the sites of task p_task_id''s next recipients (the first 1000 pending, in claim order) hold it back at p_now: a row only when every one of them has a site that is suspended (edm.site_suspensions) or without headroom (site and service_site limits of edm.shaping_limits) on every enabled granted service, listing each site with when it frees; until is the first of them. No row when some recipient can go.';
-REVOKE ALL ON FUNCTION edm.task_site_wait(bigint,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.trim_shaping_actions(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-  v_n integer;
-BEGIN
-  DELETE FROM edm.shaping_actions a
-  WHERE a.at < coalesce(p_now, now())
-               - make_interval(days => edm.config_int('monitoring.metrics_retention_days'))
-    AND (a.until IS NULL OR a.until < coalesce(p_now, now()));
-  GET DIAGNOSTICS v_n = ROW_COUNT;
-  RETURN v_n;
-END;
-$function$;
-COMMENT ON FUNCTION edm.trim_shaping_actions(timestamp with time zone) IS 'Deletes reply-rule log rows older than monitoring.metrics_retention_days whose action has ended; returns how many.';
-REVOKE ALL ON FUNCTION edm.trim_shaping_actions(timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.unmapped_domains(p_domains text[])
- RETURNS SETOF text
- LANGUAGE sql
- STABLE
-BEGIN ATOMIC
- SELECT DISTINCT lower(x.d) AS domain
-    FROM unnest(unmapped_domains.p_domains) x(d)
-   WHERE ((x.d IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
-            FROM edm.site_domains sd
-           WHERE (sd.domain = lower(x.d))))))
-   ORDER BY (lower(x.d));
-END;
-COMMENT ON FUNCTION edm.unmapped_domains(text[]) IS 'Those of p_domains (lower-cased, distinct) that edm.site_domains does not map: what a resolver hook has to answer.';
-REVOKE ALL ON FUNCTION edm.unmapped_domains(text[]) FROM PUBLIC;
-
-CREATE FUNCTION edm.unsubscribe(p_user_id text, p_email text, p_subtask_id bigint DEFAULT NULL::bigint, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
- RETURNS TABLE(contact_updated boolean, suppressed boolean, cancelled integer)
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-#variable_conflict use_column
-DECLARE
-  v_email text := edm.normalize_email(p_email);
-  v_contact boolean;
-  v_suppressed boolean;
-  v_cancelled integer;
-BEGIN
-  IF edm.email_problem(p_email) IS NOT NULL THEN
-    RAISE EXCEPTION 'invalid address %: %', quote_literal(p_email), edm.email_problem(p_email)
-      USING ERRCODE = 'ED005';
-  END IF;
-  IF NOT EXISTS (SELECT 1 FROM edm.users u WHERE u.user_id = p_user_id) THEN
-    -- the tenant is gone: nothing of it can be sent any more
-    RETURN QUERY SELECT false, false, 0;
-    RETURN;
-  END IF;
-  UPDATE edm.contacts c SET unsubscribed = true, updated_at = coalesce(p_now, now())
-  WHERE c.user_id = p_user_id AND c.email = v_email AND NOT c.unsubscribed;
-  v_contact := FOUND;
-  INSERT INTO edm.suppressions (user_id, email, reason, source_subtask_id, created_at)
-  VALUES (p_user_id, v_email, 'unsubscribe', p_subtask_id, coalesce(p_now, now()))
-  ON CONFLICT (user_id, email) DO NOTHING;
-  v_suppressed := FOUND;
-  v_cancelled := edm.cancel_pending_to(v_email, p_user_id, 'unsubscribed', p_now);
-  RETURN QUERY SELECT v_contact, v_suppressed, v_cancelled;
-END;
-$function$;
-COMMENT ON FUNCTION edm.unsubscribe(text,text,bigint,timestamp with time zone) IS 'Unsubscribes p_email from user p_user_id''s mail, idempotently: marks the contact unsubscribed, suppresses the address for that user (reason unsubscribe; an existing suppression is kept), and cancels its pending subtasks in the user''s tasks. Returns what changed (all false / 0 on a repeated call, or when the user no longer exists). Called by edm_sched.unsubscribe after it verified the signed token.';
-REVOKE ALL ON FUNCTION edm.unsubscribe(text,text,bigint,timestamp with time zone) FROM PUBLIC;
-
-CREATE FUNCTION edm.warmup_ceiling(p_ramp integer[], p_started_on date, p_day date)
- RETURNS integer
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN CASE WHEN (p_day < p_started_on) THEN (p_ramp)[1] WHEN (((p_day - p_started_on) + 1) > cardinality(p_ramp)) THEN NULL::integer ELSE (p_ramp)[((p_day - p_started_on) + 1)] END;
-COMMENT ON FUNCTION edm.warmup_ceiling(integer[],date,date) IS 'The ceiling of local day p_day on ramp p_ramp started on p_started_on (day 1): the ramp''s first value before the start, NULL after its last day (the warm-up is over).';
-REVOKE ALL ON FUNCTION edm.warmup_ceiling(integer[],date,date) FROM PUBLIC;
-
-CREATE FUNCTION edm.warmup_ramp(p_start integer, p_full integer, p_factor numeric DEFAULT 2)
- RETURNS integer[]
- LANGUAGE plpgsql
- IMMUTABLE PARALLEL SAFE
-AS $function$
-DECLARE
-  v_ramp integer[];
-  v_c integer;
-BEGIN
-  IF p_start IS NULL OR p_full IS NULL OR p_factor IS NULL OR p_start < 1
-     OR p_full < p_start OR p_full > 100000000 OR p_factor <= 1 OR p_factor > 100 THEN
-    RAISE EXCEPTION 'warmup_ramp: need 1 <= start <= full <= 100000000 and 1 < factor <= 100, got %, %, %',
-      p_start, p_full, p_factor USING ERRCODE = 'ED005';
-  END IF;
-  v_c := p_start;
-  v_ramp := ARRAY[v_c];
-  WHILE v_c < p_full LOOP
-    v_c := least(p_full, ceil(v_c * p_factor))::integer;
-    v_ramp := v_ramp || v_c;
-    IF cardinality(v_ramp) > 366 THEN
-      RAISE EXCEPTION 'warmup_ramp: from % to % by a factor of % takes more than 366 days',
-        p_start, p_full, p_factor USING ERRCODE = 'ED005';
-    END IF;
-  END LOOP;
-  RETURN v_ramp;
-END;
-$function$;
-COMMENT ON FUNCTION edm.warmup_ramp(integer,integer,numeric) IS 'A growing warm-up ramp: p_start on day 1, then each day the day before''s ceiling times p_factor (rounded up) until p_full, the last day. warmup_ramp(50, 1000) = {50,100,200,400,800,1000}. Raises ED005 for bad bounds or a ramp longer than 366 days.';
-REVOKE ALL ON FUNCTION edm.warmup_ramp(integer,integer,numeric) FROM PUBLIC;
-
-CREATE VIEW edm.possible_duplicates AS
- SELECT st.subtask_id,
-    st.task_id,
-    t.user_id,
-    st.email,
-    st.status,
-    st.service_id,
-    st.lease_expiries,
-    st.uncertain_sends,
-    (st.lease_expiries + st.uncertain_sends) AS uncertain_attempts
-   FROM (edm.subtasks st
-     JOIN edm.tasks t ON ((t.task_id = st.task_id)))
-  WHERE ((st.lease_expiries > 0) OR (st.uncertain_sends > 0));
-COMMENT ON VIEW edm.possible_duplicates IS 'Every subtask that may have reached its recipient more than once (I1): one of its attempts ended with an outcome nobody can know, a lease that expired on a crashed or cut-off dispatcher (lease_expiries) or a connection lost after the final dot (uncertain_sends), and it was or may be sent again. Each such attempt was recorded (send_events kinds lease_expired and uncertain) before any resend.';
-COMMENT ON COLUMN edm.possible_duplicates.subtask_id IS 'Subtask.';
-COMMENT ON COLUMN edm.possible_duplicates.task_id IS 'Task.';
-COMMENT ON COLUMN edm.possible_duplicates.user_id IS 'Owner of the task.';
-COMMENT ON COLUMN edm.possible_duplicates.email IS 'Recipient.';
-COMMENT ON COLUMN edm.possible_duplicates.status IS 'Current status of the subtask.';
-COMMENT ON COLUMN edm.possible_duplicates.service_id IS 'Service of the latest attempt.';
-COMMENT ON COLUMN edm.possible_duplicates.lease_expiries IS 'Leases that expired (outcome unknown).';
-COMMENT ON COLUMN edm.possible_duplicates.uncertain_sends IS 'Connections lost after the final dot.';
-COMMENT ON COLUMN edm.possible_duplicates.uncertain_attempts IS 'lease_expiries + uncertain_sends: the most extra copies the recipient may have.';
-
-CREATE VIEW edm.reputation_status AS
- SELECT subject,
-    service_id,
-    user_id,
-    window_start,
-    sends,
-    hard_bounces,
-    complaints,
-    bounce_pct,
-    complaint_pct,
-    judged,
-    paused_reason
-   FROM edm.reputation_rates() r(subject, service_id, user_id, window_start, sends, hard_bounces, complaints, bounce_pct, complaint_pct, judged, paused_reason);
-COMMENT ON VIEW edm.reputation_status IS 'The reputation breaker''s view right now: per service and per user, sends, hard bounces and complaints in the window, rates, whether judged, and the pause reason if paused.';
-COMMENT ON COLUMN edm.reputation_status.subject IS 'service or user.';
-COMMENT ON COLUMN edm.reputation_status.service_id IS 'The service (subject service).';
-COMMENT ON COLUMN edm.reputation_status.user_id IS 'The user (subject user).';
-COMMENT ON COLUMN edm.reputation_status.window_start IS 'Start of the window: reputation.window_hours ago, or the last resume.';
-COMMENT ON COLUMN edm.reputation_status.sends IS 'Messages sent in the window (whole hours).';
-COMMENT ON COLUMN edm.reputation_status.hard_bounces IS 'Hard bounces recorded in the window.';
-COMMENT ON COLUMN edm.reputation_status.complaints IS 'Complaints recorded in the window.';
-COMMENT ON COLUMN edm.reputation_status.bounce_pct IS 'Hard bounces / sends, percent.';
-COMMENT ON COLUMN edm.reputation_status.complaint_pct IS 'Complaints / sends, percent.';
-COMMENT ON COLUMN edm.reputation_status.judged IS 'True when sends reach reputation.min_sends: only then can the rates raise alerts or pause.';
-COMMENT ON COLUMN edm.reputation_status.paused_reason IS 'Why the breaker paused the subject, if it did.';
-
-CREATE VIEW edm.service_limit_status AS
- SELECT s.service_id,
-    s.name AS service_name,
-    'interval'::text AS limit_name,
-    'rate'::text AS kind,
-    1 AS max_count,
-    s.interval_ms AS window_ms,
-    1 AS burst,
-        CASE
-            WHEN (s.last_sent_at > (now() - ((s.interval_ms)::double precision * '00:00:00.001'::interval))) THEN 1
-            ELSE 0
-        END AS used,
-        CASE
-            WHEN (s.last_sent_at > (now() - ((s.interval_ms)::double precision * '00:00:00.001'::interval))) THEN 0
-            ELSE 1
-        END AS headroom,
-        CASE
-            WHEN (s.last_sent_at > (now() - ((s.interval_ms)::double precision * '00:00:00.001'::interval))) THEN (s.last_sent_at + ((s.interval_ms)::double precision * '00:00:00.001'::interval))
-            ELSE NULL::timestamp with time zone
-        END AS next_free_at
-   FROM edm.services s
-  WHERE (s.interval_ms > 0)
-UNION ALL
- SELECT s.service_id,
-    s.name AS service_name,
-    'daily_quota'::text AS limit_name,
-    'calendar_day'::text AS kind,
-    s.daily_quota AS max_count,
-    NULL::bigint AS window_ms,
-    1 AS burst,
-    edm.service_sent_today(s.*) AS used,
-    GREATEST((s.daily_quota - edm.service_sent_today(s.*)), 0) AS headroom,
-        CASE
-            WHEN (edm.service_sent_today(s.*) >= s.daily_quota) THEN edm.service_next_quota_day(s.quota_tz, now())
-            ELSE NULL::timestamp with time zone
-        END AS next_free_at
-   FROM edm.services s
-UNION ALL
- SELECT x.service_id,
-    x.service_name,
-    x.limit_name,
-    x.kind,
-    x.max_count,
-    x.window_ms,
-    x.burst,
-    x.used,
-    GREATEST((x.max_count - x.used), 0) AS headroom,
-    x.next_free_at
-   FROM ( SELECT s.service_id,
-            s.name AS service_name,
-            l.name AS limit_name,
-            l.kind,
-            l.max_count,
-            l.window_ms,
-            l.burst,
-                CASE l.kind
-                    WHEN 'calendar_day'::text THEN
-                    CASE
-                        WHEN (l.day = ((now() AT TIME ZONE COALESCE(l.time_zone, s.quota_tz)))::date) THEN l.day_count
-                        ELSE 0
-                    END
-                    WHEN 'rolling'::text THEN ( SELECT (COALESCE(sum(b.n), (0)::bigint))::integer AS "coalesce"
-                       FROM UNNEST(l.bucket_idx, l.bucket_n) b(i, n)
-                      WHERE ((b.i)::numeric >= (((edm.epoch_ms(now()) / edm.limit_bucket_ms(l.window_ms)))::numeric - ceil(((l.window_ms)::numeric / (edm.limit_bucket_ms(l.window_ms))::numeric)))))
-                    ELSE LEAST(l.burst, (GREATEST((0)::numeric, ceil(((EXTRACT(epoch FROM (COALESCE(l.tat, now()) - now())) * (1000)::numeric) / ((l.window_ms)::numeric / (GREATEST(l.max_count, 1))::numeric)))))::integer)
-                END AS used,
-            NULLIF(edm.limit_next(l.*, now(), s.quota_tz), now()) AS next_free_at
-           FROM (edm.service_limits l
-             JOIN edm.services s ON ((s.service_id = l.service_id)))) x;
-COMMENT ON VIEW edm.service_limit_status IS 'Every limit of every service, built-in (interval, daily_quota) and extra (edm.service_limits), with its use, headroom and when it next admits a send (NULL: now). The limit with the latest next_free_at binds.';
-COMMENT ON COLUMN edm.service_limit_status.service_id IS 'Service.';
-COMMENT ON COLUMN edm.service_limit_status.service_name IS 'Service name.';
-COMMENT ON COLUMN edm.service_limit_status.limit_name IS 'interval, daily_quota, or the name of an extra limit.';
-COMMENT ON COLUMN edm.service_limit_status.kind IS 'rate, rolling or calendar_day.';
-COMMENT ON COLUMN edm.service_limit_status.max_count IS 'Most sends per window.';
-COMMENT ON COLUMN edm.service_limit_status.window_ms IS 'Window in milliseconds (NULL for a calendar day).';
-COMMENT ON COLUMN edm.service_limit_status.burst IS 'Most sends at once (rate limits).';
-COMMENT ON COLUMN edm.service_limit_status.used IS 'Sends counted in the current window (rate: in the token bucket).';
-COMMENT ON COLUMN edm.service_limit_status.headroom IS 'max_count - used, at least 0.';
-COMMENT ON COLUMN edm.service_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now.';
-
-CREATE VIEW edm.service_warmup_status AS
- SELECT w.service_id,
-    s.name AS service_name,
-    w.started_on,
-    ((x.today - w.started_on) + 1) AS day,
-    cardinality(w.ramp) AS days,
-        CASE
-            WHEN (x.today < w.started_on) THEN 'scheduled'::text
-            WHEN (((x.today - w.started_on) + 1) > cardinality(w.ramp)) THEN 'ended'::text
-            ELSE 'ramping'::text
-        END AS state,
-    edm.warmup_ceiling(w.ramp, w.started_on, x.today) AS ceiling_today,
-    l.max_count AS ceiling_in_force,
-        CASE
-            WHEN (l.day = x.today) THEN l.day_count
-            ELSE 0
-        END AS used_today,
-    edm.warmup_ceiling(w.ramp, w.started_on, (x.today + 1)) AS ceiling_tomorrow,
-    w.ramp[cardinality(w.ramp)] AS final_ceiling,
-    edm.service_next_quota_day(s.quota_tz, now()) AS next_day_at,
-    w.ramp
-   FROM (((edm.service_warmups w
-     JOIN edm.services s ON ((s.service_id = w.service_id)))
-     CROSS JOIN LATERAL ( SELECT ((now() AT TIME ZONE s.quota_tz))::date AS today) x)
-     LEFT JOIN edm.service_limits l ON (((l.service_id = w.service_id) AND (l.name = 'warmup'::text))));
-COMMENT ON VIEW edm.service_warmup_status IS 'Each warming-up service: day n of N of its ramp (local days in its quota_tz), today''s ceiling, the ceiling in force in its limit ''warmup'' (it follows the ramp at each sweep), sends counted today and tomorrow''s ceiling.';
-COMMENT ON COLUMN edm.service_warmup_status.service_id IS 'Service.';
-COMMENT ON COLUMN edm.service_warmup_status.service_name IS 'Service name.';
-COMMENT ON COLUMN edm.service_warmup_status.started_on IS 'Local date of day 1.';
-COMMENT ON COLUMN edm.service_warmup_status.day IS 'Today''s day of the ramp (day n of days; below 1 before the start, above days once over).';
-COMMENT ON COLUMN edm.service_warmup_status.days IS 'Length of the ramp in days.';
-COMMENT ON COLUMN edm.service_warmup_status.state IS 'scheduled (before day 1), ramping, or ended (past the last day; the warm-up and its limit go at the first sweep once the limit no longer counts the last day).';
-COMMENT ON COLUMN edm.service_warmup_status.ceiling_today IS 'The ramp''s ceiling for today (NULL once ended).';
-COMMENT ON COLUMN edm.service_warmup_status.ceiling_in_force IS 'max_count of the limit ''warmup'' now: the ceiling the claim applies (an earlier, lower day''s until the first sweep of the day).';
-COMMENT ON COLUMN edm.service_warmup_status.used_today IS 'Sends counted by the limit ''warmup'' for today.';
-COMMENT ON COLUMN edm.service_warmup_status.ceiling_tomorrow IS 'The ramp''s ceiling for tomorrow (NULL when the ramp ends today).';
-COMMENT ON COLUMN edm.service_warmup_status.final_ceiling IS 'The ramp''s last ceiling.';
-COMMENT ON COLUMN edm.service_warmup_status.next_day_at IS 'When the next local day (and its ceiling) starts.';
-COMMENT ON COLUMN edm.service_warmup_status.ramp IS 'The whole ramp, day 1 first.';
-
-CREATE VIEW edm.shaping_limit_status AS
- SELECT scope,
-    site,
-    service_id,
-    user_id,
-    task_id,
-    limit_name,
-    kind,
-    max_count,
-    window_ms,
-    burst,
-    used,
-    GREATEST((max_count - used), 0) AS headroom,
-    next_free_at
-   FROM ( SELECT l.scope,
-            l.site,
-            l.service_id,
-            l.user_id,
-            l.task_id,
-            l.name AS limit_name,
-            l.kind,
-            l.max_count,
-            l.window_ms,
-            l.burst,
-                CASE l.kind
-                    WHEN 'calendar_day'::text THEN
-                    CASE
-                        WHEN (l.day = ((now() AT TIME ZONE COALESCE(l.time_zone, 'UTC'::text)))::date) THEN l.day_count
-                        ELSE 0
-                    END
-                    WHEN 'rolling'::text THEN ( SELECT (COALESCE(sum(b.n), (0)::bigint))::integer AS "coalesce"
-                       FROM UNNEST(l.bucket_idx, l.bucket_n) b(i, n)
-                      WHERE ((b.i)::numeric >= (((edm.epoch_ms(now()) / edm.limit_bucket_ms(l.window_ms)))::numeric - ceil(((l.window_ms)::numeric / (edm.limit_bucket_ms(l.window_ms))::numeric)))))
-                    ELSE LEAST(l.burst, (GREATEST((0)::numeric, ceil(((EXTRACT(epoch FROM (COALESCE(l.tat, now()) - now())) * (1000)::numeric) / ((l.window_ms)::numeric / (GREATEST(l.max_count, 1))::numeric)))))::integer)
-                END AS used,
-            NULLIF(edm.limit_next(edm.shaping_as_limit(l.*), now(), 'UTC'::text), now()) AS next_free_at
-           FROM edm.shaping_limits l) x;
-COMMENT ON VIEW edm.shaping_limit_status IS 'Every shaping limit (edm.shaping_limits: global, site, service_site, user, task) with its use, headroom and when it next admits a send (NULL: now).';
-COMMENT ON COLUMN edm.shaping_limit_status.scope IS 'global, site, service_site, user or task.';
-COMMENT ON COLUMN edm.shaping_limit_status.site IS 'Site (site and service_site scopes).';
-COMMENT ON COLUMN edm.shaping_limit_status.service_id IS 'Service (service_site scope).';
-COMMENT ON COLUMN edm.shaping_limit_status.user_id IS 'User (user scope).';
-COMMENT ON COLUMN edm.shaping_limit_status.task_id IS 'Task (task scope).';
-COMMENT ON COLUMN edm.shaping_limit_status.limit_name IS 'Name of the limit.';
-COMMENT ON COLUMN edm.shaping_limit_status.kind IS 'rate, rolling or calendar_day.';
-COMMENT ON COLUMN edm.shaping_limit_status.max_count IS 'Most sends per window.';
-COMMENT ON COLUMN edm.shaping_limit_status.window_ms IS 'Window in milliseconds (NULL for a calendar day).';
-COMMENT ON COLUMN edm.shaping_limit_status.burst IS 'Most sends at once (rate limits).';
-COMMENT ON COLUMN edm.shaping_limit_status.used IS 'Sends counted in the current window (rate: in the token bucket).';
-COMMENT ON COLUMN edm.shaping_limit_status.headroom IS 'max_count - used, at least 0.';
-COMMENT ON COLUMN edm.shaping_limit_status.next_free_at IS 'When the limit next admits a send; NULL when it does now (infinity: max_count 0).';
-
-CREATE VIEW edm.site_status AS
- SELECT site,
-    description,
-    (( SELECT count(*) AS count
-           FROM edm.site_domains d
-          WHERE (d.site = st.site)))::integer AS domains,
-    ARRAY( SELECT x.service_id
-           FROM edm.site_suspensions x
-          WHERE ((x.site = st.site) AND (x.until > now()))
-          ORDER BY x.service_id) AS suspended_services,
-    ( SELECT max(x.until) AS max
-           FROM edm.site_suspensions x
-          WHERE ((x.site = st.site) AND (x.until > now()))) AS suspended_until,
-    ( SELECT COALESCE(jsonb_agg(jsonb_build_object('scope', ls.scope, 'service_id', ls.service_id, 'name', ls.limit_name, 'kind', ls.kind, 'max_count', ls.max_count, 'window_ms', ls.window_ms, 'headroom', ls.headroom, 'next_free_at', ls.next_free_at) ORDER BY ls.scope, ls.service_id, ls.limit_name), '[]'::jsonb) AS "coalesce"
-           FROM edm.shaping_limit_status ls
-          WHERE (ls.site = st.site)) AS limits,
-    ( SELECT max(ls.next_free_at) AS max
-           FROM edm.shaping_limit_status ls
-          WHERE ((ls.site = st.site) AND (ls.scope = 'site'::text))) AS limited_until
-   FROM edm.sites st;
-COMMENT ON VIEW edm.site_status IS 'Per destination site: its domains, the services suspended for it now and until when, and its limits (site scope and per service) with headroom.';
-COMMENT ON COLUMN edm.site_status.site IS 'Site.';
-COMMENT ON COLUMN edm.site_status.description IS 'Whose mail system it is.';
-COMMENT ON COLUMN edm.site_status.domains IS 'Domains mapped to the site.';
-COMMENT ON COLUMN edm.site_status.suspended_services IS 'Services suspended for the site now (edm.site_suspensions).';
-COMMENT ON COLUMN edm.site_status.suspended_until IS 'End of the latest suspension in force; NULL when none.';
-COMMENT ON COLUMN edm.site_status.limits IS 'Its limits, site scope and service_site scope, as JSON objects {scope, service_id, name, kind, max_count, window_ms, headroom, next_free_at}.';
-COMMENT ON COLUMN edm.site_status.limited_until IS 'When the site''s own (all-services) limits next admit a send; NULL when they do now or there are none.';
-
-CREATE VIEW edm.site_suspension_status AS
- SELECT x.service_id,
-    s.name AS service_name,
-    x.site,
-    x.until,
-    x.level,
-    (x.until > now()) AS in_force,
-    GREATEST((x.until - now()), '00:00:00'::interval) AS remaining,
-    x.created_at,
-    x.reason,
-    a.rule_id,
-    a.rule_name,
-    a.at AS last_reply_at,
-    a.code AS last_code,
-    a.reply AS last_reply
-   FROM ((edm.site_suspensions x
-     JOIN edm.services s ON ((s.service_id = x.service_id)))
-     LEFT JOIN LATERAL ( SELECT sa.rule_id,
-            sa.rule_name,
-            sa.at,
-            sa.code,
-            sa.reply
-           FROM edm.shaping_actions sa
-          WHERE ((sa.service_id = x.service_id) AND (sa.site = x.site) AND (sa.action = 'suspend_site'::text))
-          ORDER BY sa.at DESC, sa.action_id DESC
-         LIMIT 1) a ON (true));
-COMMENT ON VIEW edm.site_suspension_status IS 'Every (service, site) suspension, in force or expired (kept for escalation), with the rule and the latest reply that set it: what a DBA reads to see why a service does not send to a site.';
-COMMENT ON COLUMN edm.site_suspension_status.service_id IS 'Suspended service.';
-COMMENT ON COLUMN edm.site_suspension_status.service_name IS 'Its name.';
-COMMENT ON COLUMN edm.site_suspension_status.site IS 'Site it must not send to.';
-COMMENT ON COLUMN edm.site_suspension_status.until IS 'End of the suspension.';
-COMMENT ON COLUMN edm.site_suspension_status.level IS 'Escalation level (1: first suspension after a calm period).';
-COMMENT ON COLUMN edm.site_suspension_status.in_force IS 'True while the suspension applies.';
-COMMENT ON COLUMN edm.site_suspension_status.remaining IS 'Time left (0 once expired).';
-COMMENT ON COLUMN edm.site_suspension_status.created_at IS 'When the current suspension started.';
-COMMENT ON COLUMN edm.site_suspension_status.reason IS 'Why: the rule and the reply, or the text given by hand.';
-COMMENT ON COLUMN edm.site_suspension_status.rule_id IS 'Reply rule of the latest suspend_site action on the pair (NULL: set by hand or the rule was deleted).';
-COMMENT ON COLUMN edm.site_suspension_status.rule_name IS 'Its name.';
-COMMENT ON COLUMN edm.site_suspension_status.last_reply_at IS 'When that reply was completed.';
-COMMENT ON COLUMN edm.site_suspension_status.last_code IS 'Its SMTP code.';
-COMMENT ON COLUMN edm.site_suspension_status.last_reply IS 'Its text.';
-
-CREATE TRIGGER service_limits_flag_ins AFTER INSERT ON edm.service_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
-
-CREATE TRIGGER service_limits_flag_del AFTER DELETE ON edm.service_limits REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.service_limits_flag();
-
-CREATE TRIGGER service_limits_keep_warmup BEFORE DELETE ON edm.service_limits FOR EACH ROW WHEN ((old.name = 'warmup'::text)) EXECUTE FUNCTION edm.service_limits_keep_warmup();
-
-CREATE TRIGGER shaping_limits_flag_ins AFTER INSERT ON edm.shaping_limits REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.shaping_limits_flag();
-COMMENT ON TRIGGER shaping_limits_flag_ins ON edm.shaping_limits IS 'Sets users.has_limits / tasks.has_limits for new user and task limits.';
-
-CREATE TRIGGER shaping_limits_flag_del AFTER DELETE ON edm.shaping_limits REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.shaping_limits_flag();
-COMMENT ON TRIGGER shaping_limits_flag_del ON edm.shaping_limits IS 'Clears users.has_limits / tasks.has_limits when their last limit goes.';
 
 RESET check_function_bodies;
 RESET search_path;

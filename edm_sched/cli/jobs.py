@@ -118,8 +118,8 @@ def _fields_from(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, arg, None)
         if value is not None:
             data[field] = value
-    if getattr(args, "tenant_field", None) is not None:
-        data["user_id"] = args.tenant_field
+    if getattr(args, "owner", None) is not None:
+        data["user_id"] = args.owner
     if args.tag:
         data["tags"] = list(args.tag)
     retry = dict(data.get("retry") or {})
@@ -181,7 +181,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         print("edm-sched: nothing to change", flush=True)
         return EXIT_USAGE
     with database(args) as dsn:
-        job = JobScheduler(dsn).update_job(args.job_id, changes, user_id=args.tenant)
+        job = JobScheduler(dsn).update_job(args.job_id, changes, user_id=args.user)
     emit(args, {"ok": True, "job": job.model_dump(mode="json")}, _job_text(job))
     return EXIT_OK
 
@@ -193,7 +193,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        job = JobScheduler(dsn).get_job(args.job_id, user_id=args.tenant)
+        job = JobScheduler(dsn).get_job(args.job_id, user_id=args.user)
     emit(args, {"ok": True, "job": job.model_dump(mode="json")}, _job_text(job))
     return EXIT_OK
 
@@ -202,7 +202,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        JobScheduler(dsn).delete_job(args.job_id, user_id=args.tenant, force=args.force)
+        JobScheduler(dsn).delete_job(args.job_id, user_id=args.user, force=args.force)
     emit(args, {"ok": True, "deleted": args.job_id}, f"job {args.job_id} deleted")
     return EXIT_OK
 
@@ -213,11 +213,11 @@ def cmd_action(args: argparse.Namespace) -> int:
     with database(args) as dsn:
         s = JobScheduler(dsn)
         if args.action == "pause":
-            job = s.pause_job(args.job_id, user_id=args.tenant)
+            job = s.pause_job(args.job_id, user_id=args.user)
         elif args.action == "resume":
-            job = s.resume_job(args.job_id, user_id=args.tenant)
+            job = s.resume_job(args.job_id, user_id=args.user)
         else:
-            job = s.stop_job(args.job_id, user_id=args.tenant,
+            job = s.stop_job(args.job_id, user_id=args.user,
                              cancel_running=args.cancel_running)
     emit(args, {"ok": True, "job": job.model_dump(mode="json")},
          f"job {job.job_id} is {job.status}; next run {_fmt(job.next_run_at)}")
@@ -247,7 +247,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        ex = JobScheduler(dsn).trigger_job(args.job_id, user_id=args.tenant)
+        ex = JobScheduler(dsn).trigger_job(args.job_id, user_id=args.user)
     emit(args, {"ok": True, "execution": ex.model_dump(mode="json")},
          f"execution {ex.execution_id} of job {ex.job_id} queued")
     return EXIT_OK
@@ -257,7 +257,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        ex = JobScheduler(dsn).cancel_execution(args.execution_id, user_id=args.tenant)
+        ex = JobScheduler(dsn).cancel_execution(args.execution_id, user_id=args.user)
     emit(args, {"ok": True, "execution": ex.model_dump(mode="json")},
          f"execution {ex.execution_id} {ex.status}")
     return EXIT_OK
@@ -270,7 +270,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        jobs = JobScheduler(dsn).list_jobs(user_id=args.tenant, status=args.status,
+        jobs = JobScheduler(dsn).list_jobs(user_id=args.user, status=args.status,
                                            tag=args.tag_filter, limit=args.limit)
     lines = [f"{'id':>6} {'user':12} {'name':24} {'status':8} {'cron':18} {'tz':16} "
              f"{'next run':20} {'last':10}"]
@@ -286,7 +286,7 @@ def cmd_executions(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        rows = JobScheduler(dsn).list_executions(job_id=args.job, user_id=args.tenant,
+        rows = JobScheduler(dsn).list_executions(job_id=args.job, user_id=args.user,
                                                  status=args.status, limit=args.limit)
     lines = [f"{'id':>8} {'job':>6} {'trigger':9} {'status':10} {'scheduled for':20} "
              f"{'started':20} {'ms':>7} {'retry':>5} error"]
@@ -304,7 +304,7 @@ def cmd_execution(args: argparse.Namespace) -> int:
     from edm_sched.jobs.api import JobScheduler
 
     with database(args) as dsn:
-        ex = JobScheduler(dsn).get_execution(args.execution_id, user_id=args.tenant)
+        ex = JobScheduler(dsn).get_execution(args.execution_id, user_id=args.user)
     emit(args, {"ok": True, "execution": ex.model_dump(mode="json")}, _execution_text(ex))
     return EXIT_OK
 
@@ -317,7 +317,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         since = None
         if args.hours is not None:
             since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=args.hours)
-        st = s.stats(user_id=args.tenant, since=since)
+        st = s.stats(user_id=args.user, since=since)
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"
@@ -345,10 +345,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def env_secret_resolver(ref: str, tenant_id: str | None) -> str | None:
+def env_secret_resolver(ref: str, user_id: str | None) -> str | None:
     """Secrets of platform jobs from the environment variable named by the reference;
-    none for tenants' jobs (a tenant must not read the runner's environment)."""
-    return os.environ.get(ref) if tenant_id is None else None
+    none for users' jobs (a user must not read the runner's environment)."""
+    return os.environ.get(ref) if user_id is None else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -381,12 +381,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _definition_options(p: argparse.ArgumentParser, *, create: bool) -> None:
     p.add_argument("--spec", help="the whole job (or changes) as JSON, or @file.json; "
                                   "the options below override it")
-    p.add_argument("--name", required=False, help="job name (unique per tenant)")
+    p.add_argument("--name", required=False, help="job name (unique per user)")
     p.add_argument("--cron", help="5 fields, or 6 with leading seconds, or @daily...")
     p.add_argument("--tz", help="IANA time zone of the schedule (default UTC)")
     if create:
-        p.add_argument("--user", "--tenant-id", dest="tenant_field",
-                       help="owning user (tenant); --tenant-id is the older spelling")
+        p.add_argument("--user", "--tenant-id", dest="owner",
+                       help="owning user; --tenant-id is the older spelling")
         p.add_argument("--paused", action="store_true", help="create it paused")
     p.add_argument("--description", help="free text shown with the job")
     g = p.add_argument_group("what to run (one of)")
@@ -427,10 +427,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     jobs = sub.add_parser("jobs", help="recurring jobs (cron, time zones, retries)",
                           description=__doc__.split("\n\n")[0])
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
-    tenant = argparse.ArgumentParser(add_help=False)
-    tenant.add_argument("--user", "--tenant", dest="tenant",
-                        help="act only on this user's (tenant's) jobs; --tenant is the older "
-                        "spelling")
+    user = argparse.ArgumentParser(add_help=False)
+    user.add_argument("--user", "--tenant", dest="user",
+                      help="act only on this user's jobs; --tenant is the older spelling")
 
     p = jsub.add_parser("validate", parents=[common], help="check a cron expression (no database)")
     p.add_argument("expression", help="cron expression (quote it)")
@@ -442,54 +441,54 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     _definition_options(p, create=True)
     p.set_defaults(func=cmd_create)
 
-    p = jsub.add_parser("update", parents=[common, tenant], help="change a job")
+    p = jsub.add_parser("update", parents=[common, user], help="change a job")
     p.add_argument("job_id", type=int, help="the job's id")
     _definition_options(p, create=False)
     p.set_defaults(func=cmd_update)
 
-    p = jsub.add_parser("delete", parents=[common, tenant], help="delete a job and its history")
+    p = jsub.add_parser("delete", parents=[common, user], help="delete a job and its history")
     p.add_argument("job_id", type=int, help="the job's id")
     p.add_argument("--force", action="store_true", help="even while executions run")
     p.set_defaults(func=cmd_delete)
 
-    p = jsub.add_parser("show", parents=[common, tenant], help="show a job")
+    p = jsub.add_parser("show", parents=[common, user], help="show a job")
     p.add_argument("job_id", type=int, help="the job's id")
     p.set_defaults(func=cmd_show)
 
-    p = jsub.add_parser("list", parents=[common, tenant], help="list jobs")
+    p = jsub.add_parser("list", parents=[common, user], help="list jobs")
     p.add_argument("--status", choices=["active", "paused", "inactive"], help="only these")
     p.add_argument("--tag", dest="tag_filter", help="only jobs with this tag")
     p.add_argument("--limit", type=int, default=100, help="most rows shown (default 100)")
     p.set_defaults(func=cmd_list)
 
-    p = jsub.add_parser("trigger", parents=[common, tenant], help="run a job now")
+    p = jsub.add_parser("trigger", parents=[common, user], help="run a job now")
     p.add_argument("job_id", type=int, help="the job's id")
     p.set_defaults(func=cmd_trigger)
 
     for action, text in (("pause", "pause a job"), ("resume", "resume a paused or stopped job"),
                          ("stop", "stop a job (inactive) and cancel its queued runs")):
-        p = jsub.add_parser(action, parents=[common, tenant], help=text)
+        p = jsub.add_parser(action, parents=[common, user], help=text)
         p.add_argument("job_id", type=int, help="the job's id")
         if action == "stop":
             p.add_argument("--cancel-running", action="store_true",
                            help="also cancel executions running now")
         p.set_defaults(func=cmd_action, action=action)
 
-    p = jsub.add_parser("cancel", parents=[common, tenant], help="cancel an execution")
+    p = jsub.add_parser("cancel", parents=[common, user], help="cancel an execution")
     p.add_argument("execution_id", type=int, help="the execution's id")
     p.set_defaults(func=cmd_cancel)
 
-    p = jsub.add_parser("executions", parents=[common, tenant], help="list executions")
+    p = jsub.add_parser("executions", parents=[common, user], help="list executions")
     p.add_argument("--job", type=int, help="only this job's")
     p.add_argument("--status", help="only executions in this status")
     p.add_argument("--limit", type=int, default=50, help="most rows shown (default 50)")
     p.set_defaults(func=cmd_executions)
 
-    p = jsub.add_parser("execution", parents=[common, tenant], help="show one execution")
+    p = jsub.add_parser("execution", parents=[common, user], help="show one execution")
     p.add_argument("execution_id", type=int, help="the execution's id")
     p.set_defaults(func=cmd_execution)
 
-    p = jsub.add_parser("stats", parents=[common, tenant], help="job and execution statistics")
+    p = jsub.add_parser("stats", parents=[common, user], help="job and execution statistics")
     p.add_argument("--hours", type=float, help="window of finished executions (default 24)")
     p.set_defaults(func=cmd_stats)
 
@@ -503,6 +502,6 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-id", help="name of this runner (default host:pid:random)")
     p.add_argument("--allow-shell", action="store_true", help="execute shell jobs")
     p.add_argument("--secret-resolver", metavar="MODULE:ATTR",
-                   help="fn(secret_ref, tenant_id) -> secret for http jobs (default: "
+                   help="fn(secret_ref, user_id) -> secret for http jobs (default: "
                         "environment variables, platform jobs only)")
     p.set_defaults(func=cmd_run)

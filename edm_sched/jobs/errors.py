@@ -19,13 +19,13 @@ class InvalidCronExpression(errors.InvalidInput):
 
 
 class JobNotFound(errors.NotFound):
-    """No job with this id (or none of this tenant)."""
+    """No job with this id (or none of this user)."""
 
     code = "JOB_NOT_FOUND"
 
 
 class ExecutionNotFound(errors.NotFound):
-    """No execution with this id (or none of this tenant)."""
+    """No execution with this id (or none of this user)."""
 
     code = "EXECUTION_NOT_FOUND"
 
@@ -57,7 +57,7 @@ class LockAcquisitionFailed(errors.EdmSchedError):
 
 
 class JobQuotaExceeded(errors.QuotaExceeded):
-    """The tenant already owns ``jobs.max_jobs_per_tenant`` jobs."""
+    """The user already owns ``jobs.max_jobs_per_user`` jobs."""
 
     code = "QUOTA_EXCEEDED"
 

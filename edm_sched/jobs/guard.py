@@ -17,7 +17,7 @@ name cannot point somewhere else between the check and the connection.
 
 The host's allowlist (:class:`Allowlist`, the ``jobs.http_allow`` setting)
 may open networks or host names to every job, to platform jobs, or to one
-tenant's jobs.
+user's jobs.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import socket
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+from edm_sched.jobs.models import deprecated_name
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -178,8 +180,9 @@ def classify(address: IPAddress) -> str | None:
 class Allowlist:
     """Networks and host names the host opened to ``http`` jobs (the ``jobs.http_allow`` setting).
 
-    ``all`` applies to every job, ``platform`` to jobs without a tenant,
-    ``tenants[id]`` to that tenant's jobs. An entry is a network
+    ``all`` applies to every job, ``platform`` to jobs without a user,
+    ``users[id]`` to that user's jobs (``tenants``, the older word, is read as
+    ``users``). An entry is a network
     (``10.20.0.0/16``, ``127.0.0.1``, ``fd00::/8``) or a host name
     (``crm.intranet.example``, or ``*.intranet.example`` for the names under it).
     A host name entry lets that name resolve to refused addresses; a network
@@ -188,7 +191,7 @@ class Allowlist:
 
     all: tuple[str, ...] = ()
     platform: tuple[str, ...] = ()
-    tenants: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    users: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, value: Any) -> Allowlist:
@@ -196,24 +199,34 @@ class Allowlist:
         if value is None or value == "":
             return cls()
         data = json.loads(value) if isinstance(value, str) else value
-        if not isinstance(data, dict) or set(data) - {"all", "platform", "tenants"}:
+        if not isinstance(data, dict) or set(data) - {"all", "platform", "users", "tenants"}:
             raise ValueError('jobs.http_allow must be a JSON object with keys "all", '
-                             '"platform" and "tenants"')
-        tenants = data.get("tenants") or {}
-        if not isinstance(tenants, dict):
-            raise ValueError('jobs.http_allow: "tenants" must map tenant ids to lists')
+                             '"platform" and "users"')
+        users: dict[str, tuple[str, ...]] = {}
+        for key in ("users", "tenants"):  # "tenants": the older word, merged
+            per_user = data.get(key) or {}
+            if not isinstance(per_user, dict):
+                raise ValueError(f'jobs.http_allow: "{key}" must map user ids to lists')
+            for u, v in per_user.items():
+                users[str(u)] = users.get(str(u), ()) + _entries(v)
         return cls(all=_entries(data.get("all")), platform=_entries(data.get("platform")),
-                   tenants={str(t): _entries(v) for t, v in tenants.items()})
+                   users=users)
 
-    def entries_for(self, tenant_id: str | None) -> tuple[str, ...]:
-        extra = self.platform if tenant_id is None else self.tenants.get(tenant_id, ())
+    @property
+    def tenants(self) -> Mapping[str, tuple[str, ...]]:
+        """Deprecated: the older name of :attr:`users`."""
+        deprecated_name("Allowlist.tenants", "users")
+        return self.users
+
+    def entries_for(self, user_id: str | None) -> tuple[str, ...]:
+        extra = self.platform if user_id is None else self.users.get(user_id, ())
         return self.all + extra
 
-    def scope(self, tenant_id: str | None) -> Scope:
-        """The entries that apply to a job of ``tenant_id``, ready for lookups."""
+    def scope(self, user_id: str | None) -> Scope:
+        """The entries that apply to a job of ``user_id``, ready for lookups."""
         networks: list[IPNetwork] = []
         hosts: list[str] = []
-        for entry in self.entries_for(tenant_id):
+        for entry in self.entries_for(user_id):
             try:
                 networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
@@ -377,14 +390,20 @@ def resolve(target: Target, scope: Scope, resolver: Resolver) -> list[IPAddress]
     return addresses
 
 
-def parse_tenant_list(value: Any) -> frozenset[str]:
-    """The ``jobs.shell_tenants`` setting: a JSON array of tenant ids (``"*"``: every tenant)."""
+def parse_user_list(value: Any) -> frozenset[str]:
+    """The ``jobs.shell_users`` setting: a JSON array of user ids (``"*"``: every user)."""
     if value is None or value == "":
         return frozenset()
     data = json.loads(value) if isinstance(value, str) else value
     if not isinstance(data, list) or not all(isinstance(t, str) and t for t in data):
-        raise ValueError("jobs.shell_tenants must be a JSON array of tenant ids")
+        raise ValueError("jobs.shell_users must be a JSON array of user ids")
     return frozenset(data)
+
+
+def parse_tenant_list(value: Any) -> frozenset[str]:
+    """Deprecated: the older name of :func:`parse_user_list`."""
+    deprecated_name("parse_tenant_list", "parse_user_list")
+    return parse_user_list(value)
 
 
 def refused_ranges() -> Iterable[tuple[str, str]]:
@@ -406,6 +425,7 @@ __all__ = [
     "parse_ipv4_number",
     "parse_tenant_list",
     "parse_url",
+    "parse_user_list",
     "resolve",
     "system_resolver",
 ]

@@ -191,7 +191,7 @@ def run_http(ctx: JobContext, target: HttpTarget, opener: Any = None, *,
     settings = settings or HttpSettings()
     timeout = max(0.01, min(target.timeout_seconds or ctx.remaining(), ctx.remaining()))
     started = time.monotonic()
-    res, secrets = outbound.request(target, tenant_id=ctx.user_id, timeout=timeout,
+    res, secrets = outbound.request(target, user_id=ctx.user_id, timeout=timeout,
                                     cancel=ctx.cancel_event, settings=settings)
 
     def clean(text: str) -> str:
@@ -246,14 +246,14 @@ def _tail(data: bytes | None) -> str:
 
 def run_shell(ctx: JobContext, target: ShellTarget, *, allow_shell: bool,
               on_process: Callable[[subprocess.Popen[bytes]], None] | None = None,
-              shell_tenants: Collection[str] | None = None) -> Outcome:
+              shell_users: Collection[str] | None = None) -> Outcome:
     if not allow_shell:
         return Outcome.fail("shell jobs are disabled in this runner (the host must pass "
                             "allow_shell=True)", "config")
-    if ctx.user_id is not None and shell_tenants is not None \
-            and ctx.user_id not in shell_tenants and "*" not in shell_tenants:
-        return Outcome.fail(f"shell jobs are not allowed for tenant {ctx.user_id!r} "
-                            "(jobs.shell_tenants)", "config")
+    if ctx.user_id is not None and shell_users is not None \
+            and ctx.user_id not in shell_users and "*" not in shell_users:
+        return Outcome.fail(f"shell jobs are not allowed for user {ctx.user_id!r} "
+                            "(jobs.shell_users)", "config")
     if target.use_shell:
         argv: str | list[str] = target.command if isinstance(target.command, str) \
             else shlex.join(target.command)
@@ -298,7 +298,7 @@ def run_launch_campaign(ctx: JobContext, target: LaunchCampaignTarget,
     if ctx.user_id is not None:
         owner = definition.setdefault("user_id", ctx.user_id)
         if str(owner) != ctx.user_id:
-            return Outcome.fail("the campaign definition belongs to another tenant", "config")
+            return Outcome.fail("the campaign definition belongs to another user", "config")
     launcher = registry.get(LAUNCH_CAMPAIGN)
     try:
         if launcher is not None:
@@ -337,11 +337,11 @@ def execute(ctx: JobContext, kind: str, target: Mapping[str, Any], *,
             registry: Mapping[str, Callable[..., Any]], allow_shell: bool = False,
             on_process: Callable[[subprocess.Popen[bytes]], None] | None = None,
             http_opener: Any = None, http: HttpSettings | None = None,
-            shell_tenants: Collection[str] | None = None) -> Outcome:
+            shell_users: Collection[str] | None = None) -> Outcome:
     """Run one execution of any kind; every failure is an Outcome, never an exception.
 
     ``http`` carries the outbound guard's settings for ``http`` runs;
-    ``shell_tenants`` the tenants whose jobs may run shell commands (None: any).
+    ``shell_users`` the users whose jobs may run shell commands (None: any).
     ``http_opener`` is deprecated and ignored.
     """
     try:
@@ -355,7 +355,7 @@ def execute(ctx: JobContext, kind: str, target: Mapping[str, Any], *,
             return run_http(ctx, parsed, http_opener, settings=http)
         if isinstance(parsed, ShellTarget):
             return run_shell(ctx, parsed, allow_shell=allow_shell, on_process=on_process,
-                             shell_tenants=shell_tenants)
+                             shell_users=shell_users)
         return run_launch_campaign(ctx, parsed, registry)
     except Exception as exc:  # a bug in a kind must not leave the execution running
         return Outcome.from_exception(exc)

@@ -7,7 +7,7 @@ import re
 import urllib.parse
 import warnings
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
@@ -338,11 +338,29 @@ class JobUpdate(_Model):
         return None if value is None else _tags(value)
 
 
-class Job(BaseModel):
+
+# The owning user of a stored row; "tenant_id" is the older name, still read.
+_OwnerId = Annotated[str | None, Field(validation_alias=AliasChoices("user_id", "tenant_id"))]
+
+
+class _OlderUserName:
+    """``tenant_id``, the jobs feature's older word for ``user_id``: read, with a warning."""
+
+    if TYPE_CHECKING:
+        user_id: str | None
+
+    @property
+    def tenant_id(self) -> str | None:
+        """Deprecated: :attr:`user_id`."""
+        deprecated_name("tenant_id", "user_id")
+        return self.user_id
+
+
+class Job(_OlderUserName, BaseModel):
     """A job as stored."""
 
     job_id: int
-    user_id: str | None = Field(validation_alias=AliasChoices("user_id", "tenant_id"))
+    user_id: _OwnerId
     name: str
     description: str | None
     kind: str
@@ -374,12 +392,6 @@ class Job(BaseModel):
     created_at: dt.datetime
     updated_at: dt.datetime
 
-    @property
-    def tenant_id(self) -> str | None:
-        """Deprecated: :attr:`user_id`."""
-        deprecated_name("tenant_id", "user_id")
-        return self.user_id
-
     def spec(self) -> JobSpec:
         """The definition of this job, as a JobSpec (for editing and copying)."""
         return JobSpec.model_validate({
@@ -395,12 +407,12 @@ class Job(BaseModel):
         })
 
 
-class Execution(BaseModel):
+class Execution(_OlderUserName, BaseModel):
     """One execution of a job (a run, a skipped occurrence, a manual run or a retry)."""
 
     execution_id: int
     job_id: int
-    user_id: str | None = Field(validation_alias=AliasChoices("user_id", "tenant_id"))
+    user_id: _OwnerId
     trigger: TriggerType
     status: ExecutionStatus
     scheduled_for: dt.datetime | None
@@ -423,12 +435,6 @@ class Execution(BaseModel):
     lease_expires_at: dt.datetime | None
     cancel_requested_at: dt.datetime | None
 
-    @property
-    def tenant_id(self) -> str | None:
-        """Deprecated: :attr:`user_id`."""
-        deprecated_name("tenant_id", "user_id")
-        return self.user_id
-
 
 class CronPreview(BaseModel):
     """A validated expression and its next occurrences."""
@@ -442,11 +448,11 @@ class CronPreview(BaseModel):
     next_runs_local: list[str]
 
 
-class JobStats(BaseModel):
+class JobStats(_OlderUserName, BaseModel):
     """Counts and timings of jobs and of their executions finished since ``since``."""
 
     since: dt.datetime
-    user_id: str | None = Field(validation_alias=AliasChoices("user_id", "tenant_id"))
+    user_id: _OwnerId
     jobs_by_status: dict[str, int]
     executions_by_status: dict[str, int]
     executions_by_trigger: dict[str, int]
@@ -459,12 +465,6 @@ class JobStats(BaseModel):
     firing_delay_ms_p99: float | None
     retries: int
     misfires: int
-
-    @property
-    def tenant_id(self) -> str | None:
-        """Deprecated: :attr:`user_id`."""
-        deprecated_name("tenant_id", "user_id")
-        return self.user_id
 
 
 __all__ = [

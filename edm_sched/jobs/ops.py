@@ -58,8 +58,8 @@ def translate() -> Iterator[None]:
             f"a job row stayed locked by another session: {exc.diag.message_primary}"
         ) from exc
     except psycopg.errors.UniqueViolation as exc:
-        if exc.diag.constraint_name == "jobs_tenant_name_unique":
-            raise InvalidJobConfig("a job with this name already exists for this tenant") from exc
+        if exc.diag.constraint_name == "jobs_user_name_unique":
+            raise InvalidJobConfig("a job with this name already exists for this user") from exc
         raise
     except psycopg.Error as exc:
         typed = db.to_typed(exc)
@@ -93,7 +93,7 @@ def job_json(spec: JobSpec, *, status: str | None = None) -> Any:
     (keys are column names of edm.jobs)."""
     target = spec.target.model_dump(mode="json")
     data: dict[str, Any] = {
-        "tenant_id": spec.user_id,
+        "user_id": spec.user_id,
         "name": spec.name,
         "description": spec.description,
         "kind": target["kind"],
@@ -141,15 +141,15 @@ def _db_now(clock: Clock) -> Op[dt.datetime]:
     return _first((yield from _q("jobs_db_now", {"now": clock()})))  # type: ignore[no-any-return]
 
 
-def _read_job(job_id: int, tenant_id: str | None) -> Op[Job]:
-    row = yield from _q("job_get", {"job_id": job_id, "tenant_id": tenant_id})
+def _read_job(job_id: int, user_id: str | None) -> Op[Job]:
+    row = yield from _q("job_get", {"job_id": job_id, "user_id": user_id})
     if row is None:
         raise JobNotFound(f"job {job_id} not found")
     return job_from_row(row)
 
 
-def _read_execution(execution_id: int, tenant_id: str | None) -> Op[Execution]:
-    row = yield from _q("execution_get", {"execution_id": execution_id, "tenant_id": tenant_id})
+def _read_execution(execution_id: int, user_id: str | None) -> Op[Execution]:
+    row = yield from _q("execution_get", {"execution_id": execution_id, "user_id": user_id})
     if row is None:
         raise ExecutionNotFound(f"execution {execution_id} not found")
     return Execution.model_validate(row)
@@ -161,7 +161,7 @@ def _read_execution(execution_id: int, tenant_id: str | None) -> Op[Execution]:
 def _check_destinations(specs: list[JobSpec]) -> Op[None]:
     """The outbound guard at the door: an ``http`` job whose URL is a refused address
     (in any spelling) or a loopback name, not opened by ``jobs.http_allow`` for its
-    tenant, raises DestinationNotAllowed. Host names are resolved only at run time."""
+    user, raises DestinationNotAllowed. Host names are resolved only at run time."""
     http_specs = [s for s in specs if isinstance(s.target, HttpTarget)]
     if not http_specs:
         return
@@ -207,13 +207,13 @@ def create_job(spec: JobSpec | Mapping[str, Any], clock: Clock) -> Op[Job]:
     return jobs[0]
 
 
-def update_job(job_id: int, changes: JobUpdate | Mapping[str, Any], tenant_id: str | None,
+def update_job(job_id: int, changes: JobUpdate | Mapping[str, Any], user_id: str | None,
                clock: Clock) -> Op[Job]:
     """Optimistic: read, change, write back only if nobody changed it meanwhile (5 tries)."""
     update = validate_model(JobUpdate, changes)
     given = update.model_fields_set
     for _ in range(_OPTIMISTIC_ATTEMPTS):
-        job = yield from _read_job(job_id, tenant_id)
+        job = yield from _read_job(job_id, user_id)
         merged = job.spec().model_dump()
         for name in given:
             value = getattr(update, name)
@@ -229,39 +229,39 @@ def update_job(job_id: int, changes: JobUpdate | Mapping[str, Any], tenant_id: s
         row = yield from _q("job_update", {
             "job_id": job_id, "job": job_json(spec), "reschedule": reschedule,
             "next_run_at": nxt, "expected_updated_at": job.updated_at,
-            "tenant_id": tenant_id, "now": now,
+            "user_id": user_id, "now": now,
         })
         if row is not None and _first(row):
-            return (yield from _read_job(job_id, tenant_id))
+            return (yield from _read_job(job_id, user_id))
         yield Commit()
     raise LockAcquisitionFailed(f"job {job_id} kept changing while being updated; try again")
 
 
-def get_job(job_id: int, tenant_id: str | None) -> Op[Job]:
-    return (yield from _read_job(job_id, tenant_id))
+def get_job(job_id: int, user_id: str | None) -> Op[Job]:
+    return (yield from _read_job(job_id, user_id))
 
 
-def list_jobs(tenant_id: str | None, status: str | None, tag: str | None, limit: int,
+def list_jobs(user_id: str | None, status: str | None, tag: str | None, limit: int,
               after_id: int) -> Op[list[Job]]:
     if not 1 <= limit <= 10000:
         raise errors.InvalidInput("limit must be between 1 and 10000")
-    rows = yield from _q("jobs_list", {"tenant_id": tenant_id, "status": status, "tag": tag,
+    rows = yield from _q("jobs_list", {"user_id": user_id, "status": status, "tag": tag,
                                        "limit": limit, "after_id": after_id}, rows="all")
     return [job_from_row(r) for r in rows]
 
 
-def delete_job(job_id: int, tenant_id: str | None, force: bool) -> Op[None]:
-    yield from _q("job_delete", {"job_id": job_id, "tenant_id": tenant_id, "force": force})
+def delete_job(job_id: int, user_id: str | None, force: bool) -> Op[None]:
+    yield from _q("job_delete", {"job_id": job_id, "user_id": user_id, "force": force})
 
 
-def pause_job(job_id: int, tenant_id: str | None) -> Op[Job]:
-    yield from _q("job_pause", {"job_id": job_id, "tenant_id": tenant_id})
+def pause_job(job_id: int, user_id: str | None) -> Op[Job]:
+    yield from _q("job_pause", {"job_id": job_id, "user_id": user_id})
     return (yield from _read_job(job_id, None))
 
 
-def resume_job(job_id: int, tenant_id: str | None, clock: Clock) -> Op[Job]:
+def resume_job(job_id: int, user_id: str | None, clock: Clock) -> Op[Job]:
     for _ in range(_OPTIMISTIC_ATTEMPTS):
-        job = yield from _read_job(job_id, tenant_id)
+        job = yield from _read_job(job_id, user_id)
         nxt = None
         if job.status != "active":
             sched = schedule.parse(job.cron, job.timezone)
@@ -269,22 +269,22 @@ def resume_job(job_id: int, tenant_id: str | None, clock: Clock) -> Op[Job]:
             nxt = schedule.first_run(sched, now=now, start_at=job.start_at, end_at=job.end_at)
         row = yield from _q("job_resume", {
             "job_id": job_id, "next_run_at": nxt, "expected_updated_at": job.updated_at,
-            "tenant_id": tenant_id, "now": clock(),
+            "user_id": user_id, "now": clock(),
         })
         if row is not None and _first(row):
-            return (yield from _read_job(job_id, tenant_id))
+            return (yield from _read_job(job_id, user_id))
         yield Commit()
     raise LockAcquisitionFailed(f"job {job_id} kept changing while being resumed; try again")
 
 
-def stop_job(job_id: int, tenant_id: str | None, cancel_running: bool, clock: Clock) -> Op[Job]:
-    yield from _q("job_stop", {"job_id": job_id, "tenant_id": tenant_id,
+def stop_job(job_id: int, user_id: str | None, cancel_running: bool, clock: Clock) -> Op[Job]:
+    yield from _q("job_stop", {"job_id": job_id, "user_id": user_id,
                                "cancel_running": cancel_running, "now": clock()})
     return (yield from _read_job(job_id, None))
 
 
-def trigger_job(job_id: int, tenant_id: str | None, clock: Clock) -> Op[Execution]:
-    row = yield from _q("job_trigger", {"job_id": job_id, "tenant_id": tenant_id,
+def trigger_job(job_id: int, user_id: str | None, clock: Clock) -> Op[Execution]:
+    row = yield from _q("job_trigger", {"job_id": job_id, "user_id": user_id,
                                         "now": clock()})
     return (yield from _read_execution(int(_first(row)), None))
 
@@ -292,34 +292,34 @@ def trigger_job(job_id: int, tenant_id: str | None, clock: Clock) -> Op[Executio
 # ---------------------------------------------------------------- executions
 
 
-def cancel_execution(execution_id: int, tenant_id: str | None, clock: Clock) -> Op[Execution]:
+def cancel_execution(execution_id: int, user_id: str | None, clock: Clock) -> Op[Execution]:
     yield from _q("job_cancel_execution", {"execution_id": execution_id,
-                                           "tenant_id": tenant_id, "now": clock()})
+                                           "user_id": user_id, "now": clock()})
     return (yield from _read_execution(execution_id, None))
 
 
-def get_execution(execution_id: int, tenant_id: str | None) -> Op[Execution]:
-    return (yield from _read_execution(execution_id, tenant_id))
+def get_execution(execution_id: int, user_id: str | None) -> Op[Execution]:
+    return (yield from _read_execution(execution_id, user_id))
 
 
-def list_executions(job_id: int | None, tenant_id: str | None, status: str | None, limit: int,
+def list_executions(job_id: int | None, user_id: str | None, status: str | None, limit: int,
                     before_id: int | None) -> Op[list[Execution]]:
     if not 1 <= limit <= 10000:
         raise errors.InvalidInput("limit must be between 1 and 10000")
     rows = yield from _q("executions_list", {
-        "job_id": job_id, "tenant_id": tenant_id, "status": status, "limit": limit,
+        "job_id": job_id, "user_id": user_id, "status": status, "limit": limit,
         "before_id": before_id if before_id is not None else _NO_ID,
     }, rows="all")
     return [Execution.model_validate(r) for r in rows]
 
 
-def stats(tenant_id: str | None, since: dt.datetime | None, clock: Clock) -> Op[JobStats]:
+def stats(user_id: str | None, since: dt.datetime | None, clock: Clock) -> Op[JobStats]:
     if since is None:
         since = (yield from _db_now(clock)) - dt.timedelta(hours=24)
     with translate():
-        job_rows = yield Fetch(query("jobs_stats_jobs"), {"tenant_id": tenant_id}, rows="all")
+        job_rows = yield Fetch(query("jobs_stats_jobs"), {"user_id": user_id}, rows="all")
         ex_rows = yield Fetch(query("jobs_stats_executions"),
-                              {"tenant_id": tenant_id, "since": since}, rows="all")
+                              {"user_id": user_id, "since": since}, rows="all")
     jobs_by_status = {str(r[0]): int(r[1]) for r in job_rows}
     running = sum(int(r[2]) for r in job_rows)
     pending = int(job_rows[0][3]) if job_rows else 0
@@ -335,7 +335,7 @@ def stats(tenant_id: str | None, since: dt.datetime | None, clock: Clock) -> Op[
     done = by_status.get("succeeded", 0) + by_status.get("failed", 0) \
         + by_status.get("timed_out", 0)
     return JobStats(
-        since=since, user_id=tenant_id, jobs_by_status=jobs_by_status,
+        since=since, user_id=user_id, jobs_by_status=jobs_by_status,
         executions_by_status=by_status, executions_by_trigger=by_trigger,
         running=running, pending=pending,
         success_rate=by_status.get("succeeded", 0) / done if done else None,

@@ -35,11 +35,11 @@ from edm_sched.jobs import guard
 from edm_sched.jobs.models import HttpTarget, SecretRef
 
 SecretResolver = Callable[[str, "str | None"], "str | None"]
-"""``resolver(secret_ref, tenant_id)`` → the secret, or None when unknown.
+"""``resolver(secret_ref, user_id)`` → the secret, or None when unknown.
 
-The tenant is given so that a tenant's job can only reach that tenant's
-secrets: a resolver must never answer a tenant's job with the platform's or
-another tenant's secret."""
+The user is given so that a user's job can only reach that user's
+secrets: a resolver must never answer a user's job with the platform's or
+another user's secret."""
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 16384
@@ -152,7 +152,7 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def _resolve_secrets(target: HttpTarget, tenant_id: str | None,
+def _resolve_secrets(target: HttpTarget, user_id: str | None,
                      resolver: SecretResolver | None
                      ) -> tuple[dict[str, str], set[str], list[str]]:
     """Headers with secrets filled in, the names of secret-bearing headers, and the
@@ -162,7 +162,7 @@ def _resolve_secrets(target: HttpTarget, tenant_id: str | None,
     scrub: list[str] = []
 
     def lookup(ref: str) -> str:
-        value = resolver(ref, tenant_id) if resolver is not None else None
+        value = resolver(ref, user_id) if resolver is not None else None
         if value is None:
             raise ValueError(f"no secret for secret_ref {ref!r}" + (
                 "" if resolver is not None else " (this runner has no secret resolver)"))
@@ -209,7 +209,7 @@ def _body(target: HttpTarget) -> tuple[bytes | None, str | None]:
     return None, None
 
 
-def request(target: HttpTarget, *, tenant_id: str | None, timeout: float,
+def request(target: HttpTarget, *, user_id: str | None, timeout: float,
             cancel: threading.Event, settings: HttpSettings) -> tuple[HttpResult, list[str]]:
     """Run one guarded request (following allowed redirects); never raises for I/O.
 
@@ -217,14 +217,14 @@ def request(target: HttpTarget, *, tenant_id: str | None, timeout: float,
     """
     result = HttpResult(url=target.url)
     try:
-        headers, secret_headers, secrets = _resolve_secrets(target, tenant_id, settings.secrets)
+        headers, secret_headers, secrets = _resolve_secrets(target, user_id, settings.secrets)
     except ValueError as exc:
         result.error, result.error_kind = str(exc), "config"
         return result, []
     body, content_type = _body(target)
     if content_type is not None and not any(n.lower() == "content-type" for n in headers):
         headers["Content-Type"] = content_type
-    scope = settings.allowlist.scope(tenant_id)
+    scope = settings.allowlist.scope(user_id)
     watch = _Watch(time.monotonic() + timeout, cancel)
     method = target.method
     url = target.url
@@ -299,11 +299,7 @@ def _exchange(checked: guard.Target, addresses: list[guard.IPAddress], method: s
                 if watch.fired:
                     break
         if conn is None:
-            if watch.fired:
-                _timed_out(result, watch)
-            else:
-                result.error = f"HTTP connection failed: {last_error}"
-                result.error_kind = "connection"
+            _failed(result, watch, str(last_error))
             return None
         conn.request(method, checked.path, body=body, headers=headers)
         response = conn.getresponse()
@@ -330,15 +326,20 @@ def _exchange(checked: guard.Target, addresses: list[guard.IPAddress], method: s
         result.bytes_read = len(data)
         return None
     except (OSError, http.client.HTTPException) as exc:
-        if watch.fired:
-            _timed_out(result, watch)
-        else:
-            result.error = f"HTTP connection failed: {type(exc).__name__}: {exc}"
-            result.error_kind = "connection"
+        _failed(result, watch, f"{type(exc).__name__}: {exc}")
         return None
     finally:
         if conn is not None:
             conn.close()
+
+
+def _failed(result: HttpResult, watch: _Watch, error: str) -> None:
+    """A connection that failed: a time-out (or cancellation) when the watch fired, for the
+    watch shuts the sockets down; else a connection error."""
+    if watch.fired:
+        _timed_out(result, watch)
+    else:
+        result.error, result.error_kind = f"HTTP connection failed: {error}", "connection"
 
 
 def _timed_out(result: HttpResult, watch: _Watch) -> None:

@@ -94,7 +94,7 @@ class _Handle:
     target: dict[str, Any]
     ctx: JobContext
     http: HttpSettings | None = None
-    shell_tenants: frozenset[str] = frozenset()
+    shell_users: frozenset[str] = frozenset()
     thread: threading.Thread | None = None
     proc: subprocess.Popen[bytes] | None = None
     reported: bool = False
@@ -159,7 +159,7 @@ class JobRunner:
         self.ssl_context = ssl_context
         self._http = HttpSettings(resolver=self.http_resolver, secrets=secret_resolver,
                                   ssl_context=ssl_context)
-        self._shell_tenants: frozenset[str] = frozenset()
+        self._shell_users: frozenset[str] = frozenset()
         self.stats = RunnerStats()
         self._now = now
         self._external_stop = stop_event
@@ -345,8 +345,8 @@ class JobRunner:
         return rows
 
     def _load_security(self) -> None:
-        """Read the allowlist and the shell tenants now (each batch with an HTTP or shell run),
-        so that a change of ``jobs.http_allow`` or ``jobs.shell_tenants`` applies to the next
+        """Read the allowlist and the shell users now (each batch with an HTTP or shell run),
+        so that a change of ``jobs.http_allow`` or ``jobs.shell_users`` applies to the next
         run. A malformed value opens nothing (logged)."""
         values = dict(self._ensure_conn().execute(query("jobs_security_config")).fetchall())
         try:
@@ -355,28 +355,28 @@ class JobRunner:
             log.error("jobs.http_allow is malformed, allowing nothing: %s", exc)
             allowlist = guard.Allowlist()
         try:
-            tenants = guard.parse_tenant_list(values.get("jobs.shell_tenants"))
+            users = guard.parse_user_list(values.get("jobs.shell_users"))
         except ValueError as exc:
-            log.error("jobs.shell_tenants is malformed, allowing no tenant: %s", exc)
-            tenants = frozenset()
+            log.error("jobs.shell_users is malformed, allowing no user: %s", exc)
+            users = frozenset()
         self._http = dataclasses.replace(self._http, allowlist=allowlist)
-        self._shell_tenants = tenants
+        self._shell_users = users
 
     def _start(self, rows: list[tuple[Any, ...]]) -> list[int]:
         """Start a thread for each claimed execution (after its claim committed)."""
         started: list[int] = []
         if any(row[4] in ("http", "shell") for row in rows):
             self._load_security()
-        for (execution_id, job_id, tenant_id, job_name, kind, target, trigger, scheduled_for,
+        for (execution_id, job_id, user_id, job_name, kind, target, trigger, scheduled_for,
              retry_count, timeout_seconds, _started_at, _lease) in rows:
             ctx = JobContext(
                 execution_id=int(execution_id), job_id=int(job_id), job_name=job_name,
-                user_id=tenant_id, trigger=trigger, scheduled_for=scheduled_for,
+                user_id=user_id, trigger=trigger, scheduled_for=scheduled_for,
                 retry_count=int(retry_count), args=dict(target.get("args") or {}),
                 timeout_seconds=float(timeout_seconds), dsn=self.dsn,
                 progress_sink=self._progress)
             handle = _Handle(int(execution_id), str(kind), dict(target), ctx, http=self._http,
-                             shell_tenants=self._shell_tenants)
+                             shell_users=self._shell_users)
             handle.thread = threading.Thread(
                 target=self._execute, args=(handle,), daemon=True,
                 name=f"edm-job-{execution_id}")
@@ -391,7 +391,7 @@ class JobRunner:
             outcome = kinds.execute(handle.ctx, handle.kind, handle.target,
                                     registry=self.registry, allow_shell=self.allow_shell,
                                     on_process=handle.set_proc, http=handle.http,
-                                    shell_tenants=handle.shell_tenants)
+                                    shell_users=handle.shell_users)
         except BaseException as exc:  # never leave a run unreported
             outcome = Outcome.from_exception(exc)
         self._results.put((handle, outcome))

@@ -65,7 +65,7 @@ FIELDS: list[tuple[type[pydantic.BaseModel], str, str, str, int]] = [
     (ops.TagArgs, "remove[]", "tags", "tag", 1),
     (ops.SuppressionArgs, "email", "suppressions", "email", 1),
     (ops.SuppressionArgs, "user_id", "users", "user_id", 1),
-    (jobs.JobSpec, "user_id", "jobs", "tenant_id", 1),
+    (jobs.JobSpec, "user_id", "jobs", "user_id", 1),
     (jobs.JobSpec, "description", "jobs", "description", 1),
     (jobs.JobSpec, "priority", "jobs", "priority", 1),
     (jobs.JobSpec, "max_concurrent", "jobs", "max_concurrent", 1),

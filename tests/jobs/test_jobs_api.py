@@ -94,7 +94,7 @@ def test_shell_jobs_need_the_setting(sched: JobScheduler, conn: psycopg.Connecti
 
 
 def test_tenant_quota(sched: JobScheduler, conn: psycopg.Connection[Any]) -> None:
-    conn.execute("UPDATE edm.config SET value = '2' WHERE key = 'jobs.max_jobs_per_tenant'")
+    conn.execute("UPDATE edm.config SET value = '2' WHERE key = 'jobs.max_jobs_per_user'")
     sched.create_job(fn_job("a", user_id="t1"))
     sched.create_job(fn_job("b", user_id="t1"))
     with pytest.raises(JobQuotaExceeded) as info:

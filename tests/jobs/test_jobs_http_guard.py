@@ -220,12 +220,14 @@ def test_update_to_a_refused_url_is_refused_and_changes_nothing(sched: JobSchedu
 
 
 def test_malformed_allowlist_is_refused_by_the_database(conn: psycopg.Connection[Any]) -> None:
-    for bad in ("not json", '{"tenants": ["acme"]}', '{"all": ["not a host!"]}',
-                '{"everyone": []}'):
+    for bad in ("not json", '{"users": ["acme"]}', '{"tenants": ["acme"]}',
+                '{"all": ["not a host!"]}', '{"everyone": []}'):
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute("SELECT edm.config_set('jobs.http_allow', to_jsonb(%s::text))", [bad])
     allow(conn, {"all": ["10.20.0.0/16", "*.intranet.example"], "platform": ["::1"],
-                 "tenants": {"acme": ["127.0.0.1", "crm.acme.test"]}})
+                 "users": {"acme": ["127.0.0.1", "crm.acme.test"]}})
+    # "tenants", the older word for "users", is still read
+    allow(conn, {"tenants": {"acme": ["127.0.0.1"]}, "users": {"globex": ["::1"]}})
 
 
 # -- allowlist, run time -------------------------------------------------------------
@@ -235,7 +237,7 @@ def test_loopback_server_is_reached_only_when_allowed_for_the_tenant(
         sched: JobScheduler, dsn: str, conn: psycopg.Connection[Any],
         servers: list[Server]) -> None:
     server = serve(servers)
-    allow(conn, {"tenants": {"acme": ["127.0.0.1/32"]}})
+    allow(conn, {"users": {"acme": ["127.0.0.1/32"]}})
     job_id = http_job(sched, server.url + "/report", retries=3)
     with pytest.raises(DestinationNotAllowed):  # another tenant is not opened
         http_job(sched, server.url + "/report", tenant="globex")
@@ -463,7 +465,7 @@ def test_tenant_shell_jobs_need_the_host_to_allow_the_tenant(
     assert shell(None, "platform") > 0  # platform jobs: the one switch, as before
     with pytest.raises(InvalidJobConfig, match="acme"):
         shell("acme", "a")
-    conn.execute("SELECT edm.config_set('jobs.shell_tenants', to_jsonb(%s::text))", ['["acme"]'])
+    conn.execute("SELECT edm.config_set('jobs.shell_users', to_jsonb(%s::text))", ['["acme"]'])
     assert shell("acme", "a") > 0
     with pytest.raises(InvalidJobConfig, match="globex"):
         shell("globex", "g")
@@ -479,10 +481,10 @@ def test_tenant_shell_jobs_need_the_host_to_allow_the_tenant(
 def test_runner_refuses_a_tenant_shell_run_the_host_no_longer_allows(
         sched: JobScheduler, dsn: str, conn: psycopg.Connection[Any]) -> None:
     conn.execute("SELECT edm.config_set('jobs.shell_enabled', 'true')")
-    conn.execute("SELECT edm.config_set('jobs.shell_tenants', to_jsonb(%s::text))", ['["*"]'])
+    conn.execute("SELECT edm.config_set('jobs.shell_users', to_jsonb(%s::text))", ['["*"]'])
     job_id = sched.create_job({"name": "s", "cron": "0 0 1 1 *", "user_id": "acme",
                                "target": {"kind": "shell", "command": ["true"]}}).job_id
-    conn.execute("SELECT edm.config_set('jobs.shell_tenants', to_jsonb(%s::text))", ['[]'])
+    conn.execute("SELECT edm.config_set('jobs.shell_users', to_jsonb(%s::text))", ['[]'])
     done = run_once(sched, dsn, job_id, allow_shell=True)
     assert (done[0].status, done[0].error_kind) == ("failed", "config")
     assert "acme" in (done[0].error or "")
@@ -490,7 +492,7 @@ def test_runner_refuses_a_tenant_shell_run_the_host_no_longer_allows(
 
 def test_running_executions_per_tenant_are_capped_across_kinds(
         sched: JobScheduler, conn: psycopg.Connection[Any]) -> None:
-    conn.execute("SELECT edm.config_set('jobs.max_running_per_tenant', '2')")
+    conn.execute("SELECT edm.config_set('jobs.max_running_per_user', '2')")
     ids = [sched.create_job({"name": f"j{i}", "cron": "0 0 1 1 *", "user_id": tenant,
                              "target": target}).job_id
            for i, (tenant, target) in enumerate([
@@ -501,7 +503,7 @@ def test_running_executions_per_tenant_are_capped_across_kinds(
                (None, {"kind": "function", "function": "g"})])]
     for job_id in ids:
         sched.trigger_job(job_id)
-    first = conn.execute("SELECT tenant_id FROM edm.job_claim('w1', 10)").fetchall()
+    first = conn.execute("SELECT user_id FROM edm.job_claim('w1', 10)").fetchall()
     assert sorted(t or "-" for (t,) in first) == ["-", "acme", "acme", "globex"]
     assert conn.execute("SELECT count(*) FROM edm.job_claim('w2', 10)").fetchone() == (0,)
     # Runners sleep: the waiting acme execution is not work they could take now.
@@ -509,11 +511,11 @@ def test_running_executions_per_tenant_are_capped_across_kinds(
     assert wakeup is not None and (wakeup[0] is None or wakeup[0] > dt.datetime.now(dt.UTC)
                                    + dt.timedelta(seconds=60))
     # One acme run finishes: the third acme execution may start.
-    running = conn.execute("SELECT execution_id FROM edm.job_executions WHERE tenant_id = 'acme'"
+    running = conn.execute("SELECT execution_id FROM edm.job_executions WHERE user_id = 'acme'"
                            " AND status = 'running' LIMIT 1").fetchone()
     assert running is not None
     conn.execute("SELECT edm.job_complete(%s, 'w1', 'succeeded')", [running[0]])
-    again = conn.execute("SELECT tenant_id FROM edm.job_claim('w2', 10)").fetchall()
+    again = conn.execute("SELECT user_id FROM edm.job_claim('w2', 10)").fetchall()
     assert again == [("acme",)]
 
 

@@ -80,3 +80,16 @@ def test_job_finish_is_the_older_name_of_job_complete(sched: Scheduler,
     assert conn.execute("SELECT accepted FROM edm.job_complete(%s, 'w1', 'succeeded')",
                         [second]).fetchone() == (True,)
     assert {e.status for e in sched.jobs.list_executions(job_id=job.job_id)} == {"succeeded"}
+
+
+def test_the_allowlist_reads_users_and_the_older_tenants() -> None:
+    from edm_sched.jobs import guard
+
+    allow = guard.Allowlist.parse('{"users": {"acme": ["10.0.0.0/8"]}, '
+                                  '"tenants": {"acme": ["crm.acme.test"], "globex": ["::1"]}}')
+    assert allow.entries_for("acme") == ("10.0.0.0/8", "crm.acme.test")
+    assert allow.entries_for("globex") == ("::1",)
+    with pytest.warns(DeprecationWarning, match="Allowlist.tenants is deprecated"):
+        assert allow.tenants == allow.users
+    with pytest.warns(DeprecationWarning, match="parse_tenant_list is deprecated"):
+        assert guard.parse_tenant_list('["acme"]') == guard.parse_user_list('["acme"]')

@@ -138,6 +138,15 @@ def test_schema_file_is_what_the_dumper_writes(conn: psycopg.Connection[Any]) ->
     assert not diff, f"sql/schema.sql is stale; {REGENERATE}\n" + "\n".join(diff[:60])
 
 
+def test_every_object_is_sorted_into_a_concept(conn: psycopg.Connection[Any]) -> None:
+    """sql/schema.sql reads by concept: nothing lands under "Not yet sorted"."""
+    left = schema_dump.unsorted(conn)
+    assert not left, ("objects no concept of edm_sched/schema_dump.py claims (add them to "
+                      f"CONCEPTS, then {schema_dump.COMMAND}): " + ", ".join(left))
+    committed = (sqlfiles.sql_dir() / "schema.sql").read_text("utf-8")
+    assert f"-- {schema_dump.UNSORTED}\n" not in committed
+
+
 def test_migrate_can_build_a_fresh_database_from_the_schema_file(
         empty_dsn: str, conn: psycopg.Connection[Any]) -> None:
     status = migrate(empty_dsn, from_schema=True)
