@@ -94,7 +94,7 @@ CONCEPTS: list[tuple[str, str, list[str]]] = [
     ("Sites",
      "Receiving mailbox providers: the domains that share their throttles, and suspensions "
      "of a (service, site).",
-     ["sites", "site_domains", "site_suspensions", "email_domain", "site_of",
+     ["sites", "site_domains", "site_suspensions", "email_domain", "site_of", "sites_of",
       "set_site_domains", "cache_site_domains", "unmapped_domains", "suspend_site",
       "suspended_sites", "lift_site_suspension"]),
     ("Traffic shaping",

@@ -47,6 +47,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('20', 'wire_pacing', '3cef6a420fbb3d7993bf6d23f2abf007d74f375a2a05b90831e039648e4a0f00'),
   ('21', 'vocabulary', 'ef24b9aa51c1dd25cefa9feebc1f4485e065393d01f9277848d54cd41f9479f5'),
+  ('23', 'site_release', '8f42f833ddc9da64422459dc722d9ea6225ad9f8ea4e4367c3b09b21f1ef9f5b'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -2618,6 +2619,15 @@ CREATE FUNCTION edm.site_of(p_email text)
 RETURN (SELECT d.site FROM edm.site_domains d WHERE (d.domain = edm.email_domain(site_of.p_email)));
 COMMENT ON FUNCTION edm.site_of(text) IS 'The site a recipient address belongs to (edm.site_domains, by the domain after its last @), or NULL when its domain is not mapped.';
 REVOKE ALL ON FUNCTION edm.site_of(text) FROM PUBLIC;
+
+CREATE FUNCTION edm.sites_of(p_emails text[])
+ RETURNS text[]
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+RETURN (SELECT COALESCE(array_agg(edm.site_of(e.email) ORDER BY e.n), '{}'::text[]) AS "coalesce" FROM unnest(sites_of.p_emails) WITH ORDINALITY e(email, n));
+COMMENT ON FUNCTION edm.sites_of(text[]) IS 'The site of each address of p_emails (edm.site_of), in order, NULL where its domain is not mapped. Used by the dispatcher to hand back the queued sends of a (service, site) pair a reply rule has just suspended. Runs with the owner''s rights, so the dispatcher role needs no read access to edm.site_domains.';
+REVOKE ALL ON FUNCTION edm.sites_of(text[]) FROM PUBLIC;
 
 CREATE FUNCTION edm.set_site_domains(p_site text, p_domains text[], p_description text DEFAULT NULL::text)
  RETURNS integer
@@ -7667,8 +7677,8 @@ DECLARE
     'start_due_tasks', 'task_wait_reason', 'service_is_ready', 'service_sent_today',
     'job_claim', 'job_fire', 'job_finish', 'job_complete', 'job_progress', 'job_schedule_retry',
     'job_expire_runs', 'job_next_wakeup', 'job_purge_executions', 'job_due', 'job_set_next_run',
-    'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace'];
-  v_app_fns text[] := ARRAY['set_service_warmup', 'warmup_ramp', 'warmup_ceiling', 'warmup_ramp_problem', 'set_reply_rule', 'enable_reply_rule', 'delete_reply_rule', 'match_reply_rule', 'lift_site_suspension', 'reply_enhanced_code', 'reply_transport_code', 'set_global_limits', 'set_site_limits', 'set_user_limits', 'set_task_limits', 'set_task_transactional', 'shaping_as_limit', 'limit_next', 'limit_bucket_ms', 'epoch_ms', 'shaping_key', 'set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
+    'claim_v2', 'renew_leases', 'release_holds', 'next_wakeup_v2', 'report_pace', 'sites_of'];
+  v_app_fns text[] := ARRAY['set_service_warmup', 'warmup_ramp', 'warmup_ceiling', 'warmup_ramp_problem', 'set_reply_rule', 'enable_reply_rule', 'delete_reply_rule', 'match_reply_rule', 'lift_site_suspension', 'reply_enhanced_code', 'reply_transport_code', 'set_global_limits', 'set_site_limits', 'set_user_limits', 'set_task_limits', 'set_task_transactional', 'shaping_as_limit', 'limit_next', 'limit_bucket_ms', 'epoch_ms', 'shaping_key', 'set_site_domains', 'cache_site_domains', 'unmapped_domains', 'suspend_site', 'suspended_sites', 'site_of', 'sites_of', 'email_domain', 'headers_problem', 'unsubscribe', 'cancel_pending_to', 'record_feedback', 'parse_message_id', 'check_reputation', 'reputation_rates', 'reputation_resume_service', 'reputation_resume_user', 
     'upsert_user', 'set_user_quota', 'create_service', 'update_service', 'grant_service',
     'revoke_service', 'merge_staged_contacts', 'set_contact_tags', 'delete_tag',
     'add_suppression', 'remove_suppression', 'create_task_from_staged', 'create_task_from_rule',
