@@ -12,6 +12,9 @@ pytest-postgresql's no-process fixtures build the template once, migrated by
 ``edm_sched.migrate``. Each test taking ``dsn`` (or ``conn``) gets its own clone
 of it, made ahead and dropped behind the tests by a background thread, so a
 test waits neither for a migration nor, mostly, for a ``CREATE DATABASE``.
+
+The fast lane, ``pytest -m "not slow"``, also runs each property test on fewer
+generated examples (tests/support/fast_lane.py); the full run keeps them all.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from psycopg import conninfo, sql
 from pytest_postgresql import factories
 
 from edm_sched.migrations import migrate
+from tests.support import fast_lane
 from tests.support.server import ServerInfo, server_from_dsn
 
 TEST_DSN_ENV = "EDM_SCHED_TEST_DSN"
@@ -60,6 +64,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 _SCRATCH = pytest.StashKey[Path]()
+
+
+# The fast lane (`pytest -m "not slow"`) also runs each property test on fewer
+# generated examples (tests/support/fast_lane.py); the full run keeps them all.
+# Last, so that `-m` has already deselected the slow tests.
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if fast_lane.is_fast_lane(config, items):
+        fast_lane.use_fast_lane_examples(items)
 
 
 @pytest.fixture(scope="session")
