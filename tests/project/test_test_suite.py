@@ -125,6 +125,22 @@ def test_every_promise_has_a_test_in_the_fast_lane() -> None:
     assert wrong == []
 
 
+FAST_LANE = '.venv/bin/python -m pytest -m "not slow"'
+
+
+def test_readme_names_the_fast_lane_and_ci_runs_everything() -> None:
+    readme = (ROOT / "README.md").read_text("utf-8")
+    start = readme.index("\n## Contributing\n")
+    end = readme.find("\n## ", start + 1)
+    contributing = readme[start:end if end != -1 else None]
+    assert FAST_LANE in contributing, "README's Contributing section must name the fast lane"
+    pyproject = (ROOT / "pyproject.toml").read_text("utf-8")
+    assert re.search(r'^\s*"slow: ', pyproject, re.M), "the slow marker must be declared"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text("utf-8").splitlines()
+          if re.match(r"\s*\S*python -m pytest\b", line)]
+    assert ci == [".venv/bin/python -m pytest"], "CI runs the whole suite, both lanes"
+
+
 @pytest.mark.slow
 def test_the_fast_lane_runs_fewer_examples_and_the_full_run_all() -> None:
     """Property tests run FAST_LANE_EXAMPLES examples in the fast lane and their own
