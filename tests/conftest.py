@@ -263,6 +263,7 @@ class _Clones:
 
 @pytest.fixture(scope="session")
 def edm_clones(edm_noproc: Any, edm_pg_server: ServerInfo) -> Iterator[_Clones]:
+    """Where ``dsn`` and ``module_dsn`` get their clones of the migrated template."""
     clones = _Clones(edm_pg_server, edm_noproc.template_dbname,
                      file_copy=not os.environ.get(TEST_DSN_ENV))
     yield clones
