@@ -317,6 +317,7 @@ def test_every_method_ran_both_ways() -> None:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_long_async_create_task_does_not_block_the_event_loop(dsn: str) -> None:
     n = 20_000
     spec = {"user_id": "u", "name": "big", "templates": [TEMPLATE],
@@ -395,6 +396,7 @@ def _silent_server() -> tuple[Any, int]:
     return srv, srv.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [
     lambda dsn: Scheduler(dsn, connect_timeout=2),
     lambda dsn: asyncio.run(AsyncScheduler(dsn, connect_timeout=2).open()),

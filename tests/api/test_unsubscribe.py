@@ -235,7 +235,7 @@ def test_the_wsgi_endpoint_over_http(world: dict[str, Any]) -> None:
         "127.0.0.1", 0, wsgi_app(world["dsn"], CONFIG),
         handler_class=type("Quiet", (wsgiref.simple_server.WSGIRequestHandler,),
                            {"log_message": lambda *a: None}))
-    th = threading.Thread(target=server.serve_forever, daemon=True)
+    th = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     th.start()
     try:
         one_click(f"http://127.0.0.1:{server.server_port}/unsubscribe", world)

@@ -160,6 +160,7 @@ def test_slow_final_reply_past_data_timeout_is_uncertain(server: FaultySmtp) -> 
     assert record.answered is False
 
 
+@pytest.mark.slow
 def test_each_command_reply_has_command_timeout(server: FaultySmtp) -> None:
     port = server.port("slow")  # every reply 0.4 s late, the greeting included
     ok, _ = run(send_once(service(port, greeting_timeout=2, command_timeout=2), message(7)))
@@ -281,6 +282,7 @@ def test_prepare_swallows_failures_and_the_waiting_send_reports_them() -> None:
         assert s.connections(s.port("hang_greeting")) == 1
 
 
+@pytest.mark.slow
 def test_max_connections_sends_in_parallel_one_send_per_connection() -> None:
     with FaultySmtp(["slow_final:0.5"]) as s:
         port = s.port("slow_final")

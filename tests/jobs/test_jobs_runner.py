@@ -235,6 +235,7 @@ def test_errors_outside_retry_on_and_permanent_errors_are_not_retried(
 # -- timeouts -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_timed_out_shell_command_is_killed_and_retried(
         sched: JobScheduler, clock: Clock, runner_factory: Any, conn: psycopg.Connection[Any],
         tmp_path: Path) -> None:
@@ -268,6 +269,7 @@ def test_timed_out_shell_command_is_killed_and_retried(
     assert ex.error_kind == "timeout" and ex.duration_ms is not None
 
 
+@pytest.mark.slow
 def test_timed_out_function_is_told_to_stop_and_retried(
         sched: JobScheduler, clock: Clock, runner_factory: Any,
         conn: psycopg.Connection[Any]) -> None:
@@ -313,7 +315,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def http_url() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     _Handler.hits = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -477,6 +479,7 @@ def test_schedule_edited_outside_the_api_deactivates_the_job(
 # -- the loop: real time, NOTIFY, no polling --------------------------------------------
 
 
+@pytest.mark.slow
 def test_runner_sleeps_until_due_wakes_on_notify_and_fires_seconds_schedules(dsn: str) -> None:
     rec = Recorder()
     runner = JobRunner(dsn, {"rec": rec}, max_sleep=300.0)

@@ -227,8 +227,9 @@ class Runner:
             pytest.fail(f"{block.where}: INI does not parse: {exc}")
 
 
-# Pages whose examples start many CLI processes: the slow lane.
-SLOW_PAGES = {DOCS / "jobs.md", DOCS / "reference" / "cli.md"}
+# Pages whose examples start many CLI processes, or run a dispatcher against a
+# real SMTP server until its tasks finish (the tutorial, 2-3 s): the slow lane.
+SLOW_PAGES = {DOCS / "jobs.md", DOCS / "reference" / "cli.md", DOCS / "tutorial.md"}
 
 
 @pytest.mark.parametrize("path", [

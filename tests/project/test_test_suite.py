@@ -1,10 +1,12 @@
 """The test suite's own rules: layered folders, shared helpers only in
-tests/support/, no benchmark code imported, nothing left in the temp dir."""
+tests/support/, no benchmark code imported, nothing left in the temp dir, a
+fast lane that README names and that keeps a test for every promise."""
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.support.fast_lane import FAST_LANE_EXAMPLES
 
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
@@ -119,3 +123,39 @@ def test_every_promise_has_a_test_in_the_fast_lane() -> None:
             elif module_slow or _is_slow(fn.decorator_list):
                 wrong.append(f"{promise}: {node} is in the slow lane")
     assert wrong == []
+
+
+FAST_LANE = '.venv/bin/python -m pytest -m "not slow"'
+
+
+def test_readme_names_the_fast_lane_and_ci_runs_everything() -> None:
+    readme = (ROOT / "README.md").read_text("utf-8")
+    start = readme.index("\n## Contributing\n")
+    end = readme.find("\n## ", start + 1)
+    contributing = readme[start:end if end != -1 else None]
+    assert FAST_LANE in contributing, "README's Contributing section must name the fast lane"
+    pyproject = (ROOT / "pyproject.toml").read_text("utf-8")
+    assert re.search(r'^\s*"slow: ', pyproject, re.M), "the slow marker must be declared"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text("utf-8").splitlines()
+          if re.match(r"\s*\S*python -m pytest\b", line)]
+    assert ci == [".venv/bin/python -m pytest"], "CI runs the whole suite, both lanes"
+
+
+@pytest.mark.slow
+def test_the_fast_lane_runs_fewer_examples_and_the_full_run_all() -> None:
+    """Property tests run FAST_LANE_EXAMPLES examples in the fast lane and their own
+    count otherwise (test_wire_format asks for 200)."""
+    def passing(*args: str) -> int:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             "--hypothesis-show-statistics", *args,
+             "tests/api/test_rendering.py::test_wire_format"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        found = re.findall(r"(\d+) passing", proc.stdout)
+        assert len(found) == 1, proc.stdout
+        return int(found[0])
+
+    assert passing("-m", "not slow") == FAST_LANE_EXAMPLES
+    assert passing() == 200
+    assert passing("-m", "not slow", "--hypothesis-profile=default") == 200
