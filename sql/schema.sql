@@ -48,6 +48,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('20', 'wire_pacing', '3cef6a420fbb3d7993bf6d23f2abf007d74f375a2a05b90831e039648e4a0f00'),
   ('21', 'vocabulary', 'ef24b9aa51c1dd25cefa9feebc1f4485e065393d01f9277848d54cd41f9479f5'),
   ('23', 'site_release', '8f42f833ddc9da64422459dc722d9ea6225ad9f8ea4e4367c3b09b21f1ef9f5b'),
+  ('24', 'arrival_margin', '11872ab0c602fad94bd10cbf580f59b4590ac43dc16a1cb2d436a5e44065ce6f'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -249,6 +250,8 @@ COMMENT ON COLUMN edm.audit_log.before IS 'Audited fields before the change (NUL
 COMMENT ON COLUMN edm.audit_log.after IS 'Audited fields after the change (NULL for deletes).';
 CREATE INDEX audit_log_object_idx ON edm.audit_log USING btree (object_type, object_id, audit_id);
 COMMENT ON INDEX edm.audit_log_object_idx IS 'History of one object.';
+INSERT INTO edm.audit_log (audit_id, actor, db_role, action, object_type, object_id, before, after) OVERRIDING SYSTEM VALUE VALUES
+  ('1', 'postgres', 'postgres', 'update', 'config', 'queue.shaping_arrival_margin_ms', '{"value": 25}', '{"value": 250}');
 
 CREATE FUNCTION edm.audit_log_append_only()
  RETURNS trigger
@@ -458,7 +461,7 @@ INSERT INTO edm.config (key, value, default_value, category, value_type, min_val
   ('queue.retry_backoff_max', '3600', '3600', 'queue', 'integer', '60', '86400', NULL, 'seconds', 'Cap on the retry delay of a transient failure.', NULL),
   ('queue.service_hold_seconds', '2', '2', 'queue', 'integer', '1', '60', NULL, 'seconds', 'A service claimed by a dispatcher is held by it for this long after its last slot (and while its sends run), so one process paces the service''s sends on the wire.', NULL),
   ('queue.service_reservation_timeout', '30', '30', 'queue', 'integer', '10', '120', NULL, 'seconds', 'Lease length of a claimed subtask; an expired lease is returned to pending by the sweep.', NULL),
-  ('queue.shaping_arrival_margin_ms', '25', '25', 'queue', 'integer', '0', '10000', NULL, 'ms', 'A rate limit of a layer several lanes send against (global, site, service_site, user, task) counts a send that found its bucket idle as arriving this long after its slot: a provider''s bucket starts from the send''s arrival, and sends of different lanes and dispatchers start a few ms apart from their slots. Without it, the first send after a pause arriving late by more than the 5 ms tolerance makes the next on-time one early as the provider counts. Capped at each limit''s burst tolerance, (burst - 1) * window / max_count, so it costs nothing while the limit binds and a limit without a burst gets none.', NULL),
+  ('queue.shaping_arrival_margin_ms', '250', '250', 'queue', 'integer', '0', '10000', NULL, 'ms', 'A rate limit of a layer several lanes send against (global, site, service_site, user, task) counts a send that found its bucket idle as arriving this long after its slot: a provider''s bucket starts from the send''s arrival, and a send of one lane that starts late (a stall of the sending machine) must not make another lane''s on-time send early as the provider counts. Capped at each limit''s burst tolerance, (burst - 1) * window / max_count, so it costs nothing while the limit binds, an idle bucket admits up to margin / (window / max_count) fewer sends at once, and a limit without a burst gets none. 250 ms covers the stalls measured on a loaded two-core machine (docs/performance.md, traffic shaping).', NULL),
   ('queue.slot_lead_ms', '100', '100', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'A paced service (an interval or an extra limit) claimed while idle gets its first slot this long after the claim (at most the lookahead), so the dispatcher has rendered the message and opened the connection by then: a first slot already past when the claim reaches the dispatcher makes its send late and the next one closer than the interval on the wire.', NULL),
   ('queue.slot_lookahead_ms', '250', '250', 'queue', 'integer', '0', '5000', NULL, 'milliseconds', 'How long before its slot a send may be claimed: the dispatcher renders the message and opens the connection meanwhile, and starts the SMTP transaction at the slot.', NULL),
   ('queue.small_pool_grantees', '100', '100', 'queue', 'integer', '0', '10000', NULL, 'users', 'A service granted to at most this many users finds its next user from its own grants; a larger one from the head of the user rotation. Changes speed only, never which user is chosen.', NULL),
