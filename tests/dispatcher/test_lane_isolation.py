@@ -15,6 +15,8 @@ import itertools
 import threading
 import time
 
+import pytest
+
 from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.lanes import Lane, QueuedSend
@@ -217,6 +219,7 @@ def test_an_unpaced_service_starts_its_connections_in_parallel() -> None:
     assert starts[-1] - starts[0] < 0.05, starts
 
 
+@pytest.mark.slow
 def test_withdrawn_sends_never_start_and_free_their_slots() -> None:
     """Lane.withdraw takes back sends not started yet: the ones queued and the one a
     sender already holds while it waits for its slot. The sends left keep their order,
