@@ -46,6 +46,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('20', 'wire_pacing', '3cef6a420fbb3d7993bf6d23f2abf007d74f375a2a05b90831e039648e4a0f00'),
+  ('22', 'shaped_claim_cost', 'eb4eba803c2890c6603e2e88172ba7df2dba14f7b111df29d316b5dff2c7b1c4'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -395,6 +396,7 @@ INSERT INTO edm.config (key, value, default_value, category, value_type, min_val
   ('reputation.window_hours', '24', '24', 'reputation', 'integer', '1', '720', NULL, 'hours', 'Rolling window of the bounce and complaint rates (whole hours: sends are counted from the hourly roll-up).', NULL),
   ('retention.finished_task_days', '30', '30', 'retention', 'integer', '1', '3650', NULL, 'days', 'Completed, cancelled and failed tasks (with their subtasks) are deleted this long after they finished.', NULL),
   ('retention.finished_tasks_per_sweep', '20', '20', 'retention', 'integer', '1', '10000', NULL, 'tasks', 'Most finished tasks one sweep deletes, so a sweep stays short.', NULL),
+  ('retention.shaping_action_days', '30', '30', 'retention', 'integer', '1', '3650', NULL, 'days', 'Rows of edm.shaping_actions (the reply rules applied) are deleted this long after they were recorded, once their action has ended (edm.trim_shaping_actions, a step of every sweep).', NULL),
   ('service.backoff_base', '30', '30', 'service', 'integer', '1', '600', NULL, 'seconds', 'First back-off of a service after a service-level failure; doubles with each consecutive one.', NULL),
   ('service.backoff_max', '1800', '1800', 'service', 'integer', '60', '86400', NULL, 'seconds', 'Cap on the back-off of a failing service.', NULL),
   ('sweep.interval', '5', '5', 'sweep', 'integer', '1', '300', NULL, 'seconds', 'How often the elected dispatcher runs the sweeps.', NULL);
@@ -1137,6 +1139,24 @@ COMMENT ON COLUMN edm.templates.headers IS 'Custom header fields of the messages
 COMMENT ON COLUMN edm.templates.list_unsubscribe IS 'True for bulk mail: messages carry one-click List-Unsubscribe headers when the dispatcher is configured with an unsubscribe key and URL. False for transactional mail.';
 COMMENT ON COLUMN edm.templates.required_variables IS 'Variables every recipient had to have when the task was created with strict variables; NULL when not strict.';
 
+-- ==========================================================================
+-- Not yet sorted
+-- Objects not listed in CONCEPTS of edm_sched/schema_dump.py: add them there, then run `python -m edm_sched.schema_dump > sql/schema.sql`.
+-- ==========================================================================
+
+CREATE FUNCTION edm.email_domain(p_email text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN lower("substring"(p_email, '@([^@]*)$'::text));
+COMMENT ON FUNCTION edm.email_domain(text) IS 'The domain of an address (after its last @), lower case; NULL without an @.';
+REVOKE ALL ON FUNCTION edm.email_domain(text) FROM PUBLIC;
+
+-- ==========================================================================
+-- Tasks and subtasks
+-- Campaigns, their templates and one subtask per recipient; creation and lifecycle.
+-- ==========================================================================
+
 CREATE TABLE edm.subtasks (
   subtask_id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
   task_id bigint NOT NULL,
@@ -1157,6 +1177,7 @@ CREATE TABLE edm.subtasks (
   provider_message_id text,
   finished_at timestamp with time zone,
   uncertain_sends smallint DEFAULT 0 NOT NULL,
+  domain text GENERATED ALWAYS AS (COALESCE(edm.email_domain(email), ''::text)) STORED NOT NULL,
   CONSTRAINT subtasks_pkey PRIMARY KEY (subtask_id),
   CONSTRAINT subtasks_task_id_fkey FOREIGN KEY (task_id) REFERENCES edm.tasks(task_id) ON DELETE CASCADE,
   CONSTRAINT subtasks_attempts_check CHECK ((attempts >= 0)),
@@ -1187,8 +1208,11 @@ COMMENT ON COLUMN edm.subtasks.outcome_detail IS 'Last outcome text (error messa
 COMMENT ON COLUMN edm.subtasks.provider_message_id IS 'Id the provider gave the accepted message.';
 COMMENT ON COLUMN edm.subtasks.finished_at IS 'When the subtask reached sent, failed or cancelled.';
 COMMENT ON COLUMN edm.subtasks.uncertain_sends IS 'Attempts whose outcome nobody can know because the connection was lost or timed out after the final dot (the provider may have the message). With lease_expiries, the count of possible duplicates (I1).';
+COMMENT ON COLUMN edm.subtasks.domain IS 'The domain of email (edm.email_domain; '''' without an @), kept by the database. The claim finds a recipient''s site from it (edm.site_domains, read at the claim, so a mapping added later applies to queued recipients) and skips a blocked site''s recipients by it (subtasks_domain_idx).';
 CREATE INDEX subtasks_claim_idx ON edm.subtasks USING btree (task_id, not_before, subtask_id) WHERE (status = 'pending'::text);
 COMMENT ON INDEX edm.subtasks_claim_idx IS 'The claim: a task''s next pending subtask (fresh ones by id, then due retries).';
+CREATE INDEX subtasks_domain_idx ON edm.subtasks USING btree (task_id, domain, not_before, subtask_id) WHERE (status = 'pending'::text);
+COMMENT ON INDEX edm.subtasks_domain_idx IS 'A task''s pending recipients by domain, in claim order within each: the claim skips the recipients of a suspended or full site by jumping from domain to domain (edm.claim_next_subtask) instead of walking them.';
 CREATE INDEX subtasks_lease_idx ON edm.subtasks USING btree (lease_expires_at) WHERE (status = 'leased'::text);
 COMMENT ON INDEX edm.subtasks_lease_idx IS 'The lease sweep: leases by expiry.';
 CREATE UNIQUE INDEX subtasks_task_email_idx ON edm.subtasks USING btree (task_id, email);
@@ -1942,10 +1966,8 @@ DECLARE
   v_tx_tried bigint[];
   v_tx_slot  boolean;  -- this slot may still go to transactional work ahead of the rotation
   v_stop     boolean := false;
-  -- (a recipient's site is read as edm.site_of does, written out: a SQL
-  -- function holding a sub-select is not inlined, and a call of it is planned
-  -- again in every execution of the statement; the domain is computed once
-  -- (OFFSET 0), not once per row of the small edm.site_domains a plan scans)
+  -- (a recipient's site is its stored domain's row in edm.site_domains, read
+  -- at the claim: a mapping added later applies to queued recipients too)
   -- The shaping limits this call uses, read once (locked, or guarded by
   -- the user / task row lock), counted here and written back once at the
   -- end: nobody else may change them meanwhile.
@@ -1957,6 +1979,15 @@ DECLARE
   v_nk       text[];
   v_nl       edm.service_limits[];
   v_nh       text[];
+  -- 0022: recipients are left out by their stored domain (subtasks.domain):
+  v_sdom     text[];   -- the domains of the service's suspended sites
+  v_bdom     text[];   -- the domains of the sites in v_blocked
+  v_dom      text;     -- the domain of the recipient found
+  b_site     text[];   -- the sites of the fill's recipients (when site limits apply)
+  v_tx_here  boolean;  -- transactional work may take this service's slots
+  v_fill     boolean;  -- the batched fill may take the next slots
+  v_fill_used boolean;
+  j          integer;
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -2052,6 +2083,11 @@ BEGIN
     END IF;
     v_shaped := v_global OR v_user_lim OR v_task_lim OR v_tx
                 OR cardinality(v_susp) > 0 OR cardinality(v_lsites) > 0;
+    -- a site is a set of domains: a recipient is left out by its stored domain
+    v_sdom := '{}';
+    IF cardinality(v_susp) > 0 THEN
+      v_sdom := ARRAY(SELECT sd.domain FROM edm.site_domains sd WHERE sd.site = ANY (v_susp));
+    END IF;
     v_tx_run := v_svc.tx_run;
     v_skip := v_skip_call;
     v_pool := NULL;
@@ -2062,24 +2098,57 @@ BEGIN
                       WHERE u.user_id = ANY (v_pool) AND u.claimable_tasks > 0
                       ORDER BY u.last_served_seq, u.user_id);
     END IF;
-    -- Batched fill (0014), for a service no limit shapes: no extra limit, no
-    -- limited site, no user, task or global limit in use, no transactional
-    -- work. Its suspended sites (fixed for the call) are left out as below.
+    -- Batched fill (0014), for a service without extra limits whose slots all
+    -- go to the rotation (no transactional work may use it). Its suspended
+    -- sites (fixed for the call) are left out as below; every shaping layer
+    -- is checked at each slot after the fill's statement (0022).
     v_blocked := v_susp;
-    IF NOT v_svc.has_limits
-       AND NOT (v_global OR v_user_lim OR v_task_lim OR v_tx OR cardinality(v_lsites) > 0) THEN
-      v_want := least(p_per_service, p_batch - cardinality(c_sub),
-                      v_svc.daily_quota - v_svc.sent_today,
+    v_bdom := v_sdom;
+    v_tx_here := false;
+    IF v_tx THEN
+      v_tx_here := EXISTS (
+        SELECT 1 FROM edm.tasks t
+        WHERE t.transactional AND t.claimable AND t.user_id <> ALL (v_skip)
+          AND (
+            SELECT true FROM edm.grants g
+            WHERE g.service_id = v_svc.service_id AND g.user_id = t.user_id
+              AND NOT EXISTS (
+                SELECT 1 FROM edm.grants g2
+                WHERE g2.user_id = t.user_id AND g2.priority > g.priority
+                  AND (SELECT edm.service_free_for_tier(s2, v_horizon, v_now, c_svc)
+                       FROM edm.services s2 WHERE s2.service_id = g2.service_id))
+            LIMIT 1));
+    END IF;
+    -- (the fill runs at the service's first slot, or at the first slot after
+    -- the transactional lane found no work for the service)
+    v_fill := NOT v_svc.has_limits AND NOT v_tx_here;
+    v_fill_used := false;
+    -- One iteration per slot: each to the next user in the fair order
+    -- (r_users rotates), or ahead of it to transactional work (0016).
+    <<slots>>
+    LOOP
+    EXIT slots WHEN v_k >= p_per_service OR cardinality(c_sub) >= p_batch;
+    IF v_fill THEN
+      v_fill := false;
+      v_fill_used := true;
+      v_skip := v_skip_call;
+      v_blocked := v_susp;
+      v_bdom := v_sdom;
+      v_want := least(p_per_service - v_k, p_batch - cardinality(c_sub),
+                      v_svc.daily_quota - v_svc.sent_today - v_k,
                       CASE WHEN v_svc.interval_ms > 0
                            THEN floor(extract(epoch FROM v_horizon - v_slot) * 1000
                                       / v_svc.interval_ms)::integer + 1
                            ELSE p_per_service END);
       IF v_want > 0 THEN
         SELECT array_agg(b.user_id ORDER BY b.n), array_agg(b.task_id ORDER BY b.n),
-               array_agg(b.sub_id ORDER BY b.n)
-        INTO b_user, b_task, b_sub
+               array_agg(b.sub_id ORDER BY b.n), array_agg(b.site ORDER BY b.n)
+        INTO b_user, b_task, b_sub, b_site
         FROM (
-          SELECT bc.n, bc.user_id, bt.task_id, coalesce(br.sub_id, bf.sub_id) AS sub_id
+          SELECT bc.n, bc.user_id, bt.task_id, coalesce(br.sub_id, bf.sub_id, bx.sub_id) AS sub_id,
+                 CASE WHEN cardinality(v_lsites) > 0
+                      THEN (SELECT sd.site FROM edm.site_domains sd
+                            WHERE sd.domain = coalesce(br.domain, bf.domain, bx.domain)) END AS site
           FROM (
             SELECT c.user_id, c.n
             FROM unnest(coalesce(v_pool, v_cands)) WITH ORDINALITY AS c(user_id, n)
@@ -2110,33 +2179,91 @@ BEGIN
             LIMIT 1
             FOR UPDATE OF bt0 SKIP LOCKED) bt ON true
           LEFT JOIN LATERAL (
-            SELECT bs0.subtask_id AS sub_id FROM edm.subtasks bs0
-            WHERE bs0.task_id = bt.task_id AND bs0.status = 'pending'
+            SELECT bs0.subtask_id AS sub_id, bs0.domain FROM edm.subtasks bs0
+            WHERE cardinality(v_bdom) = 0
+              AND bs0.task_id = bt.task_id AND bs0.status = 'pending'
               AND bs0.not_before > '-infinity' AND bs0.not_before <= v_now
               AND bs0.subtask_id <> ALL (c_sub)
-              AND (cardinality(v_blocked) = 0
-                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(bs0.email) AS d OFFSET 0) e
-                                JOIN edm.site_domains sd ON sd.domain = e.d), '')
-                      <> ALL (v_blocked))
             ORDER BY bs0.not_before, bs0.subtask_id
             LIMIT 1
             FOR UPDATE OF bs0 SKIP LOCKED) br ON true
           -- the fresh lookup runs only for a task without a due retry
           LEFT JOIN LATERAL (
-            SELECT bs1.subtask_id AS sub_id FROM edm.subtasks bs1
-            WHERE br.sub_id IS NULL
+            SELECT bs1.subtask_id AS sub_id, bs1.domain FROM edm.subtasks bs1
+            WHERE cardinality(v_bdom) = 0 AND br.sub_id IS NULL
               AND bs1.task_id = bt.task_id AND bs1.status = 'pending'
               AND bs1.not_before = '-infinity'
               AND bs1.subtask_id <> ALL (c_sub)
-              AND (cardinality(v_blocked) = 0
-                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(bs1.email) AS d OFFSET 0) e
-                                JOIN edm.site_domains sd ON sd.domain = e.d), '')
-                      <> ALL (v_blocked))
             ORDER BY bs1.not_before, bs1.subtask_id
             LIMIT 1
-            FOR UPDATE OF bs1 SKIP LOCKED) bf ON true) b;
+            FOR UPDATE OF bs1 SKIP LOCKED) bf ON true
+          -- with suspended sites: both lookups, skipping their domains (0022)
+          LEFT JOIN LATERAL (
+            SELECT bn.subtask_id AS sub_id, bn.domain
+            FROM edm.claim_next_subtask(bt.task_id, v_now, c_sub, v_bdom) bn
+            WHERE cardinality(v_bdom) > 0 AND bt.task_id IS NOT NULL) bx ON true) b;
+        -- Every shaping layer, at each slot as the loop below checks it
+        -- (0022): the limits of all the fill's scopes are read in one
+        -- statement; the first slot a limit holds back ends the fill, and
+        -- the loop decides that slot (skipping a user, task or site, or
+        -- delaying it for the global limit).
+        IF v_shaped AND coalesce(cardinality(b_sub), 0) > 0 THEN
+          v_keys := '{}';
+          IF v_global THEN
+            v_keys := v_keys || edm.shaping_key('global', NULL, NULL, NULL, NULL);
+          END IF;
+          FOR i IN 1 .. cardinality(b_sub) LOOP
+            EXIT WHEN b_sub[i] IS NULL;
+            IF v_user_lim THEN
+              v_keys := v_keys || edm.shaping_key('user', NULL, NULL, b_user[i], NULL);
+            END IF;
+            IF v_task_lim THEN
+              v_keys := v_keys || edm.shaping_key('task', NULL, NULL, NULL, b_task[i]);
+            END IF;
+            IF b_site[i] = ANY (v_lsites) THEN
+              v_keys := v_keys || ARRAY[edm.shaping_key('site', b_site[i], NULL, NULL, NULL),
+                                        edm.shaping_key('service_site', b_site[i], v_svc.service_id,
+                                                        NULL, NULL)];
+            END IF;
+          END LOOP;
+          v_keys := ARRAY(SELECT DISTINCT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen));
+          IF cardinality(v_keys) > 0 THEN
+            SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh FROM edm.shaping_load(v_keys) x;
+            m_keys := m_keys || coalesce(v_nk, '{}');
+            m_lims := m_lims || coalesce(v_nl, '{}');
+            m_dirty := m_dirty || array_fill(false, ARRAY[coalesce(cardinality(v_nk), 0)]);
+            m_held := m_held || coalesce(v_nh, '{}');
+            m_seen := m_seen || v_keys;
+          END IF;
+        END IF;
         FOR i IN 1 .. coalesce(cardinality(b_user), 0) LOOP
           EXIT WHEN b_sub[i] IS NULL;
+          IF v_shaped THEN
+            -- the scopes that count this send
+            v_keys := '{}';
+            IF v_global THEN
+              v_keys := v_keys || edm.shaping_key('global', NULL, NULL, NULL, NULL);
+            END IF;
+            IF v_user_lim THEN
+              v_keys := v_keys || edm.shaping_key('user', NULL, NULL, b_user[i], NULL);
+            END IF;
+            IF v_task_lim THEN
+              v_keys := v_keys || edm.shaping_key('task', NULL, NULL, NULL, b_task[i]);
+            END IF;
+            IF b_site[i] = ANY (v_lsites) THEN
+              v_keys := v_keys || ARRAY[edm.shaping_key('site', b_site[i], NULL, NULL, NULL),
+                                        edm.shaping_key('service_site', b_site[i], v_svc.service_id,
+                                                        NULL, NULL)];
+            END IF;
+            EXIT WHEN edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot) > v_slot;
+            FOR j IN 1 .. cardinality(m_keys) LOOP
+              IF m_keys[j] = ANY (v_keys) THEN
+                m_lims[j] := edm.limit_after(m_lims[j], v_slot, 'UTC', v_margin);
+                m_dirty[j] := true;
+              END IF;
+            END LOOP;
+            v_tx_run := 0;  -- a slot given in the rotation
+          END IF;
           c_svc := c_svc || v_svc.service_id;
           c_sub := c_sub || b_sub[i];
           c_task := c_task || b_task[i];
@@ -2148,12 +2275,8 @@ BEGIN
           v_slot := v_slot + v_svc.interval_ms * interval '1 millisecond';
         END LOOP;
       END IF;
+      CONTINUE slots;
     END IF;
-    -- One iteration per slot: each to the next user in the fair order
-    -- (r_users rotates), or ahead of it to transactional work (0016).
-    <<slots>>
-    LOOP
-    EXIT slots WHEN v_k >= p_per_service OR cardinality(c_sub) >= p_batch;
     v_sub := NULL;
     IF v_svc.has_limits THEN
       v_slot := edm.limits_next(v_svc.service_id, v_slot, v_svc.quota_tz);
@@ -2190,6 +2313,7 @@ BEGIN
     -- free later or on another service) are skipped for this slot alone.
     v_skip := v_skip_call;
     v_blocked := v_susp;
+    v_bdom := v_sdom;
     v_ok_sites := '{}';
     v_tx_tried := '{}';
     v_tx_slot := v_tx AND v_tx_run < v_tx_max;
@@ -2217,6 +2341,11 @@ BEGIN
         LIMIT 1
         FOR UPDATE OF t SKIP LOCKED;
         v_tx_slot := v_fixed IS NOT NULL;
+        IF v_fixed IS NULL AND cardinality(v_tx_tried) = 0 AND NOT v_fill_used
+           AND NOT v_svc.has_limits THEN
+          -- no transactional work for this service: its next slots may be filled
+          v_fill := true;
+        END IF;
         IF v_fixed IS NOT NULL THEN
           -- its user's row guards the user's limits and rotation
           PERFORM 1 FROM edm.users u WHERE u.user_id = v_user FOR UPDATE OF u SKIP LOCKED;
@@ -2368,36 +2497,33 @@ BEGIN
         -- suspended for the service, or found without headroom): the slot
         -- goes to the next recipient of another site (no head-of-line blocking).
         LOOP
-          SELECT st.subtask_id,
-                 (CASE WHEN cardinality(v_lsites) > 0
-                       THEN (SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
-                             JOIN edm.site_domains sd ON sd.domain = e.d) END)
-          INTO v_sub, v_site
-          FROM edm.subtasks st
-          WHERE st.task_id = v_task AND st.status = 'pending'
-            AND st.not_before > '-infinity' AND st.not_before <= v_now
-            AND st.subtask_id <> ALL (c_sub)
-            AND (cardinality(v_blocked) = 0
-                 OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
-                              JOIN edm.site_domains sd ON sd.domain = e.d), '') <> ALL (v_blocked))
-          ORDER BY st.not_before, st.subtask_id
-          LIMIT 1
-          FOR UPDATE OF st SKIP LOCKED;
-          IF v_sub IS NULL THEN
-            SELECT st.subtask_id,
-                   (CASE WHEN cardinality(v_lsites) > 0
-                         THEN (SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
-                               JOIN edm.site_domains sd ON sd.domain = e.d) END)
-            INTO v_sub, v_site
+          IF cardinality(v_bdom) = 0 THEN
+            SELECT st.subtask_id, st.domain INTO v_sub, v_dom
             FROM edm.subtasks st
-            WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before = '-infinity'
+            WHERE st.task_id = v_task AND st.status = 'pending'
+              AND st.not_before > '-infinity' AND st.not_before <= v_now
               AND st.subtask_id <> ALL (c_sub)
-              AND (cardinality(v_blocked) = 0
-                   OR coalesce((SELECT sd.site FROM (SELECT edm.email_domain(st.email) AS d OFFSET 0) e
-                                JOIN edm.site_domains sd ON sd.domain = e.d), '') <> ALL (v_blocked))
             ORDER BY st.not_before, st.subtask_id
             LIMIT 1
             FOR UPDATE OF st SKIP LOCKED;
+            IF v_sub IS NULL THEN
+              SELECT st.subtask_id, st.domain INTO v_sub, v_dom
+              FROM edm.subtasks st
+              WHERE st.task_id = v_task AND st.status = 'pending' AND st.not_before = '-infinity'
+                AND st.subtask_id <> ALL (c_sub)
+              ORDER BY st.not_before, st.subtask_id
+              LIMIT 1
+              FOR UPDATE OF st SKIP LOCKED;
+            END IF;
+          ELSE
+            -- both lookups, skipping the blocked sites' domains without
+            -- walking their recipients (0022)
+            SELECT x.subtask_id, x.domain INTO v_sub, v_dom
+            FROM edm.claim_next_subtask(v_task, v_now, c_sub, v_bdom) x;
+          END IF;
+          v_site := NULL;
+          IF v_sub IS NOT NULL AND cardinality(v_lsites) > 0 THEN
+            v_site := (SELECT sd.site FROM edm.site_domains sd WHERE sd.domain = v_dom);
           END IF;
           EXIT WHEN v_sub IS NULL OR cardinality(v_lsites) = 0;
           -- Site and (service, site) limits of the recipient's site at the slot.
@@ -2416,6 +2542,8 @@ BEGIN
           v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
           IF v_free > v_slot THEN
             v_blocked := v_blocked || v_site;
+            v_bdom := v_bdom || ARRAY(SELECT sd.domain FROM edm.site_domains sd
+                                      WHERE sd.site = v_site);
             v_sub := NULL;
           ELSE
             v_ok_sites := v_ok_sites || v_site;
@@ -3182,7 +3310,7 @@ BEGIN
   -- reported (and logged by the dispatcher) without undoing the others.
   FOREACH v_step IN ARRAY ARRAY['quota_days_rolled', 'warmups_applied', 'tasks_started', 'tasks_completed',
                                 'alerts_raised', 'metrics_rows', 'partitions_created',
-                                'retention_removed'] LOOP
+                                'retention_removed', 'shaping_actions_trimmed'] LOOP
     BEGIN
       v_value := CASE v_step
         WHEN 'quota_days_rolled' THEN edm.roll_quota_days(p_now)
@@ -3193,6 +3321,7 @@ BEGIN
         WHEN 'metrics_rows' THEN edm.roll_up_metrics(p_now)
         WHEN 'partitions_created' THEN edm.ensure_partitions(p_now)
         WHEN 'retention_removed' THEN edm.apply_retention(p_now)
+        WHEN 'shaping_actions_trimmed' THEN edm.trim_shaping_actions(p_now)
       END;
       v_report := v_report || jsonb_build_object(v_step, v_value);
     EXCEPTION WHEN OTHERS THEN
@@ -3204,7 +3333,7 @@ BEGIN
   RETURN v_report;
 END;
 $function$;
-COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report. Step warmups_applied moves warm-up ceilings to the day''s (edm.apply_warmups).';
+COMMENT ON FUNCTION edm.run_sweeps(timestamp with time zone) IS 'One round of every sweep: expired leases first, then quota-day rollover, due tasks, task completion, alerts (waits, stuck tasks, quotas), metric roll-ups, partitions and retention, each in its own subtransaction so that a failing step is reported under "errors" without undoing the others. Run by the elected dispatcher every sweep.interval seconds, or by edm-sched sweep. Returns a report. Step warmups_applied moves warm-up ceilings to the day''s (edm.apply_warmups). Step shaping_actions_trimmed deletes ended reply-rule log rows past retention.shaping_action_days (edm.trim_shaping_actions).';
 REVOKE ALL ON FUNCTION edm.run_sweeps(timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.roll_quota_days(p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -5432,7 +5561,7 @@ CREATE TABLE edm.shaping_actions (
   CONSTRAINT shaping_actions_action_check CHECK ((action = ANY (ARRAY['suspend_site'::text, 'suspend_service'::text, 'bounce'::text, 'retry'::text]))),
   CONSTRAINT shaping_actions_reply_check CHECK ((length(reply) <= 2000))
 );
-COMMENT ON TABLE edm.shaping_actions IS 'Log of every reply rule applied by edm.complete: one row per completed subtask a rule matched, with the reply that caused it and what it set until when. Suspensions and back-offs end by themselves at until; rows are trimmed by edm.trim_shaping_actions after monitoring.metrics_retention_days.';
+COMMENT ON TABLE edm.shaping_actions IS 'Log of every reply rule applied by edm.complete: one row per completed subtask a rule matched, with the reply that caused it and what it set until when. Suspensions and back-offs end by themselves at until; rows are trimmed by edm.trim_shaping_actions by the sweeps after retention.shaping_action_days.';
 COMMENT ON COLUMN edm.shaping_actions.action_id IS 'Identity of the log row.';
 COMMENT ON COLUMN edm.shaping_actions.at IS 'When the completion applied the rule (its p_now).';
 COMMENT ON COLUMN edm.shaping_actions.rule_id IS 'Rule applied (NULL once the rule was deleted).';
@@ -5877,6 +6006,105 @@ $function$;
 COMMENT ON FUNCTION edm.check_reputation(timestamp with time zone,boolean) IS 'The reputation breaker, run from the sweeps at most every reputation.check_interval seconds (p_force: now): for each service and user with at least reputation.min_sends sends in the window, a hard-bounce or complaint rate at or above its pause threshold disables the service (enabled = false, paused_reason) or pauses the user''s bulk tasks (users.paused_reason, tasks.pause_reason; new bulk tasks are held too), with a critical alert; at or above its warning threshold raises a warning alert. Returns the number of pauses and warnings raised.';
 REVOKE ALL ON FUNCTION edm.check_reputation(timestamp with time zone,boolean) FROM PUBLIC;
 
+CREATE FUNCTION edm.claim_next_subtask(p_task_id bigint, p_now timestamp with time zone, p_exclude bigint[], p_skip_domains text[], OUT subtask_id bigint, OUT domain text)
+ RETURNS record
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET plan_cache_mode TO 'force_generic_plan'
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+  v_pass integer;
+  v_lo   timestamptz;
+  v_hi   timestamptz;
+  v_nb   timestamptz;
+  v_id   bigint;
+BEGIN
+  -- Pass 1: due retries (a finite not_before up to p_now); pass 2: fresh or
+  -- returned recipients (not_before -infinity). Each: the lowest in claim
+  -- order whose domain is not in p_skip_domains, locked (SKIP LOCKED).
+  FOR v_pass IN 1 .. 2 LOOP
+    IF v_pass = 1 THEN
+      v_lo := '4714-11-24 00:00:00+00 BC';  -- the first finite timestamptz
+      v_hi := p_now;
+    ELSE
+      v_lo := '-infinity';
+      v_hi := '-infinity';
+    END IF;
+    -- The probe: the key of the 64th recipient in claim order.
+    SELECT st.not_before, st.subtask_id INTO v_nb, v_id
+    FROM edm.subtasks st
+    WHERE st.task_id = p_task_id AND st.status = 'pending'
+      AND st.not_before >= v_lo AND st.not_before <= v_hi
+      AND st.subtask_id <> ALL (p_exclude)
+    ORDER BY st.not_before, st.subtask_id
+    OFFSET 63 LIMIT 1;
+    IF v_nb IS NULL THEN
+      -- fewer than 64: a short walk
+      v_nb := 'infinity';
+      v_id := 9223372036854775807;
+    END IF;
+    SELECT st.subtask_id, st.domain INTO subtask_id, domain
+    FROM edm.subtasks st
+    WHERE st.task_id = p_task_id AND st.status = 'pending'
+      AND st.not_before >= v_lo AND st.not_before <= v_hi
+      AND st.subtask_id <> ALL (p_exclude)
+      AND st.domain <> ALL (p_skip_domains)
+      AND (st.not_before, st.subtask_id) <= (v_nb, v_id)
+    ORDER BY st.not_before, st.subtask_id
+    LIMIT 1
+    FOR UPDATE OF st SKIP LOCKED;
+    IF subtask_id IS NOT NULL THEN
+      RETURN;
+    END IF;
+    IF v_nb < 'infinity' THEN
+      -- The first 64 are all skipped: the first recipient after them of
+      -- each domain not skipped (one index probe per domain of the task),
+      -- and the lowest of those.
+      SELECT f.not_before, f.subtask_id INTO v_nb, v_id
+      FROM (
+        WITH RECURSIVE d(domain) AS (
+          SELECT (SELECT min(s.domain) FROM edm.subtasks s
+                  WHERE s.task_id = p_task_id AND s.status = 'pending')
+          UNION ALL
+          SELECT (SELECT min(s.domain) FROM edm.subtasks s
+                  WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain > d.domain)
+          FROM d WHERE d.domain IS NOT NULL)
+        SELECT d.domain FROM d WHERE d.domain IS NOT NULL) dd
+      CROSS JOIN LATERAL (
+        SELECT s.not_before, s.subtask_id FROM edm.subtasks s
+        WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain = dd.domain
+          AND s.not_before >= v_lo AND s.not_before <= v_hi
+          AND (s.not_before, s.subtask_id) > (v_nb, v_id)
+          AND s.subtask_id <> ALL (p_exclude)
+        ORDER BY s.not_before, s.subtask_id
+        LIMIT 1) f
+      WHERE dd.domain <> ALL (p_skip_domains)
+      ORDER BY f.not_before, f.subtask_id
+      LIMIT 1;
+      IF FOUND THEN
+        SELECT st.subtask_id, st.domain INTO subtask_id, domain
+        FROM edm.subtasks st
+        WHERE st.task_id = p_task_id AND st.status = 'pending'
+          AND st.not_before >= v_lo AND st.not_before <= v_hi
+          AND st.subtask_id <> ALL (p_exclude)
+          AND st.domain <> ALL (p_skip_domains)
+          AND (st.not_before, st.subtask_id) >= (v_nb, v_id)
+        ORDER BY st.not_before, st.subtask_id
+        LIMIT 1
+        FOR UPDATE OF st SKIP LOCKED;
+        IF subtask_id IS NOT NULL THEN
+          RETURN;
+        END IF;
+      END IF;
+    END IF;
+  END LOOP;
+END;
+$function$;
+COMMENT ON FUNCTION edm.claim_next_subtask(bigint,timestamp with time zone,bigint[],text[]) IS 'For the claim: task p_task_id''s next recipient (its due retry, else its lowest fresh or returned one, not in p_exclude, claim order) whose domain is not in p_skip_domains (the domains of the sites the slot may not go to), locked FOR UPDATE SKIP LOCKED; NULLs when none. Looks at the first 64 recipients in claim order, and past them jumps from domain to domain on subtasks_domain_idx, so a blocked site''s recipients cost one index probe per domain of the task, not one row each.';
+REVOKE ALL ON FUNCTION edm.claim_next_subtask(bigint,timestamp with time zone,bigint[],text[]) FROM PUBLIC;
+
 CREATE FUNCTION edm.config_num(p_key text)
  RETURNS numeric
  LANGUAGE sql
@@ -5900,14 +6128,6 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.delete_reply_rule(text) IS 'Deletes a reply rule by name (its log rows keep its name). Raises ED001 for an unknown name.';
 REVOKE ALL ON FUNCTION edm.delete_reply_rule(text) FROM PUBLIC;
-
-CREATE FUNCTION edm.email_domain(p_email text)
- RETURNS text
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-RETURN lower("substring"(p_email, '@([^@]*)$'::text));
-COMMENT ON FUNCTION edm.email_domain(text) IS 'The domain of an address (after its last @), lower case; NULL without an @.';
-REVOKE ALL ON FUNCTION edm.email_domain(text) FROM PUBLIC;
 
 CREATE FUNCTION edm.enable_reply_rule(p_name text, p_enabled boolean DEFAULT true)
  RETURNS void
@@ -5999,6 +6219,12 @@ AS $function$
 DECLARE
   r edm.service_limits := l;
   v_tz text := coalesce(l.time_zone, p_tz);
+  v_bms bigint;
+  v_b bigint;
+  v_min bigint;
+  v_prev bigint;
+  v_done boolean := false;
+  i integer;
 BEGIN
   IF l.kind = 'rate' THEN
     -- A bucket that was idle starts from the send's arrival: its slot, or up to
@@ -6013,13 +6239,46 @@ BEGIN
     r.day_count := CASE WHEN l.day = (p_slot AT TIME ZONE v_tz)::date THEN l.day_count + 1 ELSE 1 END;
     r.day := (p_slot AT TIME ZONE v_tz)::date;
   ELSE
-    SELECT b.bucket_idx, b.bucket_n INTO r.bucket_idx, r.bucket_n
-    FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, p_slot) b;
+    -- rolling: the rule of edm.rolling_buckets_add (the slot's bucket gains
+    -- one, buckets older than any window that can still count go), on the
+    -- arrays here. That function is a query, planned again on every call:
+    -- 0.35 ms a send, a third of a shaped claim (0022).
+    v_bms := edm.limit_bucket_ms(l.window_ms);
+    v_b := edm.epoch_ms(p_slot) / v_bms;
+    v_min := v_b - ceil(l.window_ms::numeric / v_bms)::bigint - 1;
+    r.bucket_idx := '{}';
+    r.bucket_n := '{}';
+    FOR i IN 1 .. coalesce(cardinality(l.bucket_idx), 0) LOOP
+      IF l.bucket_idx[i] <= v_prev THEN
+        -- not in ascending order (never written so): the general rule
+        SELECT b.bucket_idx, b.bucket_n INTO r.bucket_idx, r.bucket_n
+        FROM edm.rolling_buckets_add(l.bucket_idx, l.bucket_n, l.window_ms, p_slot) b;
+        RETURN r;
+      END IF;
+      v_prev := l.bucket_idx[i];
+      CONTINUE WHEN l.bucket_idx[i] < v_min;
+      IF NOT v_done AND l.bucket_idx[i] >= v_b THEN
+        v_done := true;
+        IF l.bucket_idx[i] = v_b THEN
+          r.bucket_idx := r.bucket_idx || v_b;
+          r.bucket_n := r.bucket_n || (l.bucket_n[i] + 1);
+          CONTINUE;
+        END IF;
+        r.bucket_idx := r.bucket_idx || v_b;
+        r.bucket_n := r.bucket_n || 1;
+      END IF;
+      r.bucket_idx := r.bucket_idx || l.bucket_idx[i];
+      r.bucket_n := r.bucket_n || l.bucket_n[i];
+    END LOOP;
+    IF NOT v_done THEN
+      r.bucket_idx := r.bucket_idx || v_b;
+      r.bucket_n := r.bucket_n || 1;
+    END IF;
   END IF;
   RETURN r;
 END;
 $function$;
-COMMENT ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) IS 'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time (a bucket that was idle starts from p_slot + p_margin, the send''s latest expected arrival, the margin capped at the burst tolerance (burst - 1) * window / max_count: see queue.shaping_arrival_margin_ms), calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket.';
+COMMENT ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) IS 'Limit l after one more send slotted at p_slot (the transition edm.limits_take applies to a service''s limits): rate advances its GCRA arrival time (a bucket that was idle starts from p_slot + p_margin, the send''s latest expected arrival, the margin capped at the burst tolerance (burst - 1) * window / max_count: see queue.shaping_arrival_margin_ms), calendar_day counts the local day (in l.time_zone, else p_tz), rolling adds to the slot''s bucket (the rule of edm.rolling_buckets_add, computed without a query).';
 REVOKE ALL ON FUNCTION edm.limit_after(edm.service_limits,timestamp with time zone,text,interval) FROM PUBLIC;
 
 CREATE FUNCTION edm.limit_bucket_ms(p_window_ms bigint)
@@ -6831,17 +7090,33 @@ BEGIN
     RAISE EXCEPTION 'each limit is an object with name, kind, max_count and optionally window_ms, burst, time_zone'
       USING ERRCODE = 'ED005';
   END IF;
-  -- Keep the state of limits that did not change shape (no fresh burst on an edit).
-  DELETE FROM edm.service_limits l
-  WHERE l.service_id = p_service_id
-    AND NOT EXISTS (
-      SELECT 1 FROM jsonb_array_elements(p_limits) e
-      WHERE e->>'name' = l.name AND e->>'kind' = l.kind
-        AND (e->>'max_count')::integer = l.max_count
-        AND (e->>'window_ms')::bigint IS NOT DISTINCT FROM l.window_ms
-        AND coalesce((e->>'burst')::integer, 1) = l.burst
-        AND (e->>'time_zone') IS NOT DISTINCT FROM l.time_zone);
+  IF (SELECT count(DISTINCT e->>'name') FROM jsonb_array_elements(p_limits) e)
+     <> jsonb_array_length(p_limits) THEN
+    RAISE EXCEPTION 'limit names must be unique per service' USING ERRCODE = 'ED005';
+  END IF;
   BEGIN
+    -- Keep the state of limits whose shape did not change (no fresh burst on
+    -- an edit, no restarted count): one whose max_count alone changes is
+    -- changed in place (0022). A running warm-up's limit is left alone.
+    UPDATE edm.service_limits l SET max_count = (e->>'max_count')::integer
+    FROM jsonb_array_elements(p_limits) e
+    WHERE l.service_id = p_service_id
+      AND e->>'name' = l.name AND e->>'kind' = l.kind
+      AND (e->>'max_count')::integer <> l.max_count
+      AND (e->>'window_ms')::bigint IS NOT DISTINCT FROM l.window_ms
+      AND coalesce((e->>'burst')::integer, 1) = l.burst
+      AND (e->>'time_zone') IS NOT DISTINCT FROM l.time_zone
+      AND NOT (l.name = 'warmup'
+               AND EXISTS (SELECT 1 FROM edm.service_warmups w WHERE w.service_id = p_service_id));
+    DELETE FROM edm.service_limits l
+    WHERE l.service_id = p_service_id
+      AND NOT EXISTS (
+        SELECT 1 FROM jsonb_array_elements(p_limits) e
+        WHERE e->>'name' = l.name AND e->>'kind' = l.kind
+          AND (e->>'max_count')::integer = l.max_count
+          AND (e->>'window_ms')::bigint IS NOT DISTINCT FROM l.window_ms
+          AND coalesce((e->>'burst')::integer, 1) = l.burst
+          AND (e->>'time_zone') IS NOT DISTINCT FROM l.time_zone);
     INSERT INTO edm.service_limits (service_id, name, kind, max_count, window_ms, burst, time_zone)
     SELECT p_service_id, e->>'name', e->>'kind', (e->>'max_count')::integer,
            (e->>'window_ms')::bigint, coalesce((e->>'burst')::integer, 1), e->>'time_zone'
@@ -6852,10 +7127,6 @@ BEGIN
          OR numeric_value_out_of_range OR cardinality_violation THEN
       RAISE EXCEPTION 'invalid limit: %', SQLERRM USING ERRCODE = 'ED005';
   END;
-  IF (SELECT count(DISTINCT e->>'name') FROM jsonb_array_elements(p_limits) e)
-     <> jsonb_array_length(p_limits) THEN
-    RAISE EXCEPTION 'limit names must be unique per service' USING ERRCODE = 'ED005';
-  END IF;
   UPDATE edm.services s SET updated_at = now(), quota_exhausted_until = NULL
   WHERE s.service_id = p_service_id;
   PERFORM pg_notify('edm_wakeup', 'service:' || p_service_id);
@@ -6863,7 +7134,7 @@ BEGIN
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.set_service_limits(bigint,jsonb) IS 'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
+COMMENT ON FUNCTION edm.set_service_limits(bigint,jsonb) IS 'Replaces the extra limits of a service with p_limits, a JSON array of {name, kind: rate|rolling|calendar_day, max_count, window_ms, burst, time_zone}. A limit whose definition is unchanged keeps its state (no fresh burst); one whose max_count alone changes keeps its state too (the sends it counted still count). Raises ED005 for a bad limit (nothing is changed) and ED001 for an unknown service.';
 REVOKE ALL ON FUNCTION edm.set_service_limits(bigint,jsonb) FROM PUBLIC;
 
 CREATE FUNCTION edm.set_service_warmup(p_service_id bigint, p_ramp integer[], p_started_on date DEFAULT NULL::date, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone)
@@ -7147,6 +7418,16 @@ BEGIN
     RAISE EXCEPTION 'limit names must be unique per scope' USING ERRCODE = 'ED005';
   END IF;
   BEGIN
+    -- A limit whose max_count alone changes keeps its state (0022): the
+    -- sends it counted still count.
+    UPDATE edm.shaping_limits l SET max_count = (e->>'max_count')::integer
+    FROM jsonb_array_elements(p_limits) e
+    WHERE l.scope_key = v_key
+      AND e->>'name' = l.name AND e->>'kind' = l.kind
+      AND (e->>'max_count')::integer <> l.max_count
+      AND (e->>'window_ms')::bigint IS NOT DISTINCT FROM l.window_ms
+      AND coalesce((e->>'burst')::integer, 1) = l.burst
+      AND (e->>'time_zone') IS NOT DISTINCT FROM l.time_zone;
     DELETE FROM edm.shaping_limits l
     WHERE l.scope_key = v_key
       AND NOT EXISTS (
@@ -7173,7 +7454,7 @@ BEGIN
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) IS 'Replaces the shaping limits of one scope with p_limits, a JSON array of {name, kind, max_count, window_ms, burst, time_zone} as edm.set_service_limits takes; an unchanged limit keeps its state. Raises ED005 for a bad limit (nothing is changed). Called by the edm.set_*_limits functions, which check the scope''s target.';
+COMMENT ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) IS 'Replaces the shaping limits of one scope with p_limits, a JSON array of {name, kind, max_count, window_ms, burst, time_zone} as edm.set_service_limits takes; an unchanged limit keeps its state, and so does one whose max_count alone changes. Raises ED005 for a bad limit (nothing is changed). Called by the edm.set_*_limits functions, which check the scope''s target.';
 REVOKE ALL ON FUNCTION edm.shaping_replace(text,text,bigint,text,bigint,jsonb) FROM PUBLIC;
 
 CREATE FUNCTION edm.site_of(p_email text)
@@ -7288,13 +7569,13 @@ DECLARE
 BEGIN
   DELETE FROM edm.shaping_actions a
   WHERE a.at < coalesce(p_now, now())
-               - make_interval(days => edm.config_int('monitoring.metrics_retention_days'))
+               - make_interval(days => edm.config_int('retention.shaping_action_days'))
     AND (a.until IS NULL OR a.until < coalesce(p_now, now()));
   GET DIAGNOSTICS v_n = ROW_COUNT;
   RETURN v_n;
 END;
 $function$;
-COMMENT ON FUNCTION edm.trim_shaping_actions(timestamp with time zone) IS 'Deletes reply-rule log rows older than monitoring.metrics_retention_days whose action has ended; returns how many.';
+COMMENT ON FUNCTION edm.trim_shaping_actions(timestamp with time zone) IS 'Deletes reply-rule log rows (edm.shaping_actions) older than retention.shaping_action_days at p_now whose action has ended; returns how many. A step of edm.run_sweeps (shaping_actions_trimmed).';
 REVOKE ALL ON FUNCTION edm.trim_shaping_actions(timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION edm.unmapped_domains(p_domains text[])
