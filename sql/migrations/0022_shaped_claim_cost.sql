@@ -308,6 +308,7 @@ CREATE FUNCTION edm.claim_next_subtask(p_task_id bigint, p_now timestamptz, p_ex
                                        p_skip_domains text[],
                                        OUT subtask_id bigint, OUT domain text)
 LANGUAGE plpgsql
+STRICT
 SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
@@ -400,7 +401,64 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION edm.claim_next_subtask(bigint, timestamptz, bigint[], text[]) IS
-  'For the claim: task p_task_id''s next recipient (its due retry, else its lowest fresh or returned one, not in p_exclude, claim order) whose domain is not in p_skip_domains (the domains of the sites the slot may not go to), locked FOR UPDATE SKIP LOCKED; NULLs when none. Looks at the first 64 recipients in claim order, and past them jumps from domain to domain on subtasks_domain_idx, so a blocked site''s recipients cost one index probe per domain of the task, not one row each.';
+  'For the claim: task p_task_id''s next recipient (its due retry, else its lowest fresh or returned one, not in p_exclude, claim order) whose domain is not in p_skip_domains (the domains of the sites the slot may not go to), locked FOR UPDATE SKIP LOCKED; NULLs when none (and when an argument is NULL: strict). Looks at the first 64 recipients in claim order, and past them jumps from domain to domain on subtasks_domain_idx, so a blocked site''s recipients cost one index probe per domain of the task, not one row each.';
+
+-- ---------------------------------------------------------------------------
+-- The limits of a claim's scopes, one index probe per scope
+-- ---------------------------------------------------------------------------
+
+-- edm.shaping_limits is small (a few hundred rows), so the planner scanned it
+-- whole for scope_key = ANY (p_keys), comparing every row with every key:
+-- 0.4 ms for the 30 scopes of a fill. Joined with the keys it probes the
+-- primary key once per scope.
+CREATE OR REPLACE FUNCTION edm.shaping_load(p_keys text[], OUT keys text[], OUT lims edm.service_limits[],
+                                            OUT held text[])
+LANGUAGE plpgsql
+-- a probe per scope even where a scan of the small table looks as cheap
+SET enable_seqscan = off
+AS $$
+BEGIN
+  SELECT array_agg(x.k), array_agg(x.lim) INTO keys, lims
+  FROM (SELECT l.scope_key AS k, edm.shaping_as_limit(l) AS lim
+        FROM (SELECT DISTINCT k0 FROM unnest(p_keys) k0) pk
+        JOIN edm.shaping_limits l ON l.scope_key = pk.k0
+        FOR UPDATE OF l SKIP LOCKED) x;
+  held := ARRAY(SELECT a.scope_key
+                FROM (SELECT DISTINCT k0 FROM unnest(p_keys) k0) pk
+                JOIN edm.shaping_limits a ON a.scope_key = pk.k0
+                GROUP BY a.scope_key
+                HAVING count(*) > coalesce(cardinality(array_positions(keys, a.scope_key)), 0));
+END;
+$$;
+COMMENT ON FUNCTION edm.shaping_load(text[]) IS
+  'For the claim: locks the shaping limits of the scopes p_keys without waiting (FOR UPDATE SKIP LOCKED) and returns them as edm.service_limits rows (keys: the scope_key of each) and the scopes with a limit locked by another transaction (held: no headroom for this claim). One primary-key probe per scope.';
+
+-- The earliest free instant of some scopes, from the limits a claim holds in
+-- memory: the positions of those scopes' limits (array_positions) instead of
+-- a loop over every limit the call has read (tens, at every slot).
+CREATE OR REPLACE FUNCTION edm.shaping_free(p_keys text[], p_all_keys text[], p_lims edm.service_limits[],
+                                            p_held text[], p_at timestamptz)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  v_at  timestamptz := p_at;
+  v_key text;
+  i     integer;
+BEGIN
+  IF p_keys && p_held THEN
+    RETURN 'infinity';
+  END IF;
+  FOREACH v_key IN ARRAY coalesce(p_keys, '{}') LOOP
+    FOREACH i IN ARRAY coalesce(array_positions(p_all_keys, v_key), '{}') LOOP
+      v_at := greatest(v_at, edm.limit_next(p_lims[i], p_at, 'UTC'));
+    END LOOP;
+  END LOOP;
+  RETURN v_at;
+END;
+$$;
+COMMENT ON FUNCTION edm.shaping_free(text[], text[], edm.service_limits[], text[], timestamptz) IS
+  'For the claim: the earliest instant at or after p_at at which every limit of the scopes p_keys admits one more send, from limits read by edm.shaping_load (p_all_keys[i] is the scope of p_lims[i]); infinity when one of the scopes is in p_held (locked by another transaction).';
 
 -- ---------------------------------------------------------------------------
 -- The claim
@@ -509,10 +567,17 @@ DECLARE
   v_bdom     text[];   -- the domains of the sites in v_blocked
   v_dom      text;     -- the domain of the recipient found
   b_site     text[];   -- the sites of the fill's recipients (when site limits apply)
+  -- the domains of the sites that have limits, and their sites (read once per
+  -- call): a recipient's site, as far as limits go, without a query
+  v_ldoms      text[] := '{}';
+  v_ldom_sites text[] := '{}';
   v_tx_here  boolean;  -- transactional work may take this service's slots
   v_fill     boolean;  -- the batched fill may take the next slots
   v_fill_used boolean;
   j          integer;
+  v_idx      integer[];  -- positions in m_keys of a slot's limits
+  v_all_lsites text[];   -- sites with site-scope limits (read once per call)
+  v_key      text;
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -555,6 +620,13 @@ BEGIN
          EXISTS (SELECT 1 FROM edm.tasks t WHERE t.transactional AND t.claimable),
          EXISTS (SELECT 1 FROM edm.site_suspensions x WHERE x.until > v_now)
   INTO v_global, v_site_lim, v_user_lim, v_task_lim, v_tx, v_susp_any;
+  IF v_site_lim THEN
+    SELECT coalesce(array_agg(sd.domain), '{}'), coalesce(array_agg(sd.site), '{}')
+    INTO v_ldoms, v_ldom_sites
+    FROM edm.site_domains sd
+    WHERE sd.site IN (SELECT l.site FROM edm.shaping_limits l
+                      WHERE l.scope IN ('site', 'service_site'));
+  END IF;
   IF v_tx THEN
     -- share s: at most s / (1 - s) transactional slots in a row, then one in the rotation
     v_tx_max := (SELECT CASE WHEN x.s >= 1 THEN 2147483647 ELSE floor(x.s / (1 - x.s))::integer END
@@ -602,9 +674,15 @@ BEGIN
                       WHERE x.service_id = v_svc.service_id AND x.until > v_now);
     END IF;
     IF v_site_lim THEN
-      v_lsites := ARRAY(SELECT DISTINCT l.site FROM edm.shaping_limits l
-                        WHERE l.scope = 'site'
-                           OR (l.scope = 'service_site' AND l.service_id = v_svc.service_id));
+      -- the sites limited across all services (read once per call), and this service's
+      IF v_all_lsites IS NULL THEN
+        v_all_lsites := ARRAY(SELECT DISTINCT l.site FROM edm.shaping_limits l
+                              WHERE l.scope = 'site');
+      END IF;
+      v_lsites := v_all_lsites || ARRAY(
+        SELECT DISTINCT l.site FROM edm.shaping_limits l
+        WHERE l.scope = 'service_site' AND l.service_id = v_svc.service_id
+          AND l.site <> ALL (v_all_lsites));
     END IF;
     v_shaped := v_global OR v_user_lim OR v_task_lim OR v_tx
                 OR cardinality(v_susp) > 0 OR cardinality(v_lsites) > 0;
@@ -667,13 +745,11 @@ BEGIN
                            ELSE p_per_service END);
       IF v_want > 0 THEN
         SELECT array_agg(b.user_id ORDER BY b.n), array_agg(b.task_id ORDER BY b.n),
-               array_agg(b.sub_id ORDER BY b.n), array_agg(b.site ORDER BY b.n)
+               array_agg(b.sub_id ORDER BY b.n), array_agg(b.domain ORDER BY b.n)
         INTO b_user, b_task, b_sub, b_site
         FROM (
           SELECT bc.n, bc.user_id, bt.task_id, coalesce(br.sub_id, bf.sub_id, bx.sub_id) AS sub_id,
-                 CASE WHEN cardinality(v_lsites) > 0
-                      THEN (SELECT sd.site FROM edm.site_domains sd
-                            WHERE sd.domain = coalesce(br.domain, bf.domain, bx.domain)) END AS site
+                 coalesce(br.domain, bf.domain, bx.domain) AS domain
           FROM (
             SELECT c.user_id, c.n
             FROM unnest(coalesce(v_pool, v_cands)) WITH ORDINALITY AS c(user_id, n)
@@ -724,9 +800,20 @@ BEGIN
             FOR UPDATE OF bs1 SKIP LOCKED) bf ON true
           -- with suspended sites: both lookups, skipping their domains (0022)
           LEFT JOIN LATERAL (
+            -- (a NULL task: the strict function is not called at all; a
+            -- filter on its result would run it for every row)
             SELECT bn.subtask_id AS sub_id, bn.domain
-            FROM edm.claim_next_subtask(bt.task_id, v_now, c_sub, v_bdom) bn
-            WHERE cardinality(v_bdom) > 0 AND bt.task_id IS NOT NULL) bx ON true) b;
+            FROM edm.claim_next_subtask(CASE WHEN cardinality(v_bdom) > 0 THEN bt.task_id END,
+                                        v_now, c_sub, v_bdom) bn
+            WHERE bn.subtask_id IS NOT NULL) bx ON true) b;
+        -- (the recipients' sites among the limited ones, from the call's map)
+        IF cardinality(v_lsites) > 0 THEN
+          FOR i IN 1 .. coalesce(cardinality(b_site), 0) LOOP
+            b_site[i] := v_ldom_sites[array_position(v_ldoms, b_site[i])];
+          END LOOP;
+        ELSE
+          b_site := '{}';
+        END IF;
         -- Every shaping layer, at each slot as the loop below checks it
         -- (0022): the limits of all the fill's scopes are read in one
         -- statement; the first slot a limit holds back ends the fill, and
@@ -737,14 +824,17 @@ BEGIN
           IF v_global THEN
             v_keys := v_keys || edm.shaping_key('global', NULL, NULL, NULL, NULL);
           END IF;
+          -- the users and tasks with limits (their rows are locked by this
+          -- call, so their flags cannot change meanwhile)
+          IF v_user_lim OR v_task_lim THEN
+            v_keys := v_keys
+              || ARRAY(SELECT edm.shaping_key('user', NULL, NULL, u.user_id, NULL) FROM edm.users u
+                       WHERE v_user_lim AND u.user_id = ANY (b_user) AND u.has_limits)
+              || ARRAY(SELECT edm.shaping_key('task', NULL, NULL, NULL, t.task_id) FROM edm.tasks t
+                       WHERE v_task_lim AND t.task_id = ANY (b_task) AND t.has_limits);
+          END IF;
           FOR i IN 1 .. cardinality(b_sub) LOOP
             EXIT WHEN b_sub[i] IS NULL;
-            IF v_user_lim THEN
-              v_keys := v_keys || edm.shaping_key('user', NULL, NULL, b_user[i], NULL);
-            END IF;
-            IF v_task_lim THEN
-              v_keys := v_keys || edm.shaping_key('task', NULL, NULL, NULL, b_task[i]);
-            END IF;
             IF b_site[i] = ANY (v_lsites) THEN
               v_keys := v_keys || ARRAY[edm.shaping_key('site', b_site[i], NULL, NULL, NULL),
                                         edm.shaping_key('service_site', b_site[i], v_svc.service_id,
@@ -780,12 +870,21 @@ BEGIN
                                         edm.shaping_key('service_site', b_site[i], v_svc.service_id,
                                                         NULL, NULL)];
             END IF;
-            EXIT WHEN edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot) > v_slot;
-            FOR j IN 1 .. cardinality(m_keys) LOOP
-              IF m_keys[j] = ANY (v_keys) THEN
-                m_lims[j] := edm.limit_after(m_lims[j], v_slot, 'UTC', v_margin);
-                m_dirty[j] := true;
-              END IF;
+            -- (edm.shaping_free and the count, on the positions of the
+            -- scopes' limits: array_positions, not a loop over every limit)
+            EXIT WHEN v_keys && m_held;
+            v_idx := '{}';
+            FOREACH v_key IN ARRAY v_keys LOOP
+              v_idx := v_idx || array_positions(m_keys, v_key);
+            END LOOP;
+            v_free := v_slot;
+            FOREACH j IN ARRAY v_idx LOOP
+              v_free := greatest(v_free, edm.limit_next(m_lims[j], v_slot, 'UTC'));
+            END LOOP;
+            EXIT WHEN v_free > v_slot;
+            FOREACH j IN ARRAY v_idx LOOP
+              m_lims[j] := edm.limit_after(m_lims[j], v_slot, 'UTC', v_margin);
+              m_dirty[j] := true;
             END LOOP;
             v_tx_run := 0;  -- a slot given in the rotation
           END IF;
@@ -841,7 +940,9 @@ BEGIN
     v_bdom := v_sdom;
     v_ok_sites := '{}';
     v_tx_tried := '{}';
-    v_tx_slot := v_tx AND v_tx_run < v_tx_max;
+    -- (once the lane found nothing for this service, it finds nothing at its
+    -- next slots either: the query is not repeated)
+    v_tx_slot := v_tx AND v_tx_here AND v_tx_run < v_tx_max;
     LOOP
       v_user := NULL;
       v_fixed := NULL;
@@ -866,10 +967,10 @@ BEGIN
         LIMIT 1
         FOR UPDATE OF t SKIP LOCKED;
         v_tx_slot := v_fixed IS NOT NULL;
-        IF v_fixed IS NULL AND cardinality(v_tx_tried) = 0 AND NOT v_fill_used
-           AND NOT v_svc.has_limits THEN
+        IF v_fixed IS NULL AND cardinality(v_tx_tried) = 0 THEN
           -- no transactional work for this service: its next slots may be filled
-          v_fill := true;
+          v_tx_here := false;
+          v_fill := NOT v_fill_used AND NOT v_svc.has_limits;
         END IF;
         IF v_fixed IS NOT NULL THEN
           -- its user's row guards the user's limits and rotation
@@ -952,6 +1053,12 @@ BEGIN
       -- User limits (0016): a user without headroom at the slot is skipped.
       IF v_user_lim THEN
         v_keys := ARRAY[edm.shaping_key('user', NULL, NULL, v_user, NULL)];
+        -- (the user's row, locked by this call, tells whether it has limits:
+        -- its flag changes only under that lock)
+        IF NOT v_keys <@ m_seen
+           AND NOT coalesce((SELECT u.has_limits FROM edm.users u WHERE u.user_id = v_user), true) THEN
+          m_seen := m_seen || v_keys;
+        END IF;
         IF NOT v_keys <@ m_seen THEN
           SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
           FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
@@ -1002,6 +1109,11 @@ BEGIN
         -- Task limits (0016): a task without headroom at the slot is skipped.
         IF v_task_lim THEN
           v_keys := ARRAY[edm.shaping_key('task', NULL, NULL, NULL, v_task)];
+          -- (as for the user: the task's row is locked by this call)
+          IF NOT v_keys <@ m_seen
+             AND NOT coalesce((SELECT t.has_limits FROM edm.tasks t WHERE t.task_id = v_task), true) THEN
+            m_seen := m_seen || v_keys;
+          END IF;
           IF NOT v_keys <@ m_seen THEN
             SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
             FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
@@ -1048,7 +1160,7 @@ BEGIN
           END IF;
           v_site := NULL;
           IF v_sub IS NOT NULL AND cardinality(v_lsites) > 0 THEN
-            v_site := (SELECT sd.site FROM edm.site_domains sd WHERE sd.domain = v_dom);
+            v_site := v_ldom_sites[array_position(v_ldoms, v_dom)];
           END IF;
           EXIT WHEN v_sub IS NULL OR cardinality(v_lsites) = 0;
           -- Site and (service, site) limits of the recipient's site at the slot.
@@ -1117,11 +1229,11 @@ BEGIN
         v_keys := v_keys || edm.shaping_key('task', NULL, NULL, NULL, v_task);
       END IF;
       -- one send's transition (edm.limit_after), in memory
-      FOR i IN 1 .. cardinality(m_keys) LOOP
-        IF m_keys[i] = ANY (v_keys) THEN
-          m_lims[i] := edm.limit_after(m_lims[i], v_slot, 'UTC', v_margin);
-          m_dirty[i] := true;
-        END IF;
+      FOREACH v_key IN ARRAY v_keys LOOP
+        FOREACH j IN ARRAY array_positions(m_keys, v_key) LOOP
+          m_lims[j] := edm.limit_after(m_lims[j], v_slot, 'UTC', v_margin);
+          m_dirty[j] := true;
+        END LOOP;
       END LOOP;
       v_tx_run := CASE WHEN v_fixed IS NOT NULL THEN v_tx_run + 1 ELSE 0 END;
       v_site := NULL;
