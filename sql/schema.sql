@@ -46,7 +46,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('20', 'wire_pacing', '3cef6a420fbb3d7993bf6d23f2abf007d74f375a2a05b90831e039648e4a0f00'),
-  ('22', 'shaped_claim_cost', 'b9f5340092d0c6382374330bc7e8a3489a4bd8cd8a0db9a79bda089903ec8e9e'),
+  ('22', 'shaped_claim_cost', '48355caee0c66e63b29317f6b1b3ca6c8bb99567b7a0f524c9dacca443f5998a'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -6074,6 +6074,7 @@ DECLARE
   v_hi   timestamptz;
   v_nb   timestamptz;
   v_id   bigint;
+  v_short boolean;
 BEGIN
   -- Pass 1: due retries (a finite not_before up to p_now); pass 2: fresh or
   -- returned recipients (not_before -infinity). Each: the lowest in claim
@@ -6094,25 +6095,28 @@ BEGIN
       AND st.subtask_id <> ALL (p_exclude)
     ORDER BY st.not_before, st.subtask_id
     OFFSET 63 LIMIT 1;
-    IF v_nb IS NULL THEN
-      -- fewer than 64: a short walk
-      v_nb := 'infinity';
+    v_short := v_nb IS NULL;
+    IF v_short THEN
+      -- fewer than 64: a short walk, to the end of the range
+      v_nb := v_hi;
       v_id := 9223372036854775807;
     END IF;
+    -- (each bound written once: a range's end given twice, by not_before <= and by
+    -- the row comparison, can leave the index scan without its end key)
     SELECT st.subtask_id, st.domain INTO subtask_id, domain
     FROM edm.subtasks st
     WHERE st.task_id = p_task_id AND st.status = 'pending'
-      AND st.not_before >= v_lo AND st.not_before <= v_hi
+      AND st.not_before >= v_lo
+      AND (st.not_before, st.subtask_id) <= (v_nb, v_id)
       AND st.subtask_id <> ALL (p_exclude)
       AND st.domain <> ALL (p_skip_domains)
-      AND (st.not_before, st.subtask_id) <= (v_nb, v_id)
     ORDER BY st.not_before, st.subtask_id
     LIMIT 1
     FOR UPDATE OF st SKIP LOCKED;
     IF subtask_id IS NOT NULL THEN
       RETURN;
     END IF;
-    IF v_nb < 'infinity' THEN
+    IF NOT v_short THEN
       -- The first 64 are all skipped: the first recipient after them of
       -- each domain not skipped (one index probe per domain of the task),
       -- and the lowest of those.
@@ -6129,8 +6133,7 @@ BEGIN
       CROSS JOIN LATERAL (
         SELECT s.not_before, s.subtask_id FROM edm.subtasks s
         WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain = dd.domain
-          AND s.not_before >= v_lo AND s.not_before <= v_hi
-          AND (s.not_before, s.subtask_id) > (v_nb, v_id)
+          AND (s.not_before, s.subtask_id) > (v_nb, v_id) AND s.not_before <= v_hi
           AND s.subtask_id <> ALL (p_exclude)
         ORDER BY s.not_before, s.subtask_id
         LIMIT 1) f
@@ -6141,10 +6144,9 @@ BEGIN
         SELECT st.subtask_id, st.domain INTO subtask_id, domain
         FROM edm.subtasks st
         WHERE st.task_id = p_task_id AND st.status = 'pending'
-          AND st.not_before >= v_lo AND st.not_before <= v_hi
+          AND (st.not_before, st.subtask_id) >= (v_nb, v_id) AND st.not_before <= v_hi
           AND st.subtask_id <> ALL (p_exclude)
           AND st.domain <> ALL (p_skip_domains)
-          AND (st.not_before, st.subtask_id) >= (v_nb, v_id)
         ORDER BY st.not_before, st.subtask_id
         LIMIT 1
         FOR UPDATE OF st SKIP LOCKED;

@@ -318,6 +318,7 @@ DECLARE
   v_hi   timestamptz;
   v_nb   timestamptz;
   v_id   bigint;
+  v_short boolean;
 BEGIN
   -- Pass 1: due retries (a finite not_before up to p_now); pass 2: fresh or
   -- returned recipients (not_before -infinity). Each: the lowest in claim
@@ -338,25 +339,28 @@ BEGIN
       AND st.subtask_id <> ALL (p_exclude)
     ORDER BY st.not_before, st.subtask_id
     OFFSET 63 LIMIT 1;
-    IF v_nb IS NULL THEN
-      -- fewer than 64: a short walk
-      v_nb := 'infinity';
+    v_short := v_nb IS NULL;
+    IF v_short THEN
+      -- fewer than 64: a short walk, to the end of the range
+      v_nb := v_hi;
       v_id := 9223372036854775807;
     END IF;
+    -- (each bound written once: a range's end given twice, by not_before <= and by
+    -- the row comparison, can leave the index scan without its end key)
     SELECT st.subtask_id, st.domain INTO subtask_id, domain
     FROM edm.subtasks st
     WHERE st.task_id = p_task_id AND st.status = 'pending'
-      AND st.not_before >= v_lo AND st.not_before <= v_hi
+      AND st.not_before >= v_lo
+      AND (st.not_before, st.subtask_id) <= (v_nb, v_id)
       AND st.subtask_id <> ALL (p_exclude)
       AND st.domain <> ALL (p_skip_domains)
-      AND (st.not_before, st.subtask_id) <= (v_nb, v_id)
     ORDER BY st.not_before, st.subtask_id
     LIMIT 1
     FOR UPDATE OF st SKIP LOCKED;
     IF subtask_id IS NOT NULL THEN
       RETURN;
     END IF;
-    IF v_nb < 'infinity' THEN
+    IF NOT v_short THEN
       -- The first 64 are all skipped: the first recipient after them of
       -- each domain not skipped (one index probe per domain of the task),
       -- and the lowest of those.
@@ -373,8 +377,7 @@ BEGIN
       CROSS JOIN LATERAL (
         SELECT s.not_before, s.subtask_id FROM edm.subtasks s
         WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain = dd.domain
-          AND s.not_before >= v_lo AND s.not_before <= v_hi
-          AND (s.not_before, s.subtask_id) > (v_nb, v_id)
+          AND (s.not_before, s.subtask_id) > (v_nb, v_id) AND s.not_before <= v_hi
           AND s.subtask_id <> ALL (p_exclude)
         ORDER BY s.not_before, s.subtask_id
         LIMIT 1) f
@@ -385,10 +388,9 @@ BEGIN
         SELECT st.subtask_id, st.domain INTO subtask_id, domain
         FROM edm.subtasks st
         WHERE st.task_id = p_task_id AND st.status = 'pending'
-          AND st.not_before >= v_lo AND st.not_before <= v_hi
+          AND (st.not_before, st.subtask_id) >= (v_nb, v_id) AND st.not_before <= v_hi
           AND st.subtask_id <> ALL (p_exclude)
           AND st.domain <> ALL (p_skip_domains)
-          AND (st.not_before, st.subtask_id) >= (v_nb, v_id)
         ORDER BY st.not_before, st.subtask_id
         LIMIT 1
         FOR UPDATE OF st SKIP LOCKED;
