@@ -46,7 +46,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('19', 'house', '787762ce7e7bde85f001dd8a3805ceff14157e80cebc3106601872a6ea4220a1'),
   ('2', 'dispatch', 'bc6a4b1727571aac3ca05f28e1043d5d7f2f8d159c3eadfb3f9577a0f30777a1'),
   ('20', 'wire_pacing', '3cef6a420fbb3d7993bf6d23f2abf007d74f375a2a05b90831e039648e4a0f00'),
-  ('22', 'shaped_claim_cost', '48355caee0c66e63b29317f6b1b3ca6c8bb99567b7a0f524c9dacca443f5998a'),
+  ('22', 'shaped_claim_cost', '54926cd176d31babc513cee1973676dcf4c00fae42d7cdbf946e56d524e635c1'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),

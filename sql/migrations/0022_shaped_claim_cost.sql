@@ -20,6 +20,9 @@
 --   * edm.limit_after adds a rolling limit's send on its arrays in
 --     PL/pgSQL: edm.rolling_buckets_add, a query, was planned again on each
 --     call (0.35 ms a send, a third of a shaped claim's time).
+--     edm.shaping_load probes the primary key once per scope (the planner
+--     scanned the small table whole), edm.shaping_free looks up the
+--     positions of the scopes' limits instead of walking every limit read.
 --   * edm.set_service_limits and the shaping setters (edm.shaping_replace)
 --     change a limit's max_count in place: its count, buckets and arrival
 --     time are kept, so a limit raised or lowered mid-day still counts the
