@@ -140,6 +140,18 @@ class BenchServer:
             migrate(dsn)
         return dsn
 
+    def clone_database(self, source: str, name: str) -> str:
+        """Drop ``name`` and create it as a copy of database ``source`` (no one may be
+        connected to it); its DSN."""
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                         .format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}")
+                         .format(sql.Identifier(name), sql.Identifier(source)))
+        if name not in self.created:
+            self.created.append(name)
+        return self.dsn(name)
+
     def drop_database(self, name: str) -> None:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")

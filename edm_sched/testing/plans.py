@@ -40,6 +40,7 @@ class Inner:
 
 CLAIM = "edm.claim_v2"
 COMPLETE = "edm.complete"
+NEXT_SUBTASK = "edm.claim_next_subtask"
 
 INNER_STATEMENTS: tuple[Inner, ...] = (
     Inner("claim: ready services", CLAIM, "SELECT s.service_id, s.quota_tz",
@@ -65,7 +66,7 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_horizon", "timestamptz"),
            ("v_now", "timestamptz"), ("v_cands", "text[]"), ("v_pool", "text[]"),
            ("r_users", "text[]"), ("c_svc", "bigint[]"), ("c_sub", "bigint[]"),
-           ("v_want", "integer"), ("v_blocked", "text[]")),
+           ("v_want", "integer"), ("v_bdom", "text[]"), ("v_lsites", "text[]")),
           ("grants_pkey|grants_user_idx", "users_pkey", "tasks_rotation_idx",
            "subtasks_claim_idx"), strip_into=True),
     Inner("claim: lock a pool's user", CLAIM, "PERFORM 1 FROM edm.users u",
@@ -80,15 +81,32 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           ("SELECT t.task_id FROM edm.tasks t", "SELECT t.task_id, t.priority INTO"),
           (("v_user", "text"), ("v_tried", "bigint[]"), ("r_tasks", "bigint[]")),
           ("tasks_rotation_idx",), end_before="LOOP", strip_into=True),
-    Inner("claim: the task's due retry", CLAIM, "SELECT st.subtask_id,\n                 (CASE",
-          (("v_task", "bigint"), ("v_now", "timestamptz"), ("c_sub", "bigint[]"),
-           ("v_blocked", "text[]"), ("v_lsites", "text[]")),
+    Inner("claim: the task's due retry", CLAIM,
+          "SELECT st.subtask_id, st.domain INTO v_sub, v_dom\n            FROM",
+          (("v_task", "bigint"), ("v_now", "timestamptz"), ("c_sub", "bigint[]")),
           ("subtasks_claim_idx",), strip_into=True),
     Inner("claim: the task's next fresh subtask", CLAIM,
-          "SELECT st.subtask_id,\n                   (CASE WHEN cardinality(v_lsites) > 0",
-          (("v_task", "bigint"), ("c_sub", "bigint[]"), ("v_blocked", "text[]"),
-           ("v_lsites", "text[]")),
+          "SELECT st.subtask_id, st.domain INTO v_sub, v_dom\n              FROM",
+          (("v_task", "bigint"), ("c_sub", "bigint[]")),
           ("subtasks_claim_idx",), strip_into=True),
+    # edm.claim_next_subtask (0022): a task's next recipient outside blocked sites' domains
+    Inner("claim: probe of the first recipients", NEXT_SUBTASK,
+          "SELECT st.not_before, st.subtask_id INTO v_nb, v_id",
+          (("p_task_id", "bigint"), ("p_exclude", "bigint[]"), ("v_lo", "timestamptz"),
+           ("v_hi", "timestamptz")),
+          ("subtasks_claim_idx",), strip_into=True),
+    Inner("claim: next recipient outside blocked domains", NEXT_SUBTASK,
+          "SELECT st.subtask_id, st.domain INTO subtask_id, domain",
+          (("p_task_id", "bigint"), ("p_exclude", "bigint[]"), ("p_skip_domains", "text[]"),
+           ("v_lo", "timestamptz"), ("v_hi", "timestamptz"), ("v_nb", "timestamptz"),
+           ("v_id", "bigint")),
+          ("subtasks_claim_idx",), strip_into=True),
+    Inner("claim: jump from domain to domain", NEXT_SUBTASK,
+          "SELECT f.not_before, f.subtask_id INTO v_nb, v_id",
+          (("p_task_id", "bigint"), ("p_exclude", "bigint[]"), ("p_skip_domains", "text[]"),
+           ("v_lo", "timestamptz"), ("v_hi", "timestamptz"), ("v_nb", "timestamptz"),
+           ("v_id", "bigint")),
+          ("subtasks_domain_idx",), strip_into=True),
     Inner("claim: shaping layers in use", CLAIM, "SELECT EXISTS (SELECT 1 FROM edm.shaping_limits",
           (("v_now", "timestamptz"),),
           ("shaping_limits_scope_idx", "users_limited_idx", "tasks_limited_idx",
@@ -190,8 +208,13 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "v_pool": f"'{{{user[0]}}}'::text[]", "v_small": "100",
         "p_batch": "50", "v_want": "4",
         "v_horizon": "now() + interval '250 milliseconds'", "p_skip_services": "'{}'::bigint[]",
-        "v_blocked": "'{}'::text[]", "v_tx_tried": "'{}'::bigint[]", "v_lsites": "'{}'::text[]",
+        "v_bdom": "'{}'::text[]", "v_tx_tried": "'{}'::bigint[]", "v_lsites": "'{}'::text[]",
         "c_slot": "ARRAY[now()]::timestamptz[]", "v_hold": "interval '2 seconds'",
+        # edm.claim_next_subtask (0022): a fresh lookup past a probe, one domain skipped
+        "p_task_id": str(task[0]), "p_exclude": "'{}'::bigint[]",
+        "p_skip_domains": "'{example.com}'::text[]", "v_lo": "'-infinity'::timestamptz",
+        "v_hi": "'-infinity'::timestamptz", "v_nb": "'-infinity'::timestamptz",
+        "v_id": str(subs[0][0]),
         # reply rules (0017): no rule matched, the common case
         "v_rule_ids": "NULL::bigint[]", "v_sites": "NULL::text[]",
     }
