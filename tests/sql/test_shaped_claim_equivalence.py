@@ -20,7 +20,6 @@ savepoint in between: both runs start from the same rows.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import psycopg
@@ -28,21 +27,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edm_sched import sqlfiles
 from edm_sched.api import Scheduler
+from tests.support.claim_worlds import reference_function_sql
 from tests.support.helpers import T0, TEMPLATE, at, complete, make_service
 
 pytestmark = pytest.mark.slow
 
 DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "x.example")
-
-
-def oracle_sql() -> str:
-    """Migration 0016's edm.claim_v2 as edm_ref.claim_v2."""
-    text = next(m for m in sqlfiles.migrations() if m.version == 16).sql
-    found = re.search(r"CREATE OR REPLACE FUNCTION edm\.claim_v2\(.*?\n\$\$;", text, re.S)
-    assert found, "migration 0016 no longer defines edm.claim_v2: update this oracle"
-    return found.group(0).replace("FUNCTION edm.claim_v2(", "FUNCTION edm_ref.claim_v2(", 1)
 
 
 limit_st = st.one_of(
@@ -136,7 +127,7 @@ def test_shaped_claim_decides_like_the_claim_of_0016(
         dsn: str, w: dict[str, Any], calls: list[tuple[int, int, int, str | None]]) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn, Scheduler(dsn) as s:
         conn.execute("CREATE SCHEMA IF NOT EXISTS edm_ref")
-        conn.execute(oracle_sql())
+        conn.execute(reference_function_sql(16, "claim_v2"))
         build(s, conn, w)
         conn.autocommit = False
         try:

@@ -38,7 +38,8 @@ def reference_function_sql(version: int, name: str) -> str:
     """Migration ``version``'s ``edm.<name>`` as ``edm_ref.<name>``: the oracle an
     equivalence test compares the installed function with."""
     text = next(m for m in sqlfiles.migrations() if m.version == version).sql
-    found = re.search(rf"CREATE FUNCTION edm\.{name}\(.*?\n\$\$;", text, re.S)
+    found = re.search(rf"CREATE (?:OR REPLACE )?FUNCTION edm\.{name}\(.*?\n\$\$;", text, re.S)
     assert found, f"migration {version:04d} no longer defines edm.{name}: update this oracle"
-    return found.group(0).replace(f"CREATE FUNCTION edm.{name}(",
-                                  f"CREATE OR REPLACE FUNCTION edm_ref.{name}(", 1)
+    head = found.group(0).index(f"edm.{name}(")
+    return (f"CREATE OR REPLACE FUNCTION edm_ref.{name}("
+            + found.group(0)[head + len(f"edm.{name}("):])
