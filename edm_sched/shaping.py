@@ -31,11 +31,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from psycopg.types.json import Jsonb
-from pydantic import BaseModel, ConfigDict
 
 from edm_sched import errors
 from edm_sched.core import Fetch, Op
-from edm_sched.models import CreatedTask, ServiceLimit, Template, validate
+from edm_sched.models import CreatedTask, LimitStatus, ServiceLimit, Template, validate
 from edm_sched.ops import check_id, create_task
 from edm_sched.sqlfiles import query
 
@@ -43,24 +42,15 @@ Scope = Literal["global", "site", "service_site", "user", "task"]
 SCOPES: tuple[str, ...] = ("global", "site", "service_site", "user", "task")
 
 
-class ShapingLimitStatus(BaseModel):
-    """One row of edm.shaping_limit_status: a shaping limit, its use and headroom."""
-
-    model_config = ConfigDict(frozen=True)
+class ShapingLimitStatus(LimitStatus):
+    """One row of edm.shaping_limit_status: a shaping limit (the columns of a service's
+    limit status) and the scope it limits."""
 
     scope: str
     site: str | None
     service_id: int | None
     user_id: str | None
     task_id: int | None
-    limit_name: str
-    kind: str
-    max_count: int
-    window_ms: int | None
-    burst: int
-    used: int
-    headroom: int
-    next_free_at: dt.datetime | None
 
 
 def _limits_json(limits: Iterable[ServiceLimit | Mapping[str, Any]]) -> Jsonb:
