@@ -34,6 +34,7 @@ from edm_sched.api import Scheduler
 from tests.support.claim_worlds import (
     build,
     reference_function_sql,
+    replay_on_both,
     services_st,
     tasks_st,
     users_st,
@@ -108,18 +109,14 @@ def test_batched_fill_decides_like_the_slot_by_slot_claim(
     if layers == "idle-layers":
         for stmt in IDLE_LAYERS:
             conn.execute(stmt)
-    conn.autocommit = False
-    try:
-        conn.execute("SAVEPOINT world")
-        expected = drive(conn, "edm_ref.claim_v2", calls)
-        conn.execute("ROLLBACK TO SAVEPOINT world")
-        got = drive(conn, "edm.claim_v2", calls)
+
+    def layers_counted(got: list[Any]) -> None:
         if layers == "idle-layers" and any(got):  # the layers were checked and counted
             row = conn.execute("SELECT tat IS NOT NULL FROM edm.shaping_limits"
                                " WHERE scope = 'global'").fetchone()
             assert row == (True,)
-    finally:
-        conn.rollback()
-        conn.autocommit = True
+
+    expected, got = replay_on_both(conn, drive, "edm_ref.claim_v2", "edm.claim_v2", calls,
+                                   layers_counted)
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert have == want, f"call {i}: slot by slot claimed {want}, batched claimed {have}"

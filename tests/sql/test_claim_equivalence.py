@@ -34,6 +34,7 @@ from edm_sched.api import Scheduler
 from tests.support.claim_worlds import (
     build,
     reference_function_sql,
+    replay_on_both,
     services_st,
     tasks_st,
     users_st,
@@ -87,15 +88,7 @@ def test_batched_claim_decides_like_the_row_by_row_claim(
                  (str(small_pool),))
     with Scheduler(dsn) as s:
         build(s, n_users, services, tasks)
-    conn.autocommit = False
-    try:
-        conn.execute("SAVEPOINT world")
-        expected = drive(conn, "edm_ref.claim", calls)
-        conn.execute("ROLLBACK TO SAVEPOINT world")
-        got = drive(conn, "edm.claim", calls)
-    finally:
-        conn.rollback()
-        conn.autocommit = True
+    expected, got = replay_on_both(conn, drive, "edm_ref.claim", "edm.claim", calls)
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert have == want, f"call {i}: row-by-row claimed {want}, batched claimed {have}"
 

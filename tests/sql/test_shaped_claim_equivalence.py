@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edm_sched.api import Scheduler
-from tests.support.claim_worlds import reference_function_sql
+from tests.support.claim_worlds import reference_function_sql, replay_on_both
 from tests.support.helpers import T0, TEMPLATE, at, complete, make_service
 
 pytestmark = pytest.mark.slow
@@ -129,14 +129,7 @@ def test_shaped_claim_decides_like_the_claim_of_0016(
         conn.execute("CREATE SCHEMA IF NOT EXISTS edm_ref")
         conn.execute(reference_function_sql(16, "claim_v2"))
         build(s, conn, w)
-        conn.autocommit = False
-        try:
-            conn.execute("SAVEPOINT world")
-            expected = drive(conn, "edm_ref.claim_v2", calls)
-            conn.execute("ROLLBACK TO SAVEPOINT world")
-            got = drive(conn, "edm.claim_v2", calls)
-        finally:
-            conn.rollback()
+        expected, got = replay_on_both(conn, drive, "edm_ref.claim_v2", "edm.claim_v2", calls)
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert have == want, f"call {i}: 0016 claimed {want}, 0022 claimed {have}"
     assert sum(len(c) for c in got) > 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import psycopg
 from hypothesis import strategies as st
 
 from edm_sched import sqlfiles
@@ -21,6 +24,9 @@ tasks_st = st.lists(
               st.integers(1, 6),                          # recipients
               st.sampled_from([0, 0, 10])),               # task priority
     min_size=1, max_size=8)
+
+C = TypeVar("C")
+
 
 def build(s: Scheduler, n_users: int, services: list[tuple[float, set[int], int]],
           tasks: list[tuple[int, int, int]]) -> None:
@@ -43,3 +49,26 @@ def reference_function_sql(version: int, name: str) -> str:
     head = found.group(0).index(f"edm.{name}(")
     return (f"CREATE OR REPLACE FUNCTION edm_ref.{name}("
             + found.group(0)[head + len(f"edm.{name}("):])
+
+
+def replay_on_both(conn: psycopg.Connection[Any],
+                   drive: Callable[[psycopg.Connection[Any], str, C], list[Any]],
+                   reference: str, installed: str, calls: C,
+                   inspect: Callable[[list[Any]], None] | None = None
+                   ) -> tuple[list[Any], list[Any]]:
+    """Drive the ``reference`` function, then the ``installed`` one, through the same
+    ``calls`` on the same world (rolled back in between and after): what each claimed.
+    ``inspect(got)`` runs before the last rollback, to look at what the installed one
+    wrote."""
+    conn.autocommit = False
+    try:
+        conn.execute("SAVEPOINT world")
+        expected = drive(conn, reference, calls)
+        conn.execute("ROLLBACK TO SAVEPOINT world")
+        got = drive(conn, installed, calls)
+        if inspect is not None:
+            inspect(got)
+    finally:
+        conn.rollback()
+        conn.autocommit = True
+    return expected, got
