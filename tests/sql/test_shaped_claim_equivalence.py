@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edm_sched.api import Scheduler
-from tests.support.claim_worlds import reference_function_sql, replay_on_both
+from tests.support.claim_worlds import reference_function_sql, replay_on_both, shaping_limit_st
 from tests.support.helpers import T0, TEMPLATE, at, complete, make_service
 
 pytestmark = pytest.mark.slow
@@ -36,13 +36,7 @@ pytestmark = pytest.mark.slow
 DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "x.example")
 
 
-limit_st = st.one_of(
-    st.builds(lambda n, w, b: {"kind": "rate", "max_count": n, "window_seconds": w,
-                               "burst": min(b, n)},
-              st.integers(1, 4), st.sampled_from([1, 2, 5]), st.integers(1, 3)),
-    st.builds(lambda n, w: {"kind": "rolling", "max_count": n, "window_seconds": w},
-              st.integers(1, 8), st.sampled_from([2, 5, 10])),
-)
+limit_st = shaping_limit_st(max_burst=3, max_rolling=8)
 world_st = st.fixed_dictionaries({
     "global": st.none() | limit_st,
     "google": st.none() | limit_st,

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from edm_sched import errors
 from edm_sched.api import Scheduler
+from tests.support.claim_worlds import shaping_limit_st
 from tests.support.helpers import T0, TEMPLATE, at, complete, counters_match, make_service
 
 
@@ -287,13 +288,7 @@ def test_setters_replace_a_scope_keep_state_and_refuse_bad_input(
 # Property: every layer holds, recomputed from the slots handed out
 # ---------------------------------------------------------------------------
 
-limit_st = st.one_of(
-    st.builds(lambda n, w, b: {"kind": "rate", "max_count": n, "window_seconds": w,
-                               "burst": min(b, n)},
-              st.integers(1, 4), st.sampled_from([1, 2, 5]), st.integers(1, 2)),
-    st.builds(lambda n, w: {"kind": "rolling", "max_count": n, "window_seconds": w},
-              st.integers(1, 6), st.sampled_from([2, 5, 10])),
-)
+limit_st = shaping_limit_st(max_burst=2, max_rolling=6)
 layers_st = st.fixed_dictionaries({
     "global": st.none() | limit_st,
     "google": st.none() | limit_st,

@@ -28,6 +28,18 @@ tasks_st = st.lists(
 C = TypeVar("C")
 
 
+def shaping_limit_st(max_burst: int, max_rolling: int) -> st.SearchStrategy[dict[str, Any]]:
+    """A shaping limit as the API takes it: a rate of 1-4 per 1, 2 or 5 s with a burst of
+    up to ``max_burst``, or a rolling window of 2, 5 or 10 s with up to ``max_rolling``."""
+    return st.one_of(
+        st.builds(lambda n, w, b: {"kind": "rate", "max_count": n, "window_seconds": w,
+                                   "burst": min(b, n)},
+                  st.integers(1, 4), st.sampled_from([1, 2, 5]), st.integers(1, max_burst)),
+        st.builds(lambda n, w: {"kind": "rolling", "max_count": n, "window_seconds": w},
+                  st.integers(1, max_rolling), st.sampled_from([2, 5, 10])),
+    )
+
+
 def build(s: Scheduler, n_users: int, services: list[tuple[float, set[int], int]],
           tasks: list[tuple[int, int, int]]) -> None:
     users = [f"u{i}" for i in range(n_users)]
