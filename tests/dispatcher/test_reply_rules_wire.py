@@ -10,7 +10,6 @@ spent an attempt or counted as a service failure.
 from __future__ import annotations
 
 import smtplib
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,8 @@ import psycopg
 import pytest
 
 from edm_sched.api import Scheduler
-from edm_sched.dispatcher import run_dispatcher
 from edm_sched.testing.smtp_sink import SmtpSink, Throttle, read_log
-from tests.support.helpers import counters_match, wait_for
+from tests.support.helpers import counters_match, dispatcher_thread, wait_for
 
 
 def test_throttle_refuses_the_chosen_domains_from_its_start_every_nth(tmp_path: Path) -> None:
@@ -73,22 +71,17 @@ def test_a_throttled_site_is_suspended_while_the_other_sites_keep_sending(
             s.create_task({"user_id": "u", "name": domain,
                            "templates": [{"subject": "Hi", "body_text": "x"}],
                            "recipients": [{"email": f"r{i}@{domain}"} for i in range(n)]})
-        stop = threading.Event()
-        th = threading.Thread(target=run_dispatcher, args=(dsn,),
-                              kwargs={"stop_event": stop, "handle_signals": False})
-        th.start()
-        try:
-            wait_for(lambda: len(sink.received) >= 24 and throttle.throttled >= 1, timeout=150)
-        except AssertionError:
-            state = conn.execute("SELECT status, count(*) FROM edm.subtasks GROUP BY 1"
-                                 " ORDER BY 1").fetchall()
-            raise AssertionError(
-                f"received {len(sink.received)}, refused {len(sink.refused)}, throttled "
-                f"{throttle.throttled}, dispatcher alive {th.is_alive()}, subtasks {state}, "
-                f"services {s.get_service(sid)}") from None
-        finally:
-            stop.set()
-            th.join(30)
+        with dispatcher_thread(dsn) as th:
+            try:
+                wait_for(lambda: len(sink.received) >= 24 and throttle.throttled >= 1,
+                         timeout=150)
+            except AssertionError:
+                state = conn.execute("SELECT status, count(*) FROM edm.subtasks GROUP BY 1"
+                                     " ORDER BY 1").fetchall()
+                raise AssertionError(
+                    f"received {len(sink.received)}, refused {len(sink.refused)}, throttled "
+                    f"{throttle.throttled}, dispatcher alive {th.is_alive()}, subtasks {state}, "
+                    f"services {s.get_service(sid)}") from None
         assert not th.is_alive()
         received = sink.received
         # the other sites all went out; gmail.com got nothing but refusals
@@ -134,20 +127,13 @@ def test_sends_queued_for_a_site_just_suspended_are_handed_back_not_sent(
         s.create_task({"user_id": "u", "name": "gmail",
                        "templates": [{"subject": "Hi", "body_text": "x"}],
                        "recipients": [{"email": f"r{i}@gmail.com"} for i in range(6)]})
-        stop = threading.Event()
-        th = threading.Thread(target=run_dispatcher, args=(dsn,),
-                              kwargs={"stop_event": stop, "handle_signals": False})
-        th.start()
 
         def released() -> list[tuple[Any, ...]]:
             return conn.execute("SELECT subtask_id, detail FROM edm.send_events"
                                 " WHERE kind = 'released' ORDER BY subtask_id").fetchall()
-        try:
+        with dispatcher_thread(dsn) as th:
             wait_for(lambda: throttle.throttled >= 1 and len(released()) >= 1, timeout=60)
             time.sleep(2.5)  # two more slots of the service: nothing else may reach the server
-        finally:
-            stop.set()
-            th.join(30)
         assert not th.is_alive()
         assert throttle.throttled == 1, [r.recipient for r in sink.refused]
         assert sink.received == []

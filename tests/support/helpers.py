@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 
 from edm_sched.api import Scheduler
+from edm_sched.dispatcher import run_dispatcher
 
 T0 = dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC)
 TEMPLATE = {"subject": "Hello {{ first_name | default('there') }}",
@@ -125,3 +129,19 @@ def wait_for(pred: Any, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("condition not reached in time")
+
+
+@contextlib.contextmanager
+def dispatcher_thread(dsn: str, *args: Any, **kwargs: Any) -> Iterator[threading.Thread]:
+    """``run_dispatcher(dsn, *args, **kwargs)`` in a thread of this process while the
+    block runs; stopped and joined (at most 30 s) when it ends. Check
+    ``not thread.is_alive()`` afterwards."""
+    stop = threading.Event()
+    th = threading.Thread(target=run_dispatcher, args=(dsn, *args),
+                          kwargs={"stop_event": stop, "handle_signals": False, **kwargs})
+    th.start()
+    try:
+        yield th
+    finally:
+        stop.set()
+        th.join(30)
