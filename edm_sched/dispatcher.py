@@ -110,14 +110,23 @@ def _reply(result: SendResult) -> str | None:
     return None if detail is None else detail[:2000]
 
 
-_SUSPENDED_SITE = re.compile(r"^reply rule .+: suspend_site ([a-z0-9][a-z0-9_.-]*)$")
+# edm.complete's reason when a reply rule applied: "reply rule <name>: <action>", then
+# the site a suspend_site suspended, or why it suspended none (rule names have no spaces)
+_RULED = re.compile(r"^reply rule \S+: (?P<action>[a-z_]+)"
+                    r"(?: (?P<site>[a-z0-9][a-z0-9_.-]*)| \(.*\))?$")
+
+
+def _ruled(reason: str | None) -> tuple[str, str | None] | None:
+    """(action, site) of the reply rule an ``edm.complete`` reason says it applied, or
+    None when no rule applied."""
+    m = _RULED.match(reason or "")
+    return (m["action"], m["site"]) if m else None
 
 
 def _suspended_site(reason: str | None) -> str | None:
-    """The site an ``edm.complete`` reason says a reply rule has just suspended
-    (``reply rule <name>: suspend_site <site>``), or None."""
-    m = _SUSPENDED_SITE.match(reason or "")
-    return m.group(1) if m else None
+    """The site an ``edm.complete`` reason says a reply rule has just suspended, or None."""
+    ruled = _ruled(reason)
+    return ruled[1] if ruled is not None and ruled[0] == "suspend_site" else None
 
 
 def slots_per_service(n: int) -> int:
@@ -697,15 +706,14 @@ class Dispatcher:
                 self.stats.failed += 1
         # A provider's answer may be a throttle a reply rule turns into a (service, site)
         # suspension (edm.reply_rules): the lane is drained only if the service backs off.
-        ruled = {row[0]: row[3] for row in rows if row[1]}
+        reasons = {row[0]: row[3] for row in rows if row[1]}
         for c, r in batch:
             if r.outcome == Outcome.SERVICE and _may_be_ruled(r):
-                reason = ruled.get(c.subtask_id)
-                if not (reason and reason.startswith("reply rule ")
-                        and not reason.endswith(": suspend_service")):
+                ruled = _ruled(reasons.get(c.subtask_id))
+                if ruled is None or ruled[0] == "suspend_service":
                     self._drain_lane(c.service_id)
         for service_id, site in {(c.service_id, site) for c, _ in batch
-                                 if (site := _suspended_site(ruled.get(c.subtask_id)))}:
+                                 if (site := _suspended_site(reasons.get(c.subtask_id)))}:
             await self._release_site(service_id, site)
         for _, r in batch:
             if r.outcome == Outcome.SERVICE:

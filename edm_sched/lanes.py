@@ -161,15 +161,14 @@ class Lane:
         """Take the sends not started yet out of the lane: every one, or those ``which``
         picks (the others keep their order). A sender waiting for a withdrawn send's
         slot drops it; the caller hands each one back."""
-        out = [i for i in self.running if not i.started and (which is None or which(i))]
-        keep: list[QueuedSend] = []
-        while not self.queue.empty():
-            item = self.queue.get_nowait()
-            (out if which is None or which(item) else keep).append(item)
-        for item in keep:
-            self.queue.put_nowait(item)
+        out = [i for i in self.waiting() if which is None or which(i)]
         for item in out:
             item.withdrawn = True
+        keep = [i for i in self.queue._queue if not i.withdrawn]  # type: ignore[attr-defined]
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        for item in keep:
+            self.queue.put_nowait(item)
         return out
 
     def start(self, send: Callable[[QueuedSend], Awaitable[None]],
