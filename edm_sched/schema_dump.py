@@ -96,7 +96,8 @@ CONCEPTS: list[tuple[str, str, list[str]]] = [
      "of a (service, site).",
      ["sites", "site_domains", "site_suspensions", "email_domain", "site_of", "sites_of",
       "set_site_domains", "cache_site_domains", "unmapped_domains", "suspend_site",
-      "suspended_sites", "lift_site_suspension"]),
+      "suspended_sites", "lift_site_suspension", "service_site_rules_sync",
+      "site_suspensions_sync"]),
     ("Traffic shaping",
      "Limits beyond a service's own — global, per site, per (service, site), per user, per "
      "task — held at once by the claim; see docs/explanation/traffic-shaping.md.",
@@ -113,6 +114,7 @@ CONCEPTS: list[tuple[str, str, list[str]]] = [
     ("Dispatch: claim, complete, leases",
      "What every dispatcher calls: the atomic claim, fenced completion, lease recovery.",
      ["dispatchers", "serve_seq", "send_events", "claim", "claim_v2", "claim_next_subtask",
+      "task_sendable_outside",
       "subtask_next_status", "complete", "expire_leases", "renew_leases", "release_holds",
       "report_pace", "live_dispatcher_count", "next_wakeup", "next_wakeup_v2"]),
     ("Sweeps, alerts and metrics",

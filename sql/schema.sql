@@ -50,6 +50,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('22', 'shaped_claim_cost', '54926cd176d31babc513cee1973676dcf4c00fae42d7cdbf946e56d524e635c1'),
   ('23', 'site_release', '8f42f833ddc9da64422459dc722d9ea6225ad9f8ea4e4367c3b09b21f1ef9f5b'),
   ('24', 'arrival_margin', '11872ab0c602fad94bd10cbf580f59b4590ac43dc16a1cb2d436a5e44065ce6f'),
+  ('25', 'service_site_rules', '706925ff417eb33847dec87fbbde2015d9874450a61c2eb89fc77e641c3efd79'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -644,6 +645,7 @@ END) STORED NOT NULL,
   paused_reason text,
   reputation_since timestamp with time zone,
   tx_run integer DEFAULT 0 NOT NULL,
+  site_rules_until timestamp with time zone,
   CONSTRAINT services_pkey PRIMARY KEY (service_id),
   CONSTRAINT services_name_key UNIQUE (name),
   CONSTRAINT services_consecutive_failures_check CHECK ((consecutive_failures >= 0)),
@@ -692,6 +694,7 @@ COMMENT ON COLUMN edm.services.has_limits IS 'True when edm.service_limits has r
 COMMENT ON COLUMN edm.services.paused_reason IS 'Why the reputation breaker disabled the service (enabled = false), NULL otherwise. Cleared by edm.reputation_resume_service.';
 COMMENT ON COLUMN edm.services.reputation_since IS 'Start of the service''s reputation window after a resume: events before it no longer count.';
 COMMENT ON COLUMN edm.services.tx_run IS 'Transactional slots the service gave ahead of bulk work in a row (reset by a slot given in the fair rotation); with queue.transactional_share it decides when bulk work gets the next slot.';
+COMMENT ON COLUMN edm.services.site_rules_until IS 'Until when the claim must read this service''s own site rules: infinity while it has (service, site) limits in edm.shaping_limits, else the latest until of its rows in edm.site_suspensions, else NULL. Kept by triggers on both tables (edm.service_site_rules_sync).';
 CREATE INDEX services_ready_idx ON edm.services USING btree (next_available_at) WHERE enabled;
 COMMENT ON INDEX edm.services_ready_idx IS 'Ready services: enabled ones by the time they become available.';
 
@@ -2939,6 +2942,65 @@ COMMENT ON INDEX edm.shaping_limits_task_idx IS 'The ON DELETE CASCADE from edm.
 CREATE INDEX shaping_limits_user_idx ON edm.shaping_limits USING btree (user_id) WHERE (user_id IS NOT NULL);
 COMMENT ON INDEX edm.shaping_limits_user_idx IS 'The ON DELETE CASCADE from edm.users.';
 
+-- ==========================================================================
+-- Sites
+-- Receiving mailbox providers: the domains that share their throttles, and suspensions of a (service, site).
+-- ==========================================================================
+
+CREATE FUNCTION edm.service_site_rules_sync(p_service_ids bigint[])
+ RETURNS void
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+BEGIN ATOMIC
+ UPDATE edm.services s SET site_rules_until =
+         CASE
+             WHEN (EXISTS ( SELECT 1
+                FROM edm.shaping_limits l
+               WHERE ((l.scope = 'service_site'::text) AND (l.service_id = s.service_id)))) THEN 'infinity'::timestamp with time zone
+             ELSE ( SELECT max(x.until) AS max
+                FROM edm.site_suspensions x
+               WHERE (x.service_id = s.service_id))
+         END
+   WHERE ((s.service_id = ANY (service_site_rules_sync.p_service_ids)) AND (s.site_rules_until IS DISTINCT FROM
+         CASE
+             WHEN (EXISTS ( SELECT 1
+                FROM edm.shaping_limits l
+               WHERE ((l.scope = 'service_site'::text) AND (l.service_id = s.service_id)))) THEN 'infinity'::timestamp with time zone
+             ELSE ( SELECT max(x.until) AS max
+                FROM edm.site_suspensions x
+               WHERE (x.service_id = s.service_id))
+         END));
+END;
+COMMENT ON FUNCTION edm.service_site_rules_sync(bigint[]) IS 'Recomputes services.site_rules_until of the services p_service_ids from their (service, site) limits and site suspensions (rows left unchanged where it is right already). Called by the triggers of edm.site_suspensions and edm.shaping_limits.';
+REVOKE ALL ON FUNCTION edm.service_site_rules_sync(bigint[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.site_suspensions_sync()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+  PERFORM edm.service_site_rules_sync(ARRAY(SELECT DISTINCT c.service_id FROM changed c));
+  RETURN NULL;
+END;
+$function$;
+COMMENT ON FUNCTION edm.site_suspensions_sync() IS 'Statement trigger on edm.site_suspensions: keeps services.site_rules_until of the services whose suspensions changed.';
+REVOKE ALL ON FUNCTION edm.site_suspensions_sync() FROM PUBLIC;
+
+CREATE TRIGGER site_suspensions_sync_ins AFTER INSERT ON edm.site_suspensions REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.site_suspensions_sync();
+COMMENT ON TRIGGER site_suspensions_sync_ins ON edm.site_suspensions IS 'Moves services.site_rules_until to a new suspension''s end.';
+
+CREATE TRIGGER site_suspensions_sync_upd AFTER UPDATE ON edm.site_suspensions REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.site_suspensions_sync();
+COMMENT ON TRIGGER site_suspensions_sync_upd ON edm.site_suspensions IS 'Moves services.site_rules_until when a suspension is extended, renewed or shortened.';
+
+CREATE TRIGGER site_suspensions_sync_del AFTER DELETE ON edm.site_suspensions REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION edm.site_suspensions_sync();
+COMMENT ON TRIGGER site_suspensions_sync_del ON edm.site_suspensions IS 'Moves services.site_rules_until back when a suspension is lifted.';
+
+-- ==========================================================================
+-- Traffic shaping
+-- Limits beyond a service's own — global, per site, per (service, site), per user, per task — held at once by the claim; see docs/explanation/traffic-shaping.md.
+-- ==========================================================================
+
 CREATE FUNCTION edm.shaping_as_limit(l edm.shaping_limits)
  RETURNS edm.service_limits
  LANGUAGE sql
@@ -3080,10 +3142,12 @@ BEGIN
   SET has_limits = EXISTS (SELECT 1 FROM edm.shaping_limits l
                            WHERE l.scope = 'task' AND l.task_id = t.task_id)
   WHERE t.task_id IN (SELECT x.task_id FROM changed x WHERE x.scope = 'task');
+  PERFORM edm.service_site_rules_sync(ARRAY(SELECT DISTINCT x.service_id FROM changed x
+                                             WHERE x.scope = 'service_site'));
   RETURN NULL;
 END;
 $function$;
-COMMENT ON FUNCTION edm.shaping_limits_flag() IS 'Statement trigger on edm.shaping_limits: keeps users.has_limits and tasks.has_limits in step, so the claim reads user and task limits only where there are some.';
+COMMENT ON FUNCTION edm.shaping_limits_flag() IS 'Statement trigger on edm.shaping_limits: keeps users.has_limits, tasks.has_limits and services.site_rules_until in step, so the claim reads user, task and (service, site) limits only where there are some.';
 REVOKE ALL ON FUNCTION edm.shaping_limits_flag() FROM PUBLIC;
 
 CREATE FUNCTION edm.service_free_for_tier(s edm.services, p_horizon timestamp with time zone, p_now timestamp with time zone, p_taken bigint[])
@@ -3864,6 +3928,11 @@ DECLARE
   v_idx      integer[];  -- positions in m_keys of a slot's limits
   v_all_lsites text[];   -- sites with site-scope limits (read once per call)
   v_key      text;
+  -- 0025: the fill's users' and tasks' has_limits flags, and the tasks it
+  -- found nothing in at the current service (its later slots skip them)
+  b_ulim     boolean[];
+  b_tlim     boolean[];
+  v_empty    bigint[];
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -3933,7 +4002,8 @@ BEGIN
   -- least used quota first.
   FOR v_svc IN
     SELECT s.service_id, s.quota_tz, s.interval_ms, s.daily_quota, s.has_limits, s.tx_run,
-           s.next_available_at, edm.service_sent_today(s, v_now) AS sent_today
+           s.next_available_at, edm.service_sent_today(s, v_now) AS sent_today,
+           s.site_rules_until > v_now AS own_site_rules
     FROM edm.services s
     WHERE s.enabled
       AND s.next_available_at <= v_horizon
@@ -3955,7 +4025,8 @@ BEGIN
     v_lsites := '{}';
     -- (statements written out here, not calls of SQL functions holding
     -- queries: those are planned again on every call)
-    IF v_susp_any THEN
+    -- (only a service whose row says it has some: 0025)
+    IF v_susp_any AND v_svc.own_site_rules THEN
       v_susp := ARRAY(SELECT x.site FROM edm.site_suspensions x
                       WHERE x.service_id = v_svc.service_id AND x.until > v_now);
     END IF;
@@ -3965,10 +4036,13 @@ BEGIN
         v_all_lsites := ARRAY(SELECT DISTINCT l.site FROM edm.shaping_limits l
                               WHERE l.scope = 'site');
       END IF;
-      v_lsites := v_all_lsites || ARRAY(
-        SELECT DISTINCT l.site FROM edm.shaping_limits l
-        WHERE l.scope = 'service_site' AND l.service_id = v_svc.service_id
-          AND l.site <> ALL (v_all_lsites));
+      v_lsites := v_all_lsites;
+      IF v_svc.own_site_rules THEN
+        v_lsites := v_lsites || ARRAY(
+          SELECT DISTINCT l.site FROM edm.shaping_limits l
+          WHERE l.scope = 'service_site' AND l.service_id = v_svc.service_id
+            AND l.site <> ALL (v_all_lsites));
+      END IF;
     END IF;
     v_shaped := v_global OR v_user_lim OR v_task_lim OR v_tx
                 OR cardinality(v_susp) > 0 OR cardinality(v_lsites) > 0;
@@ -3977,6 +4051,7 @@ BEGIN
     IF cardinality(v_susp) > 0 THEN
       v_sdom := ARRAY(SELECT sd.domain FROM edm.site_domains sd WHERE sd.site = ANY (v_susp));
     END IF;
+    v_empty := '{}';
     v_tx_run := v_svc.tx_run;
     v_skip := v_skip_call;
     v_pool := NULL;
@@ -3986,6 +4061,17 @@ BEGIN
       v_pool := ARRAY(SELECT u.user_id FROM edm.users u
                       WHERE u.user_id = ANY (v_pool) AND u.claimable_tasks > 0
                       ORDER BY u.last_served_seq, u.user_id);
+    END IF;
+    -- A small pool with no work outside the service's suspended sites: the
+    -- fill and the slots would find nothing (0025).
+    -- (two IFs: a condition holding a query is a query, whatever its first
+    -- operand says)
+    IF cardinality(v_sdom) > 0 AND v_pool IS NOT NULL AND NOT v_svc.has_limits THEN
+      IF NOT EXISTS (SELECT 1 FROM edm.tasks t
+                     WHERE t.user_id = ANY (v_pool) AND t.claimable
+                       AND edm.task_sendable_outside(t.task_id, v_now, v_sdom)) THEN
+        CONTINUE;
+      END IF;
     END IF;
     -- Batched fill (0014), for a service without extra limits whose slots all
     -- go to the rotation (no transactional work may use it). Its suspended
@@ -4031,11 +4117,13 @@ BEGIN
                            ELSE p_per_service END);
       IF v_want > 0 THEN
         SELECT array_agg(b.user_id ORDER BY b.n), array_agg(b.task_id ORDER BY b.n),
-               array_agg(b.sub_id ORDER BY b.n), array_agg(b.domain ORDER BY b.n)
-        INTO b_user, b_task, b_sub, b_site
+               array_agg(b.sub_id ORDER BY b.n), array_agg(b.domain ORDER BY b.n),
+               array_agg(b.tlim ORDER BY b.n)
+        INTO b_user, b_task, b_sub, b_site, b_tlim
         FROM (
           SELECT bc.n, bc.user_id, bt.task_id, coalesce(br.sub_id, bf.sub_id, bx.sub_id) AS sub_id,
-                 coalesce(br.domain, bf.domain, bx.domain) AS domain
+                 coalesce(br.domain, bf.domain, bx.domain) AS domain,
+                 bt.has_limits AS tlim
           FROM (
             SELECT c.user_id, c.n
             FROM unnest(coalesce(v_pool, v_cands)) WITH ORDINALITY AS c(user_id, n)
@@ -4060,7 +4148,7 @@ BEGIN
             ORDER BY c.n
             LIMIT v_want) bc
           LEFT JOIN LATERAL (
-            SELECT bt0.task_id FROM edm.tasks bt0
+            SELECT bt0.task_id, bt0.has_limits FROM edm.tasks bt0
             WHERE bt0.user_id = bc.user_id AND bt0.claimable
             ORDER BY bt0.priority DESC, bt0.last_served_seq, bt0.task_id
             LIMIT 1
@@ -4100,6 +4188,22 @@ BEGIN
         ELSE
           b_site := '{}';
         END IF;
+        -- (the users' flags only where users have limits: one statement
+        -- per fill in such a world, none in others)
+        b_ulim := NULL;
+        IF v_user_lim AND b_user IS NOT NULL THEN
+          b_ulim := ARRAY(SELECT u.has_limits
+                          FROM unnest(b_user) WITH ORDINALITY AS x(user_id, n)
+                          JOIN edm.users u ON u.user_id = x.user_id
+                          ORDER BY x.n);
+        END IF;
+        IF array_position(b_sub, NULL) IS NOT NULL THEN
+          FOR i IN 1 .. cardinality(b_sub) LOOP
+            IF b_sub[i] IS NULL AND b_task[i] IS NOT NULL THEN
+              v_empty := v_empty || b_task[i];
+            END IF;
+          END LOOP;
+        END IF;
         -- Every shaping layer, at each slot as the loop below checks it
         -- (0022): the limits of all the fill's scopes are read in one
         -- statement; the first slot a limit holds back ends the fill, and
@@ -4110,24 +4214,31 @@ BEGIN
           IF v_global THEN
             v_keys := v_keys || edm.shaping_key('global', NULL, NULL, NULL, NULL);
           END IF;
-          -- the users and tasks with limits (their rows are locked by this
-          -- call, so their flags cannot change meanwhile)
-          IF v_user_lim OR v_task_lim THEN
-            v_keys := v_keys
-              || ARRAY(SELECT edm.shaping_key('user', NULL, NULL, u.user_id, NULL) FROM edm.users u
-                       WHERE v_user_lim AND u.user_id = ANY (b_user) AND u.has_limits)
-              || ARRAY(SELECT edm.shaping_key('task', NULL, NULL, NULL, t.task_id) FROM edm.tasks t
-                       WHERE v_task_lim AND t.task_id = ANY (b_task) AND t.has_limits);
-          END IF;
           FOR i IN 1 .. cardinality(b_sub) LOOP
             EXIT WHEN b_sub[i] IS NULL;
+            -- the users and tasks with limits (their rows are locked by this
+            -- call, so their flags cannot change meanwhile)
+            IF v_user_lim AND b_ulim[i] THEN
+              v_keys := v_keys || edm.shaping_key('user', NULL, NULL, b_user[i], NULL);
+            END IF;
+            IF v_task_lim AND b_tlim[i] THEN
+              v_keys := v_keys || edm.shaping_key('task', NULL, NULL, NULL, b_task[i]);
+            END IF;
             IF b_site[i] = ANY (v_lsites) THEN
-              v_keys := v_keys || ARRAY[edm.shaping_key('site', b_site[i], NULL, NULL, NULL),
-                                        edm.shaping_key('service_site', b_site[i], v_svc.service_id,
-                                                        NULL, NULL)];
+              v_keys := v_keys || edm.shaping_key('site', b_site[i], NULL, NULL, NULL);
+              IF v_svc.own_site_rules THEN
+                v_keys := v_keys || edm.shaping_key('service_site', b_site[i], v_svc.service_id,
+                                                    NULL, NULL);
+              END IF;
             END IF;
           END LOOP;
-          v_keys := ARRAY(SELECT DISTINCT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen));
+          v_nk := '{}';  -- the scopes not read yet, each once
+          FOREACH v_key IN ARRAY v_keys LOOP
+            IF v_key <> ALL (m_seen) AND v_key <> ALL (v_nk) THEN
+              v_nk := v_nk || v_key;
+            END IF;
+          END LOOP;
+          v_keys := v_nk;
           IF cardinality(v_keys) > 0 THEN
             SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh FROM edm.shaping_load(v_keys) x;
             m_keys := m_keys || coalesce(v_nk, '{}');
@@ -4145,16 +4256,18 @@ BEGIN
             IF v_global THEN
               v_keys := v_keys || edm.shaping_key('global', NULL, NULL, NULL, NULL);
             END IF;
-            IF v_user_lim THEN
+            IF v_user_lim AND b_ulim[i] THEN
               v_keys := v_keys || edm.shaping_key('user', NULL, NULL, b_user[i], NULL);
             END IF;
-            IF v_task_lim THEN
+            IF v_task_lim AND b_tlim[i] THEN
               v_keys := v_keys || edm.shaping_key('task', NULL, NULL, NULL, b_task[i]);
             END IF;
             IF b_site[i] = ANY (v_lsites) THEN
-              v_keys := v_keys || ARRAY[edm.shaping_key('site', b_site[i], NULL, NULL, NULL),
-                                        edm.shaping_key('service_site', b_site[i], v_svc.service_id,
-                                                        NULL, NULL)];
+              v_keys := v_keys || edm.shaping_key('site', b_site[i], NULL, NULL, NULL);
+              IF v_svc.own_site_rules THEN
+                v_keys := v_keys || edm.shaping_key('service_site', b_site[i], v_svc.service_id,
+                                                    NULL, NULL);
+              END IF;
             END IF;
             -- (edm.shaping_free and the count, on the positions of the
             -- scopes' limits: array_positions, not a loop over every limit)
@@ -4212,7 +4325,8 @@ BEGIN
         m_held := m_held || coalesce(v_nh, '{}');
         m_seen := m_seen || v_keys;
       END IF;
-      v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
+      v_free := CASE WHEN v_keys && m_keys OR v_keys && m_held
+                    THEN edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot) ELSE v_slot END;
       IF v_free > v_horizon THEN
         v_stop := true;
         EXIT slots;
@@ -4341,9 +4455,10 @@ BEGIN
         v_keys := ARRAY[edm.shaping_key('user', NULL, NULL, v_user, NULL)];
         -- (the user's row, locked by this call, tells whether it has limits:
         -- its flag changes only under that lock)
-        IF NOT v_keys <@ m_seen
-           AND NOT coalesce((SELECT u.has_limits FROM edm.users u WHERE u.user_id = v_user), true) THEN
-          m_seen := m_seen || v_keys;
+        IF NOT v_keys <@ m_seen THEN
+          IF NOT coalesce((SELECT u.has_limits FROM edm.users u WHERE u.user_id = v_user), true) THEN
+            m_seen := m_seen || v_keys;
+          END IF;
         END IF;
         IF NOT v_keys <@ m_seen THEN
           SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
@@ -4354,7 +4469,8 @@ BEGIN
           m_held := m_held || coalesce(v_nh, '{}');
           m_seen := m_seen || v_keys;
         END IF;
-        v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
+        v_free := CASE WHEN v_keys && m_keys OR v_keys && m_held
+                    THEN edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot) ELSE v_slot END;
         IF v_free > v_slot THEN
           IF v_fixed IS NOT NULL THEN
             v_tx_tried := v_tx_tried || v_fixed;
@@ -4377,6 +4493,7 @@ BEGIN
         SELECT t.task_id, t.priority INTO v_task, v_prio FROM edm.tasks t
         WHERE t.user_id = v_user AND t.claimable
           AND t.task_id <> ALL (v_tried) AND t.task_id <> ALL (r_tasks)
+          AND t.task_id <> ALL (v_empty)
         ORDER BY t.priority DESC, t.last_served_seq, t.task_id
         LIMIT 1
         FOR UPDATE OF t SKIP LOCKED;
@@ -4384,7 +4501,7 @@ BEGIN
         IF c_user @> ARRAY[v_user] THEN
           SELECT t.task_id INTO v_task2 FROM edm.tasks t
           WHERE t.task_id = ANY (r_tasks) AND t.user_id = v_user AND t.claimable
-            AND t.task_id <> ALL (v_tried)
+            AND t.task_id <> ALL (v_tried) AND t.task_id <> ALL (v_empty)
             AND (v_task IS NULL OR t.priority > v_prio)
           ORDER BY t.priority DESC, array_position(r_tasks, t.task_id)
           LIMIT 1;
@@ -4396,9 +4513,10 @@ BEGIN
         IF v_task_lim THEN
           v_keys := ARRAY[edm.shaping_key('task', NULL, NULL, NULL, v_task)];
           -- (as for the user: the task's row is locked by this call)
-          IF NOT v_keys <@ m_seen
-             AND NOT coalesce((SELECT t.has_limits FROM edm.tasks t WHERE t.task_id = v_task), true) THEN
-            m_seen := m_seen || v_keys;
+          IF NOT v_keys <@ m_seen THEN
+            IF NOT coalesce((SELECT t.has_limits FROM edm.tasks t WHERE t.task_id = v_task), true) THEN
+              m_seen := m_seen || v_keys;
+            END IF;
           END IF;
           IF NOT v_keys <@ m_seen THEN
             SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
@@ -4409,7 +4527,8 @@ BEGIN
             m_held := m_held || coalesce(v_nh, '{}');
             m_seen := m_seen || v_keys;
           END IF;
-          v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
+          v_free := CASE WHEN v_keys && m_keys OR v_keys && m_held
+                    THEN edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot) ELSE v_slot END;
           IF v_free > v_slot THEN
             v_tried := v_tried || v_task;
             CONTINUE;
@@ -4451,8 +4570,10 @@ BEGIN
           EXIT WHEN v_sub IS NULL OR cardinality(v_lsites) = 0;
           -- Site and (service, site) limits of the recipient's site at the slot.
           EXIT WHEN v_site IS NULL OR NOT v_site = ANY (v_lsites) OR v_site = ANY (v_ok_sites);
-          v_keys := ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
-                          edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)];
+          v_keys := ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL)];
+          IF v_svc.own_site_rules THEN
+            v_keys := v_keys || edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL);
+          END IF;
           IF NOT v_keys <@ m_seen THEN
             SELECT x.keys, x.lims, x.held INTO v_nk, v_nl, v_nh
             FROM edm.shaping_load(ARRAY(SELECT k FROM unnest(v_keys) k WHERE k <> ALL (m_seen))) x;
@@ -4462,7 +4583,8 @@ BEGIN
             m_held := m_held || coalesce(v_nh, '{}');
             m_seen := m_seen || v_keys;
           END IF;
-          v_free := edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot);
+          v_free := CASE WHEN v_keys && m_keys OR v_keys && m_held
+                    THEN edm.shaping_free(v_keys, m_keys, m_lims, m_held, v_slot) ELSE v_slot END;
           IF v_free > v_slot THEN
             v_blocked := v_blocked || v_site;
             v_bdom := v_bdom || ARRAY(SELECT sd.domain FROM edm.site_domains sd
@@ -4505,8 +4627,10 @@ BEGIN
         v_keys := v_keys || edm.shaping_key('global', NULL, NULL, NULL, NULL);
       END IF;
       IF v_site IS NOT NULL AND v_site = ANY (v_ok_sites) THEN
-        v_keys := v_keys || ARRAY[edm.shaping_key('site', v_site, NULL, NULL, NULL),
-                                  edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL)];
+        v_keys := v_keys || edm.shaping_key('site', v_site, NULL, NULL, NULL);
+        IF v_svc.own_site_rules THEN
+          v_keys := v_keys || edm.shaping_key('service_site', v_site, v_svc.service_id, NULL, NULL);
+        END IF;
       END IF;
       IF v_user_lim THEN
         v_keys := v_keys || edm.shaping_key('user', NULL, NULL, v_user, NULL);
@@ -4742,6 +4866,41 @@ END;
 $function$;
 COMMENT ON FUNCTION edm.claim_next_subtask(bigint,timestamp with time zone,bigint[],text[]) IS 'For the claim: task p_task_id''s next recipient (its due retry, else its lowest fresh or returned one, not in p_exclude, claim order) whose domain is not in p_skip_domains (the domains of the sites the slot may not go to), locked FOR UPDATE SKIP LOCKED; NULLs when none (and when an argument is NULL: strict). Looks at the first 64 recipients in claim order, and past them jumps from domain to domain on subtasks_domain_idx, so a blocked site''s recipients cost one index probe per domain of the task, not one row each.';
 REVOKE ALL ON FUNCTION edm.claim_next_subtask(bigint,timestamp with time zone,bigint[],text[]) FROM PUBLIC;
+
+CREATE FUNCTION edm.task_sendable_outside(p_task_id bigint, p_now timestamp with time zone, p_skip_domains text[])
+ RETURNS boolean
+ LANGUAGE plpgsql
+ STABLE STRICT
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+DECLARE
+  v_dom text;
+  i     integer;
+BEGIN
+  -- The task's pending recipients' domains in order, one index probe each
+  -- (subtasks_domain_idx), until one not skipped has a recipient due.
+  SELECT min(s.domain) INTO v_dom FROM edm.subtasks s
+  WHERE s.task_id = p_task_id AND s.status = 'pending';
+  FOR i IN 1 .. 32 LOOP
+    IF v_dom IS NULL THEN
+      RETURN false;
+    END IF;
+    -- (its earliest recipient, the first entry of the domain's range: a
+    -- probe of the recipients due at p_now in claim order would walk the
+    -- other domains' rows)
+    IF v_dom <> ALL (p_skip_domains) AND (
+         SELECT min(s.not_before) FROM edm.subtasks s
+         WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain = v_dom) <= p_now THEN
+      RETURN true;
+    END IF;
+    SELECT min(s.domain) INTO v_dom FROM edm.subtasks s
+    WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain > v_dom;
+  END LOOP;
+  RETURN true;  -- (32 domains without one: not worth looking further, say yes)
+END;
+$function$;
+COMMENT ON FUNCTION edm.task_sendable_outside(bigint,timestamp with time zone,text[]) IS 'For the claim: false only when task p_task_id has no pending recipient due at p_now (fresh, returned or a due retry) outside the domains p_skip_domains. Walks the task''s pending domains on subtasks_domain_idx, at most 32, and answers true past them (true may be wrong, false never is).';
+REVOKE ALL ON FUNCTION edm.task_sendable_outside(bigint,timestamp with time zone,text[]) FROM PUBLIC;
 
 CREATE FUNCTION edm.subtask_next_status(p_outcome text, p_task_status text, p_attempts integer, p_max_attempts integer)
  RETURNS text

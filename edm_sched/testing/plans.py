@@ -41,6 +41,7 @@ class Inner:
 CLAIM = "edm.claim_v2"
 COMPLETE = "edm.complete"
 NEXT_SUBTASK = "edm.claim_next_subtask"
+SENDABLE = "edm.task_sendable_outside"
 
 INNER_STATEMENTS: tuple[Inner, ...] = (
     Inner("claim: ready services", CLAIM, "SELECT s.service_id, s.quota_tz",
@@ -79,7 +80,8 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           ("users_rotation_idx", "grants_pkey"), strip_into=True),
     Inner("claim: the user's next task", CLAIM,
           ("SELECT t.task_id FROM edm.tasks t", "SELECT t.task_id, t.priority INTO"),
-          (("v_user", "text"), ("v_tried", "bigint[]"), ("r_tasks", "bigint[]")),
+          (("v_user", "text"), ("v_tried", "bigint[]"), ("r_tasks", "bigint[]"),
+           ("v_empty", "bigint[]")),
           ("tasks_rotation_idx",), end_before="LOOP", strip_into=True),
     Inner("claim: the task's due retry", CLAIM,
           "SELECT st.subtask_id, st.domain INTO v_sub, v_dom\n            FROM",
@@ -107,6 +109,20 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
            ("v_lo", "timestamptz"), ("v_hi", "timestamptz"), ("v_nb", "timestamptz"),
            ("v_id", "bigint")),
           ("subtasks_domain_idx",), strip_into=True),
+    # edm.task_sendable_outside (0025): a task's pending domains, one probe each
+    Inner("claim: a task's first pending domain", SENDABLE,
+          "SELECT min(s.domain) INTO v_dom FROM edm.subtasks s\n  WHERE s.task_id = p_task_id"
+          " AND s.status = 'pending';",
+          (("p_task_id", "bigint"),), ("subtasks_domain_idx",), strip_into=True),
+    Inner("claim: a due recipient at a domain", SENDABLE,
+          "SELECT min(s.not_before) FROM edm.subtasks s",
+          (("p_task_id", "bigint"), ("v_dom", "text")),
+          ("subtasks_domain_idx",)),
+    Inner("claim: a task's next pending domain", SENDABLE,
+          "SELECT min(s.domain) INTO v_dom FROM edm.subtasks s\n    WHERE s.task_id = p_task_id"
+          " AND s.status = 'pending' AND s.domain > v_dom;",
+          (("p_task_id", "bigint"), ("v_dom", "text")), ("subtasks_domain_idx",),
+          strip_into=True),
     Inner("claim: shaping layers in use", CLAIM, "SELECT EXISTS (SELECT 1 FROM edm.shaping_limits",
           (("v_now", "timestamptz"),),
           ("shaping_limits_scope_idx", "users_limited_idx", "tasks_limited_idx",
@@ -209,6 +225,7 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "p_batch": "50", "v_want": "4",
         "v_horizon": "now() + interval '250 milliseconds'", "p_skip_services": "'{}'::bigint[]",
         "v_bdom": "'{}'::text[]", "v_tx_tried": "'{}'::bigint[]", "v_lsites": "'{}'::text[]",
+        "v_empty": "'{}'::bigint[]", "v_dom": "''",
         "c_slot": "ARRAY[now()]::timestamptz[]", "v_hold": "interval '2 seconds'",
         # edm.claim_next_subtask (0022): a fresh lookup past a probe, one domain skipped
         "p_task_id": str(task[0]), "p_exclude": "'{}'::bigint[]",
