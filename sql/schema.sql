@@ -50,7 +50,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('22', 'shaped_claim_cost', '54926cd176d31babc513cee1973676dcf4c00fae42d7cdbf946e56d524e635c1'),
   ('23', 'site_release', '8f42f833ddc9da64422459dc722d9ea6225ad9f8ea4e4367c3b09b21f1ef9f5b'),
   ('24', 'arrival_margin', '11872ab0c602fad94bd10cbf580f59b4590ac43dc16a1cb2d436a5e44065ce6f'),
-  ('25', 'service_site_rules', '706925ff417eb33847dec87fbbde2015d9874450a61c2eb89fc77e641c3efd79'),
+  ('25', 'service_site_rules', '7530b90b642f5a78bf4a651c22401ce6f65f4a9480c41dd1e5b980ad48e08697'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -2953,24 +2953,18 @@ CREATE FUNCTION edm.service_site_rules_sync(p_service_ids bigint[])
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 BEGIN ATOMIC
- UPDATE edm.services s SET site_rules_until =
-         CASE
-             WHEN (EXISTS ( SELECT 1
-                FROM edm.shaping_limits l
-               WHERE ((l.scope = 'service_site'::text) AND (l.service_id = s.service_id)))) THEN 'infinity'::timestamp with time zone
-             ELSE ( SELECT max(x.until) AS max
-                FROM edm.site_suspensions x
-               WHERE (x.service_id = s.service_id))
-         END
-   WHERE ((s.service_id = ANY (service_site_rules_sync.p_service_ids)) AND (s.site_rules_until IS DISTINCT FROM
-         CASE
-             WHEN (EXISTS ( SELECT 1
-                FROM edm.shaping_limits l
-               WHERE ((l.scope = 'service_site'::text) AND (l.service_id = s.service_id)))) THEN 'infinity'::timestamp with time zone
-             ELSE ( SELECT max(x.until) AS max
-                FROM edm.site_suspensions x
-               WHERE (x.service_id = s.service_id))
-         END));
+ UPDATE edm.services s SET site_rules_until = r.until
+    FROM ( SELECT k.service_id,
+                 CASE
+                     WHEN (EXISTS ( SELECT 1
+                        FROM edm.shaping_limits l
+                       WHERE ((l.scope = 'service_site'::text) AND (l.service_id = k.service_id)))) THEN 'infinity'::timestamp with time zone
+                     ELSE ( SELECT max(x.until) AS max
+                        FROM edm.site_suspensions x
+                       WHERE (x.service_id = k.service_id))
+                 END AS until
+            FROM unnest(service_site_rules_sync.p_service_ids) k(service_id)) r
+   WHERE ((s.service_id = r.service_id) AND (s.site_rules_until IS DISTINCT FROM r.until));
 END;
 COMMENT ON FUNCTION edm.service_site_rules_sync(bigint[]) IS 'Recomputes services.site_rules_until of the services p_service_ids from their (service, site) limits and site suspensions (rows left unchanged where it is right already). Called by the triggers of edm.site_suspensions and edm.shaping_limits.';
 REVOKE ALL ON FUNCTION edm.service_site_rules_sync(bigint[]) FROM PUBLIC;

@@ -21,19 +21,16 @@ RETURNS void
 LANGUAGE sql
 BEGIN ATOMIC
   UPDATE edm.services s
-  SET site_rules_until = CASE
-        WHEN EXISTS (SELECT 1 FROM edm.shaping_limits l
-                     WHERE l.scope = 'service_site' AND l.service_id = s.service_id)
-          THEN 'infinity'::timestamptz
-        ELSE (SELECT max(x.until) FROM edm.site_suspensions x
-              WHERE x.service_id = s.service_id) END
-  WHERE s.service_id = ANY (p_service_ids)
-    AND s.site_rules_until IS DISTINCT FROM CASE
-        WHEN EXISTS (SELECT 1 FROM edm.shaping_limits l
-                     WHERE l.scope = 'service_site' AND l.service_id = s.service_id)
-          THEN 'infinity'::timestamptz
-        ELSE (SELECT max(x.until) FROM edm.site_suspensions x
-              WHERE x.service_id = s.service_id) END;
+  SET site_rules_until = r.until
+  FROM (SELECT k.service_id,
+               CASE WHEN EXISTS (SELECT 1 FROM edm.shaping_limits l
+                                 WHERE l.scope = 'service_site' AND l.service_id = k.service_id)
+                    THEN 'infinity'::timestamptz
+                    ELSE (SELECT max(x.until) FROM edm.site_suspensions x
+                          WHERE x.service_id = k.service_id) END AS until
+        FROM unnest(p_service_ids) AS k(service_id)) r
+  WHERE s.service_id = r.service_id
+    AND s.site_rules_until IS DISTINCT FROM r.until;
 END;
 COMMENT ON FUNCTION edm.service_site_rules_sync(bigint[]) IS
   'Recomputes services.site_rules_until of the services p_service_ids from their (service, site) limits and site suspensions (rows left unchanged where it is right already). Called by the triggers of edm.site_suspensions and edm.shaping_limits.';
