@@ -50,7 +50,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('22', 'shaped_claim_cost', '54926cd176d31babc513cee1973676dcf4c00fae42d7cdbf946e56d524e635c1'),
   ('23', 'site_release', '8f42f833ddc9da64422459dc722d9ea6225ad9f8ea4e4367c3b09b21f1ef9f5b'),
   ('24', 'arrival_margin', '11872ab0c602fad94bd10cbf580f59b4590ac43dc16a1cb2d436a5e44065ce6f'),
-  ('25', 'service_site_rules', '7530b90b642f5a78bf4a651c22401ce6f65f4a9480c41dd1e5b980ad48e08697'),
+  ('25', 'service_site_rules', '29bf08ce68913a07fbf1a5420d52b980c74b442146b5fe6dac6fe4e411e5138d'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -4869,26 +4869,28 @@ CREATE FUNCTION edm.task_sendable_outside(p_task_id bigint, p_now timestamp with
 AS $function$
 DECLARE
   v_dom text;
+  v_nb  timestamptz;
   i     integer;
 BEGIN
-  -- The task's pending recipients' domains in order, one index probe each
-  -- (subtasks_domain_idx), until one not skipped has a recipient due.
-  SELECT min(s.domain) INTO v_dom FROM edm.subtasks s
-  WHERE s.task_id = p_task_id AND s.status = 'pending';
+  -- The task's pending recipients' domains in order, each with its earliest
+  -- recipient: one probe of subtasks_domain_idx per domain (the order by
+  -- domain, then not_before, is that index's and no other's), until one not
+  -- skipped has a recipient due.
+  SELECT s.domain, s.not_before INTO v_dom, v_nb FROM edm.subtasks s
+  WHERE s.task_id = p_task_id AND s.status = 'pending'
+  ORDER BY s.domain, s.not_before
+  LIMIT 1;
   FOR i IN 1 .. 32 LOOP
     IF v_dom IS NULL THEN
       RETURN false;
     END IF;
-    -- (its earliest recipient, the first entry of the domain's range: a
-    -- probe of the recipients due at p_now in claim order would walk the
-    -- other domains' rows)
-    IF v_dom <> ALL (p_skip_domains) AND (
-         SELECT min(s.not_before) FROM edm.subtasks s
-         WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain = v_dom) <= p_now THEN
+    IF v_dom <> ALL (p_skip_domains) AND v_nb <= p_now THEN
       RETURN true;
     END IF;
-    SELECT min(s.domain) INTO v_dom FROM edm.subtasks s
-    WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain > v_dom;
+    SELECT s.domain, s.not_before INTO v_dom, v_nb FROM edm.subtasks s
+    WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain > v_dom
+    ORDER BY s.domain, s.not_before
+    LIMIT 1;
   END LOOP;
   RETURN true;  -- (32 domains without one: not worth looking further, say yes)
 END;

@@ -111,16 +111,12 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           ("subtasks_domain_idx",), strip_into=True),
     # edm.task_sendable_outside (0025): a task's pending domains, one probe each
     Inner("claim: a task's first pending domain", SENDABLE,
-          "SELECT min(s.domain) INTO v_dom FROM edm.subtasks s\n  WHERE s.task_id = p_task_id"
-          " AND s.status = 'pending';",
+          "SELECT s.domain, s.not_before INTO v_dom, v_nb FROM edm.subtasks s\n"
+          "  WHERE s.task_id = p_task_id AND s.status = 'pending'\n  ORDER BY",
           (("p_task_id", "bigint"),), ("subtasks_domain_idx",), strip_into=True),
-    Inner("claim: a due recipient at a domain", SENDABLE,
-          "SELECT min(s.not_before) FROM edm.subtasks s",
-          (("p_task_id", "bigint"), ("v_dom", "text")),
-          ("subtasks_domain_idx",)),
     Inner("claim: a task's next pending domain", SENDABLE,
-          "SELECT min(s.domain) INTO v_dom FROM edm.subtasks s\n    WHERE s.task_id = p_task_id"
-          " AND s.status = 'pending' AND s.domain > v_dom;",
+          "SELECT s.domain, s.not_before INTO v_dom, v_nb FROM edm.subtasks s\n"
+          "    WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain > v_dom",
           (("p_task_id", "bigint"), ("v_dom", "text")), ("subtasks_domain_idx",),
           strip_into=True),
     Inner("claim: shaping layers in use", CLAIM, "SELECT EXISTS (SELECT 1 FROM edm.shaping_limits",

@@ -246,26 +246,28 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
   v_dom text;
+  v_nb  timestamptz;
   i     integer;
 BEGIN
-  -- The task's pending recipients' domains in order, one index probe each
-  -- (subtasks_domain_idx), until one not skipped has a recipient due.
-  SELECT min(s.domain) INTO v_dom FROM edm.subtasks s
-  WHERE s.task_id = p_task_id AND s.status = 'pending';
+  -- The task's pending recipients' domains in order, each with its earliest
+  -- recipient: one probe of subtasks_domain_idx per domain (the order by
+  -- domain, then not_before, is that index's and no other's), until one not
+  -- skipped has a recipient due.
+  SELECT s.domain, s.not_before INTO v_dom, v_nb FROM edm.subtasks s
+  WHERE s.task_id = p_task_id AND s.status = 'pending'
+  ORDER BY s.domain, s.not_before
+  LIMIT 1;
   FOR i IN 1 .. 32 LOOP
     IF v_dom IS NULL THEN
       RETURN false;
     END IF;
-    -- (its earliest recipient, the first entry of the domain's range: a
-    -- probe of the recipients due at p_now in claim order would walk the
-    -- other domains' rows)
-    IF v_dom <> ALL (p_skip_domains) AND (
-         SELECT min(s.not_before) FROM edm.subtasks s
-         WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain = v_dom) <= p_now THEN
+    IF v_dom <> ALL (p_skip_domains) AND v_nb <= p_now THEN
       RETURN true;
     END IF;
-    SELECT min(s.domain) INTO v_dom FROM edm.subtasks s
-    WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain > v_dom;
+    SELECT s.domain, s.not_before INTO v_dom, v_nb FROM edm.subtasks s
+    WHERE s.task_id = p_task_id AND s.status = 'pending' AND s.domain > v_dom
+    ORDER BY s.domain, s.not_before
+    LIMIT 1;
   END LOOP;
   RETURN true;  -- (32 domains without one: not worth looking further, say yes)
 END;

@@ -56,7 +56,6 @@ _EVERY_SHAPE: dict[str, tuple[str, ...]] = {
     "claim: next recipient outside blocked domains": ("subtasks_claim_idx",),
     "claim: jump from domain to domain": ("subtasks_domain_idx",),
     "claim: a task's first pending domain": ("subtasks_domain_idx",),
-    "claim: a due recipient at a domain": ("subtasks_domain_idx",),
     "claim: a task's next pending domain": ("subtasks_domain_idx",),
     "claim: shaping layers in use": ("shaping_limits_scope_idx", "users_limited_idx",
                                      "tasks_limited_idx", "tasks_transactional_idx"),
