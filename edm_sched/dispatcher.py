@@ -95,6 +95,10 @@ BATCH_LANE_DEPTH = 16
 LANE_IDLE_SECONDS = 60.0  # a lane unused this long is closed
 PACE_TOLERANCE_MS = 5  # default of a service's pace_tolerance_ms setting (edm_sched.lanes)
 PACE_REPORT_AFTER = 0.005  # seconds behind its slots before a lane reports its pace
+# A lane waits this long for the claim's build of its messages (one worker-thread call per
+# service and claim) before building a message itself: behind a heavy message, the next
+# ones are not held up by the whole group.
+GROUP_BUILD_WAIT = 0.05
 
 
 def _may_be_ruled(result: SendResult) -> bool:
@@ -572,7 +576,11 @@ class Dispatcher:
         row: Claimed = item.claimed
         service, template, variables, built = item.context
         if built is not None:
-            await built  # the claim's build of its lane's messages (_start_sends)
+            # the claim's build of its lane's messages (_start_sends); behind a heavy
+            # one, this message is built here after a moment rather than waiting for
+            # the whole group
+            if not built.done():
+                await asyncio.wait((built,), timeout=GROUP_BUILD_WAIT)
             if item.message is not None:
                 return True
         try:

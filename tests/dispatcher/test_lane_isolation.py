@@ -22,7 +22,7 @@ from edm_sched.dispatcher import run_dispatcher
 from edm_sched.lanes import Lane, QueuedSend
 from edm_sched.rendering import RenderContext, Rendered, RenderError, default_renderer
 from edm_sched.transports.null import NullTransport
-from tests.support.helpers import wait_for
+from tests.support.helpers import dispatcher_thread, wait_for
 
 HEAVY_SECONDS = 1.0
 
@@ -257,3 +257,35 @@ def test_withdrawn_sends_never_start_and_free_their_slots() -> None:
     # send 1's (0.6 + 0.4 s)
     assert starts[1][1] - starts[0][1] < 0.9, starts
     assert starts[1][1] > withdrawn_at
+
+
+def slow_first(ctx: RenderContext) -> Rendered:
+    if ctx.email.startswith("slow"):
+        time.sleep(HEAVY_SECONDS)
+    return default_renderer(ctx)
+
+
+def test_a_heavy_message_holds_only_itself_within_its_lane(dsn: str) -> None:
+    """A claim's messages of one service are built by one worker-thread call, in
+    order. Behind a heavy one, the service's other connection does not wait for the
+    whole group: its lane builds the next message itself after a moment."""
+    transport = NullTransport(record=True)
+    with Scheduler(dsn) as s:
+        s.upsert_user("u")
+        sid = s.create_service({"name": "two", "from_addresses": ["two@x.example"],
+                                "interval_seconds": 0, "daily_quota": 1000,
+                                "transport": "null", "settings": {"max_connections": 2}})
+        s.grant(sid, "u")
+        task = s.create_task({
+            "user_id": "u", "name": "t",
+            "templates": [{"subject": "s {{ email }}", "body_text": "x"}],
+            "recipients": [{"email": "slow@r.example"}, {"email": "fast1@r.example"},
+                           {"email": "fast2@r.example"}]})
+        with dispatcher_thread(dsn, transport, renderer=slow_first) as th:
+            wait_for(timeout=30.0, pred=lambda: s.get_task(task.task_id).status == "completed")
+    assert not th.is_alive()
+    sent = {rcpt: t for t, _sid, rcpt, *_ in transport.sent}
+    assert set(sent) == {"slow@r.example", "fast1@r.example", "fast2@r.example"}
+    # the fast ones went while the heavy one was still being built
+    assert max(sent["fast1@r.example"], sent["fast2@r.example"]) < sent["slow@r.example"] - 0.5
+
