@@ -420,7 +420,7 @@ def measure_claim_cost_paired(unshaped_dsn: str, shaped_dsn: str, seconds: float
     per = {m: sum(v) * 1000 / max(claimed[m], 1) for m, v in lat.items()}
     common.say(f"  paired: {len(lat['shaped'])} calls each; per claimed subtask "
                f"{per['unshaped']:.3f} ms unshaped, {per['shaped']:.3f} ms shaped "
-               f"(median calls / 50: {med['unshaped']:.3f} and {med['shaped']:.3f} ms)")
+               f"(median calls / {batch}: {med['unshaped']:.3f} and {med['shaped']:.3f} ms)")
     return {
         "claim_cost_method": "paired",
         "claim_cost_calls": len(lat["shaped"]),
