@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edm_sched.api import Scheduler
-from tests.support.helpers import at, complete, counters_match, make_service, make_task
+from tests.support.helpers import at, claim_v2, complete, counters_match, make_service, make_task
 
 
 @pytest.fixture
@@ -27,15 +27,7 @@ def sched(dsn: str) -> Iterator[Scheduler]:
         yield s
 
 
-def claim2(conn: psycopg.Connection[Any], now: dt.datetime, *, owner: str = "d1",
-           batch: int = 50, per_service: int = 1, lookahead_ms: int = 0,
-           lease: int | None = None) -> list[dict[str, Any]]:
-    cur = conn.execute(
-        "SELECT subtask_id, service_id, user_id, send_at, lease_expires_at, attempt"
-        " FROM edm.claim_v2(%s, %s, %s, %s, %s, %s, '{}')",
-        (owner, batch, lease, now, per_service, lookahead_ms))
-    cols = [c.name for c in cur.description or []]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+claim2 = claim_v2
 
 
 def set_limits(conn: psycopg.Connection[Any], sid: int, limits: list[dict[str, Any]]) -> None:

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edm_sched.api import Scheduler
-from tests.support.helpers import T0, TEMPLATE, at, complete, make_service
+from tests.support.helpers import T0, TEMPLATE, at, claim_v2, complete, make_service
 
 # loose: never binding here (a burst tolerance of minutes)
 LIMITS = json.dumps([{"name": "l", "kind": "rate", "max_count": 1_000_000,
@@ -79,8 +79,7 @@ def test_a_reply_rule_suspension_sets_site_rules_until(
         s.create_task({"user_id": "a", "name": "t", "templates": [TEMPLATE],
                        "scheduled_at": T0,
                        "recipients": [{"email": "x@outlook.com"}]})
-    ids = [r[0] for r in conn.execute(
-        "SELECT subtask_id FROM edm.claim_v2('d1', 1, NULL, %s, 1, 0, '{}')", (at(0),))]
+    ids = [r["subtask_id"] for r in claim_v2(conn, at(0), batch=1)]
     assert len(ids) == 1
     conn.execute(
         "SELECT * FROM edm.complete('d1', %s, ARRAY['transient'], ARRAY[451],"
@@ -157,10 +156,8 @@ def test_task_sendable_outside_says_yes_past_32_domains(
 # A service with nothing outside its suspended sites
 # ---------------------------------------------------------------------------
 
-def claim2(conn: psycopg.Connection[Any], now: dt.datetime) -> list[tuple[Any, ...]]:
-    return conn.execute(
-        "SELECT subtask_id, email, service_id FROM edm.claim_v2('d1', 50, NULL, %s, 16, 0, '{}')",
-        (now,)).fetchall()
+def claim16(conn: psycopg.Connection[Any], now: dt.datetime) -> list[dict[str, Any]]:
+    return claim_v2(conn, now, per_service=16)
 
 
 @pytest.mark.parametrize("tasks", [1, 2])
@@ -175,12 +172,12 @@ def test_a_service_with_only_suspended_work_gives_nothing_and_resumes(
                            "recipients": [{"email": f"r{k}-{i}@outlook.com"}
                                           for i in range(3)]})
     conn.execute("SELECT edm.suspend_site(%s, 'microsoft', %s, 'test')", (dedicated, at(60)))
-    assert claim2(conn, at(0)) == []
-    assert claim2(conn, at(30)) == []
+    assert claim16(conn, at(0)) == []
+    assert claim16(conn, at(30)) == []
     # the suspension ends: the same work goes
-    got = claim2(conn, at(61))
-    assert len(got) == 3 * tasks and {r[2] for r in got} == {dedicated}
-    complete(conn, at(62), [r[0] for r in got])
+    got = claim16(conn, at(61))
+    assert len(got) == 3 * tasks and {r["service_id"] for r in got} == {dedicated}
+    complete(conn, at(62), [r["subtask_id"] for r in got])
 
 
 def test_work_elsewhere_of_a_suspended_services_user_still_goes(
@@ -197,8 +194,8 @@ def test_work_elsewhere_of_a_suspended_services_user_still_goes(
                        "recipients": [{"email": f"b{i}@outlook.com"} for i in range(3)]
                        + [{"email": "b@gmail.com"}]})
     conn.execute("SELECT edm.suspend_site(%s, 'microsoft', %s, 'test')", (svc, at(60)))
-    assert [r[1] for r in claim2(conn, at(0))] == ["b@gmail.com"]
-    assert claim2(conn, at(1)) == []
+    assert [r["email"] for r in claim16(conn, at(0))] == ["b@gmail.com"]
+    assert claim16(conn, at(1)) == []
     conn.execute("SELECT edm.set_site_limits('microsoft', %s, %s)", (LIMITS, svc))
-    assert claim2(conn, at(2)) == []      # still suspended, now with an own limit too
-    assert len(claim2(conn, at(61))) == 6
+    assert claim16(conn, at(2)) == []      # still suspended, now with an own limit too
+    assert len(claim16(conn, at(61))) == 6

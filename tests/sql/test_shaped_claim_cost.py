@@ -26,14 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edm_sched.api import Scheduler
-from tests.support.helpers import T0, TEMPLATE, at, complete, make_service
-
-
-def claim2(conn: psycopg.Connection[Any], now: dt.datetime, *, per_service: int = 1,
-           batch: int = 50) -> list[tuple[Any, ...]]:
-    return conn.execute(
-        "SELECT subtask_id, email, service_id FROM edm.claim_v2('d1', %s, NULL, %s, %s, 0, '{}')",
-        (batch, now, per_service)).fetchall()
+from tests.support.helpers import T0, TEMPLATE, at, claim_v2, complete, make_service
 
 
 def task(s: Scheduler, user: str, emails: list[str], name: str = "t") -> int:
@@ -100,13 +93,13 @@ def test_a_suspended_sites_run_is_skipped_and_a_later_mapping_applies(
                   + [f"n{i}@newmail.example" for i in range(300)] + ["y1@yahoo.com"])
         task(s, "a", emails)
     conn.execute("SELECT edm.suspend_site(%s, 'google', %s, 'test')", (sid, at(3600)))
-    rows = claim2(conn, at(0), per_service=2)
-    assert [r[1] for r in rows] == ["y0@yahoo.com", "n0@newmail.example"]
+    rows = claim_v2(conn, at(0), per_service=2)
+    assert [r["email"] for r in rows] == ["y0@yahoo.com", "n0@newmail.example"]
     # a mapping added after the task was created applies to its queued recipients
     conn.execute("SELECT edm.set_site_domains('newmail', ARRAY['newmail.example'], 'New Mail')")
     conn.execute("SELECT edm.suspend_site(%s, 'newmail', %s, 'test')", (sid, at(3600)))
-    complete(conn, at(1), [r[0] for r in rows])
-    assert [r[1] for r in claim2(conn, at(2), per_service=2)] == ["y1@yahoo.com"]
+    complete(conn, at(1), [r["subtask_id"] for r in rows])
+    assert [r["email"] for r in claim_v2(conn, at(2), per_service=2)] == ["y1@yahoo.com"]
 
 
 # ---------------------------------------------------------------------------
@@ -140,10 +133,10 @@ def test_changing_a_limits_maximum_keeps_its_count(
                 conn.execute("SELECT edm.set_user_limits('a', %s)", (json.dumps(lim),))
 
         set_max(before)
-        sent = len(claim2(conn, at(0), per_service=first, batch=first))
+        sent = len(claim_v2(conn, at(0), per_service=first, batch=first))
         assert sent == min(first, before)
         set_max(after)  # mid-window: the sends above still count
-        more = len(claim2(conn, at(60), per_service=20, batch=20))
+        more = len(claim_v2(conn, at(60), per_service=20, batch=20))
         assert more == max(0, after - sent)
 
 
@@ -156,13 +149,13 @@ def test_changing_a_rate_limits_maximum_keeps_its_arrival_time(
     rate = {"name": "per_min", "kind": "rate", "window_ms": 60_000, "burst": 1}
     conn.execute("SELECT edm.set_service_limits(%s, %s)",
                  (sid, json.dumps([{**rate, "max_count": 1}])))
-    assert len(claim2(conn, at(0), per_service=5)) == 1
+    assert len(claim_v2(conn, at(0), per_service=5)) == 1
     tat = "SELECT tat FROM edm.service_limits WHERE service_id = %s"
     before = conn.execute(tat, (sid,)).fetchone()
     conn.execute("SELECT edm.set_service_limits(%s, %s)",
                  (sid, json.dumps([{**rate, "max_count": 2}])))
     assert conn.execute(tat, (sid,)).fetchone() == before  # no fresh burst
-    assert claim2(conn, at(1), per_service=5) == []
+    assert claim_v2(conn, at(1), per_service=5) == []
     # a change of shape (the window) still starts the limit afresh
     conn.execute("SELECT edm.set_service_limits(%s, %s)",
                  (sid, json.dumps([{**rate, "max_count": 2, "window_ms": 30_000}])))

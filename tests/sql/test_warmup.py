@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edm_sched.api import Scheduler
-from tests.support.helpers import at, make_service, make_task
+from tests.support.helpers import at, claim_v2, make_service, make_task
 
 # T0 (tests.support.helpers) is 2026-03-02 12:00 UTC: 21:00 in Tokyo (UTC+9, no DST),
 # whose local midnight is 15:00 UTC, three hours after T0.
@@ -30,11 +30,7 @@ def sched(dsn: str) -> Iterator[Scheduler]:
 
 def claim2(conn: psycopg.Connection[Any], now: dt.datetime, *, per_service: int = 20,
            batch: int = 50) -> list[dict[str, Any]]:
-    cur = conn.execute(
-        "SELECT subtask_id, service_id, user_id, send_at"
-        " FROM edm.claim_v2('d1', %s, NULL, %s, %s, 0, '{}')", (batch, now, per_service))
-    cols = [c.name for c in cur.description or []]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    return claim_v2(conn, now, per_service=per_service, batch=batch)
 
 
 def set_warmup(conn: psycopg.Connection[Any], sid: int, ramp: list[int] | None,

@@ -51,6 +51,17 @@ def claim(conn: psycopg.Connection[Any], when: dt.datetime, *, owner: str = "d1"
         " FROM edm.claim(%s, %s, %s, %s)", (owner, batch, lease, when)).fetchall()
 
 
+def claim_v2(conn: psycopg.Connection[Any], when: dt.datetime, *, owner: str = "d1",
+             batch: int = 50, per_service: int = 1, lookahead_ms: int = 0,
+             lease: int | None = None) -> list[dict[str, Any]]:
+    """The dispatcher's claim (``edm.claim_v2``) at ``when``: its rows as dicts, in claim
+    order (no services skipped)."""
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute(
+        "SELECT * FROM edm.claim_v2(%s, %s, %s, %s, %s, %s, '{}')",
+        (owner, batch, lease, when, per_service, lookahead_ms)).fetchall()
+
+
 def complete(conn: psycopg.Connection[Any], when: dt.datetime, ids: list[int],
              outcome: str = "sent", *, owner: str = "d1",
              code: int | None = None) -> list[tuple[Any, ...]]:
