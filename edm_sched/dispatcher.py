@@ -853,6 +853,7 @@ class Dispatcher:
             for sid, lane in list(self._lanes.items()):
                 if lane.load == 0 and now - lane.last_used > LANE_IDLE_SECONDS:
                     del self._lanes[sid]
+                    self._building.pop(sid, None)
                     await lane.stop()
             items = {i.claimed.subtask_id: i for lane in self._lanes.values()
                      for i in lane.held()}
