@@ -51,6 +51,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('23', 'site_release', '8f42f833ddc9da64422459dc722d9ea6225ad9f8ea4e4367c3b09b21f1ef9f5b'),
   ('24', 'arrival_margin', '11872ab0c602fad94bd10cbf580f59b4590ac43dc16a1cb2d436a5e44065ce6f'),
   ('25', 'service_site_rules', '57132e24af7912ead5bf2b9756927b7d5e5ae146f42a8f8cc777b83706ed5940'),
+  ('26', 'cycle_overheads', 'bca369b83e1c8a736da1c0376250d056641678d01b3f8fad1019953e2a43a60a'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -509,17 +510,25 @@ REVOKE ALL ON FUNCTION edm.config_key(text) FROM PUBLIC;
 
 CREATE FUNCTION edm.config_int(p_key text)
  RETURNS integer
- LANGUAGE sql
+ LANGUAGE plpgsql
  STABLE
-RETURN (SELECT (((c.value #>> '{}'::text[]))::numeric)::integer AS int4 FROM edm.config c WHERE (c.key = config_int.p_key));
+AS $function$
+BEGIN
+  RETURN (SELECT (c.value #>> '{}')::numeric::integer FROM edm.config c WHERE c.key = p_key);
+END;
+$function$;
 COMMENT ON FUNCTION edm.config_int(text) IS 'Integer value of config key p_key (NULL when absent).';
 REVOKE ALL ON FUNCTION edm.config_int(text) FROM PUBLIC;
 
 CREATE FUNCTION edm.config_num(p_key text)
  RETURNS numeric
- LANGUAGE sql
+ LANGUAGE plpgsql
  STABLE
-RETURN (SELECT ((c.value #>> '{}'::text[]))::numeric AS "numeric" FROM edm.config c WHERE (c.key = config_num.p_key));
+AS $function$
+BEGIN
+  RETURN (SELECT (c.value #>> '{}')::numeric FROM edm.config c WHERE c.key = p_key);
+END;
+$function$;
 COMMENT ON FUNCTION edm.config_num(text) IS 'Numeric value of config key p_key (NULL when absent).';
 REVOKE ALL ON FUNCTION edm.config_num(text) FROM PUBLIC;
 
@@ -652,11 +661,9 @@ END) STORED NOT NULL,
   CONSTRAINT services_credential_ref_check CHECK ((length(credential_ref) <= 500)),
   CONSTRAINT services_daily_quota_check CHECK ((daily_quota >= 0)),
   CONSTRAINT services_from_addresses_check CHECK (((cardinality(from_addresses) >= 1) AND (cardinality(from_addresses) <= 100))),
-  CONSTRAINT services_headers_ok CHECK ((edm.headers_problem((settings -> 'headers'::text)) IS NULL)),
   CONSTRAINT services_health_check CHECK ((health = ANY (ARRAY['healthy'::text, 'degraded'::text, 'backoff'::text]))),
   CONSTRAINT services_interval_ms_check CHECK (((interval_ms >= 0) AND (interval_ms <= 86400000))),
   CONSTRAINT services_name_check CHECK ((((length(name) >= 1) AND (length(name) <= 200)) AND (name !~ '[[:cntrl:]]'::text))),
-  CONSTRAINT services_quota_tz_check CHECK (edm.is_valid_timezone(quota_tz)),
   CONSTRAINT services_sent_today_check CHECK ((sent_today >= 0)),
   CONSTRAINT services_settings_check CHECK (((jsonb_typeof(settings) = 'object'::text) AND (NOT (settings ?| ARRAY['password'::text, 'secret'::text, 'api_key'::text, 'token'::text, 'passwd'::text])))),
   CONSTRAINT services_transport_check CHECK ((transport ~ '^[a-z][a-z0-9_]{0,31}$'::text)),
@@ -715,6 +722,31 @@ COMMENT ON COLUMN edm.grants.priority IS 'Higher first: a user sends through its
 COMMENT ON COLUMN edm.grants.created_at IS 'When the grant was made.';
 CREATE INDEX grants_user_idx ON edm.grants USING btree (user_id, priority DESC, service_id);
 COMMENT ON INDEX edm.grants_user_idx IS 'A user''s grants by priority; used by the priority-tier check of the claim.';
+
+CREATE FUNCTION edm.services_check_settings()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  v_problem text;
+BEGIN
+  v_problem := edm.headers_problem(NEW.settings -> 'headers');
+  IF v_problem IS NOT NULL THEN
+    RAISE EXCEPTION 'new row for relation "services" violates check constraint "services_headers_ok"'
+      USING ERRCODE = 'check_violation', CONSTRAINT = 'services_headers_ok',
+            SCHEMA = 'edm', TABLE = 'services', DETAIL = v_problem;
+  END IF;
+  IF NOT edm.is_valid_timezone(NEW.quota_tz) THEN
+    RAISE EXCEPTION 'new row for relation "services" violates check constraint "services_quota_tz_check"'
+      USING ERRCODE = 'check_violation', CONSTRAINT = 'services_quota_tz_check',
+            SCHEMA = 'edm', TABLE = 'services',
+            DETAIL = format('unknown time zone %s', quote_literal(NEW.quota_tz));
+  END IF;
+  RETURN NEW;
+END;
+$function$;
+COMMENT ON FUNCTION edm.services_check_settings() IS 'Trigger on edm.services: refuses custom header fields edm.headers_problem finds wrong (check_violation, constraint services_headers_ok) and a quota_tz PostgreSQL does not know (services_quota_tz_check). A trigger rather than CHECK constraints, which would run on every update of the row (the claim and the completion update services on every call).';
+REVOKE ALL ON FUNCTION edm.services_check_settings() FROM PUBLIC;
 
 CREATE FUNCTION edm.upsert_user(p_user_id text, p_display_name text DEFAULT NULL::text, p_quota_limit bigint DEFAULT NULL::bigint)
  RETURNS void
@@ -871,6 +903,9 @@ CREATE TRIGGER users_audit_upd AFTER UPDATE ON edm.users FOR EACH ROW WHEN (((ol
 CREATE TRIGGER services_audit AFTER INSERT OR DELETE ON edm.services FOR EACH ROW EXECUTE FUNCTION edm.audit_row('service');
 
 CREATE TRIGGER services_audit_upd AFTER UPDATE ON edm.services FOR EACH ROW WHEN ((((((((((old.name IS DISTINCT FROM new.name) OR (old.transport IS DISTINCT FROM new.transport)) OR (old.settings IS DISTINCT FROM new.settings)) OR (old.credential_ref IS DISTINCT FROM new.credential_ref)) OR (old.from_addresses IS DISTINCT FROM new.from_addresses)) OR (old.interval_ms IS DISTINCT FROM new.interval_ms)) OR (old.daily_quota IS DISTINCT FROM new.daily_quota)) OR (old.quota_tz IS DISTINCT FROM new.quota_tz)) OR (old.enabled IS DISTINCT FROM new.enabled))) EXECUTE FUNCTION edm.audit_row('service');
+
+CREATE TRIGGER services_check_settings BEFORE INSERT OR UPDATE OF settings, quota_tz ON edm.services FOR EACH ROW EXECUTE FUNCTION edm.services_check_settings();
+COMMENT ON TRIGGER services_check_settings ON edm.services IS 'Checks settings.headers and quota_tz when a row is inserted or either column is written.';
 
 CREATE TRIGGER grants_audit AFTER INSERT OR DELETE OR UPDATE ON edm.grants FOR EACH ROW EXECUTE FUNCTION edm.audit_row('grant');
 
@@ -2973,8 +3008,15 @@ CREATE FUNCTION edm.site_suspensions_sync()
  RETURNS trigger
  LANGUAGE plpgsql
 AS $function$
+DECLARE
+  v_ids bigint[];
 BEGIN
-  PERFORM edm.service_site_rules_sync(ARRAY(SELECT DISTINCT c.service_id FROM changed c));
+  v_ids := ARRAY(SELECT DISTINCT c.service_id FROM changed c);
+  -- statement triggers fire for statements that changed no row (a
+  -- completion's INSERT ... ON CONFLICT without a throttling reply)
+  IF cardinality(v_ids) > 0 THEN
+    PERFORM edm.service_site_rules_sync(v_ids);
+  END IF;
   RETURN NULL;
 END;
 $function$;
@@ -3893,6 +3935,10 @@ DECLARE
   v_tx_tried bigint[];
   v_tx_slot  boolean;  -- this slot may still go to transactional work ahead of the rotation
   v_stop     boolean := false;
+  -- 0026: the ready services ranked so far, the current list and its length
+  v_seen     bigint[] := '{}';
+  v_order    bigint[];
+  v_lim      integer;
   -- (a recipient's site is its stored domain's row in edm.site_domains, read
   -- at the claim: a mapping added later applies to queued recipients too)
   -- The shaping limits this call uses, read once (locked, or guarded by
@@ -3994,18 +4040,35 @@ BEGIN
   -- Ready services (next slot within the horizon, under the daily quota,
   -- not held by another dispatcher, not one the caller has no room for),
   -- least used quota first.
-  FOR v_svc IN
-    SELECT s.service_id, s.quota_tz, s.interval_ms, s.daily_quota, s.has_limits, s.tx_run,
-           s.next_available_at, edm.service_sent_today(s, v_now) AS sent_today,
-           s.site_rules_until > v_now AS own_site_rules
-    FROM edm.services s
+  -- (0026: ranked as a list of ids, a top-N, then locked from the list in
+  -- its order; a call the list does not fill ranks the services not seen yet)
+  v_lim := 2 * p_batch + 8;
+  <<ranked>>
+  LOOP
+  v_order := ARRAY(
+    SELECT s.service_id FROM edm.services s
     WHERE s.enabled
       AND s.next_available_at <= v_horizon
       AND edm.service_sent_today(s, v_now) < s.daily_quota
       AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
       AND s.service_id <> ALL (p_skip_services)
+      AND s.service_id <> ALL (v_seen)
     ORDER BY edm.service_sent_today(s, v_now)::double precision / s.daily_quota,
              s.success_rate DESC, s.service_id
+    LIMIT v_lim);
+  EXIT ranked WHEN cardinality(v_order) = 0;
+  v_seen := v_seen || v_order;
+  FOR v_svc IN
+    SELECT s.service_id, s.quota_tz, s.interval_ms, s.daily_quota, s.has_limits, s.tx_run,
+           s.next_available_at, edm.service_sent_today(s, v_now) AS sent_today,
+           s.site_rules_until > v_now AS own_site_rules
+    FROM edm.services s
+    WHERE s.service_id = ANY (v_order)
+      AND s.enabled
+      AND s.next_available_at <= v_horizon
+      AND edm.service_sent_today(s, v_now) < s.daily_quota
+      AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
+    ORDER BY array_position(v_order, s.service_id)
     FOR UPDATE OF s SKIP LOCKED
   LOOP
     v_sub := NULL;
@@ -4651,6 +4714,9 @@ BEGIN
     END IF;
     EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
   END LOOP;
+  EXIT ranked WHEN cardinality(c_sub) >= p_batch OR v_stop OR cardinality(v_order) < v_lim;
+  v_lim := 8 * v_lim;
+  END LOOP ranked;
   -- The shaping limits' state after this call's sends (0016).
   IF true = ANY (m_dirty) THEN
     UPDATE edm.shaping_limits l

@@ -44,9 +44,14 @@ NEXT_SUBTASK = "edm.claim_next_subtask"
 SENDABLE = "edm.task_sendable_outside"
 
 INNER_STATEMENTS: tuple[Inner, ...] = (
-    Inner("claim: ready services", CLAIM, "SELECT s.service_id, s.quota_tz",
+    Inner("claim: ready services, ranked", CLAIM,
+          "SELECT s.service_id FROM edm.services s\n    WHERE s.enabled",
           (("v_horizon", "timestamptz"), ("v_now", "timestamptz"), ("p_owner", "text"),
-           ("p_skip_services", "bigint[]")), ("services_ready_idx",), end_before="LOOP"),
+           ("p_skip_services", "bigint[]"), ("v_seen", "bigint[]"), ("v_lim", "integer")),
+          ("services_ready_idx",)),
+    Inner("claim: ranked services, locked in order", CLAIM, "SELECT s.service_id, s.quota_tz",
+          (("v_horizon", "timestamptz"), ("v_now", "timestamptz"), ("p_owner", "text"),
+           ("v_order", "bigint[]")), ("services_pkey",), end_before="LOOP"),
     Inner("claim: head of the rotation", CLAIM,
           "SELECT u.user_id FROM edm.users u\n    WHERE u.claimable_tasks > 0\n    ORDER BY",
           (("p_batch", "integer"),), ("users_rotation_idx",)),

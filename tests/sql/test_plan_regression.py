@@ -41,7 +41,8 @@ pytestmark = pytest.mark.slow
 # has one grantee, so looking the grant up by service is the efficient plan and
 # walking the whole rotation would be the regression.
 _EVERY_SHAPE: dict[str, tuple[str, ...]] = {
-    "claim: ready services": ("services_ready_idx",),
+    "claim: ready services, ranked": ("services_ready_idx",),
+    "claim: ranked services, locked in order": ("services_pkey",),
     "claim: head of the rotation": ("users_rotation_idx",),
     "claim: is the pool small": ("grants_pkey",),
     "claim: a small pool in rotation order": ("users_pkey",),
