@@ -1,9 +1,11 @@
--- 0026_cycle_overheads: three costs every claim and completion paid for
+-- 0026_cycle_overheads: four costs every claim and completion paid for
 -- nothing (issue 14, S1 throughput; docs/performance.md, "S1 after session 7").
 --
--- Counted with track_functions = 'all' over 855 raw S1 cycles (a claim of 50
--- and its completion each; S1 x 0.3), then confirmed with perf:
+-- Found with perf on the server during raw S1 cycles (a claim of 50 and its
+-- completion each; S1 x 0.3) and counted with track_functions = 'all':
 --
+-- * the claim sorted every ready service, whole rows, on every call (below,
+--   with the patch of edm.claim_v2);
 -- * edm.config_int / edm.config_num were SQL functions that no caller can
 --   inline (a sub-SELECT under a PL/pgSQL assignment), so every call parsed
 --   and planned its body again: 11 calls a cycle, about 80 us each. As
@@ -161,5 +163,5 @@ $p$    EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
 $p$    EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
   END LOOP;
   EXIT ranked WHEN cardinality(c_sub) >= p_batch OR v_stop OR cardinality(v_order) < v_lim;
-  v_lim := 8 * v_lim;
+  v_lim := CASE WHEN v_lim > 100000000 THEN v_lim ELSE 8 * v_lim END;
   END LOOP ranked;$p$]], '0026');
