@@ -51,7 +51,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('23', 'site_release', '8f42f833ddc9da64422459dc722d9ea6225ad9f8ea4e4367c3b09b21f1ef9f5b'),
   ('24', 'arrival_margin', '11872ab0c602fad94bd10cbf580f59b4590ac43dc16a1cb2d436a5e44065ce6f'),
   ('25', 'service_site_rules', '57132e24af7912ead5bf2b9756927b7d5e5ae146f42a8f8cc777b83706ed5940'),
-  ('26', 'cycle_overheads', '64e1afb52fa0f02c0b68cec84a07861ad207082be2be630a6e19dbce3d4c6e37'),
+  ('26', 'cycle_overheads', 'ce435a050b66f74ab3a00a0e210b4ed5a4ccf980cc94e620b657ef6a282b7e70'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -4041,7 +4041,7 @@ BEGIN
   -- not held by another dispatcher, not one the caller has no room for),
   -- least used quota first.
   -- (0026: ranked as a list of ids, a top-N, then locked from the list in
-  -- its order; a call the list does not fill ranks the services not seen yet)
+  -- its order; a call the list does not fill ranks all the services not seen yet)
   v_lim := 2 * p_batch + 8;
   <<ranked>>
   LOOP
@@ -4068,7 +4068,8 @@ BEGIN
       AND s.next_available_at <= v_horizon
       AND edm.service_sent_today(s, v_now) < s.daily_quota
       AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
-    ORDER BY array_position(v_order, s.service_id)
+    ORDER BY edm.service_sent_today(s, v_now)::double precision / s.daily_quota,
+             s.success_rate DESC, s.service_id
     FOR UPDATE OF s SKIP LOCKED
   LOOP
     v_sub := NULL;
@@ -4715,7 +4716,7 @@ BEGIN
     EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
   END LOOP;
   EXIT ranked WHEN cardinality(c_sub) >= p_batch OR v_stop OR cardinality(v_order) < v_lim;
-  v_lim := CASE WHEN v_lim > 100000000 THEN v_lim ELSE 8 * v_lim END;
+  v_lim := 2147483647;  -- the rest, in one ranking
   END LOOP ranked;
   -- The shaping limits' state after this call's sends (0016).
   IF true = ANY (m_dirty) THEN

@@ -102,8 +102,10 @@ COMMENT ON TRIGGER services_check_settings ON edm.services IS
 -- The ranking is now a narrow top-N (the services' ids in the same order,
 -- LIMIT 2 x batch + 8), and the services are locked from that list in that
 -- order, their readiness checked again. A call that uses up the list before
--- its batch is full ranks the services it has not seen yet, eight times as
--- many, until none are left: the same services in the same order as before.
+-- its batch is full ranks all the services it has not seen yet: the same
+-- services in the same order as before, in at most two rankings (a call that
+-- needs the second one, because many ready services have nothing to give,
+-- pays about what the full sort cost).
 SELECT edm.patch_function(
   'edm.claim_v2(text, integer, integer, timestamptz, integer, integer, bigint[])'::regprocedure,
   ARRAY[[
@@ -128,7 +130,7 @@ $p$  FOR v_svc IN
     FOR UPDATE OF s SKIP LOCKED
   LOOP$p$,
 $p$  -- (0026: ranked as a list of ids, a top-N, then locked from the list in
-  -- its order; a call the list does not fill ranks the services not seen yet)
+  -- its order; a call the list does not fill ranks all the services not seen yet)
   v_lim := 2 * p_batch + 8;
   <<ranked>>
   LOOP
@@ -155,7 +157,8 @@ $p$  -- (0026: ranked as a list of ids, a top-N, then locked from the list in
       AND s.next_available_at <= v_horizon
       AND edm.service_sent_today(s, v_now) < s.daily_quota
       AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
-    ORDER BY array_position(v_order, s.service_id)
+    ORDER BY edm.service_sent_today(s, v_now)::double precision / s.daily_quota,
+             s.success_rate DESC, s.service_id
     FOR UPDATE OF s SKIP LOCKED
   LOOP$p$], [
 $p$    EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
@@ -163,5 +166,5 @@ $p$    EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
 $p$    EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
   END LOOP;
   EXIT ranked WHEN cardinality(c_sub) >= p_batch OR v_stop OR cardinality(v_order) < v_lim;
-  v_lim := CASE WHEN v_lim > 100000000 THEN v_lim ELSE 8 * v_lim END;
+  v_lim := 2147483647;  -- the rest, in one ranking
   END LOOP ranked;$p$]], '0026');
