@@ -51,7 +51,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('23', 'site_release', '8f42f833ddc9da64422459dc722d9ea6225ad9f8ea4e4367c3b09b21f1ef9f5b'),
   ('24', 'arrival_margin', '11872ab0c602fad94bd10cbf580f59b4590ac43dc16a1cb2d436a5e44065ce6f'),
   ('25', 'service_site_rules', '57132e24af7912ead5bf2b9756927b7d5e5ae146f42a8f8cc777b83706ed5940'),
-  ('26', 'cycle_overheads', 'ce435a050b66f74ab3a00a0e210b4ed5a4ccf980cc94e620b657ef6a282b7e70'),
+  ('26', 'cycle_overheads', 'faf20ce3b7a831e084bd4171687938882b68f70fd6e493043d0e61c2f8d2a805'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -3935,9 +3935,8 @@ DECLARE
   v_tx_tried bigint[];
   v_tx_slot  boolean;  -- this slot may still go to transactional work ahead of the rotation
   v_stop     boolean := false;
-  -- 0026: the ready services ranked so far, the current list and its length
-  v_seen     bigint[] := '{}';
-  v_order    bigint[];
+  -- 0026: the current list of ranked services, and the most it may hold
+  v_order    bigint[] := '{}';
   v_lim      integer;
   -- (a recipient's site is its stored domain's row in edm.site_domains, read
   -- at the claim: a mapping added later applies to queued recipients too)
@@ -4052,12 +4051,11 @@ BEGIN
       AND edm.service_sent_today(s, v_now) < s.daily_quota
       AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
       AND s.service_id <> ALL (p_skip_services)
-      AND s.service_id <> ALL (v_seen)
+      AND s.service_id <> ALL (v_order)  -- the second ranking: all but the first list
     ORDER BY edm.service_sent_today(s, v_now)::double precision / s.daily_quota,
              s.success_rate DESC, s.service_id
     LIMIT v_lim);
   EXIT ranked WHEN cardinality(v_order) = 0;
-  v_seen := v_seen || v_order;
   FOR v_svc IN
     SELECT s.service_id, s.quota_tz, s.interval_ms, s.daily_quota, s.has_limits, s.tx_run,
            s.next_available_at, edm.service_sent_today(s, v_now) AS sent_today,

@@ -47,7 +47,7 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
     Inner("claim: ready services, ranked", CLAIM,
           "SELECT s.service_id FROM edm.services s\n    WHERE s.enabled",
           (("v_horizon", "timestamptz"), ("v_now", "timestamptz"), ("p_owner", "text"),
-           ("p_skip_services", "bigint[]"), ("v_seen", "bigint[]"), ("v_lim", "integer")),
+           ("p_skip_services", "bigint[]"), ("v_order", "bigint[]"), ("v_lim", "integer")),
           ("services_ready_idx",)),
     Inner("claim: ranked services, locked in order", CLAIM, "SELECT s.service_id, s.quota_tz",
           (("v_horizon", "timestamptz"), ("v_now", "timestamptz"), ("p_owner", "text"),

@@ -111,9 +111,8 @@ SELECT edm.patch_function(
   ARRAY[[
 $p$  v_stop     boolean := false;$p$,
 $p$  v_stop     boolean := false;
-  -- 0026: the ready services ranked so far, the current list and its length
-  v_seen     bigint[] := '{}';
-  v_order    bigint[];
+  -- 0026: the current list of ranked services, and the most it may hold
+  v_order    bigint[] := '{}';
   v_lim      integer;$p$], [
 $p$  FOR v_svc IN
     SELECT s.service_id, s.quota_tz, s.interval_ms, s.daily_quota, s.has_limits, s.tx_run,
@@ -141,12 +140,11 @@ $p$  -- (0026: ranked as a list of ids, a top-N, then locked from the list in
       AND edm.service_sent_today(s, v_now) < s.daily_quota
       AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
       AND s.service_id <> ALL (p_skip_services)
-      AND s.service_id <> ALL (v_seen)
+      AND s.service_id <> ALL (v_order)  -- the second ranking: all but the first list
     ORDER BY edm.service_sent_today(s, v_now)::double precision / s.daily_quota,
              s.success_rate DESC, s.service_id
     LIMIT v_lim);
   EXIT ranked WHEN cardinality(v_order) = 0;
-  v_seen := v_seen || v_order;
   FOR v_svc IN
     SELECT s.service_id, s.quota_tz, s.interval_ms, s.daily_quota, s.has_limits, s.tx_run,
            s.next_available_at, edm.service_sent_today(s, v_now) AS sent_today,
