@@ -47,7 +47,8 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
     Inner("claim: ready services, ranked", CLAIM,
           "SELECT s.service_id FROM edm.services s\n    WHERE s.enabled",
           (("v_horizon", "timestamptz"), ("v_now", "timestamptz"), ("p_owner", "text"),
-           ("p_skip_services", "bigint[]"), ("v_order", "bigint[]"), ("v_lim", "integer")),
+           ("p_skip_services", "bigint[]"), ("v_order", "bigint[]"), ("v_lim", "integer"),
+           ("v_rest", "boolean")),
           ("services_ready_idx",)),
     Inner("claim: ranked services, locked in order", CLAIM, "SELECT s.service_id, s.quota_tz",
           (("v_horizon", "timestamptz"), ("v_now", "timestamptz"), ("p_owner", "text"),
@@ -217,6 +218,7 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "p_outcomes": "'{" + ",".join(["sent"] * len(subs)) + "}'::text[]",
         "v_n": str(len(subs)), "v_max_attempts": "5",
         "v_retry_base": "60", "v_retry_max": "3600", "v_svc_base": "30", "v_svc_max": "1800",
+        "v_rest": "false",  # the first ranking (0027), every call's
         # arrays a claim call accumulates (empty at its first lookup)
         "v_tried": "'{}'::bigint[]", "r_tasks": "'{}'::bigint[]", "v_cands": "'{}'::text[]",
         "r_users": "'{}'::text[]", "c_svc": "'{}'::bigint[]", "c_sub": "'{}'::bigint[]",
