@@ -52,7 +52,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('24', 'arrival_margin', '11872ab0c602fad94bd10cbf580f59b4590ac43dc16a1cb2d436a5e44065ce6f'),
   ('25', 'service_site_rules', '57132e24af7912ead5bf2b9756927b7d5e5ae146f42a8f8cc777b83706ed5940'),
   ('26', 'cycle_overheads', 'faf20ce3b7a831e084bd4171687938882b68f70fd6e493043d0e61c2f8d2a805'),
-  ('27', 'idle_services', '18f40836881485c5b78e6181427a3f546e31e33e780c4acfa270ba4d61c24238'),
+  ('27', 'idle_services', '949722ec16089e38bfc878d7dfc67dff507e51f12b3b37c7499b9417531690cc'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -3939,8 +3939,9 @@ DECLARE
   -- 0026: the current list of ranked services, and the most it may hold
   v_order    bigint[] := '{}';
   v_lim      integer;
-  -- 0027: the second ranking, which leaves out services without work
-  v_rest     boolean := false;
+  -- 0027: the second ranking, and the position in it of the next chunk
+  v_rest     bigint[];
+  v_pos      integer;
   -- (a recipient's site is its stored domain's row in edm.site_domains, read
   -- at the claim: a mapping added later applies to queued recipients too)
   -- The shaping limits this call uses, read once (locked, or guarded by
@@ -4047,6 +4048,20 @@ BEGIN
   v_lim := 2 * p_batch + 8;
   <<ranked>>
   LOOP
+  IF v_rest IS NOT NULL THEN
+    -- (0027) the next chunk of the second ranking, without the services none
+    -- of whose grantees has claimable work: these could give no slot
+    EXIT ranked WHEN v_pos > cardinality(v_rest);
+    v_order := ARRAY(
+      SELECT x.id FROM unnest(v_rest[v_pos : v_pos + 2 * p_batch + 7]) x(id)
+      WHERE EXISTS (
+        SELECT 1 FROM edm.grants g
+        WHERE g.service_id = x.id
+          -- (a probe per grant, up to the first user with work: a join may
+          -- hash every user for a pool's thousands of grants)
+          AND (SELECT u.claimable_tasks FROM edm.users u WHERE u.user_id = g.user_id) > 0));
+    v_pos := v_pos + 2 * p_batch + 8;
+  ELSE
   v_order := ARRAY(
     SELECT s.service_id FROM edm.services s
     WHERE s.enabled
@@ -4055,14 +4070,16 @@ BEGIN
       AND (s.held_until IS NULL OR s.held_until <= v_now OR s.held_by = p_owner)
       AND s.service_id <> ALL (p_skip_services)
       AND s.service_id <> ALL (v_order)  -- the second ranking: all but the first list
-      -- (0027: there, only services a grantee of which has claimable work)
-      AND (NOT v_rest
-           OR EXISTS (SELECT 1 FROM edm.grants g JOIN edm.users u ON u.user_id = g.user_id
-                      WHERE g.service_id = s.service_id AND u.claimable_tasks > 0))
     ORDER BY edm.service_sent_today(s, v_now)::double precision / s.daily_quota,
              s.success_rate DESC, s.service_id
     LIMIT v_lim);
   EXIT ranked WHEN cardinality(v_order) = 0;
+  IF v_lim = 2147483647 THEN  -- the second ranking: taken a chunk at a time (above)
+    v_rest := v_order;
+    v_pos := 1;
+    CONTINUE ranked;
+  END IF;
+  END IF;
   FOR v_svc IN
     SELECT s.service_id, s.quota_tz, s.interval_ms, s.daily_quota, s.has_limits, s.tx_run,
            s.next_available_at, edm.service_sent_today(s, v_now) AS sent_today,
@@ -4722,9 +4739,10 @@ BEGIN
     END IF;
     EXIT WHEN cardinality(c_sub) >= p_batch OR v_stop;
   END LOOP;
-  EXIT ranked WHEN cardinality(c_sub) >= p_batch OR v_stop OR cardinality(v_order) < v_lim;
+  EXIT ranked WHEN cardinality(c_sub) >= p_batch OR v_stop;
+  CONTINUE ranked WHEN v_rest IS NOT NULL;  -- the next chunk
+  EXIT ranked WHEN cardinality(v_order) < v_lim;
   v_lim := 2147483647;  -- the rest, in one ranking
-  v_rest := true;
   END LOOP ranked;
   -- The shaping limits' state after this call's sends (0016).
   IF true = ANY (m_dirty) THEN

@@ -47,12 +47,15 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
     Inner("claim: ready services, ranked", CLAIM,
           "SELECT s.service_id FROM edm.services s\n    WHERE s.enabled",
           (("v_horizon", "timestamptz"), ("v_now", "timestamptz"), ("p_owner", "text"),
-           ("p_skip_services", "bigint[]"), ("v_order", "bigint[]"), ("v_lim", "integer"),
-           ("v_rest", "boolean")),
+           ("p_skip_services", "bigint[]"), ("v_order", "bigint[]"), ("v_lim", "integer")),
           ("services_ready_idx",)),
     Inner("claim: ranked services, locked in order", CLAIM, "SELECT s.service_id, s.quota_tz",
           (("v_horizon", "timestamptz"), ("v_now", "timestamptz"), ("p_owner", "text"),
            ("v_order", "bigint[]")), ("services_pkey",), end_before="LOOP"),
+    Inner("claim: a chunk of the second ranking, services with work", CLAIM,
+          "SELECT x.id FROM unnest(v_rest",
+          (("v_rest", "bigint[]"), ("v_pos", "integer"), ("p_batch", "integer")),
+          ("grants_pkey", "users_pkey")),
     Inner("claim: head of the rotation", CLAIM,
           "SELECT u.user_id FROM edm.users u\n    WHERE u.claimable_tasks > 0\n    ORDER BY",
           (("p_batch", "integer"),), ("users_rotation_idx",)),
@@ -210,6 +213,8 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
     if not (svc and user and task and subs):
         raise LookupError("no ready service with a user holding claimable work")
     ids = ",".join(str(r[0]) for r in subs)
+    ready = ",".join(str(r[0]) for r in conn.execute(
+        "SELECT service_id FROM edm.services WHERE next_available_at <= now() ORDER BY service_id"))
     return {
         "v_now": "now()", "v_svc.service_id": str(svc[0]), "v_skip": "'{}'::text[]",
         "v_user": f"'{user[0]}'", "v_task": str(task[0]), "v_sub": str(subs[0][0]),
@@ -218,8 +223,10 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "p_outcomes": "'{" + ",".join(["sent"] * len(subs)) + "}'::text[]",
         "v_n": str(len(subs)), "v_max_attempts": "5",
         "v_retry_base": "60", "v_retry_max": "3600", "v_svc_base": "30", "v_svc_max": "1800",
-        "v_rest": "false",  # the first ranking (0027), every call's
         # arrays a claim call accumulates (empty at its first lookup)
+        # the second ranking (0027): the ready services, a chunk taken from the first
+        "v_rest": f"'{{{ready}}}'::bigint[]",
+        "v_pos": "1",
         "v_tried": "'{}'::bigint[]", "r_tasks": "'{}'::bigint[]", "v_cands": "'{}'::text[]",
         "r_users": "'{}'::text[]", "c_svc": "'{}'::bigint[]", "c_sub": "'{}'::bigint[]",
         "c_user": f"'{{{user[0]}}}'::text[]", "c_task": f"'{{{task[0]}}}'::bigint[]",

@@ -40,7 +40,7 @@ def test_services_without_work_past_the_first_list_are_not_locked(
         # share and success rate: by id): one user without tasks, one whose task
         # is paused, and a pool of both
         idle = [make_service(s, f"idle{i}", interval=0, users=[("drained", "paused")[i % 2]])
-                for i in range(listed + 6)]
+                for i in range(3 * listed + 6)]
         idle.append(make_service(s, "idle_pool", interval=0, users=["drained", "paused"]))
         sid = make_service(s, "last", interval=0, users=["busy", "drained"])
         make_task(s, "busy", 5)

@@ -43,6 +43,7 @@ pytestmark = pytest.mark.slow
 _EVERY_SHAPE: dict[str, tuple[str, ...]] = {
     "claim: ready services, ranked": ("services_ready_idx",),
     "claim: ranked services, locked in order": ("services_pkey",),
+    "claim: a chunk of the second ranking, services with work": ("grants_pkey", "users_pkey"),
     "claim: head of the rotation": ("users_rotation_idx",),
     "claim: is the pool small": ("grants_pkey",),
     "claim: a small pool in rotation order": ("users_pkey",),
