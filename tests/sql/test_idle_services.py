@@ -5,9 +5,10 @@ services whose users have sent everything rank first (least quota used), and a
 claim used to lock each of them and search it for a slot before it reached a
 service with work. Now:
 
-* the second ranking (all the services the first list did not cover) leaves
-  out services none of whose grantees has claimable work, so they are never
-  locked;
+* the second ranking (all the services the first list did not cover),
+  visited a chunk at a time, leaves out services none of whose grantees has
+  claimable work, so they are never locked (here the service with work is in
+  the third chunk);
 * nothing is remembered between calls: a service is served again as soon as
   one of its grantees has work.
 """
