@@ -52,7 +52,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('24', 'arrival_margin', '11872ab0c602fad94bd10cbf580f59b4590ac43dc16a1cb2d436a5e44065ce6f'),
   ('25', 'service_site_rules', '57132e24af7912ead5bf2b9756927b7d5e5ae146f42a8f8cc777b83706ed5940'),
   ('26', 'cycle_overheads', 'faf20ce3b7a831e084bd4171687938882b68f70fd6e493043d0e61c2f8d2a805'),
-  ('27', 'idle_services', '949722ec16089e38bfc878d7dfc67dff507e51f12b3b37c7499b9417531690cc'),
+  ('27', 'idle_services', 'e771a5eddf0a7f0e6f5e55d90e128aacc12774f53ec596a9cc6491b11a3d719b'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -3939,9 +3939,11 @@ DECLARE
   -- 0026: the current list of ranked services, and the most it may hold
   v_order    bigint[] := '{}';
   v_lim      integer;
-  -- 0027: the second ranking, and the position in it of the next chunk
+  -- 0027: the second ranking, the position in it of the next chunk, and the
+  -- length of a chunk (that of the first list)
   v_rest     bigint[];
   v_pos      integer;
+  v_chunk    integer;
   -- (a recipient's site is its stored domain's row in edm.site_domains, read
   -- at the claim: a mapping added later applies to queued recipients too)
   -- The shaping limits this call uses, read once (locked, or guarded by
@@ -4045,7 +4047,8 @@ BEGIN
   -- least used quota first.
   -- (0026: ranked as a list of ids, a top-N, then locked from the list in
   -- its order; a call the list does not fill ranks all the services not seen yet)
-  v_lim := 2 * p_batch + 8;
+  v_chunk := 2 * p_batch + 8;
+  v_lim := v_chunk;
   <<ranked>>
   LOOP
   IF v_rest IS NOT NULL THEN
@@ -4053,14 +4056,14 @@ BEGIN
     -- of whose grantees has claimable work: these could give no slot
     EXIT ranked WHEN v_pos > cardinality(v_rest);
     v_order := ARRAY(
-      SELECT x.id FROM unnest(v_rest[v_pos : v_pos + 2 * p_batch + 7]) x(id)
+      SELECT x.id FROM unnest(v_rest[v_pos : v_pos + v_chunk - 1]) x(id)
       WHERE EXISTS (
         SELECT 1 FROM edm.grants g
         WHERE g.service_id = x.id
           -- (a probe per grant, up to the first user with work: a join may
           -- hash every user for a pool's thousands of grants)
           AND (SELECT u.claimable_tasks FROM edm.users u WHERE u.user_id = g.user_id) > 0));
-    v_pos := v_pos + 2 * p_batch + 8;
+    v_pos := v_pos + v_chunk;
   ELSE
   v_order := ARRAY(
     SELECT s.service_id FROM edm.services s

@@ -54,7 +54,7 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
            ("v_order", "bigint[]")), ("services_pkey",), end_before="LOOP"),
     Inner("claim: a chunk of the second ranking, services with work", CLAIM,
           "SELECT x.id FROM unnest(v_rest",
-          (("v_rest", "bigint[]"), ("v_pos", "integer"), ("p_batch", "integer")),
+          (("v_rest", "bigint[]"), ("v_pos", "integer"), ("v_chunk", "integer")),
           ("grants_pkey", "users_pkey")),
     Inner("claim: head of the rotation", CLAIM,
           "SELECT u.user_id FROM edm.users u\n    WHERE u.claimable_tasks > 0\n    ORDER BY",
@@ -226,7 +226,7 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         # arrays a claim call accumulates (empty at its first lookup)
         # the second ranking (0027): the ready services, a chunk taken from the first
         "v_rest": f"'{{{ready}}}'::bigint[]",
-        "v_pos": "1",
+        "v_pos": "1", "v_chunk": "108",
         "v_tried": "'{}'::bigint[]", "r_tasks": "'{}'::bigint[]", "v_cands": "'{}'::text[]",
         "r_users": "'{}'::text[]", "c_svc": "'{}'::bigint[]", "c_sub": "'{}'::bigint[]",
         "c_user": f"'{{{user[0]}}}'::text[]", "c_task": f"'{{{task[0]}}}'::bigint[]",

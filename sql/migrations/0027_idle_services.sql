@@ -36,9 +36,14 @@ SELECT edm.patch_function(
   ARRAY[[
 $p$  v_lim      integer;$p$,
 $p$  v_lim      integer;
-  -- 0027: the second ranking, and the position in it of the next chunk
+  -- 0027: the second ranking, the position in it of the next chunk, and the
+  -- length of a chunk (that of the first list)
   v_rest     bigint[];
-  v_pos      integer;$p$], [
+  v_pos      integer;
+  v_chunk    integer;$p$], [
+$p$  v_lim := 2 * p_batch + 8;$p$,
+$p$  v_chunk := 2 * p_batch + 8;
+  v_lim := v_chunk;$p$], [
 $p$  <<ranked>>
   LOOP
   v_order := ARRAY($p$,
@@ -49,14 +54,14 @@ $p$  <<ranked>>
     -- of whose grantees has claimable work: these could give no slot
     EXIT ranked WHEN v_pos > cardinality(v_rest);
     v_order := ARRAY(
-      SELECT x.id FROM unnest(v_rest[v_pos : v_pos + 2 * p_batch + 7]) x(id)
+      SELECT x.id FROM unnest(v_rest[v_pos : v_pos + v_chunk - 1]) x(id)
       WHERE EXISTS (
         SELECT 1 FROM edm.grants g
         WHERE g.service_id = x.id
           -- (a probe per grant, up to the first user with work: a join may
           -- hash every user for a pool's thousands of grants)
           AND (SELECT u.claimable_tasks FROM edm.users u WHERE u.user_id = g.user_id) > 0));
-    v_pos := v_pos + 2 * p_batch + 8;
+    v_pos := v_pos + v_chunk;
   ELSE
   v_order := ARRAY($p$], [
 $p$    LIMIT v_lim);
