@@ -71,6 +71,7 @@ import email.utils
 import functools
 import re
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,30 @@ def _compile(source: str, html: bool) -> jinja2.Template:
     return (_html_env if html else _text_env).from_string(source)
 
 
+@functools.lru_cache(maxsize=4096)
+def _globals(template: jinja2.Template) -> dict[str, Any]:
+    """The template's globals (the environment's: ``range``, ``dict``, ``namespace``,
+    ...) as one plain dict, made once per compiled template."""
+    return dict(template.globals)
+
+
+def _render_compiled(template: jinja2.Template, variables: Mapping[str, Any]) -> str:
+    """``template.render(variables)`` without its per-call copy of the globals.
+
+    ``Template.render`` builds each context from a ``ChainMap`` of the template's
+    and the environment's globals, iterated afresh on every call: two thirds of
+    a short template's rendering (10.6 against 3.9 us for a subject line). The
+    context here is the same names over a dict of the globals made once
+    (:func:`_globals`); the recipient's variables win over a global of the same
+    name, as in ``render``. Errors are raised as ``render`` raises them."""
+    context = template.new_context({**_globals(template), **variables}, shared=True)
+    try:
+        return template.environment.concat(template.root_render_func(context))
+    except Exception:
+        template.environment.handle_exception()
+        raise  # not reached: handle_exception raises the rewritten exception
+
+
 def _plain(source: str) -> bool:
     """True when ``source`` has no template syntax (no ``{``) and no CR: Jinja would
     give it back as is, less one trailing newline, so compiling it (seconds of CPU
@@ -141,7 +166,7 @@ def _plain(source: str) -> bool:
 def _render(source: str, html: bool, variables: Mapping[str, Any]) -> str:
     if _plain(source):
         return source[:-1] if source.endswith("\n") else source  # Jinja's trailing rule
-    return _compile(source, html).render(variables)
+    return _render_compiled(_compile(source, html), variables)
 
 
 # ------------------------------------------------------------- at the door
@@ -465,6 +490,21 @@ def _list_header(name: str, value: str) -> str:
     return "\r\n".join(lines)
 
 
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _date_now() -> str:
+    """The Date header's value for now (RFC 5322, UTC), formatted once a second:
+    ``email.utils.formatdate`` costs about 3 us, paid for every message."""
+    global _date_cache
+    second = int(time.time())
+    cached = _date_cache  # one read: another thread may swap the tuple meanwhile
+    if cached[0] != second:
+        cached = (second, email.utils.formatdate(second, localtime=False))
+        _date_cache = cached
+    return cached[1]
+
+
 def build_message(service: ServiceConfig, ctx: RenderContext, rendered: Rendered) -> Message:
     """Assemble the wire message; raises RenderError for anything unsendable."""
     if not service.from_addresses:
@@ -481,7 +521,7 @@ def build_message(service: ServiceConfig, ctx: RenderContext, rendered: Rendered
             "To: " + _address("recipient", ctx.email, utf8),
             _text_header("Subject", _single_line("subject", rendered.subject), False),
             "Message-ID: " + mid,
-            "Date: " + email.utils.formatdate(localtime=False),
+            "Date: " + _date_now(),
             f"X-Edm-Service: {service.service_id:d}",
             f"X-Edm-Task: {ctx.task_id:d}",
         ]

@@ -299,3 +299,58 @@ def test_plain_templates_skip_jinja_with_the_same_result(source: str, html: bool
     from edm_sched.rendering import _compile, _render
 
     assert _render(source, html, {}) == _compile(source, html).render({})
+
+
+_TEMPLATES = [
+    "Hello {{ first_name }}",
+    "{% for i in range(3) %}{{ i }},{% endfor %} {{ email }}",  # a global: range
+    "{% set ns = namespace(n=0) %}{% for w in words %}{% set ns.n = ns.n + 1 %}{% endfor %}"
+    "{{ ns.n }} words",
+    "{{ range }}",  # a variable named like a global wins, as in Template.render
+    "<p>{{ first_name }}</p>{{ words | join(', ') }}",
+]
+
+
+@PROPERTY
+@given(source=st.sampled_from(_TEMPLATES), html=st.booleans(),
+       first_name=st.text(max_size=20), words=st.lists(st.text(max_size=5), max_size=4),
+       shadow=st.booleans())
+def test_compiled_templates_render_as_template_render_does(
+        source: str, html: bool, first_name: str, words: list[str], shadow: bool) -> None:
+    """The renderer's context (the globals copied once per template) gives what
+    ``Template.render`` gives, globals and a variable shadowing one included."""
+    from edm_sched.rendering import _compile, _render
+
+    variables: dict[str, Any] = {"first_name": first_name, "words": words, "email": "a@b.example"}
+    if shadow:
+        variables["range"] = "shadowed"
+    if source == "{{ range }}" and not shadow:
+        variables["range"] = first_name
+
+    def outcome(render: Any) -> tuple[str, str]:
+        try:
+            return ("ok", render())
+        except Exception as exc:  # a shadowed range() fails alike in both
+            return (type(exc).__name__, str(exc))
+
+    assert (outcome(lambda: _render(source, html, variables))
+            == outcome(lambda: _compile(source, html).render(variables)))
+
+
+def test_a_missing_variable_still_raises_the_same_error() -> None:
+    from jinja2 import UndefinedError
+
+    from edm_sched.rendering import _render
+
+    with pytest.raises(UndefinedError, match="'first_name' is undefined"):
+        _render("Hello {{ first_name }}", False, {})
+
+
+def test_the_date_header_is_the_current_second_in_utc() -> None:
+    before = email.utils.format_datetime(email.utils.localtime(), usegmt=False)
+    data = build().data.decode()
+    date = re.search(r"^Date: (.+)\r$", data, re.M)
+    assert date is not None
+    sent = email.utils.parsedate_to_datetime(date.group(1))
+    assert abs(sent.timestamp() - email.utils.parsedate_to_datetime(before).timestamp()) <= 2
+    assert date.group(1).endswith("-0000")
