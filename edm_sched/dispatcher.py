@@ -72,6 +72,7 @@ from edm_sched.rendering import (
 )
 from edm_sched.reply_rules import reply_detail
 from edm_sched.sqlfiles import query
+from edm_sched.template_cache import TemplateCache, TemplatesOfTask
 from edm_sched.transports.base import (
     CredentialResolver,
     Message,
@@ -99,6 +100,10 @@ PACE_REPORT_AFTER = 0.005  # seconds behind its slots before a lane reports its 
 # service and claim) before building a message itself: behind a heavy message, the next
 # ones are not held up by the whole group.
 GROUP_BUILD_WAIT = 0.05
+# Bounds of the template cache (edm_sched.template_cache): a fair claim cycles through
+# every task with work, so it holds many tasks; large bodies are bounded by the bytes.
+TEMPLATE_CACHE_TASKS = 100_000
+TEMPLATE_CACHE_BYTES = 64 * 1024 * 1024
 
 
 def _may_be_ruled(result: SendResult) -> bool:
@@ -268,7 +273,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
-        self._templates: dict[int, dict[int, TemplateRow]] = {}
+        self._templates = TemplateCache(TEMPLATE_CACHE_BYTES, TEMPLATE_CACHE_TASKS)
         self._services: dict[int, tuple[float, ServiceConfig]] = {}
         self._intervals: dict[int, float] = {}  # service_id -> interval in seconds
         # service_id -> its rate limits as (emission interval, tolerance) in seconds
@@ -517,13 +522,13 @@ class Dispatcher:
     async def _start_sends(self, rows: list[Claimed]) -> None:
         conn = await self._conn("_claim_conn")
         services = await self._service_configs(conn, {r.service_id for r in rows})
-        await self._load_templates(conn, {r.task_id for r in rows})
+        templates = await self._load_templates(conn, {r.task_id for r in rows})
         contacts = await self._contact_attributes(conn, {r.contact_id for r in rows
                                                          if r.contact_id is not None})
         groups: dict[int, list[QueuedSend]] = {}
         for row in rows:
             service = services[row.service_id]
-            template = self._templates.get(row.task_id, {}).get(row.template_idx)
+            template = templates.get(row.task_id, {}).get(row.template_idx)
             variables = {**contacts.get(row.contact_id or 0, {}), **(row.vars or {})}
             groups.setdefault(service.service_id, []).append(
                 QueuedSend(row, None, row.slot, row.lease_deadline,
@@ -696,18 +701,21 @@ class Dispatcher:
                     self._lanes[sid].pacers = self._pacers[sid]
         return {i: self._services[i][1] for i in ids}
 
-    async def _load_templates(self, conn: psycopg.AsyncConnection[Any], task_ids: set[int]) -> None:
-        missing = [t for t in task_ids if t not in self._templates]
+    async def _load_templates(self, conn: psycopg.AsyncConnection[Any],
+                              task_ids: set[int]) -> dict[int, TemplatesOfTask]:
+        """The templates of ``task_ids``, from the cache or else read; the cache is then
+        trimmed to its bounds, never dropping these (see :mod:`edm_sched.template_cache`)."""
+        found, missing = self._templates.lookup(task_ids)
         if not missing:
-            return
+            return found
         cur = await conn.execute(query("dispatch_templates"), (missing,))
         for (task_id, idx, subject, text, html, from_name, reply_to, headers,
              list_unsubscribe) in await cur.fetchall():
-            self._templates.setdefault(task_id, {})[idx] = TemplateRow(
+            found[task_id] = self._templates.add(task_id, idx, TemplateRow(
                 subject, text, html, from_name, reply_to, tuple((headers or {}).items()),
-                list_unsubscribe)
-        if len(self._templates) > 10_000:
-            self._templates.clear()
+                list_unsubscribe))
+        self._templates.trim(keep=task_ids)
+        return found
 
     async def _contact_attributes(self, conn: psycopg.AsyncConnection[Any],
                                   ids: set[int]) -> dict[int, dict[str, Any]]:

@@ -6,7 +6,9 @@ import threading
 from typing import Any
 
 import psycopg
+import pytest
 
+from edm_sched import dispatcher
 from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.transports.null import NullTransport
@@ -80,3 +82,37 @@ def test_render_error_fails_only_that_recipient(dsn: str) -> None:
         st = s.get_task(t.task_id)
     assert (st.sent_count, st.failed_count) == (1, 2)
     assert [m[2] for m in transport.sent] == ["ok@r.example"]
+
+
+def test_more_tasks_than_the_template_cache_holds(dsn: str, conn: psycopg.Connection[Any],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fair claim cycles through every task; with more tasks than the template cache
+    holds, every recipient is still rendered with its own task's template. (The cache
+    used to be cleared right after a claim's templates were read, and that claim's
+    messages failed as render errors: 350 of 75,350 in an S1 world.)"""
+    monkeypatch.setattr(dispatcher, "TEMPLATE_CACHE_TASKS", 2)
+    transport = NullTransport(record=True)
+    with Scheduler(dsn) as s:
+        s.upsert_user("a")
+        sid = s.create_service({"name": "s", "from_addresses": ["s@x.example"],
+                                "interval_seconds": 0, "daily_quota": 1000, "transport": "null"})
+        s.grant(sid, "a")
+        tasks = [s.create_task({"user_id": "a", "name": f"t{i}",
+                                "templates": [{"subject": f"Task {i}", "body_text": "x"}],
+                                "recipients": [{"email": f"r{j}@r{i}.example"}
+                                               for j in range(4)]})
+                 for i in range(6)]
+        stop = threading.Event()
+        th = threading.Thread(target=run_dispatcher, args=(dsn, transport),
+                              kwargs={"stop_event": stop, "handle_signals": False,
+                                      "batch_size": 5})
+        th.start()
+        try:
+            wait_for(lambda: all(s.get_task(t.task_id).status == "completed" for t in tasks))
+        finally:
+            stop.set()
+            th.join(30)
+        counts = [(s.get_task(t.task_id).sent_count, s.get_task(t.task_id).failed_count)
+                  for t in tasks]
+    assert counts == [(4, 0)] * 6
+    assert counters_match(conn) == []
