@@ -20,6 +20,7 @@ SCENARIOS = {
     "limits": "limits",
     "faults": "faults",
     "shaped": "shaped",
+    "floor": "floor",
 }
 
 

@@ -3,7 +3,9 @@
 ``python -m benchmarks claimprofile`` copies the installed ``edm.claim_v2`` with
 clocks around its parts, found by the text of their first statements: a change
 of the claim that moves one of them must update the script, not break it
-silently. Run as its own process (tests never import benchmarks/).
+silently. ``python -m benchmarks floor`` replaces the claim and the completion with
+FIFO-cost versions of the same signatures, which must stay in step with what
+run_dispatcher() reads. Run as their own processes (tests never import benchmarks/).
 """
 
 from __future__ import annotations
@@ -29,3 +31,17 @@ def test_claimprofile_instruments_the_installed_claim(edm_pg_server: Any) -> Non
     parts = r["parts_ms"]
     assert {"rotation head", "slots: batched fill and slot by slot", "batched writes"} <= set(parts)
     assert all(ms >= 0 for ms in parts.values())
+
+
+def test_floor_installs_its_claim_and_the_dispatcher_runs_on_it(edm_pg_server: Any) -> None:
+    """``python -m benchmarks floor`` replaces the claim and the completion on a copy of
+    the world: both must keep the columns run_dispatcher() reads, or the floor is 0.
+    (50,000 subtasks: fewer would drain within the warm-up at the floor's pace.)"""
+    dsn = edm_pg_server.dsn(edm_pg_server.maintenance_dbname)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "floor", "--scale", "0.05", "--seconds", "1",
+         "--processes", "1", "--json", "--dsn", dsn],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["product_cycles_per_s"] > 0 and r["floor_cycles_per_s"] > 0
