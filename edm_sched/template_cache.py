@@ -31,7 +31,7 @@ def template_size(row: TemplateRow) -> int:
     bound for non-ASCII text) and a fixed overhead."""
     text = (row.subject, row.body_text, row.body_html, row.from_name, row.reply_to)
     return (ROW_OVERHEAD + sum(len(s) for s in text if s)
-            + sum(len(k) + len(v) for k, v in row.headers))
+            + sum(len(k) + len(str(v)) for k, v in row.headers))
 
 
 class TemplateCache:
