@@ -21,6 +21,7 @@ SCENARIOS = {
     "faults": "faults",
     "shaped": "shaped",
     "floor": "floor",
+    "cpu": "cpu",
 }
 
 

@@ -3,9 +3,11 @@
 ``python -m benchmarks claimprofile`` copies the installed ``edm.claim_v2`` with
 clocks around its parts, found by the text of their first statements: a change
 of the claim that moves one of them must update the script, not break it
-silently. ``python -m benchmarks floor`` replaces the claim and the completion with
-FIFO-cost versions of the same signatures, which must stay in step with what
-run_dispatcher() reads. Run as their own processes (tests never import benchmarks/).
+silently. ``python -m benchmarks floor`` (and ``cpu --floor``) replaces the claim
+and the completion with FIFO-cost versions of the same signatures, which must
+stay in step with what run_dispatcher() reads. ``cpu`` reads the dispatcher's
+backends' CPU from /proc. Run as their own processes (tests never import
+benchmarks/).
 """
 
 from __future__ import annotations
@@ -45,3 +47,17 @@ def test_floor_installs_its_claim_and_the_dispatcher_runs_on_it(edm_pg_server: A
     assert proc.returncode == 0, proc.stderr[-4000:]
     r: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["product_cycles_per_s"] > 0 and r["floor_cycles_per_s"] > 0
+
+
+def test_cpu_reads_the_dispatcher_and_its_backends(edm_pg_server: Any) -> None:
+    """``python -m benchmarks cpu`` finds the dispatcher's backends by database and
+    reads their CPU from /proc: each figure must come out, on the floor too."""
+    dsn = edm_pg_server.dsn(edm_pg_server.maintenance_dbname)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "cpu", "--scale", "0.05", "--seconds", "1",
+         "--warmup", "1", "--floor", "--json", "--dsn", dsn],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["sends"] > 0 and r["python_us_per_send"] > 0 and r["postgres_us_per_send"] > 0
+    assert len(r["backends"]) >= 2  # the claim's and the completion's connections
