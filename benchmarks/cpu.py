@@ -34,12 +34,10 @@ from typing import Any
 
 import psycopg
 
-from benchmarks import common
+from benchmarks import common, floor
 from edm_sched.testing import worlds as data
 
 DESCRIPTION = "one dispatcher's CPU per send: its Python and its PostgreSQL backends"
-FLOOR_SQL = Path(__file__).with_name("floor.sql")
-
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=0.3, help="S1 scale (default 0.3)")
@@ -124,8 +122,7 @@ def main(argv: Sequence[str]) -> int:
         common.say("building S1")
         data.build_world(dsn, spec)
         if args.floor:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(FLOOR_SQL.read_text())
+            floor.install(dsn)
         result.update(_measure(dsn, args.seconds, args.warmup))
         common.print_table(
             f"one run_dispatcher(), NullTransport(delay=0), {args.seconds:g} s window",

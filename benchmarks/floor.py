@@ -31,6 +31,13 @@ DESCRIPTION = "S1 with the product's claim and with a FIFO-cost claim: the datab
 FLOOR_SQL = Path(__file__).with_name("floor.sql")
 
 
+def install(dsn: str) -> None:
+    """Replace ``edm.claim_v2`` and ``edm.complete`` in database ``dsn`` with the floor's
+    (``benchmarks/floor.sql``): only ever on a benchmark's own database."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(FLOOR_SQL.read_text())
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply S1's users, tasks and subtasks by this; default 1 = full S1")
@@ -54,8 +61,7 @@ def main(argv: Sequence[str]) -> int:
         report = data.build_world(dsn, spec)
         print(f"build   : {report.seconds:.0f} s")
         floor_dsn = server.clone_database("edm_bench_floor", "edm_bench_floor_fifo")
-        with psycopg.connect(floor_dsn, autocommit=True) as conn:
-            conn.execute(FLOOR_SQL.read_text())
+        install(floor_dsn)
         rows = []
         for label, target in (("product", dsn), ("floor", floor_dsn)):
             for n in counts:
