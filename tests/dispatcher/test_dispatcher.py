@@ -12,7 +12,7 @@ from edm_sched import dispatcher
 from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.transports.null import NullTransport
-from tests.support.helpers import counters_match, wait_for
+from tests.support.helpers import counters_match, dispatcher_thread, wait_for
 
 
 def test_dispatcher_sends_everything_and_stops(dsn: str, conn: psycopg.Connection[Any]) -> None:
@@ -102,16 +102,8 @@ def test_more_tasks_than_the_template_cache_holds(dsn: str, conn: psycopg.Connec
                                 "recipients": [{"email": f"r{j}@r{i}.example"}
                                                for j in range(4)]})
                  for i in range(6)]
-        stop = threading.Event()
-        th = threading.Thread(target=run_dispatcher, args=(dsn, transport),
-                              kwargs={"stop_event": stop, "handle_signals": False,
-                                      "batch_size": 5})
-        th.start()
-        try:
+        with dispatcher_thread(dsn, transport, batch_size=5):
             wait_for(lambda: all(s.get_task(t.task_id).status == "completed" for t in tasks))
-        finally:
-            stop.set()
-            th.join(30)
         counts = [(s.get_task(t.task_id).sent_count, s.get_task(t.task_id).failed_count)
                   for t in tasks]
     assert counts == [(4, 0)] * 6
