@@ -152,8 +152,7 @@ def _render_compiled(template: jinja2.Template, variables: Mapping[str, Any]) ->
     try:
         return template.environment.concat(template.root_render_func(context))
     except Exception:
-        template.environment.handle_exception()
-        raise  # not reached: handle_exception raises the rewritten exception
+        template.environment.handle_exception()  # raises the rewritten exception
 
 
 def _plain(source: str) -> bool:
