@@ -53,6 +53,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('25', 'service_site_rules', '57132e24af7912ead5bf2b9756927b7d5e5ae146f42a8f8cc777b83706ed5940'),
   ('26', 'cycle_overheads', 'faf20ce3b7a831e084bd4171687938882b68f70fd6e493043d0e61c2f8d2a805'),
   ('27', 'idle_services', 'e771a5eddf0a7f0e6f5e55d90e128aacc12774f53ec596a9cc6491b11a3d719b'),
+  ('28', 'batch_costs', '510c471b4544062592d34c490396f6caf27c27e8991b8a647b417d8127248231'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -3927,6 +3928,9 @@ DECLARE
   v_tx_run   integer;
   -- ...for the current slot
   v_skip_call text[] := '{}';  -- users skipped for the whole call (v_skip adds this slot's)
+  -- 0028: where the rotation head's users this call has neither served nor
+  -- skipped begin (every user before it has been)
+  v_from     integer := 1;
   v_blocked  text[];   -- sites this slot may not go to
   v_ok_sites text[];   -- sites found with headroom at this slot
   v_site     text;
@@ -4188,6 +4192,12 @@ BEGIN
     <<slots>>
     LOOP
     EXIT slots WHEN v_k >= p_per_service OR cardinality(c_sub) >= p_batch;
+    -- (0028) the head's leading users this call has served or skipped: both
+    -- lookups below leave them out, so they start after them
+    WHILE v_from <= cardinality(v_cands)
+          AND (v_cands[v_from] = ANY (r_users) OR v_cands[v_from] = ANY (v_skip_call)) LOOP
+      v_from := v_from + 1;
+    END LOOP;
     IF v_fill THEN
       v_fill := false;
       v_fill_used := true;
@@ -4211,7 +4221,7 @@ BEGIN
                  bt.has_limits AS tlim
           FROM (
             SELECT c.user_id, c.n
-            FROM unnest(coalesce(v_pool, v_cands)) WITH ORDINALITY AS c(user_id, n)
+            FROM unnest(coalesce(v_pool, v_cands[v_from:])) WITH ORDINALITY AS c(user_id, n)
             WHERE c.user_id <> ALL (v_skip) AND c.user_id <> ALL (r_users)
               -- CASE keeps the loop's order: a user is locked only once it fits
               AND CASE WHEN (
@@ -4471,7 +4481,7 @@ BEGIN
       -- rotation head, already locked) who has a grant here and no ready
       -- higher-tier service, each probed by a scalar subquery.
       SELECT c.user_id INTO v_user
-      FROM unnest(coalesce(v_pool, v_cands)) WITH ORDINALITY AS c(user_id, n)
+      FROM unnest(coalesce(v_pool, v_cands[v_from:])) WITH ORDINALITY AS c(user_id, n)
       WHERE c.user_id <> ALL (v_skip) AND c.user_id <> ALL (r_users)
         AND (
           SELECT true FROM edm.grants g
@@ -5019,6 +5029,11 @@ DECLARE
   v_svc_max      integer := edm.config_int('service.backoff_max');
   v_rule_ids     bigint[];
   v_sites        text[];
+  -- 0028: the services and tasks of the batch's leased subtasks, and the
+  -- owners of those tasks that are cancelled
+  v_svc_ids      bigint[];
+  v_task_ids     bigint[];
+  v_refund_users text[];
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'complete: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -5047,23 +5062,26 @@ BEGIN
   END IF;
 
   -- Lock in the global order: subtasks, services, tasks (see the header).
-  PERFORM 1 FROM edm.subtasks st WHERE st.subtask_id = ANY (p_subtask_ids)
-  ORDER BY st.subtask_id FOR NO KEY UPDATE;
-  PERFORM 1 FROM edm.services s
-  WHERE s.service_id IN (SELECT st.service_id FROM edm.subtasks st
-                         WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased')
+  -- (0028: each lock reads, from the rows it locks, which rows the next one
+  -- locks; a row locked is read in its latest version)
+  SELECT coalesce(array_agg(DISTINCT x.service_id) FILTER (WHERE x.status = 'leased'), '{}'),
+         coalesce(array_agg(DISTINCT x.task_id) FILTER (WHERE x.status = 'leased'), '{}')
+  INTO v_svc_ids, v_task_ids
+  FROM (SELECT st.service_id, st.task_id, st.status FROM edm.subtasks st
+        WHERE st.subtask_id = ANY (p_subtask_ids)
+        ORDER BY st.subtask_id FOR NO KEY UPDATE) x;
+  PERFORM 1 FROM edm.services s WHERE s.service_id = ANY (v_svc_ids)
   ORDER BY s.service_id FOR NO KEY UPDATE;
-  PERFORM 1 FROM edm.tasks t
-  WHERE t.task_id IN (SELECT st.task_id FROM edm.subtasks st
-                      WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased')
-  ORDER BY t.task_id FOR NO KEY UPDATE;
   -- Owners of cancelled tasks get the quota of subtasks that end cancelled
   -- back (refund_users below): lock them last, in id order.
-  PERFORM 1 FROM edm.users u
-  WHERE u.user_id IN (SELECT t.user_id FROM edm.subtasks st JOIN edm.tasks t ON t.task_id = st.task_id
-                      WHERE st.subtask_id = ANY (p_subtask_ids) AND st.status = 'leased'
-                        AND t.status = 'cancelled')
-  ORDER BY u.user_id FOR NO KEY UPDATE;
+  SELECT coalesce(array_agg(DISTINCT x.user_id) FILTER (WHERE x.status = 'cancelled'), '{}')
+  INTO v_refund_users
+  FROM (SELECT t.user_id, t.status FROM edm.tasks t WHERE t.task_id = ANY (v_task_ids)
+        ORDER BY t.task_id FOR NO KEY UPDATE) x;
+  IF cardinality(v_refund_users) > 0 THEN
+    PERFORM 1 FROM edm.users u WHERE u.user_id = ANY (v_refund_users)
+    ORDER BY u.user_id FOR NO KEY UPDATE;
+  END IF;
 
   -- Reply rules (0017): only a failure that carries a reply can match, and a
   -- rule is looked up once per distinct (code, reply, site) of the batch. A
@@ -5241,6 +5259,7 @@ BEGIN
       FROM plan p WHERE p.ok GROUP BY p.service_id
     ) a
     WHERE s.service_id = a.service_id
+      AND s.service_id = ANY (v_svc_ids)  -- redundant: lets the plan start from services_pkey
     RETURNING s.service_id, s.backoff_until
   ),
   upd_tasks AS (

@@ -69,14 +69,15 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_horizon", "timestamptz"),
            ("v_now", "timestamptz"),
            ("v_cands", "text[]"), ("v_pool", "text[]"), ("r_users", "text[]"),
-           ("c_svc", "bigint[]")),
+           ("c_svc", "bigint[]"), ("v_from", "integer")),
           ("grants_pkey|grants_user_idx",), strip_into=True),
     Inner("claim: batched fill of a service's slots", CLAIM,
           "SELECT array_agg(b.user_id ORDER BY b.n)",
           (("v_svc.service_id", "bigint"), ("v_skip", "text[]"), ("v_horizon", "timestamptz"),
            ("v_now", "timestamptz"), ("v_cands", "text[]"), ("v_pool", "text[]"),
            ("r_users", "text[]"), ("c_svc", "bigint[]"), ("c_sub", "bigint[]"),
-           ("v_want", "integer"), ("v_bdom", "text[]"), ("v_lsites", "text[]")),
+           ("v_want", "integer"), ("v_bdom", "text[]"), ("v_lsites", "text[]"),
+           ("v_from", "integer")),
           ("grants_pkey|grants_user_idx", "users_pkey", "tasks_rotation_idx",
            "subtasks_claim_idx"), strip_into=True),
     Inner("claim: lock a pool's user", CLAIM, "PERFORM 1 FROM edm.users u",
@@ -152,16 +153,22 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
     Inner("claim: user rotation", CLAIM, "UPDATE edm.users u",
           (("v_now", "timestamptz"), ("c_user", "text[]"), ("v_seqs", "bigint[]")),
           ("users_pkey",)),
-    Inner("complete: lock subtasks", COMPLETE, "PERFORM 1 FROM edm.subtasks st",
-          (("p_subtask_ids", "bigint[]"),), ("subtasks_pkey",), perform=True),
+    Inner("complete: lock subtasks", COMPLETE,
+          "SELECT coalesce(array_agg(DISTINCT x.service_id)",
+          (("p_subtask_ids", "bigint[]"),), ("subtasks_pkey",), strip_into=True),
+    Inner("complete: lock services", COMPLETE, "PERFORM 1 FROM edm.services s",
+          (("v_svc_ids", "bigint[]"),), ("services_pkey",), perform=True),
+    Inner("complete: lock tasks", COMPLETE,
+          "SELECT coalesce(array_agg(DISTINCT x.user_id)",
+          (("v_task_ids", "bigint[]"),), ("tasks_pkey",), strip_into=True),
     Inner("complete: record outcomes", COMPLETE, "WITH input AS (",
           (("p_subtask_ids", "bigint[]"), ("p_outcomes", "text[]"), ("p_codes", "integer[]"),
            ("p_details", "text[]"), ("p_response_ms", "integer[]"),
            ("p_provider_ids", "text[]"), ("p_owner", "text"), ("v_now", "timestamptz"),
            ("v_n", "integer"), ("v_max_attempts", "integer"), ("v_retry_base", "integer"),
            ("v_retry_max", "integer"), ("v_svc_base", "integer"), ("v_svc_max", "integer"),
-           ("v_rule_ids", "bigint[]"), ("v_sites", "text[]")),
-          ("subtasks_pkey", "tasks_pkey")),
+           ("v_rule_ids", "bigint[]"), ("v_sites", "text[]"), ("v_svc_ids", "bigint[]")),
+          ("subtasks_pkey", "tasks_pkey", "services_pkey")),
 )
 
 
@@ -244,6 +251,9 @@ def sample_values(conn: psycopg.Connection[Any]) -> dict[str, str]:
         "v_id": str(subs[0][0]),
         # reply rules (0017): no rule matched, the common case
         "v_rule_ids": "NULL::bigint[]", "v_sites": "NULL::text[]",
+        # 0028: the head's first user not served yet; what the completion's locks read
+        "v_from": "1", "v_svc_ids": f"'{{{svc[0]}}}'::bigint[]",
+        "v_task_ids": f"'{{{task[0]}}}'::bigint[]",
     }
 
 

@@ -68,7 +68,9 @@ _EVERY_SHAPE: dict[str, tuple[str, ...]] = {
     "claim: task counters and rotation": ("tasks_pkey",),
     "claim: user rotation": ("users_pkey",),
     "complete: lock subtasks": ("subtasks_pkey",),
-    "complete: record outcomes": ("subtasks_pkey", "tasks_pkey"),
+    "complete: lock services": ("services_pkey",),
+    "complete: lock tasks": ("tasks_pkey",),
+    "complete: record outcomes": ("subtasks_pkey", "tasks_pkey", "services_pkey"),
 }
 INTENDED: dict[str, dict[str, tuple[str, ...]]] = {
     "shared": {**_EVERY_SHAPE,
