@@ -4,7 +4,7 @@ Builds an S1 world (``--scale``, default 0.3), optionally with the FIFO floor
 of ``benchmarks/floor.sql`` installed (``--floor``: the database then costs
 next to nothing, and the dispatcher's own CPU is what bounds it). Runs one
 run_dispatcher() in this process with NullTransport(delay=0), concurrency
-500, batch 50, sweeps off, and over a window after a warm-up reads:
+500, the product's default batch, sweeps off, and over a window after a warm-up reads:
 
 * the sends in the window (``sent`` rows of ``edm.subtasks``);
 * this process's CPU time (``getrusage``): the dispatcher's Python, its
@@ -102,7 +102,7 @@ def _measure(dsn: str, seconds: float, warmup: float) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.ERROR)
     threading.Thread(target=watch, daemon=True).start()
-    run_dispatcher(dsn, NullTransport(delay=0), concurrency=500, batch_size=50,
+    run_dispatcher(dsn, NullTransport(delay=0), concurrency=500,
                    stop_event=stop, handle_signals=False, run_sweeps=False)
     return result
 

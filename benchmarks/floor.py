@@ -74,7 +74,7 @@ def main(argv: Sequence[str]) -> int:
         result["floor_over_product"] = common.ratio(result["floor_cycles_per_s"],
                                                     result["product_cycles_per_s"])
         common.print_table(
-            f"run_dispatcher(), NullTransport(delay=0), concurrency 500, batch 50, "
+            f"run_dispatcher(), NullTransport(delay=0), concurrency 500, the product's batch, "
             f"{args.seconds:g} s windows",
             ["database", "processes", "cycles/s", "claim call p50 ms"], rows)
         print(f"floor over product (best of each): {result['floor_over_product']:.2f}x")

@@ -44,7 +44,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--delay", type=float, default=0.02, help="NullTransport provider delay, s")
     p.add_argument("--concurrency", type=int, default=500)
-    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--batch", type=int, default=None,
+                   help="run_dispatcher()'s batch_size (default: the product's, config "
+                        "queue.central_batch_size)")
 
 
 def lag_figures(dsn: str, t0: float, t1: float) -> dict[str, Any]:
@@ -103,7 +105,8 @@ def run_window(dsn: str, processes: int, args: argparse.Namespace) -> dict[str, 
          "start_at": start_at, "stop_at": t1 + 1.0} for _ in range(processes)],
         timeout=args.seconds + args.warmup + 180)
     lat = [x for r in out for x in r["claim_latency"]]
-    res = {"dispatchers": processes, **lag_figures(dsn, t0, t1),
+    res = {"dispatchers": processes, "batch": args.batch or suite.default_batch(dsn),
+           **lag_figures(dsn, t0, t1),
            "claim_calls": sum(r["calls"] for r in out),
            "claim_call_p50_ms": common.percentile(lat, 50) * 1000,
            "claim_call_p99_ms": common.percentile(lat, 99) * 1000,

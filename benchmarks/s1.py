@@ -36,7 +36,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="length of each measured window")
     p.add_argument("--batch", type=int, default=50, help="claim batch size (raw workers)")
     p.add_argument("--concurrency", type=int, default=500, help="dispatcher sends in flight")
-    p.add_argument("--dispatcher-batch", type=int, default=50)
+    p.add_argument("--dispatcher-batch", type=int, default=None,
+                   help="run_dispatcher()'s batch_size (default: the product's, config "
+                        "queue.central_batch_size)")
     p.add_argument("--pgq-jobs", type=int, default=100_000, help="no-op jobs PgQueuer drains")
     p.add_argument("--no-baselines", action="store_true", help="skip pgbench and PgQueuer")
     p.add_argument("--rss-in-flight", type=int, default=1000)

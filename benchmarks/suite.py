@@ -33,6 +33,14 @@ def _serve_seq(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
+def default_batch(dsn: str) -> int:
+    """The product's claim batch: what run_dispatcher() takes when given none."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT edm.config_int('queue.central_batch_size')").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def sent_between(dsn: str, t0: float, t1: float) -> int:
     """``sent`` outcomes recorded in [t0, t1) (epoch seconds)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -105,9 +113,11 @@ def measure_raw(dsn: str, mode: str, processes: int, batch: int, seconds: float,
 
 
 def measure_dispatchers(dsn: str, processes: int, seconds: float, *, concurrency: int = 500,
-                        batch: int = 50, delay: float = 0.0, warmup: float = 2.0,
+                        batch: int | None = None, delay: float = 0.0, warmup: float = 2.0,
                         run_sweeps: bool = True) -> dict[str, Any]:
-    """``processes`` run_dispatcher() processes (NullTransport(delay)); cycles/s in a window."""
+    """``processes`` run_dispatcher() processes (NullTransport(delay)); cycles/s in a window.
+    ``batch`` None: the product's default (config queue.central_batch_size)."""
+    batch = batch or default_batch(dsn)
     start_at = time.time() + SPAWN_GRACE
     t0 = start_at + warmup
     t1 = t0 + seconds
@@ -180,8 +190,10 @@ def measure_rss(dsn: str, in_flight: int, delay: float, seconds: float) -> dict[
 
 def throughput_suite(dsn: str, *, processes: tuple[int, ...] = (1, 2, 4), seconds: float = 10,
                      batch: int = 50, dispatcher_concurrency: int = 500,
-                     dispatcher_batch: int = 50) -> dict[str, Any]:
-    """Claims/s and cycles/s, raw and through run_dispatcher(), with 1, 2 and 4 processes."""
+                     dispatcher_batch: int | None = None) -> dict[str, Any]:
+    """Claims/s and cycles/s, raw and through run_dispatcher(), with 1, 2 and 4 processes
+    (``dispatcher_batch`` None: the product's default)."""
+    dispatcher_batch = dispatcher_batch or default_batch(dsn)
     claims = []
     for p in processes:
         claims.append(measure_raw(dsn, "claim", p, batch, seconds))
@@ -229,7 +241,9 @@ def add_throughput_args(p: Any, *, default_scale: float = 1.0) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="length of each measured window")
     p.add_argument("--batch", type=int, default=50, help="claim batch size (raw workers)")
     p.add_argument("--concurrency", type=int, default=500, help="dispatcher sends in flight")
-    p.add_argument("--dispatcher-batch", type=int, default=50)
+    p.add_argument("--dispatcher-batch", type=int, default=None,
+                   help="run_dispatcher()'s batch_size (default: the product's, config "
+                        "queue.central_batch_size)")
     p.add_argument("--pgq-jobs", type=int, default=100_000, help="no-op jobs PgQueuer drains")
     p.add_argument("--no-baselines", action="store_true", help="skip pgbench and PgQueuer")
 

@@ -74,9 +74,11 @@ def raw_worker(dsn: str, owner: str, mode: str, batch: int, start_at: float, sto
             "empty_calls": empty, "claim_latency": claim_lat, "complete_latency": complete_lat}
 
 
-def dispatcher_worker(dsn: str, concurrency: int, batch: int, delay: float, start_at: float,
-                      stop_at: float, run_sweeps: bool = True) -> dict[str, Any]:
-    """run_dispatcher() with NullTransport(delay) from start_at until stop_at."""
+def dispatcher_worker(dsn: str, concurrency: int, batch: int | None, delay: float,
+                      start_at: float, stop_at: float,
+                      run_sweeps: bool = True) -> dict[str, Any]:
+    """run_dispatcher() with NullTransport(delay) from start_at until stop_at (batch None: the
+    product's default, config queue.central_batch_size)."""
     import logging
 
     from edm_sched.dispatcher import run_dispatcher

@@ -54,6 +54,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('26', 'cycle_overheads', 'faf20ce3b7a831e084bd4171687938882b68f70fd6e493043d0e61c2f8d2a805'),
   ('27', 'idle_services', 'e771a5eddf0a7f0e6f5e55d90e128aacc12774f53ec596a9cc6491b11a3d719b'),
   ('28', 'batch_costs', '510c471b4544062592d34c490396f6caf27c27e8991b8a647b417d8127248231'),
+  ('29', 'claim_batch_default', '989329e33543d75281b37ec8c7d534d1dbbae7baa39b8ae20c08d0a6bc230ba3'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
@@ -256,7 +257,8 @@ COMMENT ON COLUMN edm.audit_log.after IS 'Audited fields after the change (NULL 
 CREATE INDEX audit_log_object_idx ON edm.audit_log USING btree (object_type, object_id, audit_id);
 COMMENT ON INDEX edm.audit_log_object_idx IS 'History of one object.';
 INSERT INTO edm.audit_log (audit_id, actor, db_role, action, object_type, object_id, before, after) OVERRIDING SYSTEM VALUE VALUES
-  ('1', 'postgres', 'postgres', 'update', 'config', 'queue.shaping_arrival_margin_ms', '{"value": 25}', '{"value": 250}');
+  ('1', 'postgres', 'postgres', 'update', 'config', 'queue.shaping_arrival_margin_ms', '{"value": 25}', '{"value": 250}'),
+  ('2', 'postgres', 'postgres', 'update', 'config', 'queue.central_batch_size', '{"value": 50}', '{"value": 200}');
 
 CREATE FUNCTION edm.audit_log_append_only()
  RETURNS trigger
@@ -459,7 +461,7 @@ INSERT INTO edm.config (key, value, default_value, category, value_type, min_val
   ('monitoring.wait_critical', '600', '600', 'monitoring', 'integer', '60', '7200', NULL, 'seconds', 'First-send wait of a task that raises a critical alert.', NULL),
   ('monitoring.wait_emergency', '1800', '1800', 'monitoring', 'integer', '60', '86400', NULL, 'seconds', 'First-send wait of a task that raises an emergency alert.', NULL),
   ('monitoring.wait_warning', '300', '300', 'monitoring', 'integer', '60', '3600', NULL, 'seconds', 'First-send wait of a task that raises a warning alert.', NULL),
-  ('queue.central_batch_size', '50', '50', 'queue', 'integer', '10', '200', NULL, 'subtasks', 'Largest batch one claim call takes (at most one subtask per ready service).', NULL),
+  ('queue.central_batch_size', '200', '200', 'queue', 'integer', '10', '1000', NULL, 'subtasks', 'Largest batch one claim call takes: up to this many slots over the ready services, each service at most what its limits allow within the lookahead. A call costs a part that does not depend on its size (ranking the ready services, reading the rotation head), so larger batches cost less per subtask where much is ready at once (docs/performance.md, "S1 after session 10").', NULL),
   ('queue.concurrent_workers', '10', '10', 'queue', 'integer', '1', '50', NULL, 'sends', 'Sends a dispatcher runs in parallel when run_dispatcher() gets no concurrency argument.', NULL),
   ('queue.max_attempts', '5', '5', 'queue', 'integer', '1', '20', NULL, 'attempts', 'Attempts after which a transient failure becomes permanent.', NULL),
   ('queue.pending_retry_interval', '60', '60', 'queue', 'integer', '30', '300', NULL, 'seconds', 'Base delay before a transient failure is retried; doubles with each attempt.', NULL),

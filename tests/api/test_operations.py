@@ -42,8 +42,8 @@ def reason(conn: psycopg.Connection[Any], task: int, when: Any) -> tuple[str, An
 
 
 def test_config_refuses_out_of_range_and_wrong_type(dsn: str) -> None:
-    with pytest.raises(errors.ConfigRejected, match=r"between 10 and 200"):
-        monitoring.config_set(dsn, "queue.central_batch_size", 500)
+    with pytest.raises(errors.ConfigRejected, match=r"between 10 and 1000"):
+        monitoring.config_set(dsn, "queue.central_batch_size", 5000)
     with pytest.raises(errors.ConfigRejected, match="an integer"):
         monitoring.config_set(dsn, "queue.central_batch_size", "lots")
     with pytest.raises(errors.NotFound):
