@@ -40,6 +40,7 @@ re-established with back-off; outcomes wait in memory meanwhile.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -266,8 +267,12 @@ class Dispatcher:
         self.stats = DispatcherStats(self.id)
         self._lanes: dict[int, Lane] = {}
         self._busy: set[int] = set()  # services whose lanes may hold sends (_busy_lanes)
-        # per service, the last claim's build of its messages (_start_sends)
+        # per service, the last claim's build of its messages (_start_sends), run by one
+        # builder thread: the claims' builds share the GIL with the event loop, and
+        # several threads building at once only fight over it
         self._building: dict[int, asyncio.Future[None]] = {}
+        self._builder = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"edm-build-{self.id}")
         self._released: set[int] = set()  # services whose idle holds were released
         self._results: asyncio.Queue[tuple[Claimed, SendResult]] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -364,6 +369,7 @@ class Dispatcher:
                 c = await self._conn("_claim_conn")
                 await c.execute(query("release_holds"), (self.id,))
                 await c.execute(query("dispatcher_stopped"), (self.id,))
+            self._builder.shutdown(wait=False, cancel_futures=True)
             for name in ("_claim_conn", "_complete_conn"):
                 c2: psycopg.AsyncConnection[Any] | None = getattr(self, name)
                 if c2 is not None:
@@ -537,15 +543,17 @@ class Dispatcher:
             service = items[0].context[0]
             lane = self._lane(service)
             # The messages are built off the event loop, before their slots: a
-            # heavy one never stalls other lanes. One worker-thread call builds
-            # a service's messages of this claim, in order (a hand-off per
-            # message cost a third of the dispatcher's CPU per send); while one
-            # is running for the lane, its lane builds each message itself
-            # (_prepare), so a lane of heavy messages holds one thread at most
-            # beyond its senders'.
+            # heavy one never stalls other lanes. One call of the builder thread
+            # builds a service's messages of this claim, in order (a hand-off per
+            # message cost a third of the dispatcher's CPU per send; a thread per
+            # service's build, another tenth in GIL hand-offs); while one is
+            # queued or running for the lane, its lane builds each message itself
+            # (_prepare, after GROUP_BUILD_WAIT), so a lane of heavy messages
+            # holds up the others' builds by that wait at most.
             pending = self._building.get(sid)
             if pending is None or pending.done():
-                built = asyncio.ensure_future(asyncio.to_thread(self._build_all, items))
+                built = asyncio.get_running_loop().run_in_executor(
+                    self._builder, self._build_all, items)
                 self._building[sid] = built
                 for item in items:
                     item.context = (*item.context[:3], built)
@@ -627,9 +635,11 @@ class Dispatcher:
                         self._pacers.get(service.service_id, ()), tolerance_ms / 1000)
 
             async def send(item: QueuedSend) -> None:
-                # the transport tells the lane when the provider saw the start
-                message = replace(item.message,
-                                  on_start=lambda at, item=item: lane.acknowledge(item, at))
+                # the transport tells a paced lane when the provider saw the start (an
+                # unpaced lane waits for no acknowledgement: Lane.acknowledge ignores it)
+                message = (replace(item.message,
+                                   on_start=lambda at, item=item: lane.acknowledge(item, at))
+                           if lane.paced else item.message)
                 await self._send(item.claimed, self._services[service.service_id][1], message)
 
             lane.start(send, self._release, self._prepare)
