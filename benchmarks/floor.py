@@ -2,10 +2,11 @@
 
 Builds one S1 world and a copy of it. On the copy, ``benchmarks/floor.sql``
 replaces ``edm.claim_v2`` and ``edm.complete`` with the least a claim and a
-completion could cost on edm-sched's tables (the next 50 pending subtasks,
-leased to one service; marked sent with their events; no fairness, limits or
-counters). Then, on each database in turn (the product first), run_dispatcher()
-processes with NullTransport(delay=0), one then two, for the same window.
+completion could cost on edm-sched's tables (the next 200 pending subtasks, the
+dispatcher's default batch, leased to one service; marked sent with their events;
+no fairness, limits or counters). Then, on each database in turn (the product
+first), run_dispatcher() processes with NullTransport(delay=0), one then two, for
+the same window.
 
 The floor is not a design: it bounds any redesign of the claim that keeps the
 dispatcher as it is. ``floor_cycles_per_s`` is what the dispatcher gives when

@@ -1,7 +1,7 @@
 -- NOT the product: installed by `python -m benchmarks floor` on a copy of a benchmark
 -- world, never on a real database. The least a claim and a completion could cost on
--- edm-sched's tables: the claim takes the next 50 pending subtasks (a literal LIMIT, so
--- the plan is the index scan) in index order (FOR UPDATE SKIP LOCKED), leases them to one
+-- edm-sched's tables: the claim takes the next 200 pending subtasks (the dispatcher's
+-- default batch, queue.central_batch_size; a literal LIMIT, so the plan is the index scan) in index order (FOR UPDATE SKIP LOCKED), leases them to one
 -- service (the services in turn, whatever their lanes hold), writing only the subtasks;
 -- the completion marks them sent and records their events. No fairness, no limits, no
 -- task, user or service counters, no checks. Same signatures and columns as
@@ -17,7 +17,7 @@ AS $f$
     SELECT st.subtask_id FROM edm.subtasks st
     WHERE st.status = 'pending'
     ORDER BY st.task_id, st.not_before, st.subtask_id
-    LIMIT 50 FOR UPDATE SKIP LOCKED
+    LIMIT 200 FOR UPDATE SKIP LOCKED
   ),
   u AS (
     UPDATE edm.subtasks st SET status = 'leased', lease_owner = p_owner, leased_at = now(),
