@@ -1,9 +1,10 @@
 -- NOT the product: installed by `python -m benchmarks floor` on a copy of a benchmark
 -- world, never on a real database. The least a claim and a completion could cost on
 -- edm-sched's tables: the claim takes the next 200 pending subtasks (the dispatcher's
--- default batch, queue.central_batch_size; a literal LIMIT, so the plan is the index scan) in index order (FOR UPDATE SKIP LOCKED), leases them to one
--- service (the services in turn, whatever their lanes hold), writing only the subtasks;
--- the completion marks them sent and records their events. No fairness, no limits, no
+-- default batch, queue.central_batch_size; a literal LIMIT, so the plan is the index
+-- scan) in index order (FOR UPDATE SKIP LOCKED), leases them to one service (the
+-- services in turn, whatever their lanes hold), writing only the subtasks; the
+-- completion marks them sent and records their events. No fairness, no limits, no
 -- task, user or service counters, no checks. Same signatures and columns as
 -- edm.claim_v2 and edm.complete, so run_dispatcher() runs on it unchanged.
 CREATE OR REPLACE FUNCTION edm.claim_v2(p_owner text, p_batch integer DEFAULT 1, p_lease_seconds integer DEFAULT NULL::integer, p_now timestamp with time zone DEFAULT NULL::timestamp with time zone, p_per_service integer DEFAULT 1, p_lookahead_ms integer DEFAULT NULL::integer, p_skip_services bigint[] DEFAULT '{}'::bigint[])

@@ -139,6 +139,11 @@ def _suspended_site(reason: str | None) -> str | None:
     return ruled[1] if ruled is not None and ruled[0] == "suspend_site" else None
 
 
+def _builder_thread(dispatcher_id: str) -> concurrent.futures.ThreadPoolExecutor:
+    """The dispatcher's message builder: one thread, started on its first build."""
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"edm-build-{dispatcher_id}")
+
+
 def slots_per_service(n: int) -> int:
     """Most slots one claim of ``n`` subtasks may give a single service (edm.claim_v2's
     ``p_per_service``): a paced service only gets those within the lookahead anyway."""
@@ -271,8 +276,7 @@ class Dispatcher:
         # builder thread: the claims' builds share the GIL with the event loop, and
         # several threads building at once only fight over it
         self._building: dict[int, asyncio.Future[None]] = {}
-        self._builder = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"edm-build-{self.id}")
+        self._builder = _builder_thread(self.id)
         self._released: set[int] = set()  # services whose idle holds were released
         self._results: asyncio.Queue[tuple[Claimed, SendResult]] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -370,6 +374,7 @@ class Dispatcher:
                 await c.execute(query("release_holds"), (self.id,))
                 await c.execute(query("dispatcher_stopped"), (self.id,))
             self._builder.shutdown(wait=False, cancel_futures=True)
+            self._builder = _builder_thread(self.id)  # for a later run() (starts no thread)
             for name in ("_claim_conn", "_complete_conn"):
                 c2: psycopg.AsyncConnection[Any] | None = getattr(self, name)
                 if c2 is not None:
