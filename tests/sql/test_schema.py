@@ -149,3 +149,25 @@ def test_runner_hardens_functions_a_migration_forgot(dsn: str,
           AND p.proname IN ('careless_write', 'upsert_user') ORDER BY 1""").fetchall()
     assert rows and all(r[1] and r[2] == ["search_path=pg_catalog, pg_temp"] and not r[3]
                         for r in rows), rows
+
+
+def test_0029_raises_the_claim_batch_default_and_keeps_an_operators_value(
+        empty_dsn: str) -> None:
+    """0029 moves queue.central_batch_size from 50 to 200 (and its maximum to 1000);
+    a value an operator set before it is kept."""
+    migrate(empty_dsn, target=28)
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        c.execute("SELECT edm.config_set('queue.central_batch_size', '120', 'dba')")
+    migrate(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        row = c.execute("SELECT value, default_value, max_value FROM edm.config"
+                        " WHERE key = 'queue.central_batch_size'").fetchone()
+        assert row == (120, 200, 1000)
+        # a database that kept the old default moves to the new one
+        c.execute("SELECT edm.config_set('queue.central_batch_size', '50', 'dba')")
+        c.execute("DELETE FROM edm.schema_migrations WHERE version = 29")
+    migrate(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as c:
+        row = c.execute("SELECT value FROM edm.config"
+                        " WHERE key = 'queue.central_batch_size'").fetchone()
+        assert row == (200,)
