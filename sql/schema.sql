@@ -54,7 +54,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('26', 'cycle_overheads', 'faf20ce3b7a831e084bd4171687938882b68f70fd6e493043d0e61c2f8d2a805'),
   ('27', 'idle_services', 'e771a5eddf0a7f0e6f5e55d90e128aacc12774f53ec596a9cc6491b11a3d719b'),
   ('28', 'batch_costs', '510c471b4544062592d34c490396f6caf27c27e8991b8a647b417d8127248231'),
-  ('29', 'claim_batch_default', '989329e33543d75281b37ec8c7d534d1dbbae7baa39b8ae20c08d0a6bc230ba3'),
+  ('29', 'claim_batch_default', 'a7d6642ad7befc42311020d68b73e7e6bef9c425224624a366aca336943b1d6f'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),

@@ -13,7 +13,8 @@
 -- instead of 10. A claim takes only what the ready services can give within
 -- the lookahead, so a paced world's claims stay as small as before. At most
 -- 1,000 (what edm.claim_v2 and run_dispatcher() accept). A value an operator
--- has set is kept.
+-- has set is kept, unless it is 50: that cannot be told from the old default,
+-- and moves to 200 with it.
 
 UPDATE edm.config
 SET default_value = '200',
