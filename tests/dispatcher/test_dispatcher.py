@@ -12,7 +12,7 @@ from edm_sched import dispatcher
 from edm_sched.api import Scheduler
 from edm_sched.dispatcher import run_dispatcher
 from edm_sched.transports.null import NullTransport
-from tests.support.helpers import counters_match, dispatcher_thread, wait_for
+from tests.support.helpers import counters_match, dispatcher_thread, make_service, wait_for
 
 
 def test_dispatcher_sends_everything_and_stops(dsn: str, conn: psycopg.Connection[Any]) -> None:
@@ -61,24 +61,15 @@ def test_render_error_fails_only_that_recipient(dsn: str) -> None:
     transport = NullTransport(record=True)
     with Scheduler(dsn) as s:
         s.upsert_user("a")
-        sid = s.create_service({"name": "s", "from_addresses": ["s@x.example"],
-                                "interval_seconds": 0, "daily_quota": 1000, "transport": "null"})
-        s.grant(sid, "a")
+        make_service(s, "s", interval=0, users=["a"])
         t = s.create_task({"user_id": "a", "name": "t",
                            "templates": [{"subject": "Hi {{ first_name }}", "body_text": "x"}],
                            "recipients": [{"email": "ok@r.example", "vars": {"first_name": "A"}},
                                           {"email": "missing@r.example"},
                                           {"email": "inject@r.example",
                                            "vars": {"first_name": "x\r\nBcc: evil@e.example"}}]})
-        stop = threading.Event()
-        th = threading.Thread(target=run_dispatcher, args=(dsn, transport),
-                              kwargs={"stop_event": stop, "handle_signals": False})
-        th.start()
-        try:
+        with dispatcher_thread(dsn, transport):
             wait_for(lambda: s.get_task(t.task_id).status == "completed")
-        finally:
-            stop.set()
-            th.join(30)
         st = s.get_task(t.task_id)
     assert (st.sent_count, st.failed_count) == (1, 2)
     assert [m[2] for m in transport.sent] == ["ok@r.example"]
@@ -94,9 +85,7 @@ def test_more_tasks_than_the_template_cache_holds(dsn: str, conn: psycopg.Connec
     transport = NullTransport(record=True)
     with Scheduler(dsn) as s:
         s.upsert_user("a")
-        sid = s.create_service({"name": "s", "from_addresses": ["s@x.example"],
-                                "interval_seconds": 0, "daily_quota": 1000, "transport": "null"})
-        s.grant(sid, "a")
+        make_service(s, "s", interval=0, users=["a"])
         tasks = [s.create_task({"user_id": "a", "name": f"t{i}",
                                 "templates": [{"subject": f"Task {i}", "body_text": "x"}],
                                 "recipients": [{"email": f"r{j}@r{i}.example"}
