@@ -56,6 +56,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('28', 'batch_costs', '510c471b4544062592d34c490396f6caf27c27e8991b8a647b417d8127248231'),
   ('29', 'claim_batch_default', 'a7d6642ad7befc42311020d68b73e7e6bef9c425224624a366aca336943b1d6f'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
+  ('30', 'single_user_fill', '9882873ad5b1692224d9898dfa5caa72ae342923235db55d1f44fb66681761d5'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
   ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),
@@ -3984,6 +3985,20 @@ DECLARE
   b_ulim     boolean[];
   b_tlim     boolean[];
   v_empty    bigint[];
+  -- 0030: the single-user pass (once per service), and what it found: the
+  -- user's tasks in the loop's order with their priorities, the recipients
+  -- taken from each (w_sub, task by task: w_n of them from w_off + 1), the
+  -- most asked of one task, and the first (level, round, task) not known
+  v_one      boolean;
+  w_task     bigint[];
+  w_prio     integer[];
+  w_lvl      integer[];
+  w_sub      bigint[];
+  w_n        integer[];
+  w_off      integer[];
+  w_got      bigint[];
+  v_l        integer;
+  v_cut      integer[];
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -4188,6 +4203,7 @@ BEGIN
     -- (the fill runs at the service's first slot, or at the first slot after
     -- the transactional lane found no work for the service)
     v_fill := NOT v_svc.has_limits AND NOT v_tx_here;
+    v_one := true;
     v_fill_used := false;
     -- One iteration per slot: each to the next user in the fair order
     -- (r_users rotates), or ahead of it to transactional work (0016).
@@ -4394,6 +4410,120 @@ BEGIN
           v_k := v_k + 1;
           v_slot := v_slot + v_svc.interval_ms * interval '1 millisecond';
         END LOOP;
+      END IF;
+      CONTINUE slots;
+    END IF;
+    -- 0030: the pool's one user with work, served already in this call: the
+    -- loop below would give it every slot left, one at a time, its tasks in
+    -- turn. One pass takes the first of those slots in the loop's order.
+    IF v_one AND v_pool IS NOT NULL AND cardinality(v_pool) = 1
+       AND v_pool[1] = ANY (r_users) AND v_pool[1] <> ALL (v_skip_call)
+       AND NOT v_shaped AND NOT v_svc.has_limits AND NOT v_tx_here
+       AND cardinality(v_sdom) = 0 THEN
+      v_one := false;
+      v_user := v_pool[1];
+      v_want := least(p_per_service - v_k, p_batch - cardinality(c_sub),
+                      v_svc.daily_quota - v_svc.sent_today - v_k,
+                      CASE WHEN v_svc.interval_ms > 0
+                           THEN floor(extract(epoch FROM v_horizon - v_slot) * 1000
+                                      / v_svc.interval_ms)::integer + 1
+                           ELSE p_per_service END);
+      -- (its grant here, and no ready service of a higher tier: as the loop
+      -- checks at each slot; the slots taken here change neither)
+      IF v_want > 1 AND (
+          SELECT true FROM edm.grants g
+          WHERE g.service_id = v_svc.service_id AND g.user_id = v_user
+            AND NOT EXISTS (
+              SELECT 1 FROM edm.grants g2
+              WHERE g2.user_id = v_user AND g2.priority > g.priority
+                AND (SELECT edm.service_free_for_tier(s2, v_horizon, v_now, c_svc)
+                     FROM edm.services s2 WHERE s2.service_id = g2.service_id))
+          LIMIT 1) THEN
+        -- The user's tasks in the loop's order, locked (those served in the
+        -- call are locked already); no more than could take a slot each.
+        SELECT coalesce(array_agg(x.task_id ORDER BY x.n), '{}'),
+               coalesce(array_agg(x.priority ORDER BY x.n), '{}')
+        INTO w_task, w_prio
+        FROM (SELECT t.task_id, t.priority,
+                     row_number() OVER (ORDER BY t.priority DESC, t.task_id = ANY (r_tasks),
+                                        array_position(r_tasks, t.task_id),
+                                        t.last_served_seq, t.task_id) AS n
+              FROM (SELECT t0.task_id, t0.priority, t0.last_served_seq FROM edm.tasks t0
+                    WHERE t0.user_id = v_user AND t0.claimable
+                      AND t0.task_id <> ALL (v_empty)
+                    ORDER BY t0.priority DESC, t0.task_id = ANY (r_tasks),
+                             array_position(r_tasks, t0.task_id), t0.last_served_seq,
+                             t0.task_id
+                    LIMIT v_want
+                    FOR UPDATE OF t0 SKIP LOCKED) t) x;
+        v_l := (v_want + cardinality(w_task) - 1) / greatest(cardinality(w_task), 1);
+        -- each task's level: the rank of its priority, highest first
+        w_lvl := '{}';
+        FOR j IN 1 .. cardinality(w_task) LOOP
+          w_lvl := w_lvl || CASE WHEN j = 1 THEN 1
+                                 WHEN w_prio[j] = w_prio[j - 1] THEN w_lvl[j - 1]
+                                 ELSE w_lvl[j - 1] + 1 END;
+        END LOOP;
+        -- Up to v_l recipients of each task: its due retries, then its lowest
+        -- fresh ones (the loop's lookups, v_l at a time).
+        w_sub := '{}';
+        w_n := '{}';
+        w_off := '{}';
+        -- the first (level, round, task) past what is known: a task given all
+        -- it was asked may hold more (its next round). (Tasks not locked
+        -- above may hold some too, but only when the limit gave one round,
+        -- v_l = 1: each comes after every task locked, in the last level.)
+        v_cut := NULL;
+        FOR j IN 1 .. cardinality(w_task) LOOP
+          w_got := ARRAY(
+            SELECT st.subtask_id FROM edm.subtasks st
+            WHERE st.task_id = w_task[j] AND st.status = 'pending'
+              AND st.not_before > '-infinity' AND st.not_before <= v_now
+              AND st.subtask_id <> ALL (c_sub)
+            ORDER BY st.not_before, st.subtask_id
+            LIMIT v_l
+            FOR UPDATE OF st SKIP LOCKED);
+          IF cardinality(w_got) < v_l THEN
+            w_got := w_got || ARRAY(
+              SELECT st.subtask_id FROM edm.subtasks st
+              WHERE st.task_id = w_task[j] AND st.status = 'pending'
+                AND st.not_before = '-infinity'
+                AND st.subtask_id <> ALL (c_sub)
+              ORDER BY st.not_before, st.subtask_id
+              LIMIT v_l - cardinality(w_got)
+              FOR UPDATE OF st SKIP LOCKED);
+          END IF;
+          w_off := w_off || cardinality(w_sub);
+          w_n := w_n || cardinality(w_got);
+          w_sub := w_sub || w_got;
+          IF cardinality(w_got) = v_l
+             AND (v_cut IS NULL OR ARRAY[w_lvl[j], v_l + 1, j] < v_cut) THEN
+            v_cut := ARRAY[w_lvl[j], v_l + 1, j];
+          END IF;
+        END LOOP;
+        -- Dealt in the loop's order: level by level, a round at a time, one
+        -- recipient of each task with one left; up to the first slot not known.
+        i := 0;
+        <<deal>>
+        FOR v_lvl_i IN 1 .. coalesce(w_lvl[cardinality(w_lvl)], 0) LOOP
+          FOR v_rn IN 1 .. v_l LOOP
+            FOR j IN 1 .. cardinality(w_task) LOOP
+              CONTINUE WHEN w_lvl[j] <> v_lvl_i OR w_n[j] < v_rn;
+              EXIT deal WHEN v_cut IS NOT NULL AND ARRAY[v_lvl_i, v_rn, j] >= v_cut;
+              EXIT deal WHEN i >= v_want;
+              i := i + 1;
+              c_svc := c_svc || v_svc.service_id;
+              c_sub := c_sub || w_sub[w_off[j] + v_rn];
+              c_task := c_task || w_task[j];
+              c_user := c_user || v_user;
+              c_slot := c_slot || v_slot;
+              r_users := array_remove(r_users, v_user) || v_user;
+              r_tasks := array_remove(r_tasks, w_task[j]) || w_task[j];
+              v_k := v_k + 1;
+              v_slot := v_slot + v_svc.interval_ms * interval '1 millisecond';
+            END LOOP;
+          END LOOP;
+        END LOOP deal;
       END IF;
       CONTINUE slots;
     END IF;

@@ -120,3 +120,39 @@ def test_batched_fill_decides_like_the_slot_by_slot_claim(
                                    layers_counted)
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         assert have == want, f"call {i}: slot by slot claimed {want}, batched claimed {have}"
+
+
+# 0030's single-user pass: a service whose one grantee with work was served
+# already in the call. Each world below makes the pass stop where the loop's
+# order is not known from what it read: a task given all it was asked for
+# ahead of a lower priority level, more tasks than slots (some empty), tasks
+# served at another service of the same user earlier in the call.
+SINGLE_USER_WORLDS = {
+    # one task given its share (2 of 6) ahead of a lower level: the pass stops there
+    "capped-before-lower-level": ([(0.0, {0}, 0)], [(0, 1, 10), (0, 6, 10), (0, 6, 0)]),
+    # more tasks than slots, most of them with one recipient
+    "more-tasks-than-slots": ([(0.0, {0}, 0)], [(0, 1, 0)] * 5 + [(0, 9, 0), (0, 2, 5)]),
+    # the user's two services: its tasks are served at the first, then the pass at the second
+    "two-services": ([(0.0, {0}, 0), (0.0, {0}, 0)], [(0, 3, 0), (0, 7, 0), (0, 4, 10)]),
+    # an interval: the slots within the lookahead only
+    "interval": ([(1.0, {0}, 0), (0.0, {1}, 0)], [(0, 5, 0), (0, 5, 0), (1, 8, 0)]),
+}
+
+
+@pytest.mark.parametrize("world", list(SINGLE_USER_WORLDS))
+def test_single_user_pass_decides_like_the_slot_by_slot_claim(
+        ref_conn: psycopg.Connection[Any], dsn: str, world: str) -> None:
+    conn = ref_conn
+    reset_database(conn)
+    conn.execute("SELECT edm.config_set('queue.small_pool_grantees', '10000'::jsonb)")
+    services, tasks = SINGLE_USER_WORLDS[world]
+    with Scheduler(dsn) as s:
+        build(s, 2, services, tasks)
+    calls = [(batch, per_service, lookahead, outcome)
+             for batch, per_service, lookahead, outcome in [
+                 (10, 7, 0, "sent"), (3, 7, 2500, None), (10, 4, 2500, "transient"),
+                 (10, 16, 0, "sent"), (1, 7, 0, "sent"), (10, 7, 2500, "sent")]]
+    expected, got = replay_on_both(conn, drive, "edm_ref.claim_v2", "edm.claim_v2", calls)
+    assert any(len(rows) > 2 for rows in got), "no call gave a service several slots"
+    for i, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert have == want, f"call {i}: slot by slot claimed {want}, batched claimed {have}"
