@@ -56,7 +56,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('28', 'batch_costs', '510c471b4544062592d34c490396f6caf27c27e8991b8a647b417d8127248231'),
   ('29', 'claim_batch_default', 'a7d6642ad7befc42311020d68b73e7e6bef9c425224624a366aca336943b1d6f'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
-  ('30', 'single_user_fill', '9882873ad5b1692224d9898dfa5caa72ae342923235db55d1f44fb66681761d5'),
+  ('30', 'single_user_fill', 'ada92d02e6e21b517c1421255c5c349c8072985df4f51940ca69af8defe41db6'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
   ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),
@@ -4441,21 +4441,19 @@ BEGIN
           LIMIT 1) THEN
         -- The user's tasks in the loop's order, locked (those served in the
         -- call are locked already); no more than could take a slot each.
-        SELECT coalesce(array_agg(x.task_id ORDER BY x.n), '{}'),
-               coalesce(array_agg(x.priority ORDER BY x.n), '{}')
+        SELECT coalesce(array_agg(t.task_id ORDER BY t.priority DESC, t.task_id = ANY (r_tasks),
+                                  array_position(r_tasks, t.task_id), t.last_served_seq,
+                                  t.task_id), '{}'),
+               coalesce(array_agg(t.priority ORDER BY t.priority DESC, t.task_id = ANY (r_tasks),
+                                  array_position(r_tasks, t.task_id), t.last_served_seq,
+                                  t.task_id), '{}')
         INTO w_task, w_prio
-        FROM (SELECT t.task_id, t.priority,
-                     row_number() OVER (ORDER BY t.priority DESC, t.task_id = ANY (r_tasks),
-                                        array_position(r_tasks, t.task_id),
-                                        t.last_served_seq, t.task_id) AS n
-              FROM (SELECT t0.task_id, t0.priority, t0.last_served_seq FROM edm.tasks t0
-                    WHERE t0.user_id = v_user AND t0.claimable
-                      AND t0.task_id <> ALL (v_empty)
-                    ORDER BY t0.priority DESC, t0.task_id = ANY (r_tasks),
-                             array_position(r_tasks, t0.task_id), t0.last_served_seq,
-                             t0.task_id
-                    LIMIT v_want
-                    FOR UPDATE OF t0 SKIP LOCKED) t) x;
+        FROM (SELECT t0.task_id, t0.priority, t0.last_served_seq FROM edm.tasks t0
+              WHERE t0.user_id = v_user AND t0.claimable AND t0.task_id <> ALL (v_empty)
+              ORDER BY t0.priority DESC, t0.task_id = ANY (r_tasks),
+                       array_position(r_tasks, t0.task_id), t0.last_served_seq, t0.task_id
+              LIMIT v_want
+              FOR UPDATE OF t0 SKIP LOCKED) t;
         v_l := (v_want + cardinality(w_task) - 1) / greatest(cardinality(w_task), 1);
         -- each task's level: the rank of its priority, highest first
         w_lvl := '{}';

@@ -84,21 +84,19 @@ $p$      CONTINUE slots;
           LIMIT 1) THEN
         -- The user's tasks in the loop's order, locked (those served in the
         -- call are locked already); no more than could take a slot each.
-        SELECT coalesce(array_agg(x.task_id ORDER BY x.n), '{}'),
-               coalesce(array_agg(x.priority ORDER BY x.n), '{}')
+        SELECT coalesce(array_agg(t.task_id ORDER BY t.priority DESC, t.task_id = ANY (r_tasks),
+                                  array_position(r_tasks, t.task_id), t.last_served_seq,
+                                  t.task_id), '{}'),
+               coalesce(array_agg(t.priority ORDER BY t.priority DESC, t.task_id = ANY (r_tasks),
+                                  array_position(r_tasks, t.task_id), t.last_served_seq,
+                                  t.task_id), '{}')
         INTO w_task, w_prio
-        FROM (SELECT t.task_id, t.priority,
-                     row_number() OVER (ORDER BY t.priority DESC, t.task_id = ANY (r_tasks),
-                                        array_position(r_tasks, t.task_id),
-                                        t.last_served_seq, t.task_id) AS n
-              FROM (SELECT t0.task_id, t0.priority, t0.last_served_seq FROM edm.tasks t0
-                    WHERE t0.user_id = v_user AND t0.claimable
-                      AND t0.task_id <> ALL (v_empty)
-                    ORDER BY t0.priority DESC, t0.task_id = ANY (r_tasks),
-                             array_position(r_tasks, t0.task_id), t0.last_served_seq,
-                             t0.task_id
-                    LIMIT v_want
-                    FOR UPDATE OF t0 SKIP LOCKED) t) x;
+        FROM (SELECT t0.task_id, t0.priority, t0.last_served_seq FROM edm.tasks t0
+              WHERE t0.user_id = v_user AND t0.claimable AND t0.task_id <> ALL (v_empty)
+              ORDER BY t0.priority DESC, t0.task_id = ANY (r_tasks),
+                       array_position(r_tasks, t0.task_id), t0.last_served_seq, t0.task_id
+              LIMIT v_want
+              FOR UPDATE OF t0 SKIP LOCKED) t;
         v_l := (v_want + cardinality(w_task) - 1) / greatest(cardinality(w_task), 1);
         -- each task's level: the rank of its priority, highest first
         w_lvl := '{}';
