@@ -56,7 +56,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('28', 'batch_costs', '510c471b4544062592d34c490396f6caf27c27e8991b8a647b417d8127248231'),
   ('29', 'claim_batch_default', 'a7d6642ad7befc42311020d68b73e7e6bef9c425224624a366aca336943b1d6f'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
-  ('30', 'single_user_fill', 'ada92d02e6e21b517c1421255c5c349c8072985df4f51940ca69af8defe41db6'),
+  ('30', 'small_pools', '22f46925946565380f7d2ffe8dd3673b7c4885e162f54c693bd5d2e6fe38f541'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
   ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),
@@ -3999,6 +3999,9 @@ DECLARE
   w_got      bigint[];
   v_l        integer;
   v_cut      integer[];
+  -- 0030: the small pool's users not served in the call, in pool order (the
+  -- slots loop's first lookup walks these, not the whole pool)
+  v_left     text[];
 BEGIN
   IF p_owner IS NULL OR length(p_owner) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION 'claim: owner must be 1 to 200 characters' USING ERRCODE = 'ED005';
@@ -4204,6 +4207,7 @@ BEGIN
     -- the transactional lane found no work for the service)
     v_fill := NOT v_svc.has_limits AND NOT v_tx_here;
     v_one := true;
+    v_left := NULL;
     v_fill_used := false;
     -- One iteration per slot: each to the next user in the fair order
     -- (r_users rotates), or ahead of it to transactional work (0016).
@@ -4610,8 +4614,14 @@ BEGIN
       -- The first user of the list (the small pool in rotation order, or the
       -- rotation head, already locked) who has a grant here and no ready
       -- higher-tier service, each probed by a scalar subquery.
+      -- (0030: of a small pool, its users not served in the call: read once
+      -- a service, each served in the loop then taken out)
+      IF v_pool IS NOT NULL AND v_left IS NULL THEN
+        v_left := ARRAY(SELECT x.user_id FROM unnest(v_pool) WITH ORDINALITY AS x(user_id, n)
+                        WHERE x.user_id <> ALL (r_users) ORDER BY x.n);
+      END IF;
       SELECT c.user_id INTO v_user
-      FROM unnest(coalesce(v_pool, v_cands[v_from:])) WITH ORDINALITY AS c(user_id, n)
+      FROM unnest(coalesce(v_left, v_cands[v_from:])) WITH ORDINALITY AS c(user_id, n)
       WHERE c.user_id <> ALL (v_skip) AND c.user_id <> ALL (r_users)
         AND (
           SELECT true FROM edm.grants g
@@ -4658,18 +4668,21 @@ BEGIN
       END IF;
       -- ...then (the rotation wraps around) those served in this call, in serve order.
       IF v_user IS NULL AND cardinality(r_users) > 0 THEN
-        SELECT u.user_id INTO v_user
-        FROM edm.users u
-        WHERE u.user_id = ANY (r_users) AND u.user_id <> ALL (v_skip)
+        -- (0030: walked in serve order up to the first that fits, a grant
+        -- probed only for it and those before it; of a small pool, only
+        -- its users)
+        SELECT c.user_id INTO v_user
+        FROM unnest(r_users) WITH ORDINALITY AS c(user_id, n)
+        WHERE (v_pool IS NULL OR c.user_id = ANY (v_pool)) AND c.user_id <> ALL (v_skip)
           AND EXISTS (
             SELECT 1 FROM edm.grants g
-            WHERE g.service_id = v_svc.service_id AND g.user_id = u.user_id
+            WHERE g.service_id = v_svc.service_id AND g.user_id = c.user_id
               AND NOT EXISTS (
                 SELECT 1 FROM edm.grants g2
-                WHERE g2.user_id = u.user_id AND g2.priority > g.priority
+                WHERE g2.user_id = c.user_id AND g2.priority > g.priority
                   AND (SELECT edm.service_free_for_tier(s2, v_horizon, v_now, c_svc)
                        FROM edm.services s2 WHERE s2.service_id = g2.service_id)))
-        ORDER BY array_position(r_users, u.user_id)
+        ORDER BY c.n
         LIMIT 1;
       END IF;
       END IF;
@@ -4842,6 +4855,7 @@ BEGIN
     c_slot := c_slot || v_slot;
     r_users := array_remove(r_users, v_user) || v_user;
     r_tasks := array_remove(r_tasks, v_task) || v_task;
+    v_left := array_remove(v_left, v_user);
     IF v_svc.has_limits THEN
       PERFORM edm.limits_take(v_svc.service_id, v_slot, v_svc.quota_tz);
     END IF;

@@ -48,6 +48,7 @@ _EVERY_SHAPE: dict[str, tuple[str, ...]] = {
     "claim: is the pool small": ("grants_pkey",),
     "claim: a small pool in rotation order": ("users_pkey",),
     "claim: next user from the pool or rotation head": ("grants_pkey|grants_user_idx",),
+    "claim: users served in the call, in serve order": ("grants_pkey|grants_user_idx",),
     "claim: batched fill of a service's slots": ("grants_pkey|grants_user_idx", "users_pkey",
                                                  "tasks_rotation_idx", "subtasks_claim_idx"),
     "claim: lock a pool's user": ("users_pkey",),

@@ -1,33 +1,53 @@
--- 0030_single_user_fill: a service whose one user with work is served
--- already in the call gets its remaining slots in one pass, not slot by slot
--- (issue 14, point 4; docs/performance.md, "S2 after session 11").
+-- 0030_small_pools: the slots of a small pool's services, once its users
+-- were served in the call (issue 14, point 4; docs/performance.md, "S2 and S3
+-- after session 11").
 --
 -- The batched fill (0014) gives each user of a service's small pool at most
 -- one slot a call: a user served once in the call is left to the
--- slot-by-slot loop, whose rotation then wraps around to it. On a service
--- with a single grantee with work (the dedicated account of S2, the most
--- common shape of a sending account), every slot after the first went
--- through that loop: for each slot, the lookup of the next user, the wrap to
--- the users served in the call, the user's task not served in the call, the
--- tasks served in the call, its due retry, its fresh recipient. Measured with
--- pg_stat_statements on S2 x 0.3, those six statements cost about 89 us of the
--- claim's 313 us per send.
+-- slot-by-slot loop, whose rotation then wraps around to the users served in
+-- the call. Measured with pg_stat_statements on S2 and S3 x 0.3 (one
+-- dispatcher), that loop was most of what the claim cost per send:
 --
--- Now, when the service's pool (its grantees with claimable work) is that one
--- user, already served in the call and not skipped for it, and no shaping
--- layer, extra limit, transactional work or suspended site applies to the
--- service, the claim locks the user's tasks in the loop's order (priority
--- first; then those not served in the call, least recently served first;
--- then those served in the call, in serve order), takes from each up to
--- ceil(want / tasks) recipients (its due retries first, then its lowest fresh
--- ones), and deals them out in the loop's order: each priority level in
--- rounds, one recipient of each task a round. Where a task may hold more
--- recipients than it was asked for, the slots from its next round on are left
--- to the loop: what the pass takes is always the first slots the loop would
--- have given, in its order.
--- The user's and its tasks' rotation within the call end as the loop leaves
--- them. tests/sql/test_claim_batched.py checks this against the slot-by-slot
--- claim of 0008 on generated worlds.
+-- * On a service with a single grantee with work (the dedicated account of
+--   S2, the most common shape of a sending account), every slot after the
+--   first went through it: for each slot, the lookup of the next user, the
+--   wrap to the users served in the call, the user's task not served in the
+--   call, the tasks served in the call, its due retry, its fresh recipient:
+--   about 89 us of the claim's 313 us per send.
+-- * The wrap probed the grant (and grant tier) of every user served in the
+--   call, up to the batch (200), to find the first with a grant on the
+--   service: 114 us of S3's 389 us per send.
+--
+-- 1. The single-user pass. When the service's pool (its grantees with
+--    claimable work) is one user, already served in the call and not skipped
+--    for it, and no shaping layer, extra limit, transactional work or
+--    suspended site applies to the service, the claim locks the user's tasks
+--    in the loop's order (priority first; then those not served in the call,
+--    least recently served first; then those served in the call, in serve
+--    order), takes from each up to ceil(want / tasks) recipients (its due
+--    retries first, then its lowest fresh ones), and deals them out in the
+--    loop's order: each priority level in rounds, one recipient of each task
+--    a round. Where a task may hold more recipients than it was asked for,
+--    the slots from its next round on are left to the loop: what the pass
+--    takes is always the first slots the loop would have given, in its
+--    order. The user's and its tasks' rotation within the call end as the
+--    loop leaves them.
+-- 2. The wrap walks the users served in the call in serve order and stops
+--    at the first with a grant on the service (and no ready higher tier):
+--    the grants of those after it are no longer probed. On a small pool it
+--    looks at the pool's users only: a user served in the call holds
+--    claimable work until the call ends (its row is locked by the call, and
+--    counters change at its end), so those served in the call with a grant
+--    on the service are exactly the pool's users among them.
+--
+-- 3. The loop's first lookup, on a small pool, walks the pool's users not
+--    served in the call (read once a service, each then taken out as the
+--    loop serves it) instead of comparing every user of the pool with every
+--    user served in the call at each slot (44 us of S3's claim per send).
+--
+-- tests/sql/test_claim_batched.py checks all three against the slot-by-slot claim
+-- of 0008 on generated worlds, and the pass on worlds built to make it stop
+-- early.
 
 SELECT edm.patch_function(
   'edm.claim_v2(text, integer, integer, timestamptz, integer, integer, bigint[])'::regprocedure,
@@ -47,10 +67,14 @@ $p$  v_empty    bigint[];
   w_off      integer[];
   w_got      bigint[];
   v_l        integer;
-  v_cut      integer[];$p$], [
+  v_cut      integer[];
+  -- 0030: the small pool's users not served in the call, in pool order (the
+  -- slots loop's first lookup walks these, not the whole pool)
+  v_left     text[];$p$], [
 $p$    v_fill := NOT v_svc.has_limits AND NOT v_tx_here;$p$,
 $p$    v_fill := NOT v_svc.has_limits AND NOT v_tx_here;
-    v_one := true;$p$], [
+    v_one := true;
+    v_left := NULL;$p$], [
 $p$      CONTINUE slots;
     END IF;
     v_sub := NULL;$p$,
@@ -168,5 +192,51 @@ $p$      CONTINUE slots;
       END IF;
       CONTINUE slots;
     END IF;
-    v_sub := NULL;$p$]],
-  '0030_single_user_fill');
+    v_sub := NULL;$p$], [
+$p$      IF v_user IS NULL AND cardinality(r_users) > 0 THEN
+        SELECT u.user_id INTO v_user
+        FROM edm.users u
+        WHERE u.user_id = ANY (r_users) AND u.user_id <> ALL (v_skip)
+          AND EXISTS (
+            SELECT 1 FROM edm.grants g
+            WHERE g.service_id = v_svc.service_id AND g.user_id = u.user_id
+              AND NOT EXISTS (
+                SELECT 1 FROM edm.grants g2
+                WHERE g2.user_id = u.user_id AND g2.priority > g.priority
+                  AND (SELECT edm.service_free_for_tier(s2, v_horizon, v_now, c_svc)
+                       FROM edm.services s2 WHERE s2.service_id = g2.service_id)))
+        ORDER BY array_position(r_users, u.user_id)
+        LIMIT 1;$p$,
+$p$      IF v_user IS NULL AND cardinality(r_users) > 0 THEN
+        -- (0030: walked in serve order up to the first that fits, a grant
+        -- probed only for it and those before it; of a small pool, only
+        -- its users)
+        SELECT c.user_id INTO v_user
+        FROM unnest(r_users) WITH ORDINALITY AS c(user_id, n)
+        WHERE (v_pool IS NULL OR c.user_id = ANY (v_pool)) AND c.user_id <> ALL (v_skip)
+          AND EXISTS (
+            SELECT 1 FROM edm.grants g
+            WHERE g.service_id = v_svc.service_id AND g.user_id = c.user_id
+              AND NOT EXISTS (
+                SELECT 1 FROM edm.grants g2
+                WHERE g2.user_id = c.user_id AND g2.priority > g.priority
+                  AND (SELECT edm.service_free_for_tier(s2, v_horizon, v_now, c_svc)
+                       FROM edm.services s2 WHERE s2.service_id = g2.service_id)))
+        ORDER BY c.n
+        LIMIT 1;$p$], [
+$p$      SELECT c.user_id INTO v_user
+      FROM unnest(coalesce(v_pool, v_cands[v_from:])) WITH ORDINALITY AS c(user_id, n)$p$,
+$p$      -- (0030: of a small pool, its users not served in the call: read once
+      -- a service, each served in the loop then taken out)
+      IF v_pool IS NOT NULL AND v_left IS NULL THEN
+        v_left := ARRAY(SELECT x.user_id FROM unnest(v_pool) WITH ORDINALITY AS x(user_id, n)
+                        WHERE x.user_id <> ALL (r_users) ORDER BY x.n);
+      END IF;
+      SELECT c.user_id INTO v_user
+      FROM unnest(coalesce(v_left, v_cands[v_from:])) WITH ORDINALITY AS c(user_id, n)$p$], [
+$p$    r_users := array_remove(r_users, v_user) || v_user;
+    r_tasks := array_remove(r_tasks, v_task) || v_task;$p$,
+$p$    r_users := array_remove(r_users, v_user) || v_user;
+    r_tasks := array_remove(r_tasks, v_task) || v_task;
+    v_left := array_remove(v_left, v_user);$p$]],
+  '0030_small_pools');
