@@ -15,6 +15,11 @@ in the same order, call by call — once with every service on the
 rotation-head lookup and once with every service on its small pool, and both
 once more with every shaping layer of 0016 configured but never binding (the
 claim's shaped path: no batched fill, every layer checked and counted per slot).
+Since 0030 the same oracle covers the slots of a small pool's services once
+its users were served in the call: the single-user pass of a dedicated
+account, the wrap-around that stops at the first user who fits, and the pool's
+users not yet served (the generated worlds with every service on its small
+pool, and four worlds built to make the pass stop early).
 (``tests/sql/test_claim_equivalence.py`` does the same for one slot per service
 against 0002.)
 """
@@ -148,10 +153,9 @@ def test_single_user_pass_decides_like_the_slot_by_slot_claim(
     services, tasks = SINGLE_USER_WORLDS[world]
     with Scheduler(dsn) as s:
         build(s, 2, services, tasks)
-    calls = [(batch, per_service, lookahead, outcome)
-             for batch, per_service, lookahead, outcome in [
-                 (10, 7, 0, "sent"), (3, 7, 2500, None), (10, 4, 2500, "transient"),
-                 (10, 16, 0, "sent"), (1, 7, 0, "sent"), (10, 7, 2500, "sent")]]
+    calls: list[tuple[int, int, int, str | None]] = [
+        (10, 7, 0, "sent"), (3, 7, 2500, None), (10, 4, 2500, "transient"),
+        (10, 16, 0, "sent"), (1, 7, 0, "sent"), (10, 7, 2500, "sent")]
     expected, got = replay_on_both(conn, drive, "edm_ref.claim_v2", "edm.claim_v2", calls)
     assert any(len(rows) > 2 for rows in got), "no call gave a service several slots"
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
