@@ -471,6 +471,7 @@ class Dispatcher:
         if not idle:
             return
         try:
+            await self._report_pace([])  # a late last start first, while still held
             conn = await self._conn("_claim_conn")
             await conn.execute(query("release_idle_holds"), (self.id, idle))
         except psycopg.OperationalError:
@@ -480,16 +481,25 @@ class Dispatcher:
     async def _report_pace(self, busy: list[tuple[int, Lane]]) -> None:
         """Lanes of paced services running late tell the database when their next send can
         really start, so the slots claimed next follow the wire (edm.report_pace) instead
-        of piling the delay up behind the ones already queued. (An empty lane is never
-        late: only the ``busy`` ones are asked.)"""
-        late = [(sid, free) for sid, lane in busy if lane.paced
-                for behind, free in [lane.lateness()] if behind > PACE_REPORT_AFTER]
+        of piling the delay up behind the ones already queued. A lane whose last start the
+        provider saw late reports too, busy or not: once its hold ends, another dispatcher
+        may claim the next slot, and only the database can tell it (a late start followed
+        by another dispatcher's start on time is a gap the provider counts short)."""
+        lanes = dict(busy)
+        lanes.update((sid, lane) for sid, lane in self._lanes.items()
+                     if lane.late_by > PACE_REPORT_AFTER)
+        late = [(sid, lane, free) for sid, lane in sorted(lanes.items()) if lane.paced
+                for behind, free in [lane.lateness()]
+                if behind > PACE_REPORT_AFTER or lane.late_by > PACE_REPORT_AFTER]
         if not late:
             return
         conn = await self._conn("_claim_conn")
         await conn.execute(query("report_pace"), (
-            self.id, [sid for sid, _ in late],
-            [dt.datetime.fromtimestamp(free - self._clock.offset, dt.UTC) for _, free in late]))
+            self.id, [sid for sid, _, _ in late],
+            [dt.datetime.fromtimestamp(free - self._clock.offset, dt.UTC)
+             for _, _, free in late]))
+        for _, lane, _ in late:
+            lane.late_by = 0.0
 
     async def _claim(self, n: int, full: list[int] | None = None) -> list[Claimed]:
         conn = await self._conn("_claim_conn")

@@ -94,6 +94,9 @@ class Lane:
     _acked: asyncio.Event = field(default_factory=asyncio.Event)
     _start_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tats: dict[tuple[float, float], float] = field(default_factory=dict)
+    # how long after its slot the provider had seen the last acknowledged start;
+    # the dispatcher reports a late one to the database and sets this back to 0
+    late_by: float = 0.0
 
     def __post_init__(self) -> None:
         self._acked.set()
@@ -110,6 +113,7 @@ class Lane:
         if self._unacked is not item:
             return
         self._unacked = None
+        self.late_by = max(self.late_by, at - item.slot)
         self.next_start = max(self.next_start, at + max(self.interval - self.tolerance, 0.0))
         _count_start(self.pacers, self._tats, at)
         self._acked.set()
