@@ -56,7 +56,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('28', 'batch_costs', '510c471b4544062592d34c490396f6caf27c27e8991b8a647b417d8127248231'),
   ('29', 'claim_batch_default', 'a7d6642ad7befc42311020d68b73e7e6bef9c425224624a366aca336943b1d6f'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
-  ('30', 'small_pools', '22f46925946565380f7d2ffe8dd3673b7c4885e162f54c693bd5d2e6fe38f541'),
+  ('30', 'small_pools', '00908793cb415a7c51fb5581e0d4002391c9464306af11552f3efefa30946c9f'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
   ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),
@@ -3986,12 +3986,12 @@ DECLARE
   b_tlim     boolean[];
   v_empty    bigint[];
   -- 0030: the single-user pass (once per service), and what it found: the
-  -- user's tasks in the loop's order with their priorities, the recipients
-  -- taken from each (w_sub, task by task: w_n of them from w_off + 1), the
-  -- most asked of one task, and the first (level, round, task) not known
+  -- user's tasks in the loop's order with their priority levels (1 the
+  -- highest), the recipients taken from each (w_sub, task by task: w_n of them
+  -- from w_off + 1), the most asked of one task, and the first (level, round,
+  -- task) not known
   v_one      boolean;
   w_task     bigint[];
-  w_prio     integer[];
   w_lvl      integer[];
   w_sub      bigint[];
   w_n        integer[];
@@ -4445,27 +4445,26 @@ BEGIN
           LIMIT 1) THEN
         -- The user's tasks in the loop's order, locked (those served in the
         -- call are locked already); no more than could take a slot each.
-        SELECT coalesce(array_agg(t.task_id ORDER BY t.priority DESC, t.task_id = ANY (r_tasks),
-                                  array_position(r_tasks, t.task_id), t.last_served_seq,
-                                  t.task_id), '{}'),
-               coalesce(array_agg(t.priority ORDER BY t.priority DESC, t.task_id = ANY (r_tasks),
-                                  array_position(r_tasks, t.task_id), t.last_served_seq,
-                                  t.task_id), '{}')
-        INTO w_task, w_prio
-        FROM (SELECT t0.task_id, t0.priority, t0.last_served_seq FROM edm.tasks t0
-              WHERE t0.user_id = v_user AND t0.claimable AND t0.task_id <> ALL (v_empty)
-              ORDER BY t0.priority DESC, t0.task_id = ANY (r_tasks),
-                       array_position(r_tasks, t0.task_id), t0.last_served_seq, t0.task_id
-              LIMIT v_want
-              FOR UPDATE OF t0 SKIP LOCKED) t;
+        -- (each with its level: the rank of its priority, highest first)
+        SELECT coalesce(array_agg(t.task_id ORDER BY t.n), '{}'),
+               coalesce(array_agg(t.lvl ORDER BY t.n), '{}')
+        INTO w_task, w_lvl
+        FROM (SELECT t1.task_id,
+                     row_number() OVER (ORDER BY t1.priority DESC, t1.served, t1.pos,
+                                        t1.last_served_seq, t1.task_id) AS n,
+                     dense_rank() OVER (ORDER BY t1.priority DESC)::integer AS lvl
+              FROM (SELECT t0.task_id, t0.priority, t0.last_served_seq,
+                           t0.task_id = ANY (r_tasks) AS served,
+                           array_position(r_tasks, t0.task_id) AS pos
+                    FROM edm.tasks t0
+                    WHERE t0.user_id = v_user AND t0.claimable
+                      AND t0.task_id <> ALL (v_empty)
+                    ORDER BY t0.priority DESC, t0.task_id = ANY (r_tasks),
+                             array_position(r_tasks, t0.task_id), t0.last_served_seq,
+                             t0.task_id
+                    LIMIT v_want
+                    FOR UPDATE OF t0 SKIP LOCKED) t1) t;
         v_l := (v_want + cardinality(w_task) - 1) / greatest(cardinality(w_task), 1);
-        -- each task's level: the rank of its priority, highest first
-        w_lvl := '{}';
-        FOR j IN 1 .. cardinality(w_task) LOOP
-          w_lvl := w_lvl || CASE WHEN j = 1 THEN 1
-                                 WHEN w_prio[j] = w_prio[j - 1] THEN w_lvl[j - 1]
-                                 ELSE w_lvl[j - 1] + 1 END;
-        END LOOP;
         -- Up to v_l recipients of each task: its due retries, then its lowest
         -- fresh ones (the loop's lookups, v_l at a time).
         w_sub := '{}';

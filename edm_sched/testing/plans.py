@@ -109,7 +109,7 @@ INNER_STATEMENTS: tuple[Inner, ...] = (
           ("subtasks_claim_idx",), strip_into=True),
     # 0030: the single-user pass (a service whose one user with work was served in the call)
     Inner("claim: single-user pass, the user's tasks", CLAIM,
-          "SELECT coalesce(array_agg(t.task_id ORDER BY t.priority DESC",
+          "SELECT coalesce(array_agg(t.task_id ORDER BY t.n)",
           (("v_user", "text"), ("v_empty", "bigint[]"), ("r_tasks", "bigint[]"),
            ("v_want", "integer")),
           ("tasks_rotation_idx|tasks_user_idx",), strip_into=True),
