@@ -57,6 +57,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('29', 'claim_batch_default', 'a7d6642ad7befc42311020d68b73e7e6bef9c425224624a366aca336943b1d6f'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('30', 'small_pools', '00908793cb415a7c51fb5581e0d4002391c9464306af11552f3efefa30946c9f'),
+  ('31', 'slot_lead_within_horizon', '9a00470d1e6f9712c9447b92c7a0d7af2344629be137f9d98ba0d92514174e78'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
   ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),
@@ -4030,6 +4031,9 @@ BEGIN
   v_lead_at := CASE WHEN p_now IS NULL THEN clock_timestamp() ELSE v_now END
                + least(coalesce(p_lookahead_ms, edm.config_int('queue.slot_lookahead_ms')),
                        edm.config_int('queue.slot_lead_ms')) * interval '1 millisecond';
+  -- (0031) and no later than the horizon: counted from the claim's start,
+  -- which the server's clock has passed
+  v_lead_at := least(v_lead_at, v_horizon);
   PERFORM edm.start_due_tasks(v_now);
   IF NOT EXISTS (SELECT 1 FROM edm.users u WHERE u.claimable_tasks > 0) THEN
     RETURN;

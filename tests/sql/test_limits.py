@@ -54,6 +54,42 @@ def test_slots_are_an_interval_apart_within_the_lookahead(
     assert [r["send_at"] for r in more] == [at(0.3)]
 
 
+@pytest.mark.parametrize("case", ["edm.claim", "lookahead below the lead",
+                                  "late in its transaction"])
+def test_an_idle_paced_service_is_claimed_on_the_servers_clock(
+        case: str, sched: Scheduler, conn: psycopg.Connection[Any]) -> None:
+    """The lead ends at the horizon at the latest (0031).
+
+    Without a clock given, the lead is counted from clock_timestamp() and the
+    horizon from now(), the transaction's start. A lead past the horizon made
+    the claim take the service for one blocked by an extra limit: edm.claim
+    (lookahead 0) never claimed a paced service, nor claim_v2 with a lookahead
+    no longer than queue.slot_lead_ms, nor a claim called more than
+    (lookahead - lead) into its transaction.
+    """
+    sched.upsert_user("a")
+    sid = make_service(sched, "svc", interval=60, users=["a"])
+    make_task(sched, "a", 3)
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    lookahead = {"edm.claim": 0, "lookahead below the lead": 50, "late in its transaction": 250}
+    with conn.transaction():
+        if case == "late in its transaction":
+            conn.execute("SELECT pg_sleep(0.3)")
+        if case == "edm.claim":
+            rows = cur.execute("SELECT subtask_id, leased_at AS send_at"
+                               " FROM edm.claim('d1', 5, 30, NULL)").fetchall()
+        else:
+            rows = cur.execute("SELECT subtask_id, send_at FROM edm.claim_v2('d1', 5, 30, NULL, 1,"
+                               " %s, '{}')", (lookahead[case],)).fetchall()
+        row = conn.execute("SELECT now(), quota_exhausted_until FROM edm.services"
+                           " WHERE service_id = %s", (sid,)).fetchone()
+    assert row is not None
+    start, blocked_until = row
+    assert len(rows) == 1, "the idle paced service gave no slot"
+    assert start <= rows[0]["send_at"] <= start + dt.timedelta(milliseconds=lookahead[case])
+    assert blocked_until is None
+
+
 def test_a_held_service_is_left_to_its_holder(sched: Scheduler,
                                               conn: psycopg.Connection[Any]) -> None:
     sched.upsert_user("a")
