@@ -57,7 +57,7 @@ INSERT INTO edm.schema_migrations (version, name, checksum) VALUES
   ('29', 'claim_batch_default', 'a7d6642ad7befc42311020d68b73e7e6bef9c425224624a366aca336943b1d6f'),
   ('3', 'host_api', '9c9bae7816b3ae459cdcdb6ad27016712118622f1fac1ddb671b022ab9540ded'),
   ('30', 'small_pools', '00908793cb415a7c51fb5581e0d4002391c9464306af11552f3efefa30946c9f'),
-  ('31', 'slot_lead_within_horizon', '9a00470d1e6f9712c9447b92c7a0d7af2344629be137f9d98ba0d92514174e78'),
+  ('31', 'slot_lead_within_horizon', 'ee923bd93c1b40e79198723c67e5d64389d924d2b4a388b074e0e678409a3df5'),
   ('4', 'operations', 'e44d92bd5da352e3547350e9b90af8ade691d5d393e8231d7211e8f761bcfcf3'),
   ('5', 'jobs', '308e65f110e86df8835d0b6ad37abf659cee2a1bed5b7084b0d27fd400818ade'),
   ('6', 'security', '297c8a9e81af65f15d976fac864462a3f6d6257e28a4a0f526dea259a68e7e03'),

@@ -5,9 +5,10 @@
 -- first slot queue.slot_lead_ms after the claim, so that the dispatcher has
 -- rendered the message and opened its connection by then. The lead is
 -- counted from the server's clock as the call begins (clock_timestamp()), the
--- horizon from now() (the start of the transaction) plus the lookahead. Two cases put the lead past the
--- horizon, and the claim then took the service for one blocked by an extra
--- limit: it gave it no slot and kept it out of the ready set until then.
+-- horizon from now() (the start of the transaction) plus the lookahead. Two
+-- cases put the lead past the horizon, and the claim then took the service
+-- for one blocked by an extra limit: it gave it no slot and kept it out of the
+-- ready set until then.
 --
 -- * A lookahead no longer than the lead. The lead is capped at the lookahead,
 --   so lead and horizon are the same distance from two clocks, and
