@@ -397,6 +397,7 @@ class Dispatcher:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._slot_freed.set()
 
     def _busy_lanes(self) -> list[tuple[int, Lane]]:
         """The lanes holding sends (queued, or taken by a sender), forgetting those that
@@ -414,13 +415,20 @@ class Dispatcher:
     async def _loop(self) -> None:
         idle_backoff = 0.01
         while not self._stop.is_set():
+            # The wake-ups are cleared before the state they signal is read, never after
+            # an await: a send that ends or a NOTIFY that arrives while this turn waits on
+            # the database leaves its event set, and the turn's sleep ends at once.
+            # (Cleared after releasing the idle holds, a wake-up set by the last sends
+            # ending meanwhile was lost, and a full dispatcher slept MAX_IDLE with a
+            # backlog waiting.)
+            self._slot_freed.clear()
+            self._wake.clear()
             # Capacity: at most ``concurrency`` sends running, and as many again
             # queued for their slots; a full lane's service is not claimed for.
             busy = self._busy_lanes()
             free = 2 * self.concurrency - sum(lane.load for _, lane in busy)
             if free <= 0:
                 await self._release_idle_holds()
-                self._slot_freed.clear()
                 await self._wait(self._slot_freed, MAX_IDLE)
                 continue
             want = min(free, self.batch_size)
@@ -455,7 +463,6 @@ class Dispatcher:
                 idle_backoff = min(idle_backoff * 2, 0.5)
             else:
                 idle_backoff = 0.01
-            self._wake.clear()
             if delay > 0:
                 await self._wait(self._wake, delay)
 

@@ -97,3 +97,28 @@ def test_more_tasks_than_the_template_cache_holds(dsn: str, conn: psycopg.Connec
                   for t in tasks]
     assert counts == [(4, 0)] * 6
     assert counters_match(conn) == []
+
+
+def test_a_dispatcher_with_a_backlog_never_sleeps_it_away(dsn: str,
+                                                          conn: psycopg.Connection[Any]) -> None:
+    """Sends that finish while the claim loop is busy with the database wake it. When a
+    full dispatcher released its idle holds (a query) and every send finished meanwhile,
+    the loop cleared the wake-up they had set and slept ``MAX_IDLE`` (5 s) with work
+    waiting: a 300-recipient task on six unpaced services went out in bursts of 20, one
+    every 5 s, and a ``kill -9`` test's survivor took up to 30 s instead of 5 to finish."""
+    with Scheduler(dsn) as s:
+        s.upsert_user("u")
+        for i in range(6):
+            make_service(s, f"n{i}", interval=0, users=["u"])
+        t = s.create_task({"user_id": "u", "name": "t",
+                           "templates": [{"subject": "Hi", "body_text": "x"}],
+                           "recipients": [{"email": f"r{i}@r.example"} for i in range(300)]})
+        with dispatcher_thread(dsn, NullTransport(), concurrency=10):
+            wait_for(lambda: s.get_task(t.task_id).status == "completed", timeout=60)
+    # Judged on the database's clock: the longest pause between two sends' starts.
+    row = conn.execute("""
+        SELECT extract(epoch FROM max(gap)) FROM (
+          SELECT started_at - lag(started_at) OVER (ORDER BY started_at) gap
+          FROM edm.send_events WHERE kind = 'sent') x""").fetchone()
+    assert row is not None
+    assert float(row[0]) < dispatcher.MAX_IDLE / 2, f"the dispatcher slept {row[0]} s"
