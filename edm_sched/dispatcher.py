@@ -22,9 +22,11 @@ One asyncio loop per process:
   nothing is ever sent on a lease that ended.
 * **complete** — outcomes are batched into ``edm.complete`` calls; the lease
   fences late or foreign completions.
-* **sleep** — never a fixed poll: until ``edm.next_wakeup()`` (a service with
-  work becomes ready, a scheduled task starts, a lease expires) or a NOTIFY
-  on ``edm_wakeup`` (new or resumed tasks, services changed).
+* **sleep** — never a fixed poll: with every send slot taken, until a send
+  ends; otherwise until ``edm.next_wakeup()`` (a service with work becomes
+  ready, a scheduled task starts, a lease expires) or a NOTIFY on
+  ``edm_wakeup`` (new or resumed tasks, services changed). A wake-up that
+  comes while the loop is busy with the database ends its next sleep at once.
 * **sweeps** — one elected dispatcher (session advisory lock) runs
   :mod:`edm_sched.sweeps` every ``sweep.interval`` seconds.
 
