@@ -22,6 +22,7 @@ SCENARIOS = {
     "shaped": "shaped",
     "floor": "floor",
     "cpu": "cpu",
+    "drain": "drain",
 }
 
 

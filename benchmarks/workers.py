@@ -74,11 +74,12 @@ def raw_worker(dsn: str, owner: str, mode: str, batch: int, start_at: float, sto
             "empty_calls": empty, "claim_latency": claim_lat, "complete_latency": complete_lat}
 
 
-def dispatcher_worker(dsn: str, concurrency: int, batch: int | None, delay: float,
+def dispatcher_worker(dsn: str, concurrency: int | None, batch: int | None, delay: float,
                       start_at: float, stop_at: float,
                       run_sweeps: bool = True) -> dict[str, Any]:
-    """run_dispatcher() with NullTransport(delay) from start_at until stop_at (batch None: the
-    product's default, config queue.central_batch_size)."""
+    """run_dispatcher() with NullTransport(delay) from start_at until stop_at (concurrency or
+    batch None: the product's defaults, config queue.concurrent_workers and
+    queue.central_batch_size)."""
     import logging
 
     from edm_sched.dispatcher import run_dispatcher

@@ -61,3 +61,17 @@ def test_cpu_reads_the_dispatcher_and_its_backends(edm_pg_server: Any) -> None:
     r: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["sends"] > 0 and r["python_us_per_send"] > 0 and r["postgres_us_per_send"] > 0
     assert len(r["backends"]) >= 2  # the claim's and the completion's connections
+
+
+def test_drain_measures_a_dispatcher_at_its_defaults(edm_pg_server: Any) -> None:
+    """``python -m benchmarks drain`` runs the dispatcher at the product's defaults (its
+    worker reads them when given no concurrency) and judges pauses on send_events."""
+    dsn = edm_pg_server.dsn(edm_pg_server.maintenance_dbname)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "drain", "--recipients", "3000", "--delays", "0",
+         "--seconds", "1", "--warmup", "0.5", "--json", "--dsn", dsn],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    [run] = r["runs"]
+    assert run["concurrency"] == 10 and run["sends"] > 0 and r["max_gap_ms"] > 0
