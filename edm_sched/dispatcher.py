@@ -96,6 +96,11 @@ LANE_DEPTH = 4  # sends a paced service's lane may hold (queued or running) unle
 # enough to spread a claim's cost over few services, few enough that a slow provider's
 # queue stays well inside the lease.
 BATCH_LANE_DEPTH = 16
+# ...but no lane may take more than 1/LANE_SHARE of the dispatcher's room (2 x concurrency):
+# a lane sends on its connections only, so room gathered in one or two deep lanes leaves the
+# other services idle and most of ``concurrency`` unused (at the default concurrency of 10,
+# lanes of 16 kept 2 of 6 single-connection services sending).
+LANE_SHARE = 8
 LANE_IDLE_SECONDS = 60.0  # a lane unused this long is closed
 PACE_TOLERANCE_MS = 5  # default of a service's pace_tolerance_ms setting (edm_sched.lanes)
 PACE_REPORT_AFTER = 0.005  # seconds behind its slots before a lane reports its pace
@@ -146,10 +151,19 @@ def _builder_thread(dispatcher_id: str) -> concurrent.futures.ThreadPoolExecutor
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"edm-build-{dispatcher_id}")
 
 
-def slots_per_service(n: int) -> int:
+def batch_lane_depth(concurrency: int | None = None) -> int:
+    """Most sends an unpaced lane of one connection may hold: BATCH_LANE_DEPTH, or a
+    1/LANE_SHARE share of a dispatcher's room when that is smaller (never below LANE_DEPTH)."""
+    if concurrency is None:
+        return BATCH_LANE_DEPTH
+    return max(LANE_DEPTH, min(BATCH_LANE_DEPTH, 2 * concurrency // LANE_SHARE))
+
+
+def slots_per_service(n: int, concurrency: int | None = None) -> int:
     """Most slots one claim of ``n`` subtasks may give a single service (edm.claim_v2's
-    ``p_per_service``): a paced service only gets those within the lookahead anyway."""
-    return max(LANE_DEPTH, min(n, BATCH_LANE_DEPTH))
+    ``p_per_service``) for a dispatcher of ``concurrency`` sends: a paced service only gets
+    those within the lookahead anyway."""
+    return max(LANE_DEPTH, min(n, batch_lane_depth(concurrency)))
 
 
 @dataclass
@@ -515,7 +529,8 @@ class Dispatcher:
         t0 = time.perf_counter()
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(query("claim_v2"), (self.id, n, self.lease_seconds, None,
-                                              slots_per_service(n), None, full or []))
+                                              slots_per_service(n, self.concurrency), None,
+                                              full or []))
         rows = await cur.fetchall()
         m1 = time.monotonic()
         elapsed = time.perf_counter() - t0
@@ -655,7 +670,7 @@ class Dispatcher:
                             and 0 <= tolerance <= 1000 else PACE_TOLERANCE_MS)
             lane = Lane(service.service_id, interval, connections_n,
                         LANE_DEPTH if interval > 0
-                        else max(LANE_DEPTH, BATCH_LANE_DEPTH * connections_n),
+                        else batch_lane_depth(self.concurrency) * connections_n,
                         self._pacers.get(service.service_id, ()), tolerance_ms / 1000)
 
             async def send(item: QueuedSend) -> None:

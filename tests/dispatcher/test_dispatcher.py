@@ -122,3 +122,26 @@ def test_a_dispatcher_with_a_backlog_never_sleeps_it_away(dsn: str,
           FROM edm.send_events WHERE kind = 'sent') x""").fetchone()
     assert row is not None
     assert float(row[0]) < dispatcher.MAX_IDLE / 2, f"the dispatcher slept {row[0]} s"
+
+
+def test_a_small_dispatcher_spreads_its_room_over_the_services(
+        dsn: str, conn: psycopg.Connection[Any]) -> None:
+    """At the default concurrency (10: room for 20 sends, running or queued) a claim gives
+    an unpaced service at most an eighth of the room, never fewer than 4, so five services
+    send at once. (Lanes of 16 took the first claim as 16 + 4: two of six single-connection
+    services sent and the other four stood idle with work waiting.)"""
+    with Scheduler(dsn) as s:
+        s.upsert_user("u")
+        for i in range(6):
+            make_service(s, f"n{i}", interval=0, users=["u"])
+        t = s.create_task({"user_id": "u", "name": "t",
+                           "templates": [{"subject": "Hi", "body_text": "x"}],
+                           "recipients": [{"email": f"r{i}@r.example"} for i in range(100)]})
+        with dispatcher_thread(dsn, NullTransport(delay=0.01)):
+            wait_for(lambda: s.get_task(t.task_id).status == "completed")
+    assert dispatcher.slots_per_service(20, 10) == 4
+    # The first claim's subtasks: one transaction, so one leased_at (kept once sent).
+    first = conn.execute("""
+        SELECT count(*), count(DISTINCT service_id) FROM edm.subtasks
+        WHERE leased_at = (SELECT min(leased_at) FROM edm.subtasks)""").fetchone()
+    assert first == (20, 5)

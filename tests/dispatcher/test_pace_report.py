@@ -42,6 +42,7 @@ def test_an_idle_lane_that_started_late_moves_the_services_next_slot(dsn: str) -
 
     async def scenario() -> tuple[int, float]:
         d = Dispatcher(dsn, NullTransport(), dispatcher_id="d-pace", run_sweeps=False)
+        await d._load_config(await d._conn("_claim_conn"))  # as run() does first
         [row] = await d._claim(1)  # the service is now held by d-pace
         lane = Lane(service_id=sid, interval=1.0, connections=1, depth=4, tolerance=0.005)
         d._lanes[sid] = lane
