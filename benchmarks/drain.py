@@ -32,6 +32,7 @@ from benchmarks import common, suite
 from benchmarks.workers import dispatcher_worker, run_parallel
 from edm_sched import db
 from edm_sched.api import Scheduler
+from edm_sched.sqlfiles import query
 
 DESCRIPTION = "One dispatcher at its defaults draining a backlog: sends/s, longest pause"
 SERVICES = 6
@@ -116,7 +117,7 @@ def main(argv: Sequence[str]) -> int:
     with common.bench_server(args.dsn, keep=args.keep) as server:
         probe = server.fresh_database("edm_bench_drain")
         with psycopg.connect(probe, autocommit=True) as conn:
-            config = dict(conn.execute("SELECT key, value FROM edm.config").fetchall())
+            config = dict(conn.execute(query("config_all")).fetchall())
         concurrency = int(db.setting(config, "queue.concurrent_workers"))
         scale = {"services": SERVICES, "interval_ms": 0, "users": 1, "tasks": 1,
                  "recipients": args.recipients, "window s": args.seconds,

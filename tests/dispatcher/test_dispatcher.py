@@ -99,6 +99,22 @@ def test_more_tasks_than_the_template_cache_holds(dsn: str, conn: psycopg.Connec
     assert counters_match(conn) == []
 
 
+def _send_a_backlog(dsn: str, recipients: int, transport: NullTransport,
+                    **dispatcher_args: Any) -> None:
+    """One user's task of ``recipients`` on six services without an interval, sent to the
+    end by one dispatcher in this process."""
+    with Scheduler(dsn) as s:
+        s.upsert_user("u")
+        for i in range(6):
+            make_service(s, f"n{i}", interval=0, users=["u"])
+        t = s.create_task({"user_id": "u", "name": "t",
+                           "templates": [{"subject": "Hi", "body_text": "x"}],
+                           "recipients": [{"email": f"r{i}@r.example"}
+                                          for i in range(recipients)]})
+        with dispatcher_thread(dsn, transport, **dispatcher_args):
+            wait_for(lambda: s.get_task(t.task_id).status == "completed", timeout=60)
+
+
 def test_a_dispatcher_with_a_backlog_never_sleeps_it_away(dsn: str,
                                                           conn: psycopg.Connection[Any]) -> None:
     """Sends that finish while the claim loop is busy with the database wake it. When a
@@ -106,15 +122,7 @@ def test_a_dispatcher_with_a_backlog_never_sleeps_it_away(dsn: str,
     the loop cleared the wake-up they had set and slept ``MAX_IDLE`` (5 s) with work
     waiting: a 300-recipient task on six unpaced services went out in bursts of 20, one
     every 5 s, and a ``kill -9`` test's survivor took up to 30 s instead of 5 to finish."""
-    with Scheduler(dsn) as s:
-        s.upsert_user("u")
-        for i in range(6):
-            make_service(s, f"n{i}", interval=0, users=["u"])
-        t = s.create_task({"user_id": "u", "name": "t",
-                           "templates": [{"subject": "Hi", "body_text": "x"}],
-                           "recipients": [{"email": f"r{i}@r.example"} for i in range(300)]})
-        with dispatcher_thread(dsn, NullTransport(), concurrency=10):
-            wait_for(lambda: s.get_task(t.task_id).status == "completed", timeout=60)
+    _send_a_backlog(dsn, 300, NullTransport(), concurrency=10)
     # Judged on the database's clock: the longest pause between two sends' starts.
     row = conn.execute("""
         SELECT extract(epoch FROM max(gap)) FROM (
@@ -130,15 +138,7 @@ def test_a_small_dispatcher_spreads_its_room_over_the_services(
     an unpaced service at most an eighth of the room, never fewer than 4, so five services
     send at once. (Lanes of 16 took the first claim as 16 + 4: two of six single-connection
     services sent and the other four stood idle with work waiting.)"""
-    with Scheduler(dsn) as s:
-        s.upsert_user("u")
-        for i in range(6):
-            make_service(s, f"n{i}", interval=0, users=["u"])
-        t = s.create_task({"user_id": "u", "name": "t",
-                           "templates": [{"subject": "Hi", "body_text": "x"}],
-                           "recipients": [{"email": f"r{i}@r.example"} for i in range(100)]})
-        with dispatcher_thread(dsn, NullTransport(delay=0.01)):
-            wait_for(lambda: s.get_task(t.task_id).status == "completed")
+    _send_a_backlog(dsn, 100, NullTransport(delay=0.01))
     assert dispatcher.slots_per_service(20, 10) == 4
     # The first claim's subtasks: one transaction, so one leased_at (kept once sent).
     first = conn.execute("""
